@@ -1,0 +1,31 @@
+# `make demo` and `make test` are all a user needs on a fresh machine: both install .venv first.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+# torch 2.14.1 / torchvision 0.29.1 are the builds known to work together here; elsewhere any
+# recent pair works: `make install TORCH_PINS="torch torchvision"`.
+TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
+
+.PHONY: install test demo lint clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet $(TORCH_PINS)
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+demo: $(STAMP)
+	$(PY) experiments/main.py backbone=effnet_lite0 dataset=textures category=all
+
+lint: $(STAMP)
+	$(PY) -m ruff check core extensions experiments tests
+
+clean:
+	rm -rf outputs multirun .pytest_cache .ruff_cache

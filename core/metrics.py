@@ -1,0 +1,214 @@
+"""Anomaly-detection metrics following the conventions of the field (DESIGN.md §5).
+
+Image level: AUROC and F1-max over image scores. Pixel level: AUROC and F1-max over
+all pixels of all images, and AUPRO as defined by MVTec AD's reference evaluation code
+(``compute_pro`` + ``trapezoid``). Every metric returns a plain Python float in [0, 1],
+or ``None`` when it is undefined for the given data (never NaN), so results files and
+W&B summaries never carry NaN.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy import ndimage
+from sklearn.metrics import precision_recall_curve, roc_auc_score
+
+# 8-connectivity, as in MVTec's reference code: diagonal neighbours belong to one region.
+_EIGHT_CONNECTED = np.ones((3, 3), dtype=int)
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def _check_image_inputs(labels: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Return labels as bool and scores as float64, both 1-D of equal length."""
+    labels = np.asarray(labels)
+    scores = np.asarray(scores, dtype=np.float64)
+    if labels.ndim != 1 or scores.ndim != 1:
+        raise ValueError(f"labels and scores must be 1-D, got shapes {labels.shape} and {scores.shape}")
+    if labels.shape != scores.shape:
+        raise ValueError(f"labels and scores differ in length: {labels.shape} vs {scores.shape}")
+    if not np.all(np.isfinite(scores)):
+        raise ValueError("scores contain NaN or infinite values")
+    return labels.astype(bool), scores
+
+
+def _check_pixel_inputs(masks: np.ndarray, maps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Return masks as bool and maps as float64, both [N, H, W] of equal shape."""
+    masks = np.asarray(masks)
+    maps = np.asarray(maps, dtype=np.float64)
+    if masks.ndim != 3 or maps.ndim != 3:
+        raise ValueError(f"masks and maps must be 3-D [N, H, W], got shapes {masks.shape} and {maps.shape}")
+    if masks.shape != maps.shape:
+        raise ValueError(f"masks and maps differ in shape: {masks.shape} vs {maps.shape}")
+    if not np.all(np.isfinite(maps)):
+        raise ValueError("anomaly maps contain NaN or infinite values")
+    return masks.astype(bool), maps
+
+
+def _both_classes(labels: np.ndarray) -> bool:
+    """AUROC needs at least one positive and one negative."""
+    return bool(labels.any()) and not bool(labels.all())
+
+
+# --------------------------------------------------------------------------- AUROC / F1
+
+
+def _best_f1(labels: np.ndarray, scores: np.ndarray) -> float:
+    """Best F1 over every threshold of the precision-recall curve (labels contain a positive)."""
+    precision, recall, _ = precision_recall_curve(labels, scores)
+    denom = precision + recall
+    f1 = np.divide(2 * precision * recall, denom, out=np.zeros_like(denom), where=denom > 0)
+    return float(f1.max())
+
+
+def image_auroc(labels: np.ndarray, scores: np.ndarray) -> float | None:
+    """Image-level ROC AUC; None when only one class is present (AUROC undefined)."""
+    labels, scores = _check_image_inputs(labels, scores)
+    if not _both_classes(labels):
+        return None
+    return float(roc_auc_score(labels, scores))
+
+
+def f1_max(labels: np.ndarray, scores: np.ndarray) -> float | None:
+    """Image-level F1-max; None without positives (recall undefined)."""
+    labels, scores = _check_image_inputs(labels, scores)
+    if not labels.any():
+        return None
+    return _best_f1(labels, scores)
+
+
+def pixel_auroc(masks: np.ndarray, maps: np.ndarray) -> float | None:
+    """ROC AUC over all pixels of all images; None when pixels are all normal or all anomalous."""
+    masks, maps = _check_pixel_inputs(masks, maps)
+    flat_masks = masks.ravel()
+    if not _both_classes(flat_masks):
+        return None
+    return float(roc_auc_score(flat_masks, maps.ravel()))
+
+
+def pixel_f1_max(masks: np.ndarray, maps: np.ndarray) -> float | None:
+    """F1-max over all pixels of all images; None without anomalous pixels."""
+    masks, maps = _check_pixel_inputs(masks, maps)
+    flat_masks = masks.ravel()
+    if not flat_masks.any():
+        return None
+    return _best_f1(flat_masks, maps.ravel())
+
+
+# --------------------------------------------------------------------------- AUPRO
+
+
+def _label_regions(masks: np.ndarray) -> tuple[np.ndarray, int]:
+    """Label 8-connected ground-truth regions per image, with ids unique over all images.
+
+    Returns an int array shaped like ``masks`` (0 = normal, 1..R = region id) and R.
+    Labelling per image keeps regions of different images apart even when stacked.
+    """
+    region_ids = np.zeros(masks.shape, dtype=np.int64)
+    offset = 0
+    for i, mask in enumerate(masks):
+        labelled, count = ndimage.label(mask, structure=_EIGHT_CONNECTED)
+        region_ids[i] = np.where(labelled > 0, labelled + offset, 0)
+        offset += count
+    return region_ids, offset
+
+
+def _pro_curve(masks: np.ndarray, maps: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+    """(FPR, PRO) at every distinct threshold, from (0, 0) to (1, 1), as in MVTec's compute_pro.
+
+    Pixels are sorted by score once (descending); each normal pixel adds 1/num_normal to the
+    FPR and each pixel of region r adds 1/(|r| * num_regions) to the PRO. Only the last index
+    of a run of equal scores is kept, so tied pixels switch together at one threshold.
+    Returns None when there is no normal pixel or no region.
+    """
+    region_ids, num_regions = _label_regions(masks)
+    flat_ids = region_ids.ravel()
+    normal = flat_ids == 0
+    num_normal = int(normal.sum())
+    if num_regions == 0 or num_normal == 0:
+        return None
+
+    region_sizes = np.bincount(flat_ids, minlength=num_regions + 1).astype(np.float64)
+    pro_step = np.zeros(num_regions + 1, dtype=np.float64)
+    pro_step[1:] = 1.0 / (region_sizes[1:] * num_regions)
+
+    # Order within a run of ties is irrelevant (only a run's last index is kept): no stable sort.
+    flat_scores = maps.ravel()
+    order = np.argsort(flat_scores)[::-1]
+    sorted_scores = flat_scores[order]
+    sorted_ids = flat_ids[order]
+
+    # Integer FP counts keep FPR exact (e.g. exactly 0.3 where it should be); PRO in float64.
+    fprs = np.cumsum(normal[order], dtype=np.int64) / num_normal
+    pros = np.cumsum(pro_step[sorted_ids])
+
+    last_of_run = np.append(np.diff(sorted_scores) != 0, True)
+    fprs = np.concatenate(([0.0], fprs[last_of_run]))
+    pros = np.concatenate(([0.0], pros[last_of_run]))
+    return np.clip(fprs, 0.0, 1.0), np.clip(pros, 0.0, 1.0)
+
+
+def _area_up_to(x: np.ndarray, y: np.ndarray, x_max: float) -> float:
+    """Trapezoid area under y(x) for x in [0, x_max], interpolating y linearly at x_max.
+
+    Mirrors MVTec's ``trapezoid``: x is non-decreasing and ends at 1 >= x_max, so the
+    segment straddling x_max exists whenever x_max is not itself a curve point.
+    """
+    inside = x <= x_max
+    xs, ys = x[inside], y[inside]
+    area = float(np.sum(0.5 * (ys[1:] + ys[:-1]) * np.diff(xs)))
+    cut = int(np.searchsorted(x, x_max, side="right"))  # first point beyond x_max
+    if cut < len(x) and x[cut - 1] < x_max:
+        x0, x1, y0, y1 = x[cut - 1], x[cut], y[cut - 1], y[cut]
+        y_at_max = y0 + (y1 - y0) * (x_max - x0) / (x1 - x0)
+        area += 0.5 * (y0 + y_at_max) * (x_max - x0)
+    return area
+
+
+def aupro(masks: np.ndarray, maps: np.ndarray, fpr_limit: float = 0.3) -> float | None:
+    """Area under the per-region-overlap curve up to ``fpr_limit``, normalised to [0, 1].
+
+    PRO weighs every connected defect region equally, so small defects count as much as
+    large ones (MVTec AD, Bergmann et al.). None when there is no defect region or no
+    normal pixel.
+    """
+    if not 0.0 < fpr_limit <= 1.0:
+        raise ValueError(f"fpr_limit must be in (0, 1], got {fpr_limit}")
+    masks, maps = _check_pixel_inputs(masks, maps)
+    curve = _pro_curve(masks, maps)
+    if curve is None:
+        return None
+    fprs, pros = curve
+    value = _area_up_to(fprs, pros, fpr_limit) / fpr_limit
+    return float(min(max(value, 0.0), 1.0))
+
+
+# --------------------------------------------------------------------------- all at once
+
+
+def compute_metrics(
+    labels: np.ndarray,
+    scores: np.ndarray,
+    maps: np.ndarray | None,
+    masks: np.ndarray | None,
+) -> dict[str, float | None]:
+    """All image and pixel metrics of one category; pixel metrics are None without masks/maps."""
+    result: dict[str, float | None] = {
+        "image_auroc": image_auroc(labels, scores),
+        "image_f1_max": f1_max(labels, scores),
+        "pixel_auroc": None,
+        "pixel_f1_max": None,
+        "aupro": None,
+    }
+    if masks is None or maps is None:
+        return result
+    masks, maps = _check_pixel_inputs(masks, maps)
+    if masks.shape[0] != len(labels):
+        raise ValueError(f"{len(labels)} image labels but {masks.shape[0]} masks/maps")
+    if not masks.any():
+        return result
+    result["pixel_auroc"] = pixel_auroc(masks, maps)
+    result["pixel_f1_max"] = pixel_f1_max(masks, maps)
+    result["aupro"] = aupro(masks, maps)
+    return result

@@ -1,0 +1,273 @@
+"""PatchCore: fit a memory bank of nominal patch features, score test patches by nearest-neighbour distance.
+
+``fit(loader)`` embeds every training image, keeps a coreset of the patches and builds the
+memory bank; ``predict(loader)`` gives image scores (max patch score, optionally the
+paper's Eq. 7 reweighting) and anomaly maps (patch scores upsampled bilinearly to the
+input size and blurred with a Gaussian, sigma 4 by default).
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from core.backbones import FeatureExtractor
+from core.coreset import GreedyCoresetSampler
+from core.features import PatchEmbedder
+from core.io import write_json_atomic
+from core.memory import MemoryBank
+
+MODEL_FORMAT_VERSION = 1
+_TRUSTED_MODULES = ("core.", "extensions.")
+
+
+class ModelMismatchError(ValueError):
+    """A saved model was made with a different configuration than the one asked for."""
+
+
+@dataclass
+class FitReport:
+    n_images: int
+    n_patches: int
+    bank_size: int
+    extract_s: float
+    coreset_s: float
+
+
+@dataclass
+class Predictions:
+    """Per test image: score, anomaly map, and (from the loader) label, mask and identity."""
+
+    image_scores: np.ndarray  # [N]
+    maps: np.ndarray  # [N, H, W] float32
+    labels: np.ndarray  # [N] int, 1 = anomalous
+    masks: np.ndarray  # [N, H, W] bool (all False where no mask is known)
+    has_mask: np.ndarray  # [N] bool
+    paths: list[str] = field(default_factory=list)
+    defect_types: list[str] = field(default_factory=list)
+
+
+def gaussian_kernel(sigma: float, truncate: float = 4.0) -> torch.Tensor:
+    """1-D Gaussian with radius int(truncate * sigma + 0.5), as scipy.ndimage.gaussian_filter."""
+    radius = int(truncate * sigma + 0.5)
+    offsets = torch.arange(-radius, radius + 1, dtype=torch.float64)
+    kernel = torch.exp(-0.5 * (offsets / sigma) ** 2)
+    return (kernel / kernel.sum()).float()
+
+
+def _symmetric_pad(x: torch.Tensor, radius: int, dim: int) -> torch.Tensor:
+    """scipy's 'reflect' mode (d c b a | a b c d | d c b a), which torch's padding modes lack."""
+    size = x.shape[dim]
+    positions = torch.arange(-radius, size + radius, device=x.device) % (2 * size)
+    index = torch.where(positions < size, positions, 2 * size - 1 - positions)
+    return x.index_select(dim, index)
+
+
+def gaussian_blur(maps: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Separable Gaussian blur of ``[B, H, W]`` maps matching scipy.ndimage.gaussian_filter(sigma)."""
+    if sigma <= 0:
+        return maps
+    kernel = gaussian_kernel(sigma).to(maps.device)
+    radius = len(kernel) // 2
+    x = maps.unsqueeze(1)
+    x = F.conv2d(_symmetric_pad(x, radius, 3), kernel.view(1, 1, 1, -1))
+    x = F.conv2d(_symmetric_pad(x, radius, 2), kernel.view(1, 1, -1, 1))
+    return x.squeeze(1)
+
+
+def _images_of(batch: dict | torch.Tensor) -> torch.Tensor:
+    return batch["image"] if isinstance(batch, dict) else batch
+
+
+class PatchCore:
+    """The PatchCore model: extractor + patch embedder + coreset sampler + memory bank."""
+
+    def __init__(
+        self,
+        extractor: FeatureExtractor,
+        embedder: PatchEmbedder | None = None,
+        sampler: GreedyCoresetSampler | None = None,
+        num_neighbors: int = 1,
+        reweight_neighbors: int | None = None,
+        blur_sigma: float = 4.0,
+        device: str | torch.device = "cpu",
+        progress: bool = True,
+    ) -> None:
+        if num_neighbors < 1:
+            raise ValueError(f"patchcore.num_neighbors={num_neighbors} must be at least 1")
+        if reweight_neighbors is not None and reweight_neighbors < 1:
+            raise ValueError(f"patchcore.reweight_neighbors={reweight_neighbors} must be >= 1, or null for off")
+        if blur_sigma < 0:
+            raise ValueError(f"patchcore.blur_sigma={blur_sigma} must be >= 0 (0 = no smoothing)")
+        self.device = torch.device(device)
+        self.extractor = extractor.to(self.device).eval()
+        self.embedder = embedder or PatchEmbedder()
+        self.sampler = sampler or GreedyCoresetSampler()
+        self.num_neighbors = num_neighbors
+        self.reweight_neighbors = reweight_neighbors
+        self.blur_sigma = blur_sigma
+        self.progress = progress
+        self.bank = MemoryBank()
+        self.grid: tuple[int, int] | None = None
+        self.metadata: dict = {}
+
+    # ------------------------------------------------------------------ features
+    @torch.no_grad()
+    def embed(self, images: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+        """``images[B,3,H,W] -> (patch features [B, h*w, D], (h, w))``."""
+        return self.embedder(self.extractor(images.to(self.device)))
+
+    # ----------------------------------------------------------------------- fit
+    def fit(self, loader: Iterable) -> FitReport:
+        """Embed all training images into one preallocated buffer, subsample it, build the bank."""
+        start = time.perf_counter()
+        buffer: torch.Tensor | None = None
+        filled = 0
+        total_images = len(loader.dataset) if hasattr(loader, "dataset") else None
+        for batch in tqdm(loader, desc="extract (train)", disable=not self.progress, leave=False):
+            features, self.grid = self.embed(_images_of(batch))
+            features = features.reshape(-1, features.shape[-1])
+            if buffer is None:
+                per_image = features.shape[0] // len(_images_of(batch))
+                capacity = per_image * total_images if total_images else features.shape[0]
+                buffer = torch.empty(capacity, features.shape[1], device=self.device)
+            if filled + len(features) > len(buffer):  # loader without a known length
+                buffer = torch.cat([buffer[:filled], torch.empty_like(features)])
+            buffer[filled : filled + len(features)] = features
+            filled += len(features)
+        if buffer is None:
+            raise ValueError("the training loader yielded no images: nothing to build a memory bank from")
+        features = buffer[:filled]
+        extract_s = time.perf_counter() - start
+        start = time.perf_counter()
+        indices = self.sampler.select(features, progress=self.progress)
+        self.bank.build(features[indices.to(features.device)])
+        coreset_s = time.perf_counter() - start
+        n_images = filled // (self.grid[0] * self.grid[1])
+        return FitReport(n_images, filled, len(self.bank), extract_s, coreset_s)
+
+    # ------------------------------------------------------------------- predict
+    def _image_scores(self, features: torch.Tensor, patch_scores: torch.Tensor) -> torch.Tensor:
+        """Max patch score per image, optionally reweighted by the paper's Eq. 7."""
+        best_patch = patch_scores.argmax(dim=1)
+        scores = patch_scores.gather(1, best_patch[:, None]).squeeze(1)
+        if self.reweight_neighbors is None:
+            return scores
+        rows = torch.arange(len(features), device=features.device)
+        test_patch = features[rows, best_patch]  # m_test,*
+        _, nearest = self.bank.search(test_patch, k=1)  # m*
+        # N_b(m*): the b nearest bank features of m* (m* itself first); weight = 1 - softmax at m*.
+        _, support = self.bank.search(self.bank.features[nearest[:, 0]], k=self.reweight_neighbors)
+        distances = torch.linalg.vector_norm(self.bank.features[support] - test_patch[:, None], dim=-1)
+        weights = 1.0 - torch.softmax(distances, dim=1)[:, 0]
+        return weights * scores
+
+    @torch.no_grad()
+    def score(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``images[B,3,H,W] -> (image scores [B], anomaly maps [B, H, W])``, both on the CPU."""
+        features, (h, w) = self.embed(images)
+        batch, patches, dim = features.shape
+        distances, _ = self.bank.search(features.reshape(-1, dim), k=self.num_neighbors)
+        patch_scores = distances.mean(dim=1).reshape(batch, patches)
+        image_scores = self._image_scores(features, patch_scores)
+        maps = F.interpolate(
+            patch_scores.reshape(batch, 1, h, w), size=images.shape[-2:], mode="bilinear", align_corners=False
+        )
+        maps = gaussian_blur(maps.squeeze(1), self.blur_sigma)
+        return image_scores.cpu(), maps.cpu()
+
+    def predict(self, loader: Iterable) -> Predictions:
+        scores, maps, labels, masks, has_mask, paths, defect_types = [], [], [], [], [], [], []
+        for batch in tqdm(loader, desc="predict", disable=not self.progress, leave=False):
+            batch_scores, batch_maps = self.score(_images_of(batch))
+            scores.append(batch_scores.numpy())
+            maps.append(batch_maps.numpy().astype(np.float32))
+            size = len(batch_scores)
+            labels.append(np.asarray(batch.get("label", [0] * size)))
+            has_mask.append(np.asarray(batch.get("has_mask", [False] * size), dtype=bool))
+            if "mask" in batch:
+                masks.append(batch["mask"][:, 0].numpy() > 0.5)
+            else:
+                masks.append(np.zeros_like(maps[-1], dtype=bool))
+            paths.extend(batch.get("path", [""] * size))
+            defect_types.extend(batch.get("defect_type", [""] * size))
+        if not scores:
+            raise ValueError("the test loader yielded no images")
+        return Predictions(
+            np.concatenate(scores), np.concatenate(maps), np.concatenate(labels).astype(int),
+            np.concatenate(masks), np.concatenate(has_mask), paths, defect_types,
+        )
+
+    # --------------------------------------------------------------- save / load
+    def spec(self) -> dict:
+        """Everything that determines the model besides the bank itself."""
+        return {
+            "format_version": MODEL_FORMAT_VERSION,
+            "extractor": self.extractor.spec(),
+            "embedder": self.embedder.spec(),
+            "num_neighbors": self.num_neighbors,
+            "reweight_neighbors": self.reweight_neighbors,
+            "blur_sigma": self.blur_sigma,
+        }
+
+    def save(self, directory: str | Path, metadata: dict | None = None) -> Path:
+        """Write ``bank.pt`` and ``model.json`` (spec + caller's metadata, e.g. the run config)."""
+        if len(self.bank) == 0:
+            raise RuntimeError("nothing to save: fit the model first")
+        directory = Path(directory)
+        self.bank.save(directory / "bank.pt")
+        record = {**self.spec(), "grid": list(self.grid or []), "bank_size": len(self.bank),
+                  "metadata": metadata if metadata is not None else self.metadata}
+        write_json_atomic(directory / "model.json", record)
+        return directory
+
+    @classmethod
+    def load(cls, directory: str | Path, expected_spec: dict | None = None, device: str = "cpu") -> PatchCore:
+        """Rebuild a saved model; refuse it when ``expected_spec`` (see ``spec()``) differs."""
+        directory = Path(directory)
+        spec_file, bank_file = directory / "model.json", directory / "bank.pt"
+        if not spec_file.is_file() or not bank_file.is_file():
+            raise FileNotFoundError(f"{directory} is not a saved PatchCore model (needs model.json and bank.pt)")
+        record = json.loads(spec_file.read_text())
+        if record.get("format_version") != MODEL_FORMAT_VERSION:
+            raise ModelMismatchError(
+                f"{spec_file} has format version {record.get('format_version')}, this code reads "
+                f"{MODEL_FORMAT_VERSION}: refit the model with this version"
+            )
+        if expected_spec is not None:
+            saved = {key: record[key] for key in expected_spec if key in record}
+            differences = {key: (saved.get(key), value) for key, value in expected_spec.items()
+                           if saved.get(key) != value}
+            if differences:
+                lines = "; ".join(f"{key}: saved {old!r}, asked {new!r}" for key, (old, new) in differences.items())
+                raise ModelMismatchError(f"saved model {directory} was made with another configuration: {lines}")
+        model = cls(
+            _build(record["extractor"]),
+            PatchEmbedder(**record["embedder"]),
+            num_neighbors=record["num_neighbors"],
+            reweight_neighbors=record["reweight_neighbors"],
+            blur_sigma=record["blur_sigma"],
+            device=device,
+        )
+        model.bank = MemoryBank.load(bank_file).to(model.device)
+        model.grid = tuple(record["grid"]) if record.get("grid") else None
+        model.metadata = record.get("metadata", {})
+        return model
+
+
+def _build(spec: dict) -> FeatureExtractor:
+    """Instantiate a saved extractor spec; only classes of this project are trusted."""
+    target = spec["target"]
+    if not target.startswith(_TRUSTED_MODULES):
+        raise ModelMismatchError(f"refusing to build {target!r}: saved extractors must come from core/ or extensions/")
+    module_name, _, class_name = target.rpartition(".")
+    return getattr(importlib.import_module(module_name), class_name)(**spec["kwargs"])

@@ -1,0 +1,93 @@
+"""The run record: ``results.json`` (the schema later tools read), ``scores.csv`` and the printed table.
+
+Schema (a contract: the report and sweeps read it)::
+
+    {"config": <resolved config>,
+     "categories": {"<name>": {"image_auroc", "image_f1_max", "pixel_auroc", "pixel_f1_max", "aupro",
+                               "n_train", "n_test", "bank_size", "pixel_metrics_note",
+                               "timings_s": {"extract", "coreset", "predict"}}},
+     "mean": {"image_auroc", "image_f1_max", "pixel_auroc", "pixel_f1_max", "aupro"},
+     "failed": {"<name>": "<error>"}, "complete": bool,
+     "peak_rss_mb", "total_time_s", "versions", "git_commit"}
+
+Metrics are floats in [0, 1], ``null`` where they cannot be computed.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import platform
+import resource
+import subprocess
+from importlib import metadata
+from pathlib import Path
+
+from core.io import write_text_atomic
+
+METRICS = ("image_auroc", "image_f1_max", "pixel_auroc", "pixel_f1_max", "aupro")
+REPO_ROOT = Path(__file__).resolve().parents[1]
+_PACKAGES = ("torch", "torchvision", "numpy", "scikit-learn", "scipy", "hydra-core", "patchcore-suite")
+
+
+def mean_metrics(categories: dict[str, dict]) -> dict[str, float | None]:
+    """Mean over categories of each metric, skipping categories where it is ``null``."""
+    means: dict[str, float | None] = {}
+    for metric in METRICS:
+        values = [entry[metric] for entry in categories.values() if entry.get(metric) is not None]
+        means[metric] = sum(values) / len(values) if values else None
+    return means
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process (Linux reports kilobytes)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def versions() -> dict[str, str | None]:
+    found: dict[str, str | None] = {"python": platform.python_version()}
+    for package in _PACKAGES:
+        try:
+            found[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            found[package] = None
+    return found
+
+
+def git_commit() -> str | None:
+    """The commit the code ran from, with ``-dirty`` when the work tree had changes; null outside git."""
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True,
+                                text=True, check=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO_ROOT,
+                               capture_output=True, text=True, check=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return f"{commit}-dirty" if dirty else commit
+
+
+SCORE_COLUMNS = ("category", "path", "defect_type", "label", "image_score")
+
+
+def write_scores_csv(path: Path, rows: list[dict]) -> None:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=SCORE_COLUMNS)
+    writer.writeheader()
+    writer.writerows(rows)
+    write_text_atomic(path, buffer.getvalue())
+
+
+def format_table(categories: dict[str, dict], means: dict[str, float | None]) -> str:
+    """Category x metric table in percent, with the mean row, for the terminal and the log."""
+    header = ["category", *METRICS]
+    rows = [[name, *(_percent(entry.get(metric)) for metric in METRICS)] for name, entry in categories.items()]
+    rows.append(["mean", *(_percent(means.get(metric)) for metric in METRICS)])
+    widths = [max(len(str(row[i])) for row in [header, *rows]) for i in range(len(header))]
+    lines = ["  ".join(str(cell).rjust(width) for cell, width in zip(row, widths)) for row in [header, *rows]]
+    lines.insert(1, "  ".join("-" * width for width in widths))
+    lines.insert(len(lines) - 1, lines[1])
+    return "\n".join(lines) + "\n(metrics in %; '-' = not computable, e.g. no masks)"
+
+
+def _percent(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.1f}"

@@ -1,0 +1,112 @@
+"""PatchCore scoring against independent computations: NN distances, Eq. 7, maps, save/load."""
+
+import numpy as np
+import pytest
+import scipy.ndimage
+import torch
+import torch.nn.functional as F
+
+from core.backbones import FeatureExtractor, TorchvisionCNN
+from core.coreset import GreedyCoresetSampler
+from core.features import PatchEmbedder
+from core.patchcore import ModelMismatchError, PatchCore
+
+
+class PoolingExtractor(FeatureExtractor):
+    """A fixed toy backbone: 4x4 average pooling of the image, so features are easy to reason about."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.name, self.layers = "pool4", ["pool"]
+
+    def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
+        return [F.avg_pool2d(images, 4)]
+
+
+def loader_of(images: torch.Tensor, batch_size: int = 3) -> torch.utils.data.DataLoader:
+    dataset = [{"image": image, "label": 0} for image in images]
+    return torch.utils.data.DataLoader(dataset, batch_size=batch_size)
+
+
+def fitted(images: torch.Tensor, **kwargs) -> PatchCore:
+    model = PatchCore(PoolingExtractor(), PatchEmbedder(embed_dim=None), GreedyCoresetSampler(ratio=1.0),
+                      progress=False, **kwargs)
+    model.fit(loader_of(images))
+    return model
+
+
+def test_scores_and_maps_match_independent_computation() -> None:
+    generator = torch.Generator().manual_seed(0)
+    train = torch.rand(5, 3, 32, 32, generator=generator)
+    test = torch.rand(2, 3, 32, 32, generator=generator)
+    model = fitted(train)
+    scores, maps = model.score(test)
+
+    embedder = PatchEmbedder(embed_dim=None)
+    bank, _ = embedder([F.avg_pool2d(train, 4)])
+    queries, (h, w) = embedder([F.avg_pool2d(test, 4)])
+    bank = bank.reshape(-1, bank.shape[-1]).double()
+    patch_scores = torch.cdist(queries.double(), bank[None]).min(dim=-1).values  # [2, 64]
+    torch.testing.assert_close(scores.double(), patch_scores.max(dim=1).values, rtol=1e-4, atol=1e-4)
+
+    upsampled = F.interpolate(patch_scores.reshape(2, 1, h, w).float(), size=(32, 32), mode="bilinear",
+                              align_corners=False)[:, 0].numpy()
+    expected_maps = np.stack([scipy.ndimage.gaussian_filter(m.astype(np.float64), sigma=4.0) for m in upsampled])
+    np.testing.assert_allclose(maps.numpy(), expected_maps, atol=1e-4)
+
+
+def test_num_neighbors_averages_k_distances() -> None:
+    train = torch.rand(4, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    test = torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(2))
+    scores, _ = fitted(train, num_neighbors=3).score(test)
+    bank, _ = PatchEmbedder(embed_dim=None)([F.avg_pool2d(train, 4)])
+    queries, _ = PatchEmbedder(embed_dim=None)([F.avg_pool2d(test, 4)])
+    distances = torch.cdist(queries[0].double(), bank.reshape(-1, 3).double())
+    expected = distances.topk(3, largest=False).values.mean(dim=1).max()
+    assert scores.item() == pytest.approx(expected.item(), rel=1e-4)
+
+
+def test_eq7_reweighting_by_hand() -> None:
+    train = torch.rand(4, 3, 16, 16, generator=torch.Generator().manual_seed(3))
+    test = torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(4))
+    b = 3
+    plain, _ = fitted(train).score(test)
+    weighted, _ = fitted(train, reweight_neighbors=b).score(test)
+
+    bank, _ = PatchEmbedder(embed_dim=None)([F.avg_pool2d(train, 4)])
+    bank = bank.reshape(-1, 3).double().numpy()
+    queries, _ = PatchEmbedder(embed_dim=None)([F.avg_pool2d(test, 4)])
+    queries = queries[0].double().numpy()
+    distances = np.linalg.norm(queries[:, None] - bank[None], axis=-1)
+    worst = distances.min(axis=1).argmax()  # m_test,*
+    s_star = distances[worst].min()
+    m_star = distances[worst].argmin()  # m*
+    support = np.argsort(np.linalg.norm(bank - bank[m_star], axis=1))[:b]  # N_b(m*), m* first
+    d_support = distances[worst, support]
+    weight = 1 - np.exp(d_support[0]) / np.exp(d_support).sum()
+    assert plain.item() == pytest.approx(s_star, rel=1e-4)
+    assert weighted.item() == pytest.approx(weight * s_star, rel=1e-4)
+
+
+def test_save_load_round_trip_and_mismatch(tmp_path) -> None:
+    train = torch.rand(3, 3, 64, 64, generator=torch.Generator().manual_seed(5))
+    test = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(6))
+    model = PatchCore(TorchvisionCNN("resnet18", ["layer2", "layer3"], pretrained=False),
+                      PatchEmbedder(embed_dim=64), GreedyCoresetSampler(ratio=0.5), progress=False)
+    model.fit(loader_of(train))
+    model.save(tmp_path / "model", metadata={"category": "toy"})
+    loaded = PatchCore.load(tmp_path / "model")
+    assert loaded.metadata == {"category": "toy"}
+    for before, after in zip(model.score(test), loaded.score(test)):
+        torch.testing.assert_close(before, after)
+    spec = model.spec() | {"embedder": {"embed_dim": 128, "patch_size": 3}}
+    with pytest.raises(ModelMismatchError, match="embedder"):
+        PatchCore.load(tmp_path / "model", expected_spec=spec)
+    assert PatchCore.load(tmp_path / "model", expected_spec=model.spec()).bank.features.shape[1] == 64
+
+
+def test_fit_report_counts() -> None:
+    model = PatchCore(PoolingExtractor(), PatchEmbedder(embed_dim=None), GreedyCoresetSampler(ratio=0.25),
+                      progress=False)
+    report = model.fit(loader_of(torch.rand(7, 3, 16, 16)))
+    assert (report.n_images, report.n_patches, report.bank_size) == (7, 7 * 16, 28)
