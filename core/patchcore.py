@@ -231,7 +231,8 @@ class PatchCore:
         return directory
 
     @classmethod
-    def load(cls, directory: str | Path, expected_spec: dict | None = None, device: str = "cpu") -> PatchCore:
+    def load(cls, directory: str | Path, expected_spec: dict | None = None, device: str = "cpu",
+             progress: bool = True) -> PatchCore:
         """Rebuild a saved model; refuse it when ``expected_spec`` (see ``spec()``) differs."""
         directory = Path(directory)
         spec_file, bank_file = directory / "model.json", directory / "bank.pt"
@@ -257,6 +258,7 @@ class PatchCore:
             reweight_neighbors=record["reweight_neighbors"],
             blur_sigma=record["blur_sigma"],
             device=device,
+            progress=progress,
         )
         model.bank = MemoryBank.load(bank_file).to(model.device)
         model.grid = tuple(record["grid"]) if record.get("grid") else None

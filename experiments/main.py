@@ -16,6 +16,7 @@ import hydra
 import numpy as np
 import torch
 from hydra.core.hydra_config import HydraConfig
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
@@ -26,10 +27,25 @@ from core.io import write_json_atomic
 from core.metrics import compute_metrics
 from core.patchcore import PatchCore, Predictions
 from experiments.results import (
-    format_table, git_commit, mean_metrics, peak_rss_mb, versions, write_scores_csv,
+    format_table,
+    git_commit,
+    mean_metrics,
+    peak_rss_mb,
+    versions,
+    write_scores_csv,
 )
 
 log = logging.getLogger("patchcore")
+
+
+def build(node: DictConfig | dict):
+    """``instantiate``, re-raising the component's own error: its message names the setting to fix."""
+    try:
+        return instantiate(node)
+    except InstantiationException as error:
+        if error.__cause__ is not None:
+            raise error.__cause__ from None
+        raise
 
 
 def resolve_device(name: str) -> torch.device:
@@ -45,9 +61,9 @@ def resolve_device(name: str) -> torch.device:
 def build_model(cfg: DictConfig, extractor: FeatureExtractor, device: torch.device) -> PatchCore:
     return PatchCore(
         extractor,
-        embedder=instantiate({"_target_": "core.features.PatchEmbedder", "embed_dim": cfg.patchcore.embed_dim,
+        embedder=build({"_target_": "core.features.PatchEmbedder", "embed_dim": cfg.patchcore.embed_dim,
                               "patch_size": cfg.patchcore.patch_size}),
-        sampler=instantiate(cfg.coreset),
+        sampler=build(cfg.coreset),
         num_neighbors=cfg.patchcore.num_neighbors,
         reweight_neighbors=cfg.patchcore.reweight_neighbors,
         blur_sigma=cfg.patchcore.blur_sigma,
@@ -117,11 +133,14 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     started = time.perf_counter()
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed)
-    instantiate(cfg.coreset)  # rejects a bad coreset.ratio before any work
+    build(cfg.coreset)  # rejects a bad coreset.ratio before any work
     device = resolve_device(cfg.device)
-    layout: MVTecLayout = instantiate(cfg.dataset)
+    layout: MVTecLayout = build(cfg.dataset)
     categories = layout.resolve_categories(cfg.category)
-    extractor: FeatureExtractor = instantiate(cfg.backbone)
+    for category in categories:  # layout errors (missing folders, no images) before any model work
+        layout.train_samples(category, seed=cfg.seed)
+        layout.test_samples(category)
+    extractor: FeatureExtractor = build(cfg.backbone)
     log.info("backbone %s (layers %s) on %s; dataset %s, categories %s", extractor.name, extractor.layers,
              device, layout.name, categories)
 
@@ -150,7 +169,10 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def main(cfg: DictConfig) -> None:
     run_dir = Path(HydraConfig.get().runtime.output_dir)
-    results = run(cfg, run_dir)
+    try:
+        results = run(cfg, run_dir)
+    except (ValueError, FileNotFoundError) as error:  # bad settings or input: the message says what to fix
+        raise SystemExit(f"error: {error}") from None
     print(format_table(results["categories"], results["mean"]))
     print(f"results: {run_dir / 'results.json'} ({results['total_time_s']:.1f}s, "
           f"peak RSS {results['peak_rss_mb']:.0f} MB)")

@@ -1,0 +1,54 @@
+"""End to end on the embedded textures set with real ImageNet features (EfficientNet-Lite0).
+
+Bars are set from measured values (default settings, coreset 10%, seed 0): mean image AUROC
+0.967 (brick 1.000, grass 0.908, gravel 0.975, tissue 0.986), mean pixel AUROC 0.988, mean
+AUPRO 0.963; the map maximum fell inside the mask for every hole and colour defect.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from hydra import compose, initialize_config_dir
+from torch.utils.data import DataLoader
+
+from core.data import Preprocessing, TexturesDataset
+from core.patchcore import PatchCore
+from experiments.main import run
+from tests.conftest import CONF_DIR
+
+
+@pytest.fixture(scope="module")
+def textures_run(tmp_path_factory, textures_root):
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose("config", overrides=["num_workers=0", "progress=false", "backbone=effnet_lite0",
+                                           "dataset=textures", f"dataset.root={textures_root}",
+                                           "category=all", "save_model=true"])
+    run_dir = tmp_path_factory.mktemp("textures_run")
+    run(cfg, run_dir)
+    return run_dir
+
+
+def test_detection_and_segmentation_quality(textures_run) -> None:
+    results = json.loads((textures_run / "results.json").read_text())
+    assert results["complete"] and set(results["categories"]) == {"brick", "grass", "gravel", "tissue"}
+    assert results["mean"]["image_auroc"] >= 0.93
+    assert results["mean"]["pixel_auroc"] >= 0.96
+    assert results["mean"]["aupro"] >= 0.92
+    for name, entry in results["categories"].items():
+        assert entry["image_auroc"] >= 0.85, name
+        assert entry["n_train"] == 40 and entry["n_test"] == 39
+
+
+@pytest.mark.parametrize("category", ["brick", "tissue"])
+def test_planted_defects_peak_inside_their_masks(textures_run, textures_root, category) -> None:
+    model = PatchCore.load(textures_run / "models" / category, progress=False)
+    preprocessing = Preprocessing(**model.metadata["preprocessing"])
+    layout = TexturesDataset(root=textures_root)
+    predictions = model.predict(DataLoader(layout.test_set(category, preprocessing), batch_size=8))
+    for defect, mask, anomaly_map in zip(predictions.defect_types, predictions.masks, predictions.maps):
+        if defect in ("hole", "color"):
+            y, x = np.unravel_index(anomaly_map.argmax(), anomaly_map.shape)
+            assert mask[y, x], f"{category}/{defect}: map maximum at {(y, x)} outside the mask"
