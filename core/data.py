@@ -108,7 +108,7 @@ def _nonzero(img: Image.Image) -> np.ndarray:
     return np.any(arr[..., bands] != 0, axis=-1)
 
 
-def _open(path: Path) -> Image.Image:
+def read_image(path: Path) -> Image.Image:
     """Fully decoded image, or a DatasetError naming the file (PIL opens lazily)."""
     try:
         with Image.open(path) as img:
@@ -141,8 +141,8 @@ class AnomalyDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> dict:
         s = self.samples[i]
-        img = _open(s.path)
-        mask = _open(s.mask_path) if s.mask_path is not None else None
+        img = read_image(s.path)
+        mask = read_image(s.mask_path) if s.mask_path is not None else None
         if mask is not None and mask.size != img.size:
             raise DatasetError(
                 f"mask {s.mask_path} is {mask.size[0]}x{mask.size[1]} but image {s.path} is "

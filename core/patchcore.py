@@ -11,7 +11,7 @@ from __future__ import annotations
 import importlib
 import json
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -88,6 +88,31 @@ def _images_of(batch: dict | torch.Tensor) -> torch.Tensor:
     return batch["image"] if isinstance(batch, dict) else batch
 
 
+def collect_predictions(score: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]], loader: Iterable,
+                        progress: bool = True) -> Predictions:
+    """Run ``score(images) -> (scores, maps)`` over a test loader and gather labels, masks and paths."""
+    scores, maps, labels, masks, has_mask, paths, defect_types = [], [], [], [], [], [], []
+    for batch in tqdm(loader, desc="predict", disable=not progress, leave=False):
+        batch_scores, batch_maps = score(_images_of(batch))
+        scores.append(batch_scores.numpy())
+        maps.append(batch_maps.numpy().astype(np.float32))
+        size = len(batch_scores)
+        labels.append(np.asarray(batch.get("label", [0] * size)))
+        has_mask.append(np.asarray(batch.get("has_mask", [False] * size), dtype=bool))
+        if "mask" in batch:
+            masks.append(batch["mask"][:, 0].numpy() > 0.5)
+        else:
+            masks.append(np.zeros_like(maps[-1], dtype=bool))
+        paths.extend(batch.get("path", [""] * size))
+        defect_types.extend(batch.get("defect_type", [""] * size))
+    if not scores:
+        raise ValueError("the test loader yielded no images")
+    return Predictions(
+        np.concatenate(scores), np.concatenate(maps), np.concatenate(labels).astype(int),
+        np.concatenate(masks), np.concatenate(has_mask), paths, defect_types,
+    )
+
+
 class PatchCore:
     """The PatchCore model: extractor + patch embedder + coreset sampler + memory bank."""
 
@@ -118,12 +143,14 @@ class PatchCore:
         self.progress = progress
         self.bank = MemoryBank()
         self.grid: tuple[int, int] | None = None
+        self.input_size: tuple[int, int] | None = None
         self.metadata: dict = {}
 
     # ------------------------------------------------------------------ features
     @torch.no_grad()
     def embed(self, images: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
         """``images[B,3,H,W] -> (patch features [B, h*w, D], (h, w))``."""
+        self.input_size = tuple(images.shape[-2:])  # saved with the model, to check it on load
         return self.embedder(self.extractor(images.to(self.device)))
 
     # ----------------------------------------------------------------------- fit
@@ -186,26 +213,7 @@ class PatchCore:
         return image_scores.cpu(), maps.cpu()
 
     def predict(self, loader: Iterable) -> Predictions:
-        scores, maps, labels, masks, has_mask, paths, defect_types = [], [], [], [], [], [], []
-        for batch in tqdm(loader, desc="predict", disable=not self.progress, leave=False):
-            batch_scores, batch_maps = self.score(_images_of(batch))
-            scores.append(batch_scores.numpy())
-            maps.append(batch_maps.numpy().astype(np.float32))
-            size = len(batch_scores)
-            labels.append(np.asarray(batch.get("label", [0] * size)))
-            has_mask.append(np.asarray(batch.get("has_mask", [False] * size), dtype=bool))
-            if "mask" in batch:
-                masks.append(batch["mask"][:, 0].numpy() > 0.5)
-            else:
-                masks.append(np.zeros_like(maps[-1], dtype=bool))
-            paths.extend(batch.get("path", [""] * size))
-            defect_types.extend(batch.get("defect_type", [""] * size))
-        if not scores:
-            raise ValueError("the test loader yielded no images")
-        return Predictions(
-            np.concatenate(scores), np.concatenate(maps), np.concatenate(labels).astype(int),
-            np.concatenate(masks), np.concatenate(has_mask), paths, defect_types,
-        )
+        return collect_predictions(self.score, loader, self.progress)
 
     # --------------------------------------------------------------- save / load
     def spec(self) -> dict:
@@ -225,7 +233,8 @@ class PatchCore:
             raise RuntimeError("nothing to save: fit the model first")
         directory = Path(directory)
         self.bank.save(directory / "bank.pt")
-        record = {**self.spec(), "grid": list(self.grid or []), "bank_size": len(self.bank),
+        record = {**self.spec(), "grid": list(self.grid or []), "input_size": list(self.input_size or []),
+                  "bank_size": len(self.bank),
                   "metadata": metadata if metadata is not None else self.metadata}
         write_json_atomic(directory / "model.json", record)
         return directory
@@ -263,7 +272,18 @@ class PatchCore:
         model.bank = MemoryBank.load(bank_file).to(model.device)
         model.grid = tuple(record["grid"]) if record.get("grid") else None
         model.metadata = record.get("metadata", {})
+        if record.get("input_size"):
+            model._check_code_matches(directory, tuple(record["input_size"]))
         return model
+
+    def _check_code_matches(self, directory: Path, input_size: tuple[int, int]) -> None:
+        """The rebuilt extractor must still produce the saved bank's features on the saved grid."""
+        features, grid = self.embed(torch.zeros(1, 3, *input_size))
+        if features.shape[-1] != self.bank.dim or grid != self.grid:
+            raise ModelMismatchError(
+                f"saved model {directory} does not match this code: it now gives {features.shape[-1]}-d features "
+                f"on a {grid} grid, the bank holds {self.bank.dim}-d features from a {self.grid} grid; refit it"
+            )
 
 
 def _build(spec: dict) -> FeatureExtractor:
@@ -272,4 +292,8 @@ def _build(spec: dict) -> FeatureExtractor:
     if not target.startswith(_TRUSTED_MODULES):
         raise ModelMismatchError(f"refusing to build {target!r}: saved extractors must come from core/ or extensions/")
     module_name, _, class_name = target.rpartition(".")
-    return getattr(importlib.import_module(module_name), class_name)(**spec["kwargs"])
+    try:
+        return getattr(importlib.import_module(module_name), class_name)(**spec["kwargs"])
+    except (ImportError, AttributeError, TypeError) as error:
+        raise ModelMismatchError(f"the saved extractor {target}({spec['kwargs']}) cannot be built by this code "
+                                 f"({error}); refit the model with this version") from error

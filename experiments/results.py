@@ -15,15 +15,13 @@ Metrics are floats in [0, 1], ``null`` where they cannot be computed.
 
 from __future__ import annotations
 
-import csv
-import io
 import platform
 import resource
 import subprocess
 from importlib import metadata
 from pathlib import Path
 
-from core.io import write_text_atomic
+from core.io import write_csv_atomic
 
 METRICS = ("image_auroc", "image_f1_max", "pixel_auroc", "pixel_f1_max", "aupro")
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -70,11 +68,7 @@ SCORE_COLUMNS = ("category", "path", "defect_type", "label", "image_score")
 
 
 def write_scores_csv(path: Path, rows: list[dict]) -> None:
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=SCORE_COLUMNS)
-    writer.writeheader()
-    writer.writerows(rows)
-    write_text_atomic(path, buffer.getvalue())
+    write_csv_atomic(path, SCORE_COLUMNS, rows)
 
 
 def format_table(categories: dict[str, dict], means: dict[str, float | None]) -> str:

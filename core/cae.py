@@ -1,0 +1,165 @@
+"""Reconstruction baseline: the convolutional autoencoder of Bergmann et al. (VISAPP 2019, "SSIM-AE").
+
+Trained on nominal images only, it reconstructs what it has learnt; defects reconstruct
+badly. Residual map = 1 - SSIM(input, reconstruction) (or the squared error for the L2
+variant), upsampled to the evaluation crop and smoothed like PatchCore's maps; image
+score = maximum of the smoothed map. Same ``fit``/``predict`` interface as PatchCore, so its
+runs land in the same results files and tables.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterable
+from pathlib import Path
+
+import kornia
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from core.io import atomic_write, write_json_atomic
+from core.patchcore import FitReport, Predictions, collect_predictions, gaussian_blur
+
+LOSSES = ("ssim", "l2")
+
+
+def _conv(cin: int, cout: int, kernel: int, stride: int, padding: int) -> list[nn.Module]:
+    return [nn.Conv2d(cin, cout, kernel, stride, padding), nn.LeakyReLU(0.2, inplace=True)]
+
+
+def _deconv(cin: int, cout: int, kernel: int, stride: int, padding: int) -> list[nn.Module]:
+    return [nn.ConvTranspose2d(cin, cout, kernel, stride, padding), nn.LeakyReLU(0.2, inplace=True)]
+
+
+class ConvAutoencoder(nn.Module):
+    """The paper's architecture (Table 1), for any input size divisible by 16; latent = a d-vector."""
+
+    def __init__(self, image_size: int = 128, latent_dim: int = 100, channels: int = 3) -> None:
+        super().__init__()
+        if image_size % 16 or image_size < 32:
+            raise ValueError(f"model.image_size={image_size} must be a multiple of 16, at least 32")
+        bottleneck = image_size // 16
+        self.encoder = nn.Sequential(
+            *_conv(channels, 32, 4, 2, 1), *_conv(32, 32, 4, 2, 1), *_conv(32, 32, 3, 1, 1),
+            *_conv(32, 64, 4, 2, 1), *_conv(64, 64, 3, 1, 1), *_conv(64, 128, 4, 2, 1),
+            *_conv(128, 64, 3, 1, 1), *_conv(64, 32, 3, 1, 1),
+            nn.Conv2d(32, latent_dim, bottleneck, 1, 0),
+        )
+        self.decoder = nn.Sequential(
+            *_deconv(latent_dim, 32, bottleneck, 1, 0), *_conv(32, 64, 3, 1, 1), *_conv(64, 128, 3, 1, 1),
+            *_deconv(128, 64, 4, 2, 1), *_conv(64, 64, 3, 1, 1), *_deconv(64, 32, 4, 2, 1),
+            *_conv(32, 32, 3, 1, 1), *_deconv(32, 32, 4, 2, 1),
+            nn.ConvTranspose2d(32, channels, 4, 2, 1), nn.Sigmoid(),  # images live in [0, 1]
+        )
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.decoder(self.encoder(images))
+
+
+class CAE:
+    """Fit/predict wrapper: trains on the loader's nominal images, scores by reconstruction residuals.
+
+    Inputs must be images in [0, 1] (preprocessing with mean 0 and std 1); they are resized
+    to ``image_size`` for the network and the residual map is brought back to the input size.
+    """
+
+    mean = (0.0, 0.0, 0.0)
+    std = (1.0, 1.0, 1.0)
+    interpolation = "bilinear"
+
+    def __init__(self, image_size: int = 128, latent_dim: int = 100, loss: str = "ssim", epochs: int = 25,
+                 batch_size: int = 8, lr: float = 1e-3, weight_decay: float = 1e-5, ssim_window: int = 11,
+                 blur_sigma: float = 4.0, seed: int = 0, device: str | torch.device = "cpu",
+                 progress: bool = True, checkpoint: str | Path | None = None) -> None:
+        if loss not in LOSSES:
+            raise ValueError(f"model.loss={loss!r}: choose one of {LOSSES}")
+        if epochs < 1 or batch_size < 1:
+            raise ValueError("model.epochs and model.batch_size must be at least 1")
+        self.settings = dict(image_size=image_size, latent_dim=latent_dim, loss=loss, epochs=epochs,
+                             batch_size=batch_size, lr=lr, weight_decay=weight_decay, ssim_window=ssim_window,
+                             blur_sigma=blur_sigma, seed=seed)
+        self.device = torch.device(device)
+        self.progress = progress
+        self.checkpoint = Path(checkpoint) if checkpoint else None
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            self.network = ConvAutoencoder(image_size, latent_dim).to(self.device)
+        self.loss_log: list[float] = []
+
+    def _to_model_size(self, images: torch.Tensor) -> torch.Tensor:
+        size = self.settings["image_size"]
+        return F.interpolate(images.to(self.device), size=(size, size), mode="bilinear", antialias=True,
+                             align_corners=False).clamp_(0, 1)
+
+    def _loss(self, images: torch.Tensor, reconstruction: torch.Tensor) -> torch.Tensor:
+        if self.settings["loss"] == "ssim":
+            return kornia.losses.ssim_loss(reconstruction, images, self.settings["ssim_window"])
+        return F.mse_loss(reconstruction, images)
+
+    def fit(self, loader: Iterable) -> FitReport:
+        """Train for ``epochs`` on shuffled nominal images (seeded); the loss per step goes to ``loss_log``."""
+        dataset = loader.dataset
+        generator = torch.Generator().manual_seed(self.settings["seed"])
+        batches = DataLoader(dataset, batch_size=self.settings["batch_size"], shuffle=True, generator=generator,
+                             num_workers=getattr(loader, "num_workers", 0))
+        optimiser = torch.optim.Adam(self.network.parameters(), lr=self.settings["lr"],
+                                     weight_decay=self.settings["weight_decay"])
+        start = time.perf_counter()
+        self.network.train()
+        steps = tqdm(total=self.settings["epochs"] * len(batches), desc="train CAE", disable=not self.progress,
+                     leave=False)
+        for _ in range(self.settings["epochs"]):
+            for batch in batches:
+                images = self._to_model_size(batch["image"])
+                loss = self._loss(images, self.network(images))
+                optimiser.zero_grad()
+                loss.backward()
+                optimiser.step()
+                self.loss_log.append(loss.item())
+                steps.update()
+                steps.set_postfix(loss=f"{self.loss_log[-1]:.4f}")
+            if self.checkpoint is not None:
+                self.save(self.checkpoint)
+        steps.close()
+        self.network.eval()
+        return FitReport(len(dataset), 0, 0, time.perf_counter() - start, 0.0)
+
+    @torch.no_grad()
+    def score(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``images[B,3,H,W] in [0,1] -> (scores [B], residual maps [B,H,W])``."""
+        self.network.eval()
+        small = self._to_model_size(images)
+        reconstruction = self.network(small)
+        if self.settings["loss"] == "ssim":
+            residual = 1.0 - kornia.metrics.ssim(small, reconstruction, self.settings["ssim_window"]).mean(dim=1)
+        else:
+            residual = (small - reconstruction).square().mean(dim=1)
+        residual = F.interpolate(residual[:, None], size=images.shape[-2:], mode="bilinear", align_corners=False)
+        maps = gaussian_blur(residual[:, 0], self.settings["blur_sigma"])
+        return maps.flatten(1).max(dim=1).values.cpu(), maps.cpu()
+
+    def predict(self, loader: Iterable) -> Predictions:
+        return collect_predictions(self.score, loader, self.progress)
+
+    def save(self, directory: str | Path, metadata: dict | None = None) -> Path:
+        directory = Path(directory)
+        state = {key: value.cpu() for key, value in self.network.state_dict().items()}
+        atomic_write(directory / "cae.pt", lambda tmp: torch.save(state, tmp))
+        write_json_atomic(directory / "model.json", {"model": "cae", "settings": self.settings,
+                                                      "loss_log": self.loss_log, "metadata": metadata or {}})
+        return directory
+
+    @classmethod
+    def load(cls, directory: str | Path, device: str = "cpu", progress: bool = True) -> CAE:
+        directory = Path(directory)
+        record = json.loads((directory / "model.json").read_text())
+        model = cls(**record["settings"], device=device, progress=progress)
+        model.network.load_state_dict(torch.load(directory / "cae.pt", map_location=device, weights_only=True))
+        model.network.eval()
+        model.loss_log = record.get("loss_log", [])
+        model.metadata = record.get("metadata", {})
+        return model
