@@ -9,6 +9,9 @@ TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
 
 .PHONY: install test demo lint clean
 
+include Makefile.finetune
+include Makefile.report
+
 install: $(STAMP)
 
 $(STAMP): pyproject.toml

@@ -1,0 +1,10 @@
+"""Backbone fine-tuning on a task's own nominal images, for PatchCore.
+
+    protection.py          what is kept from the pretrained weights: frozen stem/stages, frozen BatchNorm, L2-SP
+    training.py            the shared loop: optimiser, schedule, checkpoints, resume, progress bar, loss log
+    rotation.py            rotation prediction (Gidaris et al., ICLR 2018)
+    cutmix_contrastive.py  SimCLR NT-Xent with CutMix-made negatives (Chen et al. 2020; Yun et al. 2019)
+    checkpoint.py          checkpoint files, and ``FineTunedBackbone``: the PatchCore extractor that loads them
+
+Entry point: ``python experiments/finetune.py method=rotation backbone=wrn50 dataset=mvtec category=bottle``.
+"""

@@ -1,0 +1,360 @@
+"""The training loop shared by every fine-tuning method.
+
+``fine_tune(objective, dataset, config, files, identity)`` trains ``objective.extractor`` (the
+PatchCore extractor itself) and ``objective``'s head on nominal images, then writes the
+fine-tuned extractor weights and their sidecar (see checkpoint.py). Along the way it keeps:
+
+- AdamW with two parameter groups: the backbone at ``lr`` with no weight decay (L2-SP pulls it
+  toward the pretrained weights instead; decay toward zero would pull it away), the freshly
+  initialised head at ``head_lr`` with ``weight_decay``; cosine decay to zero over the run, the
+  backbone optionally held still for the first ``head_only_steps`` (linear probe, then fine-tune);
+- a resume file every ``checkpoint_every`` steps (model, head, optimiser, scheduler, RNG states,
+  step): an interrupted run continues from it and ends bit-identical to an uninterrupted one on the CPU;
+- a tqdm bar and a JSONL loss log (one line per step).
+
+Determinism: ``seed`` initialises the head and the augmentation RNG; the order of the images in
+epoch ``e`` is a permutation drawn from its own generator seeded with (seed, e), so it does not
+depend on where a run was resumed.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import math
+import time
+from collections import deque
+from collections.abc import Iterator, Mapping
+from dataclasses import asdict, dataclass, fields
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, Sampler
+from tqdm.auto import tqdm
+
+from core.backbones import FeatureExtractor
+from extensions.checkpoint import (
+    FORMAT_VERSION,
+    CheckpointFiles,
+    file_sha256,
+    load_torch,
+    read_sidecar,
+    save_torch,
+    write_sidecar,
+)
+from extensions.protection import Protection
+
+log = logging.getLogger("finetune")
+
+
+@dataclass
+class TrainConfig:
+    """The method-independent keys of conf/method/<name>.yaml."""
+
+    epochs: int = 2
+    max_steps: int | None = None  # overrides epochs when set
+    batch_size: int = 8
+    lr: float = 1e-4  # backbone
+    head_lr: float = 1e-3
+    weight_decay: float = 1e-4  # head only
+    frozen_stages: int = 1  # -1 none, 0 stem, k stem + stages 1..k
+    freeze_bn: bool = True
+    train_bn_affine: bool = True
+    l2sp_weight: float = 0.1
+    head_only_steps: int = 0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise ValueError(f"method.batch_size={self.batch_size} must be at least 1")
+        if self.max_steps is None and self.epochs < 1:
+            raise ValueError(f"method.epochs={self.epochs} must be at least 1 (or set method.max_steps)")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ValueError(f"method.max_steps={self.max_steps} must be at least 1, or null to use method.epochs")
+        if self.lr < 0 or self.head_lr <= 0 or self.weight_decay < 0:
+            raise ValueError("method.lr must be >= 0, method.head_lr > 0 and method.weight_decay >= 0")
+        if self.head_only_steps < 0:
+            raise ValueError(f"method.head_only_steps={self.head_only_steps} must be >= 0")
+
+    @classmethod
+    def split(cls, method: Mapping) -> tuple[TrainConfig, dict]:
+        """``conf/method/<name>.yaml`` -> (training keys, the objective's own keys incl. ``_target_``)."""
+        names = {f.name for f in fields(cls)}
+        train = {key: value for key, value in method.items() if key in names}
+        objective = {key: value for key, value in method.items() if key not in names and key != "name"}
+        return cls(**train), objective
+
+    def total_steps(self, steps_per_epoch: int) -> int:
+        return self.max_steps if self.max_steps is not None else self.epochs * steps_per_epoch
+
+
+class Objective(nn.Module):
+    """A self-supervised task on the extractor: ``loss(images) -> (loss, stats)``; images are normalised.
+
+    Subclasses add their head modules; everything outside ``self.extractor`` counts as head.
+    """
+
+    name = "objective"
+
+    def __init__(self, extractor: FeatureExtractor) -> None:
+        super().__init__()
+        self.extractor = extractor
+        self.register_buffer("mean", torch.tensor(extractor.mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(extractor.std).view(1, 3, 1, 1), persistent=False)
+
+    @torch.no_grad()
+    def feature_channels(self, size: int = 64) -> list[int]:
+        """Channels of each extractor layer (one eval-mode probe forward, running stats untouched)."""
+        was_training = self.extractor.training
+        self.extractor.eval()
+        maps = self.extractor(torch.zeros(1, 3, size, size, device=self.mean.device))
+        self.extractor.train(was_training)
+        return [m.shape[1] for m in maps]
+
+    def head_parameters(self) -> list[nn.Parameter]:
+        return [param for name, param in self.named_parameters() if not name.startswith("extractor.")]
+
+    def reset_head(self) -> None:
+        for name, module in self.named_modules():
+            if name and not name.startswith("extractor") and hasattr(module, "reset_parameters"):
+                module.reset_parameters()
+
+    def to_unit(self, images: torch.Tensor) -> torch.Tensor:
+        """Normalised images -> [0, 1] (what kornia's colour augmentations expect)."""
+        return images * self.std + self.mean
+
+    def from_unit(self, images: torch.Tensor) -> torch.Tensor:
+        return (images - self.mean) / self.std
+
+    def loss(self, images: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:  # pragma: no cover
+        raise NotImplementedError
+
+
+def mlp(in_dim: int, hidden_dim: int, out_dim: int) -> nn.Sequential:
+    return nn.Sequential(nn.Linear(in_dim, hidden_dim), nn.ReLU(inplace=True), nn.Linear(hidden_dim, out_dim))
+
+
+def pooled(maps: list[torch.Tensor]) -> torch.Tensor:
+    """Global average pooling of each map, concatenated: ``[B, sum C_i]``."""
+    return torch.cat([F.adaptive_avg_pool2d(m, 1).flatten(1) for m in maps], dim=1)
+
+
+class EpochBatches(Sampler[list[int]]):
+    """The batches of one epoch, from batch ``start`` on: a seeded permutation, last partial batch dropped."""
+
+    def __init__(self, n: int, batch_size: int, seed: int, epoch: int, start: int = 0, limit: int | None = None):
+        self.n, self.batch_size, self.start = n, batch_size, start
+        generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+        order = torch.randperm(n, generator=generator).tolist()
+        batches = [order[i : i + batch_size] for i in range(0, n - batch_size + 1, batch_size)]
+        self.batches = batches[start:] if limit is None else batches[start : start + limit]
+
+    def __iter__(self) -> Iterator[list[int]]:
+        return iter(self.batches)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
+def lr_lambdas(total: int, head_only_steps: int) -> tuple:
+    """Cosine decay to zero over the run; the backbone's starts after ``head_only_steps`` (0 before)."""
+
+    def head(step: int) -> float:
+        return 0.5 * (1 + math.cos(math.pi * min(step, total) / total))
+
+    def backbone(step: int) -> float:
+        if step < head_only_steps:
+            return 0.0
+        span = max(1, total - head_only_steps)
+        return 0.5 * (1 + math.cos(math.pi * min(step - head_only_steps, span) / span))
+
+    return backbone, head
+
+
+def _rng_state() -> dict:
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _canonical(identity: dict) -> str:
+    return json.dumps(identity, sort_keys=True, default=str)
+
+
+class LossLog:
+    """Append-only JSONL; on resume, lines past the resumed step (written after its checkpoint) are dropped."""
+
+    def __init__(self, path, resume_step: int) -> None:
+        self.path = path
+        rows = []
+        if resume_step > 0 and path.is_file():
+            for line in path.read_text().splitlines():
+                try:
+                    row = json.loads(line)
+                except ValueError:
+                    continue  # a line cut short by the interruption
+                if row.get("step", math.inf) <= resume_step:
+                    rows.append(row)
+        self.rows = rows
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+
+    def append(self, row: dict) -> None:
+        self.rows.append(row)
+        with self.path.open("a") as handle:
+            handle.write(json.dumps(row) + "\n")
+
+
+def fine_tune(
+    objective: Objective,
+    dataset: Dataset,
+    config: TrainConfig,
+    files: CheckpointFiles,
+    identity: dict,
+    device: str | torch.device = "cpu",
+    checkpoint_every: int = 50,
+    num_workers: int = 0,
+    progress: bool = True,
+    resume: bool = True,
+) -> dict:
+    """Fine-tune ``objective.extractor`` on ``dataset`` (nominal training images only); return the sidecar.
+
+    ``identity`` (method, category, base backbone spec, the run's config) and ``config`` go into the
+    resume file and the sidecar: a resume file or a finished checkpoint is reused only when both match.
+    A finished checkpoint is not trained again (``resume=False`` does): its sidecar is returned and
+    ``objective`` is left as it was.
+    """
+    if checkpoint_every < 1:
+        raise ValueError(f"checkpoint_every={checkpoint_every} must be at least 1 (steps between resume files)")
+    device = torch.device(device)
+    n = len(dataset)
+    if n == 0:
+        raise ValueError("no training images to fine-tune on")
+    batch_size = min(config.batch_size, n)
+    steps_per_epoch = n // batch_size
+    total = config.total_steps(steps_per_epoch)
+    key = _canonical({**identity, "train": asdict(config)})
+
+    sidecar = read_sidecar(files)
+    if (resume and sidecar and sidecar.get("complete") and sidecar.get("identity") == key and files.weights.is_file()
+            and sidecar.get("sha256") == file_sha256(files.weights)):
+        log.info("%s is already fine-tuned with this configuration (resume=false trains it again)", files.weights)
+        return sidecar
+
+    protection = Protection(
+        objective.extractor, config.frozen_stages, config.freeze_bn, config.train_bn_affine, config.l2sp_weight
+    )  # built on the pretrained weights: they are L2-SP's reference
+    backbone_params = protection.parameters()
+    objective.to(device)
+    protection.to(device)
+    optimizer = torch.optim.AdamW(
+        [
+            {"params": backbone_params, "lr": config.lr, "weight_decay": 0.0},
+            {"params": objective.head_parameters(), "lr": config.head_lr, "weight_decay": config.weight_decay},
+        ]
+    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, list(lr_lambdas(total, config.head_only_steps)))
+
+    step, elapsed = 0, 0.0
+    state = load_torch(files.state) if resume and files.state.is_file() else None
+    if state is not None and (state.get("format_version") != FORMAT_VERSION or state.get("identity") != key):
+        log.warning("%s belongs to another configuration: starting over", files.state)
+        state = None
+    if state is not None:
+        objective.load_state_dict(state["objective"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        _set_rng_state(state["rng"])
+        step, elapsed = int(state["step"]), float(state["elapsed_s"])
+        log.info("resuming %s from step %d of %d", files.state, step, total)
+    else:
+        torch.manual_seed(config.seed)
+        objective.reset_head()
+    loss_log = LossLog(files.loss_log, step)
+    recent = deque((row["loss"] for row in loss_log.rows), maxlen=steps_per_epoch)
+
+    def save_state() -> None:
+        save_torch(files.state, {
+            "format_version": FORMAT_VERSION, "identity": key, "step": step, "elapsed_s": elapsed,
+            "objective": objective.state_dict(), "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(), "rng": _rng_state(),
+        })
+
+    bar = tqdm(total=total, initial=step, desc=f"{identity.get('method', 'finetune')} {identity.get('category', '')}",
+               disable=not progress, dynamic_ncols=True)
+    loader_generator = torch.Generator().manual_seed(config.seed)  # worker seeds; keeps the global RNG untouched
+    last: dict = {}
+    while step < total:
+        epoch, offset = divmod(step, steps_per_epoch)
+        batches = EpochBatches(n, batch_size, config.seed, epoch, offset, limit=total - step)
+        loader = DataLoader(dataset, batch_sampler=batches, num_workers=num_workers, generator=loader_generator,
+                            pin_memory=device.type == "cuda")
+        for batch in loader:
+            started = time.perf_counter()
+            protection.train_mode()
+            images = (batch["image"] if isinstance(batch, dict) else batch).to(device, non_blocking=True)
+            task_loss, stats = objective.loss(images)
+            penalty = protection.penalty()
+            loss = task_loss + penalty
+            if not torch.isfinite(loss):
+                raise FloatingPointError(
+                    f"loss became {loss.item()} at step {step + 1}: lower method.lr / method.head_lr "
+                    f"(the last good state is {files.state if files.state.is_file() else 'not saved yet'})"
+                )
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            lrs = scheduler.get_last_lr()
+            scheduler.step()
+            step += 1
+            elapsed += time.perf_counter() - started
+            last = {"step": step, "epoch": epoch, "loss": loss.item(), "task_loss": task_loss.item(),
+                    "l2sp": penalty.item(), "lr_backbone": lrs[0], "lr_head": lrs[1], **stats,
+                    "time_s": round(elapsed, 3)}
+            loss_log.append(last)
+            recent.append(last["loss"])
+            bar.update(1)
+            bar.set_postfix(loss=f"{last['loss']:.4f}", l2sp=f"{last['l2sp']:.2e}")
+            if step % checkpoint_every == 0 and step < total:
+                save_state()
+    bar.close()
+
+    objective.extractor.eval()
+    base = {"name": objective.extractor.name, **objective.extractor.spec()}
+    save_torch(files.weights, {
+        "format_version": FORMAT_VERSION, "method": identity.get("method"), "category": identity.get("category"),
+        "base": base, "step": step, "state_dict": objective.extractor.state_dict(),
+    })
+    record = {
+        "complete": True,
+        "method": identity.get("method"),
+        "category": identity.get("category"),
+        "base_backbone": base,
+        "config": {**identity.get("config", {}), "train": asdict(config)},
+        "steps": step,
+        "steps_per_epoch": steps_per_epoch,
+        "epochs": step / steps_per_epoch,
+        "n_train_images": n,
+        "final_loss": last.get("loss", loss_log.rows[-1]["loss"] if loss_log.rows else None),
+        "final_loss_mean": sum(recent) / len(recent) if recent else None,
+        "train_time_s": round(elapsed, 3),
+        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "torch": torch.__version__,
+        "sha256": file_sha256(files.weights),
+        "loss_log": files.loss_log.name,
+        "identity": key,
+    }
+    write_sidecar(files, record)
+    files.state.unlink(missing_ok=True)
+    log.info("fine-tuned %s: %d steps, final loss %s -> %s", identity.get("category"), step,
+             record["final_loss"], files.weights)
+    return record
