@@ -240,6 +240,7 @@ class MVTecLayout:
         if unknown or not wanted:
             raise DatasetError(
                 f"unknown {self.name} categories {unknown} in category={spec!r}: choose 'all' or from {valid}"
+                f" (categories of another dataset need dataset=mvtec|btad|visa|folder and dataset.root=...)"
             )
         return wanted
 
