@@ -7,9 +7,10 @@ Format (one pair of files per selected test image, in ``<run_dir>/maps/<category
                                    mask    uint8 [H, W]     ground truth, 1 = defect (all 0 if unknown)
                                    has_mask, label (1 = anomalous), score (image score),
                                    path, defect_type, vmin, vmax (map range over the whole test set),
-                                   image_threshold, pixel_threshold (NaN without a threshold rule)
-    <k>_<defect_type>_<stem>.png   image | ground truth | map (inferno, scaled to [vmin, vmax]; the pixel
-                                   threshold's region outlined in cyan) side by side
+                                   image_threshold, pixel_threshold (NaN without a threshold rule),
+                                   min_defect_area (pixels; smaller predicted regions are dropped)
+    <k>_<defect_type>_<stem>.png   image | ground truth | map (inferno, scaled to [vmin, vmax]) | with a
+                                   threshold rule, the thresholded segmentation (cyan), side by side
 
 The images are chosen from the test set alone (sorted by path: about three quarters anomalous, spread
 over the defect types, the rest nominal), so every backbone's run of one dataset saves the same images.
@@ -23,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from core.io import atomic_write
+from core.thresholds import segment
 
 MAPS_DIR = "maps"
 
@@ -84,6 +86,7 @@ def save_maps(out_dir: Path, predictions, dataset, preprocessing, n: int, thresh
             "vmax": vmax,
             "image_threshold": _number(threshold.get("image_threshold")),
             "pixel_threshold": _number(threshold.get("pixel_threshold")),
+            "min_defect_area": int(threshold.get("min_defect_area") or 0),
         }
         written.append(save_record(out_dir / f"{k:02d}_{record['defect_type']}_{Path(record['path']).stem}", record))
     return written
@@ -112,7 +115,7 @@ def load_maps(folder: Path) -> list[dict]:
         with np.load(path, allow_pickle=False) as data:
             record = {key: data[key] for key in data.files}
         for key in ("has_mask", "label", "score", "path", "defect_type", "vmin", "vmax", "image_threshold",
-                    "pixel_threshold"):
+                    "pixel_threshold", "min_defect_area"):
             if key in record:
                 record[key] = record[key].item()
         record["map"] = record["map"].astype(np.float32)
@@ -130,19 +133,26 @@ def colorize(anomaly_map: np.ndarray, vmin: float, vmax: float, cmap: str = "inf
 
 
 def render_panel(record: dict):
-    """PIL image: the test image | its ground truth (red overlay) | the anomaly map, side by side."""
+    """PIL image: test image | ground truth (red) | anomaly map [| thresholded segmentation (cyan)].
+
+    The segmentation panel appears when the run had a threshold rule: pixels above the pixel
+    threshold, regions smaller than ``min_defect_area`` dropped, exactly as decisions are made.
+    """
     from PIL import Image
 
     image = record["image"]
-    overlay = image.copy()
-    mask = record["mask"].astype(bool)
-    overlay[mask] = (0.5 * overlay[mask] + 0.5 * np.array([255, 0, 0])).astype(np.uint8)
-    heat = colorize(record["map"], record["vmin"], record["vmax"])
-    pixel_threshold = record.get("pixel_threshold", float("nan"))
-    if pixel_threshold == pixel_threshold:  # not NaN: outline the region the threshold flags, in cyan
-        from scipy.ndimage import binary_erosion
-
-        region = np.asarray(record["map"], np.float32) >= pixel_threshold
-        heat[region & ~binary_erosion(region)] = (0, 255, 255)
     gap = np.full((image.shape[0], 4, 3), 255, np.uint8)
-    return Image.fromarray(np.concatenate([image, gap, overlay, gap, heat], axis=1))
+    panels = [image, gap, _tint(image, record["mask"].astype(bool), (255, 0, 0)), gap,
+              colorize(record["map"], record["vmin"], record["vmax"])]
+    pixel_threshold = float(record.get("pixel_threshold", float("nan")))
+    if pixel_threshold == pixel_threshold:  # not NaN
+        region = segment(np.asarray(record["map"], np.float32), pixel_threshold,
+                         int(record.get("min_defect_area", 0)))
+        panels += [gap, _tint(image, region, (0, 255, 255))]
+    return Image.fromarray(np.concatenate(panels, axis=1))
+
+
+def _tint(image: np.ndarray, where: np.ndarray, colour: tuple[int, int, int]) -> np.ndarray:
+    tinted = image.copy()
+    tinted[where] = (0.5 * tinted[where] + 0.5 * np.array(colour)).astype(np.uint8)
+    return tinted

@@ -200,7 +200,7 @@ def build_report(run_dirs: list[str | Path], out: str | Path = "reports", datase
     doc.paragraph(intro)
     md = [f"# {title}\n", intro + "\n"]
     if not included:
-        doc.paragraph("No complete run was found: run a sweep first (see docs/report.md).")
+        doc.paragraph("No complete run was found: run a sweep first (README: sweeps and the report).")
         md.append(_markdown(reproduce_text([], [], left_out, run_dirs)))
         _render(doc, reproduce_text([], [], left_out, run_dirs))
         manifest["pages"] = doc.close()

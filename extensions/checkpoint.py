@@ -112,7 +112,7 @@ def _missing_message(path: Path, method: str | None, base: str | None, category)
             f"backbone={base} dataset=<dataset> category={category}`"
         )
     else:
-        how = "Make it with experiments/finetune.py (see docs/finetune.md)"
+        how = "Make it with experiments/finetune.py (see the README section on fine-tuning)"
     return f"no {what}: {path} does not exist. {how}; or point backbone.checkpoint at an existing file."
 
 
