@@ -14,36 +14,33 @@ from scipy import ndimage
 from sklearn.metrics import precision_recall_curve, roc_auc_score
 
 # 8-connectivity, as in MVTec's reference code: diagonal neighbours belong to one region.
-_EIGHT_CONNECTED = np.ones((3, 3), dtype=int)
+EIGHT_CONNECTED = np.ones((3, 3), dtype=int)
 
 
 # --------------------------------------------------------------------------- validation
 
 
+def _checked(truth: np.ndarray, values: np.ndarray, ndim: int, names: str) -> tuple[np.ndarray, np.ndarray]:
+    """Return ``truth`` as bool and ``values`` as float64 after checking rank, shape and finiteness."""
+    truth = np.asarray(truth)
+    values = np.asarray(values, dtype=np.float64)
+    second = names.split(" and ")[1]
+    if truth.ndim != ndim or values.ndim != ndim:
+        layout = "1-D" if ndim == 1 else "3-D [N, H, W]"
+        raise ValueError(f"{names} must be {layout}, got shapes {truth.shape} and {values.shape}")
+    if truth.shape != values.shape:
+        raise ValueError(f"{names} differ in {'length' if ndim == 1 else 'shape'}: {truth.shape} vs {values.shape}")
+    if not np.all(np.isfinite(values)):
+        raise ValueError(f"{second} contain NaN or infinite values")
+    return truth.astype(bool), values
+
+
 def _check_image_inputs(labels: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Return labels as bool and scores as float64, both 1-D of equal length."""
-    labels = np.asarray(labels)
-    scores = np.asarray(scores, dtype=np.float64)
-    if labels.ndim != 1 or scores.ndim != 1:
-        raise ValueError(f"labels and scores must be 1-D, got shapes {labels.shape} and {scores.shape}")
-    if labels.shape != scores.shape:
-        raise ValueError(f"labels and scores differ in length: {labels.shape} vs {scores.shape}")
-    if not np.all(np.isfinite(scores)):
-        raise ValueError("scores contain NaN or infinite values")
-    return labels.astype(bool), scores
+    return _checked(labels, scores, 1, "labels and scores")
 
 
 def _check_pixel_inputs(masks: np.ndarray, maps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Return masks as bool and maps as float64, both [N, H, W] of equal shape."""
-    masks = np.asarray(masks)
-    maps = np.asarray(maps, dtype=np.float64)
-    if masks.ndim != 3 or maps.ndim != 3:
-        raise ValueError(f"masks and maps must be 3-D [N, H, W], got shapes {masks.shape} and {maps.shape}")
-    if masks.shape != maps.shape:
-        raise ValueError(f"masks and maps differ in shape: {masks.shape} vs {maps.shape}")
-    if not np.all(np.isfinite(maps)):
-        raise ValueError("anomaly maps contain NaN or infinite values")
-    return masks.astype(bool), maps
+    return _checked(masks, maps, 3, "masks and maps")
 
 
 def _both_classes(labels: np.ndarray) -> bool:
@@ -108,7 +105,7 @@ def _label_regions(masks: np.ndarray) -> tuple[np.ndarray, int]:
     region_ids = np.zeros(masks.shape, dtype=np.int64)
     offset = 0
     for i, mask in enumerate(masks):
-        labelled, count = ndimage.label(mask, structure=_EIGHT_CONNECTED)
+        labelled, count = ndimage.label(mask, structure=EIGHT_CONNECTED)
         region_ids[i] = np.where(labelled > 0, labelled + offset, 0)
         offset += count
     return region_ids, offset

@@ -14,7 +14,7 @@ import numpy as np
 import scipy.ndimage
 from sklearn.metrics import precision_recall_curve
 
-EIGHT_CONNECTED = np.ones((3, 3), dtype=bool)
+from core.metrics import EIGHT_CONNECTED
 
 
 def f1_optimal_threshold(labels: np.ndarray, scores: np.ndarray) -> float:
