@@ -331,8 +331,9 @@ def test_backbone_yaml_and_missing_checkpoint_names_the_make_command(tmp_path) -
 
 def test_make_targets_pick_the_dataset() -> None:
     def dry_run(*args: str) -> str:
-        return subprocess.run(["make", "-n", "-f", "Makefile.finetune", "PY=python", "STAMP=", *args], cwd=REPO,
-                              capture_output=True, text=True, check=True).stdout.strip()
+        # --no-print-directory: under `make test` the inherited MAKEFLAGS would add "Entering directory" lines
+        command = ["make", "--no-print-directory", "-n", "-f", "Makefile.finetune", "PY=python", "STAMP=", *args]
+        return subprocess.run(command, cwd=REPO, capture_output=True, text=True, check=True).stdout.strip()
 
     assert dry_run("finetune-rotation", "CATEGORY=bottle", "BACKBONE=wrn50") == (
         "python experiments/finetune.py method=rotation backbone=wrn50 dataset=mvtec category=bottle")
