@@ -1,27 +1,101 @@
-"""The memory bank: exact Euclidean nearest-neighbour search over the coreset features."""
+"""The memory bank (nearest-neighbour search over the coreset) and the training-feature buffer.
+
+``MemoryBank`` answers k-nearest-neighbour queries:
+
+- ``backend="exact"`` (default): exact Euclidean search, one matrix product per block of
+  queries with precomputed bank norms (||q||^2 + ||b||^2 - 2 q.b). When the bank spans a
+  subspace of lower dimension than its features (EfficientNet-Lite0's 1024-d embedding is
+  an average-pooled copy of 152 channels, so its banks have rank 152), queries and bank are
+  expressed in an orthonormal basis of that span about the bank's mean and the part of
+  each query outside it is added back as a constant: the same distances (to float32
+  rounding), several times fewer operations. Nothing to configure; it is skipped when the
+  bank is (nearly) full rank.
+- ``backend="faiss"``: ``index="flat"`` (exact, faiss's BLAS search) or ``index="ivf"``
+  (inverted lists: ``nlist`` k-means cells, ``nprobe`` of them searched per query;
+  approximate, distances of the neighbours found are exact). Runs on the GPU when the bank
+  is on one and faiss was built with GPU support.
+
+Banks larger than the GPU stay in CPU memory and are streamed to it in chunks.
+
+``MemoryOptions`` is the ``memory`` config node: the search backend plus where the
+training features are buffered during ``fit`` (``FeatureBuffer``: preallocated, float32 or
+float16, in memory or in a file under ``spill_dir``), and ``cache_dir`` for the feature
+cache (``core.feature_cache``).
+"""
 
 from __future__ import annotations
 
+import json
+import logging
+import math
+import os
+import uuid
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from core.io import atomic_write
 
-# Bound the [queries x bank] distance block to about this many floats (256 MB).
-_BLOCK_ELEMENTS = 64 * 1024 * 1024
+try:  # optional: exact search with lower-bound pruning (else every distance is computed)
+    import numba
+except ImportError:  # pragma: no cover - the torch path is tested by patching numba out
+    numba = None
+
+log = logging.getLogger(__name__)
+
+# Bound the [queries x bank] distance block to about this many floats.
+_BLOCK_ELEMENTS = 4 * 1024 * 1024
+# Bank rows per chunk: bounds the distance block for very large banks, and what is streamed to the
+# compute device when the bank lives elsewhere.
+_STREAM_ROWS = 262144
+# Directions whose variance is below this fraction of the largest are numerically absent.
+_RANK_TOL = 1e-9
+# Use the span basis only when it saves at least this fraction of the dimensions.
+_REDUCE_BELOW = 0.75
+# The span and principal axes come from this many sampled bank rows (then checked on all rows).
+_SAMPLE_ROWS = 4096
+_SPAN_CHECK = 1e-6
+# Pruned exact search: principal axes in the lower bound, and the smallest bank it is used for.
+_PRUNE_PREFIX = 48
+_PRUNE_MIN_BANK = 4096
+_PRUNE_GIVE_UP = 0.02  # a query needing full distances to more than this fraction of the bank goes to GEMM
+_TOL = 1e-5
+
+BACKENDS = ("exact", "faiss")
+INDEXES = ("flat", "ivf")
+DTYPES = {"float32": torch.float32, "float16": torch.float16}
 
 
 class MemoryBank:
-    """Holds ``features[M, D]`` and answers k-nearest-neighbour queries exactly.
+    """Holds ``features[M, D]`` and answers k-nearest-neighbour queries (see the module docstring)."""
 
-    Distances use ||q||^2 + ||b||^2 - 2 q.b with precomputed bank norms: one matrix
-    product per query block, the block size bounded so memory stays flat.
-    """
-
-    def __init__(self, features: torch.Tensor | None = None) -> None:
+    def __init__(self, features: torch.Tensor | None = None, backend: str = "exact", index: str = "flat",
+                 nlist: int | None = None, nprobe: int = 16, reduce: bool = True, prune: bool = True) -> None:
+        if backend not in BACKENDS:
+            raise ValueError(f"memory.backend={backend!r}: choose one of {BACKENDS}")
+        if index not in INDEXES:
+            raise ValueError(f"memory.index={index!r}: choose one of {INDEXES}")
+        if nlist is not None and nlist < 1:
+            raise ValueError(f"memory.nlist={nlist} must be positive, or null for 4*sqrt(bank size)")
+        if nprobe < 1:
+            raise ValueError(f"memory.nprobe={nprobe} must be positive")
+        if backend == "faiss":
+            _import_faiss()  # fail at construction, before any fitting, when faiss is missing
+        self.backend, self.index, self.nlist, self.nprobe = backend, index, nlist, nprobe
+        self.reduce = reduce  # False: always search in all feature dimensions (for comparisons)
+        self.prune = prune  # False: compute every distance (for comparisons)
+        self._pruned = self._outside = False
         self.features = torch.empty(0, 0)
+        self.mean = torch.empty(0)
+        self.basis: torch.Tensor | None = None  # [D, r] orthonormal basis of the bank's span, or None
+        self.coords = torch.empty(0, 0)  # bank in search coordinates: (features - mean) @ basis
         self.norms = torch.empty(0)
+        self.device = torch.device("cpu")
+        self._faiss = None
         if features is not None:
             self.build(features)
 
@@ -29,8 +103,53 @@ class MemoryBank:
         if features.ndim != 2 or len(features) == 0:
             raise ValueError(f"memory bank needs a non-empty [M, D] tensor, got shape {tuple(features.shape)}")
         self.features = features.float().contiguous()
-        self.norms = (self.features * self.features).sum(dim=1)
+        self.device = self.features.device
+        self._prepare()
         return self
+
+    def _prepare(self) -> None:
+        """Search coordinates: centred, in the principal axes of a sample of the bank, restricted to the
+        bank's span when that has clearly fewer dimensions (checked on every bank row)."""
+        features = self.features
+        dim = features.shape[1]
+        self.mean = features.mean(dim=0, dtype=torch.float64).float()
+        generator = torch.Generator().manual_seed(0)
+        sample = torch.randperm(len(features), generator=generator)[:_SAMPLE_ROWS].to(features.device)
+        centred = features[sample].double() - self.mean.double()
+        values, vectors = torch.linalg.eigh(centred.T @ centred)
+        rank = int((values > values[-1].clamp_min(1e-30) * _RANK_TOL).sum())
+        self.basis, self._outside = None, False
+        if self.reduce and 0 < rank <= _REDUCE_BELOW * dim:
+            basis = vectors[:, -rank:].flip(1).float().contiguous()  # largest variance first
+            coords, energy, kept = self._transform(basis)
+            if energy - kept <= _SPAN_CHECK * energy:  # the sample spanned the whole bank
+                self.basis, self.coords, self._outside = basis, coords, True
+        search_dim = dim if self.basis is None else rank
+        self._pruned = (self.prune and self.backend == "exact" and numba is not None and features.device.type == "cpu"
+                        and len(features) >= _PRUNE_MIN_BANK and search_dim > _PRUNE_PREFIX)
+        if self.basis is None and self._pruned:  # full rank: rotate to the principal axes for the bound
+            self.basis = vectors.flip(1).float().contiguous()
+            self.coords = self._transform(self.basis)[0]
+        elif self.basis is None:
+            self.coords = self._transform(None)[0]
+        self.norms = (self.coords * self.coords).sum(dim=1)
+        self._faiss = None
+        if self.backend == "faiss":
+            self._faiss = self._build_faiss()
+
+    def _transform(self, basis: torch.Tensor | None, chunk: int = 16384) -> tuple[torch.Tensor, float, float]:
+        """``(features - mean) @ basis`` block by block, with the total and the kept squared length."""
+        features = self.features
+        coords = torch.empty(len(features), features.shape[1] if basis is None else basis.shape[1],
+                             device=features.device)
+        energy = kept = 0.0
+        for start in range(0, len(features), chunk):
+            centred = features[start : start + chunk] - self.mean
+            block = centred if basis is None else centred @ basis
+            coords[start : start + chunk] = block
+            energy += float((centred * centred).sum())
+            kept += float((block * block).sum())
+        return coords, energy, kept
 
     def __len__(self) -> int:
         return len(self.features)
@@ -39,10 +158,43 @@ class MemoryBank:
     def dim(self) -> int:
         return self.features.shape[1]
 
+    @property
+    def search_dim(self) -> int:
+        """Dimensions the search works in (the rank of the bank when that is lower than ``dim``)."""
+        return self.coords.shape[1]
+
     def to(self, device: torch.device | str) -> MemoryBank:
-        self.features = self.features.to(device)
-        self.norms = self.norms.to(device)
+        """Move the bank; a bank too large for the GPU stays in CPU memory and is streamed in chunks."""
+        device = torch.device(device)
+        self.device = device
+        if len(self) == 0:
+            return self
+        try:
+            self.features = self.features.to(device)
+            self.coords, self.norms = self.coords.to(device), self.norms.to(device)
+        except torch.OutOfMemoryError:
+            log.warning("memory bank (%d x %d) does not fit on %s: kept in CPU memory, streamed in chunks",
+                        len(self), self.dim, device)
+            self.features = self.features.cpu()
+            self.coords, self.norms = self.coords.cpu().pin_memory(), self.norms.cpu().pin_memory()
+            torch.cuda.empty_cache()
+        self.mean = self.mean.to(device)
+        self.basis = None if self.basis is None else self.basis.to(device)
+        if self.backend == "faiss":
+            self._faiss = self._build_faiss()
         return self
+
+    # ------------------------------------------------------------------------- search
+    def _query_coords(self, queries: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Queries in search coordinates, and the squared length of the part outside the bank's span."""
+        centred = queries.to(self.device, torch.float32) - self.mean
+        if self.basis is None:
+            return centred, None
+        coords = centred @ self.basis
+        if not self._outside:
+            return coords, None
+        residual = torch.addmm(centred, coords, self.basis.T, alpha=-1.0)  # directly: no cancellation
+        return coords, (residual * residual).sum(dim=1)
 
     def search(self, queries: torch.Tensor, k: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
         """``(distances[Q, k], indices[Q, k])`` of the k nearest bank features, nearest first."""
@@ -51,23 +203,354 @@ class MemoryBank:
         if queries.shape[-1] != self.dim:
             raise ValueError(f"query dimension {queries.shape[-1]} does not match the bank's {self.dim}")
         k = min(k, len(self))
-        queries = queries.to(self.features.device, torch.float32)
-        block = max(1, _BLOCK_ELEMENTS // len(self))
+        coords, outside = self._query_coords(queries)
+        if self._faiss is not None:
+            squared, indices = self._search_faiss(coords, k)
+        elif self._pruned and coords.device.type == "cpu":
+            squared, indices = self._search_pruned(coords, k)
+        else:
+            squared, indices = self._search_exact(coords, k)
+        if outside is not None:
+            squared += outside[:, None]
+        return squared.clamp_min_(0).sqrt_(), indices
+
+    def _search_exact(self, coords: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        rows = min(_STREAM_ROWS, len(self))  # bank rows per chunk (streamed when on another device)
+        block = max(1, _BLOCK_ELEMENTS // rows)
         distances, indices = [], []
-        for start in range(0, len(queries), block):
-            chunk = queries[start : start + block]
-            squared = torch.addmm(self.norms, chunk, self.features.T, alpha=-2.0)
-            squared += (chunk * chunk).sum(dim=1, keepdim=True)
-            best, where = torch.topk(squared, k, dim=1, largest=False)
-            distances.append(best.clamp_min_(0).sqrt_())
+        for start in range(0, len(coords), block):
+            chunk = coords[start : start + block]
+            chunk_norms = (chunk * chunk).sum(dim=1, keepdim=True)
+            best = where = None
+            for offset in range(0, len(self), rows):
+                bank = self.coords[offset : offset + rows].to(coords.device, non_blocking=True)
+                norms = self.norms[offset : offset + rows].to(coords.device, non_blocking=True)
+                squared = torch.addmm(norms, chunk, bank.T, alpha=-2.0)
+                squared += chunk_norms
+                if k == 1:
+                    part, part_where = squared.min(dim=1, keepdim=True)
+                else:
+                    part, part_where = torch.topk(squared, min(k, len(bank)), dim=1, largest=False)
+                part_where += offset
+                if best is None:
+                    best, where = part, part_where
+                else:  # merge with the chunks seen so far
+                    best, order = torch.topk(torch.cat([best, part], dim=1), k, dim=1, largest=False)
+                    where = torch.cat([where, part_where], dim=1).gather(1, order)
+            best, where = self._recheck(chunk, where)
+            distances.append(best)
             indices.append(where)
         return torch.cat(distances), torch.cat(indices)
 
+    def _recheck(self, queries: torch.Tensor, where: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Squared distances of the neighbours found, from the differences themselves: the expansion
+        |q|^2 + |b|^2 - 2 q.b loses precision for near neighbours (|q|^2 + |b|^2 >> d^2)."""
+        valid = where.clamp_min(0)
+        found = self.coords[valid.reshape(-1).to(self.coords.device)].to(queries.device).reshape(*where.shape, -1)
+        squared = (found - queries[:, None, :]).square_().sum(dim=2).masked_fill_(where < 0, float("inf"))
+        if where.shape[1] > 1:
+            squared, order = torch.sort(squared, dim=1, stable=True)
+            where = where.gather(1, order)
+        return squared, where
+
+    def _search_pruned(self, coords: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Exact k-NN: a lower bound from the first principal axes for every pair (one matrix product),
+        full distances only where the bound is below the k-th best found so far.
+
+        Torch runs single-threaded inside and blocks of queries go to ``torch.get_num_threads()``
+        Python threads (see ``core.coreset._batched_loop`` for why)."""
+        prefix = min(_PRUNE_PREFIX, coords.shape[1])
+        bank = self.coords
+        bank_prefix_t = bank[:, :prefix].T.contiguous()
+        bank_prefix_norms = (bank_prefix_t * bank_prefix_t).sum(dim=0) * (1 - _TOL)
+        coords = coords.contiguous()
+        query_prefix = coords[:, :prefix]
+        query_prefix_norms = (query_prefix * query_prefix).sum(dim=1)
+        squared = np.full((len(coords), k), np.inf, dtype=np.float32)
+        indices = np.full((len(coords), k), -1, dtype=np.int64)
+        block = max(1, _BLOCK_ELEMENTS // len(bank))
+        arrays = (query_prefix_norms.numpy(), coords.numpy(), bank.numpy(), squared, indices)
+
+        cap = max(64, int(_PRUNE_GIVE_UP * len(bank)))
+
+        def run(start: int) -> None:
+            bounds = torch.addmm(bank_prefix_norms, query_prefix[start : start + block], bank_prefix_t, alpha=-2.0)
+            _nearest_numba(bounds.numpy(), start, *arrays, _TOL, cap)
+
+        threads = torch.get_num_threads()
+        starts = range(0, len(coords), block)
+        torch.set_num_threads(1)
+        try:
+            if threads > 1 and len(starts) > 1:
+                with ThreadPoolExecutor(threads) as pool:
+                    list(pool.map(run, starts))
+            else:
+                for start in starts:
+                    run(start)
+        finally:
+            torch.set_num_threads(threads)
+        squared, indices = torch.from_numpy(squared), torch.from_numpy(indices)
+        hard = (indices[:, 0] == -2).nonzero().squeeze(1)
+        if len(hard):
+            squared[hard], indices[hard] = self._search_exact(coords[hard], k)
+        return squared, indices
+
+    # -------------------------------------------------------------------------- faiss
+    def _build_faiss(self):
+        faiss = _import_faiss()
+        data = np.ascontiguousarray(self.coords.detach().cpu().numpy(), dtype=np.float32)
+        dim = data.shape[1]
+        if self.index == "flat":
+            index = faiss.IndexFlatL2(dim)
+        else:
+            nlist = self.nlist or max(1, int(4 * math.sqrt(len(data))))
+            nlist = max(1, min(nlist, len(data) // 39 or 1))  # faiss wants >= 39 training points per list
+            index = faiss.IndexIVFFlat(faiss.IndexFlatL2(dim), dim, nlist)
+            index.cp.seed = 1234
+            index.train(data)
+            index.nprobe = min(self.nprobe, nlist)
+        index.add(data)
+        if self.device.type == "cuda":
+            if hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0:
+                self._gpu_resources = faiss.StandardGpuResources()
+                index = faiss.index_cpu_to_gpu(self._gpu_resources, self.device.index or 0, index)
+            else:
+                warnings.warn("memory.backend=faiss on device=cuda, but this faiss has no GPU support: searching "
+                              "on the CPU (install faiss-gpu, or use memory.backend=exact for GPU search)",
+                              stacklevel=3)
+        return index
+
+    def _search_faiss(self, coords: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        faiss = _import_faiss()
+        faiss.omp_set_num_threads(torch.get_num_threads())
+        queries = np.ascontiguousarray(coords.detach().cpu().numpy(), dtype=np.float32)
+        distances, indices = [], []
+        for start in range(0, len(queries), 65536):
+            _, where = self._faiss.search(queries[start : start + 65536], k)
+            squared, where = self._recheck(coords[start : start + 65536], torch.from_numpy(where).long()
+                                           .to(coords.device))
+            distances.append(squared)
+            indices.append(where)
+        return torch.cat(distances), torch.cat(indices)
+
+    # --------------------------------------------------------------------- save / load
     def save(self, path: str | Path) -> None:
         features = self.features.cpu()
         atomic_write(path, lambda tmp: torch.save({"features": features}, tmp))
 
     @classmethod
-    def load(cls, path: str | Path) -> MemoryBank:
+    def load(cls, path: str | Path, **options) -> MemoryBank:
         state = torch.load(path, map_location="cpu", weights_only=True)
-        return cls(state["features"])
+        return cls(state["features"], **options)
+
+
+if numba is not None:
+
+    @numba.njit(cache=True, nogil=True, boundscheck=False, fastmath={"reassoc", "nsz", "arcp", "contract"})
+    def _nearest_numba(bounds, start, query_prefix_norms, queries, bank, squared, indices, tol,
+                       cap):  # pragma: no cover
+        """k smallest squared distances per query row, sorted by (distance, index); pairs whose bound
+        ``|b_p|^2 (1 - tol) - 2 q_p.b_p`` reaches ``kth (1 + tol) - |q_p|^2 (1 - tol)`` cannot enter."""
+        rows, count = bounds.shape
+        dim = queries.shape[1]
+        k = squared.shape[1]
+        for i in range(rows):
+            x = start + i
+            offset = query_prefix_norms[x] * (1 - tol)
+            # A good k-th best early: the previous query's nearest neighbour (neighbouring patches of an
+            # image are searched in a row and look alike), else the pair with the smallest bound.
+            first = indices[x - 1, 0] if i > 0 else -1
+            if first < 0:
+                first = 0
+                for c in range(1, count):
+                    if bounds[i, c] < bounds[i, first]:
+                        first = c
+            limit = np.inf
+            refined = 0
+            for step in range(count + 1):
+                c = first if step == 0 else step - 1
+                if (step > 0 and c == first) or bounds[i, c] >= limit:
+                    continue
+                refined += 1
+                if refined > cap:  # the bound prunes little for this query (far from the bank): leave it
+                    indices[x, 0] = -2  # to one matrix product with the other such queries
+                    break
+                total = 0.0
+                worst = squared[x, k - 1]
+                for begin in range(0, dim, 16):  # principal axes first: stop once past the k-th best
+                    for j in range(begin, min(begin + 16, dim)):
+                        diff = queries[x, j] - bank[c, j]
+                        total += diff * diff
+                    if total > worst:
+                        break
+                last = k - 1
+                if total < squared[x, last] or (total == squared[x, last] and c < indices[x, last]):
+                    position = last
+                    while position > 0 and (squared[x, position - 1] > total or (
+                            squared[x, position - 1] == total and indices[x, position - 1] > c)):
+                        squared[x, position] = squared[x, position - 1]
+                        indices[x, position] = indices[x, position - 1]
+                        position -= 1
+                    squared[x, position] = total
+                    indices[x, position] = c
+                    if squared[x, last] < np.inf:
+                        limit = squared[x, last] * (1 + tol) - offset
+
+
+def _import_faiss():
+    try:
+        import faiss
+    except ImportError as error:
+        raise ImportError("memory.backend=faiss needs the faiss package: pip install faiss-cpu "
+                          "(or faiss-gpu), or use memory.backend=exact") from error
+    return faiss
+
+
+# ---------------------------------------------------------------------------------------------
+# Training-feature buffer
+
+
+class FeatureBuffer:
+    """Preallocated ``[rows, dim]`` store that ``fit`` streams patch features into.
+
+    In memory (a torch tensor, float32 or float16), or, with ``path``, a raw file on disk
+    written sequentially (the page cache holds it, not the process) that ``view()`` returns
+    as ``DiskFeatures``, read back in chunks.
+    """
+
+    def __init__(self, rows: int, dim: int, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+                 path: str | Path | None = None) -> None:
+        self.dim, self.dtype, self.filled = dim, dtype, 0
+        self.path = None if path is None else Path(path)
+        if self.path is None:
+            self.data = torch.empty(rows, dim, dtype=dtype, device=device)
+            self._file = None
+        else:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.data = None
+            self._file = open(self.path, "wb")  # noqa: SIM115 - closed in view()/discard()
+
+    @property
+    def nbytes(self) -> int:
+        rows = self.filled if self.data is None else len(self.data)
+        return rows * self.dim * torch.empty(0, dtype=self.dtype).element_size()
+
+    def append(self, features: torch.Tensor) -> None:
+        features = features.reshape(-1, self.dim).to(self.dtype)
+        if self._file is not None:
+            self._file.write(features.cpu().contiguous().numpy().tobytes())
+        else:
+            needed = self.filled + len(features)
+            if needed > len(self.data):  # a loader without a known length: grow by half
+                grown = torch.empty(max(needed, len(self.data) * 3 // 2), self.dim, dtype=self.dtype,
+                                    device=self.data.device)
+                grown[: self.filled] = self.data[: self.filled]
+                self.data = grown
+            self.data[self.filled : needed] = features
+        self.filled += len(features)
+
+    def view(self) -> torch.Tensor | DiskFeatures:
+        """The filled rows: a tensor, or ``DiskFeatures`` for a buffer on disk."""
+        if self._file is None:
+            return self.data[: self.filled]
+        self._file.close()
+        meta = {"rows": self.filled, "dim": self.dim, "dtype": str(self.dtype).removeprefix("torch.")}
+        Path(f"{self.path}.json").write_text(json.dumps(meta))
+        return DiskFeatures(self.path)
+
+    def discard(self) -> None:
+        """Delete the file of a buffer on disk (nothing for one in memory)."""
+        if self._file is not None:
+            self._file.close()
+            self.path.unlink(missing_ok=True)
+            Path(f"{self.path}.json").unlink(missing_ok=True)
+        self.data = None
+
+
+class DiskFeatures:
+    """A read-only ``[rows, dim]`` feature file: ``len``, ``shape``, row slices and ``take`` give tensors."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        meta = json.loads(Path(f"{self.path}.json").read_text())
+        self.rows, self.dim = int(meta["rows"]), int(meta["dim"])
+        self.dtype = DTYPES[meta["dtype"]]
+        self.np_dtype = np.float16 if self.dtype == torch.float16 else np.float32
+        self.row_bytes = self.dim * np.dtype(self.np_dtype).itemsize
+        self.device = torch.device("cpu")
+        if self.path.stat().st_size != self.rows * self.row_bytes:
+            raise ValueError(f"feature file {self.path} has {self.path.stat().st_size} bytes, its metadata says "
+                             f"{self.rows} x {self.dim} {meta['dtype']}: the file is incomplete, delete it")
+
+    def __len__(self) -> int:
+        return self.rows
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.rows, self.dim)
+
+    def _read(self, start: int, stop: int) -> np.ndarray:
+        with open(self.path, "rb") as handle:
+            handle.seek(start * self.row_bytes)
+            data = np.fromfile(handle, dtype=self.np_dtype, count=(stop - start) * self.dim)
+        return data.reshape(stop - start, self.dim)
+
+    def __getitem__(self, item) -> torch.Tensor:
+        if not isinstance(item, slice) or item.step not in (None, 1):
+            return self.take(torch.as_tensor(item))
+        start, stop, _ = item.indices(self.rows)
+        return torch.from_numpy(self._read(start, max(start, stop)))
+
+    def take(self, indices: torch.Tensor, chunk: int = 16384) -> torch.Tensor:
+        """Rows ``indices`` (any order) as a tensor, reading the file once in chunks."""
+        indices = torch.as_tensor(indices).long().cpu().reshape(-1)
+        out = torch.empty(len(indices), self.dim, dtype=self.dtype)
+        order = torch.argsort(indices)
+        ordered = indices[order]
+        bounds = torch.searchsorted(ordered, torch.arange(0, self.rows + chunk, chunk))
+        for number, start in enumerate(range(0, self.rows, chunk)):
+            lo, hi = int(bounds[number]), int(bounds[number + 1])
+            if lo == hi:
+                continue
+            block = torch.from_numpy(self._read(start, min(self.rows, start + chunk)))
+            out[order[lo:hi]] = block[ordered[lo:hi] - start]
+        return out
+
+    def to_tensor(self) -> torch.Tensor:
+        return torch.from_numpy(self._read(0, self.rows))
+
+
+@dataclass
+class MemoryOptions:
+    """The ``memory`` config node: search backend, training-feature buffer, feature cache."""
+
+    backend: str = "exact"  # exact | faiss
+    index: str = "flat"  # faiss index: flat | ivf
+    nlist: int | None = None  # ivf cells; null = 4 * sqrt(bank size)
+    nprobe: int = 16  # ivf cells searched per query
+    dtype: str = "float32"  # training-feature buffer: float32 | float16 (half the memory)
+    spill_dir: str | None = None  # buffer the training features in a file here instead of in memory
+    spill_above_gb: float = 0.0  # ... but only when the buffer would be larger than this
+    cache_dir: str | None = None  # feature cache: refits with another coreset reuse the features
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPES:
+            raise ValueError(f"memory.dtype={self.dtype!r}: choose one of {sorted(DTYPES)}")
+        if self.spill_above_gb < 0:
+            raise ValueError(f"memory.spill_above_gb={self.spill_above_gb} must be >= 0")
+        self.new_bank()  # validates backend/index/nlist/nprobe
+
+    def new_bank(self) -> MemoryBank:
+        return MemoryBank(backend=self.backend, index=self.index, nlist=self.nlist, nprobe=self.nprobe)
+
+    def new_buffer(self, rows: int, dim: int, device: str | torch.device = "cpu") -> FeatureBuffer:
+        dtype = DTYPES[self.dtype]
+        size_gb = rows * dim * torch.empty(0, dtype=dtype).element_size() / 1e9
+        if self.spill_dir is not None and size_gb > self.spill_above_gb:
+            path = Path(self.spill_dir).expanduser() / f"features-{os.getpid()}-{uuid.uuid4().hex[:8]}.bin"
+            log.info("buffering %.2f GB of training features in %s", size_gb, path)
+            return FeatureBuffer(rows, dim, dtype, path=path)
+        return FeatureBuffer(rows, dim, dtype, device=device)
+
+    def as_dict(self) -> dict:
+        return asdict(self)

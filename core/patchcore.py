@@ -22,9 +22,10 @@ from tqdm.auto import tqdm
 
 from core.backbones import FeatureExtractor
 from core.coreset import GreedyCoresetSampler
+from core.feature_cache import FeatureCache
 from core.features import PatchEmbedder
 from core.io import write_json_atomic
-from core.memory import MemoryBank
+from core.memory import DTYPES, DiskFeatures, FeatureBuffer, MemoryBank, MemoryOptions
 
 MODEL_FORMAT_VERSION = 1
 _TRUSTED_MODULES = ("core.", "extensions.")
@@ -126,6 +127,7 @@ class PatchCore:
         blur_sigma: float = 4.0,
         device: str | torch.device = "cpu",
         progress: bool = True,
+        memory: MemoryOptions | None = None,
     ) -> None:
         if num_neighbors < 1:
             raise ValueError(f"patchcore.num_neighbors={num_neighbors} must be at least 1")
@@ -141,7 +143,9 @@ class PatchCore:
         self.reweight_neighbors = reweight_neighbors
         self.blur_sigma = blur_sigma
         self.progress = progress
-        self.bank = MemoryBank()
+        self.memory = memory or MemoryOptions()  # search backend, training-feature buffer, feature cache
+        self.bank = self.memory.new_bank()
+        self.fit_info: dict = {}
         self.grid: tuple[int, int] | None = None
         self.input_size: tuple[int, int] | None = None
         self.metadata: dict = {}
@@ -155,32 +159,50 @@ class PatchCore:
 
     # ----------------------------------------------------------------------- fit
     def fit(self, loader: Iterable) -> FitReport:
-        """Embed all training images into one preallocated buffer, subsample it, build the bank."""
+        """Stream the training features into one preallocated buffer (or read them from the feature
+        cache), subsample them, build the bank. ``self.fit_info`` records how (buffer bytes, spilled, cached)."""
         start = time.perf_counter()
-        buffer: torch.Tensor | None = None
-        filled = 0
-        total_images = len(loader.dataset) if hasattr(loader, "dataset") else None
-        for batch in tqdm(loader, desc="extract (train)", disable=not self.progress, leave=False):
-            features, self.grid = self.embed(_images_of(batch))
-            features = features.reshape(-1, features.shape[-1])
+        dataset = getattr(loader, "dataset", None)
+        total_images = len(dataset) if dataset is not None and hasattr(dataset, "__len__") else None
+        cache = FeatureCache(self.memory.cache_dir) if self.memory.cache_dir else None
+        key = cache and cache.key(self.extractor.spec(), self.embedder.spec(), dataset, self.memory.dtype)
+        hit = cache.lookup(key) if key else None
+        buffer: FeatureBuffer | None = None
+        if hit is not None:
+            features, meta = hit
+            self.grid, self.input_size = tuple(meta["grid"]), tuple(meta["input_size"])
+        else:
+            for batch in tqdm(loader, desc="extract (train)", disable=not self.progress, leave=False):
+                images = _images_of(batch)
+                features, self.grid = self.embed(images)
+                if buffer is None:  # sized from the first batch: patches per image x images
+                    rows = features.shape[1] * total_images if total_images else features.shape[0] * features.shape[1]
+                    buffer = (cache.writer(key, rows, features.shape[-1], DTYPES[self.memory.dtype]) if key
+                              else self.memory.new_buffer(rows, features.shape[-1], self.device))
+                buffer.append(features)
             if buffer is None:
-                per_image = features.shape[0] // len(_images_of(batch))
-                capacity = per_image * total_images if total_images else features.shape[0]
-                buffer = torch.empty(capacity, features.shape[1], device=self.device)
-            if filled + len(features) > len(buffer):  # loader without a known length
-                buffer = torch.cat([buffer[:filled], torch.empty_like(features)])
-            buffer[filled : filled + len(features)] = features
-            filled += len(features)
-        if buffer is None:
-            raise ValueError("the training loader yielded no images: nothing to build a memory bank from")
-        features = buffer[:filled]
+                raise ValueError("the training loader yielded no images: nothing to build a memory bank from")
+            features = (cache.commit(buffer, key, {"grid": list(self.grid), "input_size": list(self.input_size)})
+                        if key else buffer.view())
+        if isinstance(features, DiskFeatures):
+            features.device = self.device  # the sampler reads it in chunks onto the model's device
+        self.fit_info = {"cached": hit is not None, "spilled": isinstance(features, DiskFeatures),
+                         "buffer_bytes": len(features) * features.shape[1] * DTYPES[self.memory.dtype].itemsize}
         extract_s = time.perf_counter() - start
         start = time.perf_counter()
         indices = self.sampler.select(features, progress=self.progress)
-        self.bank.build(features[indices.to(features.device)])
+        if isinstance(features, DiskFeatures):
+            selected = features.take(indices)
+        else:
+            selected = features[indices.to(features.device)]
+        self.bank.build(selected.to(self.device, torch.float32))
+        n_patches = len(features)
+        del features, selected
+        if buffer is not None and not key:
+            buffer.discard()  # a spill file is not kept (the cache's is)
         coreset_s = time.perf_counter() - start
-        n_images = filled // (self.grid[0] * self.grid[1])
-        return FitReport(n_images, filled, len(self.bank), extract_s, coreset_s)
+        n_images = n_patches // (self.grid[0] * self.grid[1])
+        return FitReport(n_images, n_patches, len(self.bank), extract_s, coreset_s)
 
     # ------------------------------------------------------------------- predict
     def _image_scores(self, features: torch.Tensor, patch_scores: torch.Tensor) -> torch.Tensor:

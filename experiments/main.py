@@ -80,6 +80,7 @@ def build_model(cfg: DictConfig, extractor: FeatureExtractor | None, device: tor
         blur_sigma=cfg.patchcore.blur_sigma,
         device=device,
         progress=cfg.progress,
+        memory=build(cfg.memory),
     )
 
 
@@ -205,6 +206,7 @@ def run(cfg: DictConfig, run_dir: Path, tracker: NoLogger | None = None) -> dict
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed)
     build(cfg.coreset)  # rejects a bad coreset.ratio before any work
+    build(cfg.memory)
     device = resolve_device(cfg.device)
     layout: MVTecLayout = build(cfg.dataset)
     categories = layout.resolve_categories(cfg.category)

@@ -67,3 +67,99 @@ def test_full_ratio_keeps_everything_and_tiny_ratio_keeps_one() -> None:
 def test_ratio_outside_unit_interval_rejected(ratio: float) -> None:
     with pytest.raises(ValueError, match=r"coreset.ratio=.*\(0, 1\]"):
         GreedyCoresetSampler(ratio=ratio)
+
+
+# --------------------------------------------------------------------------- fast selection and baselines
+import core.coreset as coreset_module  # noqa: E402
+from core.coreset import AllPatchesSampler, RandomSampler  # noqa: E402
+
+
+def clustered(num: int, dim: int = 48, seed: int = 0) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    centres = torch.randn(30, dim, generator=generator) * 4
+    labels = torch.randint(0, 30, (num,), generator=generator)
+    return centres[labels] + torch.randn(num, dim, generator=generator)
+
+
+@pytest.fixture(params=["numba", "torch"])
+def small_batches(request, monkeypatch):
+    """Batches, blocks and the bound's prefix far smaller than the data, through both refinement paths."""
+    monkeypatch.setattr(coreset_module, "_CANDIDATES", 128)
+    monkeypatch.setattr(coreset_module, "_ROWS", 333)
+    monkeypatch.setattr(coreset_module, "_PREFIX", 6)
+    if request.param == "torch":
+        monkeypatch.setattr(coreset_module, "numba", None)
+    elif coreset_module.numba is None:
+        pytest.skip("numba is not installed")
+    return request.param
+
+
+def test_fast_equals_plain_loop_over_many_batches(small_batches) -> None:
+    features = clustered(4000)
+    plain = greedy_coreset(features, 0.1, proj_dim=32, seed=2, progress=False, method="plain")
+    fast = greedy_coreset(features, 0.1, proj_dim=32, seed=2, progress=False, method="fast")
+    assert fast.tolist() == plain.tolist()
+
+
+def test_fast_equals_brute_force_without_projection(small_batches) -> None:
+    features = clustered(1500, dim=16, seed=3)
+    ours = greedy_coreset(features, 0.05, proj_dim=None, start_points=10, seed=7, progress=False, method="fast")
+    starts = torch.randperm(1500, generator=torch.Generator().manual_seed(7))[:10]
+    assert ours.tolist() == brute_force_greedy(features, 75, starts)
+
+
+def test_fast_with_exact_duplicates_matches_plain(small_batches) -> None:
+    features = clustered(150, dim=8).repeat(4, 1)  # 600 points, every one four times: ties everywhere
+    plain = greedy_coreset(features, 0.5, proj_dim=None, progress=False, method="plain")
+    fast = greedy_coreset(features, 0.5, proj_dim=None, progress=False, method="fast")
+    assert len(set(fast.tolist())) == 300
+    assert coverage_radius(features, fast) == pytest.approx(coverage_radius(features, plain), abs=1e-5)
+
+
+def test_fast_does_not_modify_the_features_and_uses_all_threads(small_batches) -> None:
+    features = clustered(1000, dim=16)
+    copy = features.clone()
+    threads = torch.get_num_threads()
+    greedy_coreset(features, 0.1, proj_dim=None, progress=False, method="fast")
+    assert torch.equal(features, copy)
+    assert torch.get_num_threads() == threads  # restored after the single-threaded steps
+
+
+def test_float16_features_give_a_coverage_within_two_percent() -> None:
+    features = clustered(3000, dim=64)
+    full = greedy_coreset(features, 0.1, progress=False)
+    half = greedy_coreset(features.half(), 0.1, progress=False)
+    assert coverage_radius(features, half) <= 1.02 * coverage_radius(features, full)
+
+
+def test_unknown_method_rejected() -> None:
+    with pytest.raises(ValueError, match="coreset.method"):
+        GreedyCoresetSampler(method="magic")
+
+
+def test_random_sampler_size_seed_and_determinism() -> None:
+    features = torch.randn(1000, 4)
+    first = RandomSampler(0.1, seed=0).select(features)
+    assert len(first) == 100 and len(set(first.tolist())) == 100
+    assert torch.equal(first, RandomSampler(0.1, seed=0).select(features))
+    assert not torch.equal(first, RandomSampler(0.1, seed=1).select(features))
+    assert int(first.min()) >= 0 and int(first.max()) < 1000
+    with pytest.raises(ValueError, match=r"coreset.ratio"):
+        RandomSampler(0.0)
+
+
+def test_all_patches_sampler_keeps_everything() -> None:
+    assert AllPatchesSampler().select(torch.randn(37, 3)).tolist() == list(range(37))
+    with pytest.raises(ValueError, match="coreset=none keeps every patch"):
+        AllPatchesSampler(ratio=0.5)
+
+
+def test_full_bank_scores_lower_bound_the_coreset_scores() -> None:
+    from core.memory import MemoryBank
+
+    features = clustered(2000, dim=32)
+    queries = clustered(300, dim=32, seed=9) + 0.5
+    full, _ = MemoryBank(features[AllPatchesSampler().select(features)]).search(queries)
+    for sampler in (GreedyCoresetSampler(0.1, proj_dim=16), RandomSampler(0.1)):
+        subset, _ = MemoryBank(features[sampler.select(features, progress=False)]).search(queries)
+        assert bool((full <= subset + 1e-4).all())

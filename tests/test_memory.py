@@ -38,3 +38,113 @@ def test_exact_match_has_zero_distance_and_save_load(tmp_path) -> None:
     loaded = MemoryBank.load(tmp_path / "bank.pt")
     assert torch.equal(loaded.features, bank.features)
     assert not list(tmp_path.glob(".*tmp"))  # no temp file left behind
+
+
+# --------------------------------------------------------------------------- span reduction, chunks, faiss
+import pytest  # noqa: E402
+
+import core.memory as memory_module  # noqa: E402
+from core.memory import MemoryOptions  # noqa: E402
+
+
+def low_rank(num: int, rank: int = 12, dim: int = 64, seed: int = 0) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(num, rank, generator=generator) @ torch.randn(rank, dim, generator=generator) + 3.0
+
+
+def brute(bank: torch.Tensor, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    distances = torch.cdist(queries.double(), bank.double())
+    values, indices = torch.sort(distances, dim=1)
+    return values[:, :k].float(), indices[:, :k]
+
+
+def test_low_rank_bank_is_searched_in_its_span_with_the_same_answers() -> None:
+    features = low_rank(900)
+    queries = torch.cat([low_rank(50, seed=1), torch.randn(50, 64)])  # in the span, and off it
+    bank = MemoryBank(features)
+    assert bank.search_dim <= 13 < bank.dim
+    distances, indices = bank.search(queries, k=4)
+    expected_distances, expected_indices = brute(features, queries, 4)
+    assert torch.equal(indices, expected_indices)
+    torch.testing.assert_close(distances, expected_distances, rtol=1e-4, atol=1e-3)
+    full = MemoryBank(features, reduce=False)
+    assert full.search_dim == 64
+    assert torch.equal(full.search(queries, k=4)[1], indices)
+
+
+def test_bank_chunks_give_the_same_answer(monkeypatch) -> None:
+    features, queries = torch.randn(500, 16), torch.randn(60, 16)
+    bank = MemoryBank(features)
+    whole = bank.search(queries, k=3)
+    monkeypatch.setattr(memory_module, "_STREAM_ROWS", 37)  # 14 bank chunks, merged
+    monkeypatch.setattr(memory_module, "_BLOCK_ELEMENTS", 37 * 11)
+    chunked = bank.search(queries, k=3)
+    assert torch.equal(whole[1], chunked[1])
+    torch.testing.assert_close(whole[0], chunked[0])
+
+
+def test_loaded_bank_answers_like_the_saved_one(tmp_path) -> None:
+    features, queries = low_rank(300), low_rank(20, seed=5)
+    bank = MemoryBank(features)
+    bank.save(tmp_path / "bank.pt")
+    loaded = MemoryBank.load(tmp_path / "bank.pt")
+    assert torch.equal(loaded.search(queries, k=2)[1], bank.search(queries, k=2)[1])
+
+
+def test_faiss_flat_and_exhaustive_ivf_equal_exact_search() -> None:
+    pytest.importorskip("faiss")
+    features = torch.randn(2000, 32, generator=torch.Generator().manual_seed(0))
+    queries = torch.randn(100, 32, generator=torch.Generator().manual_seed(1))
+    exact_distances, exact_indices = MemoryBank(features).search(queries, k=2)
+    flat_distances, flat_indices = MemoryBank(features, backend="faiss", index="flat").search(queries, k=2)
+    assert torch.equal(flat_indices, exact_indices)
+    torch.testing.assert_close(flat_distances, exact_distances, rtol=1e-4, atol=1e-4)
+    ivf = MemoryBank(features, backend="faiss", index="ivf", nlist=16, nprobe=16)  # every list probed
+    ivf_distances, ivf_indices = ivf.search(queries, k=2)
+    assert torch.equal(ivf_indices, exact_indices)
+    partial = MemoryBank(features, backend="faiss", index="ivf", nlist=16, nprobe=1).search(queries, k=1)[0]
+    assert bool((partial[:, 0] >= exact_distances[:, 0] - 1e-4).all())  # approximate: never closer than exact
+
+
+def test_memory_options_are_checked() -> None:
+    with pytest.raises(ValueError, match="memory.backend"):
+        MemoryOptions(backend="annoy")
+    with pytest.raises(ValueError, match="memory.index"):
+        MemoryOptions(backend="exact", index="hnsw")
+    with pytest.raises(ValueError, match="memory.dtype"):
+        MemoryOptions(dtype="int8")
+    assert MemoryOptions().new_bank().backend == "exact"
+
+
+@pytest.fixture
+def pruned(monkeypatch):
+    """Bound-pruned exact search on small banks, with a prefix far shorter than the search dimension."""
+    if memory_module.numba is None:
+        pytest.skip("numba is not installed")
+    monkeypatch.setattr(memory_module, "_PRUNE_MIN_BANK", 10)
+    monkeypatch.setattr(memory_module, "_PRUNE_PREFIX", 4)
+    monkeypatch.setattr(memory_module, "_BLOCK_ELEMENTS", 700 * 9)  # several query blocks, on threads
+
+
+@pytest.mark.parametrize("make_bank", [lambda: torch.randn(700, 24), lambda: low_rank(700, rank=16)])
+def test_pruned_search_equals_brute_force(pruned, make_bank) -> None:
+    features = make_bank()
+    queries = torch.cat([features[:20] + 0.01, torch.randn(60, features.shape[1]) * 3])
+    bank = MemoryBank(features)
+    assert bank._pruned
+    for k in (1, 3):
+        distances, indices = bank.search(queries, k=k)
+        expected_distances, expected_indices = brute(features, queries, k)
+        assert torch.equal(indices, expected_indices)
+        torch.testing.assert_close(distances, expected_distances, rtol=1e-4, atol=1e-3)
+    unpruned = MemoryBank(features, prune=False)
+    assert not unpruned._pruned and torch.equal(unpruned.search(queries, k=3)[1], bank.search(queries, k=3)[1])
+
+
+def test_pruned_search_with_duplicates_and_k_above_distinct(pruned) -> None:
+    features = torch.randn(10, 8).repeat(5, 1)  # 50 rows, each point five times
+    bank = MemoryBank(features)
+    distances, indices = bank.search(features[:3], k=7)
+    expected = brute(features, features[:3], 7)[0]
+    torch.testing.assert_close(distances, expected, rtol=1e-4, atol=1e-3)
+    assert bool((indices[:, :5] % 10 == torch.arange(3)[:, None]).all())  # the five copies come first
