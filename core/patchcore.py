@@ -172,14 +172,18 @@ class PatchCore:
             features, meta = hit
             self.grid, self.input_size = tuple(meta["grid"]), tuple(meta["input_size"])
         else:
-            for batch in tqdm(loader, desc="extract (train)", disable=not self.progress, leave=False):
-                images = _images_of(batch)
-                features, self.grid = self.embed(images)
-                if buffer is None:  # sized from the first batch: patches per image x images
-                    rows = features.shape[1] * total_images if total_images else features.shape[0] * features.shape[1]
-                    buffer = (cache.writer(key, rows, features.shape[-1], DTYPES[self.memory.dtype]) if key
-                              else self.memory.new_buffer(rows, features.shape[-1], self.device))
-                buffer.append(features)
+            try:
+                for batch in tqdm(loader, desc="extract (train)", disable=not self.progress, leave=False):
+                    features, self.grid = self.embed(_images_of(batch))
+                    if buffer is None:  # sized from the first batch: patches per image x images
+                        rows = features.shape[1] * (total_images or features.shape[0])
+                        buffer = (cache.writer(key, rows, features.shape[-1], DTYPES[self.memory.dtype]) if key
+                                  else self.memory.new_buffer(rows, features.shape[-1], self.device))
+                    buffer.append(features)
+            except BaseException:
+                if buffer is not None:
+                    buffer.discard()  # no half-written spill or cache file left behind
+                raise
             if buffer is None:
                 raise ValueError("the training loader yielded no images: nothing to build a memory bank from")
             features = (cache.commit(buffer, key, {"grid": list(self.grid), "input_size": list(self.input_size)})

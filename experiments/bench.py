@@ -1,4 +1,4 @@
-"""Performance benchmark: ``make bench`` (full, ~10-15 min on 2 cores) or ``make bench BENCH_ARGS=--quick``.
+"""Performance benchmark: ``make bench`` (full, ~15-20 min on 2 busy cores) or ``make bench BENCH_ARGS=--quick``.
 
 A fixed, seeded workload: the embedded textures generator makes ``--images`` nominal training
 images of one category (411 by default, like the measured starting point: 322k patches of
@@ -50,7 +50,7 @@ from core.patchcore import PatchCore
 REPO = Path(__file__).resolve().parents[1]
 STAGES = ("extract", "coreset", "coreset_reference", "search", "predict", "fit", "fit_warm_cache", "backbone_only")
 FULL = {"images": 411, "scale_images": (103, 206), "ratio_images": 206, "ratios": (0.01, 0.25),
-        "size_images": 103, "sizes": (160, 288), "reference_steps": 400, "radius_images": 40,
+        "size_images": 103, "sizes": (160, 288), "reference_steps": 200, "radius_images": 40,
         "slow_queries_images": 8}
 QUICK = {"images": 40, "scale_images": (10, 20), "ratio_images": 20, "ratios": (0.01, 0.25),
          "size_images": 10, "sizes": (160, 288), "reference_steps": 50, "radius_images": 10,
@@ -246,18 +246,23 @@ def radius_comparison(rec: Recorder, features: torch.Tensor) -> None:
 
 
 def bench_search(rec: Recorder, bank_features: torch.Tensor, queries: torch.Tensor, per_image: int,
-                 slow_queries: int) -> None:
+                 slow_queries: int, full: bool = False) -> None:
     """Every backend against float64 brute force on a subset of the queries (recall@1, largest distance error)."""
     subset = torch.randperm(len(queries), generator=torch.Generator().manual_seed(0))[:2000]
     truth = torch.cat([torch.cdist(queries[subset[i : i + 500]].double(), bank_features.double()).min(dim=1).values
                        for i in range(0, len(subset), 500)])
     exact_index = MemoryBank(bank_features).search(queries[subset], k=1)[1][:, 0]
 
-    def run(name: str, bank: MemoryBank, limit: int | None = None, **extra) -> None:
+    def run(name: str, bank: MemoryBank, limit: int | None = None, repeats: int = 3, **extra) -> None:
         q = queries if limit is None else queries[:limit]
         bank.search(q[:per_image])  # warm-up (numba/faiss/openmp start, caches)
-        with measured() as m:
-            bank.search(q, k=1)
+        runs = []
+        for _ in range(repeats):  # the median of a few: this machine is shared
+            with measured() as m:
+                bank.search(q, k=1)
+            runs.append(m)
+        m = sorted(runs, key=lambda r: r["seconds"])[len(runs) // 2]
+        extra["seconds_runs"] = [round(r["seconds"], 3) for r in runs]
         distances, indices = bank.search(queries[subset], k=1)
         quality = {"recall_at_1": round(float((indices[:, 0] == exact_index).float().mean()), 4),
                    "max_abs_err_vs_float64": float((distances[:, 0].double() - truth).abs().max())}
@@ -266,7 +271,7 @@ def bench_search(rec: Recorder, bank_features: torch.Tensor, queries: torch.Tens
                  images_per_s=round(len(q) / per_image / m["seconds"], 2), **quality, **extra)
 
     run("exact, all dimensions, every distance (the starting point's search)",
-        MemoryBank(bank_features, reduce=False, prune=False), limit=slow_queries)
+        MemoryBank(bank_features, reduce=False, prune=False), limit=slow_queries, repeats=1)
     run("exact, bank span, every distance", MemoryBank(bank_features, prune=False))
     default = MemoryBank(bank_features)
     run("exact (default: bank span + bound pruning)", default)
@@ -277,19 +282,20 @@ def bench_search(rec: Recorder, bank_features: torch.Tensor, queries: torch.Tens
             run("exact (default: bank span + bound pruning)", default)
         finally:
             torch.set_num_threads(threads)
-    previous = memory_module._BLOCK_ELEMENTS
-    for elements in (1 << 20, 16 << 20):
-        memory_module._BLOCK_ELEMENTS = elements
-        try:
-            run("exact (default: bank span + bound pruning)", default, block_elements=elements)
-        finally:
-            memory_module._BLOCK_ELEMENTS = previous
+    if full:  # fewer or more queries per block (the default is 4M distances per block)
+        previous = memory_module._BLOCK_ELEMENTS
+        for elements in (1 << 20, 16 << 20):
+            memory_module._BLOCK_ELEMENTS = elements
+            try:
+                run("exact (default: bank span + bound pruning)", default, block_elements=elements)
+            finally:
+                memory_module._BLOCK_ELEMENTS = previous
     try:
         import faiss  # noqa: F401
     except ImportError:
         return
     run("faiss flat (bank span)", MemoryBank(bank_features, backend="faiss", index="flat"))
-    for nprobe in (4, 16, 64):
+    for nprobe in (4, 16, 64) if full else (16, 64):
         bank = MemoryBank(bank_features, backend="faiss", index="ivf", nprobe=nprobe)
         run(f"faiss ivf nprobe={nprobe}", bank, nlist=bank._faiss.nlist, nprobe=nprobe)
 
@@ -311,6 +317,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's)")
     parser.add_argument("--root", type=Path, default=REPO / "outputs" / "bench", help="data, cache and results")
     parser.add_argument("--skip", nargs="*", default=[], help="parts to skip: scaling reference search")
+    parser.add_argument("--extra", nargs="*", default=[], help="'all': also block sizes, ivf nprobe=4 and 64 predict")
     args = parser.parse_args(argv)
     plan = dict(QUICK if args.quick else FULL)
     if args.images:
@@ -363,7 +370,8 @@ def main(argv: list[str] | None = None) -> int:
     queries = test_queries(model, test)
     per_image = queries.shape[0] // len(test.dataset)
     if "search" not in args.skip:
-        bench_search(rec, bank_features, queries, per_image, plan["slow_queries_images"] * per_image)
+        bench_search(rec, bank_features, queries, per_image, plan["slow_queries_images"] * per_image,
+                     full="all" in args.extra)
     model.bank = MemoryBank(bank_features, reduce=False, prune=False)
     reference = predict_line(rec, model, test, "exact, all dimensions, every distance (the starting point's search)")
     model.bank = MemoryBank(bank_features, prune=False)
@@ -378,7 +386,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         import faiss  # noqa: F401
 
-        for nprobe in (16, 64):
+        for nprobe in (16, 64) if "all" in args.extra else (16,):
             model.bank = MemoryBank(bank_features, backend="faiss", index="ivf", nprobe=nprobe)
             predict_line(rec, model, test, f"faiss ivf nprobe={nprobe}", reference)
     except ImportError:
@@ -441,13 +449,17 @@ def scaling(rec: Recorder, extractor, root: Path, cache: Path, plan: dict) -> No
                      train_images=plan["size_images"])
 
 
+def _short(value) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
 def markdown_table(lines: list[dict]) -> str:
     head = ("| stage | variant / study | n | ratio | seconds | items/s | peak RSS MB | notes |\n"
             "|---|---|---:|---:|---:|---:|---:|---|")
     rows = []
-    skip = {"stage", "variant", "n", "ratio", "seconds", "items_per_s", "peak_rss_mb", "dim", "study"}
+    skip = {"stage", "variant", "n", "ratio", "seconds", "items_per_s", "peak_rss_mb", "dim", "study", "seconds_runs"}
     for line in lines:
-        notes = ", ".join(f"{k}={v}" for k, v in line.items() if k not in skip and v is not None)
+        notes = ", ".join(f"{k}={_short(v)}" for k, v in line.items() if k not in skip and v is not None)
         label = line.get("variant") or (f"study: {line['study']}" if line.get("study") else "")
         rows.append(f"| {line['stage']} | {label} | {line['n']} | {line['ratio'] if line['ratio'] is not None else ''} "
                     f"| {line['seconds']} | {line['items_per_s']} | {line['peak_rss_mb']} | {notes} |")
