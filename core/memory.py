@@ -29,6 +29,7 @@ import json
 import logging
 import math
 import os
+import threading
 import uuid
 import warnings
 from concurrent.futures import ThreadPoolExecutor
@@ -63,11 +64,24 @@ _SPAN_CHECK = 1e-6
 _PRUNE_PREFIX = 48
 _PRUNE_MIN_BANK = 4096
 _PRUNE_GIVE_UP = 0.02  # a query needing full distances to more than this fraction of the bank goes to GEMM
+_PRUNE_ROWS = 2048  # bank rows per bound product: keeps each product's output in the caches
 _TOL = 1e-5
 
 BACKENDS = ("exact", "faiss")
 INDEXES = ("flat", "ivf")
 DTYPES = {"float32": torch.float32, "float16": torch.float16}
+
+
+_buffers = threading.local()
+
+
+def _thread_buffer(size: int) -> torch.Tensor:
+    """A float32 scratch buffer per thread, kept between searches: a fresh multi-MB tensor per block of
+    queries costs its page faults again every time (a tenth of the search)."""
+    buffer = getattr(_buffers, "tensor", None)
+    if buffer is None or buffer.numel() < size:
+        buffer = _buffers.tensor = torch.empty(size)
+    return buffer
 
 
 class MemoryBank:
@@ -133,6 +147,9 @@ class MemoryBank:
         elif self.basis is None:
             self.coords = self._transform(None)[0]
         self.norms = (self.coords * self.coords).sum(dim=1)
+        if self._pruned:  # the bound's axes and their norms (shrunk by the tolerance), used by every search
+            self._prefix = self.coords[:, :_PRUNE_PREFIX].contiguous()
+            self._prefix_norms = ((self._prefix * self._prefix).sum(dim=1) * (1 - _TOL)).numpy()
         self._faiss = None
         if self.backend == "faiss":
             self._faiss = self._build_faiss()
@@ -254,28 +271,30 @@ class MemoryBank:
         return squared, where
 
     def _search_pruned(self, coords: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Exact k-NN: a lower bound from the first principal axes for every pair (one matrix product),
-        full distances only where the bound is below the k-th best found so far.
+        """Exact k-NN with a lower bound from the first principal axes (``_block_nearest``): one small matrix
+        product per block of queries, full distances only for the few pairs the bound cannot rule out.
 
         Torch runs single-threaded inside and blocks of queries go to ``torch.get_num_threads()``
         Python threads (see ``core.coreset._batched_loop`` for why)."""
-        prefix = min(_PRUNE_PREFIX, coords.shape[1])
-        bank = self.coords
-        bank_prefix_t = bank[:, :prefix].T.contiguous()
-        bank_prefix_norms = (bank_prefix_t * bank_prefix_t).sum(dim=0) * (1 - _TOL)
+        prefix, prefix_norms = self._prefix, self._prefix_norms
+        width = prefix.shape[1]
         coords = coords.contiguous()
-        query_prefix = coords[:, :prefix]
-        query_prefix_norms = (query_prefix * query_prefix).sum(dim=1)
+        query_prefix = coords[:, :width]
+        query_prefix_norms = (query_prefix * query_prefix).sum(dim=1).numpy()
         squared = np.full((len(coords), k), np.inf, dtype=np.float32)
         indices = np.full((len(coords), k), -1, dtype=np.int64)
-        block = max(1, _BLOCK_ELEMENTS // len(bank))
-        arrays = (query_prefix_norms.numpy(), coords.numpy(), bank.numpy(), squared, indices)
-
-        cap = max(64, int(_PRUNE_GIVE_UP * len(bank)))
+        block = max(1, _BLOCK_ELEMENTS // len(prefix))
+        cap = max(64, int(_PRUNE_GIVE_UP * len(prefix)))
+        queries, bank = coords.numpy(), self.coords.numpy()
 
         def run(start: int) -> None:
-            bounds = torch.addmm(bank_prefix_norms, query_prefix[start : start + block], bank_prefix_t, alpha=-2.0)
-            _nearest_numba(bounds.numpy(), start, *arrays, _TOL, cap)
+            stop = min(start + block, len(coords))
+            dots = _thread_buffer(len(prefix) * block)[: len(prefix) * (stop - start)].view(len(prefix), -1)
+            query_t = query_prefix[start:stop].T.contiguous()
+            for row in range(0, len(prefix), _PRUNE_ROWS):  # cache-sized products
+                torch.mm(prefix[row : row + _PRUNE_ROWS], query_t, out=dots[row : row + _PRUNE_ROWS])
+            _block_nearest(dots.numpy(), prefix_norms, query_prefix_norms[start:stop], queries[start:stop], bank,
+                           squared[start:stop], indices[start:stop], cap, _TOL)
 
         threads = torch.get_num_threads()
         starts = range(0, len(coords), block)
@@ -345,56 +364,122 @@ class MemoryBank:
 
 
 if numba is not None:
+    _FASTMATH = {"reassoc", "nsz", "arcp", "contract"}  # no "nnan"/"ninf": the code compares against inf
 
-    @numba.njit(cache=True, nogil=True, boundscheck=False, fastmath={"reassoc", "nsz", "arcp", "contract"})
-    def _nearest_numba(bounds, start, query_prefix_norms, queries, bank, squared, indices, tol,
-                       cap):  # pragma: no cover
-        """k smallest squared distances per query row, sorted by (distance, index); pairs whose bound
-        ``|b_p|^2 (1 - tol) - 2 q_p.b_p`` reaches ``kth (1 + tol) - |q_p|^2 (1 - tol)`` cannot enter."""
-        rows, count = bounds.shape
-        dim = queries.shape[1]
-        k = squared.shape[1]
-        for i in range(rows):
-            x = start + i
-            offset = query_prefix_norms[x] * (1 - tol)
-            # A good k-th best early: the previous query's nearest neighbour (neighbouring patches of an
-            # image are searched in a row and look alike), else the pair with the smallest bound.
-            first = indices[x - 1, 0] if i > 0 else -1
-            if first < 0:
-                first = 0
-                for c in range(1, count):
-                    if bounds[i, c] < bounds[i, first]:
-                        first = c
-            limit = np.inf
-            refined = 0
-            for step in range(count + 1):
-                c = first if step == 0 else step - 1
-                if (step > 0 and c == first) or bounds[i, c] >= limit:
-                    continue
-                refined += 1
-                if refined > cap:  # the bound prunes little for this query (far from the bank): leave it
-                    indices[x, 0] = -2  # to one matrix product with the other such queries
-                    break
-                total = 0.0
-                worst = squared[x, k - 1]
-                for begin in range(0, dim, 16):  # principal axes first: stop once past the k-th best
-                    for j in range(begin, min(begin + 16, dim)):
-                        diff = queries[x, j] - bank[c, j]
-                        total += diff * diff
-                    if total > worst:
-                        break
-                last = k - 1
-                if total < squared[x, last] or (total == squared[x, last] and c < indices[x, last]):
-                    position = last
-                    while position > 0 and (squared[x, position - 1] > total or (
-                            squared[x, position - 1] == total and indices[x, position - 1] > c)):
-                        squared[x, position] = squared[x, position - 1]
-                        indices[x, position] = indices[x, position - 1]
+    @numba.njit(cache=True, nogil=True, boundscheck=False, fastmath=_FASTMATH)
+    def _distance(query, point, worst):  # pragma: no cover - compiled
+        """Squared distance, principal axes first; stops once past ``worst`` (the k-th best so far)."""
+        dim = query.shape[0]
+        total = 0.0
+        for begin in range(0, dim, 16):
+            for j in range(begin, min(begin + 16, dim)):
+                diff = query[j] - point[j]
+                total += diff * diff
+            if total > worst:
+                break
+        return total
+
+    @numba.njit(cache=True, nogil=True, boundscheck=False, fastmath=_FASTMATH)
+    def _insert(squared, indices, row, total, candidate):  # pragma: no cover - compiled
+        """Put (total, candidate) into the row's sorted k best, ordered by (distance, index)."""
+        last = squared.shape[1] - 1
+        if total < squared[row, last] or (total == squared[row, last] and candidate < indices[row, last]):
+            position = last
+            while position > 0 and (squared[row, position - 1] > total or (
+                    squared[row, position - 1] == total and indices[row, position - 1] > candidate)):
+                squared[row, position] = squared[row, position - 1]
+                indices[row, position] = indices[row, position - 1]
+                position -= 1
+            squared[row, position] = total
+            indices[row, position] = candidate
+
+    @numba.njit(cache=True, nogil=True, boundscheck=False, fastmath=_FASTMATH)
+    def _smallest_bounds(dots, bank_prefix_norms, smallest, where):  # pragma: no cover - compiled
+        """Per query (column), the smallest bound and its bank row; a branch-free inner loop (SIMD)."""
+        count, rows = dots.shape
+        for c in range(count):
+            norm = bank_prefix_norms[c]
+            for i in range(rows):
+                bound = norm - 2.0 * dots[c, i]
+                better = bound < smallest[i]
+                smallest[i] = bound if better else smallest[i]
+                where[i] = c if better else where[i]
+
+    @numba.njit(cache=True, nogil=True, boundscheck=False, fastmath=_FASTMATH)
+    def _k_smallest_bounds(dots, bank_prefix_norms, smallest, where):  # pragma: no cover - compiled
+        """Per query (column), the k smallest bounds and their bank rows, sorted."""
+        count, rows = dots.shape
+        k = smallest.shape[1]
+        for c in range(count):
+            norm = bank_prefix_norms[c]
+            for i in range(rows):
+                bound = norm - 2.0 * dots[c, i]
+                if bound < smallest[i, k - 1]:
+                    position = k - 1
+                    while position > 0 and smallest[i, position - 1] > bound:
+                        smallest[i, position] = smallest[i, position - 1]
+                        where[i, position] = where[i, position - 1]
                         position -= 1
-                    squared[x, position] = total
-                    indices[x, position] = c
-                    if squared[x, last] < np.inf:
-                        limit = squared[x, last] * (1 + tol) - offset
+                    smallest[i, position] = bound
+                    where[i, position] = c
+
+    @numba.njit(cache=True, nogil=True, boundscheck=False, fastmath=_FASTMATH)
+    def _block_nearest(dots, bank_prefix_norms, query_prefix_norms, queries, bank, squared, indices, cap,
+                       tol):  # pragma: no cover - compiled
+        """Exact k-NN of one block of queries. ``dots[M, n]`` holds q_p.b_p over the first principal axes, so
+        ``|b_p|^2 (1 - tol) - 2 q_p.b_p + |q_p|^2 (1 - tol)`` bounds ``|q - b|^2`` from below.
+
+        1. the k pairs with the smallest bounds: their exact distances set the k-th best (usually the answer);
+        2. every pair whose bound is below that: the only ones that can still enter (a query with more than
+           ``cap`` of them is far from the whole bank, its row gets index -2 and goes to one matrix product);
+        3. those pairs in increasing bound order, exact distances with early exit, until the bound reaches
+           the k-th best.
+        """
+        count, rows = dots.shape
+        k = squared.shape[1]
+        seed_bound = np.full((rows, k), np.inf, dtype=np.float32)
+        seed_index = np.full((rows, k), -1, dtype=np.int64)
+        if k == 1:
+            _smallest_bounds(dots, bank_prefix_norms, seed_bound[:, 0], seed_index[:, 0])
+        else:
+            _k_smallest_bounds(dots, bank_prefix_norms, seed_bound, seed_index)
+        limit = np.empty(rows, dtype=np.float32)
+        for i in range(rows):
+            for s in range(k):
+                c = seed_index[i, s]
+                if c >= 0:
+                    _insert(squared, indices, i, _distance(queries[i], bank[c], np.inf), c)
+            limit[i] = squared[i, k - 1] * (1 + tol) - query_prefix_norms[i] * (1 - tol)
+        found = np.zeros(rows, dtype=np.int64)
+        candidate_bound = np.empty((rows, cap), dtype=np.float32)
+        candidate_index = np.empty((rows, cap), dtype=np.int64)
+        for c in range(count):
+            norm = bank_prefix_norms[c]
+            for i in range(rows):
+                bound = norm - 2.0 * dots[c, i]
+                if bound < limit[i]:
+                    n = found[i]
+                    if n < cap:
+                        candidate_bound[i, n] = bound
+                        candidate_index[i, n] = c
+                    found[i] = n + 1
+        for i in range(rows):
+            if found[i] > cap:
+                indices[i, 0] = -2
+                continue
+            offset = query_prefix_norms[i] * (1 - tol)
+            order = np.argsort(candidate_bound[i, : found[i]])
+            for o in range(found[i]):
+                if candidate_bound[i, order[o]] >= limit[i]:
+                    break
+                c = candidate_index[i, order[o]]
+                seen = False
+                for s in range(k):
+                    seen = seen or seed_index[i, s] == c
+                if seen:
+                    continue
+                _insert(squared, indices, i, _distance(queries[i], bank[c], squared[i, k - 1]), c)
+                limit[i] = squared[i, k - 1] * (1 + tol) - offset
 
 
 def _import_faiss():

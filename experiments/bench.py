@@ -32,6 +32,7 @@ from sklearn.metrics import roc_auc_score
 from torch.utils.data import DataLoader
 
 import core.memory as memory_module
+import core.patchcore as patchcore_module
 from core.backbones import EfficientNetLite
 from core.coreset import (
     GreedyCoresetSampler,
@@ -45,7 +46,7 @@ from core.coreset import (
 from core.data import TexturesDataset
 from core.features import PatchEmbedder
 from core.memory import MemoryBank, MemoryOptions
-from core.patchcore import PatchCore
+from core.patchcore import PatchCore, collect_predictions
 
 REPO = Path(__file__).resolve().parents[1]
 STAGES = ("extract", "coreset", "coreset_reference", "search", "predict", "fit", "fit_warm_cache", "backbone_only")
@@ -156,10 +157,23 @@ def new_model(extractor, ratio: float, cache: Path | None, **memory) -> PatchCor
                      memory=options)
 
 
+@contextmanager
+def starting_point_pipeline(model: PatchCore, extractor):
+    """The reference implementations' way of scoring: the eager backbone (BatchNorm layers, NCHW) on whole
+    batches, one batch at a time with every thread on each operation."""
+    fast, chunk = model.extractor, patchcore_module._CPU_BACKBONE_CHUNK
+    model.extractor, patchcore_module._CPU_BACKBONE_CHUNK = extractor.eval(), 1 << 20
+    try:
+        yield
+    finally:
+        model.extractor, patchcore_module._CPU_BACKBONE_CHUNK = fast, chunk
+
+
 def predict_line(rec: Recorder, model: PatchCore, test: DataLoader, variant: str, reference=None,
-                 ratio: float | None = None, **extra) -> tuple:
+                 ratio: float | None = None, workers: int | None = None, **extra) -> tuple:
     with measured() as m:
-        predictions = model.predict(test)
+        predictions = (model.predict(test) if workers is None
+                       else collect_predictions(model.score, test, progress=False, workers=workers))
     auroc = float(roc_auc_score(predictions.labels, predictions.image_scores))
     quality = {"image_auroc": round(auroc, 4)}
     if reference is not None:
@@ -174,22 +188,30 @@ def predict_line(rec: Recorder, model: PatchCore, test: DataLoader, variant: str
 
 # ------------------------------------------------------------------------------------ stages
 def bench_backbone(rec: Recorder, extractor, dataset: TexturesDataset) -> None:
+    """The backbone alone and with the patch embedding, images preloaded: as the reference implementations
+    run it (eager, 8 images per call) and as PatchCore does (``for_inference`` copy, channels-last, 4 per call)."""
     preprocessing = dataset.preprocessing(extractor.mean, extractor.std, extractor.interpolation)
     train = dataset.train_set(CATEGORY, preprocessing)
     images = torch.stack([train[i]["image"] for i in range(len(train))])
     embedder = PatchEmbedder()
+    fast = extractor.for_inference()
+    chunk = patchcore_module._CPU_BACKBONE_CHUNK
+    variants = (("eager, 8 images per call", extractor.eval(), images, 8),
+                (f"BatchNorm folded, channels-last, {chunk} images per call", fast,
+                 images.contiguous(memory_format=torch.channels_last), chunk))
     with torch.no_grad():
-        extractor(images[:2])  # warm-up
-        with measured() as m:
-            for start in range(0, len(images), 8):
-                extractor(images[start : start + 8])
-        rec.emit("backbone_only", len(images), None, None, m["seconds"], len(images), m["peak_rss_mb"],
-                 variant="backbone forward, images preloaded")
-        with measured() as m:
-            for start in range(0, len(images), 8):
-                embedder(extractor(images[start : start + 8]))
-        rec.emit("backbone_only", len(images), 1024, None, m["seconds"], len(images), m["peak_rss_mb"],
-                 variant="backbone + patch embedding, images preloaded")
+        for name, model, inputs, per_call in variants:
+            model(inputs[:per_call])  # warm-up
+            with measured() as m:
+                for start in range(0, len(inputs), per_call):
+                    model(inputs[start : start + per_call])
+            rec.emit("backbone_only", len(inputs), None, None, m["seconds"], len(inputs), m["peak_rss_mb"],
+                     variant=f"backbone forward ({name})")
+            with measured() as m:
+                for start in range(0, len(inputs), per_call):
+                    embedder(model(inputs[start : start + per_call]))
+            rec.emit("backbone_only", len(inputs), 1024, None, m["seconds"], len(inputs), m["peak_rss_mb"],
+                     variant=f"backbone + patch embedding ({name})")
 
 
 def coverage_radius(points: torch.Tensor, chosen: torch.Tensor, chunk: int = 8192) -> float:
@@ -372,10 +394,14 @@ def main(argv: list[str] | None = None) -> int:
     if "search" not in args.skip:
         bench_search(rec, bank_features, queries, per_image, plan["slow_queries_images"] * per_image,
                      full="all" in args.extra)
-    model.bank = MemoryBank(bank_features, reduce=False, prune=False)
-    reference = predict_line(rec, model, test, "exact, all dimensions, every distance (the starting point's search)")
-    model.bank = MemoryBank(bank_features, prune=False)
-    predict_line(rec, model, test, "exact, bank span, every distance", reference)
+    with starting_point_pipeline(model, extractor):  # the two published implementations, re-run here
+        model.bank = MemoryBank(bank_features, reduce=False, prune=False)
+        reference = predict_line(rec, model, test, "starting point (official-style): eager backbone, every "
+                                 "distance in all 1024 dimensions", workers=1)
+        model.bank = MemoryBank(bank_features, prune=False)
+        predict_line(rec, model, test, "starting point (anomalib-style): eager backbone, every distance in the "
+                     "bank's span (152-d here, like anomalib's concatenated features)", reference, workers=1)
+    predict_line(rec, model, test, "fast backbone, every distance in the bank span", reference)
     model.bank = MemoryBank(bank_features)
     predict_line(rec, model, test, "exact (default: bank span + bound pruning)", reference)
     threads = torch.get_num_threads()
