@@ -77,3 +77,36 @@ def _offline(*args, **kwargs):
     import urllib.error
 
     raise urllib.error.URLError("no network")
+
+
+def _batchnorm_with_statistics(extractor: torch.nn.Module) -> None:
+    """Non-trivial running statistics and affine terms, so folding them is really tested."""
+    generator = torch.Generator().manual_seed(1)
+    for module in extractor.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            count = module.num_features
+            module.running_mean.copy_(torch.randn(count, generator=generator) * 0.1)
+            module.running_var.copy_(torch.rand(count, generator=generator) + 0.5)
+            module.weight.data.copy_(torch.rand(count, generator=generator) + 0.5)
+            module.bias.data.copy_(torch.randn(count, generator=generator) * 0.1)
+
+
+@pytest.mark.parametrize("make", [lambda: EfficientNetLite(), lambda: EfficientNetLite(pretrained=False),
+                                  lambda: TorchvisionCNN("resnet18", ["layer1", "layer3"], pretrained=False)])
+def test_inference_copy_gives_the_same_maps_without_batchnorm(make) -> None:
+    extractor = make().eval()
+    _batchnorm_with_statistics(extractor)
+    fast = extractor.for_inference()
+    images = torch.randn(3, 3, 96, 128)
+    with torch.no_grad():
+        expected = extractor(images)
+        got = fast(images.contiguous(memory_format=torch.channels_last))
+    for reference, maps in zip(expected, got, strict=True):
+        assert maps.shape == reference.shape
+        torch.testing.assert_close(maps, reference, rtol=1e-4, atol=1e-4 * float(reference.abs().max()))
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in fast.modules())
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in extractor.modules())  # the original is untouched
+    assert fast.spec() == extractor.spec()
+    if isinstance(extractor, EfficientNetLite):  # stride-1 'same' padding moved into the convolution
+        paddings = [m.static_padding for m in fast.modules() if hasattr(m, "static_padding")]
+        assert sum(isinstance(p, torch.nn.ZeroPad2d) for p in paddings) < len(paddings) / 2

@@ -2,8 +2,9 @@
 
 import pytest
 import torch
+import torch.nn.functional as F
 
-from core.features import PatchEmbedder, aggregate_locally, align_to_grid, pool_channels
+from core.features import PatchEmbedder, aggregate_locally, align_to_grid, pool_channels, pooling_matrix
 
 
 def test_local_aggregation_is_hand_computed_3x3_mean() -> None:
@@ -35,6 +36,33 @@ def test_channel_pooling_values() -> None:
     x = torch.tensor([[1.0, 3.0, 5.0, 7.0]])
     assert pool_channels(x, 2).tolist() == [[2.0, 6.0]]
     assert pool_channels(x, 8).tolist() == [[1.0, 1.0, 3.0, 3.0, 5.0, 5.0, 7.0, 7.0]]  # upsampling repeats
+
+
+@pytest.mark.parametrize(("in_dim", "out_dim"), [(4, 2), (4, 8), (7, 3), (3, 7), (152, 1024), (1536, 1024), (5, 5)])
+def test_pooling_matrix_is_adaptive_average_pooling(in_dim: int, out_dim: int) -> None:
+    x = torch.randn(6, in_dim, dtype=torch.float64)
+    expected = F.adaptive_avg_pool1d(x[:, None], out_dim)[:, 0]
+    torch.testing.assert_close(x @ pooling_matrix(in_dim, out_dim), expected)
+
+
+def adaptive_reference(maps: list[torch.Tensor], dim: int) -> torch.Tensor:
+    """The official code's order of operations, with torch's own pooling: per layer, then the concatenation."""
+    grid = maps[0].shape[-2:]
+    per_layer = []
+    for feature_map in maps:
+        patches = align_to_grid(aggregate_locally(feature_map), grid).flatten(2).transpose(1, 2)
+        per_layer.append(F.adaptive_avg_pool1d(patches.reshape(-1, 1, patches.shape[-1]), dim))
+    joined = torch.cat(per_layer, dim=-1)
+    return F.adaptive_avg_pool1d(joined, dim).reshape(maps[0].shape[0], -1, dim)
+
+
+@pytest.mark.parametrize(("channels", "dim"), [((40, 112), 1024), ((512, 1024), 1024), ((24, 48, 96), 64)])
+def test_patch_embedder_matches_two_adaptive_poolings(channels: tuple[int, ...], dim: int) -> None:
+    torch.manual_seed(0)
+    maps = [torch.randn(2, count, 8 >> i, 8 >> i) for i, count in enumerate(channels)]
+    embedding, grid = PatchEmbedder(embed_dim=dim)(maps)
+    assert grid == (8, 8)
+    torch.testing.assert_close(embedding, adaptive_reference(maps, dim), rtol=1e-5, atol=1e-6)
 
 
 def test_patch_embedder_shapes_and_values() -> None:

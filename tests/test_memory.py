@@ -148,3 +148,18 @@ def test_pruned_search_with_duplicates_and_k_above_distinct(pruned) -> None:
     expected = brute(features, features[:3], 7)[0]
     torch.testing.assert_close(distances, expected, rtol=1e-4, atol=1e-3)
     assert bool((indices[:, :5] % 10 == torch.arange(3)[:, None]).all())  # the five copies come first
+
+
+def test_pruned_search_sends_only_far_queries_to_the_matrix_product(pruned, monkeypatch) -> None:
+    features = low_rank(700, rank=16)
+    near = features[:30] + 0.01  # the bound rules out almost every pair: refined in numba
+    far = torch.randn(30, features.shape[1]) * 50  # the bound rules out few: one matrix product
+    bank = MemoryBank(features)
+    sent: list[int] = []
+    exact = bank._search_exact
+    monkeypatch.setattr(bank, "_search_exact", lambda coords, k: (sent.append(len(coords)), exact(coords, k))[1])
+    distances, indices = bank.search(torch.cat([near, far]), k=1)
+    expected_distances, expected_indices = brute(features, torch.cat([near, far]), 1)
+    assert torch.equal(indices, expected_indices)
+    torch.testing.assert_close(distances, expected_distances, rtol=1e-4, atol=1e-3)
+    assert sent and 0 < sum(sent) <= 30  # some far queries, and no near one, took the fallback

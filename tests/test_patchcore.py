@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from core.backbones import FeatureExtractor, TorchvisionCNN
 from core.coreset import GreedyCoresetSampler
 from core.features import PatchEmbedder
-from core.patchcore import ModelMismatchError, PatchCore
+from core.patchcore import ModelMismatchError, PatchCore, collect_predictions
 
 
 class PoolingExtractor(FeatureExtractor):
@@ -53,6 +53,22 @@ def test_scores_and_maps_match_independent_computation() -> None:
                               align_corners=False)[:, 0].numpy()
     expected_maps = np.stack([scipy.ndimage.gaussian_filter(m.astype(np.float64), sigma=4.0) for m in upsampled])
     np.testing.assert_allclose(maps.numpy(), expected_maps, atol=1e-4)
+
+
+def test_batches_scored_on_threads_give_the_sequential_result(monkeypatch) -> None:
+    generator = torch.Generator().manual_seed(3)
+    model = fitted(torch.rand(6, 3, 32, 32, generator=generator))
+    test = torch.rand(7, 3, 32, 32, generator=generator)
+    dataset = [{"image": image, "label": i % 2, "path": f"image{i}.png"} for i, image in enumerate(test)]
+    loader = torch.utils.data.DataLoader(dataset, batch_size=2)
+    sequential = collect_predictions(model.score, loader, progress=False, workers=1)
+    threads = torch.get_num_threads()
+    threaded = collect_predictions(model.score, loader, progress=False, workers=3)
+    assert torch.get_num_threads() == threads  # restored after scoring
+    assert sequential.paths == threaded.paths == [f"image{i}.png" for i in range(7)]  # loader order kept
+    np.testing.assert_array_equal(threaded.labels, sequential.labels)
+    np.testing.assert_allclose(threaded.image_scores, sequential.image_scores, rtol=1e-6)
+    np.testing.assert_allclose(threaded.maps, sequential.maps, rtol=1e-6, atol=1e-6)
 
 
 def test_num_neighbors_averages_k_distances() -> None:
