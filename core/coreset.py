@@ -36,6 +36,8 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 from tqdm.auto import tqdm
 
+from core.threads import single_threaded_torch
+
 try:  # optional: fuses the bound check and the refinement of the fast coreset (about 2x faster)
     import numba
 except ImportError:  # pragma: no cover - exercised by the torch fallback test
@@ -162,9 +164,9 @@ def _batched_loop(points: torch.Tensor, min_distances: torch.Tensor, size: int, 
     chosen = torch.empty(size, dtype=torch.long, device=points.device)
     filled = 0
     pool = ThreadPoolExecutor(threads) if threads > 1 and not points.is_cuda else None
-    torch.set_num_threads(1)
     try:
-        with tqdm(total=size, desc="coreset", disable=not progress, mininterval=1.0, leave=False) as bar:
+        with single_threaded_torch(), tqdm(total=size, desc="coreset", disable=not progress, mininterval=1.0,
+                                           leave=False) as bar:
             while filled < size:
                 start = filled
                 filled = _choose_batch(points, min_distances, chosen, filled)
@@ -180,7 +182,6 @@ def _batched_loop(points: torch.Tensor, min_distances: torch.Tensor, size: int, 
                     _update(points, prefix, prefix_norms, min_distances, chosen[start:filled], pool)
                 bar.update(filled - start)
     finally:
-        torch.set_num_threads(threads)
         if pool is not None:
             pool.shutdown()
     return chosen

@@ -42,11 +42,6 @@ def pooling_matrix(in_dim: int, out_dim: int) -> torch.Tensor:
     return matrix
 
 
-def pool_channels(features: torch.Tensor, dim: int) -> torch.Tensor:
-    """Adaptive average pooling over the last (channel) axis: ``[..., C] -> [..., dim]``."""
-    return features @ pooling_matrix(features.shape[-1], dim).to(features.dtype).to(features.device)
-
-
 def embedding_matrix(channels: tuple[int, ...], dim: int) -> torch.Tensor:
     """Per-layer pooling to ``dim``, then pooling of the concatenation to ``dim``: ``[sum(channels), dim]``."""
     per_layer = torch.block_diag(*[pooling_matrix(count, dim) for count in channels])

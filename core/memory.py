@@ -40,6 +40,7 @@ import numpy as np
 import torch
 
 from core.io import atomic_write
+from core.threads import single_threaded_torch
 
 try:  # optional: exact search with lower-bound pruning (else every distance is computed)
     import numba
@@ -296,18 +297,14 @@ class MemoryBank:
             _block_nearest(dots.numpy(), prefix_norms, query_prefix_norms[start:stop], queries[start:stop], bank,
                            squared[start:stop], indices[start:stop], cap, _TOL)
 
-        threads = torch.get_num_threads()
         starts = range(0, len(coords), block)
-        torch.set_num_threads(1)
-        try:
+        with single_threaded_torch() as threads:
             if threads > 1 and len(starts) > 1:
                 with ThreadPoolExecutor(threads) as pool:
                     list(pool.map(run, starts))
             else:
                 for start in starts:
                     run(start)
-        finally:
-            torch.set_num_threads(threads)
         squared, indices = torch.from_numpy(squared), torch.from_numpy(indices)
         hard = (indices[:, 0] == -2).nonzero().squeeze(1)
         if len(hard):
@@ -414,14 +411,8 @@ if numba is not None:
             norm = bank_prefix_norms[c]
             for i in range(rows):
                 bound = norm - 2.0 * dots[c, i]
-                if bound < smallest[i, k - 1]:
-                    position = k - 1
-                    while position > 0 and smallest[i, position - 1] > bound:
-                        smallest[i, position] = smallest[i, position - 1]
-                        where[i, position] = where[i, position - 1]
-                        position -= 1
-                    smallest[i, position] = bound
-                    where[i, position] = c
+                if bound < smallest[i, k - 1]:  # rows come in increasing order: ties keep the earlier one
+                    _insert(smallest, where, i, bound, c)
 
     @numba.njit(cache=True, nogil=True, boundscheck=False, fastmath=_FASTMATH)
     def _block_nearest(dots, bank_prefix_norms, query_prefix_norms, queries, bank, squared, indices, cap,

@@ -14,7 +14,6 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,6 +28,7 @@ from core.feature_cache import FeatureCache
 from core.features import PatchEmbedder
 from core.io import write_json_atomic
 from core.memory import DTYPES, DiskFeatures, FeatureBuffer, MemoryBank, MemoryOptions
+from core.threads import single_threaded_torch
 
 MODEL_FORMAT_VERSION = 1
 # Images per backbone call on a CPU: with more, the activations no longer fit in the caches and a
@@ -93,17 +93,6 @@ def gaussian_blur(maps: torch.Tensor, sigma: float) -> torch.Tensor:
 
 def _images_of(batch: dict | torch.Tensor) -> torch.Tensor:
     return batch["image"] if isinstance(batch, dict) else batch
-
-
-@contextmanager
-def single_threaded_torch():
-    """Torch ops run on the calling thread only, for the duration (restored after)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _scored_batches(score: Callable, loader: Iterable, workers: int) -> Iterator[tuple[dict | torch.Tensor, tuple]]:

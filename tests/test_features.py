@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from core.features import PatchEmbedder, aggregate_locally, align_to_grid, pool_channels, pooling_matrix
+from core.features import PatchEmbedder, aggregate_locally, align_to_grid, pooling_matrix
 
 
 def test_local_aggregation_is_hand_computed_3x3_mean() -> None:
@@ -32,10 +32,11 @@ def test_alignment_bilinear_to_reference_grid() -> None:
     assert align_to_grid(coarse, (2, 2)) is coarse
 
 
-def test_channel_pooling_values() -> None:
+def test_channel_pooling_matrix_values() -> None:
     x = torch.tensor([[1.0, 3.0, 5.0, 7.0]])
-    assert pool_channels(x, 2).tolist() == [[2.0, 6.0]]
-    assert pool_channels(x, 8).tolist() == [[1.0, 1.0, 3.0, 3.0, 5.0, 5.0, 7.0, 7.0]]  # upsampling repeats
+    assert (x @ pooling_matrix(4, 2).float()).tolist() == [[2.0, 6.0]]
+    # upsampling repeats each input
+    assert (x @ pooling_matrix(4, 8).float()).tolist() == [[1.0, 1.0, 3.0, 3.0, 5.0, 5.0, 7.0, 7.0]]
 
 
 @pytest.mark.parametrize(("in_dim", "out_dim"), [(4, 2), (4, 8), (7, 3), (3, 7), (152, 1024), (1536, 1024), (5, 5)])
@@ -74,7 +75,8 @@ def test_patch_embedder_shapes_and_values() -> None:
     # recompute by hand for one patch: per-layer pooling to 4, concat (8), pool to 4
     a = aggregate_locally(shallow)[1, :, 2, 3]
     b = align_to_grid(aggregate_locally(deep), (6, 6))[1, :, 2, 3]
-    expected = pool_channels(torch.cat([pool_channels(a[None], 4), pool_channels(b[None], 4)], 1), 4)[0]
+    per_layer = torch.cat([F.adaptive_avg_pool1d(a[None], 4), F.adaptive_avg_pool1d(b[None], 4)], dim=1)
+    expected = F.adaptive_avg_pool1d(per_layer, 4)[0]
     torch.testing.assert_close(embedding[1, 2 * 6 + 3], expected)
 
 
