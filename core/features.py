@@ -58,27 +58,38 @@ class PatchEmbedder:
             raise ValueError(f"patchcore.embed_dim={embed_dim} must be positive, or null to keep all channels")
         self.embed_dim = embed_dim
         self.patch_size = patch_size
-        self._projections: dict[tuple, torch.Tensor] = {}
+        self._projections: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def spec(self) -> dict:
         return {"embed_dim": self.embed_dim, "patch_size": self.patch_size}
 
-    def _projection(self, channels: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
-        """The sparse (CSR) ``[embed_dim, sum(channels)]`` pooling matrix, built once per layout."""
-        key = (channels, like.dtype, like.device)
+    def _projection(self, feature_maps: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The pooling matrix for these maps' layout, built once: sparse (CSR) ``[embed_dim, sum C]`` for
+        the embedding, dense ``[sum C, embed_dim]`` for ``factors``."""
+        like = feature_maps[0]
+        key = (tuple(m.shape[1] for m in feature_maps), like.dtype, like.device)
         if key not in self._projections:
-            dense = embedding_matrix(channels, self.embed_dim).T.to(like.dtype).to(like.device)
+            dense = embedding_matrix(key[0], self.embed_dim).to(like.dtype).to(like.device)
             with warnings.catch_warnings():  # "sparse CSR support is in beta": sparse @ dense is stable
                 warnings.simplefilter("ignore", UserWarning)
-                self._projections[key] = dense.to_sparse_csr()
+                self._projections[key] = (dense.T.contiguous().to_sparse_csr(), dense)
         return self._projections[key]
 
-    def __call__(self, feature_maps: list[torch.Tensor]) -> tuple[torch.Tensor, tuple[int, int]]:
+    def factors(self, feature_maps: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None, tuple[int, int]]:
+        """``(channels [B, h*w, sum C], projection [sum C, D] or None, (h, w))``: the embedding is
+        ``channels @ projection`` (``channels`` itself with ``embed_dim=None``). A search can use the
+        factors directly when ``sum C < D`` (``MemoryBank.search_factored``)."""
         grid = tuple(feature_maps[0].shape[-2:])
         aligned = [align_to_grid(aggregate_locally(m, self.patch_size), grid) for m in feature_maps]
-        stacked = torch.cat(aligned, dim=1).flatten(2)  # [B, sum C, h*w]
+        channels = torch.cat(aligned, dim=1).flatten(2).transpose(1, 2)  # [B, h*w, sum C]
         if self.embed_dim is None:
-            return stacked.transpose(1, 2).contiguous(), grid
-        projection = self._projection(tuple(m.shape[1] for m in feature_maps), stacked)
-        embedding = torch.stack([torch.sparse.mm(projection, image) for image in stacked])  # [B, D, h*w]
+            return channels.contiguous(), None, grid
+        return channels, self._projection(feature_maps)[1], grid
+
+    def __call__(self, feature_maps: list[torch.Tensor]) -> tuple[torch.Tensor, tuple[int, int]]:
+        channels, projection, grid = self.factors(feature_maps)
+        if projection is None:
+            return channels, grid
+        sparse = self._projection(feature_maps)[0]
+        embedding = torch.stack([torch.sparse.mm(sparse, image.T) for image in channels])  # [B, D, h*w]
         return embedding.transpose(1, 2).contiguous(), grid

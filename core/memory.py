@@ -61,11 +61,14 @@ _REDUCE_BELOW = 0.75
 # The span and principal axes come from this many sampled bank rows (then checked on all rows).
 _SAMPLE_ROWS = 4096
 _SPAN_CHECK = 1e-6
-# Pruned exact search: principal axes in the lower bound, and the smallest bank it is used for.
+# Pruned exact search: columns of the lower bound (principal axes + the norm of the rest), and the
+# smallest bank it is used for.
 _PRUNE_PREFIX = 48
 _PRUNE_MIN_BANK = 4096
 _PRUNE_GIVE_UP = 0.02  # a query needing full distances to more than this fraction of the bank goes to GEMM
-_PRUNE_ROWS = 2048  # bank rows per bound product: keeps each product's output in the caches
+_QUERY_BLOCK = 256  # queries per block: one Python thread's unit of work
+_SEED_ROWS = 2048  # the first bank rows (a coreset's first picks: spread over the bank) seed each query
+_CHUNK_ROWS = 512  # bank rows per bound product after the seed: [512 x 256] floats stay in the L2 cache
 _TOL = 1e-5
 
 BACKENDS = ("exact", "faiss")
@@ -111,6 +114,7 @@ class MemoryBank:
         self.norms = torch.empty(0)
         self.device = torch.device("cpu")
         self._faiss = None
+        self._plans: dict[int, tuple] = {}
         if features is not None:
             self.build(features)
 
@@ -148,12 +152,13 @@ class MemoryBank:
         elif self.basis is None:
             self.coords = self._transform(None)[0]
         self.norms = (self.coords * self.coords).sum(dim=1)
-        if self._pruned:  # the bound's axes and their norms (shrunk by the tolerance), used by every search
-            self._prefix = self.coords[:, :_PRUNE_PREFIX].contiguous()
-            self._prefix_norms = ((self._prefix * self._prefix).sum(dim=1) * (1 - _TOL)).numpy()
+        if self._pruned:  # the bound's columns and the bank norms (shrunk by the tolerance), used by every search
+            self._bound_columns = _bound_columns(self.coords, _PRUNE_PREFIX)
+            self._bound_norms = (self.norms * (1 - _TOL)).numpy()
         self._faiss = None
         if self.backend == "faiss":
             self._faiss = self._build_faiss()
+        self._plans: dict[int, tuple] = {}  # search_factored's per-projection matrices
 
     def _transform(self, basis: torch.Tensor | None, chunk: int = 16384) -> tuple[torch.Tensor, float, float]:
         """``(features - mean) @ basis`` block by block, with the total and the kept squared length."""
@@ -185,6 +190,7 @@ class MemoryBank:
         """Move the bank; a bank too large for the GPU stays in CPU memory and is streamed in chunks."""
         device = torch.device(device)
         self.device = device
+        self._plans = {}
         if len(self) == 0:
             return self
         try:
@@ -216,12 +222,59 @@ class MemoryBank:
 
     def search(self, queries: torch.Tensor, k: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
         """``(distances[Q, k], indices[Q, k])`` of the k nearest bank features, nearest first."""
+        self._check_searchable(queries.shape[-1])
+        return self._search_coords(*self._query_coords(queries), k)
+
+    def search_factored(self, channels: torch.Tensor, projection: torch.Tensor, k: int = 1
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``search(channels @ projection, k)`` without forming the ``D``-dim queries.
+
+        A patch embedding that pools ``C < D`` channels up to ``D`` (EfficientNet-Lite0: 152 -> 1024)
+        gives queries whose search coordinates are ``channels @ (projection @ basis)`` and whose squared
+        length outside the bank's span is a quadratic form in ``channels``: both ``C``-dim work per
+        query instead of ``D``-dim (a tenth of a prediction here). The same distances to float32 rounding."""
+        self._check_searchable(projection.shape[1])
+        plan = self._factored_plan(projection)
+        channels = channels.to(self.device, torch.float32)
+        if plan is None:  # no span basis, or no fewer dimensions: nothing to gain
+            return self.search(channels @ projection.to(channels), k)
+        coords_map, mean_coords, gram, cross, constant = plan
+        coords = torch.addmm(mean_coords, channels, coords_map, beta=-1.0)
+        outside = None
+        if gram is not None:
+            outside = (((channels @ gram) * channels).sum(dim=1) - 2 * (channels @ cross) + constant).clamp_min_(0)
+        return self._search_coords(coords, outside, k)
+
+    def _factored_plan(self, projection: torch.Tensor) -> tuple | None:
+        """Per projection (cached while the bank lasts): ``projection @ basis``, the mean's coordinates and
+        the quadratic form of the part outside the span (``None`` when nothing lies outside)."""
+        if self.basis is None or projection.shape[0] >= self.dim:
+            return None
+        cached = self._plans.get(id(projection))
+        if cached is not None and cached[0] is projection:
+            return cached[1]
+        basis, mean = self.basis.double(), self.mean.double()
+        factors = projection.to(self.device, torch.float64)
+        coords_map, mean_coords = factors @ basis, mean @ basis
+        gram = cross = constant = None
+        if self._outside:  # (c P - m)(I - B B^T) = c A - r: |.|^2 = c (A A^T) c^T - 2 c (A r^T) + |r|^2
+            outside_map, mean_outside = factors - coords_map @ basis.T, mean - mean_coords @ basis.T
+            gram, cross = outside_map @ outside_map.T, outside_map @ mean_outside
+            constant = float(mean_outside @ mean_outside)
+            gram, cross = gram.float(), cross.float()
+        plan = (coords_map.float(), mean_coords.float(), gram, cross, constant)
+        self._plans[id(projection)] = (projection, plan)
+        return plan
+
+    def _check_searchable(self, dim: int) -> None:
         if len(self) == 0:
             raise RuntimeError("memory bank is empty: fit the model (or load a saved one) first")
-        if queries.shape[-1] != self.dim:
-            raise ValueError(f"query dimension {queries.shape[-1]} does not match the bank's {self.dim}")
+        if dim != self.dim:
+            raise ValueError(f"query dimension {dim} does not match the bank's {self.dim}")
+
+    def _search_coords(self, coords: torch.Tensor, outside: torch.Tensor | None, k: int
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
         k = min(k, len(self))
-        coords, outside = self._query_coords(queries)
         if self._faiss is not None:
             squared, indices = self._search_faiss(coords, k)
         elif self._pruned and coords.device.type == "cpu":
@@ -272,32 +325,45 @@ class MemoryBank:
         return squared, where
 
     def _search_pruned(self, coords: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Exact k-NN with a lower bound from the first principal axes (``_block_nearest``): one small matrix
-        product per block of queries, full distances only for the few pairs the bound cannot rule out.
+        """Exact k-NN, computing full distances only where a cheap lower bound cannot rule a pair out.
+
+        With ``p`` the first principal axes and ``r`` the rest, ``|q - b|^2 >= |q|^2 + |b|^2 - 2 (q_p.b_p +
+        |q_r| |b_r|)``: one matrix product with ``_PRUNE_PREFIX`` columns gives every bound. Per block of
+        queries, the first ``_SEED_ROWS`` bank rows give each query its k best so far (the smallest bounds'
+        exact distances); then the bank is streamed in cache-sized chunks, and a pair gets its exact
+        distance only when its bound is below the query's current k-th best (``_refine``). Bounds are
+        used while still in the cache and never written to memory.
 
         Torch runs single-threaded inside and blocks of queries go to ``torch.get_num_threads()``
         Python threads (see ``core.coreset._batched_loop`` for why)."""
-        prefix, prefix_norms = self._prefix, self._prefix_norms
-        width = prefix.shape[1]
+        columns, bank_norms = self._bound_columns, self._bound_norms
         coords = coords.contiguous()
-        query_prefix = coords[:, :width]
-        query_prefix_norms = (query_prefix * query_prefix).sum(dim=1).numpy()
+        query_columns = _bound_columns(coords, columns.shape[1])
+        query_norms = (coords * coords).sum(dim=1).numpy()
         squared = np.full((len(coords), k), np.inf, dtype=np.float32)
         indices = np.full((len(coords), k), -1, dtype=np.int64)
-        block = max(1, _BLOCK_ELEMENTS // len(prefix))
-        cap = max(64, int(_PRUNE_GIVE_UP * len(prefix)))
+        evaluated = np.zeros(len(coords), dtype=np.int64)
+        rows = len(columns)
+        seed_rows = min(_SEED_ROWS, rows)
+        chunks = [(0, seed_rows)] + [(row, min(row + _CHUNK_ROWS, rows)) for row in range(seed_rows, rows, _CHUNK_ROWS)]
+        cap = max(64, int(_PRUNE_GIVE_UP * rows))
         queries, bank = coords.numpy(), self.coords.numpy()
 
         def run(start: int) -> None:
-            stop = min(start + block, len(coords))
-            dots = _thread_buffer(len(prefix) * block)[: len(prefix) * (stop - start)].view(len(prefix), -1)
-            query_t = query_prefix[start:stop].T.contiguous()
-            for row in range(0, len(prefix), _PRUNE_ROWS):  # cache-sized products
-                torch.mm(prefix[row : row + _PRUNE_ROWS], query_t, out=dots[row : row + _PRUNE_ROWS])
-            _block_nearest(dots.numpy(), prefix_norms, query_prefix_norms[start:stop], queries[start:stop], bank,
-                           squared[start:stop], indices[start:stop], cap, _TOL)
+            stop = min(start + _QUERY_BLOCK, len(coords))
+            buffer = _thread_buffer(max(seed_rows, _CHUNK_ROWS) * (stop - start))
+            query_t = query_columns[start:stop].T.contiguous()
+            block = (query_norms[start:stop], queries[start:stop], bank, squared[start:stop], indices[start:stop])
+            limit = np.empty(stop - start, dtype=np.float32)
+            for first, last in chunks:
+                dots = buffer[: (last - first) * (stop - start)].view(last - first, -1)
+                torch.mm(columns[first:last], query_t, out=dots)
+                if first == 0:
+                    _seed(dots.numpy(), bank_norms, *block[1:])
+                    limit[:] = squared[start:stop, k - 1] * (1 + _TOL) - query_norms[start:stop] * (1 - _TOL)
+                _refine(dots.numpy(), bank_norms, first, *block, limit, evaluated[start:stop], cap, _TOL)
 
-        starts = range(0, len(coords), block)
+        starts = range(0, len(coords), _QUERY_BLOCK)
         with single_threaded_torch() as threads:
             if threads > 1 and len(starts) > 1:
                 with ThreadPoolExecutor(threads) as pool:
@@ -306,8 +372,8 @@ class MemoryBank:
                 for start in starts:
                     run(start)
         squared, indices = torch.from_numpy(squared), torch.from_numpy(indices)
-        hard = (indices[:, 0] == -2).nonzero().squeeze(1)
-        if len(hard):
+        hard = torch.from_numpy(evaluated > cap).nonzero().squeeze(1)
+        if len(hard):  # far from the whole bank: one matrix product is cheaper than thousands of distances
             squared[hard], indices[hard] = self._search_exact(coords[hard], k)
         return squared, indices
 
@@ -391,86 +457,86 @@ if numba is not None:
             indices[row, position] = candidate
 
     @numba.njit(cache=True, nogil=True, boundscheck=False, fastmath=_FASTMATH)
-    def _smallest_bounds(dots, bank_prefix_norms, smallest, where):  # pragma: no cover - compiled
-        """Per query (column), the smallest bound and its bank row; a branch-free inner loop (SIMD)."""
-        count, rows = dots.shape
-        for c in range(count):
-            norm = bank_prefix_norms[c]
-            for i in range(rows):
-                bound = norm - 2.0 * dots[c, i]
-                better = bound < smallest[i]
-                smallest[i] = bound if better else smallest[i]
-                where[i] = c if better else where[i]
-
-    @numba.njit(cache=True, nogil=True, boundscheck=False, fastmath=_FASTMATH)
-    def _k_smallest_bounds(dots, bank_prefix_norms, smallest, where):  # pragma: no cover - compiled
-        """Per query (column), the k smallest bounds and their bank rows, sorted."""
-        count, rows = dots.shape
-        k = smallest.shape[1]
-        for c in range(count):
-            norm = bank_prefix_norms[c]
-            for i in range(rows):
-                bound = norm - 2.0 * dots[c, i]
-                if bound < smallest[i, k - 1]:  # rows come in increasing order: ties keep the earlier one
-                    _insert(smallest, where, i, bound, c)
-
-    @numba.njit(cache=True, nogil=True, boundscheck=False, fastmath=_FASTMATH)
-    def _block_nearest(dots, bank_prefix_norms, query_prefix_norms, queries, bank, squared, indices, cap,
-                       tol):  # pragma: no cover - compiled
-        """Exact k-NN of one block of queries. ``dots[M, n]`` holds q_p.b_p over the first principal axes, so
-        ``|b_p|^2 (1 - tol) - 2 q_p.b_p + |q_p|^2 (1 - tol)`` bounds ``|q - b|^2`` from below.
-
-        1. the k pairs with the smallest bounds: their exact distances set the k-th best (usually the answer);
-        2. every pair whose bound is below that: the only ones that can still enter (a query with more than
-           ``cap`` of them is far from the whole bank, its row gets index -2 and goes to one matrix product);
-        3. those pairs in increasing bound order, exact distances with early exit, until the bound reaches
-           the k-th best.
-        """
+    def _seed(dots, bank_norms, queries, bank, squared, indices):  # pragma: no cover - compiled
+        """Per query (column of ``dots[rows, n]``), the k rows with the smallest bounds, and their exact
+        distances as the k best so far (the search's first upper bound)."""
         count, rows = dots.shape
         k = squared.shape[1]
-        seed_bound = np.full((rows, k), np.inf, dtype=np.float32)
-        seed_index = np.full((rows, k), -1, dtype=np.int64)
-        if k == 1:
-            _smallest_bounds(dots, bank_prefix_norms, seed_bound[:, 0], seed_index[:, 0])
-        else:
-            _k_smallest_bounds(dots, bank_prefix_norms, seed_bound, seed_index)
-        limit = np.empty(rows, dtype=np.float32)
+        two = np.float32(2.0)
+        if k == 1:  # a branch-free inner loop (SIMD)
+            smallest = np.full(rows, np.inf, dtype=np.float32)
+            where = np.zeros(rows, dtype=np.int64)
+            for c in range(count):
+                norm = bank_norms[c]
+                for i in range(rows):
+                    bound = norm - two * dots[c, i]
+                    better = bound < smallest[i]
+                    smallest[i] = bound if better else smallest[i]
+                    where[i] = c if better else where[i]
+            for i in range(rows):
+                _insert(squared, indices, i, _distance(queries[i], bank[where[i]], np.inf), where[i])
+            return
+        smallest = np.full((rows, k), np.inf, dtype=np.float32)
+        where = np.full((rows, k), -1, dtype=np.int64)
+        for c in range(count):
+            norm = bank_norms[c]
+            for i in range(rows):
+                bound = norm - two * dots[c, i]
+                if bound < smallest[i, k - 1]:
+                    _insert(smallest, where, i, bound, c)
         for i in range(rows):
             for s in range(k):
-                c = seed_index[i, s]
+                c = where[i, s]
                 if c >= 0:
                     _insert(squared, indices, i, _distance(queries[i], bank[c], np.inf), c)
-            limit[i] = squared[i, k - 1] * (1 + tol) - query_prefix_norms[i] * (1 - tol)
-        found = np.zeros(rows, dtype=np.int64)
-        candidate_bound = np.empty((rows, cap), dtype=np.float32)
-        candidate_index = np.empty((rows, cap), dtype=np.int64)
+
+    @numba.njit(cache=True, nogil=True, boundscheck=False, fastmath=_FASTMATH)
+    def _refine(dots, bank_norms, offset, query_norms, queries, bank, squared, indices, limit, evaluated, cap,
+                tol):  # pragma: no cover - compiled
+        """Bank rows ``offset ..`` against one block of queries. ``dots[rows, n]`` holds the bound's products,
+        so ``|b|^2 (1 - tol) - 2 dots`` is below ``limit = kth_best (1 + tol) - |q|^2 (1 - tol)`` only for
+        pairs that may enter the k best: those get an exact distance (with early exit), and each
+        improvement lowers the limit. A query past ``cap`` exact distances stops (``limit = -inf``)
+        and is left to the caller's matrix product."""
+        count, rows = dots.shape
+        k = squared.shape[1]
+        two = np.float32(2.0)
         for c in range(count):
-            norm = bank_prefix_norms[c]
-            for i in range(rows):
-                bound = norm - 2.0 * dots[c, i]
-                if bound < limit[i]:
-                    n = found[i]
-                    if n < cap:
-                        candidate_bound[i, n] = bound
-                        candidate_index[i, n] = c
-                    found[i] = n + 1
-        for i in range(rows):
-            if found[i] > cap:
-                indices[i, 0] = -2
+            norm = bank_norms[offset + c]
+            hit = False
+            for i in range(rows):  # a branch-free pass first: most rows are ruled out for every query (SIMD)
+                hit |= norm - two * dots[c, i] < limit[i]
+            if not hit:
                 continue
-            offset = query_prefix_norms[i] * (1 - tol)
-            order = np.argsort(candidate_bound[i, : found[i]])
-            for o in range(found[i]):
-                if candidate_bound[i, order[o]] >= limit[i]:
-                    break
-                c = candidate_index[i, order[o]]
-                seen = False
-                for s in range(k):
-                    seen = seen or seed_index[i, s] == c
-                if seen:
+            row = offset + c
+            for group in range(0, rows, 16):  # find the few hits: groups of 16 queries first (SIMD)
+                last = min(group + 16, rows)
+                hit = False
+                for i in range(group, last):
+                    hit |= norm - two * dots[c, i] < limit[i]
+                if not hit:
                     continue
-                _insert(squared, indices, i, _distance(queries[i], bank[c], squared[i, k - 1]), c)
-                limit[i] = squared[i, k - 1] * (1 + tol) - offset
+                for i in range(group, last):
+                    if norm - two * dots[c, i] >= limit[i]:
+                        continue
+                    evaluated[i] += 1
+                    if evaluated[i] > cap:
+                        limit[i] = -np.inf
+                        continue
+                    seen = False
+                    for s in range(k):  # the seeds come round again
+                        seen = seen or indices[i, s] == row
+                    if seen:
+                        continue
+                    total = _distance(queries[i], bank[row], squared[i, k - 1] * (1 + tol))
+                    _insert(squared, indices, i, total, row)
+                    limit[i] = squared[i, k - 1] * (1 + tol) - query_norms[i] * (1 - tol)
+
+
+def _bound_columns(coords: torch.Tensor, width: int) -> torch.Tensor:
+    """``[the first width - 1 coordinates, the norm of the others]`` per row: the operands of the bound."""
+    rest = coords[:, width - 1 :]
+    return torch.cat([coords[:, : width - 1], (rest * rest).sum(dim=1, keepdim=True).sqrt_()], dim=1)
 
 
 def _import_faiss():

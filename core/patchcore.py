@@ -34,6 +34,9 @@ MODEL_FORMAT_VERSION = 1
 # Images per backbone call on a CPU: with more, the activations no longer fit in the caches and a
 # forward pass costs up to 1.7x more per image (EfficientNet-Lite0 at 224 px, see README: Performance).
 _CPU_BACKBONE_CHUNK = 4
+# Images per scoring task when batches are scored on threads: small enough to keep every thread busy
+# to the last image, large enough for the search's matrix products.
+_CPU_SCORE_PIECE = 4
 _TRUSTED_MODULES = ("core.", "extensions.")
 
 
@@ -96,24 +99,34 @@ def _images_of(batch: dict | torch.Tensor) -> torch.Tensor:
 
 
 def _scored_batches(score: Callable, loader: Iterable, workers: int) -> Iterator[tuple[dict | torch.Tensor, tuple]]:
-    """``(batch, score(images))`` in loader order. With ``workers > 1``, that many batches are scored at once
-    on threads, each single-threaded: on a CPU this scales better than splitting every operation of one
-    batch across the cores (small convolutions and the search's scans do not split well), and the loader
-    reads the next images meanwhile."""
+    """``(batch, score(images))`` in loader order. With ``workers > 1``, pieces of ``_CPU_SCORE_PIECE``
+    images are scored at once on that many threads, each single-threaded: on a CPU this scales better than
+    splitting every operation of one batch across the cores (small convolutions and the search's scans
+    do not split well), pieces smaller than a batch keep every thread busy to the last image, and the
+    loader reads the next images meanwhile."""
     if workers <= 1:
         for batch in loader:
             yield batch, score(_images_of(batch))
         return
     pending: deque = deque()
+    queued = 0  # pieces submitted and not yet collected
     with single_threaded_torch(), ThreadPoolExecutor(workers) as pool:
         for batch in loader:
-            pending.append((batch, pool.submit(score, _images_of(batch))))
-            if len(pending) > workers:
-                batch, future = pending.popleft()
-                yield batch, future.result()
+            futures = [pool.submit(score, piece) for piece in _images_of(batch).split(_CPU_SCORE_PIECE)]
+            pending.append((batch, futures))
+            queued += len(futures)
+            while queued - len(pending[0][1]) >= workers:  # enough work behind the oldest batch
+                batch, futures = pending.popleft()
+                queued -= len(futures)
+                yield batch, _joined(futures)
         while pending:
-            batch, future = pending.popleft()
-            yield batch, future.result()
+            batch, futures = pending.popleft()
+            yield batch, _joined(futures)
+
+
+def _joined(futures: list) -> tuple[torch.Tensor, torch.Tensor]:
+    scores, maps = zip(*(future.result() for future in futures))
+    return torch.cat(scores), torch.cat(maps)
 
 
 def collect_predictions(score: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]], loader: Iterable,
@@ -182,12 +195,14 @@ class PatchCore:
     @torch.no_grad()
     def embed(self, images: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
         """``images[B,3,H,W] -> (patch features [B, h*w, D], (h, w))``."""
+        return self.embedder(self._feature_maps(images))
+
+    def _feature_maps(self, images: torch.Tensor) -> list[torch.Tensor]:
         self.input_size = tuple(images.shape[-2:])  # saved with the model, to check it on load
         images = images.to(self.device).contiguous(memory_format=torch.channels_last)
         chunk = len(images) if self.device.type != "cpu" else _CPU_BACKBONE_CHUNK
         parts = [self.extractor(images[start : start + chunk]) for start in range(0, len(images), chunk)]
-        maps = parts[0] if len(parts) == 1 else [torch.cat(layer) for layer in zip(*parts)]
-        return self.embedder(maps)
+        return parts[0] if len(parts) == 1 else [torch.cat(layer) for layer in zip(*parts)]
 
     # ----------------------------------------------------------------------- fit
     def fit(self, loader: Iterable) -> FitReport:
@@ -241,14 +256,15 @@ class PatchCore:
         return FitReport(n_images, n_patches, len(self.bank), extract_s, coreset_s)
 
     # ------------------------------------------------------------------- predict
-    def _image_scores(self, features: torch.Tensor, patch_scores: torch.Tensor) -> torch.Tensor:
-        """Max patch score per image, optionally reweighted by the paper's Eq. 7."""
+    def _image_scores(self, features_at: Callable[[torch.Tensor], torch.Tensor], patch_scores: torch.Tensor
+                      ) -> torch.Tensor:
+        """Max patch score per image, optionally reweighted by the paper's Eq. 7 (``features_at(patches)``:
+        the features of one patch per image)."""
         best_patch = patch_scores.argmax(dim=1)
         scores = patch_scores.gather(1, best_patch[:, None]).squeeze(1)
         if self.reweight_neighbors is None:
             return scores
-        rows = torch.arange(len(features), device=features.device)
-        test_patch = features[rows, best_patch]  # m_test,*
+        test_patch = features_at(best_patch)  # m_test,*
         _, nearest = self.bank.search(test_patch, k=1)  # m*
         # N_b(m*): the b nearest bank features of m* (m* itself first); weight = 1 - softmax at m*.
         _, support = self.bank.search(self.bank.features[nearest[:, 0]], k=self.reweight_neighbors)
@@ -259,11 +275,26 @@ class PatchCore:
     @torch.no_grad()
     def score(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``images[B,3,H,W] -> (image scores [B], anomaly maps [B, H, W])``, both on the CPU."""
-        features, (h, w) = self.embed(images)
-        batch, patches, dim = features.shape
-        distances, _ = self.bank.search(features.reshape(-1, dim), k=self.num_neighbors)
-        patch_scores = distances.mean(dim=1).reshape(batch, patches)
-        image_scores = self._image_scores(features, patch_scores)
+        layers = self._feature_maps(images)
+        batch, rows = len(images), torch.arange(len(images), device=self.device)
+        if self.embedder.embed_dim is not None and sum(m.shape[1] for m in layers) < self.embedder.embed_dim:
+            # the embedding pools fewer channels up to D: search with its factors (same distances, less work)
+            channels, projection, (h, w) = self.embedder.factors(layers)
+            distances, _ = self.bank.search_factored(channels.reshape(-1, channels.shape[-1]), projection,
+                                                     k=self.num_neighbors)
+
+            def features_at(patches: torch.Tensor) -> torch.Tensor:
+                return channels[rows, patches] @ projection
+
+        else:
+            features, (h, w) = self.embedder(layers)
+            distances, _ = self.bank.search(features.reshape(-1, features.shape[-1]), k=self.num_neighbors)
+
+            def features_at(patches: torch.Tensor) -> torch.Tensor:
+                return features[rows, patches]
+
+        patch_scores = distances.mean(dim=1).reshape(batch, h * w)
+        image_scores = self._image_scores(features_at, patch_scores)
         maps = F.interpolate(
             patch_scores.reshape(batch, 1, h, w), size=images.shape[-2:], mode="bilinear", align_corners=False
         )

@@ -123,7 +123,9 @@ def pruned(monkeypatch):
         pytest.skip("numba is not installed")
     monkeypatch.setattr(memory_module, "_PRUNE_MIN_BANK", 10)
     monkeypatch.setattr(memory_module, "_PRUNE_PREFIX", 4)
-    monkeypatch.setattr(memory_module, "_BLOCK_ELEMENTS", 700 * 9)  # several query blocks, on threads
+    monkeypatch.setattr(memory_module, "_QUERY_BLOCK", 9)  # several query blocks, on threads
+    monkeypatch.setattr(memory_module, "_SEED_ROWS", 64)  # a seed region, then several streamed chunks
+    monkeypatch.setattr(memory_module, "_CHUNK_ROWS", 100)
 
 
 @pytest.mark.parametrize("make_bank", [lambda: torch.randn(700, 24), lambda: low_rank(700, rank=16)])
@@ -163,3 +165,25 @@ def test_pruned_search_sends_only_far_queries_to_the_matrix_product(pruned, monk
     assert torch.equal(indices, expected_indices)
     torch.testing.assert_close(distances, expected_distances, rtol=1e-4, atol=1e-3)
     assert sent and 0 < sum(sent) <= 30  # some far queries, and no near one, took the fallback
+
+
+@pytest.mark.parametrize("prune", [False, True])
+def test_search_factored_equals_search_of_the_product(pruned, prune) -> None:
+    """Queries given as ``channels @ projection`` (C=12 pooled up to D=40): the bank spans 8 of the 40
+    dimensions, so the coordinates and the part outside the span come from the 12-d factors."""
+    generator = torch.Generator().manual_seed(0)
+    projection = torch.randn(12, 40, generator=generator)
+    bank_channels = torch.randn(700, 8, generator=generator) @ torch.randn(8, 12, generator=generator)
+    bank = MemoryBank(bank_channels @ projection, prune=prune)
+    assert bank.basis is not None and bank.search_dim == 8 and bank._pruned == prune
+    near = bank_channels[:20] + 0.01 * torch.randn(20, 12, generator=generator)
+    queries = torch.cat([near, torch.randn(40, 12, generator=generator)])  # mostly outside the span
+    for k in (1, 3):
+        distances, indices = bank.search_factored(queries, projection, k=k)
+        expected_distances, expected_indices = brute(bank.features, queries @ projection, k)
+        assert torch.equal(indices, expected_indices)
+        torch.testing.assert_close(distances, expected_distances, rtol=1e-4, atol=1e-3)
+    full_rank = MemoryBank(torch.randn(300, 40, generator=generator), prune=False)
+    assert full_rank.basis is None  # no plan: the product is formed and searched as usual
+    distances, indices = full_rank.search_factored(queries, projection, k=2)
+    assert torch.equal(indices, brute(full_rank.features, queries @ projection, 2)[1])

@@ -28,21 +28,26 @@ def loader_of(images: torch.Tensor, batch_size: int = 3) -> torch.utils.data.Dat
     return torch.utils.data.DataLoader(dataset, batch_size=batch_size)
 
 
-def fitted(images: torch.Tensor, **kwargs) -> PatchCore:
-    model = PatchCore(PoolingExtractor(), PatchEmbedder(embed_dim=None), GreedyCoresetSampler(ratio=1.0),
+def fitted(images: torch.Tensor, embed_dim: int | None = None, **kwargs) -> PatchCore:
+    model = PatchCore(PoolingExtractor(), PatchEmbedder(embed_dim=embed_dim), GreedyCoresetSampler(ratio=1.0),
                       progress=False, **kwargs)
     model.fit(loader_of(images))
     return model
 
 
-def test_scores_and_maps_match_independent_computation() -> None:
+@pytest.mark.parametrize("embed_dim", [None, 8])  # 8: 3 channels pooled up to 8, searched by their factors
+def test_scores_and_maps_match_independent_computation(embed_dim, monkeypatch) -> None:
     generator = torch.Generator().manual_seed(0)
     train = torch.rand(5, 3, 32, 32, generator=generator)
     test = torch.rand(2, 3, 32, 32, generator=generator)
-    model = fitted(train)
+    model = fitted(train, embed_dim)
+    factored = []
+    search_factored = model.bank.search_factored
+    monkeypatch.setattr(model.bank, "search_factored", lambda *a, **k: factored.append(1) or search_factored(*a, **k))
     scores, maps = model.score(test)
+    assert bool(factored) == (embed_dim is not None)
 
-    embedder = PatchEmbedder(embed_dim=None)
+    embedder = PatchEmbedder(embed_dim=embed_dim)
     bank, _ = embedder([F.avg_pool2d(train, 4)])
     queries, (h, w) = embedder([F.avg_pool2d(test, 4)])
     bank = bank.reshape(-1, bank.shape[-1]).double()
@@ -82,16 +87,17 @@ def test_num_neighbors_averages_k_distances() -> None:
     assert scores.item() == pytest.approx(expected.item(), rel=1e-4)
 
 
-def test_eq7_reweighting_by_hand() -> None:
+@pytest.mark.parametrize("embed_dim", [None, 8])
+def test_eq7_reweighting_by_hand(embed_dim) -> None:
     train = torch.rand(4, 3, 16, 16, generator=torch.Generator().manual_seed(3))
     test = torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(4))
     b = 3
-    plain, _ = fitted(train).score(test)
-    weighted, _ = fitted(train, reweight_neighbors=b).score(test)
+    plain, _ = fitted(train, embed_dim).score(test)
+    weighted, _ = fitted(train, embed_dim, reweight_neighbors=b).score(test)
 
-    bank, _ = PatchEmbedder(embed_dim=None)([F.avg_pool2d(train, 4)])
-    bank = bank.reshape(-1, 3).double().numpy()
-    queries, _ = PatchEmbedder(embed_dim=None)([F.avg_pool2d(test, 4)])
+    bank, _ = PatchEmbedder(embed_dim=embed_dim)([F.avg_pool2d(train, 4)])
+    bank = bank.reshape(-1, bank.shape[-1]).double().numpy()
+    queries, _ = PatchEmbedder(embed_dim=embed_dim)([F.avg_pool2d(test, 4)])
     queries = queries[0].double().numpy()
     distances = np.linalg.norm(queries[:, None] - bank[None], axis=-1)
     worst = distances.min(axis=1).argmax()  # m_test,*
