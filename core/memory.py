@@ -9,7 +9,11 @@
   expressed in an orthonormal basis of that span about the bank's mean and the part of
   each query outside it is added back as a constant: the same distances (to float32
   rounding), several times fewer operations. Nothing to configure; it is skipped when the
-  bank is (nearly) full rank.
+  bank is (nearly) full rank. On the CPU (with numba), banks of ``_PRUNE_MIN_BANK`` rows or
+  more are searched with a lower bound from the first principal axes that rules out almost
+  every pair before its distance is computed (``_search_pruned``): still exact.
+  ``search_factored`` takes queries as ``channels @ projection`` (an embedding that pools few
+  channels up to many dimensions) and does the per-query work in the channels' dimension.
 - ``backend="faiss"``: ``index="flat"`` (exact, faiss's BLAS search) or ``index="ivf"``
   (inverted lists: ``nlist`` k-means cells, ``nprobe`` of them searched per query;
   approximate, distances of the neighbours found are exact). Runs on the GPU when the bank
