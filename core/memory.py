@@ -686,8 +686,12 @@ class MemoryOptions:
             raise ValueError(f"memory.spill_above_gb={self.spill_above_gb} must be >= 0")
         self.new_bank()  # validates backend/index/nlist/nprobe
 
+    def search_options(self) -> dict:
+        """What a bank needs to be searched as configured (saved with a model)."""
+        return {"backend": self.backend, "index": self.index, "nlist": self.nlist, "nprobe": self.nprobe}
+
     def new_bank(self) -> MemoryBank:
-        return MemoryBank(backend=self.backend, index=self.index, nlist=self.nlist, nprobe=self.nprobe)
+        return MemoryBank(**self.search_options())
 
     def new_buffer(self, rows: int, dim: int, device: str | torch.device = "cpu") -> FeatureBuffer:
         dtype = DTYPES[self.dtype]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import logging
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
@@ -29,6 +30,8 @@ from core.features import PatchEmbedder
 from core.io import write_json_atomic
 from core.memory import DTYPES, DiskFeatures, FeatureBuffer, MemoryBank, MemoryOptions
 from core.threads import single_threaded_torch
+
+log = logging.getLogger(__name__)
 
 MODEL_FORMAT_VERSION = 1
 # Images per backbone call on a CPU: with more, the activations no longer fit in the caches and a
@@ -325,15 +328,17 @@ class PatchCore:
         directory = Path(directory)
         self.bank.save(directory / "bank.pt")
         record = {**self.spec(), "grid": list(self.grid or []), "input_size": list(self.input_size or []),
-                  "bank_size": len(self.bank),
+                  "bank_size": len(self.bank), "search": self.memory.search_options(),
                   "metadata": metadata if metadata is not None else self.metadata}
         write_json_atomic(directory / "model.json", record)
         return directory
 
     @classmethod
     def load(cls, directory: str | Path, expected_spec: dict | None = None, device: str = "cpu",
-             progress: bool = True) -> PatchCore:
-        """Rebuild a saved model; refuse it when ``expected_spec`` (see ``spec()``) differs."""
+             progress: bool = True, memory: MemoryOptions | None = None) -> PatchCore:
+        """Rebuild a saved model; refuse it when ``expected_spec`` (see ``spec()``) differs. The bank is
+        searched as when it was fitted (``memory.backend``, ``index``, ``nlist``, ``nprobe``, saved in
+        ``model.json``) unless ``memory`` says otherwise."""
         directory = Path(directory)
         spec_file, bank_file = directory / "model.json", directory / "bank.pt"
         if not spec_file.is_file() or not bank_file.is_file():
@@ -359,8 +364,9 @@ class PatchCore:
             blur_sigma=record["blur_sigma"],
             device=device,
             progress=progress,
+            memory=memory or _saved_memory_options(record.get("search", {}), directory),
         )
-        model.bank = MemoryBank.load(bank_file).to(model.device)
+        model.bank = MemoryBank.load(bank_file, **model.memory.search_options()).to(model.device)
         model.grid = tuple(record["grid"]) if record.get("grid") else None
         model.metadata = record.get("metadata", {})
         if record.get("input_size"):
@@ -375,6 +381,17 @@ class PatchCore:
                 f"saved model {directory} does not match this code: it now gives {features.shape[-1]}-d features "
                 f"on a {grid} grid, the bank holds {self.bank.dim}-d features from a {self.grid} grid; refit it"
             )
+
+
+def _saved_memory_options(search: dict, directory: Path) -> MemoryOptions:
+    """The search options a model was saved with; exact search when they need faiss and it is missing
+    (the same neighbours or closer ones, only slower)."""
+    try:
+        return MemoryOptions(**search)
+    except ImportError:
+        log.warning("%s was fitted with memory.backend=faiss, which is not installed here: searching it "
+                    "exactly (pip install faiss-cpu to search it as it was)", directory)
+        return MemoryOptions(**{**search, "backend": "exact"})
 
 
 def _build(spec: dict) -> FeatureExtractor:

@@ -127,6 +127,40 @@ def test_save_load_round_trip_and_mismatch(tmp_path) -> None:
     assert PatchCore.load(tmp_path / "model", expected_spec=model.spec()).bank.features.shape[1] == 64
 
 
+def test_saved_model_is_searched_as_fitted(tmp_path, monkeypatch, caplog) -> None:
+    pytest.importorskip("faiss")
+    from core.memory import MemoryOptions
+
+    train = torch.rand(4, 3, 64, 64, generator=torch.Generator().manual_seed(7))
+    test = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(8))
+    extractor = TorchvisionCNN("resnet18", ["layer2", "layer3"], pretrained=False)
+
+    def fitted(memory: MemoryOptions | None = None) -> PatchCore:
+        model = PatchCore(extractor, PatchEmbedder(embed_dim=64), GreedyCoresetSampler(ratio=1.0), progress=False,
+                          memory=memory)
+        model.fit(loader_of(train))
+        return model
+
+    options = MemoryOptions(backend="faiss", index="ivf", nlist=4, nprobe=2)
+    model = fitted(options)
+    model.save(tmp_path / "model")
+    loaded = PatchCore.load(tmp_path / "model")
+    assert loaded.memory.search_options() == options.search_options()
+    assert (loaded.bank.backend, loaded.bank.index, loaded.bank.nlist, loaded.bank.nprobe) == ("faiss", "ivf", 4, 2)
+    for before, after in zip(model.score(test), loaded.score(test)):
+        torch.testing.assert_close(before, after)
+    assert PatchCore.load(tmp_path / "model", memory=MemoryOptions()).bank.backend == "exact"  # an override
+
+    def no_faiss():
+        raise ImportError("no faiss here")
+
+    monkeypatch.setattr("core.memory._import_faiss", no_faiss)
+    with caplog.at_level("WARNING"):
+        moved = PatchCore.load(tmp_path / "model")  # on a machine without faiss: exact, with a warning
+    assert moved.bank.backend == "exact" and "not installed here" in caplog.text
+    torch.testing.assert_close(moved.score(test)[0], fitted().score(test)[0])
+
+
 def test_fit_report_counts() -> None:
     model = PatchCore(PoolingExtractor(), PatchEmbedder(embed_dim=None), GreedyCoresetSampler(ratio=0.25),
                       progress=False)
