@@ -67,7 +67,7 @@ _SAMPLE_ROWS = 4096
 _SPAN_CHECK = 1e-6
 # Pruned exact search: columns of the lower bound (principal axes + the norm of the rest), and the
 # smallest bank it is used for.
-_PRUNE_PREFIX = 48
+_BOUND_WIDTH = 48
 _PRUNE_MIN_BANK = 4096
 _PRUNE_GIVE_UP = 0.02  # a query needing full distances to more than this fraction of the bank goes to GEMM
 _QUERY_BLOCK = 256  # queries per block: one Python thread's unit of work
@@ -118,7 +118,7 @@ class MemoryBank:
         self.norms = torch.empty(0)
         self.device = torch.device("cpu")
         self._faiss = None
-        self._plans: dict[int, tuple] = {}
+        self._plans: dict[int, tuple] = {}  # search_factored's per-projection matrices
         if features is not None:
             self.build(features)
 
@@ -149,7 +149,7 @@ class MemoryBank:
                 self.basis, self.coords, self._outside = basis, coords, True
         search_dim = dim if self.basis is None else rank
         self._pruned = (self.prune and self.backend == "exact" and numba is not None and features.device.type == "cpu"
-                        and len(features) >= _PRUNE_MIN_BANK and search_dim > _PRUNE_PREFIX)
+                        and len(features) >= _PRUNE_MIN_BANK and search_dim > _BOUND_WIDTH)
         if self.basis is None and self._pruned:  # full rank: rotate to the principal axes for the bound
             self.basis = vectors.flip(1).float().contiguous()
             self.coords = self._transform(self.basis)[0]
@@ -157,12 +157,12 @@ class MemoryBank:
             self.coords = self._transform(None)[0]
         self.norms = (self.coords * self.coords).sum(dim=1)
         if self._pruned:  # the bound's columns and the bank norms (shrunk by the tolerance), used by every search
-            self._bound_columns = _bound_columns(self.coords, _PRUNE_PREFIX)
+            self._bound_columns = _bound_columns(self.coords, _BOUND_WIDTH)
             self._bound_norms = (self.norms * (1 - _TOL)).numpy()
         self._faiss = None
         if self.backend == "faiss":
             self._faiss = self._build_faiss()
-        self._plans: dict[int, tuple] = {}  # search_factored's per-projection matrices
+        self._plans = {}  # search_factored's per-projection matrices belong to this basis
 
     def _transform(self, basis: torch.Tensor | None, chunk: int = 16384) -> tuple[torch.Tensor, float, float]:
         """``(features - mean) @ basis`` block by block, with the total and the kept squared length."""
@@ -332,7 +332,7 @@ class MemoryBank:
         """Exact k-NN, computing full distances only where a cheap lower bound cannot rule a pair out.
 
         With ``p`` the first principal axes and ``r`` the rest, ``|q - b|^2 >= |q|^2 + |b|^2 - 2 (q_p.b_p +
-        |q_r| |b_r|)``: one matrix product with ``_PRUNE_PREFIX`` columns gives every bound. Per block of
+        |q_r| |b_r|)``: one matrix product with ``_BOUND_WIDTH`` columns gives every bound. Per block of
         queries, the first ``_SEED_ROWS`` bank rows give each query its k best so far (the smallest bounds'
         exact distances); then the bank is streamed in cache-sized chunks, and a pair gets its exact
         distance only when its bound is below the query's current k-th best (``_refine``). Bounds are

@@ -118,11 +118,11 @@ def test_memory_options_are_checked() -> None:
 
 @pytest.fixture
 def pruned(monkeypatch):
-    """Bound-pruned exact search on small banks, with a prefix far shorter than the search dimension."""
+    """Bound-pruned exact search on small banks, with a bound far narrower than the search dimension."""
     if memory_module.numba is None:
         pytest.skip("numba is not installed")
     monkeypatch.setattr(memory_module, "_PRUNE_MIN_BANK", 10)
-    monkeypatch.setattr(memory_module, "_PRUNE_PREFIX", 4)
+    monkeypatch.setattr(memory_module, "_BOUND_WIDTH", 4)
     monkeypatch.setattr(memory_module, "_QUERY_BLOCK", 9)  # several query blocks, on threads
     monkeypatch.setattr(memory_module, "_SEED_ROWS", 64)  # a seed region, then several streamed chunks
     monkeypatch.setattr(memory_module, "_CHUNK_ROWS", 100)
