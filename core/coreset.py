@@ -80,6 +80,12 @@ def _project(features, projection: torch.Tensor | None, chunk: int = 16384) -> t
     return out
 
 
+def column_mean(points: torch.Tensor, chunk: int = 16384) -> torch.Tensor:
+    """Float64 mean of the rows, a chunk at a time: torch's ``mean(dtype=float64)`` casts the whole tensor
+    first (4 GB for the projected features of 5,000 training images)."""
+    return sum(block.double().sum(dim=0) for block in points.split(chunk)) / len(points)
+
+
 def _squared_norms(points: torch.Tensor, chunk: int = 65536) -> torch.Tensor:
     """Row-wise squared norms, a chunk of rows at a time: ``(points * points).sum(1)`` would hold a second
     copy of the points (2 GB for 5,000 training images)."""
@@ -143,8 +149,7 @@ def _plain_loop(points: torch.Tensor, norms: torch.Tensor, min_distances: torch.
 
 def _principal_frame(points: torch.Tensor, chunk: int = 16384) -> torch.Tensor:
     """Rotate (in place) to the principal axes about the mean: distances unchanged, variance first."""
-    # chunk by chunk: torch's mean(dtype=float64) casts the whole tensor first (4 GB for 5,000 images)
-    mean = sum(block.double().sum(dim=0) for block in points.split(chunk)) / len(points)
+    mean = column_mean(points, chunk)
     covariance = torch.zeros(points.shape[1], points.shape[1], dtype=torch.float64, device=points.device)
     for i in range(0, len(points), chunk):
         block = points[i : i + chunk].double() - mean

@@ -43,6 +43,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from core.coreset import column_mean
 from core.io import atomic_write
 from core.threads import single_threaded_torch
 
@@ -135,7 +136,7 @@ class MemoryBank:
         bank's span when that has clearly fewer dimensions (checked on every bank row)."""
         features = self.features
         dim = features.shape[1]
-        self.mean = features.mean(dim=0, dtype=torch.float64).float()
+        self.mean = column_mean(features).float()
         generator = torch.Generator().manual_seed(0)
         sample = torch.randperm(len(features), generator=generator)[:_SAMPLE_ROWS].to(features.device)
         centred = features[sample].double() - self.mean.double()

@@ -47,6 +47,7 @@ from core.data import TexturesDataset
 from core.features import PatchEmbedder
 from core.memory import MemoryBank, MemoryOptions
 from core.patchcore import PatchCore, collect_predictions
+from experiments.results import peak_rss_mb
 
 REPO = Path(__file__).resolve().parents[1]
 STAGES = ("extract", "coreset", "coreset_reference", "search", "predict", "fit", "fit_warm_cache", "backbone_only")
@@ -95,12 +96,9 @@ def _status_mb(field: str) -> float | None:
 
 
 def rss_mb() -> float:
+    """Current resident memory; the lifetime peak where /proc is missing."""
     current = _status_mb("VmRSS")
-    if current is not None:
-        return current
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+    return current if current is not None else peak_rss_mb()
 
 
 @contextmanager
