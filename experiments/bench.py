@@ -47,7 +47,7 @@ from core.data import TexturesDataset
 from core.features import PatchEmbedder
 from core.memory import MemoryBank, MemoryOptions
 from core.patchcore import PatchCore, collect_predictions
-from experiments.results import peak_rss_mb
+from experiments.runs.results import peak_rss_mb
 
 REPO = Path(__file__).resolve().parents[1]
 STAGES = ("extract", "coreset", "coreset_reference", "search", "predict", "fit", "fit_warm_cache", "backbone_only")

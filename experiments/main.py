@@ -29,8 +29,8 @@ from core.io import write_json_atomic
 from core.metrics import compute_metrics
 from core.patchcore import PatchCore, Predictions
 from core.thresholds import ThresholdRule, decide
-from experiments.anomaly_maps import MAPS_DIR, save_maps
-from experiments.results import (
+from experiments.runs.anomaly_maps import MAPS_DIR, save_maps
+from experiments.runs.results import (
     format_table,
     git_commit,
     mean_metrics,
@@ -38,8 +38,8 @@ from experiments.results import (
     versions,
     write_scores_csv,
 )
-from experiments.run_key import config_hash, skip_if_done
-from experiments.tracking import NoLogger, make_tracker
+from experiments.runs.run_key import config_hash, skip_if_done
+from experiments.runs.tracking import NoLogger, make_tracker
 from extensions.checkpoint import per_category_backbones
 
 log = logging.getLogger("patchcore")

@@ -31,8 +31,8 @@ from core.data import IMAGE_EXTENSIONS, DatasetError, Preprocessing, read_image
 from core.io import atomic_write, write_csv_atomic
 from core.patchcore import ModelMismatchError, PatchCore
 from core.thresholds import segment
-from experiments.anomaly_maps import colorize
-from experiments.main import resolve_device
+from experiments.runs.anomaly_maps import colorize
+from experiments.runs.components import resolve_device
 
 log = logging.getLogger("predict")
 

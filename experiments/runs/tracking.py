@@ -93,7 +93,7 @@ class WandbLogger(NoLogger):
             import wandb
         except ImportError:
             raise ImportError("wandb is not installed (pip install wandb), or use logger=none") from None
-        from experiments.run_key import config_hash
+        from experiments.runs.run_key import config_hash
 
         self._wandb = wandb
         folder = Path(self.dir) if self.dir else Path(run_dir)
