@@ -1,8 +1,9 @@
-"""Atomic writes: a file is either the old version or the complete new one, never half-written."""
+"""Atomic writes (a file is either the old version or the complete new one, never half-written) and file digests."""
 
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 import os
@@ -48,3 +49,12 @@ def write_csv_atomic(path: str | Path, columns: Sequence[str], rows: Iterable[di
     writer.writeheader()
     writer.writerows(rows)
     return write_text_atomic(path, buffer.getvalue())
+
+
+def file_sha256(path: str | Path) -> str:
+    """Hex SHA-256 of a file, read in 1 MiB blocks (weights files are hundreds of MB)."""
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

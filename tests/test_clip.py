@@ -17,7 +17,7 @@ from hydra.utils import instantiate
 from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 from open_clip.pretrained import get_pretrained_cfg
 
-import core.backbones as backbones
+import core.backbones.weights as weights
 from core.backbones import OpenClipVisual, WeightsNotFoundError
 from core.coreset import GreedyCoresetSampler
 from core.features import PatchEmbedder
@@ -42,7 +42,7 @@ def offline_hub(tmp_path, monkeypatch) -> Path:
         raise AssertionError("the hub must not be contacted offline")
 
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", no_network)
-    monkeypatch.setattr(backbones, "_hub_unreachable", no_network)
+    monkeypatch.setattr(weights, "_hub_unreachable", no_network)
     return tmp_path / "hf" / "hub"
 
 
@@ -195,7 +195,7 @@ def test_unreachable_hub_and_failed_download(tmp_path, monkeypatch) -> None:
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(backbones, "_hub_unreachable", lambda: "cannot connect to huggingface.co:443 (test)")
+    monkeypatch.setattr(weights, "_hub_unreachable", lambda: "cannot connect to huggingface.co:443 (test)")
     with pytest.raises(WeightsNotFoundError, match=r"RN50 with tag 'openai'.*cannot connect.*cache"):
         OpenClipVisual("RN50", ["layer2", "layer3"], pretrained="openai")
 
@@ -204,7 +204,7 @@ def test_unreachable_hub_and_failed_download(tmp_path, monkeypatch) -> None:
     def failing_download(repo_id, filename, **kwargs):
         raise OSError(f"no route to {repo_id}/{filename}")
 
-    monkeypatch.setattr(backbones, "_hub_unreachable", lambda: None)
+    monkeypatch.setattr(weights, "_hub_unreachable", lambda: None)
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", failing_download)
     with pytest.raises(WeightsNotFoundError) as error:
         OpenClipVisual("RN50", ["layer2", "layer3"], pretrained="openai")
