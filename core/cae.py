@@ -3,8 +3,8 @@
 Trained on nominal images only, it reconstructs what it has learnt; defects reconstruct
 badly. Residual map = 1 - SSIM(input, reconstruction) (or the squared error for the L2
 variant), upsampled to the evaluation crop and smoothed like PatchCore's maps; image
-score = maximum of the smoothed map. Same ``fit``/``predict`` interface as PatchCore, so its
-runs land in the same results files and tables.
+score = maximum of the smoothed map. It implements ``core.detector.Detector`` like PatchCore, so its
+runs go through the same harness and land in the same results files and tables.
 """
 
 from __future__ import annotations
@@ -21,8 +21,9 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from core.blur import gaussian_blur
+from core.detector import FitReport, Predictions, collect_predictions
 from core.io import atomic_write, write_json_atomic
-from core.patchcore import FitReport, Predictions, collect_predictions, gaussian_blur
 
 LOSSES = ("ssim", "l2")
 
@@ -74,7 +75,7 @@ class CAE:
     def __init__(self, image_size: int = 128, latent_dim: int = 100, loss: str = "ssim", epochs: int = 25,
                  batch_size: int = 8, lr: float = 1e-3, weight_decay: float = 1e-5, ssim_window: int = 11,
                  blur_sigma: float = 4.0, seed: int = 0, device: str | torch.device = "cpu",
-                 progress: bool = True, checkpoint: str | Path | None = None) -> None:
+                 progress: bool = True) -> None:
         if loss not in LOSSES:
             raise ValueError(f"model.loss={loss!r}: choose one of {LOSSES}")
         if epochs < 1 or batch_size < 1:
@@ -84,11 +85,11 @@ class CAE:
                              blur_sigma=blur_sigma, seed=seed)
         self.device = torch.device(device)
         self.progress = progress
-        self.checkpoint = Path(checkpoint) if checkpoint else None
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             self.network = ConvAutoencoder(image_size, latent_dim).to(self.device)
         self.loss_log: list[float] = []
+        self.metadata: dict = {}
 
     def _to_model_size(self, images: torch.Tensor) -> torch.Tensor:
         size = self.settings["image_size"]
@@ -122,11 +123,9 @@ class CAE:
                 self.loss_log.append(loss.item())
                 steps.update()
                 steps.set_postfix(loss=f"{self.loss_log[-1]:.4f}")
-            if self.checkpoint is not None:
-                self.save(self.checkpoint)
         steps.close()
         self.network.eval()
-        return FitReport(len(dataset), 0, 0, time.perf_counter() - start, 0.0)
+        return FitReport(len(dataset), None, None, {"train": time.perf_counter() - start})
 
     @torch.no_grad()
     def score(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

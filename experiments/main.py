@@ -1,9 +1,10 @@
-"""Fit PatchCore on each requested category and evaluate it: ``python experiments/main.py [overrides]``.
+"""Fit a detector on each requested category and evaluate it: ``python experiments/main.py [overrides]``.
 
-Everything is built from ``conf/`` by ``hydra.utils.instantiate``; this file only wires the
-pieces together and writes the run record (results.json, scores.csv, saved models) into the
-Hydra output folder. Settings are checked, the dataset layout resolved and the backbone's
-weights loaded before any category starts, so a bad setting fails in seconds.
+``instantiate(cfg.model)`` builds the detector (PatchCore with its extractor, embedder, sampler,
+search and storage, or the CAE baseline); this file only runs it category by category and writes
+the run record (results.json, scores.csv, maps, saved models) into the Hydra output folder.
+Settings are checked, the dataset layout resolved and the backbone's weights loaded before any
+category starts, so a bad setting fails in seconds.
 """
 
 from __future__ import annotations
@@ -16,20 +17,19 @@ import hydra
 import numpy as np
 import torch
 from hydra.core.hydra_config import HydraConfig
-from hydra.errors import InstantiationException
 from hydra.types import RunMode
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 
 from core.backbones import FeatureExtractor
-from core.cae import CAE
-from core.data import AnomalyDataset, MVTecLayout, Sample
+from core.data import AnomalyDataset, MVTecLayout
+from core.detector import Detector
 from core.io import write_json_atomic
-from core.metrics import compute_metrics
-from core.patchcore import PatchCore, Predictions
-from core.thresholds import ThresholdRule, decide
+from core.thresholds import ThresholdRule
 from experiments.runs.anomaly_maps import MAPS_DIR, save_maps
+from experiments.runs.backbones import per_category_backbones
+from experiments.runs.components import build, resolve_device
+from experiments.runs.evaluation import apply_threshold, evaluate, score_rows, split_validation
 from experiments.runs.results import (
     format_table,
     git_commit,
@@ -40,163 +40,101 @@ from experiments.runs.results import (
 )
 from experiments.runs.run_key import config_hash, skip_if_done
 from experiments.runs.tracking import NoLogger, make_tracker
-from extensions.checkpoint import per_category_backbones
 
 log = logging.getLogger("patchcore")
 
 
-def build(node: DictConfig | dict):
-    """``instantiate``, re-raising the component's own error: its message names the setting to fix."""
-    try:
-        return instantiate(node)
-    except InstantiationException as error:
-        if error.__cause__ is not None:
-            raise error.__cause__ from None
-        raise
+class Harness:
+    """One run: the checked settings, the layout and (for PatchCore) the extractor, shared by every category."""
 
+    def __init__(self, cfg: DictConfig, run_dir: Path) -> None:
+        self.cfg, self.run_dir = cfg, run_dir
+        build(cfg.coreset)  # rejects a bad coreset.ratio (and the other settings below) before any work
+        build(cfg.search)
+        build(cfg.storage)
+        self.device = resolve_device(cfg.device)
+        self.layout: MVTecLayout = build(cfg.dataset)
+        self.categories = self.layout.resolve_categories(cfg.category)
+        for category in self.categories:  # layout errors (missing folders, no images) before any model work
+            self.layout.train_samples(category, seed=cfg.seed)
+            self.layout.test_samples(category)
+        self.rule: ThresholdRule | None = build(cfg.threshold) if "_target_" in cfg.threshold else None
+        self.uses_extractor = "extractor" in cfg.model  # PatchCore; the CAE has no backbone
+        self.per_category = per_category_backbones(cfg, self.categories) if self.uses_extractor else None
+        self.extractor: FeatureExtractor | None = None
+        if self.uses_extractor:
+            self.extractor = self._extractor(self.categories[0])
+            self._fit_input_size(self.extractor)
+            log.info("backbone %s (layers %s) on %s; dataset %s, categories %s", self.extractor.name,
+                     self.extractor.layers, self.device, self.layout.name, self.categories)
+        else:
+            log.info("model %s (backbone settings unused); dataset %s, categories %s", cfg.model._target_,
+                     self.layout.name, self.categories)
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device=cuda but no CUDA device is available: use device=cpu or device=auto")
-    if name not in ("cpu", "cuda"):
-        raise ValueError(f"device={name!r}: choose auto, cpu or cuda")
-    return torch.device(name)
+    def _extractor(self, category: str) -> FeatureExtractor:
+        return build(self.per_category[category] if self.per_category else self.cfg.backbone)
 
+    def _fit_input_size(self, extractor: FeatureExtractor) -> None:
+        """Models with fixed position embeddings (CLIP ViTs, the @336 models) dictate the crop size."""
+        input_size = getattr(extractor, "input_size", None)
+        if input_size and input_size != self.layout.image_size:
+            self.layout.image_size, self.layout.resize = input_size, round(input_size * 256 / 224)
+            log.info("%s expects %d px inputs: using resize %d, crop %d", extractor.name, input_size,
+                     self.layout.resize, self.layout.image_size)
 
-def build_model(cfg: DictConfig, extractor: FeatureExtractor | None, device: torch.device) -> PatchCore | CAE:
-    """PatchCore from the backbone + `patchcore`/`coreset` settings, or the CAE baseline (`model=cae`)."""
-    if cfg.model.name == "cae":
-        settings = {key: value for key, value in cfg.model.items() if key != "name"}
-        return build({**settings, "device": str(device), "progress": cfg.progress})
-    return PatchCore(
-        extractor,
-        embedder=build({"_target_": "core.features.PatchEmbedder", "embed_dim": cfg.patchcore.embed_dim,
-                        "patch_size": cfg.patchcore.patch_size}),
-        sampler=build(cfg.coreset),
-        num_neighbors=cfg.patchcore.num_neighbors,
-        reweight_neighbors=cfg.patchcore.reweight_neighbors,
-        blur_sigma=cfg.patchcore.blur_sigma,
-        device=device,
-        progress=cfg.progress,
-        memory=build(cfg.memory),
-    )
+    def new_model(self, category: str) -> Detector:
+        """``instantiate(cfg.model)``, handing over the extractor already built (its weights loaded once)."""
+        if not self.uses_extractor:
+            return build(self.cfg.model, device=str(self.device))
+        if self.per_category and category != self.categories[0]:
+            self.extractor = self._extractor(category)
+        return build(self.cfg.model, extractor=self.extractor, device=str(self.device))
 
+    def loader(self, dataset: AnomalyDataset) -> DataLoader:
+        return DataLoader(dataset, batch_size=self.cfg.batch_size, num_workers=self.cfg.num_workers,
+                          pin_memory=self.device.type == "cuda")
 
-def split_validation(samples: list[Sample], fraction: float, seed: int) -> tuple[list[Sample], list[Sample]]:
-    """Hold out a seeded ``fraction`` of the nominal training images; they never enter the model."""
-    if fraction <= 0:
-        return samples, []
-    count = max(1, round(fraction * len(samples)))
-    if count >= len(samples):
-        raise ValueError(f"threshold.validation_fraction={fraction} leaves no training image of {len(samples)}: "
-                         f"lower it or add train/good images")
-    held = set(np.random.default_rng(seed).permutation(len(samples))[:count].tolist())
-    return ([s for i, s in enumerate(samples) if i not in held], [s for i, s in enumerate(samples) if i in held])
-
-
-def pixel_arrays(predictions: Predictions) -> tuple[np.ndarray | None, np.ndarray]:
-    """Masks and maps of the images whose masks are known (None when no defect image has one)."""
-    with_mask = predictions.has_mask
-    if not (with_mask & (predictions.labels == 1)).any():
-        return None, predictions.maps
-    return predictions.masks[with_mask], predictions.maps[with_mask]
-
-
-def apply_threshold(rule: ThresholdRule, nominal: Predictions | None, predictions: Predictions) -> dict:
-    """The rule's image/pixel thresholds and the test set's decisions under them."""
-    masks, maps = pixel_arrays(predictions)
-    image_t, pixel_t = rule.thresholds(
-        None if nominal is None else nominal.image_scores, None if nominal is None else nominal.maps,
-        predictions.labels, predictions.image_scores, masks, maps)
-    decisions = decide(predictions.labels, predictions.image_scores, image_t)
-    return {**rule.describe(), "image_threshold": image_t, "pixel_threshold": pixel_t,
-            "n_validation": 0 if nominal is None else len(nominal.image_scores),
-            "precision": decisions.precision, "recall": decisions.recall, "f1": decisions.f1,
-            "accuracy": decisions.accuracy,
-            "confusion": {"tp": decisions.tp, "fp": decisions.fp, "tn": decisions.tn, "fn": decisions.fn}}
-
-
-def evaluate(predictions: Predictions) -> tuple[dict, str | None]:
-    """Metrics of one category; pixel metrics only over images whose masks are known."""
-    masks, maps = pixel_arrays(predictions)
-    note = None
-    if masks is None:
-        note = "no ground-truth masks: pixel metrics not computed"
-    elif not predictions.has_mask[predictions.labels == 1].all():
-        note = "pixel metrics over the defect types that have masks only"
-    return compute_metrics(predictions.labels, predictions.image_scores, maps, masks), note
-
-
-def run_category(cfg: DictConfig, layout: MVTecLayout, extractor: FeatureExtractor | None, category: str,
-                 device: torch.device, run_dir: Path, rule: ThresholdRule | None = None) -> tuple[dict, list[dict]]:
-    normalisation = (CAE.mean, CAE.std, CAE.interpolation) if extractor is None else (
-        extractor.mean, extractor.std, extractor.interpolation)
-    preprocessing = layout.preprocessing(*normalisation)
-    fit_samples, held_out = split_validation(layout.train_samples(category, seed=cfg.seed),
-                                             rule.validation_fraction if rule else 0.0, cfg.seed)
-
-    def loader(dataset: AnomalyDataset) -> DataLoader:
-        return DataLoader(dataset, batch_size=cfg.batch_size, num_workers=cfg.num_workers,
-                          pin_memory=device.type == "cuda")
-
-    test_loader = loader(layout.test_set(category, preprocessing))
-    model = build_model(cfg, extractor, device)
-    log.info("[%s] fitting on %d nominal images (%d held out for the threshold)", category, len(fit_samples),
-             len(held_out))
-    fit = model.fit(loader(AnomalyDataset(fit_samples, preprocessing)))
-    log.info("[%s] fitted: bank %d of %d patches (extract %.1fs, coreset %.1fs)", category, fit.bank_size,
-             fit.n_patches, fit.extract_s, fit.coreset_s)
-    start = time.perf_counter()
-    predictions = model.predict(test_loader)
-    predict_s = time.perf_counter() - start
-    metrics, note = evaluate(predictions)
-    if note:
-        log.warning("[%s] %s", category, note)
-    threshold = None
-    if rule is not None:
-        nominal = model.predict(loader(AnomalyDataset(held_out, preprocessing))) if held_out else None
-        threshold = apply_threshold(rule, nominal, predictions)
-        log.info("[%s] %s threshold %.4g%s: precision %s, recall %s, confusion %s", category, rule.name,
-                 threshold["image_threshold"], " (optimistic: chosen on the test labels)" if rule.optimistic else "",
-                 threshold["precision"], threshold["recall"], threshold["confusion"])
-    n_maps = OmegaConf.select(cfg, "viz.n", default=0) or 0
-    if n_maps > 0:  # a few anomaly maps for W&B and the report (format: experiments/anomaly_maps.py)
-        save_maps(run_dir / MAPS_DIR / category, predictions, test_loader.dataset, preprocessing, n_maps,
-                  threshold)
-    if cfg.save_model:
-        saved = model.save(run_dir / "models" / category,
-                           metadata={"category": category, "preprocessing": preprocessing.__dict__,
-                                     "threshold": threshold, "config": OmegaConf.to_container(cfg, resolve=True)})
-        log.info("[%s] model saved to %s", category, saved)
-    is_cae = isinstance(model, CAE)
-    entry = {
-        **metrics,
-        "n_train": fit.n_images,
-        "n_test": len(predictions.image_scores),
-        "bank_size": None if is_cae else fit.bank_size,
-        "pixel_metrics_note": note,
-        "timings_s": ({"train": fit.extract_s, "extract": None, "coreset": None, "predict": predict_s} if is_cae
-                      else {"extract": fit.extract_s, "coreset": fit.coreset_s, "predict": predict_s}),
-    }
-    if threshold is not None:
-        entry["threshold"] = threshold
-    rows = [
-        {"category": category, "path": path, "defect_type": defect, "label": int(label), "image_score": float(score)}
-        for path, defect, label, score in zip(predictions.paths, predictions.defect_types, predictions.labels,
-                                              predictions.image_scores)
-    ]
-    return entry, rows
-
-
-def fit_input_size(layout: MVTecLayout, extractor: FeatureExtractor) -> None:
-    """Models with fixed position embeddings (CLIP ViTs, the @336 models) dictate the crop size."""
-    input_size = getattr(extractor, "input_size", None)
-    if input_size and input_size != layout.image_size:
-        layout.image_size, layout.resize = input_size, round(input_size * 256 / 224)
-        log.info("%s expects %d px inputs: using resize %d, crop %d", extractor.name, input_size,
-                 layout.resize, layout.image_size)
+    def run_category(self, category: str) -> tuple[dict, list[dict]]:
+        """Fit on the category's nominal images, predict its test set, evaluate, save what was asked."""
+        cfg = self.cfg
+        model = self.new_model(category)
+        preprocessing = self.layout.preprocessing(model.mean, model.std, model.interpolation)
+        fit_samples, held_out = split_validation(self.layout.train_samples(category, seed=cfg.seed),
+                                                 self.rule.validation_fraction if self.rule else 0.0, cfg.seed)
+        test_loader = self.loader(self.layout.test_set(category, preprocessing))
+        log.info("[%s] fitting on %d nominal images (%d held out for the threshold)", category, len(fit_samples),
+                 len(held_out))
+        fit = model.fit(self.loader(AnomalyDataset(fit_samples, preprocessing)))
+        log.info("[%s] fitted: %s", category, ", ".join(f"{k} {v:.1f}s" for k, v in fit.timings_s.items()))
+        start = time.perf_counter()
+        predictions = model.predict(test_loader)
+        predict_s = time.perf_counter() - start
+        metrics, note = evaluate(predictions)
+        if note:
+            log.warning("[%s] %s", category, note)
+        threshold = None
+        if self.rule is not None:
+            nominal = model.predict(self.loader(AnomalyDataset(held_out, preprocessing))) if held_out else None
+            threshold = apply_threshold(self.rule, nominal, predictions)
+            log.info("[%s] %s threshold %.4g%s: precision %s, recall %s, confusion %s", category, self.rule.name,
+                     threshold["image_threshold"],
+                     " (optimistic: chosen on the test labels)" if self.rule.optimistic else "",
+                     threshold["precision"], threshold["recall"], threshold["confusion"])
+        n_maps = OmegaConf.select(cfg, "viz.n", default=0) or 0
+        if n_maps > 0:  # a few anomaly maps for W&B and the report (format: experiments/runs/anomaly_maps.py)
+            save_maps(self.run_dir / MAPS_DIR / category, predictions, test_loader.dataset, preprocessing, n_maps,
+                      threshold)
+        if cfg.save_model:
+            saved = model.save(self.run_dir / "models" / category,
+                               metadata={"category": category, "preprocessing": preprocessing.__dict__,
+                                         "threshold": threshold, "config": OmegaConf.to_container(cfg, resolve=True)})
+            log.info("[%s] model saved to %s", category, saved)
+        entry = {**metrics, "n_train": fit.n_images, "n_test": len(predictions.image_scores),
+                 "bank_size": fit.bank_size, "pixel_metrics_note": note,
+                 "timings_s": {**fit.timings_s, "predict": predict_s}}
+        if threshold is not None:
+            entry["threshold"] = threshold
+        return entry, score_rows(category, predictions)
 
 
 def run(cfg: DictConfig, run_dir: Path, tracker: NoLogger | None = None) -> dict:
@@ -205,47 +143,25 @@ def run(cfg: DictConfig, run_dir: Path, tracker: NoLogger | None = None) -> dict
     started = time.perf_counter()
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed)
-    build(cfg.coreset)  # rejects a bad coreset.ratio before any work
-    build(cfg.memory)
-    device = resolve_device(cfg.device)
-    layout: MVTecLayout = build(cfg.dataset)
-    categories = layout.resolve_categories(cfg.category)
-    for category in categories:  # layout errors (missing folders, no images) before any model work
-        layout.train_samples(category, seed=cfg.seed)
-        layout.test_samples(category)
-    rule: ThresholdRule | None = build(cfg.threshold) if "_target_" in cfg.threshold else None
-    per_category = None
-    extractor: FeatureExtractor | None = None
-    if cfg.model.name == "cae":
-        log.info("model: convolutional autoencoder (backbone settings unused); dataset %s, categories %s",
-                 layout.name, categories)
-    else:
-        per_category = per_category_backbones(cfg, categories)  # fine-tuned backbones: a checkpoint per category
-        extractor = build(per_category[categories[0]] if per_category else cfg.backbone)
-        fit_input_size(layout, extractor)
-        log.info("backbone %s (layers %s) on %s; dataset %s, categories %s", extractor.name, extractor.layers,
-                 device, layout.name, categories)
-
+    harness = Harness(cfg, run_dir)
     results: dict = {"config": OmegaConf.to_container(cfg, resolve=True), "categories": {}, "mean": {},
                      "failed": {}, "complete": False, "peak_rss_mb": None, "total_time_s": None,
                      "versions": versions(), "git_commit": git_commit(), "config_hash": config_hash(cfg),
-                     "preprocessing": {"resize": layout.resize, "image_size": layout.image_size}}
-    score_rows: list[dict] = []
-    for category in categories:
+                     "preprocessing": {"resize": harness.layout.resize, "image_size": harness.layout.image_size}}
+    score_table: list[dict] = []
+    for category in harness.categories:
         try:
-            if per_category and category != categories[0]:
-                extractor = build(per_category[category])
-            entry, rows = run_category(cfg, layout, extractor, category, device, run_dir, rule)
+            entry, rows = harness.run_category(category)
         except Exception as error:  # keep finished categories; report the failure at the end
             log.exception("[%s] failed", category)
             results["failed"][category] = f"{type(error).__name__}: {error}"
         else:
             results["categories"][category] = entry
-            score_rows.extend(rows)
-            write_scores_csv(run_dir / "scores.csv", score_rows)
+            score_table.extend(rows)
+            write_scores_csv(run_dir / "scores.csv", score_table)
             tracker.log_category(category, entry, rows, sorted((run_dir / MAPS_DIR / category).glob("*.png")))
         results["mean"] = mean_metrics(results["categories"])
-        results["complete"] = not results["failed"] and len(results["categories"]) == len(categories)
+        results["complete"] = not results["failed"] and len(results["categories"]) == len(harness.categories)
         results["peak_rss_mb"] = peak_rss_mb()
         results["total_time_s"] = time.perf_counter() - started
         write_json_atomic(run_dir / "results.json", results)

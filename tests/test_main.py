@@ -133,3 +133,39 @@ def test_command_line_entry_point(tmp_path) -> None:
                          capture_output=True, text=True, cwd=tmp_path, timeout=300)
     assert bad.returncode != 0 and "coreset.ratio=0" in bad.stderr
     assert np.isfinite(json.loads((tmp_path / "run" / "results.json").read_text())["peak_rss_mb"])
+
+
+def test_one_instantiate_builds_the_whole_model(make_config) -> None:
+    from hydra.utils import instantiate
+
+    from core.backbones import TorchvisionCNN
+    from core.coreset import GreedyCoresetSampler
+    from core.features import PatchEmbedder
+    from core.search import SearchOptions
+
+    cfg = make_config("backbone=resnet18", "backbone.pretrained=false", "backbone.layers=[layer2]",
+                      "patchcore.embed_dim=32", "coreset.ratio=0.25", "coreset.method=plain", "search=faiss",
+                      "patchcore.num_neighbors=2")
+    model = instantiate(cfg.model)
+    assert isinstance(model, PatchCore) and isinstance(model.extractor, TorchvisionCNN)
+    assert model.extractor.layers == ["layer2"] and model.num_neighbors == 2
+    assert isinstance(model.embedder, PatchEmbedder) and model.embedder.embed_dim == 32
+    assert isinstance(model.sampler, GreedyCoresetSampler)
+    assert (model.sampler.ratio, model.sampler.method) == (0.25, "plain")
+    assert model.search == SearchOptions(backend="faiss", index="ivf", nlist=None, nprobe=16)
+
+
+def test_former_names_keep_working(make_config) -> None:
+    assert make_config("memory=faiss").search.backend == "faiss"
+    assert make_config("coreset.method=plain").coreset.method == "plain"
+
+
+def test_cae_runs_through_the_same_harness(tmp_path, make_config) -> None:
+    write_tiny_category(tmp_path / "data", "widget")
+    cfg = make_config(*tiny(tmp_path / "data", "category=widget", "model=cae", "model.image_size=32",
+                            "model.epochs=1", "model.latent_dim=8", "save_model=true"))
+    results = run(cfg, tmp_path / "run")
+    entry = results["categories"]["widget"]
+    assert set(entry["timings_s"]) == {"train", "predict"} and entry["bank_size"] is None
+    assert (entry["n_train"], entry["n_test"]) == (3, 4) and 0.0 <= entry["image_auroc"] <= 1.0
+    assert (tmp_path / "run" / "models" / "widget" / "cae.pt").is_file()

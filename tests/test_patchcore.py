@@ -9,7 +9,9 @@ import torch.nn.functional as F
 from core.backbones import FeatureExtractor, TorchvisionCNN
 from core.coreset import GreedyCoresetSampler
 from core.features import PatchEmbedder
-from core.patchcore import ModelMismatchError, PatchCore, collect_predictions
+from core.detector import collect_predictions
+from core.patchcore import ModelMismatchError, PatchCore
+from core.search import SearchOptions
 
 
 class PoolingExtractor(FeatureExtractor):
@@ -35,23 +37,22 @@ def fitted(images: torch.Tensor, embed_dim: int | None = None, **kwargs) -> Patc
     return model
 
 
-@pytest.mark.parametrize("embed_dim", [None, 8])  # 8: 3 channels pooled up to 8, searched by their factors
-def test_scores_and_maps_match_independent_computation(embed_dim, monkeypatch) -> None:
+@pytest.mark.parametrize("embed_dim", [None, 8])  # 8: 3 channels pooled up to 8 (a low-rank bank)
+@pytest.mark.parametrize("distance", ["euclidean", "squared"])
+def test_scores_and_maps_match_independent_computation(embed_dim, distance) -> None:
     generator = torch.Generator().manual_seed(0)
     train = torch.rand(5, 3, 32, 32, generator=generator)
     test = torch.rand(2, 3, 32, 32, generator=generator)
-    model = fitted(train, embed_dim)
-    factored = []
-    search_factored = model.bank.search_factored
-    monkeypatch.setattr(model.bank, "search_factored", lambda *a, **k: factored.append(1) or search_factored(*a, **k))
+    model = fitted(train, embed_dim, distance=distance)
     scores, maps = model.score(test)
-    assert bool(factored) == (embed_dim is not None)
 
     embedder = PatchEmbedder(embed_dim=embed_dim)
     bank, _ = embedder([F.avg_pool2d(train, 4)])
     queries, (h, w) = embedder([F.avg_pool2d(test, 4)])
     bank = bank.reshape(-1, bank.shape[-1]).double()
     patch_scores = torch.cdist(queries.double(), bank[None]).min(dim=-1).values  # [2, 64]
+    if distance == "squared":  # the official code's faiss IndexFlatL2 distances
+        patch_scores = patch_scores.square()
     torch.testing.assert_close(scores.double(), patch_scores.max(dim=1).values, rtol=1e-4, atol=1e-4)
 
     upsampled = F.interpolate(patch_scores.reshape(2, 1, h, w).float(), size=(32, 32), mode="bilinear",
@@ -129,35 +130,32 @@ def test_save_load_round_trip_and_mismatch(tmp_path) -> None:
 
 def test_saved_model_is_searched_as_fitted(tmp_path, monkeypatch, caplog) -> None:
     pytest.importorskip("faiss")
-    from core.memory import MemoryOptions
-
     train = torch.rand(4, 3, 64, 64, generator=torch.Generator().manual_seed(7))
     test = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(8))
     extractor = TorchvisionCNN("resnet18", ["layer2", "layer3"], pretrained=False)
 
-    def fitted(memory: MemoryOptions | None = None) -> PatchCore:
+    def fitted(search: SearchOptions | None = None) -> PatchCore:
         model = PatchCore(extractor, PatchEmbedder(embed_dim=64), GreedyCoresetSampler(ratio=1.0), progress=False,
-                          memory=memory)
+                          search=search)
         model.fit(loader_of(train))
         return model
 
-    options = MemoryOptions(backend="faiss", index="ivf", nlist=4, nprobe=2)
+    options = SearchOptions(backend="faiss", index="ivf", nlist=4, nprobe=2)
     model = fitted(options)
     model.save(tmp_path / "model")
     loaded = PatchCore.load(tmp_path / "model")
-    assert loaded.memory.search_options() == options.search_options()
-    assert (loaded.bank.backend, loaded.bank.index, loaded.bank.nlist, loaded.bank.nprobe) == ("faiss", "ivf", 4, 2)
+    assert loaded.search == options and loaded.bank.strategy.name == model.bank.strategy.name
     for before, after in zip(model.score(test), loaded.score(test)):
         torch.testing.assert_close(before, after)
-    assert PatchCore.load(tmp_path / "model", memory=MemoryOptions()).bank.backend == "exact"  # an override
+    assert PatchCore.load(tmp_path / "model", search=SearchOptions()).search.backend == "exact"  # an override
 
     def no_faiss():
         raise ImportError("no faiss here")
 
-    monkeypatch.setattr("core.memory._import_faiss", no_faiss)
+    monkeypatch.setattr("core.search.faiss_index.import_faiss", no_faiss)
     with caplog.at_level("WARNING"):
         moved = PatchCore.load(tmp_path / "model")  # on a machine without faiss: exact, with a warning
-    assert moved.bank.backend == "exact" and "not installed here" in caplog.text
+    assert moved.search.backend == "exact" and "not installed here" in caplog.text
     torch.testing.assert_close(moved.score(test)[0], fitted().score(test)[0])
 
 
@@ -166,3 +164,23 @@ def test_fit_report_counts() -> None:
                       progress=False)
     report = model.fit(loader_of(torch.rand(7, 3, 16, 16)))
     assert (report.n_images, report.n_patches, report.bank_size) == (7, 7 * 16, 28)
+    assert set(report.timings_s) == {"extract", "coreset"}
+
+
+def test_no_hidden_side_effects() -> None:
+    """The extractor is what was passed (the folded copy has its own name); the input size is recorded by
+    ``fit``, not by every forward pass."""
+    extractor = PoolingExtractor()
+    model = PatchCore(extractor, PatchEmbedder(embed_dim=None), GreedyCoresetSampler(ratio=1.0), progress=False)
+    assert model.extractor is extractor and model.inference_copy is not extractor
+    model.embed(torch.rand(1, 3, 24, 24))
+    assert model.input_size is None
+    model.fit(loader_of(torch.rand(2, 3, 16, 16)))
+    assert model.input_size == (16, 16) and model.grid == (4, 4)
+    model.score(torch.rand(1, 3, 24, 24))
+    assert model.input_size == (16, 16)
+
+
+def test_bad_distance_names_the_setting() -> None:
+    with pytest.raises(ValueError, match="patchcore.distance"):
+        PatchCore(PoolingExtractor(), distance="manhattan")

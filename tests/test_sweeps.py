@@ -15,7 +15,7 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import OmegaConf
 
-from experiments.run_key import config_hash, find_done, results_hash
+from experiments.runs.run_key import config_hash, find_done, results_hash
 from tests.conftest import CONF_DIR, write_tiny_category
 
 REPO = Path(__file__).resolve().parents[1]
@@ -61,16 +61,16 @@ def first_sweep(tmp_path_factory) -> Path:
 
 
 def test_presets_compose() -> None:
-    params = _hydra("experiment=coreset_sweep").hydra.sweeper.params
+    params = _hydra("sweep=coreset").hydra.sweeper.params
     ratios = [float(r) for r in params["coreset.ratio"].split(",")]
     assert min(ratios) == 0.001 and max(ratios) == 1.0
-    cold = _hydra("experiment=cold_start").hydra.sweeper.params
+    cold = _hydra("sweep=cold_start").hydra.sweeper.params
     assert cold["dataset.train_limit"] == "1,2,4,8,16,null" and cold["seed"] == "0,1,2"
-    layers = _hydra("experiment=layer_sweep")
+    layers = _hydra("sweep=layers")
     assert layers.backbone.name == "wrn50"
     assert "[layer1,layer2,layer3]" in layers.hydra.sweeper.params["backbone.layers"]
-    assert _hydra("experiment=layer_sweep_effnet").backbone.name == "effnet_lite0"
-    compare = _hydra("experiment=compare_backbones").hydra.sweeper.params
+    assert _hydra("sweep=layers_effnet").backbone.name == "effnet_lite0"
+    compare = _hydra("sweep=compare_backbones").hydra.sweeper.params
     for backbone in compare["backbone"].split(","):  # every backbone named has its config
         assert (REPO / "conf" / "backbone" / f"{backbone}.yaml").is_file()
     plain = _hydra()

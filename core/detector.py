@@ -1,0 +1,135 @@
+"""What every detector (PatchCore, the autoencoder baseline) promises the harness.
+
+A detector is fitted on a loader of nominal images and predicts image scores and anomaly
+maps for a loader of test images; it saves itself to a folder and loads back from one.
+The harness (``experiments/``) only talks to this protocol, so a baseline runs through the
+same code path, results schema and tables as PatchCore.
+
+Thread budget (written down once): the *outermost* caller that spreads work over Python
+threads owns the budget. ``collect_predictions`` with ``workers > 1`` runs each piece of a
+batch on its own thread with torch single-threaded (``core.threads.single_threaded_torch``);
+code called inside it (the search, the embedding) sees one torch thread and does not start
+pools of its own. Code called outside any such scope may use ``torch.get_num_threads()``.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol, runtime_checkable
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from core.threads import single_threaded_torch
+
+# Images per scoring task when batches are scored on threads: small enough to keep every thread busy
+# to the last image, large enough for the search's matrix products.
+SCORE_PIECE = 4
+
+
+@dataclass
+class FitReport:
+    """What a fit did: images and patches seen, memory-bank size (None for models without one), and the
+    seconds of each stage, named for what they measure (PatchCore: extract, coreset; CAE: train)."""
+
+    n_images: int
+    n_patches: int | None
+    bank_size: int | None
+    timings_s: dict[str, float]
+
+
+@dataclass
+class Predictions:
+    """Per test image: score, anomaly map, and (from the loader) label, mask and identity."""
+
+    image_scores: np.ndarray  # [N]
+    maps: np.ndarray  # [N, H, W] float32
+    labels: np.ndarray  # [N] int, 1 = anomalous
+    masks: np.ndarray  # [N, H, W] bool (all False where no mask is known)
+    has_mask: np.ndarray  # [N] bool
+    paths: list[str] = field(default_factory=list)
+    defect_types: list[str] = field(default_factory=list)
+
+
+@runtime_checkable
+class Detector(Protocol):
+    """``fit(loader) -> FitReport``, ``predict(loader) -> Predictions``, ``save(dir)``, ``load(dir)``; plus the
+    input normalisation its images need (``mean``, ``std``, ``interpolation``) and ``metadata`` from a load."""
+
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    interpolation: str
+
+    def fit(self, loader: Iterable) -> FitReport: ...
+
+    def predict(self, loader: Iterable) -> Predictions: ...
+
+    def save(self, directory: str | Path, metadata: dict | None = None) -> Path: ...
+
+
+def images_of(batch: dict | torch.Tensor) -> torch.Tensor:
+    """The image tensor of a loader batch (a dataset dict, or a bare tensor)."""
+    return batch["image"] if isinstance(batch, dict) else batch
+
+
+def _scored_batches(score: Callable, loader: Iterable, workers: int) -> Iterator[tuple[dict | torch.Tensor, tuple]]:
+    """``(batch, score(images))`` in loader order. With ``workers > 1``, pieces of ``SCORE_PIECE``
+    images are scored at once on that many threads, each single-threaded: on a CPU this scales better than
+    splitting every operation of one batch across the cores (small convolutions and the search's scans
+    do not split well), pieces smaller than a batch keep every thread busy to the last image, and the
+    loader reads the next images meanwhile. Backpressure: a batch is collected once enough pieces are
+    queued behind it to keep every worker busy."""
+    if workers <= 1:
+        for batch in loader:
+            yield batch, score(images_of(batch))
+        return
+    pending: deque = deque()
+    queued = 0  # pieces submitted and not yet collected
+    with single_threaded_torch(), ThreadPoolExecutor(workers) as pool:
+        for batch in loader:
+            futures = [pool.submit(score, piece) for piece in images_of(batch).split(SCORE_PIECE)]
+            pending.append((batch, futures))
+            queued += len(futures)
+            while queued - len(pending[0][1]) >= workers:
+                batch, futures = pending.popleft()
+                queued -= len(futures)
+                yield batch, _joined(futures)
+        while pending:
+            batch, futures = pending.popleft()
+            yield batch, _joined(futures)
+
+
+def _joined(futures: list) -> tuple[torch.Tensor, torch.Tensor]:
+    scores, maps = zip(*(future.result() for future in futures))
+    return torch.cat(scores), torch.cat(maps)
+
+
+def collect_predictions(score: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]], loader: Iterable,
+                        progress: bool = True, workers: int = 1) -> Predictions:
+    """Run ``score(images) -> (scores, maps)`` over a test loader and gather labels, masks and paths."""
+    scores, maps, labels, masks, has_mask, paths, defect_types = [], [], [], [], [], [], []
+    for batch, (batch_scores, batch_maps) in tqdm(_scored_batches(score, loader, workers), desc="predict",
+                                                   disable=not progress, leave=False,
+                                                   total=len(loader) if hasattr(loader, "__len__") else None):
+        scores.append(batch_scores.numpy())
+        maps.append(batch_maps.numpy().astype(np.float32))
+        size = len(batch_scores)
+        labels.append(np.asarray(batch.get("label", [0] * size)))
+        has_mask.append(np.asarray(batch.get("has_mask", [False] * size), dtype=bool))
+        if "mask" in batch:
+            masks.append(batch["mask"][:, 0].numpy() > 0.5)
+        else:
+            masks.append(np.zeros_like(maps[-1], dtype=bool))
+        paths.extend(batch.get("path", [""] * size))
+        defect_types.extend(batch.get("defect_type", [""] * size))
+    if not scores:
+        raise ValueError("the test loader yielded no images")
+    return Predictions(
+        np.concatenate(scores), np.concatenate(maps), np.concatenate(labels).astype(int),
+        np.concatenate(masks), np.concatenate(has_mask), paths, defect_types,
+    )
