@@ -43,7 +43,7 @@ from core.coreset import (
     greedy_coreset,
     random_projection,
 )
-from core.data import TexturesDataset
+from core.data import TexturesLayout
 from core.features import PatchEmbedder
 from core.memory import MemoryBank, MemoryOptions
 from core.patchcore import PatchCore, collect_predictions
@@ -117,14 +117,14 @@ def measured():
 
 
 # ------------------------------------------------------------------------------------ workload
-def textures(root: Path, images: int, image_size: int = 224, train_limit: int | None = None) -> TexturesDataset:
-    dataset = TexturesDataset(root=root / f"textures-{images}", categories=[CATEGORY], n_train=images,
+def textures(root: Path, images: int, image_size: int = 224, train_limit: int | None = None) -> TexturesLayout:
+    dataset = TexturesLayout(root=root / f"textures-{images}", categories=[CATEGORY], n_train=images,
                               resize=round(image_size * 256 / 224), image_size=image_size, train_limit=train_limit)
     dataset.train_samples(CATEGORY)  # generates the images on first use
     return dataset
 
 
-def loaders(dataset: TexturesDataset, extractor, batch_size: int = 8) -> tuple[DataLoader, DataLoader]:
+def loaders(dataset: TexturesLayout, extractor, batch_size: int = 8) -> tuple[DataLoader, DataLoader]:
     preprocessing = dataset.preprocessing(extractor.mean, extractor.std, extractor.interpolation)
     train = DataLoader(dataset.train_set(CATEGORY, preprocessing), batch_size=batch_size, num_workers=0)
     test = DataLoader(dataset.test_set(CATEGORY, preprocessing), batch_size=batch_size, num_workers=0)
@@ -192,7 +192,7 @@ def predict_line(rec: Recorder, model: PatchCore, test: DataLoader, variant: str
 
 
 # ------------------------------------------------------------------------------------ stages
-def bench_backbone(rec: Recorder, extractor, dataset: TexturesDataset) -> None:
+def bench_backbone(rec: Recorder, extractor, dataset: TexturesLayout) -> None:
     """The backbone alone and with the patch embedding, images preloaded: as the reference implementations
     run it (eager, 8 images per call) and as PatchCore does (``for_inference`` copy, channels-last, 4 per call)."""
     preprocessing = dataset.preprocessing(extractor.mean, extractor.std, extractor.interpolation)

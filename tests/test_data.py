@@ -24,10 +24,9 @@ from core.data import (
     MVTecLayout,
     Preprocessing,
     Sample,
-    TexturesDataset,
-    _make_defect,
-    _nominal,
+    TexturesLayout,
 )
+from core.data.textures import _make_defect, _nominal
 
 CONF = Path(__file__).resolve().parents[1] / "conf" / "dataset"
 SMALL = {"n_train": 2, "n_test_good": 1, "n_per_defect": 1}
@@ -302,7 +301,7 @@ def test_mask_size_mismatch_names_both(tmp_path):
 def test_configs_instantiate(name, env, n_categories, good, monkeypatch, tmp_path):
     monkeypatch.setenv(env, str(tmp_path / name))
     ds = instantiate(OmegaConf.load(CONF / f"{name}.yaml"))
-    assert isinstance(ds, TexturesDataset if name == "textures" else MVTecLayout)
+    assert isinstance(ds, TexturesLayout if name == "textures" else MVTecLayout)
     assert (ds.name, ds.root, ds.good_dirname) == (name, tmp_path / name, good)
     assert (ds.resize, ds.image_size, ds.train_limit) == (256, 224, None)
     if n_categories is not None:
@@ -316,8 +315,8 @@ def test_configs_instantiate(name, env, n_categories, good, monkeypatch, tmp_pat
 
 
 @pytest.fixture(scope="module")
-def textures(tmp_path_factory) -> TexturesDataset:
-    ds = TexturesDataset(root=tmp_path_factory.mktemp("tx") / "textures")
+def textures(tmp_path_factory) -> TexturesLayout:
+    ds = TexturesLayout(root=tmp_path_factory.mktemp("tx") / "textures")
     ds.available_categories()  # nothing generated yet: categories are known without files
     assert not ds.root.exists()
     ds.train_samples("brick")
@@ -370,8 +369,8 @@ def test_defect_mask_is_exactly_the_changed_pixels(kind):
 
 
 def test_textures_deterministic(tmp_path):
-    a = TexturesDataset(root=tmp_path / "a", categories=["gravel"], **SMALL)
-    b = TexturesDataset(root=tmp_path / "b", categories=["gravel"], **SMALL)
+    a = TexturesLayout(root=tmp_path / "a", categories=["gravel"], **SMALL)
+    b = TexturesLayout(root=tmp_path / "b", categories=["gravel"], **SMALL)
     a.train_samples("gravel"), b.train_samples("gravel")
     files = sorted(p.relative_to(a.root) for p in a.root.rglob("*") if p.is_file())
     assert len(files) == 4 * (2 + 1 + 2 * len(TEXTURE_DEFECTS)) + 1
@@ -384,7 +383,7 @@ def test_textures_deterministic(tmp_path):
 def test_textures_reuses_current_copy(textures):
     files = [textures.root / TEXTURES_STAMP, textures.train_samples("brick")[0].path]
     before = [os.stat(p).st_mtime_ns for p in files]
-    again = TexturesDataset(root=textures.root)
+    again = TexturesLayout(root=textures.root)
     assert len(again.test_samples("grass")) == 39
     assert [os.stat(p).st_mtime_ns for p in files] == before
 
@@ -393,7 +392,7 @@ def test_textures_refuses_foreign_folder(tmp_path):
     root = tmp_path / "mine"
     write_image(root / "precious.png")
     with pytest.raises(DatasetError) as err:
-        TexturesDataset(root=root, **SMALL).train_samples("brick")
+        TexturesLayout(root=root, **SMALL).train_samples("brick")
     msg = str(err.value)
     assert str(root) in msg and TEXTURES_STAMP in msg and "TEXTURES_ROOT" in msg
     assert [p.name for p in root.iterdir()] == ["precious.png"]
@@ -401,12 +400,12 @@ def test_textures_refuses_foreign_folder(tmp_path):
 
 def test_textures_regenerates_old_or_other_size_copy(tmp_path):
     root = tmp_path / "t"
-    TexturesDataset(root=root, **SMALL).train_samples("brick")
+    TexturesLayout(root=root, **SMALL).train_samples("brick")
     (root / TEXTURES_STAMP).write_text("textures-generator 0\n")
     (root / "brick" / "leftover.txt").write_text("from an old version")
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        bigger = TexturesDataset(root=root, n_train=3, n_test_good=1, n_per_defect=1)
+        bigger = TexturesLayout(root=root, n_train=3, n_test_good=1, n_per_defect=1)
         assert len(bigger.train_samples("brick")) == 3
     assert not (root / "brick" / "leftover.txt").exists()
     assert "n_train=3" in (root / TEXTURES_STAMP).read_text()
@@ -415,4 +414,4 @@ def test_textures_regenerates_old_or_other_size_copy(tmp_path):
 
 def test_textures_unknown_category():
     with pytest.raises(DatasetError, match="brick"):
-        TexturesDataset(root="unused", categories=["marble"])
+        TexturesLayout(root="unused", categories=["marble"])

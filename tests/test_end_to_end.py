@@ -14,7 +14,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 from torch.utils.data import DataLoader
 
-from core.data import Preprocessing, TexturesDataset
+from core.data import Preprocessing, TexturesLayout
 from core.patchcore import PatchCore
 from experiments.main import run
 from tests.conftest import CONF_DIR
@@ -46,7 +46,7 @@ def test_detection_and_segmentation_quality(textures_run) -> None:
 def test_planted_defects_peak_inside_their_masks(textures_run, textures_root, category) -> None:
     model = PatchCore.load(textures_run / "models" / category, progress=False)
     preprocessing = Preprocessing(**model.metadata["preprocessing"])
-    layout = TexturesDataset(root=textures_root)
+    layout = TexturesLayout(root=textures_root)
     predictions = model.predict(DataLoader(layout.test_set(category, preprocessing), batch_size=8))
     for defect, mask, anomaly_map in zip(predictions.defect_types, predictions.masks, predictions.maps):
         if defect in ("hole", "color"):

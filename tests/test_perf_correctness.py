@@ -11,7 +11,7 @@ from torch.utils.data import DataLoader
 
 from core.backbones import FeatureExtractor
 from core.coreset import GreedyCoresetSampler, greedy_coreset
-from core.data import TexturesDataset
+from core.data import TexturesLayout
 from core.features import PatchEmbedder
 from core.memory import DiskFeatures, FeatureBuffer, MemoryOptions
 from core.patchcore import PatchCore
@@ -36,7 +36,7 @@ class CountingExtractor(FeatureExtractor):
 
 @pytest.fixture(scope="module")
 def train_loader(textures_root) -> DataLoader:
-    layout = TexturesDataset(root=textures_root, categories=["brick"], resize=64, image_size=64)
+    layout = TexturesLayout(root=textures_root, categories=["brick"], resize=64, image_size=64)
     preprocessing = layout.preprocessing((0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
     return DataLoader(layout.train_set("brick", preprocessing), batch_size=8)
 

@@ -44,7 +44,9 @@ def build_extractor(spec: Mapping, overrides: Mapping | None = None) -> FeatureE
     kwargs do not fit its constructor; the class is instantiated only after both checks.
     """
     if not isinstance(spec, Mapping) or not isinstance(spec.get("kwargs", {}), Mapping):
-        raise UntrustedSpecError(f"refusing to build {spec!r}: an extractor spec is {{'target': ..., 'kwargs': {{...}}}}")
+        raise UntrustedSpecError(
+            f"refusing to build {spec!r}: an extractor spec is {{'target': ..., 'kwargs': {{...}}}}"
+        )
     target = spec.get("target")
     cls = extractor_class(target)
     kwargs = dict(spec.get("kwargs", {}))

@@ -1,0 +1,40 @@
+"""Datasets: MVTec-layout discovery, the shared preprocessing, the torch dataset and the embedded textures set.
+
+    images.py         reading image files; DatasetError
+    preprocessing.py  Preprocessing: resize, centre crop, normalise
+    dataset.py        Sample, AnomalyDataset (files are read only when an item is requested)
+    layouts.py        MVTecLayout: the samples of any dataset in MVTec AD layout
+    textures.py       TexturesLayout and its deterministic generator (no download)
+"""
+
+from core.data.dataset import AnomalyDataset, Sample
+from core.data.images import IMAGE_EXTENSIONS, DatasetError, read_image
+from core.data.layouts import MVTecLayout
+from core.data.preprocessing import Preprocessing
+from core.data.textures import (
+    TEXTURE_DEFECTS,
+    TEXTURE_SOURCES,
+    TEXTURES_STAMP,
+    TexturesLayout,
+    ensure_textures,
+    generate_textures,
+)
+from core.imagenet import IMAGENET_MEAN, IMAGENET_STD
+
+__all__ = [
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "IMAGE_EXTENSIONS",
+    "TEXTURES_STAMP",
+    "TEXTURE_DEFECTS",
+    "TEXTURE_SOURCES",
+    "AnomalyDataset",
+    "DatasetError",
+    "MVTecLayout",
+    "Preprocessing",
+    "Sample",
+    "TexturesLayout",
+    "ensure_textures",
+    "generate_textures",
+    "read_image",
+]
