@@ -14,7 +14,7 @@ from PIL import Image
 
 from core.patchcore import ModelMismatchError
 from experiments.main import run
-from experiments.predict import predict
+from experiments.runs.scoring import predict
 from tests.conftest import write_tiny_category
 
 REPO = Path(__file__).resolve().parents[1]

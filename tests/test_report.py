@@ -1,5 +1,5 @@
-"""experiments/report.py on hand-written run records: numbers in the right cells, bold on the best, the
-runs left out listed, valid figures and a PDF with the expected pages."""
+"""experiments/report.py (experiments.reporting) on hand-written run records: numbers in the right cells,
+bold on the best, the runs left out listed, valid figures and a PDF with the expected pages."""
 
 from __future__ import annotations
 
@@ -16,9 +16,10 @@ import pytest
 from omegaconf import OmegaConf
 from PIL import Image
 
-from experiments.anomaly_maps import save_record
-from experiments.report import build_report, main
-from experiments.run_key import config_hash
+from experiments.report import main
+from experiments.reporting.build import build_report
+from experiments.runs.anomaly_maps import save_record
+from experiments.runs.run_key import config_hash
 from tests.conftest import write_tiny_category
 
 CATEGORIES = ("bottle", "screw")

@@ -15,7 +15,14 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import OmegaConf
 
-from experiments.runs.run_key import config_hash, find_done, results_hash
+from experiments.runs.run_key import (
+    BOOKKEEPING,
+    config_hash,
+    find_done,
+    hashable_config,
+    is_ignored,
+    results_hash,
+)
 from tests.conftest import CONF_DIR, write_tiny_category
 
 REPO = Path(__file__).resolve().parents[1]
@@ -95,6 +102,25 @@ def test_config_hash_ignores_bookkeeping_only(make_config) -> None:
         assert config_hash(make_config("category=bottle", changed)) != config_hash(base), changed
     record = {"config": OmegaConf.to_container(base, resolve=True)}
     assert results_hash(record) == config_hash(base)  # records made before config_hash was stored
+
+
+def test_config_hash_ignores_nested_bookkeeping() -> None:
+    """Where features are spilled or cached changes no number (nested keys, old and new names); the buffer
+    dtype does (float16 moves the scores), and so does a sibling setting next to an ignored key."""
+    config = {"seed": 0, "coreset": {"ratio": 0.1},
+              "storage": {"dtype": "float32", "spill_dir": None, "spill_above_gb": 0, "cache_dir": None},
+              "memory": {"backend": "exact", "cache_dir": None, "spill_dir": None}, "viz": {"n": 4}}
+    moved = {**config, "storage": {**config["storage"], "spill_dir": "/scratch", "spill_above_gb": 2,
+                                   "cache_dir": "outputs/feature_cache"},
+             "memory": {**config["memory"], "cache_dir": "/cache", "spill_dir": "/spill"}, "viz": {"n": 0},
+             "hydra": {"job": {"num": 3}}}
+    assert config_hash(moved) == config_hash(config)
+    assert hashable_config(moved)["storage"] == {"dtype": "float32"}
+    assert hashable_config(moved)["memory"] == {"backend": "exact"} and "viz" not in hashable_config(moved)
+    for changed in ({**config, "storage": {**config["storage"], "dtype": "float16"}},
+                    {**config, "memory": {**config["memory"], "backend": "faiss"}}):
+        assert config_hash(changed) != config_hash(config)
+    assert is_ignored("storage.cache_dir", BOOKKEEPING) and not is_ignored("storage.cache_dirs", BOOKKEEPING)
 
 
 def test_find_done_wants_a_complete_record_with_the_same_hash(tmp_path) -> None:

@@ -145,7 +145,7 @@ def render_panel(record: dict):
     panels = [image, gap, _tint(image, record["mask"].astype(bool), (255, 0, 0)), gap,
               colorize(record["map"], record["vmin"], record["vmax"])]
     pixel_threshold = float(record.get("pixel_threshold", float("nan")))
-    if pixel_threshold == pixel_threshold:  # not NaN
+    if not math.isnan(pixel_threshold):
         region = segment(np.asarray(record["map"], np.float32), pixel_threshold,
                          int(record.get("min_defect_area", 0)))
         panels += [gap, _tint(image, region, (0, 255, 255))]

@@ -2,15 +2,18 @@
 
 Schema (a contract: the report and sweeps read it)::
 
-    {"config": <resolved config>,
+    {"config": <resolved config>, "config_hash": <experiments/runs/run_key.py>,
+     "preprocessing": {"resize", "image_size"},
      "categories": {"<name>": {"image_auroc", "image_f1_max", "pixel_auroc", "pixel_f1_max", "aupro",
                                "n_train", "n_test", "bank_size", "pixel_metrics_note",
-                               "timings_s": {"extract", "coreset", "predict"}}},
+                               "timings_s": {"train" | "extract", "coreset", "predict"},
+                               "threshold": {...}  (only with a threshold rule)}},
      "mean": {"image_auroc", "image_f1_max", "pixel_auroc", "pixel_f1_max", "aupro"},
      "failed": {"<name>": "<error>"}, "complete": bool,
      "peak_rss_mb", "total_time_s", "versions", "git_commit"}
 
-Metrics are floats in [0, 1], ``null`` where they cannot be computed.
+Metrics are floats in [0, 1], ``null`` where they cannot be computed. ``METRICS`` and ``TIMINGS`` are the
+one list of their names: the table below, the tracker and the report read them from here.
 """
 
 from __future__ import annotations
@@ -23,7 +26,12 @@ from pathlib import Path
 
 from core.io import write_csv_atomic
 
-METRICS = ("image_auroc", "image_f1_max", "pixel_auroc", "pixel_f1_max", "aupro")
+METRIC_TITLES = {"image_auroc": "Image AUROC", "image_f1_max": "Image F1-max", "pixel_auroc": "Pixel AUROC",
+                 "pixel_f1_max": "Pixel F1-max", "aupro": "AUPRO"}
+METRICS = tuple(METRIC_TITLES)  # the order of results.json and the printed table
+# Fit stages named for what they measure (train: models fitted by training, e.g. the CAE; extract + coreset:
+# PatchCore), then prediction; a category records the ones its model has.
+TIMINGS = ("train", "extract", "coreset", "predict")
 REPO_ROOT = Path(__file__).resolve().parents[1]
 _PACKAGES = ("torch", "torchvision", "numpy", "scikit-learn", "scipy", "hydra-core", "patchcore-suite")
 

@@ -1,12 +1,17 @@
 """Resumable sweeps: a run is identified by a hash of its resolved config, and skipped when done.
 
 ``config_hash(config)`` hashes the resolved config (as stored under ``"config"`` in results.json)
-without the keys that cannot change a result (``IGNORED_KEYS``: logging, progress bars, data-loader
-workers, saved-map count, ``force``). A run whose ``results.json`` with the same hash and
-``"complete": true`` already exists under one of the search roots is skipped unless ``force=true``;
-an interrupted sweep re-run with the same command therefore only runs what is missing. Runs are looked
-for in ``outputs/`` and ``multirun/`` (relative to the working directory) and in the new run's own
-sweep folder (a single run: its own folder, for ``hydra.run.dir`` set by hand).
+without the keys that cannot change a result (``BOOKKEEPING``: logging, progress bars, data-loader
+workers, saved maps, ``force``, where fit-time features are spilled or cached). A run whose
+``results.json`` with the same hash and ``"complete": true`` already exists under one of the search
+roots is skipped unless ``force=true``; an interrupted sweep re-run with the same command therefore only
+runs what is missing. Runs are looked for in ``outputs/`` and ``multirun/`` (relative to the working
+directory) and in the new run's own sweep folder (a single run: its own folder, for ``hydra.run.dir``
+set by hand).
+
+The key groups below are the one list of "keys that do not matter" (the hash, the report's variant
+labels and its setup section each skip a union of them); ``is_ignored`` and ``without`` read them with
+nested (dotted) keys, so ``storage.cache_dir`` is skipped as surely as ``force``.
 """
 
 from __future__ import annotations
@@ -18,20 +23,45 @@ import os
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 
-# Top-level keys that do not change any number in results.json. Another key that only affects speed or
-# bookkeeping (e.g. a feature-cache folder) belongs here too, or every cached run would look new.
-IGNORED_KEYS = ("force", "logger", "progress", "num_workers", "viz")
+# Keys (dotted; a key covers everything below it) that change no number in results.json: logging, progress,
+# workers, saved maps, Hydra's own node, and where fit-time features are spilled or cached (the spill file
+# and the cache hold the same values). Another key that only affects speed or bookkeeping belongs here too,
+# or every cached run would look new. NOT the buffer dtype (storage.dtype / memory.dtype): float16 moves
+# the scores.
+BOOKKEEPING = ("force", "logger", "progress", "num_workers", "viz", "hydra",
+               "storage.spill_dir", "storage.spill_above_gb", "storage.cache_dir",
+               "memory.spill_dir", "memory.spill_above_gb", "memory.cache_dir")  # memory.*: records made before storage
+# What a run is *of* rather than how it is set up: one variant's runs differ in these.
+IDENTITY = ("category", "seed", "coreset.seed")
+# Where the data lives, names, and settings that change a number at most by float rounding (device,
+# batch size) or not at all (save_model): not part of a variant's label, but kept in the hash.
+PLACEMENT = ("dataset.root", "dataset.categories", "dataset.name", "dataset._target_", "backbone.name",
+             "backbone.category", "device", "batch_size", "save_model")
 DEFAULT_ROOTS = ("outputs", "multirun")
 SKIPPED_FILE = "skipped.json"
 _PRUNE = {"maps", "models", "wandb", ".hydra", ".submitit", "features"}
 
 
+def is_ignored(key: str, groups: Iterable[str]) -> bool:
+    """Whether the dotted ``key`` is one of ``groups`` or lies below one (``viz.n`` below ``viz``)."""
+    return any(key == name or key.startswith(f"{name}.") for name in groups)
+
+
+def without(config: Mapping, groups: Iterable[str], prefix: str = "") -> dict:
+    """A deep copy of ``config`` (plain containers) without the keys ``is_ignored`` by ``groups``."""
+    groups = tuple(groups)
+    kept = {}
+    for key, value in config.items():
+        name = f"{prefix}{key}"
+        if is_ignored(name, groups):
+            continue
+        kept[key] = without(value, groups, f"{name}.") if isinstance(value, Mapping) else copy.deepcopy(value)
+    return kept
+
+
 def hashable_config(config: Mapping) -> dict:
-    """The resolved config without ``IGNORED_KEYS`` (plain containers, nothing else removed)."""
-    plain = copy.deepcopy(dict(config))
-    for key in IGNORED_KEYS:
-        plain.pop(key, None)
-    return plain
+    """The resolved config without the ``BOOKKEEPING`` keys, nested ones included (nothing else removed)."""
+    return without(config, BOOKKEEPING)
 
 
 def config_hash(config) -> str:

@@ -20,11 +20,24 @@ import functools
 import logging
 import warnings
 from pathlib import Path
+from typing import Protocol
+
+from experiments.runs.results import METRICS, TIMINGS
 
 log = logging.getLogger("patchcore")
 
-_METRICS = ("image_auroc", "image_f1_max", "pixel_auroc", "pixel_f1_max", "aupro")
+_SIZES = ("bank_size", "n_train", "n_test")
 _MODES = ("online", "offline", "disabled")
+
+
+class Tracker(Protocol):
+    """What ``experiments/main.py`` calls on a logger (the three calls above)."""
+
+    def start(self, config: dict, run_dir: Path, group: str | None = None, name: str | None = None) -> None: ...
+
+    def log_category(self, category: str, entry: dict, rows: list[dict], maps: list[Path] = ()) -> None: ...
+
+    def finish(self, results: dict | None) -> None: ...
 
 
 class NoLogger:
@@ -114,7 +127,7 @@ class WandbLogger(NoLogger):
     def log_category(self, category: str, entry: dict, rows: list[dict], maps: list[Path] = ()) -> None:
         if self.run is None:
             return
-        data = {f"{category}/{key}": entry[key] for key in (*_METRICS, "bank_size", "n_train", "n_test")
+        data = {f"{category}/{key}": entry[key] for key in (*METRICS, *_SIZES)
                 if entry.get(key) is not None}
         data.update({f"{category}/time_{stage}_s": value for stage, value in (entry.get("timings_s") or {}).items()})
         if self.log_images and maps:
@@ -136,12 +149,12 @@ class WandbLogger(NoLogger):
                     run.summary[f"mean/{metric}"] = value
             run.summary.update({key: results.get(key) for key in ("complete", "total_time_s", "peak_rss_mb",
                                                                    "config_hash")})
-            columns = ["category", *_METRICS, "bank_size", "n_train", "n_test", "extract_s", "coreset_s", "predict_s"]
+            columns = ["category", *METRICS, *_SIZES, *(f"{stage}_s" for stage in TIMINGS)]
             table = self._wandb.Table(columns=columns)
             for category, entry in results.get("categories", {}).items():
                 timings = entry.get("timings_s") or {}
-                table.add_data(category, *(entry.get(key) for key in (*_METRICS, "bank_size", "n_train", "n_test")),
-                               *(timings.get(stage) for stage in ("extract", "coreset", "predict")))
+                table.add_data(category, *(entry.get(key) for key in (*METRICS, *_SIZES)),
+                               *(timings.get(stage) for stage in TIMINGS))
             tables = {"metrics": table}
             if self.log_scores and self._rows:
                 score_columns = list(self._rows[0])
@@ -166,7 +179,7 @@ def hydra_labels(run_dir: Path) -> tuple[str | None, str]:
     return group, name
 
 
-def make_tracker(cfg, run_dir: Path) -> NoLogger:
+def make_tracker(cfg, run_dir: Path) -> Tracker:
     """Build ``cfg.logger`` and start it; a logger that cannot be built is a warning and ``NoLogger``."""
     node = cfg.get("logger") if hasattr(cfg, "get") else None
     if not node:

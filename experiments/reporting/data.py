@@ -1,20 +1,14 @@
 """The report's input: every run found, which ones go in, and one tidy row per (run, category).
 
-A run is a folder with ``results.json`` (the schema of ``experiments/results.py``). Runs go into the
+A run is a folder with ``results.json`` (the schema of ``experiments/runs/results.py``). Runs go into the
 report when they are complete and on the report's dataset (the one most complete runs used, or
 ``--dataset``); the others are listed with the reason, never mixed in. Two runs with the same config
-hash are one run: the newest counts, the older is listed as a duplicate.
-
-Each run gets a *variant* label: its backbone plus the settings that vary between the report's runs
-where the run's value differs from that backbone's default config (``conf/``), e.g. ``wrn50 (ratio=0.01)``
-or ``effnet_lite0 (layers=blocks.4)``; settings every run shares are listed once in the report instead.
-Random weights are always in the label. Seeds are not: runs that differ only in ``seed`` (or in settings
-that do not change the numbers, ``NOT_VARIANT``) are repeats of one variant.
+hash are one run: the newest counts, the older is listed as a duplicate. Variant labels:
+``experiments/reporting/variants.py``.
 """
 
 from __future__ import annotations
 
-import json
 import shlex
 from collections import Counter
 from dataclasses import dataclass, field
@@ -23,18 +17,8 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
-from experiments.results import METRICS
-from experiments.run_key import IGNORED_KEYS, iter_results, read_results, results_hash
-
-CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
-# Never part of a variant label: the run's identity (category, seed), where data lives, and settings that
-# do not change the numbers.
-NOT_VARIANT = {"category", "seed", "coreset.seed", "dataset.root", "dataset.categories", "dataset.name",
-               "dataset._target_", "backbone.name", "device", "batch_size", "save_model", "backbone.category",
-               *IGNORED_KEYS}
-SHORT_NAMES = {"coreset._target_": "sampler", "backbone.layers": "layers", "coreset.ratio": "ratio",
-               "dataset.train_limit": "train_limit", "backbone.pretrained": "weights"}
-TIMINGS = ("train", "extract", "coreset", "predict")
+from experiments.runs.results import METRICS, TIMINGS
+from experiments.runs.run_key import iter_results, read_results, results_hash
 
 
 @dataclass
@@ -103,7 +87,8 @@ def discover(folders: list[Path]) -> tuple[list[Run], list[tuple[Path, str]]]:
 
 
 def select(runs: list[Run], dataset: str | None = None) -> tuple[list[Run], list[tuple[Run, str]], str | None]:
-    """(included runs, excluded runs with the reason, the report's dataset)."""
+    """(included runs, excluded runs with the reason, the report's dataset); label them next
+    (``variants.label_variants``)."""
     excluded: list[tuple[Run, str]] = []
     complete = []
     for run in runs:
@@ -129,106 +114,7 @@ def select(runs: list[Run], dataset: str | None = None) -> tuple[list[Run], list
             excluded.append((newest[run.key], f"duplicate of {run.folder} (same config hash {run.key}, older)"))
         newest[run.key] = run
     included = sorted(newest.values(), key=lambda r: str(r.folder))
-    label_variants(included)
     return included, excluded, dataset
-
-
-def default_config(backbone: str, dataset: str) -> dict | None:
-    """The config ``conf/`` gives this backbone and dataset (None when they are not in conf/)."""
-    try:
-        from hydra import compose, initialize_config_dir
-        from omegaconf import OmegaConf
-
-        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-            cfg = compose("config", overrides=[f"backbone={backbone}", f"dataset={dataset}"])
-        return OmegaConf.to_container(cfg, resolve=False)
-    except Exception:  # unknown group option, missing env var, hydra missing: fall back to the modal values
-        return None
-
-
-def _format(key: str, value) -> str:
-    if key == "backbone.pretrained":
-        return "ImageNet" if value else "random"
-    if isinstance(value, list):
-        return "+".join(str(v) for v in value)
-    if key.endswith("_target_") and isinstance(value, str):
-        return value.rsplit(".", 1)[-1]
-    if value is None:
-        return "all" if key == "dataset.train_limit" else "null"
-    if isinstance(value, float):
-        return f"{value:g}"
-    return str(value)
-
-
-def label(backbone: str, deviations: dict, without: tuple[str, ...] = ()) -> str:
-    """``backbone (key=value, ...)`` over the deviations not in ``without``."""
-    keys = [k for k in sorted(deviations) if k not in without]
-    shorts = {k: SHORT_NAMES.get(k, k.rsplit(".", 1)[-1]) for k in keys}
-    counts = Counter(shorts.values())
-    parts = []
-    for key in keys:
-        if key == "backbone.pretrained" and deviations[key] is False:
-            parts.append("random weights")
-            continue
-        name = shorts[key] if counts[shorts[key]] == 1 else key
-        parts.append(f"{name}={_format(key, deviations[key])}")
-    return f"{backbone} ({', '.join(parts)})" if parts else backbone
-
-
-def label_variants(runs: list[Run]) -> None:
-    """Fill ``deviations`` (settings that differ from the backbone's default) and ``variant`` of each run."""
-    by_backbone: dict[tuple[str, str], list[Run]] = {}
-    for run in runs:
-        by_backbone.setdefault((run.backbone, run.dataset), []).append(run)
-    # A key missing from a run's config was added to conf/ after the run: the run had its default.
-    flats = {id(run): _variant_settings(run.config) for run in runs}
-    varying = {key for key in set().union(*flats.values())
-               if len({json.dumps(flat[key], sort_keys=True) for flat in flats.values() if key in flat}) > 1}
-    for (backbone, dataset), group in by_backbone.items():
-        defaults = default_config(backbone, dataset)
-        reference = _variant_settings(defaults) if defaults is not None else {}
-        for key in varying:
-            if key not in reference or _is_interpolation(reference[key]):
-                values = Counter(json.dumps(flats[id(run)][key], sort_keys=True) for run in group
-                                 if key in flats[id(run)])
-                reference[key] = json.loads(values.most_common(1)[0][0]) if values else None
-        for run in group:
-            flat = flats[id(run)]
-            run.deviations = {k: flat[k] for k in varying if k in flat and flat[k] != reference[k]}
-            if (run.config.get("backbone") or {}).get("pretrained") is False:
-                run.deviations["backbone.pretrained"] = False  # always said: random weights are no result
-            run.variant = label(backbone, run.deviations)
-
-
-def _variant_settings(config: dict) -> dict:
-    return {k: v for k, v in flatten(config).items() if k not in NOT_VARIANT and k.split(".")[0] not in NOT_VARIANT}
-
-
-def _is_interpolation(value) -> bool:
-    return isinstance(value, str) and "${" in value
-
-
-def sort_value(value):
-    """A key that orders None < numbers < strings < lists."""
-    if value is None:
-        return (0, 0, "")
-    if isinstance(value, bool):
-        return (1, int(value), "")
-    if isinstance(value, (int, float)):
-        return (1, value, "")
-    return (2, 0, json.dumps(value))
-
-
-def variant_order(runs: list[Run]) -> list[str]:
-    """Variants by backbone (first seen), fewest deviations first, then by the deviating values."""
-    first_seen = {}
-    for run in runs:
-        first_seen.setdefault(run.backbone, len(first_seen))
-    keyed = {}
-    for run in runs:
-        keyed.setdefault(run.variant, (first_seen[run.backbone], len(run.deviations),
-                                       [(k, sort_value(v)) for k, v in sorted(run.deviations.items())]))
-    return sorted(keyed, key=lambda v: keyed[v])
 
 
 def tidy(runs: list[Run]) -> pd.DataFrame:
@@ -289,3 +175,14 @@ def sweep_commands(runs: list[Run]) -> list[str]:
             continue
         commands.append(" ".join(["python experiments/main.py -m", *(shlex.quote(str(o)) for o in task)]))
     return commands
+
+
+def seed_means(frame: pd.DataFrame, column: str, categories: list[str]) -> list[float]:
+    """Per seed, the mean of ``column`` over ``categories`` (seeds missing a category are left out)."""
+    means = []
+    for _, rows in frame.groupby("seed", dropna=False):
+        if set(categories) <= set(rows["category"]):
+            values = rows.loc[rows["category"].isin(categories), column].dropna()
+            if len(values):
+                means.append(float(values.mean()))
+    return means

@@ -14,7 +14,7 @@ import matplotlib.image as mpimg  # noqa: E402
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.backends.backend_pdf import PdfPages  # noqa: E402
 
-from experiments.report_tables import Table  # noqa: E402
+from experiments.reporting.tables import Table  # noqa: E402
 
 PAGE = (8.27, 11.69)  # A4, inches
 MARGIN = 0.6

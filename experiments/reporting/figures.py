@@ -23,13 +23,14 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from experiments.anomaly_maps import MAPS_DIR, colorize, load_maps, pick_indices  # noqa: E402
-from experiments.report_data import Run, label, sort_value  # noqa: E402
-from experiments.report_tables import METRIC_TITLES  # noqa: E402
+from experiments.reporting.data import Run, seed_means  # noqa: E402
+from experiments.reporting.pdf import WIDTH as PAGE_WIDTH  # noqa: E402  (figures fill the text width)
+from experiments.reporting.variants import label, sort_value  # noqa: E402
+from experiments.runs.anomaly_maps import MAPS_DIR, colorize, denormalise, load_maps, pick_indices  # noqa: E402
+from experiments.runs.results import METRIC_TITLES  # noqa: E402
 
-CURVE_METRICS = ("image_auroc", "pixel_auroc", "aupro")
+CURVE_METRICS = ("image_auroc", "pixel_auroc", "aupro")  # the coreset figure's panels (with fit time)
 MAX_CURVES = 6
-PAGE_WIDTH = 8.27 - 2 * 0.6  # A4 minus margins, inches
 
 
 @dataclass
@@ -55,17 +56,6 @@ def _setting(run: Run, key: str):
     return value
 
 
-def _seed_means(frame: pd.DataFrame, column: str, categories: list[str]) -> list[float]:
-    """Per seed, the mean of ``column`` over ``categories`` (seeds missing a category are left out)."""
-    means = []
-    for _, rows in frame.groupby("seed", dropna=False):
-        if set(categories) <= set(rows["category"]):
-            values = rows.loc[rows["category"].isin(categories), column].dropna()
-            if len(values):
-                means.append(float(values.mean()))
-    return means
-
-
 def coreset_figures(runs: list[Run], frame: pd.DataFrame) -> list[Figure]:
     groups = _group_by(runs, "coreset.ratio")
     if not groups:
@@ -77,7 +67,7 @@ def coreset_figures(runs: list[Run], frame: pd.DataFrame) -> list[Figure]:
         categories = sorted(rows["category"].unique())
         ratios = sorted(rows["coreset_ratio"].unique())
         for ax, panel in zip(axes, panels):
-            points = [(r, _seed_means(rows[rows["coreset_ratio"] == r], panel, categories)) for r in ratios]
+            points = [(r, seed_means(rows[rows["coreset_ratio"] == r], panel, categories)) for r in ratios]
             points = [(r, m) for r, m in points if m]
             if not points:
                 continue
@@ -115,8 +105,8 @@ def layer_figures(runs: list[Run], frame: pd.DataFrame) -> list[Figure]:
                 for j, category in enumerate(categories):
                     values = subset.loc[subset["category"] == category, metric].dropna()
                     grid[i, j] = 100 * values.mean() if len(values) else np.nan
-                seed_means = _seed_means(subset, metric, categories)
-                grid[i, -1] = 100 * np.mean(seed_means) if seed_means else np.nan
+                per_seed = seed_means(subset, metric, categories)
+                grid[i, -1] = 100 * np.mean(per_seed) if per_seed else np.nan
             image = ax.imshow(grid, cmap="viridis", aspect="auto")
             for (i, j), value in np.ndenumerate(grid):
                 if not math.isnan(value):
@@ -146,7 +136,7 @@ def cold_start_figures(runs: list[Run], frame: pd.DataFrame) -> list[Figure]:
             points = []
             for limit in limits:
                 subset = rows[rows["train_limit"].isna()] if limit is None else rows[rows["train_limit"] == limit]
-                means = _seed_means(subset, metric, categories)
+                means = seed_means(subset, metric, categories)
                 if not means:
                     continue
                 x = float(subset["n_train"].mean())  # "all" sits at the real training-set size
@@ -253,7 +243,6 @@ def rerun_saved_model(run: Run, category: str, paths: list[str] | None, n: int =
 
     from core.data import Preprocessing
     from core.patchcore import PatchCore
-    from experiments.anomaly_maps import denormalise
 
     try:
         model = PatchCore.load(run.folder / "models" / category, progress=False)

@@ -17,10 +17,10 @@ import numpy as np
 import pandas as pd
 
 from core.io import write_text_atomic
+from experiments.reporting.data import seed_means
+from experiments.runs.results import METRIC_TITLES
 
-METRIC_TITLES = {"image_auroc": "Image AUROC", "pixel_auroc": "Pixel AUROC", "aupro": "AUPRO",
-                 "image_f1_max": "Image F1-max", "pixel_f1_max": "Pixel F1-max"}
-TABLE_METRICS = ("image_auroc", "pixel_auroc", "aupro", "image_f1_max")
+TABLE_METRICS = ("image_auroc", "pixel_auroc", "aupro", "image_f1_max")  # the metrics with a table, in order
 MEAN_ROW = "mean"
 
 
@@ -61,12 +61,7 @@ def metric_table(frame: pd.DataFrame, metric: str, variants: list[str]) -> Table
                 mean.loc[category, variant] = values.mean()
                 std.loc[category, variant] = values.std(ddof=1) if len(values) > 1 else np.nan
                 count.loc[category, variant] = len(values)
-        per_seed = []
-        for _, seed_rows in rows.groupby("seed", dropna=False):
-            if set(categories) <= set(seed_rows["category"]):
-                values = seed_rows[metric].dropna()
-                if len(values):
-                    per_seed.append(values.mean() * 100)
+        per_seed = [100 * value for value in seed_means(rows, metric, categories)]
         if per_seed:
             mean.loc[MEAN_ROW, variant] = float(np.mean(per_seed))
             std.loc[MEAN_ROW, variant] = float(np.std(per_seed, ddof=1)) if len(per_seed) > 1 else np.nan

@@ -1,0 +1,184 @@
+"""Scoring new images with a saved model (``experiments/predict.py``): decisions, heatmaps and defect masks
+at the images' own size.
+
+``images`` takes files, folders (every image inside, sorted), globs, or a list of them; any size,
+grayscale or RGB. Unreadable files are reported (log and ``skipped.csv``) and skipped. Writes
+``predictions.csv`` (path, score, decision, files) and per image ``<name>_heatmap.png`` (overlay)
+and ``<name>_mask.png`` (binary, needs a model saved with a threshold). The model sees the same
+resize + centre crop as at fit time; pixels outside the crop are not scored.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from tqdm.auto import tqdm
+
+from core.cae import CAE
+from core.data import IMAGE_EXTENSIONS, DatasetError, Preprocessing, read_image
+from core.io import atomic_write, write_csv_atomic
+from core.patchcore import ModelMismatchError, PatchCore
+from core.thresholds import segment
+from experiments.runs.anomaly_maps import colorize
+from experiments.runs.components import resolve_device
+
+log = logging.getLogger("predict")
+
+
+def expand_images(spec: str | list[str]) -> list[Path]:
+    """Files, folders and globs -> a sorted, de-duplicated list of image files."""
+    entries = [spec] if isinstance(spec, str) else list(spec)
+    found: list[Path] = []
+    for entry in entries:
+        path = Path(str(entry)).expanduser()
+        if path.is_dir():
+            found += sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
+        elif path.is_file():
+            found.append(path)
+        else:
+            matches = sorted(Path(p) for p in glob.glob(str(path), recursive=True) if Path(p).is_file())
+            if not matches:
+                log.warning("images=%s matches no file", entry)
+            found += matches
+    return list(dict.fromkeys(found))
+
+
+def load_model(model_dir: str | Path, device: torch.device) -> PatchCore | CAE:
+    """The saved model in ``model_dir``, of the kind its ``model.json`` names (PatchCore unless it says cae)."""
+    model_dir = Path(model_dir)
+    if not (model_dir / "model.json").is_file():
+        raise FileNotFoundError(f"model_dir={model_dir} holds no model.json: pass a models/<category>/ folder "
+                                f"written by `python experiments/main.py ... save_model=true`")
+    try:
+        kind = json.loads((model_dir / "model.json").read_text()).get("model")
+    except (ValueError, AttributeError):
+        kind = None  # not a JSON object: PatchCore.load says what is wrong with it
+    if kind == "cae":
+        return CAE.load(model_dir, device=str(device), progress=False)
+    return PatchCore.load(model_dir, device=str(device), progress=False)
+
+
+@dataclass
+class CropGeometry:
+    """Where the centre crop of the resized image lies, to paste maps back at the original size."""
+
+    resized: tuple[int, int]
+    top: int
+    left: int
+
+    @classmethod
+    def of(cls, height: int, width: int, preprocessing: Preprocessing) -> CropGeometry:
+        # torchvision's Resize(int): the shorter side becomes `resize`, the longer one is floored.
+        short, long = sorted((height, width))
+        new_short, new_long = preprocessing.resize, int(preprocessing.resize * long / short)
+        resized = (new_short, new_long) if height <= width else (new_long, new_short)
+        size = preprocessing.image_size
+        return cls(resized, int(round((resized[0] - size) / 2.0)), int(round((resized[1] - size) / 2.0)))
+
+    def uncrop(self, crop_map: np.ndarray) -> np.ndarray:
+        """The crop's map on the resized canvas; unscored border = 0."""
+        canvas = np.zeros(self.resized, dtype=np.float32)
+        size = crop_map.shape[0]
+        canvas[self.top : self.top + size, self.left : self.left + size] = crop_map
+        return canvas
+
+
+def _resize(array: np.ndarray, size: tuple[int, int], mode: str) -> np.ndarray:
+    tensor = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))[None, None]
+    kwargs = {"align_corners": False} if mode == "bilinear" else {}
+    return F.interpolate(tensor, size=size, mode=mode, **kwargs)[0, 0].numpy()
+
+
+def write_outputs(out: Path, name: str, original: Image.Image, crop_map: np.ndarray, geometry: CropGeometry,
+                  threshold: dict) -> tuple[str, str]:
+    """Heatmap overlay and (with a pixel threshold) binary mask, both at the original resolution."""
+    height, width = original.height, original.width
+    canvas = geometry.uncrop(crop_map)
+    full_map = _resize(canvas, (height, width), "bilinear")
+    pixel_threshold = threshold.get("pixel_threshold")
+    vmax = 2.0 * pixel_threshold if pixel_threshold else max(float(full_map.max()), 1e-12)
+    heat = colorize(full_map, 0.0, vmax, "jet")
+    rgb = np.asarray(original.convert("RGB"), dtype=np.float32)
+    overlay = Image.fromarray((0.5 * rgb + 0.5 * heat).astype(np.uint8))
+    heat_file = f"{name}_heatmap.png"
+    atomic_write(out / heat_file, lambda tmp: overlay.save(tmp, format="PNG"))
+    if pixel_threshold is None:
+        return heat_file, ""
+    defect = segment(canvas, pixel_threshold, int(threshold.get("min_defect_area") or 0))
+    full_mask = _resize(defect.astype(np.float32), (height, width), "nearest") > 0.5
+    mask_image = Image.fromarray(full_mask.astype(np.uint8) * 255)
+    mask_file = f"{name}_mask.png"
+    atomic_write(out / mask_file, lambda tmp: mask_image.save(tmp, format="PNG"))
+    return heat_file, mask_file
+
+
+def _unique_name(path: Path, taken: set[str]) -> str:
+    name, counter = path.stem, 1
+    while name in taken:
+        counter += 1
+        name = f"{path.stem}_{counter}"
+    taken.add(name)
+    return name
+
+
+def _saved_settings(model, model_dir: str | Path) -> tuple[Preprocessing, dict]:
+    """The preprocessing and threshold record the model was saved with."""
+    metadata = getattr(model, "metadata", {})
+    if "preprocessing" not in metadata:
+        raise ModelMismatchError(f"{model_dir}/model.json has no preprocessing record: refit with this version")
+    threshold = metadata.get("threshold") or {}
+    if not threshold:
+        log.warning("the model was saved without a threshold: scores and heatmaps only, no decisions or masks "
+                    "(fit with threshold=nominal_sigma or another rule to get them)")
+    return Preprocessing(**metadata["preprocessing"]), threshold
+
+
+def _read_batch(paths: list[Path], preprocessing: Preprocessing, skipped: list[dict]) -> list[tuple]:
+    """(path, original image, model input) of each readable image; the others go to ``skipped``."""
+    batch = []
+    for path in paths:
+        try:
+            original = read_image(path)
+            batch.append((path, original, preprocessing.image(original)))
+        except DatasetError as error:
+            log.warning("skipped %s: %s", path, error)
+            skipped.append({"path": str(path), "reason": str(error)})
+    return batch
+
+
+def predict(model_dir: str | Path, images: str | list[str], out: str | Path, device: str = "auto",
+            batch_size: int = 8, progress: bool = True) -> list[dict]:
+    """Score every readable image; returns the rows written to ``predictions.csv``."""
+    model = load_model(model_dir, resolve_device(device))
+    preprocessing, threshold = _saved_settings(model, model_dir)
+    paths = expand_images(images)
+    if not paths:
+        raise FileNotFoundError(f"images={images} found no image files ({', '.join(IMAGE_EXTENSIONS)})")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    image_threshold = threshold.get("image_threshold")
+    rows, skipped, taken = [], [], set()
+    for start in tqdm(range(0, len(paths), batch_size), desc="predict", unit="batch", disable=not progress):
+        batch = _read_batch(paths[start : start + batch_size], preprocessing, skipped)
+        if not batch:
+            continue
+        scores, maps = model.score(torch.stack([tensor for _, _, tensor in batch]))
+        for (path, original, _), score, crop_map in zip(batch, scores.tolist(), maps.numpy()):
+            geometry = CropGeometry.of(original.height, original.width, preprocessing)
+            heat_file, mask_file = write_outputs(out, _unique_name(path, taken), original, crop_map, geometry,
+                                                 threshold)
+            decision = "" if image_threshold is None else ("anomalous" if score >= image_threshold else "nominal")
+            rows.append({"path": str(path), "score": score, "decision": decision, "heatmap": heat_file,
+                         "mask": mask_file})
+    write_csv_atomic(out / "predictions.csv", ["path", "score", "decision", "heatmap", "mask"], rows)
+    write_csv_atomic(out / "skipped.csv", ["path", "reason"], skipped)
+    log.info("%d images scored, %d skipped; results in %s", len(rows), len(skipped), out)
+    return rows
