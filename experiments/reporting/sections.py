@@ -6,7 +6,7 @@ from __future__ import annotations
 import pandas as pd
 
 from experiments.reporting.blocks import Block, Bullets, Code, Heading, Text
-from experiments.reporting.data import Run, flatten, sweep_commands
+from experiments.reporting.data import Run, flatten, interpolated_copies, sweep_commands
 from experiments.reporting.variants import sort_value
 from experiments.runs.run_key import BOOKKEEPING, IDENTITY, is_ignored
 
@@ -35,6 +35,8 @@ def _value(value) -> str:
 def settings(runs: list[Run]) -> tuple[dict, dict]:
     """(settings every run shares, settings that vary -> their values), over the flattened configs."""
     flats = [flatten(run.config) for run in runs]
+    copies = interpolated_copies(flats)
+    flats = [{k: v for k, v in flat.items() if k not in copies} for flat in flats]
     keys = sorted(set().union(*flats))
     common, varied = {}, {}
     for key in keys:

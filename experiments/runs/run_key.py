@@ -23,7 +23,9 @@ import os
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 
-# Keys (dotted; a key covers everything below it) that change no number in results.json: logging, progress,
+# Keys (dotted; a key covers everything below it, and is matched wherever it sits: the model node repeats
+# settings by interpolation, model.progress, model.storage.cache_dir) that change no number in results.json:
+# logging, progress,
 # workers, saved maps, Hydra's own node, and where fit-time features are spilled or cached (the spill file
 # and the cache hold the same values). Another key that only affects speed or bookkeeping belongs here too,
 # or every cached run would look new. NOT the buffer dtype (storage.dtype / memory.dtype): float16 moves
@@ -31,10 +33,12 @@ from pathlib import Path
 BOOKKEEPING = ("force", "logger", "progress", "num_workers", "viz", "hydra",
                "storage.spill_dir", "storage.spill_above_gb", "storage.cache_dir",
                "memory.spill_dir", "memory.spill_above_gb", "memory.cache_dir")  # memory.*: records made before storage
-# What a run is *of* rather than how it is set up: one variant's runs differ in these.
-IDENTITY = ("category", "seed", "coreset.seed")
+# What a run is *of* rather than how it is set up: one variant's runs differ in these (coreset.seed,
+# model.seed: wherever they sit).
+IDENTITY = ("category", "seed")
 # Where the data lives, names, and settings that change a number at most by float rounding (device,
-# batch size) or not at all (save_model): not part of a variant's label, but kept in the hash.
+# batch size) or not at all (save_model): not part of a variant's label, but kept in the hash. Matched
+# from the top only (nested=False): model.batch_size is the CAE's training batch, a real setting.
 PLACEMENT = ("dataset.root", "dataset.categories", "dataset.name", "dataset._target_", "backbone.name",
              "backbone.category", "device", "batch_size", "save_model")
 DEFAULT_ROOTS = ("outputs", "multirun")
@@ -42,9 +46,12 @@ SKIPPED_FILE = "skipped.json"
 _PRUNE = {"maps", "models", "wandb", ".hydra", ".submitit", "features"}
 
 
-def is_ignored(key: str, groups: Iterable[str]) -> bool:
-    """Whether the dotted ``key`` is one of ``groups`` or lies below one (``viz.n`` below ``viz``)."""
-    return any(key == name or key.startswith(f"{name}.") for name in groups)
+def is_ignored(key: str, groups: Iterable[str], nested: bool = True) -> bool:
+    """Whether the dotted ``key`` is one of ``groups`` or lies below one (``viz.n`` below ``viz``); with
+    ``nested``, also where the entry sits below another node (``model.storage.cache_dir``)."""
+    parts = key.split(".")
+    tails = [".".join(parts[start:]) for start in (range(len(parts)) if nested else (0,))]
+    return any(tail == name or tail.startswith(f"{name}.") for tail in tails for name in groups)
 
 
 def without(config: Mapping, groups: Iterable[str], prefix: str = "") -> dict:
