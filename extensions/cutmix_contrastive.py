@@ -37,13 +37,21 @@ class CutMixPlan:
     dst: torch.Tensor  # [N, 2] long
 
 
-def _uniform(low: float, high: float, generator: torch.Generator | None) -> float:
-    return low + (high - low) * torch.rand((), generator=generator).item()
+def _uniform(low: float, high: float) -> float:
+    return low + (high - low) * torch.rand(()).item()
 
 
-def _randint(high: int, generator: torch.Generator | None) -> int:
+def _randint(high: int) -> int:
     """Uniform in [0, high]."""
-    return int(torch.randint(high + 1, (), generator=generator).item())
+    return int(torch.randint(high + 1, ()).item())
+
+
+def check_box_ranges(scale: Sequence[float], ratio: Sequence[float]) -> None:
+    """The box area fractions and aspect ratios must be ordered, positive ranges."""
+    if not 0 < scale[0] <= scale[1] <= 1:
+        raise ValueError(f"method.box_scale={list(scale)}: need 0 < low <= high <= 1 (fractions of the image area)")
+    if not 0 < ratio[0] <= ratio[1]:
+        raise ValueError(f"method.box_ratio={list(ratio)}: need 0 < low <= high")
 
 
 def plan_cutmix(
@@ -53,36 +61,28 @@ def plan_cutmix(
     scale: Sequence[float] = (0.02, 0.25),
     ratio: Sequence[float] = (0.3, 3.3),
     same_image_prob: float = 0.5,
-    generator: torch.Generator | None = None,
 ) -> CutMixPlan:
     """Random boxes: area a fraction U(scale) of the image, aspect ratio w/h log-uniform in ``ratio``.
 
     With probability ``same_image_prob`` the box comes from elsewhere in the same image (displaced by
     at least half its size along one axis, so it is never pasted onto itself), otherwise from another
-    image of the batch.
+    image of the batch. Drawn from torch's global RNG, which ``method.seed`` seeds.
     """
-    if not 0 < scale[0] <= scale[1] <= 1:
-        raise ValueError(f"method.box_scale={list(scale)}: need 0 < low <= high <= 1 (fractions of the image area)")
-    if not 0 < ratio[0] <= ratio[1]:
-        raise ValueError(f"method.box_ratio={list(ratio)}: need 0 < low <= high")
+    check_box_ranges(scale, ratio)
     source, size, src, dst = [], [], [], []
     for i in range(n):
-        area = _uniform(scale[0], scale[1], generator) * height * width
-        aspect = math.exp(_uniform(math.log(ratio[0]), math.log(ratio[1]), generator))
+        area = _uniform(scale[0], scale[1]) * height * width
+        aspect = math.exp(_uniform(math.log(ratio[0]), math.log(ratio[1])))
         h = min(height, max(1, round(math.sqrt(area / aspect))))
         w = min(width, max(1, round(math.sqrt(area * aspect))))
-        same = n == 1 or torch.rand((), generator=generator).item() < same_image_prob
-        y, x = _randint(height - h, generator), _randint(width - w, generator)
+        same = n == 1 or torch.rand(()).item() < same_image_prob
+        y, x = _randint(height - h), _randint(width - w)
         if same:
-            for _ in range(32):
-                sy, sx = _randint(height - h, generator), _randint(width - w, generator)
-                if abs(sy - y) * 2 >= h or abs(sx - x) * 2 >= w:
-                    break
-            else:  # box too large to move within the image: take it from another image instead
-                same = n == 1
+            moved, (sy, sx) = _corner_elsewhere(y, x, h, w, height, width)
+            same = moved or n == 1  # a box too large to move within the image comes from another image
         if not same:
-            sy, sx = _randint(height - h, generator), _randint(width - w, generator)
-        j = i if same else (i + 1 + _randint(n - 2, generator)) % n
+            sy, sx = _randint(height - h), _randint(width - w)
+        j = i if same else (i + 1 + _randint(n - 2)) % n
         source.append(j)
         size.append((h, w))
         src.append((sy, sx))
@@ -90,6 +90,16 @@ def plan_cutmix(
     long = dict(dtype=torch.long)
     return CutMixPlan(torch.tensor(source, **long), torch.tensor(size, **long).view(-1, 2),
                       torch.tensor(src, **long).view(-1, 2), torch.tensor(dst, **long).view(-1, 2))
+
+
+def _corner_elsewhere(y: int, x: int, h: int, w: int, height: int, width: int) -> tuple[bool, tuple[int, int]]:
+    """(found, corner): a corner at least half a box away from (y, x) along one axis, in up to 32 draws
+    (``found`` False when none was: the corner is then the last one drawn)."""
+    for _ in range(32):
+        sy, sx = _randint(height - h), _randint(width - w)
+        if abs(sy - y) * 2 >= h or abs(sx - x) * 2 >= w:
+            return True, (sy, sx)
+    return False, (sy, sx)
 
 
 def cutmix(images: torch.Tensor, plan: CutMixPlan) -> torch.Tensor:
@@ -140,7 +150,7 @@ class CutMixContrastive(Objective):
             raise ValueError(f"method.temperature={temperature} must be > 0")
         self.temperature = float(temperature)
         self.box_scale, self.box_ratio = tuple(box_scale), tuple(box_ratio)
-        plan_cutmix(1, 8, 8, self.box_scale, self.box_ratio)  # validates the ranges now, not at step 1
+        check_box_ranges(self.box_scale, self.box_ratio)  # now, not at step 1
         self.same_image_prob = float(same_image_prob)
         self.crop_scale, self.jitter = tuple(crop_scale), float(jitter)
         self.head = mlp(sum(self.feature_channels()), hidden_dim, projection_dim)

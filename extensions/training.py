@@ -35,10 +35,10 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm.auto import tqdm
 
 from core.backbones import FeatureExtractor
+from core.io import file_sha256
 from extensions.checkpoint import (
     FORMAT_VERSION,
     CheckpointFiles,
-    file_sha256,
     load_torch,
     read_sidecar,
     save_torch,
@@ -243,118 +243,161 @@ def fine_tune(
     steps_per_epoch = n // batch_size
     total = config.total_steps(steps_per_epoch)
     key = _canonical({**identity, "train": asdict(config)})
-
-    sidecar = read_sidecar(files)
-    if (resume and sidecar and sidecar.get("complete") and sidecar.get("identity") == key and files.weights.is_file()
-            and sidecar.get("sha256") == file_sha256(files.weights)):
+    finished = _finished_sidecar(files, key) if resume else None
+    if finished is not None:
         log.info("%s is already fine-tuned with this configuration (resume=false trains it again)", files.weights)
-        return sidecar
+        return finished
 
-    protection = Protection(
-        objective.extractor, config.frozen_stages, config.freeze_bn, config.train_bn_affine, config.l2sp_weight
-    )  # built on the pretrained weights: they are L2-SP's reference
-    backbone_params = protection.parameters()
-    objective.to(device)
-    protection.to(device)
-    optimizer = torch.optim.AdamW(
-        [
-            {"params": backbone_params, "lr": config.lr, "weight_decay": 0.0},
-            {"params": objective.head_parameters(), "lr": config.head_lr, "weight_decay": config.weight_decay},
-        ]
-    )
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, list(lr_lambdas(total, config.head_only_steps)))
-
-    step, elapsed = 0, 0.0
-    state = load_torch(files.state) if resume and files.state.is_file() else None
-    if state is not None and (state.get("format_version") != FORMAT_VERSION or state.get("identity") != key):
-        log.warning("%s belongs to another configuration: starting over", files.state)
-        state = None
-    if state is not None:
-        objective.load_state_dict(state["objective"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        _set_rng_state(state["rng"])
-        step, elapsed = int(state["step"]), float(state["elapsed_s"])
-        log.info("resuming %s from step %d of %d", files.state, step, total)
-    else:
-        torch.manual_seed(config.seed)
-        objective.reset_head()
-    loss_log = LossLog(files.loss_log, step)
+    run = _Run.start(objective, config, files, key, total, device)
+    run.restore_or_init(config.seed, resume, total)
+    loss_log = LossLog(files.loss_log, run.step)
     recent = deque((row["loss"] for row in loss_log.rows), maxlen=steps_per_epoch)
-
-    def save_state() -> None:
-        save_torch(files.state, {
-            "format_version": FORMAT_VERSION, "identity": key, "step": step, "elapsed_s": elapsed,
-            "objective": objective.state_dict(), "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(), "rng": _rng_state(),
-        })
-
-    bar = tqdm(total=total, initial=step, desc=f"{identity.get('method', 'finetune')} {identity.get('category', '')}",
-               disable=not progress, dynamic_ncols=True)
+    bar = tqdm(total=total, initial=run.step, disable=not progress, dynamic_ncols=True,
+               desc=f"{identity.get('method', 'finetune')} {identity.get('category', '')}")
     loader_generator = torch.Generator().manual_seed(config.seed)  # worker seeds; keeps the global RNG untouched
     last: dict = {}
-    while step < total:
-        epoch, offset = divmod(step, steps_per_epoch)
-        batches = EpochBatches(n, batch_size, config.seed, epoch, offset, limit=total - step)
+    while run.step < total:
+        epoch, offset = divmod(run.step, steps_per_epoch)
+        batches = EpochBatches(n, batch_size, config.seed, epoch, offset, limit=total - run.step)
         loader = DataLoader(dataset, batch_sampler=batches, num_workers=num_workers, generator=loader_generator,
                             pin_memory=device.type == "cuda")
         for batch in loader:
-            started = time.perf_counter()
-            protection.train_mode()
-            images = (batch["image"] if isinstance(batch, dict) else batch).to(device, non_blocking=True)
-            task_loss, stats = objective.loss(images)
-            penalty = protection.penalty()
-            loss = task_loss + penalty
-            if not torch.isfinite(loss):
-                raise FloatingPointError(
-                    f"loss became {loss.item()} at step {step + 1}: lower method.lr / method.head_lr "
-                    f"(the last good state is {files.state if files.state.is_file() else 'not saved yet'})"
-                )
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            lrs = scheduler.get_last_lr()
-            scheduler.step()
-            step += 1
-            elapsed += time.perf_counter() - started
-            last = {"step": step, "epoch": epoch, "loss": loss.item(), "task_loss": task_loss.item(),
-                    "l2sp": penalty.item(), "lr_backbone": lrs[0], "lr_head": lrs[1], **stats,
-                    "time_s": round(elapsed, 3)}
+            last = run.train_step(batch, device, epoch)
             loss_log.append(last)
             recent.append(last["loss"])
             bar.update(1)
             bar.set_postfix(loss=f"{last['loss']:.4f}", l2sp=f"{last['l2sp']:.2e}")
-            if step % checkpoint_every == 0 and step < total:
-                save_state()
+            if run.step % checkpoint_every == 0 and run.step < total:
+                run.save_state()
     bar.close()
+    summary = {"n_train_images": n, "steps_per_epoch": steps_per_epoch,
+               "final_loss": last.get("loss", loss_log.rows[-1]["loss"] if loss_log.rows else None),
+               "final_loss_mean": sum(recent) / len(recent) if recent else None}
+    return run.finish(identity, config, summary)
 
-    objective.extractor.eval()
-    base = {"name": objective.extractor.name, **objective.extractor.spec()}
-    save_torch(files.weights, {
-        "format_version": FORMAT_VERSION, "method": identity.get("method"), "category": identity.get("category"),
-        "base": base, "step": step, "state_dict": objective.extractor.state_dict(),
-    })
-    record = {
-        "complete": True,
-        "method": identity.get("method"),
-        "category": identity.get("category"),
-        "base_backbone": base,
-        "config": {**identity.get("config", {}), "train": asdict(config)},
-        "steps": step,
-        "steps_per_epoch": steps_per_epoch,
-        "epochs": step / steps_per_epoch,
-        "n_train_images": n,
-        "final_loss": last.get("loss", loss_log.rows[-1]["loss"] if loss_log.rows else None),
-        "final_loss_mean": sum(recent) / len(recent) if recent else None,
-        "train_time_s": round(elapsed, 3),
-        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "torch": torch.__version__,
-        "sha256": file_sha256(files.weights),
-        "loss_log": files.loss_log.name,
-        "identity": key,
-    }
-    write_sidecar(files, record)
-    files.state.unlink(missing_ok=True)
-    log.info("fine-tuned %s: %d steps, final loss %s -> %s", identity.get("category"), step,
-             record["final_loss"], files.weights)
-    return record
+
+def _finished_sidecar(files: CheckpointFiles, key: str) -> dict | None:
+    """The sidecar of a complete checkpoint made with this identity whose weights are intact, else None."""
+    sidecar = read_sidecar(files)
+    if (sidecar and sidecar.get("complete") and sidecar.get("identity") == key and files.weights.is_file()
+            and sidecar.get("sha256") == file_sha256(files.weights)):
+        return sidecar
+    return None
+
+
+@dataclass
+class _Run:
+    """The state of one fine-tuning run, which is what a resume file holds; ``step`` counts finished steps."""
+
+    objective: Objective
+    protection: Protection
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    files: CheckpointFiles
+    key: str
+    step: int = 0
+    elapsed: float = 0.0
+
+    @classmethod
+    def start(cls, objective: Objective, config: TrainConfig, files: CheckpointFiles, key: str, total: int,
+              device: torch.device) -> _Run:
+        """Protection on the pretrained weights (L2-SP's reference), AdamW with two groups, cosine schedules."""
+        protection = Protection(
+            objective.extractor, config.frozen_stages, config.freeze_bn, config.train_bn_affine, config.l2sp_weight
+        )  # built before any training step: the weights it holds are L2-SP's reference
+        backbone_params = protection.parameters()
+        objective.to(device)
+        protection.to(device)
+        optimizer = torch.optim.AdamW(
+            [
+                {"params": backbone_params, "lr": config.lr, "weight_decay": 0.0},
+                {"params": objective.head_parameters(), "lr": config.head_lr, "weight_decay": config.weight_decay},
+            ]
+        )
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, list(lr_lambdas(total, config.head_only_steps)))
+        return cls(objective, protection, optimizer, scheduler, files, key)
+
+    def restore_or_init(self, seed: int, resume: bool, total: int) -> None:
+        """Continue from this configuration's resume file, or start over: seed, then a fresh head."""
+        files = self.files
+        state = load_torch(files.state) if resume and files.state.is_file() else None
+        if state is not None and (state.get("format_version") != FORMAT_VERSION or state.get("identity") != self.key):
+            log.warning("%s belongs to another configuration: starting over", files.state)
+            state = None
+        if state is None:
+            torch.manual_seed(seed)
+            self.objective.reset_head()
+            return
+        self.objective.load_state_dict(state["objective"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        _set_rng_state(state["rng"])
+        self.step, self.elapsed = int(state["step"]), float(state["elapsed_s"])
+        log.info("resuming %s from step %d of %d", files.state, self.step, total)
+
+    def train_step(self, batch, device: torch.device, epoch: int) -> dict:
+        """One optimiser step on a batch; returns its loss-log row."""
+        started = time.perf_counter()
+        self.protection.train_mode()
+        images = (batch["image"] if isinstance(batch, dict) else batch).to(device, non_blocking=True)
+        task_loss, stats = self.objective.loss(images)
+        penalty = self.protection.penalty()
+        loss = task_loss + penalty
+        if not torch.isfinite(loss):
+            raise FloatingPointError(
+                f"loss became {loss.item()} at step {self.step + 1}: lower method.lr / method.head_lr "
+                f"(the last good state is {self.files.state if self.files.state.is_file() else 'not saved yet'})"
+            )
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        lrs = self.scheduler.get_last_lr()
+        self.scheduler.step()
+        self.step += 1
+        self.elapsed += time.perf_counter() - started
+        return {"step": self.step, "epoch": epoch, "loss": loss.item(), "task_loss": task_loss.item(),
+                "l2sp": penalty.item(), "lr_backbone": lrs[0], "lr_head": lrs[1], **stats,
+                "time_s": round(self.elapsed, 3)}
+
+    def save_state(self) -> None:
+        """The resume file: everything an interrupted run needs to continue bit-identically."""
+        save_torch(self.files.state, {
+            "format_version": FORMAT_VERSION, "identity": self.key, "step": self.step, "elapsed_s": self.elapsed,
+            "objective": self.objective.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(), "rng": _rng_state(),
+        })
+
+    def finish(self, identity: dict, config: TrainConfig, summary: dict) -> dict:
+        """Write the fine-tuned extractor weights and their sidecar, drop the resume file; return the sidecar."""
+        files, extractor = self.files, self.objective.extractor
+        extractor.eval()
+        base = {"name": extractor.name, **extractor.spec()}
+        save_torch(files.weights, {
+            "format_version": FORMAT_VERSION, "method": identity.get("method"), "category": identity.get("category"),
+            "base": base, "step": self.step, "state_dict": extractor.state_dict(),
+        })
+        steps_per_epoch = summary["steps_per_epoch"]
+        record = {
+            "complete": True,
+            "method": identity.get("method"),
+            "category": identity.get("category"),
+            "base_backbone": base,
+            "config": {**identity.get("config", {}), "train": asdict(config)},
+            "steps": self.step,
+            "steps_per_epoch": steps_per_epoch,
+            "epochs": self.step / steps_per_epoch,
+            "n_train_images": summary["n_train_images"],
+            "final_loss": summary["final_loss"],
+            "final_loss_mean": summary["final_loss_mean"],
+            "train_time_s": round(self.elapsed, 3),
+            "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            "torch": torch.__version__,
+            "sha256": file_sha256(files.weights),
+            "loss_log": files.loss_log.name,
+            "identity": self.key,
+        }
+        write_sidecar(files, record)
+        files.state.unlink(missing_ok=True)
+        log.info("fine-tuned %s: %d steps, final loss %s -> %s", identity.get("category"), self.step,
+                 record["final_loss"], files.weights)
+        return record

@@ -17,13 +17,13 @@ from torch.utils.data import DataLoader
 from core.backbones import EfficientNetLite, TorchvisionCNN
 from core.features import PatchEmbedder
 from core.patchcore import PatchCore
+from experiments.runs.backbones import loads_one_checkpoint_per_category, per_category_backbones
 from extensions.checkpoint import (
     CheckpointFiles,
     CheckpointMismatchError,
     FineTunedBackbone,
     MissingCheckpointError,
     load_torch,
-    per_category_backbones,
 )
 from extensions.cutmix_contrastive import CutMixContrastive, CutMixPlan, cutmix, nt_xent, plan_cutmix
 from extensions.protection import Protection, stages
@@ -141,10 +141,17 @@ def test_cutmix_paste_by_hand() -> None:
     assert images[0].sum() == 0  # the input is not modified
 
 
+def seeded_plan(*args) -> CutMixPlan:
+    """``plan_cutmix`` under seed 1 (it draws from the global RNG), leaving the global RNG as it was."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(1)
+        return plan_cutmix(*args)
+
+
 def test_cutmix_boxes_follow_the_configuration() -> None:
     height, width, scale = 40, 50, (0.05, 0.2)
     for same_prob in (0.0, 1.0, 0.5):
-        plan = plan_cutmix(64, height, width, scale, (0.5, 2.0), same_prob, torch.Generator().manual_seed(1))
+        plan = seeded_plan(64, height, width, scale, (0.5, 2.0), same_prob)
         h, w = plan.size.unbind(1)
         area = (h * w).float() / (height * width)
         assert ((area > scale[0] * 0.8) & (area < scale[1] * 1.2)).all()  # up to rounding of h and w
@@ -160,7 +167,7 @@ def test_cutmix_boxes_follow_the_configuration() -> None:
         assert ((shift[same, 0] * 2 >= h[same]) | (shift[same, 1] * 2 >= w[same])).all()  # never onto itself
         if same_prob == 0.5:
             assert 10 < same.sum() < 54
-    again = plan_cutmix(64, height, width, scale, (0.5, 2.0), 0.5, torch.Generator().manual_seed(1))
+    again = seeded_plan(64, height, width, scale, (0.5, 2.0), 0.5)
     assert torch.equal(again.size, plan.size) and torch.equal(again.source, plan.source)
 
 
@@ -296,9 +303,12 @@ def test_backbone_yaml_and_missing_checkpoint_names_the_make_command(tmp_path) -
             return compose("config", overrides=list(overrides))
 
     cfg = config("backbone=rotation", "category=bottle").backbone
-    assert cfg.checkpoint == "checkpoints/rotation/wrn50/bottle.pt" and cfg.per_category
-    with pytest.raises(MissingCheckpointError, match=r"make finetune-rotation CATEGORY=bottle BACKBONE=wrn50"):
+    assert cfg.checkpoint == "checkpoints/rotation/wrn50/bottle.pt" and loads_one_checkpoint_per_category(cfg)
+    with pytest.raises(MissingCheckpointError, match=r"experiments/finetune.py method=rotation backbone=wrn50 "
+                                                     r"dataset=<dataset> category=bottle"):
         FineTunedBackbone(**{k: v for k, v in cfg.items() if k != "_target_"})
+    with pytest.raises(MissingCheckpointError, match=r"make finetune-rotation CATEGORY=bottle BACKBONE=wrn50"):
+        per_category_backbones(config("backbone=rotation", "category=bottle"), ["bottle"])  # the harness's check
 
     cfg = config("backbone=cutmix_contrastive", "backbone.base=resnet18", "category=[grass,brick]",
                  f"backbone.checkpoint={tmp_path}/${{backbone.base}}/${{category}}.pt")
@@ -310,7 +320,8 @@ def test_backbone_yaml_and_missing_checkpoint_names_the_make_command(tmp_path) -
             instantiate(OmegaConf.merge(cfg, {"category": category}).backbone)
         assert isinstance(raised.value.__cause__, MissingCheckpointError)
         assert f"{tmp_path}/resnet18/{category}.pt does not exist" in str(raised.value.__cause__)
-        assert f"make finetune-cutmix CATEGORY={category} BACKBONE=resnet18" in str(raised.value.__cause__)
+        assert (f"experiments/finetune.py method=cutmix_contrastive backbone=resnet18 dataset=<dataset> "
+                f"category={category}") in str(raised.value.__cause__)
 
     # experiments/main.py: per_category_backbones checks every checkpoint before any work
     assert per_category_backbones(config("category=[grass,brick]"), ["grass", "brick"]) is None  # effnet_lite0
