@@ -1,4 +1,4 @@
-"""Anomaly-detection metrics following the conventions of the field (DESIGN.md §5).
+"""Anomaly-detection metrics following the conventions of the field.
 
 Image level: AUROC and F1-max over image scores. Pixel level: AUROC and F1-max over
 all pixels of all images, and AUPRO as defined by MVTec AD's reference evaluation code
@@ -51,12 +51,21 @@ def _both_classes(labels: np.ndarray) -> bool:
 # --------------------------------------------------------------------------- AUROC / F1
 
 
-def _best_f1(labels: np.ndarray, scores: np.ndarray) -> float:
-    """Best F1 over every threshold of the precision-recall curve (labels contain a positive)."""
-    precision, recall, _ = precision_recall_curve(labels, scores)
+def f1_curve(labels: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(F1, threshold) at every threshold of the precision-recall curve; ``score >= threshold`` is anomalous.
+
+    sklearn's curve ends with a point (precision 1, recall 0, F1 0) that has no threshold; it is left out.
+    """
+    precision, recall, thresholds = precision_recall_curve(labels, scores)
+    precision, recall = precision[:-1], recall[:-1]
     denom = precision + recall
     f1 = np.divide(2 * precision * recall, denom, out=np.zeros_like(denom), where=denom > 0)
-    return float(f1.max())
+    return f1, thresholds
+
+
+def _best_f1(labels: np.ndarray, scores: np.ndarray) -> float:
+    """Best F1 over every threshold of the precision-recall curve (labels contain a positive)."""
+    return float(f1_curve(labels, scores)[0].max())
 
 
 def image_auroc(labels: np.ndarray, scores: np.ndarray) -> float | None:

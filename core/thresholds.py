@@ -8,13 +8,12 @@ is an optimistic upper bound, labelled as such wherever it is reported.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import numpy as np
 import scipy.ndimage
-from sklearn.metrics import precision_recall_curve
 
-from core.metrics import EIGHT_CONNECTED
+from core.metrics import EIGHT_CONNECTED, f1_curve
 
 
 def f1_optimal_threshold(labels: np.ndarray, scores: np.ndarray) -> float:
@@ -22,10 +21,8 @@ def f1_optimal_threshold(labels: np.ndarray, scores: np.ndarray) -> float:
     labels, scores = np.asarray(labels).ravel(), np.asarray(scores, dtype=np.float64).ravel()
     if labels.min() == labels.max():
         raise ValueError("f1_optimal needs both nominal and anomalous examples")
-    precision, recall, thresholds = precision_recall_curve(labels, scores)
-    f1 = np.divide(2 * precision * recall, precision + recall,
-                   out=np.zeros_like(precision), where=(precision + recall) > 0)
-    return float(thresholds[int(np.argmax(f1[:-1]))])  # the last PR point has no threshold
+    f1, thresholds = f1_curve(labels, scores)
+    return float(thresholds[int(np.argmax(f1))])
 
 
 def nominal_sigma_threshold(nominal_scores: np.ndarray, k: float = 3.0) -> float:
@@ -61,9 +58,6 @@ class Decisions:
     recall: float | None
     f1: float | None
     accuracy: float
-
-    def as_dict(self) -> dict:
-        return asdict(self)
 
 
 def decide(labels: np.ndarray, scores: np.ndarray, threshold: float) -> Decisions:
