@@ -32,10 +32,12 @@ from __future__ import annotations
 
 import math
 from concurrent.futures import ThreadPoolExecutor
+from typing import Protocol
 
 import torch
 from tqdm.auto import tqdm
 
+from core.linalg import FASTMATH, TOL, column_mean, squared_norms
 from core.threads import single_threaded_torch
 
 try:  # optional: fuses the bound check and the refinement of the fast coreset (about 2x faster)
@@ -47,7 +49,24 @@ METHODS = ("auto", "fast", "plain")
 _CANDIDATES = 2048  # K: points looked at to choose one batch of centres
 _PREFIX = 32  # principal axes in the lower bound
 _ROWS = 2048  # points per block when updating against a batch
-_TOL = 1e-5  # relative slack that keeps the float32 lower bound conservative
+
+
+class FeatureRows(Protocol):
+    """What the samplers read: ``[N, D]`` rows in slices (a tensor, or ``core.storage.TrainingFeatures``,
+    which may live in a file). ``device``: where the selection computes."""
+
+    shape: tuple[int, ...]
+    device: torch.device
+
+    def __len__(self) -> int: ...
+
+    def __getitem__(self, rows: slice) -> torch.Tensor: ...
+
+
+class Sampler(Protocol):
+    """Chooses the memory bank's rows among the training features."""
+
+    def select(self, features: FeatureRows, progress: bool = True) -> torch.Tensor: ...  # indices [M]
 
 
 def check_ratio(ratio: float) -> float:
@@ -66,11 +85,11 @@ def random_projection(dim: int, proj_dim: int, seed: int) -> torch.Tensor:
     return torch.randn(dim, proj_dim, generator=generator) / math.sqrt(proj_dim)
 
 
-def _project(features, projection: torch.Tensor | None, chunk: int = 16384) -> torch.Tensor:
+def project(features: FeatureRows, projection: torch.Tensor | None, chunk: int = 16384) -> torch.Tensor:
     """``[N, P]`` float32 in a new tensor, read ``chunk`` rows at a time (``features`` may live on disk)."""
     num, dim = len(features), features.shape[1]
     out_dim = dim if projection is None else projection.shape[1]
-    device = getattr(features, "device", torch.device("cpu"))
+    device = features.device
     out = torch.empty(num, out_dim, device=device)
     if projection is not None:
         projection = projection.to(device)
@@ -80,25 +99,13 @@ def _project(features, projection: torch.Tensor | None, chunk: int = 16384) -> t
     return out
 
 
-def column_mean(points: torch.Tensor, chunk: int = 16384) -> torch.Tensor:
-    """Float64 mean of the rows, a chunk at a time: torch's ``mean(dtype=float64)`` casts the whole tensor
-    first (4 GB for the projected features of 5,000 training images)."""
-    return sum(block.double().sum(dim=0) for block in points.split(chunk)) / len(points)
-
-
-def _squared_norms(points: torch.Tensor, chunk: int = 65536) -> torch.Tensor:
-    """Row-wise squared norms, a chunk of rows at a time: ``(points * points).sum(1)`` would hold a second
-    copy of the points (2 GB for 5,000 training images)."""
-    return torch.cat([(block * block).sum(dim=1) for block in points.split(chunk)])
-
-
-def _squared_distances(points: torch.Tensor, norms: torch.Tensor, centre: torch.Tensor) -> torch.Tensor:
+def squared_distances(points: torch.Tensor, norms: torch.Tensor, centre: torch.Tensor) -> torch.Tensor:
     # ||x||^2 + ||c||^2 - 2 x.c in one pass over the points
     return torch.addmv(norms + centre.dot(centre), points, centre, alpha=-2.0)
 
 
 def greedy_coreset(
-    features,
+    features: FeatureRows,
     ratio: float,
     proj_dim: int | None = 128,
     start_points: int = 10,
@@ -108,9 +115,9 @@ def greedy_coreset(
 ) -> torch.Tensor:
     """Indices ``[M]`` (M = int(N * ratio), at least 1) of an approximate greedy k-center coreset.
 
-    ``features`` is a ``[N, D]`` tensor (any float dtype, CPU or CUDA) or anything with ``len``,
-    ``shape`` and row slicing that returns tensors (a buffer on disk): it is read in chunks.
-    ``method``: ``fast`` | ``plain`` | ``auto`` (fast on the CPU, plain on a GPU).
+    ``features`` is a ``[N, D]`` tensor (any float dtype, CPU or CUDA) or any ``FeatureRows`` (a buffer
+    on disk): it is read in chunks. ``method``: ``fast`` | ``plain`` | ``auto`` (fast on the CPU, plain on
+    a GPU).
     """
     ratio = check_ratio(ratio)
     if method not in METHODS:
@@ -119,30 +126,37 @@ def greedy_coreset(
     size = coreset_size(num, ratio)
     if size >= num:
         return torch.arange(num)
-    projection = None if proj_dim is None else random_projection(features.shape[1], proj_dim, seed)
-    points = _project(features, projection)
-    norms = _squared_norms(points)
-    generator = torch.Generator().manual_seed(seed)
-    starts = torch.randperm(num, generator=generator)[: min(start_points, num)].to(points.device)
-    start_distances = torch.stack(
-        [_squared_distances(points, norms, points[s]).clamp_min_(0).sqrt_() for s in starts], dim=1
-    )
-    min_distances = start_distances.mean(dim=1).square_()  # squared, like every later update
-    del start_distances
+    points, norms, min_distances = starting_state(features, proj_dim, start_points, seed)
     if method == "plain" or (method == "auto" and points.is_cuda):
-        return _plain_loop(points, norms, min_distances, size, progress)
+        return plain_loop(points, norms, min_distances, size, progress)
     del norms
     return _batched_loop(_principal_frame(points), min_distances, size, progress).cpu()
 
 
-def _plain_loop(points: torch.Tensor, norms: torch.Tensor, min_distances: torch.Tensor, size: int,
-                progress: bool) -> torch.Tensor:
+def starting_state(features: FeatureRows, proj_dim: int | None, start_points: int, seed: int
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The projected points, their squared norms and the squared min-distance vector both loops start
+    from: every point's mean distance to ``start_points`` seeded random points, squared."""
+    num = len(features)
+    projection = None if proj_dim is None else random_projection(features.shape[1], proj_dim, seed)
+    points = project(features, projection)
+    norms = squared_norms(points)
+    generator = torch.Generator().manual_seed(seed)
+    starts = torch.randperm(num, generator=generator)[: min(start_points, num)].to(points.device)
+    start_distances = torch.stack(
+        [squared_distances(points, norms, points[s]).clamp_min_(0).sqrt_() for s in starts], dim=1
+    )
+    return points, norms, start_distances.mean(dim=1).square_()  # squared, like every later update
+
+
+def plain_loop(points: torch.Tensor, norms: torch.Tensor, min_distances: torch.Tensor, size: int,
+               progress: bool) -> torch.Tensor:
     """The reference: one addmv over all points per chosen centre."""
     chosen = torch.empty(size, dtype=torch.long)
     for step in tqdm(range(size), desc="coreset", disable=not progress, mininterval=1.0, leave=False):
         index = int(torch.argmax(min_distances))
         chosen[step] = index
-        torch.minimum(min_distances, _squared_distances(points, norms, points[index]), out=min_distances)
+        torch.minimum(min_distances, squared_distances(points, norms, points[index]), out=min_distances)
         min_distances[index] = -1.0  # never chosen twice, even among exact duplicates
     return chosen
 
@@ -166,13 +180,14 @@ def _batched_loop(points: torch.Tensor, min_distances: torch.Tensor, size: int, 
     """Exact greedy selection, a batch of centres at a time (see the module docstring).
 
     Torch runs single-threaded inside (thousands of small steps: on a busy machine a second
-    OpenMP thread that is not scheduled makes every step wait, measured 7x slower on 2
-    shared cores); the update against each batch is split over ``torch.get_num_threads()``
-    Python threads instead, block by block, so a slow core only delays its own blocks.
+    OpenMP thread that is not scheduled makes every step wait; docs/performance.md has the
+    figure); the update against each batch is split over ``torch.get_num_threads()`` Python
+    threads instead, block by block, so a slow core only delays its own blocks (the thread
+    budget: ``core.threads``).
     """
     threads = torch.get_num_threads()
     prefix = points[:, : min(_PREFIX, points.shape[1])]
-    prefix_norms = _squared_norms(prefix)
+    prefix_norms = squared_norms(prefix)
     chosen = torch.empty(size, dtype=torch.long, device=points.device)
     filled = 0
     pool = ThreadPoolExecutor(threads) if threads > 1 and not points.is_cuda else None
@@ -229,7 +244,7 @@ def _update(points: torch.Tensor, prefix: torch.Tensor, prefix_norms: torch.Tens
     centres = points[batch].contiguous()
     centres_prefix = prefix[batch]
     # bound' = |x_p|^2 (1 - tol) + |c_p|^2 (1 - tol) - 2 x_p.c_p  <  r (1 + tol)  is necessary for d(x, c) < r
-    centre_norms = (centres_prefix * centres_prefix).sum(dim=1) * (1 - _TOL)
+    centre_norms = (centres_prefix * centres_prefix).sum(dim=1) * (1 - TOL)
     centres_prefix_t = centres_prefix.T.contiguous()
     fused = numba is not None and not points.is_cuda
 
@@ -238,10 +253,10 @@ def _update(points: torch.Tensor, prefix: torch.Tensor, prefix_norms: torch.Tens
         bounds = torch.addmm(centre_norms, prefix[start:end], centres_prefix_t, alpha=-2.0)
         if fused:
             _refine_numba(bounds.numpy(), prefix_norms.numpy(), start, points.numpy(), centres.numpy(),
-                          min_distances.numpy(), _TOL)
+                          min_distances.numpy(), TOL)
             return
         current = min_distances[start:end]
-        limit = current * (1 + _TOL) - prefix_norms[start:end] * (1 - _TOL)
+        limit = current * (1 + TOL) - prefix_norms[start:end] * (1 - TOL)
         rows, cols = (bounds < limit[:, None]).nonzero(as_tuple=True)
         if len(rows):
             distances = (points[start + rows] - centres[cols]).square_().sum(dim=1)
@@ -258,7 +273,7 @@ def _update(points: torch.Tensor, prefix: torch.Tensor, prefix_norms: torch.Tens
 
 if numba is not None:
 
-    @numba.njit(cache=True, nogil=True, boundscheck=False, fastmath={"reassoc", "nsz", "arcp", "contract"})
+    @numba.njit(cache=True, nogil=True, boundscheck=False, fastmath=FASTMATH)
     def _refine_numba(bounds, prefix_norms, start, points, centres, min_distances, tol):  # pragma: no cover
         rows, count = bounds.shape
         dim = points.shape[1]
@@ -295,7 +310,7 @@ class GreedyCoresetSampler:
         self.seed = seed
         self.method = method
 
-    def select(self, features, progress: bool = True) -> torch.Tensor:
+    def select(self, features: FeatureRows, progress: bool = True) -> torch.Tensor:
         return greedy_coreset(features, self.ratio, self.proj_dim, self.start_points, self.seed, progress,
                               self.method)
 
@@ -307,7 +322,7 @@ class RandomSampler:
         self.ratio = check_ratio(ratio)
         self.seed = seed
 
-    def select(self, features, progress: bool = True) -> torch.Tensor:
+    def select(self, features: FeatureRows, progress: bool = True) -> torch.Tensor:
         num = len(features)
         generator = torch.Generator().manual_seed(self.seed)
         return torch.randperm(num, generator=generator)[: coreset_size(num, self.ratio)].sort().values
@@ -322,5 +337,5 @@ class AllPatchesSampler:
                              "(use coreset=random or coreset=greedy to subsample)")
         self.ratio = 1.0
 
-    def select(self, features, progress: bool = True) -> torch.Tensor:
+    def select(self, features: FeatureRows, progress: bool = True) -> torch.Tensor:
         return torch.arange(len(features))

@@ -155,11 +155,11 @@ def test_all_patches_sampler_keeps_everything() -> None:
 
 
 def test_full_bank_scores_lower_bound_the_coreset_scores() -> None:
-    from core.memory import MemoryBank
+    from core.search import MemoryBank
 
     features = clustered(2000, dim=32)
     queries = clustered(300, dim=32, seed=9) + 0.5
-    full, _ = MemoryBank(features[AllPatchesSampler().select(features)]).search(queries)
+    full, _ = MemoryBank().build(features[AllPatchesSampler().select(features)]).search(queries)
     for sampler in (GreedyCoresetSampler(0.1, proj_dim=16), RandomSampler(0.1)):
-        subset, _ = MemoryBank(features[sampler.select(features, progress=False)]).search(queries)
+        subset, _ = MemoryBank().build(features[sampler.select(features, progress=False)]).search(queries)
         assert bool((full <= subset + 1e-4).all())

@@ -1,36 +1,36 @@
-"""Memory bank search equals brute force; save/load round trip."""
+"""Memory bank search equals brute force; save/load round trip; the strategies' knobs keep the answers."""
 
+import pytest
 import torch
 
-from core.memory import MemoryBank
+from core.search import FaissSearch, MemoryBank, PrunedSearch, ReferenceSearch, SearchOptions, SpanSearch
+from core.search import pruned as pruned_module
+from core.storage import StorageOptions
 
 
 def test_search_equals_brute_force() -> None:
     generator = torch.Generator().manual_seed(0)
     bank_features = torch.randn(700, 24, generator=generator)
     queries = torch.randn(130, 24, generator=generator)
-    distances, indices = MemoryBank(bank_features).search(queries, k=3)
+    distances, indices = MemoryBank().build(bank_features).search(queries, k=3)
     brute = torch.stack([((bank_features - q) ** 2).sum(dim=1).sqrt() for q in queries])
     expected_distances, expected_indices = torch.sort(brute, dim=1)
     assert torch.equal(indices, expected_indices[:, :3])
     torch.testing.assert_close(distances, expected_distances[:, :3], rtol=1e-4, atol=1e-4)
 
 
-def test_search_blocks_give_the_same_answer(monkeypatch) -> None:
-    import core.memory
-
-    bank = MemoryBank(torch.randn(50, 8))
+def test_search_blocks_give_the_same_answer() -> None:
+    features = torch.randn(50, 8)
     queries = torch.randn(40, 8)
-    whole = bank.search(queries, k=2)
-    monkeypatch.setattr(core.memory, "_BLOCK_ELEMENTS", 50 * 7)  # 7 queries per block
-    blocked = bank.search(queries, k=2)
+    whole = MemoryBank().build(features).search(queries, k=2)
+    blocked = MemoryBank().build(features, ReferenceSearch(block_elements=50 * 7)).search(queries, k=2)  # 7 per block
     assert torch.equal(whole[1], blocked[1])
     torch.testing.assert_close(whole[0], blocked[0])
 
 
 def test_exact_match_has_zero_distance_and_save_load(tmp_path) -> None:
     features = torch.randn(20, 6)
-    bank = MemoryBank(features)
+    bank = MemoryBank().build(features)
     distances, indices = bank.search(features[[4, 9]], k=1)
     assert indices[:, 0].tolist() == [4, 9]
     assert distances.max().item() < 1e-3
@@ -41,12 +41,6 @@ def test_exact_match_has_zero_distance_and_save_load(tmp_path) -> None:
 
 
 # --------------------------------------------------------------------------- span reduction, chunks, faiss
-import pytest  # noqa: E402
-
-import core.memory as memory_module  # noqa: E402
-from core.memory import MemoryOptions  # noqa: E402
-
-
 def low_rank(num: int, rank: int = 12, dim: int = 64, seed: int = 0) -> torch.Tensor:
     generator = torch.Generator().manual_seed(seed)
     return torch.randn(num, rank, generator=generator) @ torch.randn(rank, dim, generator=generator) + 3.0
@@ -61,31 +55,30 @@ def brute(bank: torch.Tensor, queries: torch.Tensor, k: int) -> tuple[torch.Tens
 def test_low_rank_bank_is_searched_in_its_span_with_the_same_answers() -> None:
     features = low_rank(900)
     queries = torch.cat([low_rank(50, seed=1), torch.randn(50, 64)])  # in the span, and off it
-    bank = MemoryBank(features)
+    bank = MemoryBank().build(features)
     assert bank.search_dim <= 13 < bank.dim
     distances, indices = bank.search(queries, k=4)
     expected_distances, expected_indices = brute(features, queries, 4)
     assert torch.equal(indices, expected_indices)
     torch.testing.assert_close(distances, expected_distances, rtol=1e-4, atol=1e-3)
-    full = MemoryBank(features, reduce=False)
+    full = MemoryBank().build(features, ReferenceSearch())
     assert full.search_dim == 64
     assert torch.equal(full.search(queries, k=4)[1], indices)
 
 
-def test_bank_chunks_give_the_same_answer(monkeypatch) -> None:
+@pytest.mark.parametrize("strategy", [ReferenceSearch, SpanSearch])
+def test_bank_chunks_give_the_same_answer(strategy) -> None:
     features, queries = torch.randn(500, 16), torch.randn(60, 16)
-    bank = MemoryBank(features)
-    whole = bank.search(queries, k=3)
-    monkeypatch.setattr(memory_module, "_STREAM_ROWS", 37)  # 14 bank chunks, merged
-    monkeypatch.setattr(memory_module, "_BLOCK_ELEMENTS", 37 * 11)
-    chunked = bank.search(queries, k=3)
+    whole = MemoryBank().build(features, strategy()).search(queries, k=3)
+    chunked = MemoryBank().build(features, strategy(block_elements=37 * 11, stream_rows=37))  # 14 chunks, merged
+    chunked = chunked.search(queries, k=3)
     assert torch.equal(whole[1], chunked[1])
     torch.testing.assert_close(whole[0], chunked[0])
 
 
 def test_loaded_bank_answers_like_the_saved_one(tmp_path) -> None:
     features, queries = low_rank(300), low_rank(20, seed=5)
-    bank = MemoryBank(features)
+    bank = MemoryBank().build(features)
     bank.save(tmp_path / "bank.pt")
     loaded = MemoryBank.load(tmp_path / "bank.pt")
     assert torch.equal(loaded.search(queries, k=2)[1], bank.search(queries, k=2)[1])
@@ -95,57 +88,56 @@ def test_faiss_flat_and_exhaustive_ivf_equal_exact_search() -> None:
     pytest.importorskip("faiss")
     features = torch.randn(2000, 32, generator=torch.Generator().manual_seed(0))
     queries = torch.randn(100, 32, generator=torch.Generator().manual_seed(1))
-    exact_distances, exact_indices = MemoryBank(features).search(queries, k=2)
-    flat_distances, flat_indices = MemoryBank(features, backend="faiss", index="flat").search(queries, k=2)
+    exact_distances, exact_indices = MemoryBank().build(features).search(queries, k=2)
+    flat = MemoryBank(SearchOptions(backend="faiss", index="flat")).build(features)
+    flat_distances, flat_indices = flat.search(queries, k=2)
     assert torch.equal(flat_indices, exact_indices)
     torch.testing.assert_close(flat_distances, exact_distances, rtol=1e-4, atol=1e-4)
-    ivf = MemoryBank(features, backend="faiss", index="ivf", nlist=16, nprobe=16)  # every list probed
+    ivf = MemoryBank(SearchOptions(backend="faiss", index="ivf", nlist=16, nprobe=16)).build(features)  # every list
     ivf_distances, ivf_indices = ivf.search(queries, k=2)
     assert torch.equal(ivf_indices, exact_indices)
-    partial = MemoryBank(features, backend="faiss", index="ivf", nlist=16, nprobe=1).search(queries, k=1)[0]
+    partial = MemoryBank().build(features, FaissSearch("ivf", nlist=16, nprobe=1)).search(queries, k=1)[0]
     assert bool((partial[:, 0] >= exact_distances[:, 0] - 1e-4).all())  # approximate: never closer than exact
 
 
-def test_memory_options_are_checked() -> None:
-    with pytest.raises(ValueError, match="memory.backend"):
-        MemoryOptions(backend="annoy")
-    with pytest.raises(ValueError, match="memory.index"):
-        MemoryOptions(backend="exact", index="hnsw")
-    with pytest.raises(ValueError, match="memory.dtype"):
-        MemoryOptions(dtype="int8")
-    assert MemoryOptions().new_bank().backend == "exact"
+def test_search_and_storage_options_are_checked() -> None:
+    with pytest.raises(ValueError, match="search.backend"):
+        SearchOptions(backend="annoy")
+    with pytest.raises(ValueError, match="search.index"):
+        SearchOptions(backend="exact", index="hnsw")
+    with pytest.raises(ValueError, match="storage.dtype"):
+        StorageOptions(dtype="int8")
+    assert SearchOptions().new_bank().options.backend == "exact"
 
 
+# --------------------------------------------------------------------------- the pruned search
 @pytest.fixture
-def pruned(monkeypatch):
-    """Bound-pruned exact search on small banks, with a bound far narrower than the search dimension."""
-    if memory_module.numba is None:
+def pruned():
+    """Bound-pruned exact search for small banks, with a bound far narrower than the search dimension,
+    several query blocks (on threads), a seed region and then several streamed chunks."""
+    if pruned_module.numba is None:
         pytest.skip("numba is not installed")
-    monkeypatch.setattr(memory_module, "_PRUNE_MIN_BANK", 10)
-    monkeypatch.setattr(memory_module, "_BOUND_WIDTH", 4)
-    monkeypatch.setattr(memory_module, "_QUERY_BLOCK", 9)  # several query blocks, on threads
-    monkeypatch.setattr(memory_module, "_SEED_ROWS", 64)  # a seed region, then several streamed chunks
-    monkeypatch.setattr(memory_module, "_CHUNK_ROWS", 100)
+    return lambda: PrunedSearch(bound_width=4, query_block=9, seed_rows=64, chunk_rows=100)
 
 
 @pytest.mark.parametrize("make_bank", [lambda: torch.randn(700, 24), lambda: low_rank(700, rank=16)])
 def test_pruned_search_equals_brute_force(pruned, make_bank) -> None:
     features = make_bank()
     queries = torch.cat([features[:20] + 0.01, torch.randn(60, features.shape[1]) * 3])
-    bank = MemoryBank(features)
-    assert bank._pruned
+    bank = MemoryBank().build(features, pruned())
+    assert bank.strategy.name == "pruned"
     for k in (1, 3):
         distances, indices = bank.search(queries, k=k)
         expected_distances, expected_indices = brute(features, queries, k)
         assert torch.equal(indices, expected_indices)
         torch.testing.assert_close(distances, expected_distances, rtol=1e-4, atol=1e-3)
-    unpruned = MemoryBank(features, prune=False)
-    assert not unpruned._pruned and torch.equal(unpruned.search(queries, k=3)[1], bank.search(queries, k=3)[1])
+    unpruned = MemoryBank().build(features, SpanSearch())
+    assert torch.equal(unpruned.search(queries, k=3)[1], bank.search(queries, k=3)[1])
 
 
 def test_pruned_search_with_duplicates_and_k_above_distinct(pruned) -> None:
     features = torch.randn(10, 8).repeat(5, 1)  # 50 rows, each point five times
-    bank = MemoryBank(features)
+    bank = MemoryBank().build(features, pruned())
     distances, indices = bank.search(features[:3], k=7)
     expected = brute(features, features[:3], 7)[0]
     torch.testing.assert_close(distances, expected, rtol=1e-4, atol=1e-3)
@@ -156,34 +148,12 @@ def test_pruned_search_sends_only_far_queries_to_the_matrix_product(pruned, monk
     features = low_rank(700, rank=16)
     near = features[:30] + 0.01  # the bound rules out almost every pair: refined in numba
     far = torch.randn(30, features.shape[1]) * 50  # the bound rules out few: one matrix product
-    bank = MemoryBank(features)
+    bank = MemoryBank().build(features, pruned())
     sent: list[int] = []
-    exact = bank._search_exact
-    monkeypatch.setattr(bank, "_search_exact", lambda coords, k: (sent.append(len(coords)), exact(coords, k))[1])
+    exact = bank.strategy._nearest
+    monkeypatch.setattr(bank.strategy, "_nearest", lambda coords, k: (sent.append(len(coords)), exact(coords, k))[1])
     distances, indices = bank.search(torch.cat([near, far]), k=1)
     expected_distances, expected_indices = brute(features, torch.cat([near, far]), 1)
     assert torch.equal(indices, expected_indices)
     torch.testing.assert_close(distances, expected_distances, rtol=1e-4, atol=1e-3)
     assert sent and 0 < sum(sent) <= 30  # some far queries, and no near one, took the fallback
-
-
-@pytest.mark.parametrize("prune", [False, True])
-def test_search_factored_equals_search_of_the_product(pruned, prune) -> None:
-    """Queries given as ``channels @ projection`` (C=12 pooled up to D=40): the bank spans 8 of the 40
-    dimensions, so the coordinates and the part outside the span come from the 12-d factors."""
-    generator = torch.Generator().manual_seed(0)
-    projection = torch.randn(12, 40, generator=generator)
-    bank_channels = torch.randn(700, 8, generator=generator) @ torch.randn(8, 12, generator=generator)
-    bank = MemoryBank(bank_channels @ projection, prune=prune)
-    assert bank.basis is not None and bank.search_dim == 8 and bank._pruned == prune
-    near = bank_channels[:20] + 0.01 * torch.randn(20, 12, generator=generator)
-    queries = torch.cat([near, torch.randn(40, 12, generator=generator)])  # mostly outside the span
-    for k in (1, 3):
-        distances, indices = bank.search_factored(queries, projection, k=k)
-        expected_distances, expected_indices = brute(bank.features, queries @ projection, k)
-        assert torch.equal(indices, expected_indices)
-        torch.testing.assert_close(distances, expected_distances, rtol=1e-4, atol=1e-3)
-    full_rank = MemoryBank(torch.randn(300, 40, generator=generator), prune=False)
-    assert full_rank.basis is None  # no plan: the product is formed and searched as usual
-    distances, indices = full_rank.search_factored(queries, projection, k=2)
-    assert torch.equal(indices, brute(full_rank.features, queries @ projection, 2)[1])

@@ -1,0 +1,328 @@
+"""Fit-time storage of the training patch features: in memory, spilled to a file, or from the cache.
+
+``FeatureStore.gather`` streams the embedded training batches into one preallocated buffer
+(float32 or float16; a tensor on the compute device, or a file under ``spill_dir`` when it
+would exceed ``spill_above_gb``) and returns it as ``TrainingFeatures``, which the samplers read
+in row slices. With ``cache_dir``, the buffer is written straight into the feature cache, and a
+later fit with the same inputs reads it back without running the backbone (the batches are not
+even iterated). On an error or an interrupt nothing half-written is left behind.
+
+Files are ``.npy`` (numpy's own header: ``np.load(path, mmap_mode="r")`` opens them), written
+sequentially and read back in chunks at an offset rather than memory-mapped: mapped pages count
+in the process's resident memory once touched, which is what spilling avoids (docs/performance.md).
+The header is written first for zero rows and rewritten in place once the row count is known
+(numpy leaves room for the row count to grow).
+
+The cache key covers everything that determines the features: the extractor's spec (and the
+size/mtime of any file a spec value names, so replaced weights change the key), the embedder's
+spec, the preprocessing, the buffer dtype and every training image's path, size and mtime. An
+entry is ``<key>.npy`` plus ``<key>.json`` (grid and input size), the JSON written last: an entry
+counts only with it. Delete the folder to clear the cache.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import uuid
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from core.io import write_json_atomic
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16}
+CACHE_VERSION = 2  # 2: .npy entries (1: raw file + JSON sidecar)
+
+
+@dataclass
+class StorageOptions:
+    """The ``storage`` config node: how ``fit`` buffers the training features (not saved with the model)."""
+
+    dtype: str = "float32"  # training-feature buffer: float32 | float16 (half the memory)
+    spill_dir: str | None = None  # buffer the training features in a file here instead of in memory
+    spill_above_gb: float = 0.0  # ... but only when the buffer would be larger than this
+    cache_dir: str | None = None  # feature cache: refits with another coreset reuse the features
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPES:
+            raise ValueError(f"storage.dtype={self.dtype!r}: choose one of {sorted(DTYPES)}")
+        if self.spill_above_gb < 0:
+            raise ValueError(f"storage.spill_above_gb={self.spill_above_gb} must be >= 0")
+
+
+@dataclass
+class EmbeddedBatch:
+    features: torch.Tensor  # [B, P, D] patch features
+    grid: tuple[int, int]  # (h, w), h * w = P
+    input_size: tuple[int, int]  # (H, W) of the images
+
+
+class FeatureFile:
+    """A read-only ``[rows, dim]`` ``.npy`` feature file: ``len``, ``shape``, ``read`` and ``take`` give tensors."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        with open(self.path, "rb") as handle:
+            version = np.lib.format.read_magic(handle)
+            read_header = {(1, 0): np.lib.format.read_array_header_1_0,
+                           (2, 0): np.lib.format.read_array_header_2_0}.get(version)
+            if read_header is None:
+                raise ValueError(f"feature file {self.path} has .npy version {version}: delete it")
+            shape, fortran_order, dtype = read_header(handle)
+            self.offset = handle.tell()
+        if fortran_order or len(shape) != 2 or dtype not in (np.float32, np.float16):
+            raise ValueError(f"feature file {self.path} holds {dtype} {shape}, not [rows, dim] float32/float16")
+        (self.rows, self.dim), self.np_dtype = shape, dtype
+        self.dtype = torch.float16 if dtype == np.float16 else torch.float32
+        self.row_bytes = self.dim * dtype.itemsize
+        size = self.path.stat().st_size
+        if size != self.offset + self.rows * self.row_bytes:
+            raise ValueError(f"feature file {self.path} has {size} bytes, its header says {self.rows} x {self.dim} "
+                             f"{dtype}: the file is incomplete, delete it")
+
+    def __len__(self) -> int:
+        return self.rows
+
+    def read(self, start: int, stop: int) -> torch.Tensor:
+        data = np.fromfile(self.path, dtype=self.np_dtype, count=(stop - start) * self.dim,
+                           offset=self.offset + start * self.row_bytes)
+        return torch.from_numpy(data.reshape(stop - start, self.dim))
+
+    def take(self, indices: torch.Tensor, chunk: int = 16384) -> torch.Tensor:
+        """Rows ``indices`` (any order) as a tensor, reading the file once in chunks."""
+        indices = torch.as_tensor(indices).long().cpu().reshape(-1)
+        out = torch.empty(len(indices), self.dim, dtype=self.dtype)
+        order = torch.argsort(indices)
+        ordered = indices[order]
+        bounds = torch.searchsorted(ordered, torch.arange(0, self.rows + chunk, chunk))
+        for number, start in enumerate(range(0, self.rows, chunk)):
+            lo, hi = int(bounds[number]), int(bounds[number + 1])
+            if lo != hi:
+                block = self.read(start, min(self.rows, start + chunk))
+                out[order[lo:hi]] = block[ordered[lo:hi] - start]
+        return out
+
+
+class TrainingFeatures:
+    """The gathered ``[rows, dim]`` training features, in memory or in a file: what the samplers read
+    (``core.coreset.FeatureRows``). ``device``: where the samplers compute; ``info``: how they were stored."""
+
+    def __init__(self, rows: torch.Tensor | FeatureFile, grid: tuple[int, int], input_size: tuple[int, int],
+                 device: torch.device, cached: bool = False, temporary: bool = False) -> None:
+        self._rows, self.grid, self.input_size = rows, tuple(grid), tuple(input_size)
+        self.device = rows.device if isinstance(rows, torch.Tensor) else torch.device(device)
+        self._temporary = temporary  # a spill file, deleted by release()
+        self.info = {"cached": cached, "spilled": isinstance(rows, FeatureFile),
+                     "buffer_bytes": len(rows) * self.shape[1] * rows.dtype.itemsize}
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        rows = self._rows
+        return tuple(rows.shape) if isinstance(rows, torch.Tensor) else (rows.rows, rows.dim)
+
+    def __getitem__(self, item: slice) -> torch.Tensor:
+        if isinstance(self._rows, torch.Tensor):
+            return self._rows[item]
+        if not isinstance(item, slice) or item.step not in (None, 1):
+            return self.take(torch.as_tensor(item))
+        start, stop, _ = item.indices(self._rows.rows)
+        return self._rows.read(start, max(start, stop))
+
+    def take(self, indices: torch.Tensor) -> torch.Tensor:
+        """Rows ``indices`` (any order), on this storage's device (the CPU for a file)."""
+        if isinstance(self._rows, torch.Tensor):
+            return self._rows[torch.as_tensor(indices).to(self._rows.device)]
+        return self._rows.take(indices)
+
+    def release(self) -> None:
+        """Drop the features: a spill file is deleted, a cache entry kept."""
+        if self._temporary and isinstance(self._rows, FeatureFile):
+            self._rows.path.unlink(missing_ok=True)
+        self._rows = None
+
+    def __enter__(self) -> TrainingFeatures:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.release()  # also when the sampler fails or is interrupted: no spill file left behind
+
+
+class _MemoryWriter:
+    """A preallocated tensor that grows by half when a loader without a known length outruns it."""
+
+    def __init__(self, rows: int, dim: int, dtype: torch.dtype, device: torch.device) -> None:
+        self.data, self.dim, self.dtype, self.filled = torch.empty(rows, dim, dtype=dtype, device=device), dim, dtype, 0
+
+    def append(self, features: torch.Tensor) -> None:
+        features = features.reshape(-1, self.dim).to(self.dtype)
+        needed = self.filled + len(features)
+        if needed > len(self.data):
+            grown = torch.empty(max(needed, len(self.data) * 3 // 2), self.dim, dtype=self.dtype,
+                                device=self.data.device)
+            grown[: self.filled] = self.data[: self.filled]
+            self.data = grown
+        self.data[self.filled : needed] = features
+        self.filled = needed
+
+    def finish(self) -> torch.Tensor:
+        return self.data[: self.filled]
+
+    def discard(self) -> None:
+        self.data = None
+
+
+class _FileWriter:
+    """Writes a ``.npy`` file sequentially (the page cache holds it, not the process): the header for zero
+    rows first, rewritten in place by ``finish`` with the row count."""
+
+    def __init__(self, path: Path, dim: int, dtype: torch.dtype) -> None:
+        self.path, self.dim, self.dtype, self.filled = path, dim, dtype, 0
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._file = open(path, "wb")  # noqa: SIM115 - closed in finish()/discard()
+        self._write_header()
+        self.offset = self._file.tell()
+
+    def _write_header(self) -> None:
+        descr = np.lib.format.dtype_to_descr(np.dtype(str(self.dtype).removeprefix("torch.")))
+        np.lib.format.write_array_header_1_0(self._file, {"descr": descr, "fortran_order": False,
+                                                          "shape": (self.filled, self.dim)})
+
+    def append(self, features: torch.Tensor) -> None:
+        features = features.reshape(-1, self.dim).to(self.dtype)
+        self._file.write(features.cpu().contiguous().numpy().tobytes())
+        self.filled += len(features)
+
+    def finish(self) -> FeatureFile:
+        self._file.seek(0)
+        self._write_header()
+        if self._file.tell() != self.offset:  # numpy reserves room for the row count: never expected
+            raise RuntimeError(f"the .npy header of {self.path} changed length")
+        self._file.close()
+        return FeatureFile(self.path)
+
+    def discard(self) -> None:
+        self._file.close()
+        self.path.unlink(missing_ok=True)
+
+
+def _file_identity(value) -> list | None:
+    """(size, mtime) of an existing file named by a spec value, so replaced weights change the key."""
+    if isinstance(value, str) and value and os.path.isfile(os.path.expanduser(value)):
+        stat = os.stat(os.path.expanduser(value))
+        return [stat.st_size, stat.st_mtime_ns]
+    return None
+
+
+def dataset_fingerprint(dataset) -> list | None:
+    """Paths, sizes and mtimes of a dataset's images (``samples`` with ``path``), with its preprocessing."""
+    samples = getattr(dataset, "samples", None)
+    preprocessing = getattr(dataset, "preprocessing", None)
+    if samples is None or preprocessing is None:
+        return None
+    files = []
+    for sample in samples:
+        path = getattr(sample, "path", None)
+        if path is None:
+            return None
+        stat = os.stat(path)
+        files.append([str(path), stat.st_size, stat.st_mtime_ns])
+    return [repr(preprocessing), files]
+
+
+class FeatureCache:
+    """Feature files in ``directory``, one per (extractor, embedder, dataset, dtype)."""
+
+    def __init__(self, directory: str | Path) -> None:
+        self.directory = Path(directory).expanduser()
+
+    def key(self, identity: dict, dtype: str) -> str | None:
+        """The entry name, or None when the dataset cannot be fingerprinted (then nothing is cached)."""
+        fingerprint = dataset_fingerprint(identity.get("dataset"))
+        if fingerprint is None:
+            return None
+        extractor = identity["extractor"]
+        weights = {name: _file_identity(value) for name, value in extractor.get("kwargs", {}).items()}
+        record = [CACHE_VERSION, extractor, weights, identity["embedder"], dtype, fingerprint]
+        return hashlib.sha256(json.dumps(record, sort_keys=True, default=str).encode()).hexdigest()[:24]
+
+    def lookup(self, key: str) -> tuple[FeatureFile, dict] | None:
+        path, meta_path = self.directory / f"{key}.npy", self.directory / f"{key}.json"
+        if not path.is_file() or not meta_path.is_file():
+            return None
+        try:
+            return FeatureFile(path), json.loads(meta_path.read_text())
+        except (ValueError, OSError):  # incomplete or foreign: recompute
+            return None
+
+    def writer(self, key: str, dim: int, dtype: torch.dtype) -> _FileWriter:
+        """A file next to the entry, under a temporary name; ``commit`` moves it into place."""
+        return _FileWriter(self.directory / f".{key}.{os.getpid()}.tmp.npy", dim, dtype)
+
+    def commit(self, writer: _FileWriter, key: str, meta: dict) -> FeatureFile:
+        """Finish the file, move it into place, then write ``meta`` (grid, input size): the entry's last step."""
+        final = self.directory / f"{key}.npy"
+        os.replace(writer.finish().path, final)
+        try:
+            write_json_atomic(self.directory / f"{key}.json", meta)
+        except BaseException:
+            final.unlink(missing_ok=True)
+            raise
+        return FeatureFile(final)
+
+
+class FeatureStore:
+    """Where ``fit`` keeps the training features (see the module docstring)."""
+
+    def __init__(self, options: StorageOptions, device: str | torch.device = "cpu") -> None:
+        self.options, self.device = options, torch.device(device)
+        self.dtype = DTYPES[options.dtype]
+        self.cache = FeatureCache(options.cache_dir) if options.cache_dir else None
+
+    def gather(self, batches: Iterable[EmbeddedBatch], images: int | None = None,
+               identity: dict | None = None) -> TrainingFeatures:
+        """All the batches' patch features as one ``TrainingFeatures``. ``images``: how many the batches
+        hold (sizes the buffer; None: grown as needed). ``identity`` (extractor and embedder specs, the
+        dataset) keys the cache; on a hit ``batches`` is not iterated."""
+        key = self.cache.key(identity, self.options.dtype) if self.cache and identity else None
+        hit = self.cache.lookup(key) if key else None
+        if hit is not None:
+            rows, meta = hit
+            return TrainingFeatures(rows, meta["grid"], meta["input_size"], self.device, cached=True)
+        writer = grid = input_size = None
+        try:
+            for batch in batches:
+                if writer is None:  # sized from the first batch: patches per image x images
+                    count, patches, dim = batch.features.shape
+                    writer = (self.cache.writer(key, dim, self.dtype) if key
+                              else self._new_writer(patches * (images or count), dim))
+                writer.append(batch.features)
+                grid, input_size = batch.grid, batch.input_size
+            if writer is None:
+                raise ValueError("the training loader yielded no images: nothing to build a memory bank from")
+            rows = (self.cache.commit(writer, key, {"grid": list(grid), "input_size": list(input_size)}) if key
+                    else writer.finish())
+        except BaseException:
+            if writer is not None:
+                writer.discard()  # no half-written spill or cache file left behind
+            raise
+        spilled = isinstance(writer, _FileWriter) and not key
+        return TrainingFeatures(rows, grid, input_size, self.device, temporary=spilled)
+
+    def _new_writer(self, rows: int, dim: int) -> _MemoryWriter | _FileWriter:
+        size_gb = rows * dim * self.dtype.itemsize / 1e9
+        if self.options.spill_dir is not None and size_gb > self.options.spill_above_gb:
+            path = Path(self.options.spill_dir).expanduser() / f"features-{os.getpid()}-{uuid.uuid4().hex[:8]}.npy"
+            log.info("buffering %.2f GB of training features in %s", size_gb, path)
+            return _FileWriter(path, dim, self.dtype)
+        return _MemoryWriter(rows, dim, self.dtype, self.device)
