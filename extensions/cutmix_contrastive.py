@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from core.backbones import FeatureExtractor
-from extensions.training import Objective, mlp, pooled
+from extensions.objective import Objective, mlp, pooled
 
 
 @dataclass

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from core.backbones import FeatureExtractor
-from extensions.training import Objective, mlp
+from extensions.objective import Objective, mlp
 
 ROTATIONS = 4
 

@@ -15,7 +15,8 @@ from omegaconf import DictConfig, OmegaConf
 from core.data import MVTecLayout
 from experiments.runs.components import build, resolve_device
 from extensions.checkpoint import CheckpointFiles
-from extensions.training import Objective, TrainConfig, fine_tune
+from extensions.objective import Objective
+from extensions.training import TrainConfig, fine_tune
 
 log = logging.getLogger("finetune")
 
