@@ -1,6 +1,7 @@
 """Backbone fine-tuning on a task's own nominal images, for PatchCore.
 
     protection.py          what is kept from the pretrained weights: frozen stem/stages, frozen BatchNorm, L2-SP
+    objective.py           the Objective base class every method implements, and its head helpers
     training.py            the shared loop: optimiser, schedule, checkpoints, resume, progress bar, loss log
     rotation.py            rotation prediction (Gidaris et al., ICLR 2018)
     cutmix_contrastive.py  SimCLR NT-Xent with CutMix-made negatives (Chen et al. 2020; Yun et al. 2019)
