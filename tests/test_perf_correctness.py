@@ -1,4 +1,4 @@
-"""The performance paths keep the results: spilled and float16 buffers, the feature cache, disk features."""
+"""The performance paths keep the results: spilled and float16 buffers, the feature cache, feature files."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from core.backbones import FeatureExtractor
 from core.coreset import GreedyCoresetSampler, greedy_coreset
 from core.data import TexturesLayout
 from core.features import PatchEmbedder
-from core.memory import DiskFeatures, FeatureBuffer, MemoryOptions
+from core.storage import EmbeddedBatch, FeatureFile, FeatureStore, StorageOptions, TrainingFeatures
 from core.patchcore import PatchCore
 
 
@@ -41,9 +41,9 @@ def train_loader(textures_root) -> DataLoader:
     return DataLoader(layout.train_set("brick", preprocessing), batch_size=8)
 
 
-def fit(loader, ratio: float = 0.25, **memory) -> PatchCore:
+def fit(loader, ratio: float = 0.25, **storage) -> PatchCore:
     model = PatchCore(CountingExtractor(), PatchEmbedder(embed_dim=None), GreedyCoresetSampler(ratio, proj_dim=8),
-                      progress=False, memory=MemoryOptions(**memory))
+                      progress=False, storage=StorageOptions(**storage))
     model.fit(loader)
     return model
 
@@ -75,19 +75,19 @@ def test_float16_buffer_gives_nearly_the_same_scores(train_loader) -> None:
 def test_feature_cache_skips_extraction_and_keys_on_the_inputs(train_loader, tmp_path) -> None:
     cache = str(tmp_path / "cache")
     cold = fit(train_loader, cache_dir=cache)
-    assert cold.extractor.calls > 0 and not cold.fit_info["cached"]
+    assert cold.inference_copy.calls > 0 and not cold.fit_info["cached"]
     warm = fit(train_loader, ratio=0.25, cache_dir=cache)
-    assert warm.extractor.calls == 0 and warm.fit_info["cached"]
+    assert warm.inference_copy.calls == 0 and warm.fit_info["cached"]
     assert torch.equal(warm.bank.features, cold.bank.features)
     assert warm.grid == cold.grid and warm.input_size == cold.input_size
     other_ratio = fit(train_loader, ratio=0.5, cache_dir=cache)
-    assert other_ratio.extractor.calls == 0 and len(other_ratio.bank) == 2 * len(cold.bank)
-    assert fit(train_loader, cache_dir=cache, dtype="float16").extractor.calls > 0  # another dtype: new entry
+    assert other_ratio.inference_copy.calls == 0 and len(other_ratio.bank) == 2 * len(cold.bank)
+    assert fit(train_loader, cache_dir=cache, dtype="float16").inference_copy.calls > 0  # another dtype: new entry
     first = train_loader.dataset.samples[0].path
     stat = os.stat(first)
     os.utime(first, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # a changed image invalidates the entry
     try:
-        assert fit(train_loader, cache_dir=cache).extractor.calls > 0
+        assert fit(train_loader, cache_dir=cache).inference_copy.calls > 0
     finally:
         os.utime(first, ns=(stat.st_atime_ns, stat.st_mtime_ns))
 
@@ -100,28 +100,32 @@ def test_loader_without_a_length_grows_the_buffer() -> None:
     assert report.n_images == 7 and report.n_patches == 7 * 16
 
 
+def spilled(data: torch.Tensor, directory, batch: int = 300) -> TrainingFeatures:
+    """``data`` gathered into a spill file (the buffer is sized for 10 rows: it grows) in ``batch``-row pieces."""
+    store = FeatureStore(StorageOptions(spill_dir=str(directory)))
+    batches = (EmbeddedBatch(data[start : start + batch][None], (1, 1), (1, 1)) for start in range(0, len(data), batch))
+    return store.gather(batches, images=10)
+
+
 def test_disk_features_read_like_the_tensor(tmp_path) -> None:
     data = torch.randn(1000, 12)
-    buffer = FeatureBuffer(10, 12, path=tmp_path / "f.bin")
-    for start in range(0, 1000, 300):
-        buffer.append(data[start : start + 300])
-    disk = buffer.view()
-    assert isinstance(disk, DiskFeatures) and disk.shape == (1000, 12) and len(disk) == 1000
+    disk = spilled(data, tmp_path)
+    (path,) = tmp_path.iterdir()
+    assert disk.info["spilled"] and disk.shape == (1000, 12) and len(disk) == 1000
     assert torch.equal(disk[100:250], data[100:250])
     indices = torch.tensor([999, 3, 500, 3, 0])
     assert torch.equal(disk.take(indices), data[indices])
-    assert torch.equal(disk.take(indices, chunk=7), data[indices])
+    assert torch.equal(FeatureFile(path).take(indices, chunk=7), data[indices])
     assert torch.equal(greedy_coreset(disk, 0.05, proj_dim=6, progress=False),
                        greedy_coreset(data, 0.05, proj_dim=6, progress=False))
-    buffer.discard()
-    assert not (tmp_path / "f.bin").exists()
+    disk.release()
+    assert not path.exists()
 
 
 def test_incomplete_feature_file_is_refused(tmp_path) -> None:
-    buffer = FeatureBuffer(4, 3, path=tmp_path / "f.bin")
-    buffer.append(torch.randn(4, 3))
-    buffer.view()
-    with open(tmp_path / "f.bin", "ab") as handle:
+    spilled(torch.randn(4, 3), tmp_path)
+    (path,) = tmp_path.iterdir()
+    with open(path, "ab") as handle:
         handle.write(b"\0\0")
     with pytest.raises(ValueError, match="incomplete"):
-        DiskFeatures(tmp_path / "f.bin")
+        FeatureFile(path)
