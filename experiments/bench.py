@@ -31,22 +31,22 @@ import torch
 from sklearn.metrics import roc_auc_score
 from torch.utils.data import DataLoader
 
-import core.memory as memory_module
-import core.patchcore as patchcore_module
 from core.backbones import EfficientNetLite
 from core.coreset import (
     GreedyCoresetSampler,
-    _plain_loop,
-    _project,
-    _squared_distances,
     coreset_size,
     greedy_coreset,
+    plain_loop,
+    project,
     random_projection,
+    starting_state,
 )
 from core.data import TexturesLayout
+from core.detector import collect_predictions
 from core.features import PatchEmbedder
-from core.memory import MemoryBank, MemoryOptions
-from core.patchcore import PatchCore, collect_predictions
+from core.patchcore import PatchCore
+from core.search import FaissSearch, MemoryBank, PrunedSearch, ReferenceSearch, SearchOptions, SpanSearch
+from core.storage import StorageOptions
 from experiments.runs.results import peak_rss_mb
 
 REPO = Path(__file__).resolve().parents[1]
@@ -120,7 +120,7 @@ def measured():
 def textures(root: Path, images: int, image_size: int = 224, train_limit: int | None = None) -> TexturesLayout:
     dataset = TexturesLayout(root=root / f"textures-{images}", categories=[CATEGORY], n_train=images,
                               resize=round(image_size * 256 / 224), image_size=image_size, train_limit=train_limit)
-    dataset.train_samples(CATEGORY)  # generates the images on first use
+    dataset.ensure()  # generates the images on first use
     return dataset
 
 
@@ -140,31 +140,37 @@ def fit_line(rec: Recorder, stage: str, model: PatchCore, report, m: dict, ratio
     buffer_mb = model.fit_info.get("buffer_bytes", 0) / 2**20
     model_mb = model_bytes(model) / 2**20
     grown = m["peak_rss_mb"] - m["rss_before_mb"]
-    return rec.emit(stage, report.n_images, model.bank.dim, ratio, report.extract_s + report.coreset_s,
+    extract_s, coreset_s = report.timings_s["extract"], report.timings_s["coreset"]
+    return rec.emit(stage, report.n_images, model.bank.dim, ratio, extract_s + coreset_s,
                     report.n_images, m["peak_rss_mb"], n_patches=report.n_patches, bank_size=report.bank_size,
-                    extract_s=round(report.extract_s, 3), coreset_s=round(report.coreset_s, 3),
+                    extract_s=round(extract_s, 3), coreset_s=round(coreset_s, 3),
                     buffer_mb=round(buffer_mb, 1), model_mb=round(model_mb, 1),
                     rss_growth_mb=round(grown, 1),
                     rss_growth_over_buffer_and_model=round(grown / (buffer_mb + model_mb), 3),
                     cached=model.fit_info.get("cached"), spilled=model.fit_info.get("spilled"), **extra)
 
 
-def new_model(extractor, ratio: float, cache: Path | None, **memory) -> PatchCore:
-    options = MemoryOptions(cache_dir=None if cache is None else str(cache), **memory)
-    return PatchCore(extractor, PatchEmbedder(), GreedyCoresetSampler(ratio=ratio, seed=0), progress=False,
-                     memory=options)
+def new_model(extractor, ratio: float, cache: Path | None, **storage) -> PatchCore:
+    options = StorageOptions(cache_dir=None if cache is None else str(cache), **storage)
+    return PatchCore(extractor, PatchEmbedder(), GreedyCoresetSampler(ratio=ratio, seed=0), search=SearchOptions(),
+                     storage=options, progress=False)
+
+
+def bank_with(features: torch.Tensor, strategy=None) -> MemoryBank:
+    """A bank of ``features`` searched by ``strategy`` (None: the one ``choose_strategy`` picks)."""
+    return MemoryBank().build(features, strategy)
 
 
 @contextmanager
 def starting_point_pipeline(model: PatchCore, extractor):
     """The reference implementations' way of scoring: the eager backbone (BatchNorm layers, NCHW) on whole
     batches, one batch at a time with every thread on each operation."""
-    fast, chunk = model.extractor, patchcore_module._CPU_BACKBONE_CHUNK
-    model.extractor, patchcore_module._CPU_BACKBONE_CHUNK = extractor.eval(), 1 << 20
+    fast, chunk = model.inference_copy, model.backbone_chunk
+    model.inference_copy, model.backbone_chunk = extractor.eval(), None
     try:
         yield
     finally:
-        model.extractor, patchcore_module._CPU_BACKBONE_CHUNK = fast, chunk
+        model.inference_copy, model.backbone_chunk = fast, chunk
 
 
 def predict_line(rec: Recorder, model: PatchCore, test: DataLoader, variant: str, reference=None,
@@ -194,13 +200,14 @@ def predict_line(rec: Recorder, model: PatchCore, test: DataLoader, variant: str
 # ------------------------------------------------------------------------------------ stages
 def bench_backbone(rec: Recorder, extractor, dataset: TexturesLayout) -> None:
     """The backbone alone and with the patch embedding, images preloaded: as the reference implementations
-    run it (eager, 8 images per call) and as PatchCore does (``for_inference`` copy, channels-last, 4 per call)."""
+    run it (eager, 8 images per call) and as PatchCore does (its ``inference_copy``, channels-last, its
+    ``backbone_chunk`` images per call)."""
     preprocessing = dataset.preprocessing(extractor.mean, extractor.std, extractor.interpolation)
     train = dataset.train_set(CATEGORY, preprocessing)
     images = torch.stack([train[i]["image"] for i in range(len(train))])
     embedder = PatchEmbedder()
-    fast = extractor.for_inference()
-    chunk = patchcore_module._CPU_BACKBONE_CHUNK
+    model = new_model(extractor, RATIO, None)
+    fast, chunk = model.inference_copy, model.backbone_chunk
     variants = (("eager, 8 images per call", extractor.eval(), images, 8),
                 (f"BatchNorm folded, channels-last, {chunk} images per call", fast,
                  images.contiguous(memory_format=torch.channels_last), chunk))
@@ -236,14 +243,10 @@ def reference_timing(rec: Recorder, features: torch.Tensor, steps: int) -> None:
     size = coreset_size(num, RATIO)
     with measured() as m:
         start = time.perf_counter()
-        points = _project(features, random_projection(features.shape[1], 128, 0))
-        norms = (points * points).sum(dim=1)
-        starts = torch.randperm(num, generator=torch.Generator().manual_seed(0))[:10]
-        min_distances = torch.stack([_squared_distances(points, norms, points[s]).clamp_min_(0).sqrt_()
-                                     for s in starts], dim=1).mean(dim=1).square_()
+        points, norms, min_distances = starting_state(features, proj_dim=128, start_points=10, seed=0)
         setup_s = time.perf_counter() - start
         start = time.perf_counter()
-        _plain_loop(points, norms, min_distances, min(steps, size), progress=False)
+        plain_loop(points, norms, min_distances, min(steps, size), progress=False)
         loop_s = time.perf_counter() - start
     total = setup_s + loop_s * size / min(steps, size)
     rec.emit("coreset_reference", num, features.shape[1], RATIO, total, num, m["peak_rss_mb"],
@@ -260,7 +263,7 @@ def radius_comparison(rec: Recorder, features: torch.Tensor) -> None:
         with measured() as m:
             chosen[method] = greedy_coreset(features, RATIO, seed=0, progress=False, method=method)
         timings[method] = m
-    points = _project(features, random_projection(features.shape[1], 128, 0))
+    points = project(features, random_projection(features.shape[1], 128, 0))
     radius = {method: coverage_radius(points, chosen[method]) for method in chosen}
     same = float((chosen["plain"] == chosen["fast"]).float().mean())
     same_set = len(set(chosen["plain"].tolist()) & set(chosen["fast"].tolist())) / len(chosen["plain"])
@@ -278,7 +281,7 @@ def bench_search(rec: Recorder, bank_features: torch.Tensor, queries: torch.Tens
     subset = torch.randperm(len(queries), generator=torch.Generator().manual_seed(0))[:2000]
     truth = torch.cat([torch.cdist(queries[subset[i : i + 500]].double(), bank_features.double()).min(dim=1).values
                        for i in range(0, len(subset), 500)])
-    exact_index = MemoryBank(bank_features).search(queries[subset], k=1)[1][:, 0]
+    exact_index = bank_with(bank_features).search(queries[subset], k=1)[1][:, 0]
 
     def run(name: str, bank: MemoryBank, limit: int | None = None, repeats: int = 3, **extra) -> None:
         q = queries if limit is None else queries[:limit]
@@ -298,9 +301,9 @@ def bench_search(rec: Recorder, bank_features: torch.Tensor, queries: torch.Tens
                  images_per_s=round(len(q) / per_image / m["seconds"], 2), **quality, **extra)
 
     run("exact, all dimensions, every distance (the starting point's search)",
-        MemoryBank(bank_features, reduce=False, prune=False), limit=slow_queries, repeats=1)
-    run("exact, bank span, every distance", MemoryBank(bank_features, prune=False))
-    default = MemoryBank(bank_features)
+        bank_with(bank_features, ReferenceSearch()), limit=slow_queries, repeats=1)
+    run("exact, bank span, every distance", bank_with(bank_features, SpanSearch()))
+    default = bank_with(bank_features)
     run("exact (default: bank span + bound pruning)", default)
     threads = torch.get_num_threads()
     for count in sorted({1, 2} - {threads}):
@@ -309,23 +312,21 @@ def bench_search(rec: Recorder, bank_features: torch.Tensor, queries: torch.Tens
             run("exact (default: bank span + bound pruning)", default)
         finally:
             torch.set_num_threads(threads)
-    if full:  # fewer or more queries per block, with the bound's product in the same cache-sized chunks
-        previous = memory_module._QUERY_BLOCK, memory_module._CHUNK_ROWS
+    if full and default.strategy.name == "pruned":  # fewer or more queries per block, with the bound's
+        defaults = PrunedSearch()                     # product in the same cache-sized chunks
         for queries_per_block in (128, 512):
-            memory_module._QUERY_BLOCK = queries_per_block
-            memory_module._CHUNK_ROWS = previous[0] * previous[1] // queries_per_block
-            try:
-                run("exact (default: bank span + bound pruning)", default, query_block=queries_per_block)
-            finally:
-                memory_module._QUERY_BLOCK, memory_module._CHUNK_ROWS = previous
+            chunk_rows = defaults.query_block * defaults.chunk_rows // queries_per_block
+            run("exact (default: bank span + bound pruning)",
+                bank_with(bank_features, PrunedSearch(query_block=queries_per_block, chunk_rows=chunk_rows)),
+                query_block=queries_per_block)
     try:
         import faiss  # noqa: F401
     except ImportError:
         return
-    run("faiss flat (bank span)", MemoryBank(bank_features, backend="faiss", index="flat"))
+    run("faiss flat (bank span)", bank_with(bank_features, FaissSearch("flat")))
     for nprobe in (4, 16, 64) if full else (16, 64):
-        bank = MemoryBank(bank_features, backend="faiss", index="ivf", nprobe=nprobe)
-        run(f"faiss ivf nprobe={nprobe}", bank, nlist=bank._faiss.nlist, nprobe=nprobe)
+        bank = bank_with(bank_features, FaissSearch("ivf", nprobe=nprobe))
+        run(f"faiss ivf nprobe={nprobe}", bank, nlist=bank.strategy.nlist, nprobe=nprobe)
 
 
 def test_queries(model: PatchCore, test: DataLoader) -> torch.Tensor:
@@ -371,16 +372,17 @@ def main(argv: list[str] | None = None) -> int:
     model = new_model(extractor, RATIO, cache)
     with measured() as m:
         report = model.fit(train)
-    rec.emit("extract", report.n_images, model.bank.dim, None, report.extract_s, report.n_images, m["peak_rss_mb"],
-             n_patches=report.n_patches, variant="data loading + backbone + embedding into the buffer")
+    rec.emit("extract", report.n_images, model.bank.dim, None, report.timings_s["extract"], report.n_images,
+             m["peak_rss_mb"], n_patches=report.n_patches,
+             variant="data loading + backbone + embedding into the buffer")
     fit_line(rec, "fit", model, report, m, RATIO, study="images", variant="cold, features streamed to the cache")
 
     # fit again with another ratio: the features come from the cache
     warm = new_model(extractor, RATIO / 2, cache)
     with measured() as m:
         warm_report = warm.fit(train)
-    fit_line(rec, "fit_warm_cache", warm, warm_report, m, RATIO / 2, cold_fit_s=round(report.extract_s +
-             report.coreset_s, 3))
+    fit_line(rec, "fit_warm_cache", warm, warm_report, m, RATIO / 2,
+             cold_fit_s=round(sum(report.timings_s.values()), 3))
     del warm
 
     # the coreset alone on the cached features, in memory
@@ -403,14 +405,14 @@ def main(argv: list[str] | None = None) -> int:
         bench_search(rec, bank_features, queries, per_image, plan["slow_queries_images"] * per_image,
                      full="all" in args.extra)
     with starting_point_pipeline(model, extractor):  # the two published implementations, re-run here
-        model.bank = MemoryBank(bank_features, reduce=False, prune=False)
+        model.bank = bank_with(bank_features, ReferenceSearch())
         reference = predict_line(rec, model, test, "starting point (official-style): eager backbone, every "
                                  "distance in all 1024 dimensions", workers=1)
-        model.bank = MemoryBank(bank_features, prune=False)
+        model.bank = bank_with(bank_features, SpanSearch())
         predict_line(rec, model, test, "starting point (anomalib-style): eager backbone, every distance in the "
                      "bank's span (152-d here, like anomalib's concatenated features)", reference, workers=1)
     predict_line(rec, model, test, "fast backbone, every distance in the bank span", reference)
-    model.bank = MemoryBank(bank_features)
+    model.bank = bank_with(bank_features)
     model.predict(test)  # warm-up: numba's compiled kernels, the embedder's projection
     predict_line(rec, model, test, "exact (default: bank span + bound pruning)", reference, repeats=5)
     threads = torch.get_num_threads()
@@ -422,7 +424,7 @@ def main(argv: list[str] | None = None) -> int:
         import faiss  # noqa: F401
 
         for nprobe in (16, 64) if "all" in args.extra else (16,):
-            model.bank = MemoryBank(bank_features, backend="faiss", index="ivf", nprobe=nprobe)
+            model.bank = bank_with(bank_features, FaissSearch("ivf", nprobe=nprobe))
             predict_line(rec, model, test, f"faiss ivf nprobe={nprobe}", reference)
     except ImportError:
         pass
@@ -439,10 +441,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def model_features(cache: Path) -> torch.Tensor:
-    from core.memory import DiskFeatures
-
-    files = sorted(cache.glob("*.bin"), key=lambda p: p.stat().st_mtime)
-    return DiskFeatures(files[0]).to_tensor().float()
+    """The first cache entry's features (an .npy file): the cold fit's training features."""
+    files = sorted(cache.glob("*.npy"), key=lambda p: p.stat().st_mtime)
+    return torch.from_numpy(np.load(files[0])).float()
 
 
 def scaling(rec: Recorder, extractor, root: Path, cache: Path, plan: dict) -> None:

@@ -13,8 +13,8 @@ from core.backbones import FeatureExtractor
 from core.coreset import GreedyCoresetSampler, greedy_coreset
 from core.data import TexturesLayout
 from core.features import PatchEmbedder
-from core.storage import EmbeddedBatch, FeatureFile, FeatureStore, StorageOptions, TrainingFeatures
 from core.patchcore import PatchCore
+from core.storage import EmbeddedBatch, FeatureFile, FeatureStore, StorageOptions, TrainingFeatures
 
 
 class CountingExtractor(FeatureExtractor):

@@ -58,7 +58,8 @@ class PrunedSearch:
                  stream_rows: int = STREAM_ROWS) -> None:
         if numba is None:
             raise ImportError("the pruned search needs numba: pip install numba (or use another strategy)")
-        self.bound_width, self.query_block, self.seed_rows, self.chunk_rows = bound_width, query_block, seed_rows, chunk_rows
+        self.bound_width, self.query_block = bound_width, query_block
+        self.seed_rows, self.chunk_rows = seed_rows, chunk_rows
         self.give_up, self.block_elements, self.stream_rows = give_up, block_elements, stream_rows
 
     def build(self, features: torch.Tensor, frame: Frame | None = None) -> PrunedSearch:
