@@ -15,8 +15,8 @@ from core.search import (
     SearchOptions,
     SpanSearch,
     choose_strategy,
+    faiss_index,
 )
-from core.search import options as options_module
 from core.search import pruned as pruned_module
 
 
@@ -127,7 +127,7 @@ def test_saved_faiss_options_fall_back_to_exact_without_faiss(monkeypatch, caplo
     def missing():
         raise ImportError("no faiss")
 
-    monkeypatch.setattr(options_module, "import_faiss", missing)
+    monkeypatch.setattr(faiss_index, "import_faiss", missing)
     with caplog.at_level(logging.WARNING):
         options = SearchOptions.from_record({"backend": "faiss", "index": "ivf", "nlist": None, "nprobe": 4}, "m/")
     assert options.backend == "exact" and options.index == "ivf"

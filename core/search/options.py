@@ -6,7 +6,7 @@ import logging
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING
 
-from core.search.faiss_index import INDEXES, import_faiss
+from core.search import faiss_index
 
 if TYPE_CHECKING:
     from core.search.bank import MemoryBank
@@ -29,14 +29,14 @@ class SearchOptions:
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
             raise ValueError(f"search.backend={self.backend!r}: choose one of {BACKENDS}")
-        if self.index not in INDEXES:
-            raise ValueError(f"search.index={self.index!r}: choose one of {INDEXES}")
+        if self.index not in faiss_index.INDEXES:
+            raise ValueError(f"search.index={self.index!r}: choose one of {faiss_index.INDEXES}")
         if self.nlist is not None and self.nlist < 1:
             raise ValueError(f"search.nlist={self.nlist} must be positive, or null for 4*sqrt(bank size)")
         if self.nprobe < 1:
             raise ValueError(f"search.nprobe={self.nprobe} must be positive")
         if self.backend == "faiss":
-            import_faiss()  # fail at construction, before any fitting, when faiss is missing
+            faiss_index.import_faiss()  # fail at construction, before any fitting, when faiss is missing
 
     def record(self) -> dict:
         """What a saved model needs to be searched as fitted (the constructor's keywords)."""
