@@ -74,6 +74,7 @@ class PatchCore:
         self.extractor = extractor
         # The network that runs: BatchNorm folded into the convolutions, channels-last (same features).
         self.inference_copy = extractor.for_inference().to(self.device)
+        self.backbone_chunk = _CPU_BACKBONE_CHUNK if self.device.type == "cpu" else None  # None: whole batches
         self.embedder = embedder or PatchEmbedder()
         self.sampler = sampler or GreedyCoresetSampler()
         self.search = search or SearchOptions()
@@ -106,7 +107,7 @@ class PatchCore:
     def embed(self, images: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
         """``images[B,3,H,W] -> (patch features [B, h*w, D], (h, w))`` (§3.1)."""
         images = images.to(self.device).contiguous(memory_format=torch.channels_last)
-        chunk = len(images) if self.device.type != "cpu" else _CPU_BACKBONE_CHUNK
+        chunk = self.backbone_chunk or len(images)
         parts = [self.inference_copy(images[start : start + chunk]) for start in range(0, len(images), chunk)]
         layers = parts[0] if len(parts) == 1 else [torch.cat(layer) for layer in zip(*parts)]
         return self.embedder(layers)
@@ -123,15 +124,15 @@ class PatchCore:
         start = time.perf_counter()
         dataset = getattr(loader, "dataset", None)
         identity = {"extractor": self.extractor.spec(), "embedder": self.embedder.spec(), "dataset": dataset}
-        features = self.store.gather(self._embedded_batches(loader), images=_length(dataset), identity=identity)
-        self.grid, self.input_size, self.fit_info = features.grid, features.input_size, features.info
-        extract_s = time.perf_counter() - start
+        # on leaving the block a spill file is deleted, even on error (a cache entry is kept)
+        with self.store.gather(self._embedded_batches(loader), images=_length(dataset), identity=identity) as features:
+            self.grid, self.input_size, self.fit_info = features.grid, features.input_size, features.info
+            extract_s = time.perf_counter() - start
 
-        start = time.perf_counter()
-        indices = self.sampler.select(features, progress=self.progress)
-        self.bank.build(features.take(indices).to(self.device, torch.float32))
-        n_patches = len(features)
-        features.release()  # a spill file is deleted (a cache entry is kept)
+            start = time.perf_counter()
+            indices = self.sampler.select(features, progress=self.progress)
+            self.bank.build(features.take(indices).to(self.device, torch.float32))
+            n_patches = len(features)
         coreset_s = time.perf_counter() - start
         n_images = n_patches // (self.grid[0] * self.grid[1])
         return FitReport(n_images, n_patches, len(self.bank), {"extract": extract_s, "coreset": coreset_s})
@@ -207,8 +208,9 @@ class PatchCore:
             _check_expected(directory, record, expected_spec)
         try:
             extractor = build_extractor(record["extractor"])
-        except UntrustedSpecError as error:
-            raise ModelMismatchError(f"saved model {directory} is not valid: {error}; refit it") from None
+        except (UntrustedSpecError, TypeError) as error:
+            raise ModelMismatchError(f"saved model {directory} is not valid: its extractor cannot be built by this "
+                                     f"code ({error}); refit it") from None
         search = search or SearchOptions.from_record(record.get("search", {}), where=str(directory))
         model = cls(extractor, PatchEmbedder.from_spec(record["embedder"]), num_neighbors=record["num_neighbors"],
                     reweight_neighbors=record["reweight_neighbors"], blur_sigma=record["blur_sigma"],

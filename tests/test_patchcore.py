@@ -83,7 +83,8 @@ def test_num_neighbors_averages_k_distances() -> None:
     scores, _ = fitted(train, num_neighbors=3).score(test)
     bank, _ = PatchEmbedder(embed_dim=None)([F.avg_pool2d(train, 4)])
     queries, _ = PatchEmbedder(embed_dim=None)([F.avg_pool2d(test, 4)])
-    distances = torch.cdist(queries[0].double(), bank.reshape(-1, 3).double())
+    dim = bank.shape[-1]
+    distances = torch.cdist(queries[0].double(), bank.reshape(-1, dim).double())
     expected = distances.topk(3, largest=False).values.mean(dim=1).max()
     assert scores.item() == pytest.approx(expected.item(), rel=1e-4)
 

@@ -42,7 +42,8 @@ def train_loader(textures_root) -> DataLoader:
 
 
 def fit(loader, ratio: float = 0.25, **storage) -> PatchCore:
-    model = PatchCore(CountingExtractor(), PatchEmbedder(embed_dim=None), GreedyCoresetSampler(ratio, proj_dim=8),
+    model = PatchCore(CountingExtractor(), PatchEmbedder(embed_dim=None, aggregation="channel_mean"),
+                      GreedyCoresetSampler(ratio, proj_dim=8),
                       progress=False, storage=StorageOptions(**storage))
     model.fit(loader)
     return model
