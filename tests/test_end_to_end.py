@@ -1,8 +1,11 @@
 """End to end on the embedded textures set with real ImageNet features (EfficientNet-Lite0).
 
-Bars are set from measured values (default settings, coreset 10%, seed 0): mean image AUROC
-0.967 (brick 1.000, grass 0.908, gravel 0.975, tissue 0.986), mean pixel AUROC 0.988, mean
-AUPRO 0.963; the map maximum fell inside the mask for every hole and colour defect.
+Bars are set from measured values (`make demo`: default settings, official embedding, coreset 10%,
+seed 0): mean image AUROC 0.928 (brick 1.000, grass 0.828, gravel 0.883, tissue 1.000), mean pixel
+AUROC 0.986, mean AUPRO 0.958; the map maximum fell inside the mask for every hole and colour defect.
+``patchcore.aggregation=channel_mean`` (the suite's earlier embedding) must reproduce the earlier demo's
+numbers exactly: 0.96736 / 0.95075 / 0.98789 / 0.62516 / 0.96269 (image AUROC, image F1-max, pixel
+AUROC, pixel F1-max, AUPRO).
 """
 
 from __future__ import annotations
@@ -20,25 +23,39 @@ from experiments.main import run
 from tests.conftest import CONF_DIR
 
 
-@pytest.fixture(scope="module")
-def textures_run(tmp_path_factory, textures_root):
+def textures_results(tmp_path_factory, textures_root, *overrides: str):
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         cfg = compose("config", overrides=["num_workers=0", "progress=false", "backbone=effnet_lite0",
                                            "dataset=textures", f"dataset.root={textures_root}",
-                                           "category=all", "save_model=true"])
+                                           "category=all", "logger=none", *overrides])
     run_dir = tmp_path_factory.mktemp("textures_run")
     run(cfg, run_dir)
     return run_dir
 
 
+@pytest.fixture(scope="module")
+def textures_run(tmp_path_factory, textures_root):
+    return textures_results(tmp_path_factory, textures_root, "save_model=true")
+
+
+def test_channel_mean_reproduces_the_earlier_demo_exactly(tmp_path_factory, textures_root) -> None:
+    run_dir = textures_results(tmp_path_factory, textures_root, "patchcore.aggregation=channel_mean", "viz.n=0")
+    mean = json.loads((run_dir / "results.json").read_text())["mean"]
+    expected = {"image_auroc": 0.96736, "image_f1_max": 0.95075, "pixel_auroc": 0.98789, "pixel_f1_max": 0.62516,
+                "aupro": 0.96269}
+    for metric, value in expected.items():
+        assert mean[metric] == pytest.approx(value, abs=1e-5), metric
+
+
 def test_detection_and_segmentation_quality(textures_run) -> None:
     results = json.loads((textures_run / "results.json").read_text())
     assert results["complete"] and set(results["categories"]) == {"brick", "grass", "gravel", "tissue"}
-    assert results["mean"]["image_auroc"] >= 0.93
-    assert results["mean"]["pixel_auroc"] >= 0.96
-    assert results["mean"]["aupro"] >= 0.92
+    assert results["config"]["patchcore"]["aggregation"] == "official"
+    assert results["mean"]["image_auroc"] >= 0.91
+    assert results["mean"]["pixel_auroc"] >= 0.97
+    assert results["mean"]["aupro"] >= 0.94
     for name, entry in results["categories"].items():
-        assert entry["image_auroc"] >= 0.85, name
+        assert entry["image_auroc"] >= 0.80, name
         assert entry["n_train"] == 40 and entry["n_test"] == 39
 
 
