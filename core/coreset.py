@@ -79,9 +79,19 @@ def coreset_size(num_features: int, ratio: float) -> int:
     return max(1, min(num_features, int(num_features * ratio)))
 
 
-def random_projection(dim: int, proj_dim: int, seed: int) -> torch.Tensor:
-    """Gaussian projection matrix ``[dim, proj_dim]`` scaled to preserve distances in expectation."""
+PROJECTIONS = ("gaussian", "linear")
+
+
+def random_projection(dim: int, proj_dim: int, seed: int, kind: str = "gaussian") -> torch.Tensor:
+    """Seeded projection matrix ``[dim, proj_dim]``. ``gaussian``: N(0, 1/proj_dim) entries, which preserve
+    distances in expectation (Johnson-Lindenstrauss). ``linear``: the official code's projection, a
+    bias-free ``nn.Linear`` with torch's default init, i.e. U(-1/sqrt(dim), 1/sqrt(dim)) entries (distances
+    shrink by a constant factor, which changes no greedy choice); drawn from our seeded generator, not
+    torch's global RNG as the official code does."""
     generator = torch.Generator().manual_seed(seed)
+    if kind == "linear":
+        bound = 1.0 / math.sqrt(dim)
+        return torch.empty(dim, proj_dim).uniform_(-bound, bound, generator=generator)
     return torch.randn(dim, proj_dim, generator=generator) / math.sqrt(proj_dim)
 
 
@@ -112,6 +122,7 @@ def greedy_coreset(
     seed: int = 0,
     progress: bool = True,
     method: str = "auto",
+    projection: str = "gaussian",
 ) -> torch.Tensor:
     """Indices ``[M]`` (M = int(N * ratio), at least 1) of an approximate greedy k-center coreset.
 
@@ -126,19 +137,20 @@ def greedy_coreset(
     size = coreset_size(num, ratio)
     if size >= num:
         return torch.arange(num)
-    points, norms, min_distances = starting_state(features, proj_dim, start_points, seed)
+    points, norms, min_distances = starting_state(features, proj_dim, start_points, seed, projection)
     if method == "plain" or (method == "auto" and points.is_cuda):
         return plain_loop(points, norms, min_distances, size, progress)
     del norms
     return _batched_loop(_principal_frame(points), min_distances, size, progress).cpu()
 
 
-def starting_state(features: FeatureRows, proj_dim: int | None, start_points: int, seed: int
-                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def starting_state(features: FeatureRows, proj_dim: int | None, start_points: int, seed: int,
+                   projection_kind: str = "gaussian") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The projected points, their squared norms and the squared min-distance vector both loops start
     from: every point's mean distance to ``start_points`` seeded random points, squared."""
     num = len(features)
-    projection = None if proj_dim is None else random_projection(features.shape[1], proj_dim, seed)
+    projection = (None if proj_dim is None
+                  else random_projection(features.shape[1], proj_dim, seed, projection_kind))
     points = project(features, projection)
     norms = squared_norms(points)
     generator = torch.Generator().manual_seed(seed)
@@ -297,7 +309,7 @@ class GreedyCoresetSampler:
     """The ``coreset`` config group's default: ``select(features) -> indices`` of the bank."""
 
     def __init__(self, ratio: float = 0.1, proj_dim: int | None = 128, start_points: int = 10, seed: int = 0,
-                 method: str = "auto") -> None:
+                 method: str = "auto", projection: str = "gaussian") -> None:
         self.ratio = check_ratio(ratio)
         if proj_dim is not None and proj_dim < 1:
             raise ValueError(f"coreset.proj_dim={proj_dim} must be positive, or null to use the raw features")
@@ -305,6 +317,9 @@ class GreedyCoresetSampler:
             raise ValueError(f"coreset.start_points={start_points} must be at least 1")
         if method not in METHODS:
             raise ValueError(f"coreset.method={method!r}: choose one of {METHODS}")
+        if projection not in PROJECTIONS:
+            raise ValueError(f"coreset.projection={projection!r}: choose one of {PROJECTIONS}")
+        self.projection = projection
         self.proj_dim = proj_dim
         self.start_points = start_points
         self.seed = seed
@@ -312,7 +327,7 @@ class GreedyCoresetSampler:
 
     def select(self, features: FeatureRows, progress: bool = True) -> torch.Tensor:
         return greedy_coreset(features, self.ratio, self.proj_dim, self.start_points, self.seed, progress,
-                              self.method)
+                              self.method, self.projection)
 
 
 class RandomSampler:

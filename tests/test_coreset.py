@@ -163,3 +163,20 @@ def test_full_bank_scores_lower_bound_the_coreset_scores() -> None:
     for sampler in (GreedyCoresetSampler(0.1, proj_dim=16), RandomSampler(0.1)):
         subset, _ = MemoryBank().build(features[sampler.select(features, progress=False)]).search(queries)
         assert bool((full <= subset + 1e-4).all())
+
+
+def test_linear_projection_has_the_official_default_init() -> None:
+    """The official coreset projects with a bias-free nn.Linear(dim, 128): U(-1/sqrt(dim), 1/sqrt(dim))."""
+    from core.coreset import GreedyCoresetSampler, random_projection
+
+    matrix = random_projection(400, 128, seed=0, kind="linear")
+    bound = 1 / 400**0.5
+    assert matrix.shape == (400, 128) and matrix.abs().max() <= bound
+    assert abs(matrix.std().item() - bound / 3**0.5) < 0.02 * bound  # the std of U(-b, b) is b / sqrt(3)
+    reference = torch.nn.Linear(400, 128, bias=False).weight
+    assert abs(reference.std().item() - matrix.std().item()) < 0.03 * bound
+    features = torch.randn(500, 400, generator=torch.Generator().manual_seed(1))
+    chosen = GreedyCoresetSampler(0.1, projection="linear").select(features, progress=False)
+    assert len(chosen) == 50 and len(set(chosen.tolist())) == 50
+    with pytest.raises(ValueError, match="coreset.projection"):
+        GreedyCoresetSampler(projection="orthogonal")
