@@ -16,6 +16,19 @@ from sklearn.metrics import precision_recall_curve, roc_auc_score
 # 8-connectivity, as in MVTec's reference code: diagonal neighbours belong to one region.
 EIGHT_CONNECTED = np.ones((3, 3), dtype=int)
 
+# What each reported number is; written into every results.json and the report, so a reader comparing
+# with a paper knows which PRO is meant.
+METRIC_DEFINITIONS = {
+    "image_auroc": "ROC AUC of the image scores against the image labels (sklearn roc_auc_score)",
+    "image_f1_max": "best F1 over the precision-recall curve of the image scores (an oracle threshold on test labels)",
+    "pixel_auroc": "ROC AUC over every pixel of every test image with a known mask, at crop resolution",
+    "pixel_f1_max": "best F1 over the pixel precision-recall curve (an oracle threshold on test labels)",
+    "aupro": "MVTec AD's reference AU-PRO: 8-connected ground-truth regions, false-positive rate over the "
+             "anomaly-free pixels of ALL test images, integrated to FPR 0.3 and divided by 0.3",
+    "aupro_defect_images": "the same AU-PRO over the anomalous test images only (their anomaly-free pixels give "
+                           "the FPR), the convention of the official PatchCore README's PRO (94.4 on MVTec AD)",
+}
+
 
 # --------------------------------------------------------------------------- validation
 
@@ -188,6 +201,13 @@ def aupro(masks: np.ndarray, maps: np.ndarray, fpr_limit: float = 0.3) -> float 
     fprs, pros = curve
     value = _area_up_to(fprs, pros, fpr_limit) / fpr_limit
     return float(min(max(value, 0.0), 1.0))
+
+
+def aupro_defect_images(masks: np.ndarray, maps: np.ndarray, fpr_limit: float = 0.3) -> float | None:
+    """AU-PRO over the images that contain a defect only (see ``METRIC_DEFINITIONS``)."""
+    masks, maps = _check_pixel_inputs(masks, maps)
+    defective = masks.reshape(len(masks), -1).any(axis=1)
+    return aupro(masks[defective], maps[defective], fpr_limit) if defective.any() else None
 
 
 # --------------------------------------------------------------------------- all at once

@@ -315,3 +315,19 @@ def test_compute_metrics_count_mismatch() -> None:
             np.zeros((2, 3, 3)),
             np.zeros((2, 3, 3), dtype=bool),
         )
+
+
+def test_aupro_over_defect_images_ignores_nominal_images() -> None:
+    """The official PatchCore README's PRO: only anomalous images enter, so false positives on nominal
+    images do not count; equal to AU-PRO computed on the defect images alone, and never below it here."""
+    from core.metrics import aupro, aupro_defect_images
+
+    rng = np.random.default_rng(0)
+    masks = np.zeros((4, 16, 16), bool)
+    masks[2, 4:8, 4:8] = masks[3, 9:13, 2:6] = True
+    maps = rng.random((4, 16, 16))
+    maps[masks] += 0.5
+    maps[0, 0, 0] = maps[1, 5, 5] = 5.0  # hot pixels on nominal images: false positives for AU-PRO
+    assert aupro_defect_images(masks, maps) == pytest.approx(aupro(masks[2:], maps[2:]))
+    assert aupro_defect_images(masks, maps) >= aupro(masks, maps)
+    assert aupro_defect_images(np.zeros((2, 4, 4), bool), np.zeros((2, 4, 4))) is None
