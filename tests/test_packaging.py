@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -15,9 +16,12 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def installed(tmp_path_factory) -> Path:
     """``pip install --no-deps --target`` of the project: the files a wheel install puts in site-packages."""
-    site = tmp_path_factory.mktemp("site")
+    site, source = tmp_path_factory.mktemp("site"), tmp_path_factory.mktemp("source") / "suite"
+    # built from a copy: setuptools writes build/ and *.egg-info into the source folder
+    shutil.copytree(REPO, source, ignore=shutil.ignore_patterns(".venv", ".git", "outputs", "multirun", "data",
+                                                                "wandb", "checkpoints", "build", "__pycache__"))
     done = subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
-                           "--target", str(site), str(REPO)], capture_output=True, text=True, timeout=300)
+                           "--target", str(site), str(source)], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     return site
 
