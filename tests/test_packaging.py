@@ -18,8 +18,12 @@ def installed(tmp_path_factory) -> Path:
     """``pip install --no-deps --target`` of the project: the files a wheel install puts in site-packages."""
     site, source = tmp_path_factory.mktemp("site"), tmp_path_factory.mktemp("source") / "suite"
     # built from a copy: setuptools writes build/ and *.egg-info into the source folder
-    shutil.copytree(REPO, source, ignore=shutil.ignore_patterns(".venv", ".git", "outputs", "multirun", "data",
-                                                                "wandb", "checkpoints", "build", "__pycache__"))
+    skipped = {".venv", ".git", "outputs", "multirun", "data", "wandb", "checkpoints", "build"}
+
+    def generated(folder: str, names: list[str]) -> set[str]:  # top-level generated folders, caches anywhere
+        return {n for n in names if n == "__pycache__" or (Path(folder) == REPO and n in skipped)}
+
+    shutil.copytree(REPO, source, ignore=generated)
     done = subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
                            "--target", str(site), str(source)], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
@@ -33,9 +37,11 @@ def run_installed(site: Path, cwd: Path, code: str) -> subprocess.CompletedProce
 
 def test_installed_copy_ships_the_configs(installed, tmp_path) -> None:
     assert (installed / "conf" / "config.yaml").is_file() and (installed / "conf" / "model" / "patchcore.yaml").is_file()
-    done = run_installed(installed, tmp_path, "import experiments.main, conf; print(experiments.main.__file__)")
+    code = "import experiments.main, core.data, conf; print(experiments.main.__file__); print(core.data.__file__)"
+    done = run_installed(installed, tmp_path, code)
     assert done.returncode == 0, done.stderr
-    assert done.stdout.strip().startswith(str(installed))  # the installed copy, not this checkout
+    for path in done.stdout.split():
+        assert path.startswith(str(installed)), path  # the installed copy, not this checkout
 
 
 @pytest.mark.parametrize(("entry", "key"), [("main", "dataset:"), ("predict", "model_dir:"), ("finetune", "method:")])
