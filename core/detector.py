@@ -5,11 +5,7 @@ maps for a loader of test images; it saves itself to a folder and loads back fro
 The harness (``experiments/``) only talks to this protocol, so a baseline runs through the
 same code path, results schema and tables as PatchCore.
 
-Thread budget (written down once): the *outermost* caller that spreads work over Python
-threads owns the budget. ``collect_predictions`` with ``workers > 1`` runs each piece of a
-batch on its own thread with torch single-threaded (``core.threads.single_threaded_torch``);
-code called inside it (the search, the embedding) sees one torch thread and does not start
-pools of its own. Code called outside any such scope may use ``torch.get_num_threads()``.
+Who spends the CPU threads while predictions are collected: ``core/threads.py``.
 """
 
 from __future__ import annotations
