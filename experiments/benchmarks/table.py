@@ -1,0 +1,77 @@
+"""The markdown table of all lines, and the issue's goal ratios computed from lines of the same run."""
+
+from __future__ import annotations
+
+from experiments.benchmarks.prediction import OFFICIAL_STYLE
+from experiments.benchmarks.searches import DEFAULT
+
+SKIP = {"stage", "variant", "n", "ratio", "seconds", "items_per_s", "peak_rss_mb", "dim", "study", "seconds_runs"}
+EAGER_EMBEDDING = "backbone + patch embedding (eager, 8 images per call)"
+PLAIN_LOOP = "plain loop (one pass per centre)"
+COLD_FIT = "cold, features streamed to the cache"
+
+
+def _short(value) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def markdown_table(lines: list[dict]) -> str:
+    head = ("| stage | variant / study | n | ratio | seconds | items/s | peak RSS MB | notes |\n"
+            "|---|---|---:|---:|---:|---:|---:|---|")
+    rows = []
+    for line in lines:
+        notes = ", ".join(f"{k}={_short(v)}" for k, v in line.items() if k not in SKIP and v is not None)
+        label = line.get("variant") or (f"study: {line['study']}" if line.get("study") else "")
+        rows.append(f"| {line['stage']} | {label} | {line['n']} | {line['ratio'] if line['ratio'] is not None else ''} "
+                    f"| {line['seconds']} | {line['items_per_s']} | {line['peak_rss_mb']} | {notes} |")
+    return "\n".join([head, *rows])
+
+
+def _find(lines: list[dict], stage: str, variant: str, **keys) -> dict | None:
+    """The first line of ``stage`` and ``variant`` whose other ``keys`` match (None: absent)."""
+    for line in lines:
+        if line["stage"] == stage and line.get("variant") == variant and all(line.get(k) == v for k, v in keys.items()):
+            return line
+    return None
+
+
+def goals(lines: list[dict]) -> list[dict]:
+    """The issue's goals, each a ratio of two lines measured side by side in this run (absent lines: skipped).
+
+    The official-style fit is the eager backbone with this embedding on the preloaded training images
+    plus the plain coreset loop (extrapolated): it leaves out data loading, which the fit includes, so
+    the fit ratio is if anything understated."""
+    found = []
+    threads = lines[0]["threads"] if lines else None
+    for aggregation in ("official", "channel_mean"):
+        tag = {"aggregation": aggregation}
+        fit, eager = _find(lines, "fit", COLD_FIT, **tag), _find(lines, "backbone_only", EAGER_EMBEDDING, **tag)
+        plain = _find(lines, "coreset_reference", PLAIN_LOOP, **tag)
+        if fit and eager and plain:
+            starting = eager["seconds"] * fit["n"] / eager["n"] + plain["seconds"]
+            found.append({"goal": "fit vs official-style (eager backbone + embedding + plain coreset loop)",
+                          **tag, "target": 10.0, "ratio": round(starting / fit["seconds"], 2),
+                          "notes": f"{starting:.1f} s vs {fit['seconds']:.1f} s"})
+        now = _find(lines, "predict", DEFAULT, threads=threads, **tag)
+        official = _find(lines, "predict", OFFICIAL_STYLE, **tag)
+        if now and official:
+            found.append({"goal": "prediction vs official-style pipeline", **tag, "target": 3.0,
+                          "ratio": round(now["items_per_s"] / official["items_per_s"], 2),
+                          "notes": f"{now['items_per_s']} vs {official['items_per_s']} images/s, auroc_diff="
+                                   f"{now.get('auroc_diff')}, max_abs_score_diff={_short(now.get('max_abs_score_diff'))}, "
+                                   f"max_abs_map_diff={_short(now.get('max_abs_map_diff'))}"})
+    wrn = next((line for line in lines if line["stage"] == "predict" and line.get("study") == "wrn50"), None)
+    if wrn:
+        found.append({"goal": "WRN50 prediction vs backbone-only throughput", "aggregation": "official",
+                      "target": 0.8, "ratio": round(wrn["items_per_s"] / wrn["backbone_images_per_s"], 3),
+                      "notes": f"{wrn['items_per_s']} vs {wrn['backbone_images_per_s']} images/s"})
+    for goal in found:
+        goal["met"] = goal["ratio"] >= goal["target"]
+    return found
+
+
+def goals_table(found: list[dict]) -> str:
+    head = "| goal | aggregation | ratio | target | met | notes |\n|---|---|---:|---:|---|---|"
+    rows = [f"| {g['goal']} | {g['aggregation']} | {g['ratio']} | >= {g['target']} | {'yes' if g['met'] else 'NO'} "
+            f"| {g['notes']} |" for g in found]
+    return "\n".join([head, *rows])
