@@ -39,7 +39,15 @@ from experiments.benchmarks.scaling import scaling
 from experiments.benchmarks.searches import bench_search
 from experiments.benchmarks.table import goals, goals_table, markdown_table
 from experiments.benchmarks.workload import (
-    AGGREGATIONS, FULL, QUICK, Workload, loaders, model_features, preloaded, test_queries, textures,
+    AGGREGATIONS,
+    FULL,
+    QUICK,
+    Workload,
+    loaders,
+    model_features,
+    preloaded,
+    test_queries,
+    textures,
 )
 
 REPO = Path(__file__).resolve().parents[1]

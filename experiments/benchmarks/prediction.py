@@ -17,7 +17,16 @@ from core.search import FaissSearch, ReferenceSearch, SpanSearch
 from experiments.benchmarks.fitting import fit_line, fitted, time_forward
 from experiments.benchmarks.recording import Recorder, gpu_peak, measured, median_run
 from experiments.benchmarks.searches import DEFAULT, with_thread_counts
-from experiments.benchmarks.workload import RATIO, Workload, bank_with, have_faiss, loaders, new_model, preloaded, textures
+from experiments.benchmarks.workload import (
+    RATIO,
+    Workload,
+    bank_with,
+    have_faiss,
+    loaders,
+    new_model,
+    preloaded,
+    textures,
+)
 
 OFFICIAL_STYLE = "starting point (official-style): eager backbone, every distance in all 1024 dimensions"
 ANOMALIB_STYLE = ("starting point (anomalib-style): eager backbone, every distance in the bank's span (152-d "
@@ -54,6 +63,8 @@ def predict_line(rec: Recorder, model: PatchCore, test: DataLoader, variant: str
     if reference is not None:
         quality["auroc_diff"] = round(auroc - reference[0], 4)
         quality["max_abs_map_diff"] = float(np.abs(predictions.maps - reference[1]).max())
+        # relative to the largest reference value: squared distances make absolute differences large
+        quality["max_rel_map_diff"] = quality["max_abs_map_diff"] / float(np.abs(reference[1]).max())
         quality["max_abs_score_diff"] = float(np.abs(predictions.image_scores - reference[2]).max())
     rec.emit("predict", len(predictions.image_scores), model.bank.dim, ratio, m["seconds"],
              len(predictions.image_scores), m["peak_rss_mb"], variant=variant, bank_size=len(model.bank),
