@@ -48,13 +48,11 @@ def offline_hub(tmp_path, monkeypatch) -> Path:
 
 def _other_tower_state(model: str, seed: int) -> dict[str, torch.Tensor]:
     """A full image-tower state dict of ``model`` with other random weights than the extractor's seed."""
-    from open_clip.factory import get_model_config
-    from open_clip.model import _build_vision_tower
+    import open_clip
 
-    config = get_model_config(model)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        visual = _build_vision_tower(config["embed_dim"], config["vision_cfg"], config.get("quick_gelu", False))
+        visual = open_clip.create_model(model, pretrained=None, pretrained_text=False).visual
     return {key: value.clone() for key, value in visual.state_dict().items()}
 
 
@@ -68,7 +66,7 @@ def test_vit_b16_grid_shapes_preprocessing_and_early_exit(vit_b16) -> None:
     assert vit_b16.input_size == 224 and vit_b16.layers == [5, 8] and vit_b16.name == "ViT-B-16"
     assert vit_b16.mean == OPENAI_DATASET_MEAN and vit_b16.std == OPENAI_DATASET_STD
     assert vit_b16.interpolation == "bicubic"
-    assert len(vit_b16.visual.transformer.resblocks) == 9  # blocks 9..11 deleted, never computed
+    assert len(vit_b16.visual.transformer.resblocks) == 9  # blocks 9..11 pruned, never computed
     assert vit_b16.visual.proj is None and isinstance(vit_b16.visual.ln_post, torch.nn.Identity)
 
 
@@ -85,7 +83,16 @@ def test_rn50_stage_shapes_and_early_exit() -> None:
     assert [tuple(m.shape) for m in maps] == [(1, 512, 28, 28), (1, 1024, 14, 14)]
     assert [tuple(m.shape) for m in small] == [(1, 512, 8, 8), (1, 1024, 4, 4)]
     assert extractor.input_size == 224 and extractor.interpolation == "bicubic"
-    assert extractor.visual.layer4 is None and extractor.visual.attnpool is None
+    assert isinstance(extractor.visual.layer4, torch.nn.Identity) and extractor.visual.attnpool is None
+    called = []
+    hooks = [getattr(extractor.visual, stage).register_forward_hook(lambda *args, stage=stage: called.append(stage))
+             for stage in ("layer1", "layer2", "layer3")]
+    with torch.no_grad():
+        extractor(torch.randn(1, 3, 64, 64))
+    for hook in hooks:
+        hook.remove()
+    assert called == ["layer1", "layer2", "layer3"]
+    assert sum(p.numel() for p in extractor.visual.parameters()) < 10_000_000  # layer4's ~15M weights gone
     with pytest.raises(ValueError, match="layer1.*layer4"):
         OpenClipVisual("RN50", [5, 8], pretrained=None)
 

@@ -1,7 +1,10 @@
 """The image tower of any open_clip model (CLIP ViT / ResNet, and timm-based towers such as SigLIP and EVA).
 
 open_clip is imported inside the functions that use it, so that ``import core.backbones`` does not
-pay for importing it. Its private ``_build_vision_tower`` is reached in one adapter, ``_build_tower``.
+pay for importing it. Only its public API is used: ``create_model`` builds the tower, each tower's
+``prune_intermediate_layers`` (or the stages set to the identity for ResNets) drops what comes after the
+deepest requested layer, and ``forward_intermediates`` returns the maps (class tokens dropped, NCHW).
+Tested with open_clip 3.3.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ import torch
 from torch import nn
 
 from core.backbones.base import FeatureExtractor, seeded_random_init
-from core.backbones.weights import WeightsNotFoundError, openclip_weights_file, read_openclip_checkpoint
+from core.backbones.weights import WeightsNotFoundError, openclip_weights_file, read_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -27,10 +30,10 @@ class OpenClipVisual(FeatureExtractor):
 
     * ViT towers (open_clip's ``VisionTransformer``): ``layers`` are 0-based transformer block indices;
       each block's token output loses its class token and becomes a ``[B, width, h, w]`` grid
-      (14x14 for ViT-B-16 at 224 px). Blocks after the deepest requested one, the final norm and the
-      projection are deleted, so they are never computed.
+      (14x14 for ViT-B-16 at 224 px), through open_clip's ``forward_intermediates``. Blocks after the
+      deepest requested one, the final norm and the projection are pruned, so they are never computed.
     * ResNet towers (``RN50``, ``RN101``, ...): ``layers`` are stage names ``layer1`` ... ``layer4`` as for
-      the torchvision CNNs; ``layer4`` and the attention pool are deleted unless requested.
+      the torchvision CNNs; ``layer4`` (an identity then) and the attention pool are deleted unless requested.
     * timm towers (SigLIP, EVA, ...): ``layers`` are timm block indices, taken with timm's
       ``forward_intermediates``, which drops the class and register tokens.
 
@@ -64,12 +67,12 @@ class OpenClipVisual(FeatureExtractor):
         pretrained = _tag_or_file(pretrained)
         tags = list_pretrained_tags_by_model(model)
         tag, weights_file = _resolve_weights(model, pretrained, tags, cache_dir)
-        state = read_openclip_checkpoint(weights_file) if weights_file is not None else None
+        state = read_checkpoint(weights_file) if weights_file is not None else None
 
         self._set_preprocessing(model, tag, tags, mean, std)
         if quick_gelu is None:
             quick_gelu = _trained_with_quick_gelu(model, config, tag, tags, weights_file)
-        visual = _build_tower(config, bool(quick_gelu))
+        visual = _build_tower(model, bool(quick_gelu))
         if state is not None:
             _load_visual_state(visual, state, weights_file, model)
         self.input_size = _square_input_size(visual, model)
@@ -130,16 +133,14 @@ class OpenClipVisual(FeatureExtractor):
         """Delete everything after the deepest requested layer (and the pooling/projection head)."""
         last = self._indices[-1]
         if self.kind == "vit":
-            visual.transformer.resblocks = visual.transformer.resblocks[: last + 1]
-            visual.ln_post = nn.Identity()
-            visual.proj = None
-            visual.attn_pool = visual.attn_pool_contrastive = None
-            # Prefix tokens = positions that are not grid cells (1: the class token).
-            grid = visual.grid_size[0] * visual.grid_size[1]
-            self.num_prefix_tokens = visual.positional_embedding.shape[0] - grid
+            visual.prune_intermediate_layers(self._indices, prune_norm=True, prune_head=True)
+            visual.attn_pool = visual.attn_pool_contrastive = None  # pooling only: never called for intermediates
         elif self.kind == "resnet":
+            # ModifiedResNet has no prune_intermediate_layers, and its forward_intermediates (open_clip 3.3)
+            # slices its stages only when stop_early is *false*: identities keep the deleted stages free
+            # whichever way a version slices.
             for stage in _RESNET_STAGES[last + 1 :]:
-                setattr(visual, stage, None)
+                setattr(visual, stage, nn.Identity())
             visual.attnpool = None
         else:
             visual.trunk.prune_intermediate_layers(self._indices, prune_norm=True, prune_head=True)
@@ -155,43 +156,14 @@ class OpenClipVisual(FeatureExtractor):
                 f"position embeddings are fixed), got {tuple(images.shape[-2:])}: set "
                 f"dataset.image_size={self.input_size} and dataset.resize={round(self.input_size * 256 / 224)}"
             )
-        if self.kind == "vit":
-            return self._forward_vit(images)
-        if self.kind == "resnet":
-            return self._forward_resnet(images)
-        return list(self.visual.trunk.forward_intermediates(
-            images, indices=self._indices, stop_early=True, intermediates_only=True, output_fmt="NCHW"))
-
-    def _forward_vit(self, images: torch.Tensor) -> list[torch.Tensor]:
-        visual = self.visual
-        x = visual.conv1(images)  # patch embedding [B, width, h, w]
-        batch, width, height, grid_width = x.shape
-        x = x.flatten(2).transpose(1, 2)  # [B, h*w, width]
-        class_token = visual.class_embedding.to(x.dtype).view(1, 1, -1).expand(batch, -1, -1)
-        x = torch.cat([class_token, x], dim=1) + visual.positional_embedding.to(x.dtype)
-        x = visual.ln_pre(visual.patch_dropout(x))  # patch dropout is the identity in eval mode
-        transformer = visual.transformer
-        if not transformer.batch_first:
-            x = x.transpose(0, 1)  # [tokens, B, width]
-        wanted = set(self._indices)
-        outputs = []
-        for index, block in enumerate(transformer.resblocks):
-            x = block(x)
-            if index in wanted:
-                tokens = x if transformer.batch_first else x.transpose(0, 1)
-                patches = tokens[:, self.num_prefix_tokens :]  # drop the class token
-                outputs.append(patches.transpose(1, 2).reshape(batch, width, height, grid_width))
-        return outputs
-
-    def _forward_resnet(self, images: torch.Tensor) -> list[torch.Tensor]:
-        x = self.visual.stem(images)
-        wanted = set(self._indices)
-        outputs = []
-        for index, stage in enumerate(_RESNET_STAGES[: self._indices[-1] + 1]):
-            x = getattr(self.visual, stage)(x)
-            if index in wanted:
-                outputs.append(x)
-        return outputs
+        if self.kind == "timm":
+            return list(self.visual.trunk.forward_intermediates(
+                images, indices=self._indices, stop_early=True, intermediates_only=True, output_fmt="NCHW"))
+        # open_clip's own towers: ResNet index 0 is the stem, so stage i is index i + 1
+        indices = self._indices if self.kind == "vit" else [i + 1 for i in self._indices]
+        output = self.visual.forward_intermediates(images, indices=indices, stop_early=True, intermediates_only=True,
+                                                   output_fmt="NCHW")
+        return list(output["image_intermediates"])
 
 
 # --------------------------------------------------------------------------- construction helpers
@@ -200,9 +172,8 @@ class OpenClipVisual(FeatureExtractor):
 def _model_config(model: str) -> dict:
     """open_clip's config of a built-in model name, or an error listing close names."""
     import open_clip
-    from open_clip.factory import get_model_config
 
-    config = get_model_config(model) if ":" not in model else None
+    config = open_clip.get_model_config(model) if ":" not in model else None
     if config is None:
         close = difflib.get_close_matches(model, open_clip.list_models(), n=5, cutoff=0.5)
         raise ValueError(
@@ -256,13 +227,33 @@ def _trained_with_quick_gelu(model: str, config: dict, tag: str | None, tags: li
     return quick_gelu
 
 
-def _build_tower(config: dict, quick_gelu: bool) -> nn.Module:
-    """The image tower alone, randomly initialised under the fixed seed (open_clip's private builder)."""
-    from open_clip.model import _build_vision_tower
+# Only the image tower is kept: a one-layer, two-token text tower keeps building the discarded half cheap
+# (CLIP builds its image tower first, so its random weights do not depend on the text tower).
+_TINY_TEXT_TOWER = dict(context_length=2, vocab_size=2, width=8, heads=1, layers=1)
 
-    vision_cfg = dict(config["vision_cfg"])
-    vision_cfg["timm_model_pretrained"] = False  # never download timm's own weights
-    return seeded_random_init(lambda: _build_vision_tower(config["embed_dim"], vision_cfg, quick_gelu=quick_gelu))
+
+class _DropRandomInitNotice(logging.Filter):
+    """open_clip logs 'initialized randomly' on the root logger; the weights are loaded afterwards here."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "initialized randomly" not in record.getMessage()
+
+
+def _build_tower(model: str, quick_gelu: bool) -> nn.Module:
+    """The image tower alone, randomly initialised under the fixed seed, through ``open_clip.create_model``."""
+    import open_clip
+
+    def build() -> nn.Module:
+        clip = open_clip.create_model(model, pretrained=None, load_weights=False, pretrained_image=False,
+                                      pretrained_text=False, quick_gelu=quick_gelu, text_cfg=_TINY_TEXT_TOWER)
+        return clip.visual
+
+    notice = _DropRandomInitNotice()
+    logging.getLogger().addFilter(notice)
+    try:
+        return seeded_random_init(build)
+    finally:
+        logging.getLogger().removeFilter(notice)
 
 
 def _load_visual_state(visual: nn.Module, state: dict, path: Path, model: str) -> None:

