@@ -35,7 +35,8 @@ from core.storage import EmbeddedBatch, FeatureStore, StorageOptions
 log = logging.getLogger(__name__)
 
 MODEL_FORMAT_VERSION = 1
-DISTANCES = ("euclidean", "squared")
+DISTANCES = ("euclidean", "squared", "cosine")
+IMAGE_SCORES = ("max", "top_percent")
 # Images per backbone call on a CPU: with more, the activations no longer fit in the caches and a
 # forward pass costs more per image (docs/performance.md).
 _CPU_BACKBONE_CHUNK = 4
@@ -59,6 +60,8 @@ class PatchCore:
         reweight_neighbors: int | None = None,
         blur_sigma: float = 4.0,
         distance: str = "euclidean",
+        image_score: str = "max",
+        top_percent: float = 1.0,
         device: str | torch.device = "cpu",
         progress: bool = True,
     ) -> None:
@@ -70,6 +73,13 @@ class PatchCore:
             raise ValueError(f"patchcore.blur_sigma={blur_sigma} must be >= 0 (0 = no smoothing)")
         if distance not in DISTANCES:
             raise ValueError(f"patchcore.distance={distance!r}: choose one of {DISTANCES}")
+        if image_score not in IMAGE_SCORES:
+            raise ValueError(f"patchcore.image_score={image_score!r}: choose one of {IMAGE_SCORES}")
+        if not 0 < top_percent <= 100:
+            raise ValueError(f"patchcore.top_percent={top_percent} must be in (0, 100]")
+        if image_score == "top_percent" and reweight_neighbors is not None:
+            raise ValueError("patchcore.reweight_neighbors reweights the maximum patch score: it needs "
+                             "patchcore.image_score=max (or set reweight_neighbors=null)")
         self.device = torch.device(device)
         self.extractor = extractor
         # The network that runs: BatchNorm folded into the convolutions, channels-last (same features).
@@ -79,11 +89,13 @@ class PatchCore:
         self.sampler = sampler or GreedyCoresetSampler()
         self.search = search or SearchOptions()
         self.store = FeatureStore(storage or StorageOptions(), self.device)
-        self.bank: MemoryBank = self.search.new_bank()
+        self.bank: MemoryBank = self.search.new_bank(normalize=distance == "cosine")
         self.num_neighbors = num_neighbors
         self.reweight_neighbors = reweight_neighbors
         self.blur_sigma = blur_sigma
         self.distance = distance
+        self.image_score = image_score
+        self.top_percent = top_percent
         self.progress = progress
         self.fit_info: dict = {}
         self.grid: tuple[int, int] | None = None
@@ -142,9 +154,13 @@ class PatchCore:
     def score(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``images[B,3,H,W] -> (image scores [B], anomaly maps [B, H, W])``, both on the CPU."""
         features, (h, w) = self.embed(images)
+        if self.distance == "cosine":  # unit queries, as the bank's rows (a loaded bank's rows are unit already)
+            features = F.normalize(features, dim=-1)
         distances, _ = self.bank.search(features.reshape(-1, features.shape[-1]), k=self.num_neighbors)
         if self.distance == "squared":  # the official code's faiss IndexFlatL2 distances
             distances = distances.square()
+        elif self.distance == "cosine":  # 1 - cos from the Euclidean distance of unit vectors
+            distances = distances.square() / 2
         patch_scores = distances.mean(dim=1).reshape(len(images), h * w)
         image_scores = self._image_scores(features, patch_scores)
         maps = F.interpolate(patch_scores.reshape(len(images), 1, h, w), size=images.shape[-2:], mode="bilinear",
@@ -153,7 +169,13 @@ class PatchCore:
         return image_scores.cpu(), maps.cpu()
 
     def _image_scores(self, features: torch.Tensor, patch_scores: torch.Tensor) -> torch.Tensor:
-        """Max patch score per image, optionally reweighted by the paper's Eq. 7."""
+        """Max patch score per image, optionally reweighted by the paper's Eq. 7; or (``top_percent``) the mean
+        of the highest ``top_percent`` % of the patch scores (at least one), AnomalyDINO's image score."""
+        if self.image_score == "top_percent":
+            count = patch_scores.shape[1]
+            # floor, as AnomalyDINO's int(N * q): 1% of a 16x16 grid is 2 patches (1e-6: 100/N * N stays N)
+            top = max(1, int(count * self.top_percent / 100 + 1e-6))
+            return patch_scores.topk(top, dim=1).values.mean(dim=1)
         best_patch = patch_scores.argmax(dim=1)
         scores = patch_scores.gather(1, best_patch[:, None]).squeeze(1)
         if self.reweight_neighbors is None:

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Protocol
 
 import torch
+import torch.nn.functional as F
 
 from core.io import atomic_write
 from core.search import pruned
@@ -62,10 +63,16 @@ def choose_strategy(features: torch.Tensor, options: SearchOptions) -> SearchStr
 
 
 class MemoryBank:
-    """Holds ``features[M, D]`` (float32) and answers k-nearest-neighbour queries with its strategy."""
+    """Holds ``features[M, D]`` (float32) and answers k-nearest-neighbour queries with its strategy.
 
-    def __init__(self, options: SearchOptions | None = None) -> None:
+    ``normalize=True`` (cosine distances): rows and queries are L2-normalised before the bank is built and
+    searched, so every strategy, exact as ever, ranks by cosine distance (between unit vectors
+    ``|a - b|^2 = 2 (1 - cos)``). The stored rows are the unit ones.
+    """
+
+    def __init__(self, options: SearchOptions | None = None, normalize: bool = False) -> None:
         self.options = options or SearchOptions()
+        self.normalize = normalize
         self.features = torch.empty(0, 0)
         self.strategy: SearchStrategy | None = None
         self.device = torch.device("cpu")
@@ -75,7 +82,8 @@ class MemoryBank:
         ``choose_strategy``'s, for comparisons."""
         if features.ndim != 2 or len(features) == 0:
             raise ValueError(f"memory bank needs a non-empty [M, D] tensor, got shape {tuple(features.shape)}")
-        self.features = features.float().contiguous()
+        features = features.float()
+        self.features = (F.normalize(features, dim=1) if self.normalize else features).contiguous()
         self.device = self.features.device
         self.strategy = (choose_strategy(self.features, self.options) if strategy is None
                          else strategy.build(self.features))
@@ -99,6 +107,8 @@ class MemoryBank:
             raise RuntimeError("memory bank is empty: fit the model (or load a saved one) first")
         if queries.shape[-1] != self.dim:
             raise ValueError(f"query dimension {queries.shape[-1]} does not match the bank's {self.dim}")
+        if self.normalize:
+            queries = F.normalize(queries.float(), dim=-1)
         return self.strategy.search(queries, min(k, len(self)))
 
     def to(self, device: torch.device | str) -> MemoryBank:

@@ -53,7 +53,8 @@ class SearchOptions:
                         "exactly (pip install faiss-cpu to search it as it was)", where)
             return cls(**{**record, "backend": "exact"})
 
-    def new_bank(self) -> MemoryBank:
+    def new_bank(self, normalize: bool = False) -> MemoryBank:
+        """An empty bank searched with these options; ``normalize``: for cosine distances (see MemoryBank)."""
         from core.search.bank import MemoryBank
 
-        return MemoryBank(self)
+        return MemoryBank(self, normalize=normalize)
