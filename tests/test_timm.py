@@ -203,26 +203,26 @@ def test_cached_tag_is_used_offline_and_local_files(offline_hub, tmp_path) -> No
 # ------------------------------------------------------------------------------ end to end
 
 
-@pytest.mark.parametrize(("config", "extra"), [
-    ("dinov2_vits14", ("patchcore.distance=cosine",)),
-    ("dinov2_vitb14", ()),
-    ("convnext_tiny", ()),
-    ("timm_efficientnet_b0", ()),
+@pytest.mark.parametrize(("config", "extra", "ratio"), [
+    ("dinov2_vits14", ("sweep=few_shot",), 1.0),  # AnomalyDINO's recipe: cosine, top 1%, no coreset, raw tokens
+    ("dinov2_vitb14", ("coreset.ratio=0.5", "patchcore.embed_dim=64"), 0.5),
+    ("convnext_tiny", ("coreset.ratio=0.5", "patchcore.embed_dim=64"), 0.5),
+    ("timm_efficientnet_b0", ("coreset.ratio=0.5", "patchcore.embed_dim=64"), 0.5),
 ])
-def test_config_runs_end_to_end(make_config, tmp_path, textures_root, config, extra) -> None:
-    cfg = make_config(f"backbone={config}", "backbone.pretrained=null", "dataset=textures",
+def test_config_runs_end_to_end(make_config, tmp_path, textures_root, config, extra, ratio) -> None:
+    cfg = make_config(f"backbone={config}", *extra, "backbone.pretrained=null", "dataset=textures",
                       f"dataset.root={textures_root}", "category=brick", "dataset.train_limit=2",
-                      "dataset.resize=64", "dataset.image_size=56", "patchcore.embed_dim=64", "coreset.ratio=0.5",
-                      "logger=none", "viz.n=0", "save_model=true", *extra)
+                      "dataset.resize=64", "dataset.image_size=56", "logger=none", "viz.n=0", "save_model=true")
     results = run(cfg, tmp_path / "run")
     entry = results["categories"]["brick"]
     grid = 4 * 4 if "dinov2" in config else 7 * 7  # 56 px: 14 px patches, or stride 8 (the finest level)
-    assert entry["n_train"] == 2 and entry["bank_size"] == int(2 * grid * 0.5)
+    assert entry["n_train"] == 2 and entry["bank_size"] == int(2 * grid * ratio)
     assert 0.0 <= entry["image_auroc"] <= 1.0 and 0.0 <= entry["pixel_auroc"] <= 1.0
     saved = json.loads((tmp_path / "run" / "models" / "brick" / "model.json").read_text())
     assert saved["extractor"]["target"] == "core.backbones.TimmExtractor"
     model = PatchCore.load(tmp_path / "run" / "models" / "brick")  # the spec rebuilds the same random network
     assert model.extractor.spec() == saved["extractor"]
+    assert model.distance == ("cosine" if "sweep=few_shot" in extra else "euclidean")
 
 
 # ------------------------------------------------------------------------------ scoring variants
