@@ -224,8 +224,8 @@ def openclip_weights_file(model: str, tag: str, cache_dir: str | Path | None = N
     folder = _cache_folder(cache_dir)
     quick_gelu = (" These are OpenAI weights, trained with QuickGELU: with the file also pass backbone.quick_gelu=true."
                   if cfg.get("quick_gelu") and "quickgelu" not in model else "")
-    explanation = _not_cached_explanation(repo_id, candidates, folder,
-                                          "a .safetensors, .bin or .pt state dict, loaded with weights_only", quick_gelu)
+    file_hint = "a .safetensors, .bin or .pt state dict, loaded with weights_only"
+    explanation = _not_cached_explanation(repo_id, candidates, folder, file_hint, quick_gelu)
     what = f"Pretrained weights for open_clip model {model} with tag {tag!r} are not cached"
     return hf_hub_weights_file(repo_id, candidates, what, explanation, folder, library="open_clip")
 
@@ -249,8 +249,8 @@ def timm_weights_file(model: str, cache_dir: str | Path | None = None) -> Path:
     repo_id = cfg.hf_hub_id.split("@")[0]  # 'timm/arch.tag[@revision]'
     candidates = _safe_first(cfg.hf_hub_filename or "pytorch_model.bin", "pytorch_model.bin", "model.safetensors")
     folder = _cache_folder(cache_dir)
-    explanation = _not_cached_explanation(repo_id, candidates, folder,
-                                          "a .safetensors or .pth state dict in timm's layout, loaded with weights_only")
+    file_hint = "a .safetensors or .pth state dict in timm's layout, loaded with weights_only"
+    explanation = _not_cached_explanation(repo_id, candidates, folder, file_hint)
     what = f"Pretrained weights for timm model {cfg.architecture} with tag {cfg.tag!r} are not cached"
     return hf_hub_weights_file(repo_id, candidates, what, explanation, folder, library="timm")
 
