@@ -13,7 +13,7 @@ chooses and runs an exact (or faiss) nearest-neighbour strategy. This file is th
 
 from __future__ import annotations
 
-import json
+import inspect
 import logging
 import time
 from collections.abc import Iterable, Iterator
@@ -29,6 +29,7 @@ from core.coreset import GreedyCoresetSampler, Sampler
 from core.detector import FitReport, Predictions, collect_predictions, images_of
 from core.features import PatchEmbedder
 from core.io import write_json_atomic
+from core.saved_model import RecordError, check_model_record, read_json_object
 from core.search import MemoryBank, SearchOptions
 from core.storage import EmbeddedBatch, FeatureStore, StorageOptions
 
@@ -233,11 +234,18 @@ class PatchCore:
         except (UntrustedSpecError, TypeError) as error:
             raise ModelMismatchError(f"saved model {directory} is not valid: its extractor cannot be built by this "
                                      f"code ({error}); refit it") from None
-        search = search or SearchOptions.from_record(record.get("search", {}), where=str(directory))
-        model = cls(extractor, PatchEmbedder.from_spec(record["embedder"]), num_neighbors=record["num_neighbors"],
-                    reweight_neighbors=record["reweight_neighbors"], blur_sigma=record["blur_sigma"],
-                    distance=record.get("distance", "euclidean"), search=search, device=device, progress=progress)
-        model.bank = MemoryBank.load(directory / "bank.pt", search).to(model.device)
+        try:
+            search = search or SearchOptions.from_record(record.get("search", {}), where=str(directory))
+            scoring = {key: record[key] for key in _constructor_keys() if key in record}  # distance, image_score...
+            model = cls(extractor, PatchEmbedder.from_spec(record["embedder"]), search=search, device=device,
+                        progress=progress, **scoring)
+            model.bank = MemoryBank.load(directory / "bank.pt", search, normalize=model.bank.normalize)
+        except (ValueError, TypeError) as error:  # a setting out of range, an unreadable or non-finite bank
+            raise ModelMismatchError(f"saved model {directory} is not valid: {error}; refit it") from None
+        if len(model.bank) != record["bank_size"]:
+            raise ModelMismatchError(f"saved model {directory} is not valid: bank.pt holds {len(model.bank)} rows, "
+                                     f"model.json says bank_size={record['bank_size']}; refit it")
+        model.bank.to(model.device)
         model.grid = tuple(record["grid"]) if record.get("grid") else None
         model.input_size = tuple(record["input_size"]) if record.get("input_size") else None
         model.metadata = record.get("metadata", {})
@@ -259,16 +267,22 @@ def _length(dataset) -> int | None:
     return len(dataset) if dataset is not None and hasattr(dataset, "__len__") else None
 
 
+def _constructor_keys() -> list[str]:
+    """The settings ``spec()`` records that load passes back to the constructor (the scoring settings)."""
+    skip = {"self", "extractor", "embedder", "sampler", "search", "storage", "device", "progress"}
+    return [name for name in inspect.signature(PatchCore.__init__).parameters if name not in skip]
+
+
 def _read_record(directory: Path) -> dict:
+    """``model.json``, checked against its schema (core/saved_model.py) before anything is built from it."""
     spec_file, bank_file = directory / "model.json", directory / "bank.pt"
     if not spec_file.is_file() or not bank_file.is_file():
         raise FileNotFoundError(f"{directory} is not a saved PatchCore model (needs model.json and bank.pt)")
-    record = json.loads(spec_file.read_text())
-    if record.get("format_version") != MODEL_FORMAT_VERSION:
-        raise ModelMismatchError(
-            f"{spec_file} has format version {record.get('format_version')!r}, this code reads "
-            f"{MODEL_FORMAT_VERSION}: refit the model with this version"
-        )
+    try:
+        record = read_json_object(spec_file)
+        check_model_record(record, MODEL_FORMAT_VERSION, _constructor_keys(), SearchOptions.__dataclass_fields__)
+    except RecordError as error:
+        raise ModelMismatchError(f"model {spec_file} is not valid: {error}; refit it") from None
     return record
 
 

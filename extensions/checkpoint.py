@@ -14,6 +14,7 @@ Every file is written atomically (temp file + rename) and every ``.pt`` is read 
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +26,7 @@ from core.backbones import FeatureExtractor, build_extractor
 from core.io import atomic_write, file_sha256, write_json_atomic
 
 FORMAT_VERSION = 1
+log = logging.getLogger(__name__)
 
 
 class MissingCheckpointError(FileNotFoundError):
@@ -78,10 +80,17 @@ def write_sidecar(files: CheckpointFiles, record: dict) -> Path:
 
 
 def read_sidecar(files: CheckpointFiles) -> dict | None:
+    """The sidecar, or None when it is missing or does not fit its schema (then the run is not finished:
+    fine-tuning runs again rather than trusting it)."""
     try:
-        return json.loads(files.sidecar.read_text())
+        record = json.loads(files.sidecar.read_text())
     except (OSError, ValueError):
         return None
+    problem = _sidecar_problem(record)
+    if problem:
+        log.warning("ignoring sidecar %s: %s", files.sidecar, problem)
+        return None
+    return record
 
 
 def finetune_command(method: str, base: str, category: str) -> str:
@@ -163,10 +172,9 @@ def _read_checkpoint(path: Path, method: str | None, base: str | None, sha256: s
             f"{sha256[:12]}...): it was fine-tuned again. Refit the PatchCore model."
         )
     payload = load_torch(path)
-    if not isinstance(payload, dict) or payload.get("format_version") != FORMAT_VERSION:
-        raise CheckpointMismatchError(
-            f"{path} is not a fine-tuning checkpoint of format {FORMAT_VERSION}: fine-tune again"
-        )
+    problem = _payload_problem(payload)
+    if problem:
+        raise CheckpointMismatchError(f"checkpoint {path} is not valid: {problem}; fine-tune again")
     if method is not None and payload["method"] != method:
         raise CheckpointMismatchError(f"{path} was made by method {payload['method']!r}, not {method!r}")
     base_name = payload["base"]["name"]
@@ -175,3 +183,35 @@ def _read_checkpoint(path: Path, method: str | None, base: str | None, sha256: s
             f"{path} was fine-tuned from {base_name!r}, but backbone.base={base!r}: set backbone.base={base_name}"
         )
     return payload, digest
+
+
+def _payload_problem(payload) -> str | None:
+    """What is wrong with a checkpoint's contents (checked before its base extractor is built), or None."""
+    if not isinstance(payload, dict):
+        return f"it holds a {type(payload).__name__}, not a dict"
+    version = payload.get("format_version")
+    if not isinstance(version, int) or isinstance(version, bool) or version != FORMAT_VERSION:
+        return f"format_version={version!r}, this code reads {FORMAT_VERSION}"
+    base = payload.get("base")
+    if not isinstance(payload.get("method"), str):
+        return f"method={payload.get('method')!r} must be a string"
+    if not (isinstance(base, dict) and isinstance(base.get("name"), str) and isinstance(base.get("target"), str)
+            and isinstance(base.get("kwargs", {}), dict)):
+        return "base must be {'name': str, 'target': '<module>.<Class>', 'kwargs': {...}}"
+    state = payload.get("state_dict")
+    if not (isinstance(state, dict) and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items())):
+        return "state_dict must map parameter names to tensors"
+    if not isinstance(payload.get("step", 0), int):
+        return f"step={payload.get('step')!r} must be an integer"
+    return None
+
+
+_SIDECAR_TYPES = {"complete": bool, "identity": str, "sha256": str}
+
+
+def _sidecar_problem(record) -> str | None:
+    """What is wrong with a sidecar's keys that resume reads, or None (other keys are informational)."""
+    if not isinstance(record, dict):
+        return "not a JSON object"
+    wrong = [key for key, kind in _SIDECAR_TYPES.items() if key in record and not isinstance(record[key], kind)]
+    return f"keys {wrong} have the wrong type" if wrong else None

@@ -8,6 +8,7 @@ excepted, which is approximate by design).
 from __future__ import annotations
 
 import logging
+import pickle
 from pathlib import Path
 from typing import Protocol
 
@@ -130,6 +131,35 @@ class MemoryBank:
         atomic_write(path, lambda tmp: torch.save({"features": features}, tmp))
 
     @classmethod
-    def load(cls, path: str | Path, options: SearchOptions | None = None) -> MemoryBank:
+    def load(cls, path: str | Path, options: SearchOptions | None = None, normalize: bool = False) -> MemoryBank:
+        """A saved bank, refused (``BankFileError``) unless it is a finite, non-empty [M, D] float tensor."""
+        return cls(options, normalize=normalize).build(read_bank_features(path))
+
+
+class BankFileError(ValueError):
+    """A ``bank.pt`` that is not a saved memory bank; the message names the file."""
+
+
+def read_bank_features(path: str | Path) -> torch.Tensor:
+    """The ``features`` tensor of a saved bank. ``weights_only=True`` runs no pickled code; torch's own
+    message for a refused payload advises ``weights_only=False``, which is exactly what must not be done
+    with a file of unknown origin, so it is replaced by ours."""
+    path = Path(path)
+    if not path.is_file() or path.stat().st_size == 0:
+        raise BankFileError(f"memory bank {path} is missing or empty")
+    try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-        return cls(options).build(state["features"])
+    except pickle.UnpicklingError:
+        raise BankFileError(f"memory bank {path} holds objects other than tensors (a pickled payload?): "
+                            "it was not written by this code and was not run") from None
+    except Exception as error:  # torch raises several types for truncated or foreign files
+        raise BankFileError(f"memory bank {path} cannot be read ({type(error).__name__}: "
+                            f"{str(error).splitlines()[0] if str(error) else 'truncated?'})") from None
+    features = state.get("features") if isinstance(state, dict) else None
+    if not isinstance(features, torch.Tensor) or features.ndim != 2 or len(features) == 0 \
+            or not features.is_floating_point():
+        raise BankFileError(f"memory bank {path} holds no non-empty [M, D] float tensor under 'features'")
+    if not bool(torch.isfinite(features).all()):
+        bad = int((~torch.isfinite(features)).any(dim=1).sum())
+        raise BankFileError(f"memory bank {path} has {bad} rows with NaN or infinite values")
+    return features

@@ -23,6 +23,14 @@ def split_validation(samples: list[Sample], fraction: float, seed: int) -> tuple
     return ([s for i, s in enumerate(samples) if i not in held], [s for i, s in enumerate(samples) if i in held])
 
 
+def require_finite(scores: np.ndarray, where: str) -> None:
+    """Non-finite scores are an error, never a decision (``NaN >= t`` is false: everything would pass as nominal)."""
+    bad = ~np.isfinite(np.asarray(scores, dtype=np.float64))
+    if bad.any():
+        raise ValueError(f"{int(bad.sum())} of {bad.size} image scores of {where} are NaN or infinite: the model "
+                         "or its inputs are broken (a damaged bank, non-finite pixels); refit the model")
+
+
 def pixel_arrays(predictions: Predictions) -> tuple[np.ndarray | None, np.ndarray]:
     """Masks and maps of the images whose masks are known (None when no defect image has one)."""
     with_mask = predictions.has_mask
@@ -32,18 +40,43 @@ def pixel_arrays(predictions: Predictions) -> tuple[np.ndarray | None, np.ndarra
 
 
 def evaluate(predictions: Predictions) -> tuple[dict, str | None]:
-    """Metrics of one category; pixel metrics only over images whose masks are known."""
+    """Metrics of one category: image metrics over every test image, pixel metrics over the images whose
+    masks are known (nominal images always are); the note names the defect images left out."""
+    require_finite(predictions.image_scores, "the test set")
     masks, maps = pixel_arrays(predictions)
-    note = None
+    labels, scores = predictions.labels, predictions.image_scores
+    metrics = compute_metrics(labels, scores, None, None)
     if masks is None:
-        note = "no ground-truth masks: pixel metrics not computed"
-    elif not predictions.has_mask[predictions.labels == 1].all():
-        note = "pixel metrics over the defect types that have masks only"
-    return compute_metrics(predictions.labels, predictions.image_scores, maps, masks), note
+        return metrics, "no ground-truth masks: pixel metrics not computed"
+    known = predictions.has_mask
+    pixel = compute_metrics(labels[known], scores[known], maps, masks)
+    metrics.update({key: pixel[key] for key in PIXEL_METRICS})
+    return metrics, _left_out_note(predictions)
+
+
+PIXEL_METRICS = ("pixel_auroc", "pixel_f1_max", "aupro")
+
+
+def _left_out_note(predictions: Predictions) -> str | None:
+    """Which defect images had no mask (per defect type), or None when every one had."""
+    missing = (predictions.labels == 1) & ~predictions.has_mask
+    if not missing.any():
+        return None
+    counts: dict[str, list[int]] = {}  # defect type -> [without a mask, images]
+    types = predictions.defect_types or ["?"] * len(missing)
+    for label, left_out, defect in zip(predictions.labels, missing, types, strict=True):
+        if label == 1:
+            entry = counts.setdefault(defect, [0, 0])
+            entry[0], entry[1] = entry[0] + int(left_out), entry[1] + 1
+    parts = ", ".join(f"{name} ({left} of {total})" for name, (left, total) in sorted(counts.items()) if left)
+    return (f"pixel metrics over the {int(predictions.has_mask.sum())} of {len(missing)} test images with masks; "
+            f"{int(missing.sum())} defect images without a mask left out: {parts}")
 
 
 def apply_threshold(rule: ThresholdRule, nominal: Predictions | None, predictions: Predictions) -> dict:
     """The rule's image/pixel thresholds and the test set's decisions under them."""
+    if nominal is not None:
+        require_finite(nominal.image_scores, "the held-out nominal images")
     masks, maps = pixel_arrays(predictions)
     image_t, pixel_t = rule.thresholds(
         None if nominal is None else nominal.image_scores, None if nominal is None else nominal.maps,

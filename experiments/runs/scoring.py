@@ -29,6 +29,7 @@ from core.patchcore import ModelMismatchError, PatchCore
 from core.thresholds import segment
 from experiments.runs.anomaly_maps import colorize
 from experiments.runs.components import resolve_device
+from experiments.runs.evaluation import require_finite
 
 log = logging.getLogger("predict")
 
@@ -171,6 +172,7 @@ def predict(model_dir: str | Path, images: str | list[str], out: str | Path, dev
         if not batch:
             continue
         scores, maps = model.score(torch.stack([tensor for _, _, tensor in batch]))
+        require_finite(scores.numpy(), f"{', '.join(str(path) for path, _, _ in batch)}")
         for (path, original, _), score, crop_map in zip(batch, scores.tolist(), maps.numpy()):
             geometry = CropGeometry.of(original.height, original.width, preprocessing)
             heat_file, mask_file = write_outputs(out, _unique_name(path, taken), original, crop_map, geometry,
