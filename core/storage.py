@@ -26,6 +26,8 @@ import hashlib
 import json
 import logging
 import os
+import shutil
+import tempfile
 import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -50,12 +52,16 @@ class StorageOptions:
     spill_dir: str | None = None  # buffer the training features in a file here instead of in memory
     spill_above_gb: float = 0.0  # ... but only when the buffer would be larger than this
     cache_dir: str | None = None  # feature cache: refits with another coreset reuse the features
+    memory_budget_gb: float | None = None  # a buffer larger than this spills to a file; None: the available memory
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
             raise ValueError(f"storage.dtype={self.dtype!r}: choose one of {sorted(DTYPES)}")
         if self.spill_above_gb < 0:
             raise ValueError(f"storage.spill_above_gb={self.spill_above_gb} must be >= 0")
+        if self.memory_budget_gb is not None and not self.memory_budget_gb > 0:
+            raise ValueError(f"storage.memory_budget_gb={self.memory_budget_gb} must be > 0, or null for the "
+                             "available memory")
 
 
 @dataclass
@@ -246,6 +252,18 @@ class FeatureCache:
     def __init__(self, directory: str | Path) -> None:
         self.directory = Path(directory).expanduser()
 
+    def usable(self) -> bool:
+        """Whether entries can be written here; when not, a warning says so and the caller caches nothing."""
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            with tempfile.NamedTemporaryFile(dir=self.directory, prefix=".write-test-"):
+                pass
+        except OSError as error:
+            log.warning("storage.cache_dir=%s cannot be written (%s): fitting without the feature cache",
+                        self.directory, error.strerror or error)
+            return False
+        return True
+
     def key(self, identity: dict, dtype: str) -> str | None:
         """The entry name, or None when the dataset cannot be fingerprinted (then nothing is cached)."""
         fingerprint = dataset_fingerprint(identity.get("dataset"))
@@ -288,6 +306,8 @@ class FeatureStore:
         self.options, self.device = options, torch.device(device)
         self.dtype = DTYPES[options.dtype]
         self.cache = FeatureCache(options.cache_dir) if options.cache_dir else None
+        if self.cache is not None and not self.cache.usable():
+            self.cache = None  # the fit still runs, only without the cache (FeatureCache.usable warned)
 
     def gather(self, batches: Iterable[EmbeddedBatch], images: int | None = None,
                identity: dict | None = None) -> TrainingFeatures:
@@ -320,9 +340,72 @@ class FeatureStore:
         return TrainingFeatures(rows, grid, input_size, self.device, temporary=spilled)
 
     def _new_writer(self, rows: int, dim: int) -> _MemoryWriter | _FileWriter:
-        size_gb = rows * dim * self.dtype.itemsize / 1e9
-        if self.options.spill_dir is not None and size_gb > self.options.spill_above_gb:
-            path = Path(self.options.spill_dir).expanduser() / f"features-{os.getpid()}-{uuid.uuid4().hex[:8]}.npy"
-            log.info("buffering %.2f GB of training features in %s", size_gb, path)
-            return _FileWriter(path, dim, self.dtype)
-        return _MemoryWriter(rows, dim, self.dtype, self.device)
+        """In memory when the buffer fits the budget; else in a file (``spill_dir``, or a temporary folder when
+        none is set), when the disk has room; else a ``BufferTooLargeError`` before the fit goes on."""
+        size = rows * dim * self.dtype.itemsize
+        if self.options.spill_dir is not None and size / 1e9 > self.options.spill_above_gb:
+            return self._file_writer(Path(self.options.spill_dir).expanduser(), rows, dim, size, "storage.spill_dir")
+        budget = memory_budget(self.options.memory_budget_gb, self.device)
+        if size <= budget:
+            return _MemoryWriter(rows, dim, self.dtype, self.device)
+        folder = Path(tempfile.gettempdir())
+        log.warning("the training buffer (%s) does not fit in the memory budget (%.2f GB%s): spilling it to a "
+                    "file in %s (set storage.spill_dir to choose the disk)", _describe(rows, dim, self.dtype),
+                    budget / 1e9, "" if self.options.memory_budget_gb is None else ", storage.memory_budget_gb",
+                    folder)
+        return self._file_writer(folder, rows, dim, size, "the temporary folder", budget)
+
+    def _file_writer(self, folder: Path, rows: int, dim: int, size: int, what: str,
+                     budget: float | None = None) -> _FileWriter:
+        folder.mkdir(parents=True, exist_ok=True)
+        free = shutil.disk_usage(folder).free
+        if size > free:
+            memory = "" if budget is None else f"more than the memory budget ({budget / 1e9:.2f} GB) and "
+            raise BufferTooLargeError(
+                f"the training buffer needs {_describe(rows, dim, self.dtype)}: {memory}more than the free disk in "
+                f"{what} {folder} ({free / 1e9:.2f} GB). Shrink it with storage.dtype=float16 (half), a smaller "
+                "patchcore.embed_dim, a smaller dataset.resize/dataset.image_size, fewer or deeper backbone.layers "
+                "(a coarser grid), or dataset.train_limit; or set storage.spill_dir to a disk with room")
+        path = folder / f"features-{os.getpid()}-{uuid.uuid4().hex[:8]}.npy"
+        log.info("buffering %.2f GB of training features in %s", size / 1e9, path)
+        return _FileWriter(path, dim, self.dtype)
+
+
+class BufferTooLargeError(MemoryError):
+    """The training buffer fits neither in memory nor on disk; the message names the settings that shrink it."""
+
+
+def _describe(rows: int, dim: int, dtype: torch.dtype) -> str:
+    itemsize = torch.empty(0, dtype=dtype).element_size()
+    return f"{rows * dim * itemsize / 1e9:.2f} GB ({rows} patches x {dim} dims x {itemsize} bytes)"
+
+
+# Share of the available memory the buffer may take: the coreset's projection and distances and the bank
+# need working memory next to it.
+_AVAILABLE_SHARE = 0.8
+
+
+def memory_budget(budget_gb: float | None, device: torch.device) -> float:
+    """Bytes the training buffer may take on ``device``: ``budget_gb``, else a share of what is available."""
+    if budget_gb is not None:
+        return budget_gb * 1e9
+    if device.type == "cuda":
+        return _AVAILABLE_SHARE * torch.cuda.mem_get_info(device)[0]
+    return _AVAILABLE_SHARE * available_memory()
+
+
+def available_memory() -> float:
+    """Bytes of memory available to a new allocation (MemAvailable; psutil where /proc is absent)."""
+    try:
+        with open("/proc/meminfo") as handle:
+            for line in handle:
+                if line.startswith("MemAvailable:"):
+                    return float(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        import psutil
+
+        return float(psutil.virtual_memory().available)
+    except ImportError:  # nowhere to ask: no limit (the allocation itself then says what failed)
+        return float("inf")

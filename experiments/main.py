@@ -22,7 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 
 from core.backbones import FeatureExtractor
-from core.data import AnomalyDataset, MVTecLayout
+from core.data import AnomalyDataset, DatasetError, MVTecLayout, UnreadableFilesError
 from core.detector import Detector
 from core.io import write_json_atomic
 from core.thresholds import ThresholdRule
@@ -38,7 +38,8 @@ from experiments.runs.results import (
     versions,
     write_scores_csv,
 )
-from experiments.runs.run_key import config_hash, skip_if_done
+from experiments.runs import settings
+from experiments.runs.run_key import check_run_dir, claim_run, config_hash, skip_if_done
 from experiments.runs.tracking import NoLogger, make_tracker
 
 log = logging.getLogger("patchcore")
@@ -49,15 +50,24 @@ class Harness:
 
     def __init__(self, cfg: DictConfig, run_dir: Path) -> None:
         self.cfg, self.run_dir = cfg, run_dir
+        settings.check(cfg)  # every numeric setting, by name, at once
+        settings.check_writable(run_dir, "the run folder (hydra.run.dir)")
         build(cfg.coreset)  # rejects a bad coreset.ratio (and the other settings below) before any work
         build(cfg.search)
         build(cfg.storage)
         self.device = resolve_device(cfg.device)
         self.layout: MVTecLayout = build(cfg.dataset)
         self.categories = self.layout.resolve_categories(cfg.category)
-        for category in self.categories:  # layout errors (missing folders, no images) before any model work
-            self.layout.train_samples(category, seed=cfg.seed)
-            self.layout.test_samples(category)
+        self.unusable: dict[str, str] = {}  # category -> unreadable files: failed without being fitted
+        for category in self.categories:  # layout errors, unreadable images and masks before any model work
+            try:
+                for problem in self.layout.scan(category, seed=cfg.seed):
+                    log.warning("[%s] skipped (dataset.skip_unreadable=true): %s", category, problem)
+            except UnreadableFilesError as error:
+                log.error("[%s] %s", category, error)
+                self.unusable[category] = f"{type(error).__name__}: {error}"
+        if len(self.unusable) == len(self.categories):
+            raise DatasetError("\n".join(self.unusable.values()))
         self.rule: ThresholdRule | None = build(cfg.threshold) if "_target_" in cfg.threshold else None
         self.uses_extractor = "extractor" in cfg.model  # PatchCore; the CAE has no backbone
         self.per_category = per_category_backbones(cfg, self.categories) if self.uses_extractor else None
@@ -134,13 +144,20 @@ class Harness:
                  "timings_s": {**fit.timings_s, "predict": predict_s}}
         if threshold is not None:
             entry["threshold"] = threshold
+        if self.layout.unreadable.get(category):
+            entry["skipped_inputs"] = self.layout.unreadable[category]
         return entry, score_rows(category, predictions)
+
+
+class _Unusable(Exception):
+    """A category the start-up scan found unreadable files in (its message is the failure entry)."""
 
 
 def run(cfg: DictConfig, run_dir: Path, tracker: NoLogger | None = None) -> dict:
     """Check everything cheap first, then fit and evaluate category by category, saving after each."""
     tracker = tracker or NoLogger()
     started = time.perf_counter()
+    check_run_dir(cfg, run_dir)  # never replace another config's results without a word
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed)
     harness = Harness(cfg, run_dir)
@@ -151,7 +168,11 @@ def run(cfg: DictConfig, run_dir: Path, tracker: NoLogger | None = None) -> dict
     score_table: list[dict] = []
     for category in harness.categories:
         try:
+            if category in harness.unusable:  # found by the start-up scan: not fitted
+                raise _Unusable(harness.unusable[category])
             entry, rows = harness.run_category(category)
+        except _Unusable as error:
+            results["failed"][category] = str(error)
         except Exception as error:  # keep finished categories; report the failure at the end
             log.exception("[%s] failed", category)
             results["failed"][category] = f"{type(error).__name__}: {error}"
@@ -168,6 +189,17 @@ def run(cfg: DictConfig, run_dir: Path, tracker: NoLogger | None = None) -> dict
     return results
 
 
+def _run_tracked(cfg: DictConfig, run_dir: Path, stop: type[BaseException]) -> dict:
+    tracker, results = make_tracker(cfg, run_dir), None
+    try:
+        results = run(cfg, run_dir, tracker)
+    except (ValueError, FileNotFoundError) as error:  # bad settings or input: the message says what to fix
+        raise stop(f"error: {error}") from None
+    finally:
+        tracker.finish(results)
+    return results
+
+
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def main(cfg: DictConfig) -> None:
     run_dir = Path(HydraConfig.get().runtime.output_dir)
@@ -177,13 +209,12 @@ def main(cfg: DictConfig) -> None:
     if done is not None:  # resumable sweeps: the same resolved config already has a complete results.json
         log.info("skipped: this config (hash %s) is already done in %s (force=true re-runs it)", config_hash(cfg), done)
         return
-    tracker, results = make_tracker(cfg, run_dir), None
-    try:
-        results = run(cfg, run_dir, tracker)
-    except (ValueError, FileNotFoundError) as error:  # bad settings or input: the message says what to fix
-        raise stop(f"error: {error}") from None
-    finally:
-        tracker.finish(results)
+    with claim_run(config_hash(cfg), run_dir) as other:
+        if other is not None:  # the same config is being run right now: doing it twice doubles the work
+            log.info("skipped: this config (hash %s) is being run by process %s in %s; re-run after it finishes "
+                     "to pick up its results", other.get("config_hash"), other.get("pid"), other.get("run_dir"))
+            return
+        results = _run_tracked(cfg, run_dir, stop)
     print(format_table(results["categories"], results["mean"]))
     print(f"results: {run_dir / 'results.json'} ({results['total_time_s']:.1f}s, "
           f"peak RSS {results['peak_rss_mb']:.0f} MB)")

@@ -26,7 +26,7 @@ def main(cfg: DictConfig) -> None:
     images = list(cfg.images) if isinstance(cfg.images, ListConfig) else str(cfg.images)
     try:
         rows = predict(cfg.model_dir, images, HydraConfig.get().runtime.output_dir, cfg.device, cfg.batch_size,
-                       cfg.progress)
+                       cfg.progress, overwrite=cfg.overwrite)
     except (ValueError, FileNotFoundError) as error:
         raise SystemExit(f"error: {error}") from None
     flagged = sum(row["decision"] == "anomalous" for row in rows)

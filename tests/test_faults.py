@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import pickle
+import re
 import shutil
 from pathlib import Path
 
@@ -190,3 +191,217 @@ def test_maskless_defect_type_next_to_a_masked_one(tmp_path, make_config) -> Non
     assert entry["n_test"] == 6 and entry["pixel_auroc"] is not None
     assert "crack (2 of 2)" in entry["pixel_metrics_note"] and "spot" not in entry["pixel_metrics_note"]
     assert sum(entry["threshold"]["confusion"].values()) == 6  # decisions over every test image
+
+
+# --------------------------------------------------------------------------- no silent overwrite (finding 3)
+
+
+@pytest.fixture
+def scorable(saved, tmp_path) -> Path:
+    """``saved`` with the preprocessing record predict needs, and two images with the same stem."""
+    from PIL import Image
+
+    _edit_record(saved, metadata={"preprocessing": {"resize": 32, "image_size": 32}, "threshold": None})
+    for folder in ("a", "b"):
+        (tmp_path / folder).mkdir()
+        Image.new("RGB", (40, 32), (120, 90, 60)).save(tmp_path / folder / "part.png")
+    return saved
+
+
+def test_predict_refuses_an_out_folder_holding_earlier_results(scorable, tmp_path) -> None:
+    from experiments.runs.scoring import OutputFolderError, predict
+
+    images = [str(tmp_path / "a" / "part.png"), str(tmp_path / "b" / "part.png")]
+    rows = predict(scorable, images, tmp_path / "preds", progress=False)
+    assert [r["heatmap"] for r in rows] == ["part_heatmap.png", "part_2_heatmap.png"]  # same stem: both kept
+    before = (tmp_path / "preds" / "predictions.csv").read_text()
+    with pytest.raises(OutputFolderError, match=r"out=.*preds already holds the results of an earlier prediction.*"
+                                                r"overwrite=true"):
+        predict(scorable, images[:1], tmp_path / "preds", progress=False)
+    assert (tmp_path / "preds" / "predictions.csv").read_text() == before  # nothing lost
+    assert len(predict(scorable, images[:1], tmp_path / "preds", progress=False, overwrite=True)) == 1
+    assert not (tmp_path / "preds" / "part_2_heatmap.png").exists()  # the earlier run's files replaced, not mixed
+
+
+def test_main_refuses_a_run_folder_of_another_config(tmp_path, make_config) -> None:
+    from experiments.main import run
+    from experiments.runs.run_key import RunDirTaken
+    from tests.conftest import write_tiny_category
+
+    write_tiny_category(tmp_path / "data", "widget", size=32)
+    run(tiny_config(make_config, tmp_path / "data"), tmp_path / "run")
+    before = (tmp_path / "run" / "results.json").read_text()
+    with pytest.raises(RunDirTaken, match=r"already holds the complete results of another config.*hydra\.run\.dir"):
+        run(tiny_config(make_config, tmp_path / "data", "coreset.ratio=0.25"), tmp_path / "run")
+    assert (tmp_path / "run" / "results.json").read_text() == before
+
+
+def test_a_config_in_progress_is_not_run_twice(tmp_path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    from experiments.runs.run_key import claim_run
+
+    with claim_run("abc", tmp_path / "one", cwd=tmp_path) as first:
+        assert first is None
+        with claim_run("abc", tmp_path / "two", cwd=tmp_path) as second:  # a live holder: skip
+            assert second["pid"] == os.getpid() and second["run_dir"] == str(tmp_path / "one")
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    marker = tmp_path / "outputs" / ".in_progress" / "abc.json"
+    import socket
+    marker.write_text(json.dumps({"pid": int(dead.stdout), "host": socket.gethostname(), "run_dir": "x"}))
+    with claim_run("abc", tmp_path / "three", cwd=tmp_path) as third:  # left by a killed process: taken over
+        assert third is None and json.loads(marker.read_text())["pid"] == os.getpid()
+    assert not marker.exists()
+
+
+def test_nothing_scored_exits_non_zero_and_lists_every_input(scorable, tmp_path) -> None:
+    import csv
+    import subprocess
+    import sys
+
+    (tmp_path / "broken.png").write_bytes(b"not an image")
+    command = [sys.executable, str(REPO / "experiments" / "predict.py"), f"model_dir={scorable}",
+               f"images=[{tmp_path / 'broken.png'},{tmp_path / 'gone.png'}]", f"out={tmp_path / 'cli'}",
+               "progress=false", "device=cpu"]
+    done = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert done.returncode != 0 and "none of the 1 images could be scored" in done.stderr
+    with (tmp_path / "cli" / "skipped.csv").open() as handle:
+        skipped = {Path(r["path"]).name: r["reason"] for r in csv.DictReader(handle)}
+    assert set(skipped) == {"broken.png", "gone.png"} and skipped["gone.png"] == "no such file"
+    assert "cannot read image" in skipped["broken.png"]
+    again = subprocess.run([*command[:-1], "device=cpu"], capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert again.returncode != 0 and "overwrite=true" in again.stderr  # the earlier skipped.csv is kept
+
+
+# --------------------------------------------------------------------------- settings before any work (finding 5)
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    (("threshold=nominal_sigma", "threshold.k=abc"), "threshold.k=abc must be a number"),
+    (("threshold=nominal_sigma", "threshold.k=-1"), "threshold.k=-1 must be >= 0"),
+    (("threshold=nominal_sigma", "threshold.validation_fraction=0"),
+     "threshold.validation_fraction=0 but threshold=NominalSigmaThreshold fits its threshold on held-out nominal"),
+    (("dataset.image_size=0",), "dataset.image_size=0 must be a positive number of pixels"),
+    (("batch_size=0",), "batch_size=0 must be >= 1"),
+    (("patchcore.embed_dim=0",), "patchcore.embed_dim=0 must be null or >= 1"),
+    (("coreset.ratio=abc",), "coreset.ratio=abc must be a number in (0, 1]"),
+])
+def test_bad_settings_fail_by_name_before_any_work(tmp_path, make_config, monkeypatch, overrides, message) -> None:
+    from experiments import main as harness
+    from tests.conftest import write_tiny_category
+
+    write_tiny_category(tmp_path / "data", "widget", size=32)
+    monkeypatch.setattr(harness, "build", lambda *a, **k: pytest.fail("a component was built before the check"))
+    with pytest.raises(ValueError, match=re_escape(message)):
+        harness.run(tiny_config(make_config, tmp_path / "data", *overrides), tmp_path / "run")
+    assert not (tmp_path / "run" / "results.json").exists()
+
+
+def re_escape(text: str) -> str:
+    import re
+
+    return re.escape(text)
+
+
+def test_unwritable_run_folder_and_cache_are_found_at_start_up(tmp_path, make_config, caplog) -> None:
+    from experiments.main import run
+    from tests.conftest import write_tiny_category
+
+    write_tiny_category(tmp_path / "data", "widget", size=32)
+    (tmp_path / "file").write_text("a file, not a folder")
+    with pytest.raises(ValueError, match=r"the run folder \(hydra\.run\.dir\) .*file/run cannot be written"):
+        run(tiny_config(make_config, tmp_path / "data"), tmp_path / "file" / "run")
+    results = run(tiny_config(make_config, tmp_path / "data", f"storage.cache_dir={tmp_path / 'file' / 'cache'}"),
+                  tmp_path / "run")
+    assert results["complete"] is True  # no cache, with a warning, instead of a failed fit
+    assert "storage.cache_dir=" in caplog.text and "fitting without the feature cache" in caplog.text
+
+
+def test_unreadable_test_image_and_bad_mask_found_before_the_fit(tmp_path, make_config, monkeypatch) -> None:
+    from PIL import Image
+
+    from core.data import DatasetError
+    from experiments import main as harness
+    from tests.conftest import write_tiny_category
+
+    base = write_tiny_category(tmp_path / "data", "widget", n_bad=3, size=32)
+    (base / "test" / "good" / "001.png").write_bytes(b"\x89PNG truncated")
+    Image.new("L", (16, 16)).save(base / "ground_truth" / "spot" / "002_mask.png")
+    (tmp_path / "data" / "other").mkdir()  # a second, readable category: its results are kept
+    write_tiny_category(tmp_path / "data", "other", size=32)
+    fitted = []
+    original = harness.Harness.run_category
+    monkeypatch.setattr(harness.Harness, "run_category", lambda self, c: fitted.append(c) or original(self, c))
+    results = harness.run(tiny_config(make_config, tmp_path / "data", "category=all"), tmp_path / "run")
+    assert fitted == ["other"]  # the category with unreadable files is never fitted
+    assert re.match(r"(?s)UnreadableFilesError: 2 unreadable files in category 'widget':\n.*test/good/001\.png.*\n.*"
+                    r"002_mask\.png is 16x16 but image .* is 32x32.*dataset\.skip_unreadable", results["failed"]["widget"])
+    assert json.loads((tmp_path / "run" / "results.json").read_text())["failed"] == results["failed"]
+    with pytest.raises(DatasetError, match="2 unreadable files"):  # no usable category: fails in seconds
+        harness.run(tiny_config(make_config, tmp_path / "data"), tmp_path / "run1")
+    monkeypatch.undo()
+    results = harness.run(tiny_config(make_config, tmp_path / "data", "dataset.skip_unreadable=true"),
+                          tmp_path / "run2")
+    entry = results["categories"]["widget"]
+    assert entry["n_test"] == 3 and len(entry["skipped_inputs"]) == 2  # 5 test images, 2 skipped and listed
+
+
+def test_dataset_root_that_is_a_file_says_so(tmp_path, make_config) -> None:
+    from core.data import DatasetError
+    from experiments.main import run
+
+    (tmp_path / "data").write_text("x")
+    with pytest.raises(DatasetError, match=r"dataset root .*data is a file, not a folder"):
+        run(tiny_config(make_config, tmp_path / "data"), tmp_path / "run")
+
+
+# --------------------------------------------------------------------------- memory (finding 7)
+
+
+def _batches(count: int, patches: int = 16, dim: int = 8):
+    from core.storage import EmbeddedBatch
+
+    for seed in range(count):
+        yield EmbeddedBatch(torch.rand(2, patches, dim, generator=torch.Generator().manual_seed(seed)), (4, 4), (32, 32))
+
+
+def test_buffer_over_the_memory_budget_spills_to_a_file(tmp_path, monkeypatch, caplog) -> None:
+    import tempfile
+
+    from core.storage import FeatureStore, StorageOptions
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    store = FeatureStore(StorageOptions(memory_budget_gb=1e-6), "cpu")  # 1 kB: the 4 kB buffer does not fit
+    with store.gather(_batches(4), images=8) as features:
+        assert features.info["spilled"] is True and features.shape == (128, 8)
+        spill = list(tmp_path.glob("features-*.npy"))
+        assert len(spill) == 1
+        expected = torch.cat([b.features.reshape(-1, 8) for b in _batches(4)])
+        assert torch.equal(features[0:128], expected)
+    assert not spill[0].exists()  # released with the block
+    assert "does not fit in the memory budget (0.00 GB, storage.memory_budget_gb): spilling" in caplog.text
+
+
+def test_buffer_too_large_for_memory_and_disk_stops_at_the_first_batch(tmp_path, monkeypatch) -> None:
+    import shutil
+    import tempfile
+
+    from core.storage import BufferTooLargeError, FeatureStore, StorageOptions
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10, 10, 100))
+    seen = []
+
+    def batches():
+        for batch in _batches(700):
+            seen.append(batch)
+            yield batch
+
+    store = FeatureStore(StorageOptions(memory_budget_gb=1e-6), "cpu")
+    with pytest.raises(BufferTooLargeError, match=r"needs 0\.00 GB \(22400 patches x 8 dims x 4 bytes\): more than "
+                                                  r"the memory budget .* storage\.dtype=float16.*patchcore\.embed_dim"
+                                                  r".*dataset\.train_limit"):
+        store.gather(batches(), images=1400)
+    assert len(seen) == 1 and list(tmp_path.iterdir()) == []  # stopped at once, nothing left behind

@@ -9,7 +9,7 @@
 
 from core.data.dataset import AnomalyDataset, Sample
 from core.data.images import IMAGE_EXTENSIONS, DatasetError, read_image
-from core.data.layouts import MVTecLayout
+from core.data.layouts import MVTecLayout, UnreadableFilesError
 from core.data.preprocessing import Preprocessing
 from core.data.textures import (
     TEXTURE_DEFECTS,
@@ -34,6 +34,7 @@ __all__ = [
     "Preprocessing",
     "Sample",
     "TexturesLayout",
+    "UnreadableFilesError",
     "ensure_textures",
     "generate_textures",
     "read_image",

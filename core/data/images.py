@@ -21,3 +21,28 @@ def read_image(path: Path) -> Image.Image:
             return img
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
         raise DatasetError(f"cannot read image {path}: {err}. Replace or delete the file.") from err
+
+
+def header_problem(path: Path, mask_path: Path | None = None) -> str | None:
+    """Why ``path`` (and its mask) cannot be used, from the headers alone (fast: no pixel decoding), or None.
+
+    ``verify`` checks the file's structure (PNG chunk checksums, truncation of most formats) without
+    decoding it; a file that passes may still fail to decode, which ``read_image`` then reports."""
+    try:
+        with Image.open(path) as img:
+            size = img.size
+            img.verify()
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
+        return f"cannot read image {path}: {err}"
+    if mask_path is None:
+        return None
+    try:
+        with Image.open(mask_path) as mask:
+            mask_size = mask.size
+            mask.verify()
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
+        return f"cannot read mask {mask_path}: {err}"
+    if mask_size != size:
+        return (f"mask {mask_path} is {mask_size[0]}x{mask_size[1]} but image {path} is {size[0]}x{size[1]}: "
+                "masks must have the size of their image")
+    return None

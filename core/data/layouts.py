@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from core.data.dataset import AnomalyDataset, Sample
-from core.data.images import IMAGE_EXTENSIONS, DatasetError
+from core.data.images import IMAGE_EXTENSIONS, DatasetError, header_problem
 from core.data.preprocessing import Preprocessing
 
 
@@ -44,6 +44,10 @@ def _mask_index(folder: Path) -> dict[str, Path]:
 # --------------------------------------------------------------------------- MVTec layout
 
 
+class UnreadableFilesError(DatasetError):
+    """The start-up scan found unreadable images or masks of a size other than their image's."""
+
+
 class MVTecLayout:
     """A dataset root in MVTec AD layout: <root>/<category>/{train/<good>, test/<type>, ground_truth/<type>}.
 
@@ -59,6 +63,7 @@ class MVTecLayout:
         resize: int = 256,
         image_size: int = 224,
         train_limit: int | None = None,
+        skip_unreadable: bool = False,
     ):
         if train_limit is not None and train_limit < 1:
             raise DatasetError(
@@ -72,6 +77,9 @@ class MVTecLayout:
         self.resize = resize
         self.image_size = image_size
         self.train_limit = train_limit
+        self.skip_unreadable = skip_unreadable
+        self.unreadable: dict[str, list[str]] = {}  # category -> what scan() found and skipped
+        self._skipped: set[Path] = set()
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(name={self.name!r}, root='{self.root}')"
@@ -117,7 +125,7 @@ class MVTecLayout:
     def train_samples(self, category: str, seed: int = 0) -> list[Sample]:
         """Nominal training images sorted by name; a seeded subset of `train_limit` of them if set."""
         folder = self._category_dir(category) / "train" / self.good_dirname
-        paths = _list_images(folder)
+        paths = [p for p in _list_images(folder) if p not in self._skipped]
         if not paths:
             raise DatasetError(
                 f"no training images in {folder}: put the nominal images ({', '.join(IMAGE_EXTENSIONS)}) "
@@ -135,7 +143,7 @@ class MVTecLayout:
         types = sorted(p.name for p in test_dir.iterdir() if p.is_dir()) if test_dir.is_dir() else []
         samples: list[Sample] = []
         for defect_type in types:
-            paths = _list_images(test_dir / defect_type)
+            paths = [p for p in _list_images(test_dir / defect_type) if p not in self._skipped]
             if defect_type == self.good_dirname:
                 samples += [Sample(p, 0, "good", None) for p in paths]
             elif paths:
@@ -146,6 +154,22 @@ class MVTecLayout:
                 "test/<defect_type>/ sub-folders holding images"
             )
         return samples
+
+    def scan(self, category: str, seed: int = 0) -> list[str]:
+        """Check every training and test image (and mask) of ``category`` from its header, before any work.
+
+        Unreadable files raise one ``DatasetError`` listing all of them; with ``skip_unreadable`` they are
+        left out of the samples instead, and returned (also kept in ``unreadable[category]``)."""
+        samples = [*self.train_samples(category, seed), *self.test_samples(category)]
+        found = [(s.path, problem) for s in samples if (problem := header_problem(s.path, s.mask_path))]
+        if found and not self.skip_unreadable:
+            listed = "\n  ".join(problem for _, problem in found[:20])
+            more = f"\n  ... and {len(found) - 20} more" if len(found) > 20 else ""
+            raise UnreadableFilesError(f"{len(found)} unreadable files in category {category!r}:\n  {listed}{more}\n"
+                               "Replace or delete them, or set dataset.skip_unreadable=true to skip and list them.")
+        self._skipped |= {path for path, _ in found}
+        self.unreadable[category] = [problem for _, problem in found]
+        return self.unreadable[category]
 
     def train_set(self, category: str, preprocessing: Preprocessing, seed: int = 0) -> AnomalyDataset:
         return AnomalyDataset(self.train_samples(category, seed), preprocessing)
@@ -180,6 +204,9 @@ class MVTecLayout:
         return path
 
     def _require_root(self) -> None:
+        if self.root.exists() and not self.root.is_dir():
+            raise DatasetError(f"{self.name} dataset root {self.root} is a file, not a folder: set dataset.root to "
+                               f"the folder that holds the categories.\n{self._layout_hint()}")
         if not self.root.is_dir():
             raise DatasetError(f"{self.name} dataset root {self.root} does not exist.\n{self._layout_hint()}")
 

@@ -20,7 +20,9 @@ import copy
 import hashlib
 import json
 import os
+import socket
 from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 
 # Keys (dotted; a key covers everything below it, and is matched wherever it sits: the model node repeats
@@ -32,7 +34,10 @@ from pathlib import Path
 # the scores.
 BOOKKEEPING = ("force", "logger", "progress", "num_workers", "viz", "hydra",
                "storage.spill_dir", "storage.spill_above_gb", "storage.cache_dir",
-               "memory.spill_dir", "memory.spill_above_gb", "memory.cache_dir")  # memory.*: records made before storage
+               "memory.spill_dir", "memory.spill_above_gb", "memory.cache_dir",  # memory.*: records made before storage
+               # whether the buffer spills (the same values either way); skipping unreadable files: a run that
+               # skips nothing is the same run, one that does lists them in results.json (skipped_inputs)
+               "storage.memory_budget_gb", "dataset.skip_unreadable")
 # What a run is *of* rather than how it is set up: one variant's runs differ in these (coreset.seed,
 # model.seed: wherever they sit).
 IDENTITY = ("category", "seed")
@@ -158,3 +163,70 @@ def skip_if_done(cfg, run_dir: Path) -> Path | None:
         note = "skipped: this config was already run (force=true re-runs it)"
         write_json_atomic(run_dir / SKIPPED_FILE, {"config_hash": key, "same_as": str(done), "note": note})
     return done
+
+
+# --------------------------------------------------------------------------- one run per config at a time
+
+IN_PROGRESS_DIR = Path("outputs") / ".in_progress"  # relative to the working directory, like DEFAULT_ROOTS
+
+
+def _alive(marker: dict) -> bool:
+    """Whether the process that wrote ``marker`` still runs (on another host: assumed so)."""
+    if marker.get("host") != socket.gethostname():
+        return True
+    try:
+        os.kill(int(marker["pid"]), 0)
+    except (ProcessLookupError, ValueError, KeyError, TypeError):
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+@contextmanager
+def claim_run(key: str, run_dir: Path, cwd: Path | None = None) -> Iterator[dict | None]:
+    """Mark config ``key`` as in progress for the block; yields None when claimed, else the marker of the live
+    process already running it (the caller skips: concurrent identical runs would double the work). A marker
+    left by a dead process (kill -9) is taken over; created with O_EXCL, so two starts cannot both claim."""
+    folder = (cwd or Path.cwd()) / IN_PROGRESS_DIR
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{key}.json"
+    mine = {"pid": os.getpid(), "host": socket.gethostname(), "run_dir": str(run_dir), "config_hash": key}
+    for _ in range(2):
+        try:
+            handle = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        except FileExistsError:
+            other = read_results(path) or {}
+            if other and _alive(other):
+                yield other
+                return
+            path.unlink(missing_ok=True)  # stale: its process died
+            continue
+        with os.fdopen(handle, "w") as stream:
+            json.dump(mine, stream)
+        break
+    else:  # pragma: no cover - another process took it between unlink and create
+        yield read_results(path) or mine
+        return
+    try:
+        yield None
+    finally:
+        path.unlink(missing_ok=True)
+
+
+class RunDirTaken(ValueError):
+    """The run folder holds the results of another config; the message says how to proceed."""
+
+
+def check_run_dir(cfg, run_dir: Path) -> None:
+    """Refuse a run folder whose results.json belongs to another config: it would be silently replaced
+    (with its scores.csv and saved models)."""
+    existing = read_results(run_dir / "results.json") if (run_dir / "results.json").is_file() else None
+    if not existing:
+        return
+    theirs, ours = results_hash(existing), config_hash(cfg)
+    if theirs != ours:
+        state = "complete" if existing.get("complete") else "partial"
+        raise RunDirTaken(f"{run_dir} already holds the {state} results of another config (hash {theirs}; this one "
+                          f"is {ours}): set hydra.run.dir to a new folder, or move {run_dir / 'results.json'} "
+                          "(and scores.csv, models/) aside first")

@@ -13,6 +13,7 @@ from __future__ import annotations
 import glob
 import json
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,8 +35,9 @@ from experiments.runs.evaluation import require_finite
 log = logging.getLogger("predict")
 
 
-def expand_images(spec: str | list[str]) -> list[Path]:
-    """Files, folders and globs -> a sorted, de-duplicated list of image files."""
+def expand_images(spec: str | list[str], missing: list[dict] | None = None) -> list[Path]:
+    """Files, folders and globs -> a sorted, de-duplicated list of image files; ``missing`` collects the
+    entries that name nothing (skipped.csv rows)."""
     entries = [spec] if isinstance(spec, str) else list(spec)
     found: list[Path] = []
     for entry in entries:
@@ -47,9 +49,36 @@ def expand_images(spec: str | list[str]) -> list[Path]:
         else:
             matches = sorted(Path(p) for p in glob.glob(str(path), recursive=True) if Path(p).is_file())
             if not matches:
-                log.warning("images=%s matches no file", entry)
+                reason = "no such file" if not glob.has_magic(str(path)) else "the pattern matches no file"
+                log.warning("images=%s: %s", entry, reason)
+                if missing is not None:
+                    missing.append({"path": str(entry), "reason": reason})
             found += matches
     return list(dict.fromkeys(found))
+
+
+OUTPUT_FILES = ("predictions.csv", "skipped.csv")
+
+
+class OutputFolderError(ValueError):
+    """``out`` holds an earlier prediction's files, or cannot be written."""
+
+
+def prepare_out(out: Path, overwrite: bool) -> None:
+    """Refuse an ``out`` that holds an earlier prediction's files (they would be silently replaced or mixed
+    with this run's) unless ``overwrite``; Hydra's own log file does not count."""
+    earlier = [p.name for p in out.iterdir() if p.name in OUTPUT_FILES or p.name.endswith(("_heatmap.png",
+                                                                                          "_mask.png"))] \
+        if out.is_dir() else []
+    if earlier and not overwrite:
+        raise OutputFolderError(f"out={out} already holds the results of an earlier prediction ({len(earlier)} files, "
+                              f"e.g. {sorted(earlier)[0]}): pass a new out=<folder>, or overwrite=true to replace them")
+    if earlier:
+        for name in earlier:
+            (out / name).unlink(missing_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
+    if not os.access(out, os.W_OK):
+        raise OutputFolderError(f"out={out} is not writable: choose another out=<folder>")
 
 
 def load_model(model_dir: str | Path, device: torch.device) -> PatchCore | CAE:
@@ -156,17 +185,20 @@ def _read_batch(paths: list[Path], preprocessing: Preprocessing, skipped: list[d
 
 
 def predict(model_dir: str | Path, images: str | list[str], out: str | Path, device: str = "auto",
-            batch_size: int = 8, progress: bool = True) -> list[dict]:
-    """Score every readable image; returns the rows written to ``predictions.csv``."""
+            batch_size: int = 8, progress: bool = True, overwrite: bool = False) -> list[dict]:
+    """Score every readable image; returns the rows written to ``predictions.csv``. Raises
+    ``NothingScoredError`` (after writing skipped.csv) when no image could be scored."""
+    out = Path(out)
+    prepare_out(out, overwrite)  # before the model loads: a taken folder fails in a second
     model = load_model(model_dir, resolve_device(device))
     preprocessing, threshold = _saved_settings(model, model_dir)
-    paths = expand_images(images)
+    skipped: list[dict] = []
+    paths = expand_images(images, skipped)
     if not paths:
-        raise FileNotFoundError(f"images={images} found no image files ({', '.join(IMAGE_EXTENSIONS)})")
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+        write_csv_atomic(out / "skipped.csv", ["path", "reason"], skipped)
+        raise NothingScoredError(f"images={images} found no image files ({', '.join(IMAGE_EXTENSIONS)})")
     image_threshold = threshold.get("image_threshold")
-    rows, skipped, taken = [], [], set()
+    rows, taken = [], set()
     for start in tqdm(range(0, len(paths), batch_size), desc="predict", unit="batch", disable=not progress):
         batch = _read_batch(paths[start : start + batch_size], preprocessing, skipped)
         if not batch:
@@ -183,4 +215,10 @@ def predict(model_dir: str | Path, images: str | list[str], out: str | Path, dev
     write_csv_atomic(out / "predictions.csv", ["path", "score", "decision", "heatmap", "mask"], rows)
     write_csv_atomic(out / "skipped.csv", ["path", "reason"], skipped)
     log.info("%d images scored, %d skipped; results in %s", len(rows), len(skipped), out)
+    if not rows:
+        raise NothingScoredError(f"none of the {len(paths)} images could be scored: see {out / 'skipped.csv'}")
     return rows
+
+
+class NothingScoredError(ValueError):
+    """No input image could be scored (predict.py exits non-zero); skipped.csv says why for each."""
