@@ -222,6 +222,16 @@ class _FileWriter:
         self.path.unlink(missing_ok=True)
 
 
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
 def _file_identity(value) -> list | None:
     """(size, mtime) of an existing file named by a spec value, so replaced weights change the key."""
     if isinstance(value, str) and value and os.path.isfile(os.path.expanduser(value)):
@@ -263,6 +273,20 @@ class FeatureCache:
                         self.directory, error.strerror or error)
             return False
         return True
+
+    def remove_orphans(self) -> list[Path]:
+        """Delete the temporaries (``.<key>.<pid>.tmp.npy``) of writers whose process died (a kill -9
+        mid-extraction leaves one, possibly of many MB); those of live processes are theirs to finish."""
+        removed = []
+        for path in self.directory.glob(".*.tmp.npy"):
+            pid = path.name.removesuffix(".tmp.npy").rpartition(".")[2]
+            if pid.isdigit() and not _process_alive(int(pid)):
+                path.unlink(missing_ok=True)
+                removed.append(path)
+        if removed:
+            log.info("removed %d unfinished feature-cache files of processes that died: %s", len(removed),
+                     ", ".join(p.name for p in removed))
+        return removed
 
     def key(self, identity: dict, dtype: str) -> str | None:
         """The entry name, or None when the dataset cannot be fingerprinted (then nothing is cached)."""
@@ -308,6 +332,8 @@ class FeatureStore:
         self.cache = FeatureCache(options.cache_dir) if options.cache_dir else None
         if self.cache is not None and not self.cache.usable():
             self.cache = None  # the fit still runs, only without the cache (FeatureCache.usable warned)
+        if self.cache is not None:
+            self.cache.remove_orphans()
 
     def gather(self, batches: Iterable[EmbeddedBatch], images: int | None = None,
                identity: dict | None = None) -> TrainingFeatures:

@@ -31,6 +31,7 @@ from experiments.runs.backbones import per_category_backbones
 from experiments.runs.components import build, resolve_device
 from experiments.runs.evaluation import apply_threshold, evaluate, score_rows, split_validation
 from experiments.runs.results import (
+    failure_message,
     format_table,
     git_commit,
     mean_metrics,
@@ -175,7 +176,7 @@ def run(cfg: DictConfig, run_dir: Path, tracker: NoLogger | None = None) -> dict
             results["failed"][category] = str(error)
         except Exception as error:  # keep finished categories; report the failure at the end
             log.exception("[%s] failed", category)
-            results["failed"][category] = f"{type(error).__name__}: {error}"
+            results["failed"][category] = failure_message(error)  # the traceback: in the log only
         else:
             results["categories"][category] = entry
             score_table.extend(rows)

@@ -405,3 +405,78 @@ def test_buffer_too_large_for_memory_and_disk_stops_at_the_first_batch(tmp_path,
                                                   r".*dataset\.train_limit"):
         store.gather(batches(), images=1400)
     assert len(seen) == 1 and list(tmp_path.iterdir()) == []  # stopped at once, nothing left behind
+
+
+# --------------------------------------------------------------------------- clear errors, bookkeeping (finding 6, 8)
+
+
+class _Unreadable(torch.utils.data.Dataset):
+    def __len__(self) -> int:
+        return 2
+
+    def __getitem__(self, index: int):
+        from core.data import DatasetError
+
+        raise DatasetError(f"cannot read image /data/{index}.png: truncated. Replace or delete the file.")
+
+
+def test_dataloader_worker_error_is_unwrapped_to_the_datasets_message() -> None:
+    from core.data import DatasetError
+    from experiments.runs.results import failure_message
+
+    with pytest.raises(DatasetError) as raised:
+        next(iter(DataLoader(_Unreadable(), num_workers=1)))
+    assert "Original Traceback" in str(raised.value)  # what torch hands over
+    assert failure_message(raised.value) == ("DatasetError: cannot read image /data/0.png: truncated. "
+                                             "Replace or delete the file.")
+
+
+def test_orphan_cache_temporaries_of_dead_processes_are_removed(tmp_path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    from core.storage import FeatureStore, StorageOptions
+
+    dead = int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                              text=True).stdout)
+    orphan, live = tmp_path / f".abc123.{dead}.tmp.npy", tmp_path / f".def456.{os.getpid()}.tmp.npy"
+    orphan.write_bytes(b"x" * 1000)
+    live.write_bytes(b"x")
+    FeatureStore(StorageOptions(cache_dir=str(tmp_path)), "cpu")
+    assert not orphan.exists() and live.exists()
+
+
+# --------------------------------------------------------------------------- kill -9 during fit, then resume
+
+
+def test_kill_9_during_fit_then_resume(tmp_path) -> None:
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from tests.conftest import write_tiny_category
+
+    write_tiny_category(tmp_path / "data", "alpha", size=32)
+    write_tiny_category(tmp_path / "data", "beta", n_train=120, size=64)  # slow enough to be killed in its fit
+    command = [sys.executable, str(REPO / "experiments" / "main.py"), *TINY, f"dataset.root={tmp_path / 'data'}",
+               "dataset.resize=64", "dataset.image_size=64", "category=[alpha,beta]", "num_workers=0",
+               "progress=false", "coreset.ratio=0.9", f"hydra.run.dir={tmp_path / 'run'}"]
+    results_file = tmp_path / "run" / "results.json"
+    process = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 240
+    while not results_file.exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    os.kill(process.pid, signal.SIGKILL)  # alpha is done, beta is being fitted
+    process.wait()
+    killed = json.loads(results_file.read_text())  # valid JSON: written atomically
+    assert list(killed["categories"]) == ["alpha"] and killed["complete"] is False
+    assert list((tmp_path / "outputs" / ".in_progress").iterdir())  # the dead run's marker is left behind
+    done = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    final = json.loads(results_file.read_text())
+    assert final["complete"] is True and set(final["categories"]) == {"alpha", "beta"}
+    assert final["config_hash"] == killed["config_hash"]
+    assert not list((tmp_path / "outputs" / ".in_progress").iterdir())  # taken over, then released

@@ -93,3 +93,15 @@ def format_table(categories: dict[str, dict], means: dict[str, float | None]) ->
 
 def _percent(value: float | None) -> str:
     return "-" if value is None else f"{100 * value:.1f}"
+
+
+def failure_message(error: BaseException) -> str:
+    """``Type: message`` of a failed category for results.json; an error re-raised from a DataLoader worker
+    (whose message is the worker's whole traceback) is unwrapped to the dataset's own last line. The full
+    traceback goes to the log, not here."""
+    text = str(error)
+    if text.startswith("Caught ") and "Original Traceback" in text:
+        last = next((line for line in reversed(text.strip().splitlines()) if line.strip()), text)
+        name, sep, message = last.partition(": ")
+        text = message if sep and name.rpartition(".")[2] == type(error).__name__ else last
+    return f"{type(error).__name__}: {text}"
