@@ -25,6 +25,10 @@ BUDGET_S=${GPU_CHECK_BUDGET_S:-540}
 BENCH_QUICK_ARGS=${BENCH_QUICK_ARGS:---quick}
 BENCH_FULL_ARGS=${BENCH_FULL_ARGS:---images 411}
 TORCH_FALLBACK_INDEX=${TORCH_FALLBACK_INDEX:-https://download.pytorch.org/whl/cu126}
+TORCH_FALLBACK_PINS=${TORCH_FALLBACK_PINS:-torch==2.14.1+cu126 torchvision==0.29.1+cu126}
+# make test-gpu once the main Makefile includes Makefile.gpu; until then, both files named
+MAKE_GPU=(make -s)
+grep -q '^include Makefile.gpu' Makefile || MAKE_GPU=(make -s -f Makefile -f Makefile.gpu)
 # faiss-gpu 1.15.1 (the venv's faiss-cpu version) and the CUDA 12 runtime its wheel declares
 FAISS_GPU_PINS=(faiss-gpu==1.15.1 "nvidia-cuda-runtime-cu12>=12.6,<13" "nvidia-cublas-cu12>=12.6,<13"
                 "nvidia-curand-cu12>=10.3.7,<11")
@@ -114,8 +118,9 @@ if [ ! -x "$PY" ] || [ ! -f .venv/.installed ]; then
     step install 360 make install || { cat "$SUMMARY"; exit 1; }
 fi
 if [ -z "$(torch_gpu "$PY")" ]; then  # the driver is older than torch's CUDA build
-    step torch-cu126 240 "$PY" -m pip install "torch==2.14.1+cu126" "torchvision==0.29.1+cu126" \
-        --index-url "$TORCH_FALLBACK_INDEX"  # the CUDA 12.6 build (and its nvidia-*-cu12 wheels): drivers >= 525
+    # the CUDA 12.6 build (and its nvidia-*-cu12 wheels) runs on drivers >= 525
+    # shellcheck disable=SC2086  # the pins are words
+    step torch-cu126 240 "$PY" -m pip install $TORCH_FALLBACK_PINS --index-url "$TORCH_FALLBACK_INDEX"
     if [ -z "$(torch_gpu "$PY")" ]; then
         versions > "$OUT/versions.txt" 2>&1
         echo "gpu_check: nvidia-smi lists '$gpu' but torch cannot use it (versions.txt, nvidia-smi.txt)" \
@@ -126,7 +131,7 @@ fi
 versions > "$OUT/versions.txt" 2>&1
 
 # ------------------------------------------------------------------ 3. the GPU tests, the quick bench
-step test-gpu 200 make -s test-gpu
+step test-gpu 200 "${MAKE_GPU[@]}" test-gpu
 bench() {  # bench NAME MAX_SECONDS ARGS: JSON lines (stdout) to NAME.jsonl, the table (stderr) to NAME.log
     local name=$1 limit=$2 rc
     step "$name" "$limit" bash -c "make -s bench DEVICE=cuda BENCH_ARGS='$3 --root outputs/$name' > '$OUT/$name.stdout'"
