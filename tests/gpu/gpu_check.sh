@@ -4,7 +4,7 @@
 #   bash tests/gpu/gpu_check.sh        (or: make gpu-check)
 #
 # 1. Is there a GPU? nvidia-smi, else torch if one is installed. None: one line, exit 2, nothing written.
-# 2. make install when .venv is missing. PyPI's torch==2.14.1 for Linux x86_64 is the CUDA 13.0 build
+# 2. make install when .venv is missing (first: is a registry reachable? else one line, exit 1). PyPI's torch==2.14.1 for Linux x86_64 is the CUDA 13.0 build
 #    (2.14.1+cu130, with the nvidia-*-cu13 runtime wheels: cuBLAS, cuDNN 9, NCCL); it needs an NVIDIA
 #    driver >= 580. An older driver: torch sees no GPU, and the cu126 build is tried instead.
 # 3. make test-gpu (tests/gpu), then make bench DEVICE=cuda BENCH_ARGS=--quick (40 images).
@@ -114,7 +114,22 @@ EOF
 { nvidia-smi; nvidia-smi -q; } > "$OUT/nvidia-smi.txt" 2>&1
 
 # ------------------------------------------------------------------ 2. the environment
+# pip retries a registry it cannot reach for minutes: one wheel that make install needs, within a minute
+registry_reachable() {
+    local tmp rc
+    python3 -m pip --version > /dev/null 2>&1 || return 0  # no pip outside a venv: let make install say
+    tmp=$(mktemp -d)
+    timeout 60 python3 -m pip download --quiet --no-deps --dest "$tmp" torchvision==0.29.1 > "$OUT/registry.log" 2>&1
+    rc=$?
+    rm -rf "$tmp"
+    return "$rc"
+}
 if [ ! -x "$PY" ] || [ ! -f .venv/.installed ]; then
+    if ! registry_reachable; then
+        echo "gpu_check: no .venv and no package registry reachable (registry.log): make install cannot run here" \
+            | tee -a "$SUMMARY"
+        exit 1
+    fi
     step install 360 make install || { cat "$SUMMARY"; exit 1; }
 fi
 if [ -z "$(torch_gpu "$PY")" ]; then  # the driver is older than torch's CUDA build
