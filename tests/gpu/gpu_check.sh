@@ -6,7 +6,8 @@
 # 1. Is there a GPU? nvidia-smi, else torch if one is installed. None: one line, exit 2, nothing written.
 # 2. make install when .venv is missing (a registry must answer first, else one line and exit 1).
 #    PyPI's torch==2.14.1 for Linux x86_64 is the CUDA 13.0 build (2.14.1+cu130, with the nvidia-*-cu13
-#    runtime wheels: cuBLAS, cuDNN 9, NCCL); it needs an NVIDIA driver >= 580. An older driver: torch sees no GPU, and the cu126 build is tried instead.
+#    runtime wheels: cuBLAS, cuDNN 9, NCCL); it needs an NVIDIA driver >= 580.
+#    An older driver: torch sees no GPU, and the cu126 build is tried instead.
 # 3. make test-gpu (tests/gpu), then make bench DEVICE=cuda BENCH_ARGS=--quick (40 images).
 # 4. faiss-gpu from PyPI (CUDA 12 runtime wheels) into .venv/faiss-gpu, apart from the venv's faiss-cpu,
 #    if it installs within its time; then the faiss GPU test again with it on PYTHONPATH.
