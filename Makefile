@@ -12,6 +12,7 @@ TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
 include Makefile.finetune
 include Makefile.report
 include Makefile.bench
+include Makefile.gpu
 
 install: $(STAMP)
 

@@ -132,3 +132,30 @@ def test_saved_faiss_options_fall_back_to_exact_without_faiss(monkeypatch, caplo
         options = SearchOptions.from_record({"backend": "faiss", "index": "ivf", "nlist": None, "nprobe": 4}, "m/")
     assert options.backend == "exact" and options.index == "ivf"
     assert "m/ was fitted with search.backend=faiss" in caplog.text
+
+
+def test_bound_width_follows_the_spectrum() -> None:
+    """The bound covers BOUND_VARIANCE of the variance: the default width for a concentrated spectrum, wider
+    for a spread one (the official embedding's banks), never beyond MAX_BOUND_WIDTH."""
+    concentrated = torch.cat([torch.full((20,), 10.0), torch.full((500,), 0.001)]).double()
+    assert pruned_module.bound_width_for(concentrated) == pruned_module.BOUND_WIDTH
+    flat = torch.ones(1000).double()  # 90% of the variance needs 900 axes
+    assert pruned_module.bound_width_for(flat) == pruned_module.MAX_BOUND_WIDTH
+    spread = torch.ones(100).double()  # 90 axes hold 90%: 90 + the norm column
+    assert pruned_module.bound_width_for(spread) == 91
+
+
+def test_spread_bank_gets_a_wider_bound_and_stays_exact() -> None:
+    generator = torch.Generator().manual_seed(5)
+    bank = torch.randn(5000, 160, generator=generator)  # isotropic: every axis holds the same variance
+    queries = torch.randn(300, 160, generator=generator)
+    searched = MemoryBank().build(bank)
+    from core.search.span import PrincipalAxes
+
+    width = pruned_module.bound_width_for(PrincipalAxes.of(bank).variances)  # the sample's spectrum
+    assert searched.strategy.name == "pruned" and searched.strategy.bound_width == width
+    assert 130 < width < 160  # about 0.9 * 160 axes + the norm column
+    distances, indices = searched.search(queries, k=3)
+    expected = torch.cdist(queries.double(), bank.double()).topk(3, largest=False)
+    torch.testing.assert_close(distances.double(), expected.values, rtol=1e-5, atol=1e-4)
+    assert torch.equal(indices, expected.indices)

@@ -47,7 +47,8 @@ def choose_strategy(features: torch.Tensor, options: SearchOptions) -> SearchStr
 
     - ``faiss``: as configured, over the bank's span when it has one;
     - the pruned search: on a CPU with numba, for banks of ``pruned.MIN_BANK`` rows or more whose
-      search dimension exceeds the bound's width (in the span, or all axes rotated);
+      search dimension exceeds the bound's width (in the span, or all axes rotated); the width follows
+      the bank's spectrum (``pruned.bound_width_for``);
     - the span search: a low-rank bank otherwise;
     - the reference: a (nearly) full-rank bank otherwise."""
     axes = PrincipalAxes.of(features)
@@ -56,8 +57,9 @@ def choose_strategy(features: torch.Tensor, options: SearchOptions) -> SearchStr
         return FaissSearch(options.index, options.nlist, options.nprobe).build(
             features, span or Frame.centred(features, axes.mean))
     search_dim = features.shape[1] if span is None else span.dim
-    if pruned.pays_off(len(features), search_dim, features.device):
-        return PrunedSearch().build(features, span or Frame.rotated(features, axes))
+    width = pruned.bound_width_for(axes.variances)
+    if pruned.pays_off(len(features), search_dim, features.device, width):
+        return PrunedSearch(bound_width=width).build(features, span or Frame.rotated(features, axes))
     if span is not None:
         return SpanSearch().build(features, span)
     return ReferenceSearch().build(features)

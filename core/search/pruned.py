@@ -33,8 +33,12 @@ except ImportError:  # pragma: no cover - the torch path is tested by patching n
 
 # The smallest bank worth pruning: below it the bound's product costs as much as the distances.
 MIN_BANK = 4096
-# Columns of the lower bound: principal axes plus the norm of the rest.
+# Columns of the lower bound: principal axes plus the norm of the rest. At least BOUND_WIDTH; wider when
+# those axes hold less than BOUND_VARIANCE of the bank's variance (a bound over too little of it prunes
+# almost nothing: the official embedding's full-rank banks), at most MAX_BOUND_WIDTH (docs/performance.md).
 BOUND_WIDTH = 48
+BOUND_VARIANCE = 0.9
+MAX_BOUND_WIDTH = 256
 # A query needing exact distances to more than this fraction of the bank goes to the matrix product.
 GIVE_UP = 0.02
 QUERY_BLOCK = 256  # queries per block: one Python thread's unit of work
@@ -42,10 +46,19 @@ SEED_ROWS = 2048  # the first bank rows seed each query's k best
 CHUNK_ROWS = 512  # bank rows per bound product after the seed: [512 x 256] floats stay in the L2 cache
 
 
-def pays_off(bank_rows: int, search_dim: int, device: torch.device) -> bool:
+def bound_width_for(variances: torch.Tensor) -> int:
+    """The bound's columns for a bank whose principal variances (largest first) are ``variances``: the
+    fewest axes holding ``BOUND_VARIANCE`` of the total, plus the norm column, within
+    [``BOUND_WIDTH``, ``MAX_BOUND_WIDTH``]."""
+    share = variances.clamp_min(0).cumsum(0) / variances.clamp_min(0).sum().clamp_min(1e-30)
+    axes = int((share < BOUND_VARIANCE).sum()) + 1
+    return max(BOUND_WIDTH, min(MAX_BOUND_WIDTH, axes + 1))
+
+
+def pays_off(bank_rows: int, search_dim: int, device: torch.device, bound_width: int = BOUND_WIDTH) -> bool:
     """Whether this search can run and beats the matrix product: numba, a CPU bank, enough rows, and more
     search dimensions than the bound's columns."""
-    return numba is not None and device.type == "cpu" and bank_rows >= MIN_BANK and search_dim > BOUND_WIDTH
+    return numba is not None and device.type == "cpu" and bank_rows >= MIN_BANK and search_dim > bound_width
 
 
 class PrunedSearch:

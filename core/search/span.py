@@ -37,6 +37,7 @@ class PrincipalAxes:
     mean: torch.Tensor  # [D] float32
     vectors: torch.Tensor  # [D, D] float64
     rank: int  # directions with variance above RANK_TOL of the largest
+    variances: torch.Tensor  # [D] float64, along ``vectors``' columns (largest first)
 
     @classmethod
     def of(cls, features: torch.Tensor) -> PrincipalAxes:
@@ -46,7 +47,7 @@ class PrincipalAxes:
         centred = features[sample].double() - mean.double()
         values, vectors = torch.linalg.eigh(centred.T @ centred)
         rank = int((values > values[-1].clamp_min(1e-30) * RANK_TOL).sum())
-        return cls(mean, vectors.flip(1), rank)
+        return cls(mean, vectors.flip(1), rank, values.flip(0))
 
 
 @dataclass
