@@ -26,6 +26,7 @@ from core.data import AnomalyDataset, DatasetError, MVTecLayout, UnreadableFiles
 from core.detector import Detector
 from core.io import write_json_atomic
 from core.thresholds import ThresholdRule
+from experiments.runs import settings
 from experiments.runs.anomaly_maps import MAPS_DIR, save_maps
 from experiments.runs.backbones import per_category_backbones
 from experiments.runs.components import build, resolve_device
@@ -39,7 +40,6 @@ from experiments.runs.results import (
     versions,
     write_scores_csv,
 )
-from experiments.runs import settings
 from experiments.runs.run_key import check_run_dir, claim_run, config_hash, skip_if_done
 from experiments.runs.tracking import NoLogger, make_tracker
 

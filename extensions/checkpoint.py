@@ -199,7 +199,8 @@ def _payload_problem(payload) -> str | None:
             and isinstance(base.get("kwargs", {}), dict)):
         return "base must be {'name': str, 'target': '<module>.<Class>', 'kwargs': {...}}"
     state = payload.get("state_dict")
-    if not (isinstance(state, dict) and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items())):
+    if not (isinstance(state, dict)
+            and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items())):
         return "state_dict must map parameter names to tensors"
     if not isinstance(payload.get("step", 0), int):
         return f"step={payload.get('step')!r} must be an integer"

@@ -32,7 +32,8 @@ def fitted_model(tmp_path_factory) -> Path:
     """A tiny saved PatchCore model (random resnet18 weights, 32 px): fitted once for the module."""
     extractor = TorchvisionCNN("resnet18", ["layer2"], pretrained=False)
     model = PatchCore(extractor, PatchEmbedder(embed_dim=16), progress=False)
-    model.fit(DataLoader(TensorDataset(_images(2)), batch_size=2, collate_fn=lambda rows: torch.stack([r[0] for r in rows])))
+    stack = lambda rows: torch.stack([row[0] for row in rows])  # noqa: E731 - bare image batches
+    model.fit(DataLoader(TensorDataset(_images(2)), batch_size=2, collate_fn=stack))
     return model.save(tmp_path_factory.mktemp("model") / "model")
 
 
@@ -126,7 +127,8 @@ def test_damaged_bank_gives_a_clear_message(saved, tmp_path, damage) -> None:
         torch.save({"features": torch.zeros(len(PatchCore.load(saved).bank) + 2, 16)}, bank)
     expected = {"empty": "missing or empty", "truncated": "cannot be read", "keyless": "no non-empty",
                 "pickle": "objects other than tensors", "nan": "8 rows with NaN", "size": "bank_size="}[damage]
-    with pytest.raises(ModelMismatchError, match=rf"saved model {saved} is not valid: .*{expected}.*refit it") as raised:
+    pattern = rf"saved model {saved} is not valid: .*{expected}.*refit it"
+    with pytest.raises(ModelMismatchError, match=pattern) as raised:
         PatchCore.load(saved)
     assert "weights_only" not in str(raised.value)  # never torch's advice to unpickle untrusted code
     assert not victim.exists()
@@ -337,7 +339,8 @@ def test_unreadable_test_image_and_bad_mask_found_before_the_fit(tmp_path, make_
     results = harness.run(tiny_config(make_config, tmp_path / "data", "category=all"), tmp_path / "run")
     assert fitted == ["other"]  # the category with unreadable files is never fitted
     assert re.match(r"(?s)UnreadableFilesError: 2 unreadable files in category 'widget':\n.*test/good/001\.png.*\n.*"
-                    r"002_mask\.png is 16x16 but image .* is 32x32.*dataset\.skip_unreadable", results["failed"]["widget"])
+                    r"002_mask\.png is 16x16 but image .* is 32x32.*dataset\.skip_unreadable",
+                    results["failed"]["widget"])
     assert json.loads((tmp_path / "run" / "results.json").read_text())["failed"] == results["failed"]
     with pytest.raises(DatasetError, match="2 unreadable files"):  # no usable category: fails in seconds
         harness.run(tiny_config(make_config, tmp_path / "data"), tmp_path / "run1")
@@ -364,7 +367,8 @@ def _batches(count: int, patches: int = 16, dim: int = 8):
     from core.storage import EmbeddedBatch
 
     for seed in range(count):
-        yield EmbeddedBatch(torch.rand(2, patches, dim, generator=torch.Generator().manual_seed(seed)), (4, 4), (32, 32))
+        features = torch.rand(2, patches, dim, generator=torch.Generator().manual_seed(seed))
+        yield EmbeddedBatch(features, (4, 4), (32, 32))
 
 
 def test_buffer_over_the_memory_budget_spills_to_a_file(tmp_path, monkeypatch, caplog) -> None:
