@@ -36,7 +36,8 @@ def run_installed(site: Path, cwd: Path, code: str) -> subprocess.CompletedProce
 
 
 def test_installed_copy_ships_the_configs(installed, tmp_path) -> None:
-    assert (installed / "conf" / "config.yaml").is_file() and (installed / "conf" / "model" / "patchcore.yaml").is_file()
+    assert (installed / "conf" / "config.yaml").is_file()
+    assert (installed / "conf" / "model" / "patchcore.yaml").is_file()
     code = "import experiments.main, core.data, conf; print(experiments.main.__file__); print(core.data.__file__)"
     done = run_installed(installed, tmp_path, code)
     assert done.returncode == 0, done.stderr

@@ -8,8 +8,8 @@ import torch.nn.functional as F
 
 from core.backbones import FeatureExtractor, TorchvisionCNN
 from core.coreset import GreedyCoresetSampler
-from core.features import PatchEmbedder
 from core.detector import collect_predictions
+from core.features import PatchEmbedder
 from core.patchcore import ModelMismatchError, PatchCore
 from core.search import SearchOptions
 
