@@ -205,6 +205,8 @@ class PatchCore:
             "reweight_neighbors": self.reweight_neighbors,
             "blur_sigma": self.blur_sigma,
             "distance": self.distance,
+            "image_score": self.image_score,
+            "top_percent": self.top_percent,
         }
 
     def save(self, directory: str | Path, metadata: dict | None = None) -> Path:

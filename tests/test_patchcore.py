@@ -185,3 +185,16 @@ def test_no_hidden_side_effects() -> None:
 def test_bad_distance_names_the_setting() -> None:
     with pytest.raises(ValueError, match="patchcore.distance"):
         PatchCore(PoolingExtractor(), distance="manhattan")
+
+
+def test_saved_model_keeps_its_image_score(tmp_path) -> None:
+    train = torch.rand(3, 3, 64, 64, generator=torch.Generator().manual_seed(9))
+    test = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(10))
+    model = PatchCore(TorchvisionCNN("resnet18", ["layer2"], pretrained=False), PatchEmbedder(embed_dim=32),
+                      GreedyCoresetSampler(ratio=0.5), image_score="top_percent", top_percent=10.0,
+                      distance="cosine", progress=False)
+    model.fit(loader_of(train))
+    model.save(tmp_path / "model")
+    loaded = PatchCore.load(tmp_path / "model")
+    assert (loaded.image_score, loaded.top_percent, loaded.distance) == ("top_percent", 10.0, "cosine")
+    torch.testing.assert_close(loaded.score(test)[0], model.score(test)[0])
