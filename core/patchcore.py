@@ -16,26 +16,36 @@ from __future__ import annotations
 import inspect
 import logging
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from core.backbones import FeatureExtractor, UntrustedSpecError, build_extractor
+from core.api import ImageInput, ImagePredictions, model_preprocessing, prepare_images
+from core.backbones import FeatureExtractor, UntrustedSpecError
 from core.blur import gaussian_blur
 from core.coreset import GreedyCoresetSampler, Sampler
+from core.data import Preprocessing
 from core.detector import FitReport, Predictions, collect_predictions, images_of
 from core.features import PatchEmbedder
 from core.io import write_json_atomic
-from core.saved_model import RecordError, check_model_record, read_json_object
+from core.model_files import ModelFilesError, read_bank, versions, write_folder, write_tensors
+from core.saved_model import (
+    BANK_FILE,
+    WEIGHTS_FILE,
+    load_extractor,
+    preprocessing_record,
+    read_record,
+)
 from core.search import MemoryBank, SearchOptions
 from core.storage import EmbeddedBatch, FeatureStore, StorageOptions
 
 log = logging.getLogger(__name__)
 
-MODEL_FORMAT_VERSION = 1
+# 2: safetensors files, the extractor's weights (unless spec-only), a SHA-256 manifest (format 1: bank.pt)
+MODEL_FORMAT_VERSION = 2
 DISTANCES = ("euclidean", "squared", "cosine")
 IMAGE_SCORES = ("max", "top_percent")
 # Images per backbone call on a CPU: with more, the activations no longer fit in the caches and a
@@ -102,6 +112,11 @@ class PatchCore:
         self.grid: tuple[int, int] | None = None
         self.input_size: tuple[int, int] | None = None
         self.metadata: dict = {}
+        # How images become model inputs (from the fit's dataset) and the decision thresholds (given to save):
+        # both saved in model.json, so predict_images needs nothing else.
+        self.preprocessing: Preprocessing | None = None
+        self.threshold: dict | None = None
+        self._saved_extractor_spec: dict | None = None  # a self-contained load: the spec it was saved with
 
     @property
     def mean(self) -> tuple[float, float, float]:
@@ -136,6 +151,8 @@ class PatchCore:
         """Embed the nominal images, select a coreset of their patches, build the memory bank."""
         start = time.perf_counter()
         dataset = getattr(loader, "dataset", None)
+        if isinstance(getattr(dataset, "preprocessing", None), Preprocessing):
+            self.preprocessing = dataset.preprocessing
         identity = {"extractor": self.extractor.spec(), "embedder": self.embedder.spec(), "dataset": dataset}
         # on leaving the block a spill file is deleted, even on error (a cache entry is kept)
         with self.store.gather(self._embedded_batches(loader), images=_length(dataset), identity=identity) as features:
@@ -194,12 +211,35 @@ class PatchCore:
         workers = torch.get_num_threads() if self.device.type == "cpu" else 1
         return collect_predictions(self.score, loader, self.progress, workers)
 
+    def predict_images(self, images: Sequence[ImageInput] | ImageInput, batch_size: int = 8) -> ImagePredictions:
+        """Score images as a user has them (paths, numpy arrays, PIL images; any size, grey or colour) with the
+        model's own preprocessing; maps and masks come back at each input's resolution, decisions and masks
+        when the model was saved with thresholds (``core.api.ImagePredictions`` says how)."""
+        preprocessing = model_preprocessing(self)
+        images = [images] if not isinstance(images, (list, tuple)) else list(images)
+        scores, maps, sizes = [], [], []
+        for start in tqdm(range(0, len(images), batch_size), desc="predict", disable=not self.progress, leave=False):
+            batch, batch_sizes = prepare_images(images[start : start + batch_size], self)
+            batch_scores, batch_maps = self.score(batch)
+            scores.append(batch_scores)
+            maps.append(batch_maps)
+            sizes += batch_sizes
+        if not images:
+            raise ValueError("predict_images got no images: pass a list of paths, numpy arrays or PIL images")
+        scores = torch.cat(scores)
+        bad = [i for i, finite in enumerate(torch.isfinite(scores).tolist()) if not finite]
+        if bad:  # a NaN score would read as a 'nominal' decision
+            raise ValueError(f"the image scores of inputs {bad} are NaN or infinite: the model or the inputs are "
+                             f"broken (check them, or refit the model)")
+        return ImagePredictions.from_crops(scores.numpy(), torch.cat(maps).numpy(), sizes, preprocessing,
+                                           self.threshold)
+
     # --------------------------------------------------------------- save / load
     def spec(self) -> dict:
         """Everything that determines the model besides the bank itself."""
         return {
             "format_version": MODEL_FORMAT_VERSION,
-            "extractor": self.extractor.spec(),
+            "extractor": self._saved_extractor_spec or self.extractor.spec(),
             "embedder": self.embedder.spec(),
             "num_neighbors": self.num_neighbors,
             "reweight_neighbors": self.reweight_neighbors,
@@ -209,18 +249,31 @@ class PatchCore:
             "top_percent": self.top_percent,
         }
 
-    def save(self, directory: str | Path, metadata: dict | None = None) -> Path:
-        """Write ``bank.pt`` and ``model.json`` (spec, search settings, caller's metadata, e.g. the run config)."""
+    def save(self, directory: str | Path, metadata: dict | None = None, weights: bool = True,
+             threshold: dict | None = None) -> Path:
+        """Write one folder: ``model.json`` (spec, preprocessing, thresholds, search settings, versions, the
+        caller's metadata), ``bank.safetensors``, with ``weights`` the extractor's own ``extractor.safetensors``
+        (loading then needs no weights cache; without, the weights are looked up again from the spec), and
+        ``manifest.json`` (SHA-256 of each file, checked on load). Written whole or not at all."""
         if len(self.bank) == 0:
             raise RuntimeError("nothing to save: fit the model first")
-        directory = Path(directory)
-        self.bank.save(directory / "bank.pt")
-        record = {**self.spec(), "grid": list(self.grid or []), "input_size": list(self.input_size or []),
-                  "bank_size": len(self.bank), "search": self.search.record(),
-                  "search_strategy": self.bank.strategy.name,
-                  "metadata": metadata if metadata is not None else self.metadata}
-        write_json_atomic(directory / "model.json", record)
-        return directory
+        if threshold is not None:
+            self.threshold = threshold
+        standalone = self.extractor.standalone() if weights else None  # fails before anything is written
+        record = {**self.spec(), "model": "patchcore", "grid": list(self.grid or []),
+                  "input_size": list(self.input_size or []), "bank_size": len(self.bank),
+                  "search": self.search.record(), "search_strategy": self.bank.strategy.name,
+                  "preprocessing": preprocessing_record(self.preprocessing), "threshold": self.threshold,
+                  "weights": None if standalone is None else {"file": WEIGHTS_FILE, "extractor": standalone[0]},
+                  "versions": versions(), "metadata": metadata if metadata is not None else self.metadata}
+
+        def write(folder: Path) -> None:
+            write_tensors(folder / BANK_FILE, {"features": self.bank.features.float()})
+            if standalone is not None:
+                write_tensors(folder / WEIGHTS_FILE, standalone[1])
+            write_json_atomic(folder / "model.json", record)
+
+        return write_folder(Path(directory), write)
 
     @classmethod
     def load(cls, directory: str | Path, expected_spec: dict | None = None, device: str = "cpu",
@@ -228,29 +281,41 @@ class PatchCore:
         """Rebuild a saved model; refuse it when ``expected_spec`` (see ``spec()``) differs. The bank is
         searched as when it was fitted (the saved ``search`` settings) unless ``search`` says otherwise."""
         directory = Path(directory)
-        record = _read_record(directory)
+        try:
+            record = read_record(directory, MODEL_FORMAT_VERSION, _constructor_keys(),
+                                 SearchOptions.__dataclass_fields__)
+        except ModelFilesError as error:  # modified, missing or extra files; model.json against its schema
+            raise ModelMismatchError(str(error)) from None
         if expected_spec is not None:
             _check_expected(directory, record, expected_spec)
         try:
-            extractor = build_extractor(record["extractor"])
+            extractor = load_extractor(directory, record)
         except (UntrustedSpecError, TypeError) as error:
             raise ModelMismatchError(f"saved model {directory} is not valid: its extractor cannot be built by this "
                                      f"code ({error}); refit it") from None
+        except ModelFilesError as error:  # weights missing from the file or not fitting the network
+            raise ModelMismatchError(f"saved model {directory} is not valid: {error}; refit it") from None
         try:
             search = search or SearchOptions.from_record(record.get("search", {}), where=str(directory))
             scoring = {key: record[key] for key in _constructor_keys() if key in record}  # distance, image_score...
             model = cls(extractor, PatchEmbedder.from_spec(record["embedder"]), search=search, device=device,
                         progress=progress, **scoring)
-            model.bank = MemoryBank.load(directory / "bank.pt", search, normalize=model.bank.normalize)
+            bank_file = directory / BANK_FILE
+            model.bank = MemoryBank(search, normalize=model.bank.normalize).build(read_bank(bank_file))
+            preprocessing = record.get("preprocessing") or record.get("metadata", {}).get("preprocessing")
+            model.preprocessing = Preprocessing(**preprocessing) if preprocessing else None
         except (ValueError, TypeError) as error:  # a setting out of range, an unreadable or non-finite bank
             raise ModelMismatchError(f"saved model {directory} is not valid: {error}; refit it") from None
         if len(model.bank) != record["bank_size"]:
-            raise ModelMismatchError(f"saved model {directory} is not valid: bank.pt holds {len(model.bank)} rows, "
-                                     f"model.json says bank_size={record['bank_size']}; refit it")
+            raise ModelMismatchError(f"saved model {directory} is not valid: {BANK_FILE} holds {len(model.bank)} "
+                                     f"rows, model.json says bank_size={record['bank_size']}; refit it")
         model.bank.to(model.device)
         model.grid = tuple(record["grid"]) if record.get("grid") else None
         model.input_size = tuple(record["input_size"]) if record.get("input_size") else None
         model.metadata = record.get("metadata", {})
+        model.threshold = record.get("threshold") or model.metadata.get("threshold") or None
+        if record.get("weights"):
+            model._saved_extractor_spec = record["extractor"]
         if model.input_size:
             model._check_code_matches(directory)
         return model
@@ -273,19 +338,6 @@ def _constructor_keys() -> list[str]:
     """The settings ``spec()`` records that load passes back to the constructor (the scoring settings)."""
     skip = {"self", "extractor", "embedder", "sampler", "search", "storage", "device", "progress"}
     return [name for name in inspect.signature(PatchCore.__init__).parameters if name not in skip]
-
-
-def _read_record(directory: Path) -> dict:
-    """``model.json``, checked against its schema (core/saved_model.py) before anything is built from it."""
-    spec_file, bank_file = directory / "model.json", directory / "bank.pt"
-    if not spec_file.is_file() or not bank_file.is_file():
-        raise FileNotFoundError(f"{directory} is not a saved PatchCore model (needs model.json and bank.pt)")
-    try:
-        record = read_json_object(spec_file)
-        check_model_record(record, MODEL_FORMAT_VERSION, _constructor_keys(), SearchOptions.__dataclass_fields__)
-    except RecordError as error:
-        raise ModelMismatchError(f"model {spec_file} is not valid: {error}; refit it") from None
-    return record
 
 
 def _check_expected(directory: Path, record: dict, expected_spec: dict) -> None:

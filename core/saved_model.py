@@ -1,16 +1,30 @@
-"""The schema of a saved model's ``model.json``, checked before anything is built from it.
+"""A saved PatchCore folder: its files, the schema of its ``model.json``, and rebuilding its extractor.
 
-A saved model may come from anywhere (a colleague, a download, a tampered copy), so every key is
-checked for its type and range before the extractor is resolved or a tensor is read: a file that
-does not fit says *what* is wrong, not a traceback from deep inside the constructor. The extractor
-target itself is checked by ``core.backbones.build_extractor`` (FeatureExtractor classes only).
+A saved model may come from anywhere (a colleague, a download, a tampered copy), so its files are first
+checked against the folder's SHA-256 manifest (``core.model_files``), then every key of ``model.json``
+for its type and range before the extractor is resolved or a tensor is read: a file that does not fit
+says *what* is wrong, not a traceback from deep inside the constructor. The extractor target itself is
+checked by ``core.backbones.build_extractor`` (FeatureExtractor classes only).
+
+Two forms (``model.json``'s ``weights``): self-contained (``extractor.safetensors`` holds the extractor's
+weights; the network is built with random weights and no lookup, then loaded, so an empty weights cache
+is fine) and spec-only (``weights: null``; the extractor is rebuilt from its spec and its weights
+source, the torch or Hugging Face cache or a file, as when it was fitted).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import logging
 from collections.abc import Callable, Iterable
+from contextlib import contextmanager
 from pathlib import Path
+
+from core.model_files import ModelFilesError, read_tensors, verify_manifest
+
+BANK_FILE = "bank.safetensors"
+WEIGHTS_FILE = "extractor.safetensors"
 
 
 class RecordError(ValueError):
@@ -47,6 +61,11 @@ def _spec(value) -> bool:
             and isinstance(value.get("kwargs", {}), dict))
 
 
+def _weights(value) -> bool:  # null (spec-only) or {"file": a plain file name, "extractor": a spec}
+    return value is None or (isinstance(value, dict) and set(value) == {"file", "extractor"}
+                             and value["file"] == WEIGHTS_FILE and _spec(value["extractor"]))
+
+
 def _embedder(value) -> bool:
     return (isinstance(value, dict) and (value.get("embed_dim") is None or (_int(value["embed_dim"])
             and value["embed_dim"] > 0)) and _int(value.get("patch_size")) and value["patch_size"] > 0
@@ -70,6 +89,13 @@ MODEL_SCHEMA: dict[str, tuple[bool, Callable[[object], bool], str]] = {
     "search_strategy": (False, lambda v: isinstance(v, str), "a string"),
     "metadata": (False, lambda v: isinstance(v, dict), "an object"),
     "model": (False, lambda v: v == "patchcore", "\"patchcore\" (another kind is loaded by its own class)"),
+    "weights": (True, _weights, f"null (spec-only) or {{\"file\": \"{WEIGHTS_FILE}\", \"extractor\": a spec}}"),
+    "preprocessing": (False, lambda v: v is None or isinstance(v, dict), "null or an object (resize, image_size, "
+                      "mean, std, interpolation)"),
+    "threshold": (False, lambda v: v is None or (isinstance(v, dict) and all(
+        v.get(key) is None or _number(v[key]) for key in ("image_threshold", "pixel_threshold", "min_defect_area"))),
+        "null or an object whose image_threshold, pixel_threshold and min_defect_area are numbers or null"),
+    "versions": (False, lambda v: isinstance(v, dict), "an object"),
 }
 
 
@@ -91,3 +117,89 @@ def check_model_record(record: dict, version: int, constructor_keys: Iterable[st
     unknown_search = sorted(set(record.get("search", {})) - set(search_keys))
     if unknown_search:
         raise RecordError(f"unknown search settings {unknown_search} (known: {sorted(search_keys)})")
+
+
+class SpecOnlyWeightsError(FileNotFoundError):
+    """A spec-only saved model whose extractor weights cannot be found; the message says how to provide them."""
+
+
+def read_record(directory: Path, version: int, constructor_keys: Iterable[str], search_keys: Iterable[str]) -> dict:
+    """``model.json`` of a saved folder, after the manifest check, checked against its schema. Raises
+    ``FileNotFoundError`` for a folder that is no saved model, ``ModelFilesError`` (naming the file) otherwise."""
+    directory = Path(directory)
+    spec_file = directory / "model.json"
+    if not spec_file.is_file():
+        raise FileNotFoundError(f"{directory} is not a saved PatchCore model (it has no model.json): pass the "
+                                f"models/<category>/ folder of a run with save_model=true")
+    if (directory / "bank.pt").is_file():
+        raise ModelFilesError(f"saved model {directory} was written by an earlier version of this code (format 1: "
+                              f"bank.pt, no manifest), which this version does not read; refit it (save_model=true)")
+    try:
+        verify_manifest(directory)
+    except ModelFilesError as error:
+        raise ModelFilesError(f"saved model {directory} is not valid: {error}") from None
+    try:
+        record = read_json_object(spec_file)
+        check_model_record(record, version, constructor_keys, search_keys)
+    except RecordError as error:
+        raise ModelFilesError(f"model {spec_file} is not valid: {error}; refit it") from None
+    return record
+
+
+def preprocessing_record(preprocessing) -> dict | None:
+    """The ``Preprocessing`` a model was fitted with, as JSON (None when the fit's dataset recorded none)."""
+    return None if preprocessing is None else json.loads(json.dumps(dataclasses.asdict(preprocessing)))
+
+
+def load_extractor(directory: Path, record: dict):
+    """The saved model's extractor: self-contained, built without any weights lookup and loaded from
+    ``extractor.safetensors`` (strictly); spec-only, rebuilt from the spec and its weights source.
+    Raises ``UntrustedSpecError``/``TypeError`` (not buildable), ``ModelFilesError`` (weights that do not
+    fit) or ``SpecOnlyWeightsError`` (a spec-only model's weights are missing)."""
+    from core.backbones import WeightsNotFoundError, build_extractor
+    from core.backbones.build import checked_spec
+
+    checked_spec(record["extractor"])  # the spec the model names must be a trusted one, even when not built
+    weights = record["weights"]
+    if weights is None:
+        try:
+            return build_extractor(record["extractor"])
+        except (WeightsNotFoundError, FileNotFoundError) as error:  # a missing file, cache entry, checkpoint
+            raise SpecOnlyWeightsError(
+                f"saved model {directory} is spec-only (saved with save_model=spec_only: no weights inside), and "
+                f"its extractor's weights were not found: {error} Alternatively save the model with "
+                f"save_model=true, which puts the weights into the folder") from None
+    with _quiet_random_weights():
+        extractor = build_extractor(weights["extractor"])
+    state = read_tensors(directory / weights["file"], "extractor weights")
+    try:
+        extractor.load_state_dict(state, strict=True)
+    except RuntimeError as error:
+        raise ModelFilesError(f"extractor weights {directory / weights['file']} do not fit the network "
+                              f"{weights['extractor']['target']} ({str(error).splitlines()[0]})") from None
+    extractor.eval()
+    preprocessing = record.get("preprocessing") or {}
+    if preprocessing.get("interpolation"):  # e.g. open_clip: the tag's, not the first listed tag's
+        extractor.interpolation = preprocessing["interpolation"]
+    extractor.name = record["extractor"].get("kwargs", {}).get("name") or extractor.name
+    return extractor
+
+
+class _RandomWeightsNotice(logging.Filter):
+    """The 'random weights: only to try the pipeline' warning is wrong here: the weights are loaded next."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "random weights" not in record.getMessage()
+
+
+@contextmanager
+def _quiet_random_weights():
+    notice = _RandomWeightsNotice()
+    loggers = [logging.getLogger(name) for name in ("core.backbones.openclip", "core.backbones.timm")]
+    for logger in loggers:
+        logger.addFilter(notice)
+    try:
+        yield
+    finally:
+        for logger in loggers:
+            logger.removeFilter(notice)

@@ -52,6 +52,9 @@ class Harness:
     def __init__(self, cfg: DictConfig, run_dir: Path) -> None:
         self.cfg, self.run_dir = cfg, run_dir
         settings.check(cfg)  # every numeric setting, by name, at once
+        if cfg.save_model not in (True, False, "spec_only"):
+            raise ValueError(f"save_model={cfg.save_model!r}: choose true (the model with its extractor's weights), "
+                             "spec_only (without them: they are looked up again on load) or false")
         settings.check_writable(run_dir, "the run folder (hydra.run.dir)")
         build(cfg.coreset)  # rejects a bad coreset.ratio (and the other settings below) before any work
         build(cfg.search)
@@ -135,10 +138,13 @@ class Harness:
         if n_maps > 0:  # a few anomaly maps for W&B and the report (format: experiments/runs/anomaly_maps.py)
             save_maps(self.run_dir / MAPS_DIR / category, predictions, test_loader.dataset, preprocessing, n_maps,
                       threshold)
-        if cfg.save_model:
+        if cfg.save_model:  # true: self-contained (weights inside); spec_only: the weights are looked up on load
+            options = ({"weights": cfg.save_model != "spec_only", "threshold": threshold} if self.uses_extractor
+                       else {})
             saved = model.save(self.run_dir / "models" / category,
                                metadata={"category": category, "preprocessing": preprocessing.__dict__,
-                                         "threshold": threshold, "config": OmegaConf.to_container(cfg, resolve=True)})
+                                         "threshold": threshold, "config": OmegaConf.to_container(cfg, resolve=True)},
+                               **options)
             log.info("[%s] model saved to %s", category, saved)
         entry = {**metrics, "n_train": fit.n_images, "n_test": len(predictions.image_scores),
                  "bank_size": fit.bank_size, "pixel_metrics_note": note,

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from core.model_files import write_manifest
 from core.patchcore import ModelMismatchError
 from experiments.main import run
 from experiments.runs.scoring import predict
@@ -97,10 +98,12 @@ def test_predict_refuses_a_mismatched_model(saved_model, tmp_path) -> None:
     record = json.loads((saved_model / "model.json").read_text())
     record["embedder"]["embed_dim"] = 32  # the bank holds 64-d features
     (saved_model / "model.json").write_text(json.dumps(record))
+    write_manifest(saved_model)  # edited on purpose: re-sealed, so the checks behind the manifest are reached
     with pytest.raises(ModelMismatchError, match="does not match this code"):
         predict(saved_model, str(tmp_path / "data" / "widget" / "test" / "good"), tmp_path / "preds")
     record["extractor"]["kwargs"]["depth"] = 3  # an argument this code does not know
     (saved_model / "model.json").write_text(json.dumps(record))
+    write_manifest(saved_model)
     with pytest.raises(ModelMismatchError, match="cannot be built by this code"):
         predict(saved_model, str(tmp_path / "data" / "widget" / "test" / "good"), tmp_path / "preds")
 

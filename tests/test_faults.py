@@ -15,6 +15,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from core.backbones import TorchvisionCNN
 from core.features import PatchEmbedder
+from core.model_files import write_manifest
 from core.patchcore import ModelMismatchError, PatchCore
 
 REPO = Path(__file__).resolve().parents[1]
@@ -44,9 +45,12 @@ def saved(fitted_model, tmp_path) -> Path:
 
 
 def _edit_record(model_dir: Path, **changes) -> None:
+    """Change model.json on purpose and re-seal the manifest, so the checks behind the manifest are reached
+    (an edit without re-sealing is refused by the manifest: tests/test_self_contained.py)."""
     record = json.loads((model_dir / "model.json").read_text())
     record.update(changes)
     (model_dir / "model.json").write_text(json.dumps(record))
+    write_manifest(model_dir)
 
 
 def test_saved_model_round_trip_still_loads(saved) -> None:
@@ -81,7 +85,7 @@ def test_file_writing_checkpoint_base_is_refused_and_writes_nothing(tmp_path) ->
 
 @pytest.mark.parametrize(("change", "what"), [
     ({"format_version": "1"}, r"format_version='1' must be an integer"),
-    ({"format_version": 99}, r"format_version=99 but this code reads version 1"),
+    ({"format_version": 99}, r"format_version=99 but this code reads version 2"),
     ({"num_neighbors": "three"}, r"num_neighbors='three' must be an integer >= 1"),
     ({"blur_sigma": -1}, r"blur_sigma=-1 must be a number >= 0"),
     ({"grid": [4]}, r"grid=\[4\] must be"),
@@ -99,34 +103,46 @@ def test_missing_key_and_invalid_json_name_the_file(saved) -> None:
     record = json.loads((saved / "model.json").read_text())
     del record["embedder"]
     (saved / "model.json").write_text(json.dumps(record))
+    write_manifest(saved)
     with pytest.raises(ModelMismatchError, match=r"model\.json is not valid: the key 'embedder' is missing; refit"):
         PatchCore.load(saved)
     (saved / "model.json").write_text("{not json")
+    write_manifest(saved)
     with pytest.raises(ModelMismatchError, match=rf"{saved / 'model.json'} is not valid JSON"):
         PatchCore.load(saved)
 
 
 @pytest.mark.parametrize("damage", ["empty", "truncated", "keyless", "pickle", "nan", "size"])
-def test_damaged_bank_gives_a_clear_message(saved, tmp_path, damage) -> None:
-    bank = saved / "bank.pt"
+@pytest.mark.parametrize("resealed", [False, True])
+def test_damaged_bank_gives_a_clear_message(saved, tmp_path, damage, resealed) -> None:
+    """Refused by the manifest; and, with the manifest re-sealed over the damage, by the bank's own checks."""
+    from safetensors.torch import save_file
+
+    bank = saved / "bank.safetensors"
     victim = tmp_path / "ran.txt"
+    rows = len(PatchCore.load(saved).bank)
     if damage == "empty":
         bank.write_bytes(b"")
     elif damage == "truncated":
         bank.write_bytes(bank.read_bytes()[:200])
     elif damage == "keyless":
-        torch.save({"rows": torch.zeros(3, 16)}, bank)
+        save_file({"rows": torch.zeros(3, 16)}, bank)
     elif damage == "pickle":
         class Payload:
             def __reduce__(self):
                 return (Path.write_text, (victim, "x"))
         bank.write_bytes(pickle.dumps({"features": Payload()}))
     elif damage == "nan":
-        torch.save({"features": torch.full((8, 16), float("nan"))}, bank)
+        save_file({"features": torch.full((8, 16), float("nan"))}, bank)
     else:
-        torch.save({"features": torch.zeros(len(PatchCore.load(saved).bank) + 2, 16)}, bank)
-    expected = {"empty": "missing or empty", "truncated": "cannot be read", "keyless": "no non-empty",
-                "pickle": "objects other than tensors", "nan": "8 rows with NaN", "size": "bank_size="}[damage]
+        save_file({"features": torch.zeros(rows + 2, 16)}, bank)
+    if resealed:
+        write_manifest(saved)
+        expected = {"empty": "missing or empty", "truncated": "cannot be read", "keyless": "no non-empty",
+                    "pickle": "cannot be read as a safetensors file.*no code in it was run", "nan": "8 rows with NaN",
+                    "size": "bank_size="}[damage]
+    else:
+        expected = r"bank\.safetensors was modified after the model was saved .*re-copy the whole folder"
     pattern = rf"saved model {saved} is not valid: .*{expected}.*refit it"
     with pytest.raises(ModelMismatchError, match=pattern) as raised:
         PatchCore.load(saved)

@@ -44,6 +44,28 @@ class FeatureExtractor(nn.Module):
     def forward(self, images: torch.Tensor) -> list[torch.Tensor]:  # pragma: no cover - interface
         raise NotImplementedError
 
+    def weightless_kwargs(self) -> dict | None:
+        """Overrides of ``spec()["kwargs"]`` that build the same network with random weights and without
+        looking any up (no file, cache or download); None: this class cannot (then ``standalone`` tries a
+        wrapped extractor). Each family overrides it."""
+        return None
+
+    def standalone(self) -> tuple[dict, dict[str, torch.Tensor]]:
+        """``(spec, state_dict)``: a spec that ``build_extractor`` turns into this network without looking up
+        any weights, and the weights that load into it strictly, giving the same features. A self-contained
+        saved model stores both. A wrapper (one extractor inside, whose forward is the wrapped one's, as a
+        fine-tuned backbone) gives its wrapped extractor's."""
+        overrides = self.weightless_kwargs()
+        if overrides is not None:
+            spec = self.spec()
+            spec["kwargs"] = {**spec["kwargs"], **overrides}
+            return spec, self.state_dict()
+        inner = [child for child in self.children() if isinstance(child, FeatureExtractor)]
+        if len(inner) == 1:
+            return inner[0].standalone()
+        raise NotImplementedError(f"{type(self).__name__} cannot rebuild its network without its weights source: "
+                                  f"save the model with save_model=spec_only")
+
     def for_inference(self) -> FeatureExtractor:
         """A copy for scoring only, never for training: BatchNorm folded into the convolution before it and
         weights in channels-last layout, which oneDNN runs faster on a CPU. Same outputs to float

@@ -37,12 +37,10 @@ def extractor_class(target: object) -> type[FeatureExtractor]:
     return candidate
 
 
-def build_extractor(spec: Mapping, overrides: Mapping | None = None) -> FeatureExtractor:
-    """Build ``spec`` (``{"target", "kwargs"}``), with ``overrides`` replacing those of its kwargs it has.
-
-    Raises ``UntrustedSpecError`` naming the target when it is not a trusted extractor class or the
-    kwargs do not fit its constructor; the class is instantiated only after both checks.
-    """
+def checked_spec(spec: Mapping, overrides: Mapping | None = None) -> tuple[type[FeatureExtractor], dict]:
+    """``(class, kwargs)`` of ``spec`` (``{"target", "kwargs"}``, ``overrides`` replacing those of its kwargs
+    it has), nothing called: ``UntrustedSpecError`` naming the target when it is not a trusted extractor
+    class or the kwargs do not fit its constructor."""
     if not isinstance(spec, Mapping) or not isinstance(spec.get("kwargs", {}), Mapping):
         raise UntrustedSpecError(
             f"refusing to build {spec!r}: an extractor spec is {{'target': ..., 'kwargs': {{...}}}}"
@@ -57,4 +55,11 @@ def build_extractor(spec: Mapping, overrides: Mapping | None = None) -> FeatureE
         inspect.signature(cls).bind(**kwargs)
     except TypeError as error:
         raise UntrustedSpecError(f"refusing to build {target!r} with kwargs {sorted(kwargs)}: {error}") from error
+    return cls, kwargs
+
+
+def build_extractor(spec: Mapping, overrides: Mapping | None = None) -> FeatureExtractor:
+    """Build ``spec`` (``{"target", "kwargs"}``), with ``overrides`` replacing those of its kwargs it has;
+    the class is instantiated only after ``checked_spec``'s checks."""
+    cls, kwargs = checked_spec(spec, overrides)
     return cls(**kwargs)

@@ -49,6 +49,9 @@ class EfficientNetLite(FeatureExtractor):
         self.stem = nn.Sequential(model._conv_stem, model._bn0, model._swish)
         self.blocks = nn.ModuleList(model._blocks[: self.block_indices[-1] + 1])  # deeper blocks dropped
 
+    def weightless_kwargs(self) -> dict:
+        return {"pretrained": False, "weights_path": None}
+
     @staticmethod
     def _block_index(layer: str, count: int) -> int:
         match = re.fullmatch(r"blocks\.(\d+)", layer)

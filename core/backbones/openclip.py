@@ -93,6 +93,10 @@ class OpenClipVisual(FeatureExtractor):
             log.warning("open_clip %s with random weights (backbone.pretrained=null): only to try the pipeline, "
                         "its anomaly scores mean nothing", model)
 
+    def weightless_kwargs(self) -> dict:
+        # mean/std explicit: without a tag they would come from the first listed tag's config
+        return {"pretrained": None, "mean": list(self.mean), "std": list(self.std)}
+
     # -- construction steps
 
     def _set_preprocessing(self, model: str, tag: str | None, tags: list[str], mean, std) -> None:

@@ -71,6 +71,9 @@ class TimmExtractor(FeatureExtractor):
             log.warning("timm %s with random weights (backbone.pretrained=null): only to try the pipeline, "
                         "its anomaly scores mean nothing", model)
 
+    def weightless_kwargs(self) -> dict:
+        return {"pretrained": None}
+
     def _set_preprocessing(self, config) -> None:
         """mean/std/interpolation as the weights were trained with."""
         if config is not None:

@@ -50,6 +50,9 @@ class TorchvisionCNN(FeatureExtractor):
             raise ValueError(f"backbone.layers: {unknown} not in {arch}; its stages are {top_level}")
         self.body = create_feature_extractor(model, return_nodes={layer: layer for layer in self.layers})
 
+    def weightless_kwargs(self) -> dict:
+        return {"pretrained": False, "weights_path": None}
+
     def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
         outputs = self.body(images)
         return [outputs[layer] for layer in self.layers]

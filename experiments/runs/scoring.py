@@ -14,15 +14,14 @@ import glob
 import json
 import logging
 import os
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 from tqdm.auto import tqdm
 
+from core.api import CropGeometry, resize_map
 from core.cae import CAE
 from core.data import IMAGE_EXTENSIONS, DatasetError, Preprocessing, read_image
 from core.io import atomic_write, write_csv_atomic
@@ -96,43 +95,12 @@ def load_model(model_dir: str | Path, device: torch.device) -> PatchCore | CAE:
     return PatchCore.load(model_dir, device=str(device), progress=False)
 
 
-@dataclass
-class CropGeometry:
-    """Where the centre crop of the resized image lies, to paste maps back at the original size."""
-
-    resized: tuple[int, int]
-    top: int
-    left: int
-
-    @classmethod
-    def of(cls, height: int, width: int, preprocessing: Preprocessing) -> CropGeometry:
-        # torchvision's Resize(int): the shorter side becomes `resize`, the longer one is floored.
-        short, long = sorted((height, width))
-        new_short, new_long = preprocessing.resize, int(preprocessing.resize * long / short)
-        resized = (new_short, new_long) if height <= width else (new_long, new_short)
-        size = preprocessing.image_size
-        return cls(resized, int(round((resized[0] - size) / 2.0)), int(round((resized[1] - size) / 2.0)))
-
-    def uncrop(self, crop_map: np.ndarray) -> np.ndarray:
-        """The crop's map on the resized canvas; unscored border = 0."""
-        canvas = np.zeros(self.resized, dtype=np.float32)
-        size = crop_map.shape[0]
-        canvas[self.top : self.top + size, self.left : self.left + size] = crop_map
-        return canvas
-
-
-def _resize(array: np.ndarray, size: tuple[int, int], mode: str) -> np.ndarray:
-    tensor = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))[None, None]
-    kwargs = {"align_corners": False} if mode == "bilinear" else {}
-    return F.interpolate(tensor, size=size, mode=mode, **kwargs)[0, 0].numpy()
-
-
 def write_outputs(out: Path, name: str, original: Image.Image, crop_map: np.ndarray, geometry: CropGeometry,
                   threshold: dict) -> tuple[str, str]:
     """Heatmap overlay and (with a pixel threshold) binary mask, both at the original resolution."""
     height, width = original.height, original.width
     canvas = geometry.uncrop(crop_map)
-    full_map = _resize(canvas, (height, width), "bilinear")
+    full_map = resize_map(canvas, (height, width), "bilinear")
     pixel_threshold = threshold.get("pixel_threshold")
     vmax = 2.0 * pixel_threshold if pixel_threshold else max(float(full_map.max()), 1e-12)
     heat = colorize(full_map, 0.0, vmax, "jet")
@@ -143,7 +111,7 @@ def write_outputs(out: Path, name: str, original: Image.Image, crop_map: np.ndar
     if pixel_threshold is None:
         return heat_file, ""
     defect = segment(canvas, pixel_threshold, int(threshold.get("min_defect_area") or 0))
-    full_mask = _resize(defect.astype(np.float32), (height, width), "nearest") > 0.5
+    full_mask = resize_map(defect.astype(np.float32), (height, width), "nearest") > 0.5
     mask_image = Image.fromarray(full_mask.astype(np.uint8) * 255)
     mask_file = f"{name}_mask.png"
     atomic_write(out / mask_file, lambda tmp: mask_image.save(tmp, format="PNG"))
@@ -160,15 +128,19 @@ def _unique_name(path: Path, taken: set[str]) -> str:
 
 
 def _saved_settings(model, model_dir: str | Path) -> tuple[Preprocessing, dict]:
-    """The preprocessing and threshold record the model was saved with."""
+    """The preprocessing and threshold record the model was saved with (a PatchCore model holds them; the
+    CAE's are in its metadata)."""
     metadata = getattr(model, "metadata", {})
-    if "preprocessing" not in metadata:
+    preprocessing = getattr(model, "preprocessing", None) or metadata.get("preprocessing")
+    if preprocessing is None:
         raise ModelMismatchError(f"{model_dir}/model.json has no preprocessing record: refit with this version")
-    threshold = metadata.get("threshold") or {}
+    threshold = getattr(model, "threshold", None) or metadata.get("threshold") or {}
     if not threshold:
         log.warning("the model was saved without a threshold: scores and heatmaps only, no decisions or masks "
                     "(fit with threshold=nominal_sigma or another rule to get them)")
-    return Preprocessing(**metadata["preprocessing"]), threshold
+    if not isinstance(preprocessing, Preprocessing):
+        preprocessing = Preprocessing(**preprocessing)
+    return preprocessing, threshold
 
 
 def _read_batch(paths: list[Path], preprocessing: Preprocessing, skipped: list[dict]) -> list[tuple]:

@@ -1,0 +1,154 @@
+"""The files of a saved model: tensors as safetensors (no pickle: reading one runs no code) and a SHA-256
+manifest, so a folder that was modified, half-copied or mixed with another model's files is refused by
+name before anything is built from it.
+
+A folder is written whole or not at all (``write_folder``: into a temporary sibling, then renamed into
+place), so an interrupted save never leaves a half-new model next to the old one's files.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import tempfile
+from collections.abc import Callable
+from importlib import metadata as package_metadata
+from pathlib import Path
+
+import torch
+
+from core.io import atomic_write, file_sha256, write_json_atomic
+
+MANIFEST = "manifest.json"
+_REFIT = "re-copy the whole folder from where it was saved, or refit it"
+
+
+class ModelFilesError(ValueError):
+    """A saved model's files do not match its manifest (or cannot be read); the message names the file."""
+
+
+def versions() -> dict[str, str]:
+    """The versions a model was saved with (recorded in ``model.json``; not checked on load)."""
+    found = {"python": platform.python_version(), "torch": torch.__version__}
+    for package in ("torchvision", "safetensors", "patchcore-suite"):
+        try:
+            found[package] = package_metadata.version(package)
+        except package_metadata.PackageNotFoundError:
+            found[package] = "not installed"
+    return found
+
+
+# --------------------------------------------------------------------------- tensors
+
+
+def write_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> Path:
+    """``tensors`` as a safetensors file, atomically. Copies break shared storage (tied weights), which
+    safetensors refuses; a strict ``load_state_dict`` fills both names again."""
+    from safetensors.torch import save_file
+
+    plain = {name: tensor.detach().cpu().contiguous().clone() for name, tensor in tensors.items()}
+    return atomic_write(path, lambda tmp: save_file(plain, str(tmp)))
+
+
+def read_tensors(path: Path, what: str) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file; ``ModelFilesError`` naming ``path`` when it is missing or not one."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not path.is_file() or path.stat().st_size == 0:
+        raise ModelFilesError(f"{what} {path} is missing or empty")
+    try:
+        return load_file(str(path), device="cpu")
+    except Exception as error:  # safetensors raises several types for truncated or foreign files
+        first_line = str(error).splitlines()[0] if str(error) else "truncated?"
+        raise ModelFilesError(f"{what} {path} cannot be read as a safetensors file ({type(error).__name__}: "
+                              f"{first_line}); no code in it was run") from None
+
+
+def read_bank(path: Path) -> torch.Tensor:
+    """A saved bank's ``features``: a finite, non-empty [M, D] float tensor, or ``ModelFilesError``."""
+    features = read_tensors(path, "memory bank").get("features")
+    if not isinstance(features, torch.Tensor) or features.ndim != 2 or len(features) == 0 \
+            or not features.is_floating_point():
+        raise ModelFilesError(f"memory bank {path} holds no non-empty [M, D] float tensor under 'features'")
+    if not bool(torch.isfinite(features).all()):
+        bad = int((~torch.isfinite(features)).any(dim=1).sum())
+        raise ModelFilesError(f"memory bank {path} has {bad} rows with NaN or infinite values")
+    return features
+
+
+# --------------------------------------------------------------------------- manifest
+
+
+def write_manifest(directory: Path) -> Path:
+    """``manifest.json``: the SHA-256 of every other file in ``directory`` (a saved model's folder)."""
+    directory = Path(directory)
+    files = {path.name: file_sha256(path) for path in sorted(directory.iterdir()) if path.name != MANIFEST}
+    return write_json_atomic(directory / MANIFEST, {"algorithm": "sha256", "files": files})
+
+
+def verify_manifest(directory: Path) -> None:
+    """Refuse a folder whose files are not exactly those of its manifest, with the same SHA-256: the
+    message names the first file that is missing, modified or not part of the model, and the fix."""
+    directory = Path(directory)
+    manifest_file = directory / MANIFEST
+    if not manifest_file.is_file():
+        raise ModelFilesError(f"{directory} has no {MANIFEST}: it is not a complete saved model (an interrupted "
+                              f"copy?); {_REFIT}")
+    try:
+        manifest = json.loads(manifest_file.read_text())
+        files = manifest["files"]
+        valid = manifest.get("algorithm") == "sha256" and isinstance(files, dict) and files and all(
+            isinstance(name, str) and isinstance(digest, str) and name == Path(name).name
+            and name not in ("", ".", "..") for name, digest in files.items())
+    except (ValueError, TypeError, KeyError, UnicodeDecodeError):
+        valid = False
+    if not valid:
+        raise ModelFilesError(f"{manifest_file} is not a valid manifest (an object {{\"algorithm\": \"sha256\", "
+                              f"\"files\": {{name: digest}}}}); {_REFIT}")
+    present = {path.name for path in directory.iterdir()} - {MANIFEST}
+    for name in sorted(set(files) - present):
+        raise ModelFilesError(f"{directory / name} is missing (it is listed in {MANIFEST}); {_REFIT}")
+    for name in sorted(present - set(files)):
+        raise ModelFilesError(f"{directory / name} is not part of the saved model (not listed in {MANIFEST}): "
+                              f"remove it, or {_REFIT}")
+    for name, expected in sorted(files.items()):
+        digest = file_sha256(directory / name)
+        if digest != expected:
+            raise ModelFilesError(f"{directory / name} was modified after the model was saved (SHA-256 "
+                                  f"{digest[:12]}..., the manifest says {expected[:12]}...); {_REFIT}")
+
+
+# --------------------------------------------------------------------------- the folder, whole or not at all
+
+
+def write_folder(directory: Path, write: Callable[[Path], None]) -> Path:
+    """Call ``write(tmp_folder)``, add the manifest, then move the folder to ``directory``, replacing an
+    earlier one only once the new one is complete (an interrupted save leaves the old folder, or none)."""
+    directory = Path(directory)
+    if directory.exists() and not (directory.is_dir() and (not any(directory.iterdir())
+                                                           or (directory / "model.json").is_file())):
+        raise ModelFilesError(f"{directory} exists and is not a saved model (no model.json): saving there would "
+                              f"replace its files; choose another folder")
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", suffix=".tmp", dir=directory.parent))
+    old = directory.parent / f".{directory.name}.{os.getpid()}.old"
+    try:
+        write(tmp)
+        write_manifest(tmp)
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes the folder private; a saved model reads like any folder
+        if directory.exists():
+            os.replace(directory, old)
+        os.replace(tmp, directory)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)
+    return directory
+
+
+def _umask() -> int:
+    current = os.umask(0)
+    os.umask(current)
+    return current
