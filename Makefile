@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 # recent pair works: `make install TORCH_PINS="torch torchvision"`.
 TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: install test demo lint clean
+.PHONY: install test demo lint clean export
 
 include Makefile.finetune
 include Makefile.report
@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet $(TORCH_PINS)
-	$(PY) -m pip install --quiet -e '.[dev]'
+	$(PY) -m pip install --quiet -e '.[dev,export]'
 	touch $(STAMP)
 
 test: $(STAMP)
@@ -28,6 +28,11 @@ test: $(STAMP)
 
 demo: $(STAMP)
 	$(PY) experiments/main.py backbone=effnet_lite0 dataset=textures category=all
+
+# make export MODEL_DIR=outputs/.../models/bottle FORMAT=onnx|openvino|torchscript OUT=exports/bottle
+FORMAT ?= onnx
+export: $(STAMP)
+	$(PY) experiments/export.py model_dir=$(MODEL_DIR) format=$(FORMAT) out=$(OUT) $(EXPORT_ARGS)
 
 lint: $(STAMP)
 	$(PY) -m ruff check core extensions experiments tests
