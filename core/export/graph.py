@@ -1,0 +1,267 @@
+"""``ExportablePatchCore``: a fitted PatchCore as one traceable ``nn.Module``, images in, scores and maps out.
+
+``PatchCore.score`` runs sparse products, numba kernels or faiss, none of which an ONNX or OpenVINO
+graph can hold. This module re-expresses the same computation with plain dense operators:
+
+- the official embedding's pooling is a linear map per layer (``core.features``), i.e. a ``p x p``
+  convolution: the grouped one ``PatchEmbedder`` itself runs for wide layers, a dense one otherwise;
+- the search is the reference search (``core.search.reference``) over the centred bank, in fixed-size
+  chunks of bank rows with a running best, so no tensor holds more than ``chunk x patches`` distances
+  whatever the bank's size (an unchunked ``patches x bank`` matrix is what made anomalib's export ask
+  for hundreds of GB); the distances of the neighbours found are recomputed from the differences, as
+  the reference does;
+- the rest (Eq. 7, image score, bilinear upsampling, ``core.blur.gaussian_blur``) is the same code.
+
+tests/test_export.py checks its outputs against ``PatchCore.score`` in torch, ONNX Runtime and OpenVINO.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from core.blur import gaussian_blur
+from core.features import PatchEmbedder, _LayerPooling, embedding_matrix, layer_matrices
+from core.linalg import column_mean
+
+# Bank rows per chunk of the search: 784 patches (one 224 px EfficientNet image) x 4096 rows is a
+# 12.8 MB distance block; larger chunks are no faster on a CPU (docs/deployment.md, Export).
+DEFAULT_CHUNK = 4096
+INPUT_DTYPES = ("uint8", "float32")
+
+
+class UnsupportedExportError(ValueError):
+    """A model setting the exported graph does not implement; the message names it and what to do."""
+
+
+class ExportEmbedding(nn.Module):
+    """``PatchEmbedder`` with dense operators: ``list[maps] -> [B, h*w, D]`` (the same numbers to rounding)."""
+
+    def __init__(self, embedder: PatchEmbedder, maps: list[torch.Tensor]) -> None:
+        super().__init__()
+        self.aggregation, self.patch_size = embedder.aggregation, embedder.patch_size
+        self.grid = tuple(maps[0].shape[-2:])
+        channels = [m.shape[1] for m in maps]
+        dim = embedder.embed_dim
+        self.grouped: list[bool] = []  # per layer: gather + grouped conv, or a dense conv
+        if self.aggregation == "channel_mean":
+            weight = None if dim is None else embedding_matrix(tuple(channels), dim).T.float()[:, :, None, None]
+            self.register_buffer("projection", weight)
+            return
+        # official: one convolution per layer, producing the embedding columns that layer feeds
+        area = self.patch_size**2
+        if dim is None:  # every unfolded value kept: identity maps, concatenated
+            matrices = [torch.eye(area * c, dtype=torch.float64) for c in channels]
+            starts = [sum(area * c for c in channels[:i]) for i in range(len(channels))]
+            columns = [torch.arange(s, s + area * c) for s, c in zip(starts, channels)]
+            total = sum(area * c for c in channels)
+        else:
+            matrices, total = layer_matrices(tuple(area * c for c in channels), dim), dim
+            columns = [m.abs().sum(dim=0).nonzero().squeeze(1) for m in matrices]
+        for index, (matrix, count, cols) in enumerate(zip(matrices, channels, columns)):
+            pooling = None if dim is None else _LayerPooling(matrix, count, self.patch_size, torch.float32,
+                                                             torch.device("cpu"))
+            if pooling is not None and pooling.grouped:  # as PatchEmbedder runs it: gather + grouped conv
+                self.register_buffer(f"gather_{index}", pooling.gather)
+                self.register_buffer(f"weight_{index}", pooling.weights)
+                self.grouped.append(True)
+            else:
+                used = matrix if dim is None else matrix[:, cols]  # identity: all of it; else the columns fed
+                weight = used.T.reshape(used.shape[1], count, self.patch_size, self.patch_size)
+                self.register_buffer(f"weight_{index}", weight.float())
+                self.grouped.append(False)
+        order = torch.cat(columns)
+        # the usual layouts: each layer feeds one run of columns, in order -> a concatenation
+        self.concatenated = bool(torch.equal(order, torch.arange(total)))
+        if not self.concatenated:  # general case: a 0/1 placement (summing overlaps) as a 1x1 convolution
+            placement = torch.zeros(total, len(order))
+            placement[order, torch.arange(len(order))] = 1.0
+            self.register_buffer("placement", placement[:, :, None, None])
+
+    def forward(self, maps: list[torch.Tensor]) -> torch.Tensor:
+        if self.aggregation == "channel_mean":
+            pooled = [F.avg_pool2d(m, self.patch_size, stride=1, padding=self.patch_size // 2) for m in maps]
+            embedding = torch.cat([_align(m, self.grid) for m in pooled], dim=1)
+            if self.projection is not None:
+                embedding = F.conv2d(embedding, self.projection)
+            return embedding.flatten(2).transpose(1, 2)
+        parts = []
+        for index, (feature_map, grouped) in enumerate(zip(maps, self.grouped)):
+            weight = getattr(self, f"weight_{index}")
+            if grouped:
+                feature_map = feature_map.index_select(1, getattr(self, f"gather_{index}"))
+            part = F.conv2d(feature_map, weight, padding=self.patch_size // 2, groups=len(weight) if grouped else 1)
+            parts.append(_align(part, self.grid))
+        embedding = torch.cat(parts, dim=1)
+        if not self.concatenated:
+            embedding = F.conv2d(embedding, self.placement)
+        return embedding.flatten(2).transpose(1, 2)
+
+
+def _align(feature_map: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    if tuple(feature_map.shape[-2:]) == grid:
+        return feature_map
+    return F.interpolate(feature_map, size=grid, mode="bilinear", align_corners=False)
+
+
+class ChunkedNearest(nn.Module):
+    """Exact k-NN over a bank in chunks of ``chunk`` rows: ``queries[Q, D] -> (squared[Q, k], indices[Q, k])``.
+
+    Per chunk, ``q.b - |b|^2 / 2`` (one matrix product with a precomputed bias) is maximised, which ranks
+    as ``|q - b|^2 = |q|^2 + |b|^2 - 2 q.b``; the best so far is kept across chunks, so the largest tensor is
+    ``Q x chunk``. The bank is centred on its mean (as the reference search) and the winners' squared
+    distances are recomputed from the differences."""
+
+    def __init__(self, features: torch.Tensor, chunk: int = DEFAULT_CHUNK) -> None:
+        super().__init__()
+        if chunk < 1:
+            raise ValueError(f"export chunk={chunk} must be a positive number of bank rows")
+        features = features.detach().cpu().float()
+        mean = column_mean(features).float()
+        coords = (features - mean).contiguous()
+        self.register_buffer("mean", mean)
+        self.register_buffer("coords", coords)
+        self.register_buffer("half_norms", -0.5 * (coords * coords).sum(dim=1))
+        self.chunk = min(chunk, len(coords))
+
+    @property
+    def chunks(self) -> int:
+        return math.ceil(len(self.coords) / self.chunk)
+
+    def forward(self, queries: torch.Tensor, k: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+        centred = queries - self.mean
+        best = where = None
+        for offset in range(0, len(self.coords), self.chunk):
+            rows = self.coords[offset : offset + self.chunk]
+            similarity = F.linear(centred, rows, self.half_norms[offset : offset + self.chunk])  # [Q, chunk]
+            count = min(k, len(rows))
+            if count == 1:
+                part, part_where = similarity.max(dim=1, keepdim=True)
+            else:
+                part, part_where = similarity.topk(count, dim=1)
+            part_where = part_where + offset
+            if best is None:
+                best, where = part, part_where
+            elif k == 1:
+                better = part > best
+                best, where = torch.where(better, part, best), torch.where(better, part_where, where)
+            else:
+                best, order = torch.cat([best, part], dim=1).topk(k, dim=1)
+                where = torch.cat([where, part_where], dim=1).gather(1, order)
+        return self.recheck(centred, where)
+
+    def recheck(self, centred: torch.Tensor, where: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Squared distances from the differences, nearest first (stable), as ``reference.recheck``."""
+        found = self.coords[where.reshape(-1)].reshape(*where.shape, -1)
+        squared = (found - centred[:, None, :]).square().sum(dim=2)
+        if where.shape[1] > 1:
+            squared, order = torch.sort(squared, dim=1, stable=True)
+            where = where.gather(1, order)
+        return squared, where
+
+
+class ExportablePatchCore(nn.Module):
+    """``images [N, 3, H, W]`` (uint8 0-255 or float 0-1, already resized and cropped to the model's input
+    size) ``-> (image_scores [N], anomaly_maps [N, H, W])``, plus ``(image_decisions [N], masks [N, H, W])``
+    (bool) when ``thresholds = (image, pixel)`` are given: what ``PatchCore.score`` gives for the same
+    images normalised with the model's mean and std."""
+
+    def __init__(self, model, chunk: int = DEFAULT_CHUNK, input_dtype: str = "uint8",
+                 thresholds: tuple[float, float | None] | None = None) -> None:
+        super().__init__()
+        check_exportable(model)
+        if input_dtype not in INPUT_DTYPES:
+            raise ValueError(f"export input_dtype={input_dtype!r}: choose one of {INPUT_DTYPES}")
+        self.input_dtype = input_dtype
+        self.input_size = tuple(model.input_size)
+        self.register_buffer("mean", torch.tensor(model.mean, dtype=torch.float32).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(model.std, dtype=torch.float32).view(1, 3, 1, 1))
+        self.extractor = _plain_copy(model.inference_copy)
+        with torch.no_grad():
+            maps = self.extractor(torch.zeros(1, 3, *self.input_size))
+        self.embedding = ExportEmbedding(model.embedder, maps)
+        self.search = ChunkedNearest(model.bank.features, chunk)
+        self.distance, self.num_neighbors = model.distance, model.num_neighbors
+        self.reweight_neighbors = model.reweight_neighbors
+        self.image_score, self.top_percent, self.blur_sigma = model.image_score, model.top_percent, model.blur_sigma
+        self.thresholds = None if thresholds is None else (float(thresholds[0]),
+                                                           None if thresholds[1] is None else float(thresholds[1]))
+
+    @property
+    def output_names(self) -> list[str]:
+        names = ["image_scores", "anomaly_maps"]
+        if self.thresholds is not None:
+            names.append("image_decisions")
+            if self.thresholds[1] is not None:
+                names.append("anomaly_masks")
+        return names
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        x = images.float() * (1.0 / 255) if self.input_dtype == "uint8" else images.float()
+        x = (x - self.mean) / self.std
+        features = self.embedding(self.extractor(x))  # [N, h*w, D]
+        n, patches, dim = features.shape
+        if self.distance == "cosine":
+            features = F.normalize(features, dim=-1)
+        queries = features.reshape(-1, dim)
+        squared, nearest = self.search(queries, self.num_neighbors)
+        if self.distance == "squared":
+            distances = squared
+        elif self.distance == "cosine":
+            distances = squared / 2
+        else:
+            distances = squared.clamp_min(0).sqrt()
+        patch_scores = distances.mean(dim=1).reshape(n, patches)
+        image_scores = self._image_scores(features, patch_scores, nearest[:, 0].reshape(n, patches))
+        h, w = self.embedding.grid
+        maps = F.interpolate(patch_scores.reshape(n, 1, h, w), size=self.input_size, mode="bilinear",
+                             align_corners=False)
+        maps = gaussian_blur(maps.squeeze(1), self.blur_sigma)
+        outputs = (image_scores, maps)
+        if self.thresholds is not None:
+            outputs += (image_scores >= self.thresholds[0],)
+            if self.thresholds[1] is not None:
+                outputs += (maps >= self.thresholds[1],)
+        return outputs
+
+    def _image_scores(self, features: torch.Tensor, patch_scores: torch.Tensor, nearest: torch.Tensor) -> torch.Tensor:
+        if self.image_score == "top_percent":  # as PatchCore._image_scores
+            top = max(1, int(patch_scores.shape[1] * self.top_percent / 100 + 1e-6))
+            return patch_scores.topk(top, dim=1).values.mean(dim=1)
+        scores, best_patch = patch_scores.max(dim=1, keepdim=True)
+        if self.reweight_neighbors is None:
+            return scores.squeeze(1)
+        # Eq. 7: m* is the best patch's nearest bank row (found above); N_b(m*) its b nearest bank rows
+        test_patch = features.gather(1, best_patch[:, :, None].expand(-1, 1, features.shape[2])).squeeze(1)
+        star = nearest.gather(1, best_patch).squeeze(1)
+        coords = self.search.coords
+        _, support = self.search(coords[star] + self.search.mean, min(self.reweight_neighbors, len(coords)))
+        distances = torch.linalg.vector_norm(coords[support] - (test_patch - self.search.mean)[:, None], dim=-1)
+        weights = 1.0 - torch.softmax(distances, dim=1)[:, 0]
+        return weights * scores.squeeze(1)
+
+
+def check_exportable(model) -> None:
+    """Refuse, before any work, a model the graph cannot reproduce."""
+    if len(model.bank) == 0:
+        raise UnsupportedExportError("the model has an empty memory bank: fit it (or load a saved one) first")
+    if not model.input_size:
+        raise UnsupportedExportError("the model records no input size (saved before input_size existed): "
+                                     "refit and save it, then export")
+    if model.search.backend == "faiss" and model.search.index != "flat":
+        raise UnsupportedExportError(
+            f"the model searches with faiss {model.search.index!r} (approximate); the exported graph runs the exact "
+            "search, whose scores differ: refit with search=exact (or faiss flat) to export")
+
+
+def _plain_copy(extractor: nn.Module) -> nn.Module:
+    """The inference copy (BatchNorm folded) in the default memory format, in eval mode, on the CPU."""
+    import copy
+
+    plain = copy.deepcopy(extractor).cpu().eval()
+    for parameter in plain.parameters():
+        parameter.requires_grad_(False)
+    return plain.to(memory_format=torch.contiguous_format)

@@ -1,0 +1,149 @@
+"""``ExportedModel``: an exported folder (``core.export.writer``) run by ONNX Runtime or OpenVINO, no torch
+model needed: ``ExportedModel(folder).predict_images(["a.png", array, pil_image])`` returns the same
+``core.api.ImagePredictions`` as ``PatchCore.predict_images``, through the same preprocessing code
+(``core.api.prepare_images_uint8``) and the same way back to each input's resolution.
+
+The folder's manifest is checked first (a modified or half-copied file is refused by name). OpenVINO is
+compiled with ``INFERENCE_PRECISION_HINT=f32``: on CPUs with bfloat16 units its default would compute in
+bfloat16, which moves the scores by ~0.1% (measured: docs/deployment.md); ``precision="bf16"`` asks for
+that explicitly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from core.api import ImageInput, ImagePredictions, model_preprocessing, prepare_images_uint8
+from core.data import Preprocessing
+from core.export.writer import EXPORT_FORMAT_VERSION, RECORD
+from core.model_files import ModelFilesError, verify_manifest
+from core.saved_model import RecordError, read_json_object
+
+RUNTIMES = ("onnx", "openvino")
+PRECISIONS = ("f32", "bf16", "f16")
+
+
+class ExportedModelError(ValueError):
+    """An exported folder that cannot be run, or an input it cannot take; the message names the file and fix."""
+
+
+class ExportedModel:
+    """An exported PatchCore: ``run(batch)`` on preprocessed uint8 (or 0-1 float) crops, ``predict_images`` on
+    images as a user has them."""
+
+    def __init__(self, folder: str | Path, precision: str = "f32", threads: int | None = None) -> None:
+        self.folder = Path(folder)
+        self.record = _read_export_record(self.folder)
+        self.format = self.record["format"]
+        self.file = self.folder / self.record["file"]
+        if self.format not in RUNTIMES:
+            raise ExportedModelError(f"{self.file} is a {self.format} export, which ExportedModel does not run (it "
+                                     f"runs {RUNTIMES}): load it with torch.jit.load, or export format=onnx")
+        if precision not in PRECISIONS or (self.format == "onnx" and precision != "f32"):
+            raise ExportedModelError(f"precision={precision!r}: ONNX Runtime runs f32; OpenVINO one of {PRECISIONS}")
+        spec = self.record["input"]
+        self.input_name, self.input_dtype = spec["name"], spec["dtype"]
+        self.input_size = tuple(spec["shape"][2:])
+        self.outputs = list(self.record["outputs"])
+        self.preprocessing = (None if self.record.get("preprocessing") is None
+                              else Preprocessing(**self.record["preprocessing"]))
+        self.threshold = self.record.get("threshold")
+        self._run = _onnx_runner(self.file, threads) if self.format == "onnx" else \
+            _openvino_runner(self.file, precision, threads)
+
+    def run(self, batch) -> dict[str, np.ndarray]:
+        """The graph's outputs (``image_scores``, ``anomaly_maps``, and ``image_decisions``/``anomaly_masks``
+        when it has thresholds) for ``batch [N, 3, H, W]`` at the export's input size and dtype."""
+        batch = np.asarray(batch)
+        expected = (3, *self.input_size)
+        if batch.ndim != 4 or batch.shape[1] != 3:
+            channels = batch.shape[1] if batch.ndim == 4 else None
+            raise ExportedModelError(
+                f"the exported model {self.file} takes RGB images as [N, 3, {expected[1]}, {expected[2]}]; got shape "
+                f"{tuple(batch.shape)}" + (f" ({channels} channels)" if channels is not None else "")
+                + ": convert the images to 3-channel RGB (predict_images does it for paths, numpy arrays and PIL "
+                  "images) and stack them channels first")
+        if tuple(batch.shape[2:]) != tuple(self.input_size):
+            raise ExportedModelError(
+                f"the exported model {self.file} takes {expected[1]}x{expected[2]} crops; got "
+                f"{batch.shape[2]}x{batch.shape[3]}: resize and crop as recorded in {self.folder / RECORD} "
+                f"(predict_images does it)")
+        dtype = np.uint8 if self.input_dtype == "uint8" else np.float32
+        if batch.dtype != dtype:
+            raise ExportedModelError(f"the exported model {self.file} takes {self.input_dtype} images "
+                                     f"({self.record['input']['range']}); got {batch.dtype}")
+        values = self._run(np.ascontiguousarray(batch))
+        return dict(zip(self.outputs, values))
+
+    def predict_images(self, images: Sequence[ImageInput] | ImageInput, batch_size: int = 8) -> ImagePredictions:
+        """As ``PatchCore.predict_images``: paths, numpy arrays, PIL images of any size -> scores, maps at each
+        input's resolution, masks and decisions when the model was exported with thresholds."""
+        preprocessing = model_preprocessing(self)
+        images = [images] if not isinstance(images, (list, tuple)) else list(images)
+        if not images:
+            raise ValueError("predict_images got no images: pass a list of paths, numpy arrays or PIL images")
+        scores, maps, sizes = [], [], []
+        for start in range(0, len(images), batch_size):
+            batch, batch_sizes = prepare_images_uint8(images[start : start + batch_size], self)
+            batch = batch.numpy()
+            if self.input_dtype != "uint8":
+                batch = batch.astype(np.float32) * np.float32(1.0 / 255)
+            outputs = self.run(batch)
+            scores.append(outputs["image_scores"])
+            maps.append(outputs["anomaly_maps"])
+            sizes += batch_sizes
+        scores = np.concatenate(scores)
+        bad = [i for i, finite in enumerate(np.isfinite(scores).tolist()) if not finite]
+        if bad:
+            raise ValueError(f"the image scores of inputs {bad} are NaN or infinite: the exported model or the "
+                             f"inputs are broken (check them, or export again)")
+        return ImagePredictions.from_crops(scores, np.concatenate(maps), sizes, preprocessing, self.threshold)
+
+
+def _read_export_record(folder: Path) -> dict:
+    record_file = folder / RECORD
+    if not record_file.is_file():
+        raise FileNotFoundError(f"{folder} is not an exported model (it has no {RECORD}): pass the out folder of "
+                                f"`python experiments/export.py model_dir=... out=...`")
+    try:
+        verify_manifest(folder)
+    except ModelFilesError as error:
+        raise ModelFilesError(f"exported model {folder} is not valid: {error}") from None
+    try:
+        record = read_json_object(record_file)
+    except RecordError as error:
+        raise ExportedModelError(f"{error}; export the model again") from None
+    if record.get("format_version") != EXPORT_FORMAT_VERSION:
+        raise ExportedModelError(f"{record_file}: format_version={record.get('format_version')!r}, this code reads "
+                                 f"version {EXPORT_FORMAT_VERSION}; export the model again with this code")
+    return record
+
+
+def _onnx_runner(path: Path, threads: int | None):
+    import onnxruntime
+
+    options = onnxruntime.SessionOptions()
+    if threads:
+        options.intra_op_num_threads = threads
+    session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+    return lambda batch: session.run(None, {name: batch})
+
+
+def _openvino_runner(path: Path, precision: str, threads: int | None):
+    import openvino
+
+    config = {"INFERENCE_PRECISION_HINT": precision}
+    if threads:
+        config["INFERENCE_NUM_THREADS"] = threads
+    compiled = openvino.Core().compile_model(str(path), "CPU", config)
+    request = compiled.create_infer_request()
+
+    def run(batch: np.ndarray) -> list[np.ndarray]:
+        result = request.infer({0: batch})
+        return [np.array(result[output]) for output in compiled.outputs]
+
+    return run

@@ -1,0 +1,203 @@
+"""Writing an exported model: one folder, whole or not at all.
+
+``export_model(model, out, format)`` builds ``ExportablePatchCore`` from a fitted (or loaded) PatchCore and
+writes, into a temporary sibling of ``out`` that is renamed into place only when complete:
+
+- the graph: ``model.onnx`` (+ ``model.onnx.data``, the weights and bank as ONNX external data),
+  ``model.xml`` + ``model.bin`` (OpenVINO IR, converted from the ONNX graph, float32 weights kept), or
+  ``model.pt`` (TorchScript, traced);
+- ``export.json``: the input (name, dtype, shape), the outputs, the preprocessing and thresholds of the
+  source model (what ``core.export.runtime.ExportedModel`` needs to take raw images), the chunk size, which
+  exporter produced the graph, the versions;
+- ``manifest.json``: the SHA-256 of each file (``core.model_files``), checked by ``ExportedModel``.
+
+ONNX goes through ``torch.onnx.export(dynamo=True)``; should that exporter fail on some backbone, the
+TorchScript-based one (``dynamo=False``) is tried and the record says which one wrote the file.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+from core.export.graph import DEFAULT_CHUNK, ExportablePatchCore
+from core.io import write_json_atomic
+from core.model_files import write_manifest
+
+log = logging.getLogger(__name__)
+
+FORMATS = ("onnx", "openvino", "torchscript")
+GRAPH_FILES = {"onnx": "model.onnx", "openvino": "model.xml", "torchscript": "model.pt"}
+RECORD = "export.json"
+EXPORT_FORMAT_VERSION = 1
+DEFAULT_OPSET = 18
+INPUT_NAME = "images"
+
+
+class ExportError(RuntimeError):
+    """An export that could not be written; the message says why and what to change."""
+
+
+def export_model(model, out: str | Path, format: str = "onnx", chunk: int = DEFAULT_CHUNK,
+                 input_dtype: str = "uint8", opset: int = DEFAULT_OPSET, overwrite: bool = False) -> Path:
+    """Export ``model`` (a fitted ``PatchCore``) to the folder ``out``; returns ``out``. An existing export
+    there is replaced only with ``overwrite``; any other existing, non-empty folder is refused."""
+    if format not in FORMATS:
+        raise ValueError(f"export format={format!r}: choose one of {FORMATS}")
+    out = Path(out)
+    _check_target(out, overwrite)
+    threshold = getattr(model, "threshold", None) or {}
+    pair = None if threshold.get("image_threshold") is None else (threshold["image_threshold"],
+                                                                     threshold.get("pixel_threshold"))
+    graph = ExportablePatchCore(model, chunk=chunk, input_dtype=input_dtype, thresholds=pair).eval()
+    start = time.perf_counter()
+
+    def write(folder: Path) -> dict:
+        if format == "torchscript":
+            return _write_torchscript(graph, folder / GRAPH_FILES[format])
+        onnx_file = folder / GRAPH_FILES["onnx"]
+        exporter = _write_onnx(graph, onnx_file, opset)
+        if format == "openvino":
+            _write_openvino(onnx_file, folder / GRAPH_FILES["openvino"])
+        return {"exporter": exporter, "opset": opset}
+
+    def write_all(folder: Path) -> None:
+        details = write(folder)
+        write_json_atomic(folder / RECORD, _record(model, graph, format, details, time.perf_counter() - start))
+
+    return write_folder(out, write_all)
+
+
+def _check_target(out: Path, overwrite: bool) -> None:
+    if not out.exists() or (out.is_dir() and not any(out.iterdir())):
+        return
+    if out.is_dir() and (out / RECORD).is_file():
+        if overwrite:
+            return
+        raise ExportError(f"{out} already holds an exported model: pass overwrite=true to replace it, or choose "
+                          f"another out folder")
+    raise ExportError(f"{out} exists and is not an exported model (no {RECORD}): exporting there would replace "
+                      f"its files; choose another out folder")
+
+
+def write_folder(out: Path, write) -> Path:
+    """``write(tmp)`` into a temporary sibling of ``out``, add the manifest, rename it into place (replacing an
+    earlier export only once the new one is complete); on any error nothing is left behind."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    old = out.parent / f".{out.name}.{os.getpid()}.old"
+    try:
+        write(tmp)
+        write_manifest(tmp)
+        os.chmod(tmp, 0o755)  # mkdtemp makes the folder private; an export reads like any folder
+        if out.exists():
+            os.replace(out, old)
+        os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)
+    return out
+
+
+def _example(graph: ExportablePatchCore) -> torch.Tensor:
+    """Two images (one would let the exporters fix the batch size at 1)."""
+    dtype = torch.uint8 if graph.input_dtype == "uint8" else torch.float32
+    return torch.zeros(2, 3, *graph.input_size, dtype=dtype)
+
+
+def _write_onnx(graph: ExportablePatchCore, path: Path, opset: int) -> str:
+    """``torch.onnx.export``, the dynamo exporter first; returns the exporter's name."""
+    names = graph.output_names
+    try:
+        batch = torch.export.Dim("batch", min=1, max=65536)
+        torch.onnx.export(graph, (_example(graph),), str(path), input_names=[INPUT_NAME], output_names=names,
+                          dynamo=True, opset_version=opset, dynamic_shapes={"images": {0: batch}},
+                          external_data=True, verbose=False)
+        exporter = "dynamo"
+    except Exception as error:  # noqa: BLE001 - any failure of the new exporter: try the older one
+        log.warning("the dynamo ONNX exporter failed (%s: %s); trying the TorchScript-based exporter",
+                    type(error).__name__, str(error).splitlines()[0] if str(error) else "")
+        for leftover in path.parent.glob(f"{path.name}*"):
+            leftover.unlink()
+        axes = {INPUT_NAME: {0: "batch"}, **{name: {0: "batch"} for name in names}}
+        try:
+            torch.onnx.export(graph, (_example(graph),), str(path), input_names=[INPUT_NAME], output_names=names,
+                              dynamo=False, opset_version=opset, dynamic_axes=axes)
+        except Exception as second:  # noqa: BLE001 - report both exporters' reasons
+            raise ExportError(f"neither ONNX exporter could export this model: dynamo: {error}; TorchScript-based: "
+                              f"{second}. Try another opset (opset=...) or format=torchscript") from second
+        exporter = "torchscript"
+    _externalise(path)
+    return exporter
+
+
+def _externalise(path: Path) -> None:
+    """Keep the tensors in one ``<name>.data`` file next to the graph, whichever exporter wrote it (protobuf
+    files are capped at 2 GB, a 320k x 1024 bank alone is 1.3 GB)."""
+    import onnx
+
+    data = path.with_name(path.name + ".data")
+    if data.is_file():
+        return
+    proto = onnx.load(str(path))
+    onnx.save_model(proto, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=data.name, size_threshold=1024)
+
+
+def _write_openvino(onnx_file: Path, xml_file: Path) -> None:
+    """OpenVINO IR from the ONNX graph; weights kept in float32 (``save_model`` would halve them to float16)."""
+    import openvino
+
+    ov_model = openvino.convert_model(str(onnx_file))
+    openvino.save_model(ov_model, str(xml_file), compress_to_fp16=False)
+    for path in onnx_file.parent.glob(f"{onnx_file.name}*"):  # the intermediate ONNX files
+        path.unlink()
+
+
+def _write_torchscript(graph: ExportablePatchCore, path: Path) -> dict:
+    with torch.no_grad(), warnings.catch_warnings():
+        # the trace fixes Python-level sizes (grid, chunks, kernel): constant for this model, as intended
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        traced = torch.jit.trace(graph, (_example(graph),), check_trace=False)
+    traced.save(str(path))
+    return {"exporter": "torch.jit.trace"}
+
+
+def _record(model, graph: ExportablePatchCore, format: str, details: dict, seconds: float) -> dict:
+    from core.model_files import versions
+    from core.saved_model import preprocessing_record
+
+    height, width = graph.input_size
+    versions_now = versions()
+    for package in ("onnx", "onnxruntime", "openvino"):
+        try:
+            versions_now[package] = __import__(package).__version__
+        except ImportError:
+            pass
+    return {
+        "format_version": EXPORT_FORMAT_VERSION,
+        "format": format,
+        "file": GRAPH_FILES[format],
+        **details,
+        "input": {"name": INPUT_NAME, "dtype": graph.input_dtype, "shape": ["batch", 3, height, width],
+                  "range": "0-255" if graph.input_dtype == "uint8" else "0-1",
+                  "layout": "NCHW, RGB, resized and centre-cropped as in preprocessing, not normalised"},
+        "outputs": graph.output_names,
+        "chunk": graph.search.chunk,
+        "bank_size": len(graph.search.coords),
+        "embed_dim": graph.search.coords.shape[1],
+        "preprocessing": preprocessing_record(getattr(model, "preprocessing", None)),
+        "threshold": getattr(model, "threshold", None),
+        "model": json.loads(json.dumps(model.spec())),
+        "grid": list(graph.embedding.grid),
+        "seconds": round(seconds, 2),
+        "versions": versions_now,
+    }

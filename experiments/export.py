@@ -1,0 +1,39 @@
+"""Export a saved model to one graph, images in, scores, maps and decisions out (core/export/):
+
+    python experiments/export.py model_dir=outputs/.../models/bottle format=onnx out=exports/bottle
+
+``format``: ``onnx`` (ONNX Runtime, TensorRT, ...), ``openvino`` (IR) or ``torchscript``. The graph takes
+uint8 (or float 0-1) crops ``[N, 3, H, W]`` as the model's preprocessing makes them and runs the exact
+nearest-neighbour search over the bank in chunks (``chunk`` rows at a time). Run an ONNX or OpenVINO
+export from Python with ``core.export.ExportedModel(out).predict_images([...])``; docs/deployment.md
+(Export) lists what is and is not exported, the memory and the speed.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import hydra
+from omegaconf import DictConfig
+
+log = logging.getLogger("export")
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="export")
+def main(cfg: DictConfig) -> None:
+    from core.export import ExportError, UnsupportedExportError, export_model
+    from core.export.writer import RECORD
+    from core.patchcore import PatchCore
+
+    try:
+        model = PatchCore.load(cfg.model_dir, progress=False)
+        out = export_model(model, cfg.out, cfg.format, chunk=int(cfg.chunk), input_dtype=cfg.input_dtype,
+                           opset=int(cfg.opset), overwrite=bool(cfg.overwrite))
+    except (ValueError, FileNotFoundError, ExportError, UnsupportedExportError) as error:
+        raise SystemExit(f"error: {error}") from None
+    sizes = ", ".join(f"{path.name} ({path.stat().st_size / 2**20:.1f} MiB)" for path in sorted(out.iterdir()))
+    print(f"exported {cfg.model_dir} as {cfg.format} to {out}: {sizes}; see {out / RECORD}")
+
+
+if __name__ == "__main__":
+    main()
