@@ -84,11 +84,12 @@ class WandbLogger(NoLogger):
 
     def __init__(self, project: str = "patchcore", entity: str | None = None, mode: str = "offline",
                  group: str | None = None, tags: list[str] | tuple[str, ...] = (), dir: str | None = None,
-                 log_images: bool = True, log_scores: bool = True) -> None:
+                 log_images: bool = True, log_scores: bool = True, job_type: str | None = None) -> None:
         self.project = project
         self.entity = entity
         self.mode = str(mode).lower()
         self.group = group
+        self.job_type = job_type  # null: the backbone's name (a study sets its comparison)
         self.tags = [str(tag) for tag in tags or ()]
         self.dir = dir
         self.log_images = log_images
@@ -109,13 +110,14 @@ class WandbLogger(NoLogger):
         from experiments.runs.run_key import config_hash
 
         self._wandb = wandb
+        self._run_dir, self._hash = Path(run_dir), config_hash(config)
         folder = Path(self.dir) if self.dir else Path(run_dir)
         folder.mkdir(parents=True, exist_ok=True)
         backbone = (config.get("backbone") or {}).get("name")
         dataset = (config.get("dataset") or {}).get("name")
         self.run = wandb.init(
             project=self.project, entity=self.entity, mode=self.mode, dir=str(folder),
-            group=self.group or group, name=name, job_type=backbone,
+            group=self.group or group, name=name, job_type=self.job_type or backbone,
             tags=[t for t in (dataset, backbone, *self.tags) if t],
             config={**config, "config_hash": config_hash(config), "run_dir": str(run_dir)},
             reinit="finish_previous",
@@ -161,8 +163,20 @@ class WandbLogger(NoLogger):
                 tables["scores"] = self._wandb.Table(columns=score_columns,
                                                      data=[[row[c] for c in score_columns] for row in self._rows])
             run.log(tables)
+            for category in results.get("categories", {}):  # save_model=true: each saved model as an artifact
+                folder = self._run_dir / "models" / category
+                if (folder / "model.json").is_file():
+                    artifact = self._wandb.Artifact(model_artifact_name(self._hash, category), type="model",
+                                                    metadata={"category": category, "config_hash": self._hash})
+                    artifact.add_dir(str(folder))
+                    run.log_artifact(artifact)
         complete = results is not None and results.get("complete") is True
         run.finish(exit_code=0 if complete else 1)
+
+
+def model_artifact_name(config_hash: str, category: str) -> str:
+    """The W&B artifact of a saved model: one name per (config, category), so a report row can name it."""
+    return f"model-{config_hash}-{category}".replace("/", "_")
 
 
 def hydra_labels(run_dir: Path) -> tuple[str | None, str]:

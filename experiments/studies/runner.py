@@ -1,0 +1,153 @@
+"""Running a study's plan: one subprocess per job (the suite's own CLIs), finished jobs skipped, a progress
+line per job with the time left, and the study manifest (``study.json``) rewritten after every job.
+
+A PatchCore job is done when its folder holds a complete ``results.json``; a fine-tuning job when every
+checkpoint it makes exists with its sidecar. A job that fails is recorded with the tail of its log and the
+study goes on; the jobs that need it are recorded as blocked. Nothing is ever silently dropped: the
+manifest lists every job (done, skipped because done before, failed, blocked) and every arm that could
+not run here (``skipped``), and the report reads it.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from core.io import write_json_atomic
+from experiments.studies.plan import Job, Plan
+
+MANIFEST = "study.json"
+LOG = "study.log"
+Runner = Callable[[list[str], Path], int]  # (command, log file) -> exit status
+
+
+def subprocess_runner(command: list[str], log_path: Path) -> int:
+    """Run ``command`` from the repository root, its output into ``log_path``."""
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with log_path.open("a") as log:
+        log.write(f"$ {' '.join(command)}\n")
+        log.flush()
+        return subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, cwd=Path(__file__).resolve().parents[2],
+                              env={**os.environ, "HYDRA_FULL_ERROR": "1"}).returncode
+
+
+def is_done(job: Job) -> bool:
+    if job.kind == "finetune":
+        return bool(job.checkpoints) and all(p.is_file() and p.with_suffix(".json").is_file() for p in job.checkpoints)
+    path = job.folder / "results.json"
+    try:
+        return json.loads(path.read_text()).get("complete") is True
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def _tail(path: Path, lines: int = 6) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").strip().splitlines()[-lines:])
+    except OSError:
+        return ""
+
+
+def format_duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "?"
+    seconds = int(round(seconds))
+    hours, rest = divmod(seconds, 3600)
+    return f"{hours}h{rest // 60:02d}m" if hours else f"{rest // 60}m{rest % 60:02d}s"
+
+
+def estimate_left(durations: dict[str, list[float]], pending: list[Job]) -> float | None:
+    """Seconds left: each pending job at the mean duration of the jobs of its kind run so far (any kind's mean
+    when none of its kind has run yet); None before any job has run."""
+    every = [d for values in durations.values() for d in values]
+    if not every:
+        return None
+    fallback = sum(every) / len(every)
+    means = {kind: sum(values) / len(values) for kind, values in durations.items() if values}
+    return sum(means.get(job.kind, fallback) for job in pending)
+
+
+def machine() -> dict:
+    import torch
+
+    return {"host": platform.node(), "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+            "python": platform.python_version(), "torch": torch.__version__}
+
+
+def run_plan(plan: Plan, runner: Runner = subprocess_runner, python: str = sys.executable,
+             echo: Callable[[str], None] = print) -> dict:
+    """Run every job not done yet, in order; returns the manifest (also ``<study folder>/study.json``)."""
+    plan.folder.mkdir(parents=True, exist_ok=True)
+    manifest_path = plan.folder / MANIFEST
+    previous = {}
+    if manifest_path.is_file():
+        try:
+            previous = {row["id"]: row for row in json.loads(manifest_path.read_text()).get("jobs", [])}
+        except (OSError, ValueError, KeyError, TypeError):
+            previous = {}
+    started = time.time()
+    manifest = {"study": plan.name, "source": plan.config.get("source"), "config": plan.config,
+                "dataset": plan.dataset, "categories": plan.categories, "folder": str(plan.folder),
+                "started": dt.datetime.now().isoformat(timespec="seconds"), "finished": None,
+                "command": " ".join(["python experiments/study.py", *sys.argv[1:]]),
+                "machine": machine(), "comparisons": plan.comparisons, "skipped": plan.skipped, "jobs": []}
+    rows = {job.id: {"id": job.id, "kind": job.kind, "comparison": job.comparison, "arm": job.arm,
+                     "seed": job.seed, "folder": str(job.folder), "command": " ".join(job.command("python")),
+                     "needs": job.needs, "status": "pending", "duration_s": previous.get(job.id, {}).get("duration_s")}
+            for job in plan.jobs}
+    manifest["jobs"] = list(rows.values())
+    for row in plan.skipped:
+        echo(f"skipped: {row['comparison']}/{row['arm']}: {row['reason']}")
+    durations: dict[str, list[float]] = {}
+    total = len(plan.jobs)
+    for index, job in enumerate(plan.jobs, 1):
+        row = rows[job.id]
+        if is_done(job):
+            row["status"] = "done before"
+            echo(f"[{index}/{total}] {job.id}: done before, skipped")
+            continue
+        blocked = [need for need in job.needs if rows[need]["status"] not in ("done", "done before")]
+        if blocked:
+            row["status"] = "blocked"
+            row["error"] = f"needs {', '.join(blocked)}, which did not finish"
+            echo(f"[{index}/{total}] {job.id}: blocked ({row['error']})")
+            write_json_atomic(manifest_path, manifest)
+            continue
+        row["status"] = "running"
+        write_json_atomic(manifest_path, manifest)
+        log_path = job.folder / LOG
+        begin = time.perf_counter()
+        code = runner(job.command(python), log_path)
+        took = time.perf_counter() - begin
+        row["duration_s"] = round(took, 1)
+        if code == 0 and is_done(job):
+            row["status"] = "done"
+            durations.setdefault(job.kind, []).append(took)
+        else:
+            row["status"] = "failed"
+            row["error"] = f"exit status {code}; {log_path}: {_tail(log_path)}"
+        pending = [j for j in plan.jobs[index:] if not is_done(j)]
+        left = estimate_left(durations, pending)
+        echo(f"[{index}/{total}] {job.id}: {row['status']} in {format_duration(took)} "
+             f"(elapsed {format_duration(time.time() - started)}, about {format_duration(left)} left for "
+             f"{len(pending)} jobs)")
+        write_json_atomic(manifest_path, manifest)
+    manifest["finished"] = dt.datetime.now().isoformat(timespec="seconds")
+    manifest["wall_s"] = round(time.time() - started, 1)
+    manifest["run_s"] = round(sum(row["duration_s"] or 0 for row in rows.values()), 1)  # all sessions' runs
+    write_json_atomic(manifest_path, manifest)
+    counts = {}
+    for row in rows.values():
+        counts[row["status"]] = counts.get(row["status"], 0) + 1
+    echo(f"study {plan.name}: " + ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
+         + f"; {len(plan.skipped)} arms skipped; {format_duration(manifest['wall_s'])} this session; "
+           f"manifest {manifest_path}")
+    return manifest

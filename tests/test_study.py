@@ -1,0 +1,175 @@
+"""experiments/study.py's plan and runner with a fake runner: the jobs each comparison makes (and shares),
+arms without weights listed as skipped, finished jobs skipped on a re-run, failures and blocked jobs
+recorded, the progress line's estimate of the time left."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from experiments.studies.plan import StudyConfigError, build_plan, load_study, merge_overrides
+from experiments.studies.runner import MANIFEST, estimate_left, run_plan
+
+CATEGORIES = ["brick", "grass"]
+
+
+def _config(**extra) -> dict:
+    config = {"name": "t", "dataset": "textures", "category": "[brick,grass]", "backbone": "effnet_lite0",
+              "seeds": [0, 1], "save_model_seeds": [0], "common": ["viz.n=1"], "logger": "none",
+              "comparisons": {
+                  "extractors": {"extractors": ["wrn50", "clip"]},
+                  "finetuning": {"methods": ["rotation"]},
+                  "baselines": {"arms": {"full bank": {"overrides": ["coreset=none"], "seeds": [0]},
+                                         "random bank": ["coreset=random"]}},
+                  "coreset_ratio": {"sweep": "coreset.ratio", "values": [0.01]},
+                  "image_size": {"sweep": "dataset.image_size", "values": [160], "also": {"dataset.resize": [183]}},
+              }}
+    config.update(extra)
+    return config
+
+
+def _plan(tmp_path: Path, **extra):
+    weights = {"wrn50": "weights not available: WeightsNotFoundError: no file", "clip": None}
+    return build_plan(_config(**extra), tmp_path, CATEGORIES, check=lambda name, dataset: weights[name])
+
+
+def test_plan_jobs_and_skipped_arms(tmp_path) -> None:
+    plan = _plan(tmp_path)
+    ids = [job.id for job in plan.jobs]
+    assert ids == ["baseline/baseline_seed0", "baseline/baseline_seed1",
+                   "extractors/clip_seed0", "extractors/clip_seed1",
+                   "finetuning/finetune_rotation_seed0", "finetuning/finetune_rotation_seed1",
+                   "finetuning/rotation_seed0", "finetuning/rotation_seed1",
+                   "baselines/full_bank", "baselines/random_bank_seed0", "baselines/random_bank_seed1",
+                   "coreset_ratio/ratio_0.01_seed0", "coreset_ratio/ratio_0.01_seed1",
+                   "image_size/image_size_160_seed0", "image_size/image_size_160_seed1"]
+    assert plan.skipped == [{"comparison": "extractors", "arm": "wrn50",
+                             "reason": "weights not available: WeightsNotFoundError: no file"}]
+    jobs = {job.id: job for job in plan.jobs}
+    seed0 = jobs["baseline/baseline_seed0"].command("python")
+    assert seed0[:2] == ["python", "experiments/main.py"]
+    assert {"seed=0", "save_model=true", "viz.n=1", "backbone=effnet_lite0", "category=[brick,grass]",
+            f"hydra.run.dir={tmp_path / 't' / 'baseline' / 'baseline_seed0'}"} <= set(seed0)
+    assert "save_model=true" not in jobs["baseline/baseline_seed1"].overrides
+    finetune = jobs["finetuning/finetune_rotation_seed1"]
+    assert finetune.command("python")[1] == "experiments/finetune.py"
+    assert {"method=rotation", "method.seed=1", f"checkpoint_dir={tmp_path / 't' / 'checkpoints' / 'seed1'}"} \
+        <= set(finetune.overrides)
+    assert finetune.checkpoints == [tmp_path / "t" / "checkpoints" / "seed1" / "rotation" / "effnet_lite0" / f"{c}.pt"
+                                    for c in CATEGORIES]
+    tuned = jobs["finetuning/rotation_seed1"]
+    assert tuned.needs == ["finetuning/finetune_rotation_seed1"]
+    assert "backbone=rotation" in tuned.overrides and "backbone=effnet_lite0" not in tuned.overrides
+    assert f"backbone.checkpoint={tmp_path}/t/checkpoints/seed1/rotation/effnet_lite0/${{category}}.pt" \
+        in tuned.overrides
+    assert {"dataset.image_size=160", "dataset.resize=183"} <= set(jobs["image_size/image_size_160_seed0"].overrides)
+    # every comparison is measured against the same baseline runs
+    assert all(entry["jobs"][:2] == ["baseline/baseline_seed0", "baseline/baseline_seed1"]
+               for entry in plan.comparisons.values())
+    assert plan.comparisons["baselines"]["arms"] == ["baseline", "full bank", "random bank"]
+
+
+def test_identical_runs_are_shared_between_comparisons(tmp_path) -> None:
+    config = _config()
+    config["comparisons"] = {"a": {"arms": {"ratio": ["coreset.ratio=0.01"]}},
+                             "b": {"sweep": "coreset.ratio", "values": [0.01]}}
+    plan = build_plan(config, tmp_path, CATEGORIES, check=lambda *_: None)
+    assert [job.id for job in plan.jobs] == ["baseline/baseline_seed0", "baseline/baseline_seed1",
+                                             "a/ratio_seed0", "a/ratio_seed1"]
+    assert plan.comparisons["b"]["jobs"] == plan.comparisons["a"]["jobs"]
+
+
+def test_merge_overrides_keeps_the_last_of_each_key() -> None:
+    assert merge_overrides(["a=1", "b=2"], ["+a=3", "c=4"]) == ["b=2", "+a=3", "c=4"]
+
+
+def test_bad_configs_name_the_setting(tmp_path) -> None:
+    with pytest.raises(StudyConfigError, match="seeds"):
+        build_plan({k: v for k, v in _config().items() if k != "seeds"}, tmp_path, CATEGORIES)
+    bad = _config()
+    bad["comparisons"] = {"x": {"values": [1]}}
+    with pytest.raises(StudyConfigError, match="comparisons.x"):
+        build_plan(bad, tmp_path, CATEGORIES, check=lambda *_: None)
+    with pytest.raises(StudyConfigError, match="known studies: .*default.*quick"):
+        load_study("no_such_study")
+
+
+def test_the_shipped_studies_plan(tmp_path) -> None:
+    for name in ("default", "quick"):
+        config = load_study(name)
+        plan = build_plan(config, tmp_path, CATEGORIES, check=lambda *_: "absent")
+        assert plan.jobs and all(job.folder.is_relative_to(tmp_path / name) for job in plan.jobs)
+        assert all(f"storage.cache_dir={tmp_path / name}/feature_cache" in job.overrides
+                   for job in plan.jobs if job.kind == "patchcore")
+    default = build_plan(load_study("default"), tmp_path, CATEGORIES, check=lambda *_: "absent")
+    # >= 3 seeds for everything stochastic; the full bank (no selection) once
+    seeds: dict[tuple, set] = {}
+    for job in default.jobs:
+        seeds.setdefault((job.comparison, job.arm), set()).add(job.seed)
+    assert all(len(s) >= 3 for key, s in seeds.items() if key != ("baselines", "full bank"))
+    assert {row["arm"] for row in default.skipped} >= {"clip", "dinov2_vits14", "wrn50"}
+
+
+class FakeRunner:
+    """Writes what the real CLIs would (a complete results.json, or the checkpoints); fails on request."""
+
+    def __init__(self, fail: set[str] = frozenset()) -> None:
+        self.calls: list[str] = []
+        self.fail = fail
+
+    def __call__(self, command: list[str], log_path: Path) -> int:
+        folder = Path(next(a for a in command if a.startswith("hydra.run.dir=")).split("=", 1)[1])
+        job = f"{folder.parent.name}/{folder.name}"
+        self.calls.append(job)
+        folder.mkdir(parents=True, exist_ok=True)
+        log_path.write_text("fake run\nlast line of the log\n")
+        if job in self.fail:
+            return 1
+        if command[1] == "experiments/finetune.py":
+            root = Path(next(a for a in command if a.startswith("checkpoint_dir=")).split("=", 1)[1])
+            for category in CATEGORIES:
+                path = root / "rotation" / "effnet_lite0" / f"{category}.pt"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_bytes(b"x")
+                path.with_suffix(".json").write_text("{}")
+        else:
+            (folder / "results.json").write_text(json.dumps({"complete": True}))
+        return 0
+
+
+def test_resume_skips_finished_jobs(tmp_path) -> None:
+    plan = _plan(tmp_path)
+    lines: list[str] = []
+    runner = FakeRunner(fail={"finetuning/finetune_rotation_seed1", "baselines/full_bank"})
+    manifest = run_plan(plan, runner=runner, echo=lines.append)
+    status = {row["id"]: row["status"] for row in manifest["jobs"]}
+    assert status["finetuning/finetune_rotation_seed1"] == "failed"
+    assert status["finetuning/rotation_seed1"] == "blocked"  # never started without its checkpoints
+    assert "finetuning/rotation_seed1" not in runner.calls
+    assert status["baselines/full_bank"] == "failed"
+    assert sum(s == "done" for s in status.values()) == len(plan.jobs) - 3
+    failed = next(row for row in manifest["jobs"] if row["id"] == "baselines/full_bank")
+    assert "exit status 1" in failed["error"] and "last line of the log" in failed["error"]
+    assert lines[0].startswith("skipped: extractors/wrn50: weights not available")
+    assert any(line.startswith("[3/15] extractors/clip_seed0: done in") and "left for" in line for line in lines)
+    on_disk = json.loads((tmp_path / "t" / MANIFEST).read_text())
+    assert on_disk["skipped"] == plan.skipped and on_disk["finished"] is not None
+
+    again = FakeRunner()
+    manifest = run_plan(_plan(tmp_path), runner=again, echo=lambda line: None)
+    # only what had not finished runs again; everything else is "done before"
+    assert again.calls == ["finetuning/finetune_rotation_seed1", "finetuning/rotation_seed1", "baselines/full_bank"]
+    assert {row["status"] for row in manifest["jobs"]} == {"done", "done before"}
+
+
+def test_estimate_left_uses_the_mean_of_each_kind() -> None:
+    class J:
+        def __init__(self, kind: str) -> None:
+            self.kind = kind
+
+    assert estimate_left({}, [J("patchcore")]) is None
+    durations = {"patchcore": [10.0, 30.0], "finetune": [100.0]}
+    assert estimate_left(durations, [J("patchcore"), J("finetune"), J("patchcore")]) == 140.0
+    assert estimate_left({"patchcore": [10.0]}, [J("finetune")]) == 10.0
