@@ -17,7 +17,9 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
     """Call ``write(tmp_path)`` on a temp file in the target folder, then rename it over ``path``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    # The writer's pid is in the name, so a temporary left by a killed process can be told from a live one's
+    # (``remove_dead_temporaries``).
+    handle, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=TMP_SUFFIX, dir=path.parent)
     os.close(handle)
     tmp = Path(tmp_name)
     try:
@@ -27,6 +29,33 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
     finally:
         tmp.unlink(missing_ok=True)
     return path
+
+
+TMP_SUFFIX = ".tmp"
+
+
+def process_alive(pid: int) -> bool:
+    """Whether process ``pid`` runs on this machine (another user's live process counts as running)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_dead_temporaries(folder: str | Path) -> list[Path]:
+    """Delete the ``atomic_write`` temporaries below ``folder`` whose writer died (a kill -9 mid-write leaves
+    one: a saved bank may be hundreds of MB); those of live processes are theirs to finish."""
+    removed = []
+    for tmp in Path(folder).rglob(f".*{TMP_SUFFIX}") if Path(folder).is_dir() else ():
+        parts = tmp.name.removesuffix(TMP_SUFFIX).split(".")  # "", name parts..., pid, random
+        pid = parts[-2] if len(parts) >= 4 else ""
+        if pid.isdigit() and not process_alive(int(pid)):
+            tmp.unlink(missing_ok=True)
+            removed.append(tmp)
+    return removed
 
 
 def _umask() -> int:

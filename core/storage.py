@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from core.io import write_json_atomic
+from core.io import process_alive, write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -222,16 +222,6 @@ class _FileWriter:
         self.path.unlink(missing_ok=True)
 
 
-def _process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's live process
-        return True
-    return True
-
-
 def _file_identity(value) -> list | None:
     """(size, mtime) of an existing file named by a spec value, so replaced weights change the key."""
     if isinstance(value, str) and value and os.path.isfile(os.path.expanduser(value)):
@@ -280,7 +270,7 @@ class FeatureCache:
         removed = []
         for path in self.directory.glob(".*.tmp.npy"):
             pid = path.name.removesuffix(".tmp.npy").rpartition(".")[2]
-            if pid.isdigit() and not _process_alive(int(pid)):
+            if pid.isdigit() and not process_alive(int(pid)):
                 path.unlink(missing_ok=True)
                 removed.append(path)
         if removed:

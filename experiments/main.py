@@ -10,6 +10,7 @@ category starts, so a bad setting fails in seconds.
 from __future__ import annotations
 
 import logging
+import shutil
 import time
 from pathlib import Path
 
@@ -24,7 +25,8 @@ from torch.utils.data import DataLoader
 from core.backbones import FeatureExtractor
 from core.data import AnomalyDataset, DatasetError, MVTecLayout, UnreadableFilesError
 from core.detector import Detector
-from core.io import write_json_atomic
+from core.io import remove_dead_temporaries, write_json_atomic
+from core.metrics import METRIC_DEFINITIONS
 from core.thresholds import ThresholdRule
 from experiments.runs import settings
 from experiments.runs.anomaly_maps import MAPS_DIR, save_maps
@@ -32,15 +34,17 @@ from experiments.runs.backbones import per_category_backbones
 from experiments.runs.components import build, resolve_device
 from experiments.runs.evaluation import apply_threshold, evaluate, score_rows, split_validation
 from experiments.runs.results import (
+    SCHEMA_VERSION,
     failure_message,
     format_table,
     git_commit,
     mean_metrics,
     peak_rss_mb,
+    read_scores_csv,
     versions,
     write_scores_csv,
 )
-from experiments.runs.run_key import check_run_dir, claim_run, config_hash, skip_if_done
+from experiments.runs.run_key import check_run_dir, claim_run, config_hash, read_results, resumable, skip_if_done
 from experiments.runs.tracking import NoLogger, make_tracker
 
 log = logging.getLogger("patchcore")
@@ -130,6 +134,8 @@ class Harness:
         if self.rule is not None:
             nominal = model.predict(self.loader(AnomalyDataset(held_out, preprocessing))) if held_out else None
             threshold = apply_threshold(self.rule, nominal, predictions)
+            if threshold.get("warning"):
+                log.warning("[%s] %s", category, threshold["warning"])
             log.info("[%s] %s threshold %.4g%s: precision %s, recall %s, confusion %s", category, self.rule.name,
                      threshold["image_threshold"],
                      " (optimistic: chosen on the test labels)" if self.rule.optimistic else "",
@@ -165,35 +171,75 @@ def run(cfg: DictConfig, run_dir: Path, tracker: NoLogger | None = None) -> dict
     tracker = tracker or NoLogger()
     started = time.perf_counter()
     check_run_dir(cfg, run_dir)  # never replace another config's results without a word
+    for leftover in remove_dead_temporaries(run_dir):  # half-written files of a run that was killed here
+        log.info("removed %s, left unfinished by a process that died", leftover)
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed)
     harness = Harness(cfg, run_dir)
-    results: dict = {"config": OmegaConf.to_container(cfg, resolve=True), "categories": {}, "mean": {},
+    results: dict = {"schema_version": SCHEMA_VERSION, "metric_definitions": dict(METRIC_DEFINITIONS),
+                     "config": OmegaConf.to_container(cfg, resolve=True), "categories": {}, "mean": {},
                      "failed": {}, "complete": False, "peak_rss_mb": None, "total_time_s": None,
                      "versions": versions(), "git_commit": git_commit(), "config_hash": config_hash(cfg),
                      "preprocessing": {"resize": harness.layout.resize, "image_size": harness.layout.image_size}}
-    score_table: list[dict] = []
+    score_table = _resume(cfg, run_dir, harness.categories, results)
     for category in harness.categories:
-        try:
-            if category in harness.unusable:  # found by the start-up scan: not fitted
-                raise _Unusable(harness.unusable[category])
-            entry, rows = harness.run_category(category)
-        except _Unusable as error:
-            results["failed"][category] = str(error)
-        except Exception as error:  # keep finished categories; report the failure at the end
-            log.exception("[%s] failed", category)
-            results["failed"][category] = failure_message(error)  # the traceback: in the log only
-        else:
-            results["categories"][category] = entry
-            score_table.extend(rows)
-            write_scores_csv(run_dir / "scores.csv", score_table)
-            tracker.log_category(category, entry, rows, sorted((run_dir / MAPS_DIR / category).glob("*.png")))
-        results["mean"] = mean_metrics(results["categories"])
-        results["complete"] = not results["failed"] and len(results["categories"]) == len(harness.categories)
-        results["peak_rss_mb"] = peak_rss_mb()
-        results["total_time_s"] = time.perf_counter() - started
-        write_json_atomic(run_dir / "results.json", results)
+        if category in results["categories"]:
+            continue  # finished by the interrupted run this one resumes
+        _run_one(harness, category, results, score_table, run_dir, tracker)
+        _finish_record(results, harness, started, run_dir)
+    if score_table:
+        write_scores_csv(run_dir / "scores.csv", score_table)
+    _finish_record(results, harness, started, run_dir)
     return results
+
+
+def _run_one(harness: Harness, category: str, results: dict, score_table: list[dict], run_dir: Path,
+             tracker: NoLogger) -> None:
+    """One category into ``results`` (its entry or its failure) and its rows into ``score_table``."""
+    try:
+        if category in harness.unusable:  # found by the start-up scan: not fitted
+            raise _Unusable(harness.unusable[category])
+        entry, rows = harness.run_category(category)
+    except _Unusable as error:
+        results["failed"][category] = str(error)
+    except Exception as error:  # keep finished categories; report the failure at the end
+        log.exception("[%s] failed", category)
+        results["failed"][category] = failure_message(error)  # the traceback: in the log only
+    else:
+        results["categories"][category] = entry
+        score_table.extend(rows)
+        write_scores_csv(run_dir / "scores.csv", score_table)
+        tracker.log_category(category, entry, rows, sorted((run_dir / MAPS_DIR / category).glob("*.png")))
+
+
+def _finish_record(results: dict, harness: Harness, started: float, run_dir: Path) -> None:
+    """Means, completeness, memory and time, then results.json (atomically: a kill leaves the previous one)."""
+    results["mean"] = mean_metrics(results["categories"])
+    results["complete"] = not results["failed"] and len(results["categories"]) == len(harness.categories)
+    results["peak_rss_mb"] = peak_rss_mb()
+    results["total_time_s"] = time.perf_counter() - started
+    write_json_atomic(run_dir / "results.json", results)
+
+
+def _resume(cfg: DictConfig, run_dir: Path, categories: list[str], results: dict) -> list[dict]:
+    """Take over the finished categories of an interrupted run of the same config (a kill, a failed category):
+    their entries, score rows, maps and saved models. Returns the score rows taken over."""
+    previous_path = resumable(cfg, run_dir)
+    previous = read_results(previous_path) if previous_path else None
+    if not previous:
+        return []
+    finished = [name for name in categories if name in previous["categories"]]
+    if not finished:
+        return []
+    source = previous_path.parent
+    for name in finished:
+        results["categories"][name] = {**previous["categories"][name], "resumed_from": str(previous_path)}
+        if source.resolve() != run_dir.resolve():
+            for folder in (MAPS_DIR, "models"):
+                if (source / folder / name).is_dir() and not (run_dir / folder / name).exists():
+                    shutil.copytree(source / folder / name, run_dir / folder / name)
+    log.info("resuming %s: %s already finished there, not fitted again", previous_path, ", ".join(finished))
+    return read_scores_csv(source / "scores.csv", set(finished))
 
 
 def _run_tracked(cfg: DictConfig, run_dir: Path, stop: type[BaseException]) -> dict:

@@ -499,4 +499,79 @@ def test_kill_9_during_fit_then_resume(tmp_path) -> None:
     final = json.loads(results_file.read_text())
     assert final["complete"] is True and set(final["categories"]) == {"alpha", "beta"}
     assert final["config_hash"] == killed["config_hash"]
+    alpha = final["categories"]["alpha"]  # taken over from the killed run, not fitted again
+    assert alpha.pop("resumed_from") == str(results_file) and alpha == killed["categories"]["alpha"]
+    log = done.stdout + done.stderr
+    assert "resuming" in log and "alpha already finished there" in log
+    rows = (tmp_path / "run" / "scores.csv").read_text().splitlines()
+    assert sum(row.startswith("alpha,") for row in rows) == 4 and sum(row.startswith("beta,") for row in rows) == 4
     assert not list((tmp_path / "outputs" / ".in_progress").iterdir())  # taken over, then released
+
+
+# --------------------------------------------------------------------------- leftovers of the probe (findings 6, 8)
+
+
+def test_unwritable_hydra_run_dir_is_one_clear_line(tmp_path) -> None:
+    """Hydra opens its log file in the run folder before the task runs: the callback stops it first."""
+    import subprocess
+    import sys
+
+    (tmp_path / "file").write_text("a file, not a folder")
+    done = subprocess.run([sys.executable, str(REPO / "experiments" / "main.py"), f"hydra.run.dir={tmp_path}/file/run"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0 and "Traceback" not in done.stderr
+    assert done.stderr.strip().splitlines()[-1] == (
+        f"error: the output folder (hydra.run.dir) {tmp_path}/file/run cannot be written: {tmp_path}/file is a file, "
+        "not a folder; choose another")
+
+
+def test_float_tiffs_are_scaled_not_turned_black(tmp_path) -> None:
+    import numpy as np
+    from PIL import Image
+
+    from core.data import DatasetError, read_image
+
+    ramp = np.linspace(0.0, 1.0, 16, dtype=np.float32).reshape(4, 4)
+    Image.fromarray(ramp).save(tmp_path / "unit.tif")  # mode F, values in [0, 1]
+    Image.fromarray(ramp * 255).save(tmp_path / "byte.tif")  # mode F, values in [0, 255]
+    for name in ("unit.tif", "byte.tif"):
+        image = read_image(tmp_path / name)
+        assert image.mode == "L"
+        np.testing.assert_array_equal(np.asarray(image), np.round(ramp * 255).astype(np.uint8))
+    Image.fromarray(ramp * 1000 - 5).save(tmp_path / "odd.tif")
+    with pytest.raises(DatasetError, match=r"odd\.tif is a float image with pixel values in \[-5, 995\].*8-bit PNG"):
+        read_image(tmp_path / "odd.tif")
+
+
+def test_threshold_on_a_single_held_out_image_warns(tmp_path, make_config, caplog) -> None:
+    from experiments.main import run
+    from tests.conftest import write_tiny_category
+
+    write_tiny_category(tmp_path / "data", "widget", n_train=3, size=32)
+    results = run(tiny_config(make_config, tmp_path / "data", "threshold=nominal_sigma",
+                              "threshold.validation_fraction=0.34"), tmp_path / "run")
+    threshold = results["categories"]["widget"]["threshold"]
+    assert threshold["n_validation"] == 1
+    assert threshold["warning"].startswith("the threshold was fitted on only 1 held-out nominal image (fewer than 5)")
+    assert "threshold.validation_fraction" in threshold["warning"] and threshold["warning"] in caplog.text
+
+
+def test_temporaries_of_dead_writers_are_removed_and_live_ones_kept(tmp_path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    from core.io import atomic_write, remove_dead_temporaries
+
+    seen = []
+    atomic_write(tmp_path / "results.json", lambda tmp: (seen.append(tmp.name), tmp.write_text("{}")))
+    assert seen[0].startswith(f".results.json.{os.getpid()}.") and seen[0].endswith(".tmp")
+    dead = int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                              text=True).stdout)
+    (tmp_path / "models" / "widget").mkdir(parents=True)
+    orphan = tmp_path / "models" / "widget" / f".bank.safetensors.{dead}.k2j_x9.tmp"
+    live = tmp_path / f".scores.csv.{os.getpid()}.abc123.tmp"
+    orphan.write_bytes(b"x" * 1000)
+    live.write_bytes(b"x")
+    assert remove_dead_temporaries(tmp_path) == [orphan]
+    assert not orphan.exists() and live.exists() and (tmp_path / "results.json").read_text() == "{}"

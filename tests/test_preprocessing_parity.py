@@ -59,3 +59,22 @@ def test_official_masks_lose_the_boundary_pixels(source: int) -> None:
         assert lost == 0
     else:
         assert 0.05 < lost < 0.5  # measured 0.11 here (a box and a 3 px scratch, 700 -> 256 px)
+
+
+@pytest.mark.parametrize("source", [256, 700])
+def test_mask_resize_official_is_the_official_binarisation(source: int) -> None:
+    """``dataset.mask_resize=official`` gives exactly the official pipeline's masks (torchvision on the PIL mask,
+    ToTensor, cast to an integer: only pixels that stay exactly 1 count)."""
+    preprocessing = Preprocessing(256, 224, mask_resize="official")
+    mask = defect_mask(source)
+    ours = preprocessing.mask(mask)[0].numpy()
+    official = T.Compose([T.Resize(256), T.CenterCrop(224), T.ToTensor()])(mask)[0].numpy().astype(np.uint8)
+    assert set(np.unique(ours)) <= {0.0, 1.0}
+    np.testing.assert_array_equal(ours.astype(np.uint8), official)
+
+
+def test_mask_resize_is_checked_by_name() -> None:
+    from core.data import DatasetError, MVTecLayout
+
+    with pytest.raises(DatasetError, match="dataset.mask_resize='bicubic'"):
+        MVTecLayout("mvtec", "data/mvtec", mask_resize="bicubic")

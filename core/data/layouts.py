@@ -19,7 +19,7 @@ import numpy as np
 
 from core.data.dataset import AnomalyDataset, Sample
 from core.data.images import IMAGE_EXTENSIONS, DatasetError, header_problem
-from core.data.preprocessing import Preprocessing
+from core.data.preprocessing import MASK_RESIZES, Preprocessing
 
 
 def _list_images(folder: Path) -> list[Path]:
@@ -64,6 +64,7 @@ class MVTecLayout:
         image_size: int = 224,
         train_limit: int | None = None,
         skip_unreadable: bool = False,
+        mask_resize: str = "nearest",
     ):
         if train_limit is not None and train_limit < 1:
             raise DatasetError(
@@ -78,6 +79,9 @@ class MVTecLayout:
         self.image_size = image_size
         self.train_limit = train_limit
         self.skip_unreadable = skip_unreadable
+        self.mask_resize = mask_resize
+        if mask_resize not in MASK_RESIZES:  # found at start-up, by name
+            raise DatasetError(f"dataset.mask_resize={mask_resize!r} is not supported: use one of {MASK_RESIZES}")
         self.unreadable: dict[str, list[str]] = {}  # category -> what scan() found and skipped
         self._skipped: set[Path] = set()
 
@@ -120,7 +124,7 @@ class MVTecLayout:
 
     def preprocessing(self, mean, std, interpolation: str = "bilinear") -> Preprocessing:
         """The dataset's resize/crop with the backbone's normalisation and interpolation."""
-        return Preprocessing(self.resize, self.image_size, tuple(mean), tuple(std), interpolation)
+        return Preprocessing(self.resize, self.image_size, tuple(mean), tuple(std), interpolation, self.mask_resize)
 
     def train_samples(self, category: str, seed: int = 0) -> list[Sample]:
         """Nominal training images sorted by name; a seeded subset of `train_limit` of them if set."""

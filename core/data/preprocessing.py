@@ -14,6 +14,7 @@ from core.data.images import DatasetError
 from core.imagenet import IMAGENET_MEAN, IMAGENET_STD
 
 _INTERPOLATIONS = {"bilinear": InterpolationMode.BILINEAR, "bicubic": InterpolationMode.BICUBIC}
+MASK_RESIZES = ("nearest", "official")
 
 
 @dataclass(frozen=True)
@@ -25,6 +26,10 @@ class Preprocessing:
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
     interpolation: str = "bilinear"
+    # "nearest": any nonzero mask pixel is a defect, resized by nearest-neighbour sampling (keeps every
+    # defect pixel); "official": the official code's rule, a bilinear resize of the mask after which only
+    # pixels that stay exactly 255 count (the resampled boundary is dropped).
+    mask_resize: str = "nearest"
 
     def __post_init__(self) -> None:
         # Any sequence is accepted; stored as tuples so the dataclass stays hashable and comparable.
@@ -34,6 +39,8 @@ class Preprocessing:
             raise DatasetError(
                 f"interpolation={self.interpolation!r} is not supported: use one of {sorted(_INTERPOLATIONS)}"
             )
+        if self.mask_resize not in MASK_RESIZES:
+            raise DatasetError(f"dataset.mask_resize={self.mask_resize!r} is not supported: use one of {MASK_RESIZES}")
         if not 0 < self.image_size <= self.resize:
             raise DatasetError(
                 f"dataset.image_size={self.image_size} must be between 1 and dataset.resize={self.resize} "
@@ -55,6 +62,11 @@ class Preprocessing:
         """
         if img is None:
             return torch.zeros(1, self.image_size, self.image_size)
+        if self.mask_resize == "official":  # PIL's bilinear resize of the 0/255 mask, as the official code does
+            binary = Image.fromarray(_nonzero(img).astype(np.uint8) * 255)
+            resized = F.center_crop(F.resize(binary, [self.resize], interpolation=InterpolationMode.BILINEAR),
+                                    [self.image_size])
+            return torch.from_numpy(np.asarray(resized) == 255).float()[None]
         x = torch.from_numpy(_nonzero(img)).to(torch.uint8)[None]
         x = F.resize(x, [self.resize], interpolation=InterpolationMode.NEAREST_EXACT)
         return F.center_crop(x, [self.image_size]).float()

@@ -49,12 +49,14 @@ class TexturesLayout(MVTecLayout):
         n_test_good: int = 15,
         n_per_defect: int = 6,
         skip_unreadable: bool = False,
+        mask_resize: str = "nearest",
     ):
         categories = list(TEXTURE_SOURCES) if categories is None else [str(c) for c in categories]
         unknown = [c for c in categories if c not in TEXTURE_SOURCES]
         if unknown:
             raise DatasetError(f"unknown textures categories {unknown}: choose from {list(TEXTURE_SOURCES)}")
-        super().__init__(name, root, categories, "good", resize, image_size, train_limit, skip_unreadable)
+        super().__init__(name, root, categories, "good", resize, image_size, train_limit, skip_unreadable,
+                         mask_resize)
         self.counts = {"n_train": n_train, "n_test_good": n_test_good, "n_per_defect": n_per_defect}
         self._ready = False
 

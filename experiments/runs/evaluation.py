@@ -7,7 +7,7 @@ import numpy as np
 
 from core.data import Sample
 from core.detector import Predictions
-from core.metrics import compute_metrics
+from core.metrics import aupro_defect_images, compute_metrics
 from core.thresholds import ThresholdRule, decide
 
 
@@ -47,10 +47,11 @@ def evaluate(predictions: Predictions) -> tuple[dict, str | None]:
     labels, scores = predictions.labels, predictions.image_scores
     metrics = compute_metrics(labels, scores, None, None)
     if masks is None:
-        return metrics, "no ground-truth masks: pixel metrics not computed"
+        return {**metrics, "aupro_defect_images": None}, "no ground-truth masks: pixel metrics not computed"
     known = predictions.has_mask
     pixel = compute_metrics(labels[known], scores[known], maps, masks)
     metrics.update({key: pixel[key] for key in PIXEL_METRICS})
+    metrics["aupro_defect_images"] = aupro_defect_images(masks, maps)
     return metrics, _left_out_note(predictions)
 
 
@@ -82,11 +83,26 @@ def apply_threshold(rule: ThresholdRule, nominal: Predictions | None, prediction
         None if nominal is None else nominal.image_scores, None if nominal is None else nominal.maps,
         predictions.labels, predictions.image_scores, masks, maps)
     decisions = decide(predictions.labels, predictions.image_scores, image_t)
-    return {**rule.describe(), "image_threshold": image_t, "pixel_threshold": pixel_t,
-            "n_validation": 0 if nominal is None else len(nominal.image_scores),
-            "precision": decisions.precision, "recall": decisions.recall, "f1": decisions.f1,
-            "accuracy": decisions.accuracy,
-            "confusion": {"tp": decisions.tp, "fp": decisions.fp, "tn": decisions.tn, "fn": decisions.fn}}
+    n_validation = 0 if nominal is None else len(nominal.image_scores)
+    entry = {**rule.describe(), "image_threshold": image_t, "pixel_threshold": pixel_t,
+             "n_validation": n_validation,
+             "precision": decisions.precision, "recall": decisions.recall, "f1": decisions.f1,
+             "accuracy": decisions.accuracy,
+             "confusion": {"tp": decisions.tp, "fp": decisions.fp, "tn": decisions.tn, "fn": decisions.fn}}
+    if nominal is not None and n_validation < FEW_VALIDATION_IMAGES:
+        entry["warning"] = few_validation_warning(n_validation)
+    return entry
+
+
+# Below this many held-out nominal images a nominal rule's threshold is a guess: one image has a standard
+# deviation of 0 (mean + k * std is that image's score), a 0.99 quantile of four is their maximum.
+FEW_VALIDATION_IMAGES = 5
+
+
+def few_validation_warning(count: int) -> str:
+    return (f"the threshold was fitted on only {count} held-out nominal image{'s' if count != 1 else ''} (fewer "
+            f"than {FEW_VALIDATION_IMAGES}): it is not a reliable decision boundary; raise "
+            "threshold.validation_fraction or add train/good images")
 
 
 def score_rows(category: str, predictions: Predictions) -> list[dict]:

@@ -2,22 +2,28 @@
 
 Schema (a contract: the report and sweeps read it)::
 
-    {"config": <resolved config>, "config_hash": <experiments/runs/run_key.py>,
+    {"schema_version": 2, "metric_definitions": {<metric>: <what it computes>},
+     "config": <resolved config>, "config_hash": <experiments/runs/run_key.py>,
      "preprocessing": {"resize", "image_size"},
      "categories": {"<name>": {"image_auroc", "image_f1_max", "pixel_auroc", "pixel_f1_max", "aupro",
-                               "n_train", "n_test", "bank_size", "pixel_metrics_note",
+                               "aupro_defect_images", "n_train", "n_test", "bank_size", "pixel_metrics_note",
+                               "resumed_from" (only when taken over from an interrupted run),
                                "timings_s": {"train" | "extract", "coreset", "predict"},
                                "threshold": {...}  (only with a threshold rule)}},
      "mean": {"image_auroc", "image_f1_max", "pixel_auroc", "pixel_f1_max", "aupro"},
      "failed": {"<name>": "<error>"}, "complete": bool,
      "peak_rss_mb", "total_time_s", "versions", "git_commit"}
 
-Metrics are floats in [0, 1], ``null`` where they cannot be computed. ``METRICS`` and ``TIMINGS`` are the
-one list of their names: the table below, the tracker and the report read them from here.
+Version 1 (records made before ``schema_version`` existed) has no ``metric_definitions`` and no
+``aupro_defect_images``, and may hold ``memory`` where version 2 holds ``search`` / ``storage``; readers
+treat a missing ``schema_version`` as 1. Metrics are floats in [0, 1], ``null`` where they cannot be computed.
+``METRICS`` and ``TIMINGS`` are the one list of their names: the table below, the tracker and the report
+read them from here.
 """
 
 from __future__ import annotations
 
+import csv
 import platform
 import resource
 import subprocess
@@ -29,6 +35,10 @@ from core.io import write_csv_atomic
 METRIC_TITLES = {"image_auroc": "Image AUROC", "image_f1_max": "Image F1-max", "pixel_auroc": "Pixel AUROC",
                  "pixel_f1_max": "Pixel F1-max", "aupro": "AUPRO"}
 METRICS = tuple(METRIC_TITLES)  # the order of results.json and the printed table
+# Recorded and averaged too, but not in the printed table: the official PatchCore README's PRO convention
+# (over the anomalous test images only), for comparing with its published figures.
+EXTRA_METRICS = ("aupro_defect_images",)
+SCHEMA_VERSION = 2
 # Fit stages named for what they measure (train: models fitted by training, e.g. the CAE; extract + coreset:
 # PatchCore), then prediction; a category records the ones its model has.
 TIMINGS = ("train", "extract", "coreset", "predict")
@@ -37,9 +47,10 @@ _PACKAGES = ("torch", "torchvision", "numpy", "scikit-learn", "scipy", "hydra-co
 
 
 def mean_metrics(categories: dict[str, dict]) -> dict[str, float | None]:
-    """Mean over categories of each metric, skipping categories where it is ``null``."""
+    """Mean over categories of each metric, skipping categories where it is ``null`` (or, in a version-1
+    record, absent)."""
     means: dict[str, float | None] = {}
-    for metric in METRICS:
+    for metric in (*METRICS, *EXTRA_METRICS):
         values = [entry[metric] for entry in categories.values() if entry.get(metric) is not None]
         means[metric] = sum(values) / len(values) if values else None
     return means
@@ -77,6 +88,15 @@ SCORE_COLUMNS = ("category", "path", "defect_type", "label", "image_score")
 
 def write_scores_csv(path: Path, rows: list[dict]) -> None:
     write_csv_atomic(path, SCORE_COLUMNS, rows)
+
+
+def read_scores_csv(path: Path, categories: set[str]) -> list[dict]:
+    """The rows of ``categories`` in a scores.csv written by ``write_scores_csv`` (typed back), or [] without one."""
+    if not Path(path).is_file():
+        return []
+    with Path(path).open(newline="") as handle:
+        return [{**row, "label": int(row["label"]), "image_score": float(row["image_score"])}
+                for row in csv.DictReader(handle) if row.get("category") in categories]
 
 
 def format_table(categories: dict[str, dict], means: dict[str, float | None]) -> str:

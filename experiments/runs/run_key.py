@@ -130,6 +130,25 @@ def find_done(key: str, roots: Iterable[str | Path]) -> Path | None:
     return max(found)[1] if found else None
 
 
+def find_partial(key: str, roots: Iterable[str | Path]) -> Path | None:
+    """The newest *incomplete* ``results.json`` of config ``key`` with at least one finished category (a run
+    that was killed or had a failing category), or None: a re-run takes its finished categories over."""
+    found: list[tuple[float, Path]] = []
+    for path in iter_results(roots):
+        results = read_results(path)
+        if (results and results.get("complete") is False and results_hash(results) == key
+                and isinstance(results.get("categories"), dict) and results["categories"]):
+            found.append((path.stat().st_mtime, path))
+    return max(found)[1] if found else None
+
+
+def resumable(cfg, run_dir: Path) -> Path | None:
+    """The partial results.json a run of ``cfg`` resumes from (never with ``force=true``), or None."""
+    if cfg.get("force", False):
+        return None
+    return find_partial(config_hash(cfg), search_roots(run_dir, _sweep_dir()))
+
+
 def search_roots(run_dir: Path, sweep_dir: Path | None = None, cwd: Path | None = None) -> list[Path]:
     """Where earlier runs are looked for: outputs/, multirun/, and the sweep folder (a single run: its own)."""
     cwd = cwd or Path.cwd()
