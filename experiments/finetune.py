@@ -12,6 +12,7 @@ category's result goes to ``<checkpoint_dir>/<method>/<backbone>/<category>.pt``
 from __future__ import annotations
 
 import hydra
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from experiments.runs.finetuning import run
@@ -20,13 +21,17 @@ from experiments.runs.finetuning import run
 @hydra.main(version_base="1.3", config_path="../conf", config_name="finetune")
 def main(cfg: DictConfig) -> None:
     try:
-        records = run(cfg)
+        records = run(cfg, HydraConfig.get().runtime.output_dir)
     except (ValueError, FileNotFoundError) as error:  # bad settings or input: the message says what to fix
         raise SystemExit(f"error: {error}") from None
     for category, record in records.items():
         loss = record["final_loss"]
-        print(f"{category:>16}: {record['steps']} steps, final loss {loss:.4f} "
-              f"(mean of last epoch {record['final_loss_mean']:.4f}) -> "
+        loss_text = "no step finished" if loss is None else (
+            f"final loss {loss:.4f} (mean of last epoch {record['final_loss_mean']:.4f})")
+        proxy = (record.get("selection") or {}).get("proxy") or {}
+        chosen = "" if not proxy else (f", selected step {record['selected_step']} (proxy image AUROC "
+                                       f"{proxy['image_auroc']:.4f}, pixel AUROC {proxy['pixel_auroc']:.4f})")
+        print(f"{category:>16}: {record['steps']} steps, {loss_text}{chosen} -> "
               f"{cfg.checkpoint_dir}/{record['method']}/{cfg.backbone.name}/{category}.pt")
     print(f"use it: python experiments/main.py backbone={cfg.method.name} backbone.base={cfg.backbone.name} "
           f"dataset={cfg.dataset.name} category=<category>")

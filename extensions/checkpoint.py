@@ -5,6 +5,7 @@ For one (method, base backbone, category) the files live side by side:
     checkpoints/<method>/<backbone>/<category>.pt          fine-tuned extractor weights (what PatchCore loads)
     checkpoints/<method>/<backbone>/<category>.json        sidecar: base backbone, method, config, steps, loss, date
     checkpoints/<method>/<backbone>/<category>.loss.jsonl  one line per training step
+    checkpoints/<method>/<backbone>/<category>.proxy.jsonl one line per proxy evaluation (extensions/proxy.py)
     checkpoints/<method>/<backbone>/<category>.resume.pt   training state while a run is unfinished
 
 Every file is written atomically (temp file + rename) and every ``.pt`` is read with
@@ -54,6 +55,10 @@ class CheckpointFiles:
     @property
     def loss_log(self) -> Path:
         return self.weights.with_suffix(".loss.jsonl")
+
+    @property
+    def proxy_log(self) -> Path:
+        return self.weights.with_suffix(".proxy.jsonl")
 
     @property
     def state(self) -> Path:

@@ -115,6 +115,16 @@ class Protection:
         total = sum((params[name] - ref.to(device)).pow(2).sum() for name, ref in self.reference.items())
         return 0.5 * self.l2sp_weight * total
 
+    @torch.no_grad()
+    def weight_distance(self) -> dict[str, float]:
+        """``||w - w0||_2`` over the trainable backbone weights (the L2-SP term's root, unweighted), and
+        relative to ``||w0||_2``: how far fine-tuning has moved from the pretrained solution."""
+        params = dict(self.extractor.named_parameters())
+        moved = sum(float((params[name] - ref).double().pow(2).sum()) for name, ref in self.reference.items())
+        start = sum(float(ref.double().pow(2).sum()) for ref in self.reference.values())
+        distance = moved**0.5
+        return {"weight_distance": distance, "weight_distance_rel": distance / start**0.5 if start > 0 else 0.0}
+
     def to(self, device: torch.device | str) -> Protection:
         self.reference = {name: ref.to(device) for name, ref in self.reference.items()}
         return self

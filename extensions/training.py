@@ -22,14 +22,14 @@ from __future__ import annotations
 import datetime as dt
 import json
 import logging
-import math
 import time
 from collections import deque
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
+from typing import Protocol
 
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from core.io import file_sha256
@@ -43,6 +43,8 @@ from extensions.checkpoint import (
 )
 from extensions.objective import Objective
 from extensions.protection import Protection
+from extensions.proxy import ProxyValidator, Selection
+from extensions.run_state import EpochBatches, LossLog, lr_lambdas, rng_state, set_rng_state
 
 log = logging.getLogger("finetune")
 
@@ -88,77 +90,16 @@ class TrainConfig:
         return self.max_steps if self.max_steps is not None else self.epochs * steps_per_epoch
 
 
-class EpochBatches(Sampler[list[int]]):
-    """The batches of one epoch, from batch ``start`` on: a seeded permutation, last partial batch dropped."""
+class TrainingTracker(Protocol):
+    """Where a run's rows go besides the JSONL logs (experiments/runs/finetune_tracking.py: W&B)."""
 
-    def __init__(self, n: int, batch_size: int, seed: int, epoch: int, start: int = 0, limit: int | None = None):
-        self.n, self.batch_size, self.start = n, batch_size, start
-        generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-        order = torch.randperm(n, generator=generator).tolist()
-        batches = [order[i : i + batch_size] for i in range(0, n - batch_size + 1, batch_size)]
-        self.batches = batches[start:] if limit is None else batches[start : start + limit]
+    def log_step(self, category: str, row: dict) -> None: ...
 
-    def __iter__(self) -> Iterator[list[int]]:
-        return iter(self.batches)
-
-    def __len__(self) -> int:
-        return len(self.batches)
-
-
-def lr_lambdas(total: int, head_only_steps: int) -> tuple:
-    """Cosine decay to zero over the run; the backbone's starts after ``head_only_steps`` (0 before)."""
-
-    def head(step: int) -> float:
-        return 0.5 * (1 + math.cos(math.pi * min(step, total) / total))
-
-    def backbone(step: int) -> float:
-        if step < head_only_steps:
-            return 0.0
-        span = max(1, total - head_only_steps)
-        return 0.5 * (1 + math.cos(math.pi * min(step - head_only_steps, span) / span))
-
-    return backbone, head
-
-
-def _rng_state() -> dict:
-    state = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    def log_eval(self, category: str, row: dict) -> None: ...
 
 
 def _canonical(identity: dict) -> str:
     return json.dumps(identity, sort_keys=True, default=str)
-
-
-class LossLog:
-    """Append-only JSONL; on resume, lines past the resumed step (written after its checkpoint) are dropped."""
-
-    def __init__(self, path, resume_step: int) -> None:
-        self.path = path
-        rows = []
-        if resume_step > 0 and path.is_file():
-            for line in path.read_text().splitlines():
-                try:
-                    row = json.loads(line)
-                except ValueError:
-                    continue  # a line cut short by the interruption
-                if row.get("step", math.inf) <= resume_step:
-                    rows.append(row)
-        self.rows = rows
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text("".join(json.dumps(row) + "\n" for row in rows))
-
-    def append(self, row: dict) -> None:
-        self.rows.append(row)
-        with self.path.open("a") as handle:
-            handle.write(json.dumps(row) + "\n")
 
 
 def fine_tune(
@@ -172,6 +113,8 @@ def fine_tune(
     num_workers: int = 0,
     progress: bool = True,
     resume: bool = True,
+    proxy: ProxyValidator | None = None,
+    tracker: TrainingTracker | None = None,
 ) -> dict:
     """Fine-tune ``objective.extractor`` on ``dataset`` (nominal training images only); return the sidecar.
 
@@ -179,6 +122,11 @@ def fine_tune(
     resume file and the sidecar: a resume file or a finished checkpoint is reused only when both match.
     A finished checkpoint is not trained again (``resume=False`` does): its sidecar is returned and
     ``objective`` is left as it was.
+
+    With a ``proxy`` (extensions/proxy.py) the weights are evaluated at step 0, every
+    ``proxy.config.eval_every`` steps and at the last step; the best evaluation's weights are the ones
+    written, training stops after ``patience`` evaluations without gain, and a non-finite loss ends the
+    run (the selection still holds finite weights) instead of failing it.
     """
     if checkpoint_every < 1:
         raise ValueError(f"checkpoint_every={checkpoint_every} must be at least 1 (steps between resume files)")
@@ -189,37 +137,72 @@ def fine_tune(
     batch_size = min(config.batch_size, n)
     steps_per_epoch = n // batch_size
     total = config.total_steps(steps_per_epoch)
-    key = _canonical({**identity, "train": asdict(config)})
+    proxy_record = {"proxy": asdict(proxy.config)} if proxy is not None else {}
+    key = _canonical({**identity, "train": asdict(config), **proxy_record})
     finished = _finished_sidecar(files, key) if resume else None
     if finished is not None:
         log.info("%s is already fine-tuned with this configuration (resume=false trains it again)", files.weights)
         return finished
 
-    run = _Run.start(objective, config, files, key, total, device)
+    category = str(identity.get("category", ""))
+    selection = Selection(proxy.config.patience, proxy.config.collapse_fraction) if proxy is not None else None
+    run = _Run.start(objective, config, files, key, total, device, selection)
     run.restore_or_init(config.seed, resume, total)
     loss_log = LossLog(files.loss_log, run.step)
+    proxy_log = LossLog(files.proxy_log, run.step) if proxy is not None else None
     recent = deque((row["loss"] for row in loss_log.rows), maxlen=steps_per_epoch)
     bar = tqdm(total=total, initial=run.step, disable=not progress, dynamic_ncols=True,
-               desc=f"{identity.get('method', 'finetune')} {identity.get('category', '')}")
+               desc=f"{identity.get('method', 'finetune')} {category}")
+
+    def evaluate() -> None:
+        row = run.evaluate(proxy)
+        proxy_log.append(row)
+        if tracker is not None:
+            tracker.log_eval(category, row)
+        bar.set_postfix(proxy=f"{row['score'] if row['score'] is None else round(row['score'], 4)}",
+                        best=selection.best["step"] if selection.best else None)
+
+    if proxy is not None and not selection.rows:
+        evaluate()  # step 0: the pretrained weights are always a candidate
     loader_generator = torch.Generator().manual_seed(config.seed)  # worker seeds; keeps the global RNG untouched
     last: dict = {}
-    while run.step < total:
+    stop = None
+    while run.step < total and stop is None:
         epoch, offset = divmod(run.step, steps_per_epoch)
         batches = EpochBatches(n, batch_size, config.seed, epoch, offset, limit=total - run.step)
         loader = DataLoader(dataset, batch_sampler=batches, num_workers=num_workers, generator=loader_generator,
                             pin_memory=device.type == "cuda")
         for batch in loader:
-            last = run.train_step(batch, device, epoch)
+            try:
+                last = run.train_step(batch, device, epoch)
+            except FloatingPointError as error:
+                if proxy is None:
+                    raise
+                stop = f"diverged at step {run.step + 1} ({error})"
+                log.warning("%s: %s; keeping the best weights by the proxy", category, stop)
+                break
             loss_log.append(last)
+            if tracker is not None:
+                tracker.log_step(category, last)
             recent.append(last["loss"])
             bar.update(1)
-            bar.set_postfix(loss=f"{last['loss']:.4f}", l2sp=f"{last['l2sp']:.2e}")
+            if proxy is None:
+                bar.set_postfix(loss=f"{last['loss']:.4f}", l2sp=f"{last['l2sp']:.2e}")
+            if proxy is not None and (run.step % proxy.config.eval_every == 0 or run.step == total):
+                evaluate()
+                if selection.exhausted and run.step < total:
+                    stop = (f"early stop at step {run.step}: {proxy.config.patience} evaluations without gain "
+                            f"over step {selection.best['step']}")
+                    log.info("%s: %s", category, stop)
+                    break
             if run.step % checkpoint_every == 0 and run.step < total:
                 run.save_state()
     bar.close()
-    summary = {"n_train_images": n, "steps_per_epoch": steps_per_epoch,
+    summary = {"n_train_images": n, "steps_per_epoch": steps_per_epoch, "stop_reason": stop,
                "final_loss": last.get("loss", loss_log.rows[-1]["loss"] if loss_log.rows else None),
                "final_loss_mean": sum(recent) / len(recent) if recent else None}
+    if proxy is not None:
+        summary["proxy"] = {**asdict(proxy.config), **proxy.sizes()}
     return run.finish(identity, config, summary)
 
 
@@ -242,12 +225,13 @@ class _Run:
     scheduler: torch.optim.lr_scheduler.LambdaLR
     files: CheckpointFiles
     key: str
+    selection: Selection | None = None
     step: int = 0
     elapsed: float = 0.0
 
     @classmethod
     def start(cls, objective: Objective, config: TrainConfig, files: CheckpointFiles, key: str, total: int,
-              device: torch.device) -> _Run:
+              device: torch.device, selection: Selection | None = None) -> _Run:
         """Protection on the pretrained weights (L2-SP's reference), AdamW with two groups, cosine schedules."""
         protection = Protection(
             objective.extractor, config.frozen_stages, config.freeze_bn, config.train_bn_affine, config.l2sp_weight
@@ -262,7 +246,7 @@ class _Run:
             ]
         )
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, list(lr_lambdas(total, config.head_only_steps)))
-        return cls(objective, protection, optimizer, scheduler, files, key)
+        return cls(objective, protection, optimizer, scheduler, files, key, selection)
 
     def restore_or_init(self, seed: int, resume: bool, total: int) -> None:
         """Continue from this configuration's resume file, or start over: seed, then a fresh head."""
@@ -278,7 +262,9 @@ class _Run:
         self.objective.load_state_dict(state["objective"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
-        _set_rng_state(state["rng"])
+        if self.selection is not None:
+            self.selection.load_state_dict(state["selection"])
+        set_rng_state(state["rng"])
         self.step, self.elapsed = int(state["step"]), float(state["elapsed_s"])
         log.info("resuming %s from step %d of %d", files.state, self.step, total)
 
@@ -306,22 +292,35 @@ class _Run:
                 "l2sp": penalty.item(), "lr_backbone": lrs[0], "lr_head": lrs[1], **stats,
                 "time_s": round(self.elapsed, 3)}
 
+    def evaluate(self, proxy: ProxyValidator) -> dict:
+        """A proxy evaluation of the current weights, with the weight-distance monitor, recorded in the selection."""
+        row = {**proxy.evaluate(self.objective.extractor, self.step), **self.protection.weight_distance()}
+        self.selection.update(row, self.objective.extractor)
+        return row
+
     def save_state(self) -> None:
         """The resume file: everything an interrupted run needs to continue bit-identically."""
-        save_torch(self.files.state, {
+        state = {
             "format_version": FORMAT_VERSION, "identity": self.key, "step": self.step, "elapsed_s": self.elapsed,
             "objective": self.objective.state_dict(), "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(), "rng": _rng_state(),
-        })
+            "scheduler": self.scheduler.state_dict(), "rng": rng_state(),
+        }
+        if self.selection is not None:
+            state["selection"] = self.selection.state_dict()
+        save_torch(self.files.state, state)
 
     def finish(self, identity: dict, config: TrainConfig, summary: dict) -> dict:
-        """Write the fine-tuned extractor weights and their sidecar, drop the resume file; return the sidecar."""
+        """Write the selected (else the last) extractor weights and their sidecar, drop the resume file."""
         files, extractor = self.files, self.objective.extractor
+        selected = self.step
+        if self.selection is not None and self.selection.best_state is not None:
+            extractor.load_state_dict(self.selection.best_state)
+            selected = int(self.selection.best["step"])
         extractor.eval()
         base = {"name": extractor.name, **extractor.spec()}
         save_torch(files.weights, {
             "format_version": FORMAT_VERSION, "method": identity.get("method"), "category": identity.get("category"),
-            "base": base, "step": self.step, "state_dict": extractor.state_dict(),
+            "base": base, "step": selected, "state_dict": extractor.state_dict(),
         })
         steps_per_epoch = summary["steps_per_epoch"]
         record = {
@@ -331,6 +330,8 @@ class _Run:
             "base_backbone": base,
             "config": {**identity.get("config", {}), "train": asdict(config)},
             "steps": self.step,
+            "selected_step": selected,
+            "stop_reason": summary["stop_reason"],
             "steps_per_epoch": steps_per_epoch,
             "epochs": self.step / steps_per_epoch,
             "n_train_images": summary["n_train_images"],
@@ -343,8 +344,12 @@ class _Run:
             "loss_log": files.loss_log.name,
             "identity": self.key,
         }
+        if self.selection is not None:
+            record["selection"] = {**self.selection.summary(), "config": summary["proxy"],
+                                   "eval_time_s": round(sum(r["eval_time_s"] for r in self.selection.rows), 3),
+                                   "proxy_log": files.proxy_log.name}
         write_sidecar(files, record)
         files.state.unlink(missing_ok=True)
-        log.info("fine-tuned %s: %d steps, final loss %s -> %s", identity.get("category"), self.step,
-                 record["final_loss"], files.weights)
+        log.info("fine-tuned %s: %d steps, selected step %d, final loss %s -> %s", identity.get("category"),
+                 self.step, selected, record["final_loss"], files.weights)
         return record

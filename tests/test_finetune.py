@@ -284,13 +284,15 @@ def test_checkpoint_loads_into_patchcore(tmp_path) -> None:
     model = PatchCore(backbone, PatchEmbedder(embed_dim=32), progress=False)
     model.fit(DataLoader(tiny_dataset(4), batch_size=2))
     scores, _ = model.score(images)
-    model.save(tmp_path / "model")
+    model.save(tmp_path / "model")  # self-contained: its own copy of the fine-tuned weights
+    model.save(tmp_path / "spec_only", weights=False)  # names the checkpoint and its SHA-256
     loaded = PatchCore.load(tmp_path / "model", expected_spec=model.spec())
     torch.testing.assert_close(loaded.score(images)[0], scores)
 
     train(tmp_path, RotationPrediction(resnet18(), hidden_dim=16), tiny_dataset(), name="widget", steps=2)
-    with pytest.raises(CheckpointMismatchError, match="fine-tuned again"):  # the saved model's checkpoint changed
-        PatchCore.load(tmp_path / "model")
+    with pytest.raises(CheckpointMismatchError, match="fine-tuned again"):  # the checkpoint it names changed
+        PatchCore.load(tmp_path / "spec_only")
+    torch.testing.assert_close(PatchCore.load(tmp_path / "model").score(images)[0], scores)  # its copy did not
 
 
 def test_backbone_yaml_and_missing_checkpoint_names_the_make_command(tmp_path) -> None:
@@ -303,11 +305,11 @@ def test_backbone_yaml_and_missing_checkpoint_names_the_make_command(tmp_path) -
             return compose("config", overrides=list(overrides))
 
     cfg = config("backbone=rotation", "category=bottle").backbone
-    assert cfg.checkpoint == "checkpoints/rotation/wrn50/bottle.pt" and loads_one_checkpoint_per_category(cfg)
-    with pytest.raises(MissingCheckpointError, match=r"experiments/finetune.py method=rotation backbone=wrn50 "
+    assert cfg.checkpoint == "checkpoints/rotation/effnet_lite0/bottle.pt" and loads_one_checkpoint_per_category(cfg)
+    with pytest.raises(MissingCheckpointError, match=r"experiments/finetune.py method=rotation backbone=effnet_lite0 "
                                                      r"dataset=<dataset> category=bottle"):
         FineTunedBackbone(**{k: v for k, v in cfg.items() if k != "_target_"})
-    with pytest.raises(MissingCheckpointError, match=r"make finetune-rotation CATEGORY=bottle BACKBONE=wrn50"):
+    with pytest.raises(MissingCheckpointError, match=r"make finetune-rotation CATEGORY=bottle BACKBONE=effnet_lite0"):
         per_category_backbones(config("backbone=rotation", "category=bottle"), ["bottle"])  # the harness's check
 
     cfg = config("backbone=cutmix_contrastive", "backbone.base=resnet18", "category=[grass,brick]",
@@ -350,13 +352,20 @@ def test_make_targets_pick_the_dataset() -> None:
         "python experiments/finetune.py method=rotation backbone=wrn50 dataset=mvtec category=bottle")
     assert dry_run("finetune-cutmix") == (
         "python experiments/finetune.py method=cutmix_contrastive backbone=effnet_lite0 dataset=textures category=all")
+    assert dry_run("finetune-rotation", "QUICK=1") == (
+        "python experiments/finetune.py method=rotation backbone=effnet_lite0 dataset=textures category=all "
+        "method.max_steps=4 proxy.eval_every=2")
+    assert dry_run("sweep-finetune", "SWEEP=cutmix", "CATEGORY=brick") == (
+        "python experiments/finetune.py -m finetune_sweep=cutmix backbone=effnet_lite0 dataset=textures "
+        "category=brick")
 
 
 # --------------------------------------------------------------------------- end to end
 
 
 TINY = ("backbone=resnet18", "backbone.pretrained=false", "dataset=folder", "dataset.resize=32",
-        "dataset.image_size=32", "method.max_steps=2", "method.batch_size=2", "num_workers=0", "progress=false")
+        "dataset.image_size=32", "method.max_steps=2", "method.batch_size=2", "num_workers=0", "progress=false",
+        "logger=none", "proxy.embed_dim=32")
 
 
 def test_finetune_then_patchcore_end_to_end(tmp_path, monkeypatch) -> None:
@@ -373,7 +382,9 @@ def test_finetune_then_patchcore_end_to_end(tmp_path, monkeypatch) -> None:
         for name in ("test_samples", "test_set"):
             patch.setattr(MVTecLayout, name, lambda *args, **kwargs: pytest.fail("fine-tuning read test images"))
         records = finetune(cfg)
-    assert set(records) == {"widget"} and records["widget"]["steps"] == 2 and records["widget"]["n_train_images"] == 4
+    record = records["widget"]  # 4 train/good images: 1 held out for the proxy (proxy.holdout=0.2), 3 trained on
+    assert set(records) == {"widget"} and record["steps"] == 2 and record["n_train_images"] == 3
+    assert record["selection"]["config"]["proxy_nominal"] == 1 and record["selection"]["evaluations"] == 2
     assert (tmp_path / "ckpt" / "rotation" / "resnet18" / "widget.pt").is_file()
 
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
@@ -395,7 +406,7 @@ def test_finetune_command_line(tmp_path) -> None:
     assert done.returncode == 0, done.stderr
     assert "2 steps" in done.stdout
     sidecar = json.loads((tmp_path / "ckpt" / "cutmix_contrastive" / "resnet18" / "widget.json").read_text())
-    assert sidecar["config"]["method"]["temperature"] == 0.2 and sidecar["n_train_images"] == 3
+    assert sidecar["config"]["method"]["temperature"] == 0.2 and sidecar["n_train_images"] == 2
 
 
 def test_finetune_refuses_a_fine_tuned_backbone(tmp_path) -> None:

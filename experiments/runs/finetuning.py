@@ -1,21 +1,28 @@
 """Fine-tuning a backbone on each category's nominal training images (``experiments/finetune.py``).
 
-Only ``layout.train_set`` (the train/<good> images) is read, never a test image. Each category's result
-goes to ``<checkpoint_dir>/<method>/<backbone>/<category>.pt`` (+ .json sidecar, .loss.jsonl log).
+Only ``layout.train_samples`` (the train/<good> images) is read, never a test image. With the proxy
+on (``proxy.enabled``, the default) a seeded ``proxy.holdout`` fraction of them is held out: never
+trained on, it and the synthetic anomalies made from it select the checkpoint (extensions/proxy.py).
+Each category's result goes to ``<checkpoint_dir>/<method>/<backbone>/<category>.pt`` (+ .json sidecar,
+.loss.jsonl and .proxy.jsonl logs); the run is tracked like ``main.py``'s (experiments/runs/finetune_tracking.py).
 """
 
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import torch
 from hydra.utils import get_class
 from omegaconf import DictConfig, OmegaConf
 
-from core.data import MVTecLayout
+from core.data import AnomalyDataset, MVTecLayout
 from experiments.runs.components import build, resolve_device
+from experiments.runs.finetune_tracking import FinetuneTracking
 from extensions.checkpoint import CheckpointFiles
 from extensions.objective import Objective
+from extensions.proxy import ProxyConfig, ProxyValidator, split_holdout
+from extensions.synthetic import make_synthetic
 from extensions.training import TrainConfig, fine_tune
 
 log = logging.getLogger("finetune")
@@ -30,8 +37,29 @@ def build_objective(method: dict, extractor) -> Objective:
     return get_class(target)(extractor, **objective_kwargs)
 
 
-def run(cfg: DictConfig) -> dict[str, dict]:
-    """Fine-tune every requested category in turn; return each one's sidecar record."""
+def proxy_config(cfg: DictConfig) -> ProxyConfig:
+    node = cfg.get("proxy")
+    return ProxyConfig(**OmegaConf.to_container(node, resolve=True)) if node is not None else ProxyConfig(enabled=False)
+
+
+def datasets(layout: MVTecLayout, category: str, preprocessing, proxy: ProxyConfig, seed: int, extractor,
+             device) -> tuple[AnomalyDataset, ProxyValidator | None]:
+    """(training images, proxy validator or None): the held-out part and its synthetic anomalies when on."""
+    samples = layout.train_samples(category, seed=seed)
+    if not proxy.enabled:
+        return AnomalyDataset(samples, preprocessing), None
+    train, held = split_holdout(samples, proxy.holdout, proxy.seed)
+    dataset = AnomalyDataset(train, preprocessing)
+    synthetic = make_synthetic(held, preprocessing, proxy.kinds, proxy.seed, category)
+    bank_images = torch.stack([dataset[i]["image"] for i in range(len(dataset))])
+    return dataset, ProxyValidator(proxy, bank_images, synthetic, extractor.mean, extractor.std, device)
+
+
+def run(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, dict]:
+    """Fine-tune every requested category in turn; return each one's sidecar record.
+
+    ``run_dir`` (the Hydra run folder) holds the W&B files; without one nothing is tracked beyond the JSONL logs.
+    """
     if str(cfg.backbone.get("_target_", "")).startswith("extensions."):
         raise ValueError(
             f"backbone={cfg.backbone.name} is already a fine-tuned checkpoint: fine-tune a base backbone "
@@ -39,31 +67,42 @@ def run(cfg: DictConfig) -> dict[str, dict]:
         )
     method = OmegaConf.to_container(cfg.method, resolve=True)
     train_config, _ = TrainConfig.split(method)
+    proxy = proxy_config(cfg)
     device = resolve_device(cfg.device)
     torch.backends.cudnn.benchmark = False  # deterministic kernels where the GPU offers them
     torch.backends.cudnn.deterministic = True
     layout: MVTecLayout = build(cfg.dataset)
     categories = layout.resolve_categories(cfg.category)
-    for category in categories:  # missing folders / images fail before any training
-        layout.train_samples(category, seed=train_config.seed)
+    for category in categories:  # missing folders / images, or too few to hold some out, fail before any training
+        samples = layout.train_samples(category, seed=train_config.seed)
+        if proxy.enabled:
+            split_holdout(samples, proxy.holdout, proxy.seed)
     config = {key: OmegaConf.to_container(cfg[key], resolve=True) for key in ("method", "backbone", "dataset")}
     log.info("fine-tuning %s with %s on %s (%s) on %s", cfg.backbone.name, method["name"], layout.name,
              categories, device)
 
-    records = {}
-    for category in categories:
-        torch.manual_seed(train_config.seed)
-        extractor = build(cfg.backbone)  # fresh pretrained weights for every category
-        objective = build_objective(method, extractor)
-        preprocessing = layout.preprocessing(extractor.mean, extractor.std, extractor.interpolation)
-        dataset = layout.train_set(category, preprocessing, seed=train_config.seed)
-        files = CheckpointFiles.for_run(cfg.checkpoint_dir, method["name"], cfg.backbone.name, category)
-        identity = {"method": method["name"], "category": category, "dataset": layout.name,
-                    "base": extractor.spec(), "config": config}
-        log.info("[%s] %d nominal training images -> %s", category, len(dataset), files.weights)
-        records[category] = fine_tune(
-            objective, dataset, train_config, files, identity, device=device,
-            checkpoint_every=cfg.checkpoint_every, num_workers=cfg.num_workers, progress=cfg.progress,
-            resume=cfg.resume,
-        )
+    tracking = FinetuneTracking.start(cfg, run_dir)
+    records, complete = {}, False
+    try:
+        for category in categories:
+            torch.manual_seed(train_config.seed)
+            extractor = build(cfg.backbone)  # fresh pretrained weights for every category
+            objective = build_objective(method, extractor)
+            preprocessing = layout.preprocessing(extractor.mean, extractor.std, extractor.interpolation)
+            dataset, validator = datasets(layout, category, preprocessing, proxy, train_config.seed, extractor,
+                                          device)
+            files = CheckpointFiles.for_run(cfg.checkpoint_dir, method["name"], cfg.backbone.name, category)
+            identity = {"method": method["name"], "category": category, "dataset": layout.name,
+                        "base": extractor.spec(), "config": config}
+            log.info("[%s] %d nominal training images%s -> %s", category, len(dataset),
+                     f", {len(validator.nominal)} held out for the proxy" if validator else "", files.weights)
+            records[category] = fine_tune(
+                objective, dataset, train_config, files, identity, device=device,
+                checkpoint_every=cfg.checkpoint_every, num_workers=cfg.num_workers, progress=cfg.progress,
+                resume=cfg.resume, proxy=validator, tracker=tracking,
+            )
+            tracking.log_selected(category, records[category])
+        complete = True
+    finally:
+        tracking.finish(complete)
     return records
