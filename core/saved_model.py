@@ -182,6 +182,8 @@ def load_extractor(directory: Path, record: dict):
     if preprocessing.get("interpolation"):  # e.g. open_clip: the tag's, not the first listed tag's
         extractor.interpolation = preprocessing["interpolation"]
     extractor.name = record["extractor"].get("kwargs", {}).get("name") or extractor.name
+    if extractor.spec()["target"] == record["extractor"]["target"]:  # spec() names the weights' source again
+        extractor._spec_kwargs = dict(record["extractor"].get("kwargs", {}))
     return extractor
 
 

@@ -68,6 +68,7 @@ def test_loads_with_empty_caches_and_no_weight_lookup_identically(effnet_model, 
     (scores, maps), (loaded_scores, loaded_maps) = model.score(images), loaded.score(images)
     assert torch.equal(scores, loaded_scores) and torch.equal(maps, loaded_maps)
     assert loaded.spec() == model.spec()  # the saved spec (pretrained=true), not the weightless rebuild's
+    assert loaded.extractor.spec() == model.extractor.spec()
     assert loaded.preprocessing == model.preprocessing and loaded.threshold == {"image_threshold": 1.5}
     assert all(not any(Path(tmp_path / v).iterdir()) for v in ("TORCH_HOME", "HF_HOME", "HF_HUB_CACHE"))
     record = json.loads((saved / "model.json").read_text())
