@@ -237,3 +237,26 @@ def test_save_model_spec_only_through_the_harness_and_bad_values(tmp_path, make_
     with pytest.raises(ValueError, match=r"save_model='yes': choose true .*spec_only .*or false"):
         run(make_config(*TINY, f"dataset.root={tmp_path / 'data'}", "save_model=yes"), tmp_path / "run2")
     assert not (tmp_path / "run2" / "results.json").exists()
+
+
+def test_fine_tuned_backbone_is_saved_with_its_weights_and_loads_without_its_checkpoint(tmp_path) -> None:
+    """A wrapper extractor (a fine-tuning checkpoint around resnet18) saves its base network's weights: the
+    loaded model needs neither the checkpoint file nor any weights cache, and scores identically."""
+    from extensions.checkpoint import FORMAT_VERSION, FineTunedBackbone
+
+    base = TorchvisionCNN("resnet18", ["layer2"], pretrained=False)
+    state = {name: value + 0.01 for name, value in base.state_dict().items()}  # "fine-tuned": not the random init
+    checkpoint = tmp_path / "widget.pt"
+    torch.save({"format_version": FORMAT_VERSION, "method": "rotation", "category": "widget", "step": 3,
+                "base": {"name": "resnet18", **base.spec()}, "state_dict": state}, checkpoint)
+    model = PatchCore(FineTunedBackbone(str(checkpoint), method="rotation", base="resnet18", category="widget"),
+                      PatchEmbedder(embed_dim=16), progress=False)
+    model.fit(_loader(_images(2, size=32)))
+    saved = model.save(tmp_path / "model")
+    checkpoint.unlink()
+    loaded = PatchCore.load(saved)
+    images = _images(2, size=32, seed=4)
+    assert torch.equal(loaded.score(images)[0], model.score(images)[0])
+    assert loaded.spec() == model.spec()  # still names the checkpoint and its SHA-256
+    assert json.loads((saved / "model.json").read_text())["weights"]["extractor"]["target"] == \
+        "core.backbones.TorchvisionCNN"
