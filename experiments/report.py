@@ -1,19 +1,21 @@
-"""Tables, figures and a PDF from the logged runs: ``python experiments/report.py [RUN_DIR ...]``.
+"""The paper and the run digest from the logged runs: ``python experiments/report.py [RUN_DIR ...]``.
 
-Reads every ``results.json`` below the given folders (default ``outputs/`` and ``multirun/``) and writes
-into ``reports/`` (``--out``)::
+Reads every ``results.json`` below the given folders (default: the newest study under ``studies/``, made by
+``make study``; without one, ``outputs/`` and ``multirun/``) and writes into ``reports/`` (``--out``)::
 
-    tables/<metric>.{csv,md,tex}   category x variant, mean row, best per row in bold (CSV: the numbers, in %)
+    report.pdf, report.html        the paper (Typst; the HTML from the same document model): introduction,
+                                   related work, method, setup, results per comparison, discussion,
+                                   limitations, conclusion, reproducibility appendix (experiments/reporting/paper.py)
+    report.typ, references.yml     its Typst source (recompile with `typst compile report.typ`)
+    tables/paper_*.{csv,md,tex}    the paper's tables (CSV: the numbers; LaTeX: booktabs)
+    tables/sources.csv, paper.json the results.json files behind every number
+    tables/<metric>.{csv,md,tex}   the digest: category x variant, mean row, best per row in bold
     tables/timing.{csv,md,tex}     fit time, throughput, bank size, peak memory per variant
-    tables/runs.csv                one row per (run, category): settings, metrics, timings, run folder
-    tables/excluded.csv            runs left out (incomplete, another dataset, duplicates) and why
-    figures/*.{png,pdf}            coreset ratio, layer heatmap, cold start, ROC curves, anomaly-map grids
-    report.md, report.pdf          all of it with the setup and the commands that reproduce each number
-    report.json                    what was written (pages, tables, figures, runs)
+    tables/runs.csv, excluded.csv  one row per (run, category); runs left out and why
+    figures/*.{png,pdf}            the figures of both
+    digest.md, digest.pdf          the run digest: setup, every table and figure, one command per variant
 
-Runs are grouped into variants (backbone + settings that differ from its defaults, see
-experiments/reporting/variants.py); seeds of one variant are averaged (mean ± std). The library code is the
-``experiments.reporting`` package; this file only parses the command line and prints what was written.
+The text of the paper lives in reports/paper/*.md; every number in it is filled from the runs.
 """
 
 from __future__ import annotations
@@ -22,23 +24,37 @@ import argparse
 from pathlib import Path
 
 from experiments.reporting.build import build_report
+from experiments.reporting.paper import build_paper
 from experiments.runs.run_key import DEFAULT_ROOTS
+
+STUDIES = Path("studies")
+
+
+def default_run_dirs() -> list[str]:
+    """The newest study (by its manifest's time), else outputs/ and multirun/."""
+    manifests = sorted(STUDIES.glob("*/study.json"), key=lambda p: p.stat().st_mtime)
+    if manifests:
+        return [str(manifests[-1].parent)]
+    return [d for d in DEFAULT_ROOTS if Path(d).is_dir()] or list(DEFAULT_ROOTS)
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("run_dirs", nargs="*", help="folders searched for results.json (default: outputs multirun)")
+    parser.add_argument("run_dirs", nargs="*", help="folders searched for results.json (default: the newest study, "
+                                                    "else outputs multirun)")
     parser.add_argument("--out", default="reports", help="output folder (default: reports)")
     parser.add_argument("--dataset", default=None, help="report on this dataset (default: the one most runs used)")
     args = parser.parse_args(argv)
-    run_dirs = args.run_dirs or [d for d in DEFAULT_ROOTS if Path(d).is_dir()] or list(DEFAULT_ROOTS)
-    manifest = build_report(run_dirs, args.out, args.dataset)
+    run_dirs = args.run_dirs or default_run_dirs()
     out = Path(args.out)
-    print(f"{len(manifest['runs'])} runs on {manifest['dataset']}, {len(manifest['excluded'])} left out; "
-          f"{len(manifest['tables'])} tables in {out / 'tables'}, {len(manifest['figures'])} figures in "
-          f"{out / 'figures'}; {out / 'report.pdf'} ({manifest['pages']} pages), {out / 'report.md'}")
-    for row in manifest["excluded"]:
+    digest = build_report(run_dirs, out, args.dataset)
+    paper = build_paper(run_dirs, out, args.dataset)
+    print(f"{len(digest['runs'])} runs on {digest['dataset']}, {len(digest['excluded'])} left out")
+    print(f"paper: {out / 'report.pdf'}, {out / 'report.html'} ({len(paper['comparisons'])} comparisons, "
+          f"{len(paper['tables'])} tables, {len(paper['figures'])} figures)")
+    print(f"digest: {out / 'digest.pdf'} ({digest['pages']} pages), {out / 'digest.md'}; tables in {out / 'tables'}")
+    for row in digest["excluded"]:
         print(f"  left out: {row['run_dir']}: {row['reason']}")
 
 

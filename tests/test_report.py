@@ -110,7 +110,7 @@ def report(tmp_path_factory) -> tuple[Path, dict]:
     (runs / "odd" / "broken" / "results.json").write_text("{not json")
     out = tmp_path_factory.mktemp("reports")
     main([str(runs), "--out", str(out)])
-    return out, json.loads((out / "report.json").read_text())
+    return out, json.loads((out / "digest.json").read_text())
 
 
 def _csv(path: Path) -> dict[str, dict[str, str]]:
@@ -172,7 +172,7 @@ def test_left_out_runs_are_listed_not_mixed_in(report) -> None:
     assert "repeat of" in reasons["repeat"] and reasons["repeat"].endswith("(same variant, seed and category, older)")
     runs = (out / "tables" / "runs.csv").read_text()
     assert "resnet50" not in runs and "btad" not in runs
-    text = (out / "report.md").read_text()
+    text = (out / "digest.md").read_text()
     assert "Runs not in this report" in text and "dataset btad (this report is on mvtec)" in text
 
 
@@ -190,17 +190,17 @@ def test_figures_are_valid_images(report) -> None:
 
 def test_pdf_has_the_expected_pages(report) -> None:
     out, manifest = report
-    data = (out / "report.pdf").read_bytes()
+    data = (out / "digest.pdf").read_bytes()
     assert data.startswith(b"%PDF") and data.rstrip().endswith(b"%%EOF")
     pages = len(re.findall(rb"/Type\s*/Page\b", data))
     # title, setup and the 5 tables (8 variants: each split in two) fill pages 1-3; the 6 figures start
     # on page 4 and end on page 6 with the commands and the runs left out
     assert pages == manifest["pages"] == 6
     if shutil.which("pdfinfo"):
-        info = subprocess.run(["pdfinfo", str(out / "report.pdf")], capture_output=True, text=True).stdout
+        info = subprocess.run(["pdfinfo", str(out / "digest.pdf")], capture_output=True, text=True).stdout
         assert re.search(r"Pages:\s+6\b", info)
     if shutil.which("pdftotext"):
-        text = subprocess.run(["pdftotext", str(out / "report.pdf"), "-"], capture_output=True, text=True).stdout
+        text = subprocess.run(["pdftotext", str(out / "digest.pdf"), "-"], capture_output=True, text=True).stdout
         assert "Image AUROC" in text and "python experiments/main.py" in text
 
 
@@ -210,7 +210,7 @@ def test_random_weights_are_always_labelled(tmp_path, make_config) -> None:
     manifest = build_report([tmp_path / "runs"], tmp_path / "out")
     table = _csv(tmp_path / "out" / "tables" / "image_auroc.csv")
     assert list(table["bottle"])[1:] == ["resnet18 (random weights)"] and manifest["pages"] >= 1
-    assert "must not be read as results" in (tmp_path / "out" / "report.md").read_text()
+    assert "must not be read as results" in (tmp_path / "out" / "digest.md").read_text()
 
 
 def test_map_grid_re_runs_a_saved_model(tmp_path, make_config) -> None:
@@ -230,4 +230,4 @@ def test_map_grid_re_runs_a_saved_model(tmp_path, make_config) -> None:
 
 def test_no_runs_still_writes_a_report(tmp_path) -> None:
     manifest = build_report([tmp_path / "nothing"], tmp_path / "out")
-    assert manifest["runs"] == [] and manifest["pages"] == 1 and (tmp_path / "out" / "report.pdf").is_file()
+    assert manifest["runs"] == [] and manifest["pages"] == 1 and (tmp_path / "out" / "digest.pdf").is_file()

@@ -1,4 +1,5 @@
-"""``build_report``: runs in, tables, figures, report.md, report.pdf and report.json out.
+"""``build_report``: runs in; the run digest out: tables, figures, digest.md, digest.pdf and digest.json (the
+paper, report.pdf / report.html, is experiments/reporting/paper.py's).
 
 The Markdown file and the PDF are written side by side from the same blocks (``_Output``), so they
 hold the same text, tables and figures.
@@ -22,11 +23,11 @@ from experiments.reporting.variants import label_variants, variant_order
 
 
 class _Output:
-    """report.pdf and report.md, written in step."""
+    """digest.pdf and digest.md, written in step."""
 
     def __init__(self, out: Path, title: str) -> None:
         self.out = out
-        self.doc = Document(out / "report.pdf", title)
+        self.doc = Document(out / "digest.pdf", title)
         self.doc.new_page()
         self.doc.heading(title, size=16)
         self.md = [f"# {title}\n"]
@@ -47,7 +48,7 @@ class _Output:
     def close(self) -> int:
         """Finish both files; returns the number of PDF pages."""
         pages = self.doc.close()
-        write_text_atomic(self.out / "report.md", "\n".join(self.md))
+        write_text_atomic(self.out / "digest.md", "\n".join(self.md))
         return pages
 
 
@@ -107,7 +108,7 @@ def _results(output: _Output, included: list[Run], frame: pd.DataFrame, tables_d
 
 
 def build_report(run_dirs: list[str | Path], out: str | Path = "reports", dataset: str | None = None) -> dict:
-    """Write the tables, figures, report.md and report.pdf; returns the manifest (also report.json)."""
+    """Write the tables, figures, digest.md and digest.pdf; returns the manifest (also digest.json)."""
     out = Path(out)
     run_dirs = [str(d) for d in run_dirs]
     included, frame, left_out, dataset = gather(run_dirs, dataset)
@@ -125,9 +126,9 @@ def build_report(run_dirs: list[str | Path], out: str | Path = "reports", datase
     variants: list[str] = []
     if included:
         variants = _results(output, included, frame, tables_dir, dataset, manifest)
-    else:  # in the PDF only, as before: report.md goes straight to what was left out
+    else:  # in the PDF only, as before: digest.md goes straight to what was left out
         output.doc.paragraph("No complete run was found: run a sweep first (README: sweeps and the report).")
     output.blocks(reproduce_text(included, variants, left_out, run_dirs))
     manifest["pages"] = output.close()
-    write_json_atomic(out / "report.json", manifest)
+    write_json_atomic(out / "digest.json", manifest)
     return manifest

@@ -1,0 +1,197 @@
+"""The paper's document model: one tree of blocks that renders to Typst (the PDF) and to HTML, so the two
+outputs always say the same thing (experiments/reporting/typst_out.py, html_out.py).
+
+Written text comes from the sources in ``reports/paper/*.md`` (``parse_source``), a small markup shared by
+both outputs: ``#``/``##`` headings, blank-line paragraphs, ``- `` bullets, ``$$ ... $$`` display maths and
+``$...$`` inline maths (Typst maths syntax: Typst typesets it in the PDF and renders it to SVG for the
+HTML), ``*emphasis*``, ``**strong**``, `` `code` ``, ``@key`` citations (``reports/paper/references.yml``)
+and ``{{name}}`` placeholders filled from the runs; ``{{name}}`` alone on a line inserts generated blocks.
+A placeholder the runs cannot fill is an error naming it, never an empty sentence.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+INLINE = re.compile(r"(\*\*[^*]+\*\*|\*[^*\s][^*]*\*|`[^`]+`|\$[^$]+\$|@[a-z][a-z0-9_]*|\{\{[a-z0-9_]+\}\})")
+PLACEHOLDER = re.compile(r"\{\{([a-z0-9_]+)\}\}")
+
+
+@dataclass(frozen=True)
+class Span:
+    """A piece of inline text: kind is text | em | strong | code | math | cite."""
+
+    kind: str
+    text: str
+
+
+@dataclass
+class Heading:
+    text: str
+    level: int = 1
+    anchor: str = ""
+    numbered: bool = True
+
+
+@dataclass
+class Paragraph:
+    spans: list[Span]
+
+
+@dataclass
+class Bullets:
+    items: list[list[Span]]
+
+
+@dataclass
+class Equation:
+    math: str  # Typst maths syntax
+
+
+@dataclass
+class Code:
+    text: str
+
+
+@dataclass
+class Note:
+    """A one-line note, e.g. a comparison the runs do not contain."""
+
+    text: str
+
+
+@dataclass
+class Cell:
+    text: str
+    value: float | None = None        # the number behind the text (sorting, the trace check)
+    bold: bool = False
+    sources: list[str] = field(default_factory=list)  # the results.json files the number comes from
+
+
+@dataclass
+class TableBlock:
+    name: str
+    caption: str
+    header: list[str]
+    rows: list[list[Cell]]
+    rule_before: int | None = None    # a line above this row (the mean row)
+
+
+@dataclass
+class FigureBlock:
+    name: str
+    path: str                         # relative to the output folder
+    caption: str
+    width: float = 1.0                # fraction of the text width
+
+
+@dataclass
+class Gallery:
+    """The HTML's browsable anomaly maps: (comparison, arm, category, image path relative to the output)."""
+
+    items: list[tuple[str, str, str, str]]
+
+
+@dataclass
+class Bibliography:
+    pass
+
+
+@dataclass
+class PageBreak:
+    pass
+
+
+Block = Heading | Paragraph | Bullets | Equation | Code | Note | TableBlock | FigureBlock | Gallery | Bibliography \
+    | PageBreak
+
+
+@dataclass
+class Document:
+    title: str
+    subtitle: str
+    blocks: list[Block]
+    references: dict[str, dict]        # key -> Hayagriva entry (references.yml)
+
+
+def inline(text: str) -> list[Span]:
+    """Spans of one paragraph's text (placeholders already filled)."""
+    spans: list[Span] = []
+    for piece in INLINE.split(text):
+        if not piece:
+            continue
+        if piece.startswith("**") and piece.endswith("**") and len(piece) > 4:
+            spans.append(Span("strong", piece[2:-2]))
+        elif piece.startswith("*") and piece.endswith("*") and len(piece) > 2:
+            spans.append(Span("em", piece[1:-1]))
+        elif piece.startswith("`") and piece.endswith("`"):
+            spans.append(Span("code", piece[1:-1]))
+        elif piece.startswith("$") and piece.endswith("$") and len(piece) > 2:
+            spans.append(Span("math", piece[1:-1]))
+        elif re.fullmatch(r"@[a-z][a-z0-9_]*", piece):
+            spans.append(Span("cite", piece[1:]))
+        else:
+            spans.append(Span("text", piece))
+    return spans
+
+
+def text(value: str) -> Paragraph:
+    """A generated paragraph (the same inline markup as the sources)."""
+    return Paragraph(inline(value))
+
+
+def fill(source: str, values: dict[str, str], origin: str) -> str:
+    def replace(match: re.Match) -> str:
+        name = match.group(1)
+        if name not in values:
+            raise KeyError(f"{origin}: placeholder {{{{{name}}}}} has no value (known: {', '.join(sorted(values))})")
+        return str(values[name])
+
+    return PLACEHOLDER.sub(replace, source)
+
+
+def parse_source(source: str, values: dict[str, str], blocks: dict[str, list[Block]], origin: str) -> list[Block]:
+    """Blocks of one section source; ``{{name}}`` alone on a line is replaced by ``blocks[name]``."""
+    out: list[Block] = []
+    chunks = re.split(r"\n\s*\n", source.strip())
+    for chunk in chunks:
+        chunk = chunk.strip()
+        alone = PLACEHOLDER.fullmatch(chunk)
+        if alone and alone.group(1) in blocks:
+            out.extend(blocks[alone.group(1)])
+            continue
+        chunk = fill(chunk, values, origin)
+        if chunk.startswith("$$") and chunk.endswith("$$"):
+            out.append(Equation(chunk[2:-2].strip()))
+        elif chunk.startswith("#"):
+            level = len(chunk) - len(chunk.lstrip("#"))
+            out.append(Heading(chunk[level:].strip(), level))
+        elif chunk.startswith("- "):
+            items = re.split(r"\n- ", chunk[2:])
+            out.append(Bullets([inline(" ".join(item.split())) for item in items]))
+        else:
+            out.append(Paragraph(inline(" ".join(chunk.split()))))
+    return out
+
+
+def citation_order(blocks: list[Block]) -> list[str]:
+    """Citation keys in order of first use (the HTML's numbering; Typst numbers them the same way)."""
+    seen: list[str] = []
+
+    def visit(spans: list[Span]) -> None:
+        for span in spans:
+            if span.kind == "cite" and span.text not in seen:
+                seen.append(span.text)
+
+    for block in blocks:
+        if isinstance(block, Paragraph):
+            visit(block.spans)
+        elif isinstance(block, Bullets):
+            for item in block.items:
+                visit(item)
+    return seen
+
+
+def plain(spans: list[Span]) -> str:
+    return "".join(span.text if span.kind != "cite" else f"[{span.text}]" for span in spans)

@@ -1,0 +1,146 @@
+"""``build_paper``: runs (or a study) in; the paper out as ``report.pdf`` (Typst), ``report.html`` (the same
+document model), ``report.typ``, ``tables/paper_*.{csv,md,tex}``, ``tables/sources.csv`` and ``paper.json``.
+
+The text is ``reports/paper/<section>.md`` with placeholders (experiments/reporting/document.py); the values
+and the generated blocks come from the runs (paper_sections.py, paper_tables.py, paper_figures.py), so a
+re-run can leave no stale number behind. With a study manifest (``study.json`` in a run folder) the
+comparisons are the study's; otherwise they are inferred from the runs' settings (comparisons.py).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from pathlib import Path
+
+import yaml
+
+from core.io import write_json_atomic, write_text_atomic
+from experiments.reporting import paper_sections as ps
+from experiments.reporting.build import gather
+from experiments.reporting.comparisons import Comparison, from_manifest, infer
+from experiments.reporting.document import Bibliography, Document, Heading, Note, PageBreak, parse_source
+from experiments.reporting.html_out import to_html
+from experiments.reporting.paper_tables import paired_rows, signed, sources_rows, write
+from experiments.reporting.sections import DATASET_TITLES
+from experiments.reporting.typst_out import write_pdf
+
+SOURCES = Path(__file__).resolve().parents[2] / "reports" / "paper"
+SECTIONS = ("abstract", "introduction", "related_work", "method", "setup", "results", "discussion", "limitations",
+            "conclusion", "appendix")
+SECTION_TITLES = ("Abstract", "Introduction", "Related work", "Method", "Experimental setup", "Results",
+                  "Discussion", "Limitations", "Conclusion", "Reproducibility")
+
+
+def find_manifest(run_dirs: list[str]) -> dict | None:
+    """The study manifest of the first run folder that is a study (holds study.json)."""
+    for folder in run_dirs:
+        path = Path(folder) / "study.json"
+        if path.is_file():
+            try:
+                return json.loads(path.read_text())
+            except ValueError:
+                return None
+    return None
+
+
+def values(ctx: ps.Context) -> dict[str, str]:
+    """Every placeholder of the text sources."""
+    present = ctx.present
+    base = next((c.baseline for c in ctx.comparisons if c.arms), None)
+    config = base.runs[0].config if base else {}
+    backbone, patchcore = config.get("backbone") or {}, config.get("patchcore") or {}
+    titles = [c.title.lower() for c in present]
+    compared = (", ".join(titles[:-1]) + (" and " if len(titles) > 1 else "") + titles[-1]) if titles \
+        else "no other arm (these runs hold the baseline only)"
+    found = []
+    for comparison in present:
+        for arm, metric, diff in paired_rows(comparison):
+            if diff is not None and metric == "image_auroc" and ps.verdict(diff) in ("higher", "lower"):
+                found.append(f"{arm} ({comparison.title.lower()}: {signed(diff['mean'])} points)")
+    base_auroc = ps.cell_stats(base.rows, "image_auroc", None, ps.categories_of(present[0]))[0] if base and present \
+        else float("nan")
+    abstract = (f"The baseline reaches a mean image AUROC of {base_auroc:.1f}%. " if base and present else "")
+    abstract += (f"Clear changes of mean image AUROC (95% intervals excluding zero): {'; '.join(found)}." if found
+                 else "No compared arm changes mean image AUROC by more than its 95% interval.")
+    variants = next((c for c in present if c.name == "variants"), None)
+    effect = "Their effect was not measured in these runs (no variants comparison)."
+    if variants is not None:
+        said = [ps.difference_sentence(variants, arm, metric, diff) for arm, metric, diff in paired_rows(variants)
+                if diff is not None and metric == "image_auroc" and arm in ("channel_mean", "squared distance")]
+        effect = ("Measured here: " + " ".join(said)) if said else effect
+    return {"dataset_title": DATASET_TITLES.get(ctx.dataset, ctx.dataset), "compared_list": compared,
+            "abstract_results": abstract, "n_runs": str(len(ctx.runs)), "n_results": str(len(ctx.frame)),
+            "n_seeds": str(ctx.frame["seed"].nunique()), "baseline_backbone": str(backbone.get("name", "?")),
+            "baseline_layers": "+".join(map(str, backbone.get("layers") or [])) or "?",
+            "patch_size": str(patchcore.get("patch_size", "?")), "embed_dim": str(patchcore.get("embed_dim", "?")),
+            "coreset_ratio": str((config.get("coreset") or {}).get("ratio", "?")),
+            "num_neighbors": str(patchcore.get("num_neighbors", "?")),
+            "blur_sigma": str(patchcore.get("blur_sigma", "?")),
+            "differences_effect": effect}
+
+
+def compose(ctx: ps.Context, run_dirs: list[str], sources: Path = SOURCES) -> Document:
+    generated = {"setup_blocks": ps.setup_blocks(ctx), "results_blocks": ps.results_blocks(ctx),
+                 "discussion_blocks": ps.discussion_blocks(ctx), "limitations_blocks": ps.limitations_blocks(ctx),
+                 "conclusion_blocks": ps.conclusion_blocks(ctx), "appendix_blocks": ps.appendix_blocks(ctx, run_dirs)}
+    filled = values(ctx)
+    blocks = []
+    for section in SECTIONS:
+        path = sources / f"{section}.md"
+        if section == "appendix":
+            blocks += [Bibliography(), PageBreak()]
+        parsed = parse_source(path.read_text(), filled, generated, str(path))
+        if section == "abstract" and parsed and isinstance(parsed[0], Heading):
+            parsed[0].numbered = False
+        blocks += parsed
+    manifest = ctx.manifest or {}
+    study = f"study {manifest.get('study')}, " if manifest else ""
+    title = f"PatchCore under cold start: a comparative study on {DATASET_TITLES.get(ctx.dataset, ctx.dataset)}"
+    if str(manifest.get("study", "")).startswith("quick"):
+        title = f"[QUICK SMOKE STUDY, not results] {title}"
+    subtitle = (f"Generated {dt.datetime.now().strftime('%Y-%m-%d %H:%M')} by experiments/report.py from "
+                f"{len(ctx.runs)} runs ({study}{', '.join(run_dirs)})")
+    references = yaml.safe_load((sources / "references.yml").read_text())
+    return Document(title, subtitle, blocks, references)
+
+
+def empty_document(run_dirs: list[str], left_out: list[dict], sources: Path = SOURCES) -> Document:
+    why = f"; {len(left_out)} left out (see tables/excluded.csv)" if left_out else ""
+    references = yaml.safe_load((sources / "references.yml").read_text())
+    return Document("PatchCore comparative study: no runs", f"experiments/report.py {' '.join(run_dirs)}",
+                    [Note(f"No complete run was found under {', '.join(run_dirs)}{why}: run `make study` first.")],
+                    references)
+
+
+def build_paper(run_dirs: list[str | Path], out: str | Path = "reports", dataset: str | None = None) -> dict:
+    """Write the paper (PDF, HTML, Typst source, tables, sources); returns its manifest (also paper.json)."""
+    out = Path(out)
+    run_dirs = [str(d) for d in run_dirs]
+    (out / "tables").mkdir(parents=True, exist_ok=True)
+    included, frame, left_out, dataset = gather(run_dirs, dataset)
+    manifest = find_manifest(run_dirs)
+    comparisons: list[Comparison] = []
+    if included:
+        comparisons = from_manifest(manifest, included, frame) if manifest else infer(included, frame)
+    ctx = ps.Context(included, frame, comparisons, manifest, out, dataset)
+    doc = compose(ctx, run_dirs) if included and comparisons else empty_document(run_dirs, left_out)
+    for block in ctx.tables:
+        write(block, out / "tables")
+    cells = sources_rows(ctx.tables)
+    write_text_atomic(out / "tables" / "sources.csv", "table,row,column,value,sources\n" + "".join(
+        f"{c['table']},\"{c['row']}\",\"{c['column']}\",{c['value']:.6g},{';'.join(c['sources'])}\n" for c in cells))
+    write_pdf(doc, out, SOURCES / "references.yml")
+    write_text_atomic(out / "report.html", to_html(doc))
+    described = {c.name: {"title": c.title, "arms": [a.name for a in c.arms], "missing": [list(m) for m in c.missing]}
+                 for c in comparisons}
+    record = {"dataset": dataset, "study": (manifest or {}).get("study"), "runs": [str(r.folder) for r in included],
+              "excluded": left_out, "comparisons": described,
+              "sections": [t for t, s in zip(SECTION_TITLES, SECTIONS)] if included and comparisons else [],
+              "tables": [t.name for t in ctx.tables], "figures": ctx.figures, "cells": cells}
+    write_json_atomic(out / "paper.json", record)
+    if manifest and (manifest.get("config") or {}).get("logger") == "wandb":
+        from experiments.reporting.paper_wandb import log_main_table
+
+        log_main_table(ctx, out)
+    return record

@@ -1,0 +1,134 @@
+"""The document model as Typst markup, compiled to PDF in-process by the ``typst`` package (offline: Typst
+ships its fonts). Citations and the bibliography are Typst's own (``references.yml``, Hayagriva format)."""
+
+from __future__ import annotations
+
+import re
+import shutil
+from pathlib import Path
+
+from experiments.reporting.document import (
+    Bibliography,
+    Block,
+    Bullets,
+    Code,
+    Document,
+    Equation,
+    FigureBlock,
+    Gallery,
+    Heading,
+    Note,
+    PageBreak,
+    Paragraph,
+    Span,
+    TableBlock,
+)
+
+_SPECIAL = re.compile(r"([\\#$*_`@<>\[\]~/=+\-])")
+PREAMBLE = """#set document(title: {title})
+#set page(paper: "a4", margin: (x: 2.0cm, y: 2.2cm), numbering: "1")
+#set text(size: 10pt)
+#set par(justify: true)
+#set heading(numbering: "1.1")
+#show heading: set block(above: 1.2em, below: 0.7em)
+#show figure.caption: set text(size: 8.5pt)
+#show raw.where(block: true): set text(size: 7pt)
+#show figure.where(kind: table): set figure.caption(position: top)
+"""
+
+
+def escape(text: str) -> str:
+    """Plain text as Typst markup: every markup character escaped (``/`` too: ``//`` starts a comment)."""
+    return _SPECIAL.sub(r"\\\1", text).replace("\n", " ")
+
+
+def string(text: str) -> str:
+    """A Typst string literal."""
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
+
+
+def spans(items: list[Span]) -> str:
+    out = []
+    for span in items:
+        if span.kind == "text":
+            out.append(escape(span.text))
+        elif span.kind == "em":
+            out.append(f"#emph[{escape(span.text)}]")
+        elif span.kind == "strong":
+            out.append(f"#strong[{escape(span.text)}]")
+        elif span.kind == "code":
+            out.append(f"#raw({string(span.text)})")
+        elif span.kind == "math":
+            out.append(f"${span.text}$")
+        elif span.kind == "cite":
+            out.append(f"#cite(<{span.text}>)")
+    return "".join(out)
+
+
+def _table(block: TableBlock) -> str:
+    columns = len(block.header)
+    cells = [f"[#strong[{escape(h)}]]" for h in block.header]
+    lines = ["table.hline(stroke: 0.8pt)", ", ".join(cells), "table.hline(stroke: 0.5pt)"]
+    for i, row in enumerate(block.rows):
+        if block.rule_before is not None and i == block.rule_before:
+            lines.append("table.hline(stroke: 0.5pt)")
+        shown = [f"[#strong[{escape(c.text)}]]" if c.bold else f"[{escape(c.text)}]" for c in row]
+        lines.append(", ".join(shown))
+    lines.append("table.hline(stroke: 0.8pt)")
+    align = "(" + ", ".join(["left", *["right"] * (columns - 1)]) + ")"
+    size = "8pt" if columns <= 7 else "6.5pt"
+    body = ",\n    ".join(lines)
+    return (f"#[#set text(size: {size})\n#figure(kind: table, caption: [{escape(block.caption)}],\n"
+            f"  table(columns: {columns}, align: {align}, stroke: none, inset: (x: 4pt, y: 2.5pt),\n    {body}))"
+            f" <tab-{block.name}>]")
+
+
+def block(item: Block) -> str:
+    if isinstance(item, Heading):
+        if not item.numbered:
+            return f"#heading(level: {item.level}, numbering: none)[{escape(item.text)}]"
+        return "=" * item.level + " " + escape(item.text)
+    if isinstance(item, Paragraph):
+        return spans(item.spans)
+    if isinstance(item, Bullets):
+        return "\n".join("- " + spans(entry) for entry in item.items)
+    if isinstance(item, Equation):
+        return f"$ {item.math} $"
+    if isinstance(item, Code):
+        return f"#raw(block: true, {string(item.text)})"
+    if isinstance(item, Note):
+        return f"#block(fill: luma(242), inset: 5pt, radius: 2pt, width: 100%)[#emph[{escape(item.text)}]]"
+    if isinstance(item, TableBlock):
+        return _table(item)
+    if isinstance(item, FigureBlock):
+        width = f"{round(100 * item.width)}%"
+        return (f"#figure(image({string(item.path)}, width: {width}), caption: [{escape(item.caption)}])"
+                f" <fig-{item.name}>")
+    if isinstance(item, Gallery):
+        return ""  # the PDF shows the map grids as figures; the browsable gallery is the HTML's
+    if isinstance(item, Bibliography):
+        return '#bibliography("references.yml", title: "References", style: "ieee")'
+    if isinstance(item, PageBreak):
+        return "#pagebreak()"
+    raise TypeError(f"no Typst form for {type(item).__name__}")
+
+
+def to_typst(doc: Document) -> str:
+    head = PREAMBLE.format(title=string(doc.title))
+    title = (f"#align(center)[#text(size: 16pt, weight: \"bold\")[{escape(doc.title)}]\\\n"
+             f"#text(size: 9pt)[{escape(doc.subtitle)}]]\n")
+    return head + title + "\n\n".join(filter(None, (block(b) for b in doc.blocks))) + "\n"
+
+
+def write_pdf(doc: Document, out: Path, references: Path) -> Path:
+    """``report.typ`` (kept: users can edit and recompile it with ``typst compile``) and ``report.pdf``."""
+    import typst
+
+    source = out / "report.typ"
+    source.write_text(to_typst(doc))
+    shutil.copyfile(references, out / "references.yml")
+    pdf = out / "report.pdf"
+    tmp = out / "report.pdf.tmp"
+    typst.compile(str(source), output=str(tmp), root=str(out), format="pdf")
+    tmp.replace(pdf)
+    return pdf

@@ -1,0 +1,195 @@
+"""The paper (experiments/reporting/paper.py) from a small synthetic study with hand-written results.json:
+every section in the PDF's text, every table cell traced back to its results.json and equal to the number
+computed by hand, result sentences made from the numbers, missing comparisons reported as missing (never an
+empty table), and the HTML checked in headless Chromium (images load, links resolve, tables sort)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+from experiments.reporting.paper import SECTION_TITLES, build_paper
+from tests.conftest import CONF_DIR
+from tests.test_report import write_run
+
+BASE = {0: {"bottle": 0.90, "screw": 0.80}, 1: {"bottle": 0.92, "screw": 0.82}}
+COSINE = {0: {"bottle": 0.95, "screw": 0.85}, 1: {"bottle": 0.93, "screw": 0.83}}   # +5, +5, +1, +1
+CHANNEL = {0: {"bottle": 0.80, "screw": 0.70}, 1: {"bottle": 0.82, "screw": 0.72}}  # -10 everywhere
+
+
+def _make_config(*overrides):
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        return compose("config", overrides=["dataset=mvtec", "dataset.root=/data/mvtec", "backbone=effnet_lite0",
+                                            *overrides])
+
+
+def _study(root: Path, manifest: bool = True) -> Path:
+    study = root / "syn"
+    jobs = []
+
+    def job(comparison: str, arm: str, seed: int, overrides: tuple, aurocs: dict | None, status: str = "done"):
+        folder = study / comparison / f"{arm.replace(' ', '_')}_seed{seed}"
+        if aurocs is not None:
+            write_run(folder, _make_config, (*overrides, f"seed={seed}"), aurocs, maps=seed == 0)
+        jobs.append({"id": f"{comparison}/{folder.name}", "kind": "patchcore", "comparison": comparison, "arm": arm,
+                     "seed": seed, "folder": str(folder), "command": f"python experiments/main.py seed={seed}",
+                     "status": status, "duration_s": 10.0})
+        return jobs[-1]["id"]
+
+    base = [job("baseline", "baseline", s, (), BASE[s]) for s in (0, 1)]
+    variants = [job("variants", "cosine distance", s, ("patchcore.distance=cosine",), COSINE[s]) for s in (0, 1)]
+    variants += [job("variants", "channel_mean", s, ("patchcore.aggregation=channel_mean",), CHANNEL[s])
+                 for s in (0, 1)]
+    failed = job("baselines", "random bank", 0, ("coreset=random",), None, status="failed")
+    if manifest:
+        record = {"study": "syn", "command": "python experiments/study.py --study syn", "dataset": "mvtec",
+                  "config": {"logger": "none", "comparisons": {}},
+                  "machine": {"cpus": 2, "torch_threads": 2, "cuda": None, "python": "3.11", "torch": "2.x"},
+                  "comparisons": {
+                      "extractors": {"title": "Feature extractors", "arms": ["baseline"], "jobs": base},
+                      "variants": {"title": "Variants of the algorithm",
+                                   "arms": ["baseline", "cosine distance", "channel_mean"], "jobs": base + variants},
+                      "baselines": {"title": "Memory-bank and model baselines", "arms": ["baseline", "random bank"],
+                                    "jobs": [*base, failed]}},
+                  "skipped": [{"comparison": "extractors", "arm": "clip",
+                               "reason": "weights not available: WeightsNotFoundError: not cached"}],
+                  "jobs": jobs}
+        (study / "study.json").write_text(json.dumps(record))
+    return study
+
+
+@pytest.fixture(scope="module")
+def paper(tmp_path_factory) -> tuple[Path, dict, str]:
+    study = _study(tmp_path_factory.mktemp("studies"))
+    out = tmp_path_factory.mktemp("paper")
+    record = build_paper([study], out)
+    from pypdf import PdfReader
+
+    pdf_text = " ".join(" ".join((page.extract_text() or "").split()) for page in PdfReader(out / "report.pdf").pages)
+    return out, record, pdf_text
+
+
+def test_every_section_is_in_the_pdf(paper) -> None:
+    out, record, pdf = paper
+    assert record["sections"] == list(SECTION_TITLES)
+    for title in [*SECTION_TITLES, "References"]:
+        assert title in pdf, title
+    assert "PatchCore" in pdf and "Roth" in pdf  # a citation resolved into the bibliography
+    for name in ("report.typ", "report.html", "tables/paper_main.tex", "tables/paper_variants_summary.csv",
+                 "tables/sources.csv"):
+        assert (out / name).is_file(), name
+
+
+def _recompute(cell: dict, table: str) -> float:
+    """The cell's number computed again from its results.json files alone."""
+    records = [json.loads(Path(p).read_text()) for p in cell["sources"]]
+    if table.endswith("_image_auroc") and cell["column"] != "mean":
+        return 100 * sum(r["categories"][cell["column"]]["image_auroc"] for r in records) / len(records)
+    metric = {"Image AUROC": "image_auroc", "Pixel AUROC": "pixel_auroc", "AUPRO": "aupro",
+              "Image F1-max": "image_f1_max", "mean": "image_auroc"}[cell["column"]]
+    per_run = [sum(c[metric] for c in r["categories"].values()) / len(r["categories"]) for r in records]
+    return 100 * sum(per_run) / len(per_run)
+
+
+def test_every_table_cell_traces_back_to_a_results_json(paper) -> None:
+    out, record, _ = paper
+    cells = record["cells"]
+    assert {c["table"] for c in cells} == set(record["tables"])
+    checked = 0
+    for cell in cells:
+        assert cell["sources"] and all(Path(p).is_file() and p.endswith("results.json") for p in cell["sources"])
+        if cell["table"].endswith("_paired") or cell["column"] in ("seeds", "pairs", "fit s / category"):
+            continue
+        assert cell["value"] == pytest.approx(_recompute(cell, cell["table"]), abs=1e-9), cell
+        checked += 1
+    assert checked >= 20
+    # hand-computed: the variants table, arm x (bottle, screw, mean)
+    by_key = {(c["table"], c["row"], c["column"]): c for c in cells}
+    assert by_key[("variants_image_auroc", "baseline", "bottle")]["text"] == "91.0 ± 1.4"
+    assert by_key[("variants_image_auroc", "cosine distance", "mean")]["value"] == pytest.approx(89.0)
+    assert by_key[("variants_image_auroc", "channel_mean", "screw")]["value"] == pytest.approx(71.0)
+    # paired: cosine +5, +5, +1, +1 -> +3.0, t(0.975, 3) * sd / 2 = 3.182 * 2.309 / 2 = 3.67
+    cosine = by_key[("variants_paired", "cosine distance", "Δ Image AUROC")]
+    assert cosine["value"] == pytest.approx(3.0) and cosine["text"] == "+3.0 [-0.7, +6.7]"
+    assert by_key[("variants_paired", "channel_mean", "Δ Image AUROC")]["text"] == "-10.0 [-10.0, -10.0]"
+    # the best of each column is bold in the LaTeX copy
+    tex = (out / "tables" / "paper_variants_image_auroc.tex").read_text()
+    assert r"\textbf{93.0 $\pm$ 2.8}" in tex or r"\textbf{94.0 $\pm$ 1.4}" in tex
+
+
+def test_result_sentences_come_from_the_numbers(paper) -> None:
+    _, _, pdf = paper
+    assert ("cosine distance changes mean Image AUROC by +3.0 points (95% CI -0.7 to +6.7; 4 pairs by (seed, "
+            "category)): no clear difference.") in pdf
+    assert "channel_mean changes mean Image AUROC by -10.0 points (95% CI -10.0 to -10.0" in pdf
+    assert "lower than the baseline" in pdf
+    assert "Clearly lower on at least one metric: channel_mean" in pdf
+
+
+def test_missing_comparisons_are_reported_never_empty(paper) -> None:
+    out, record, pdf = paper
+    assert "Not in these runs: feature extractors (clip: weights not available" in pdf
+    assert "Not in these runs: memory-bank and model baselines (random bank: seed 0: failed)" in pdf
+    assert not any(name.startswith(("extractors", "baselines")) for name in record["tables"])
+    html = (out / "report.html").read_text()
+    assert "Not in these runs: feature extractors" in html
+    assert record["comparisons"]["extractors"]["missing"] == [
+        ["clip", "weights not available: WeightsNotFoundError: not cached"]]
+
+
+def test_runs_without_a_study_are_compared_by_their_settings(tmp_path) -> None:
+    study = _study(tmp_path / "runs", manifest=False)
+    record = build_paper([study], tmp_path / "out")
+    assert record["comparisons"]["variants"]["arms"][0] == "baseline"
+    assert set(record["comparisons"]["variants"]["arms"][1:]) == {"effnet_lite0 (aggregation=channel_mean)",
+                                                                   "effnet_lite0 (distance=cosine)"}
+
+
+CHECK = """<script>
+window.addEventListener('load', function () {
+  const images = Array.from(document.images)
+    .map(i => ({src: i.src.slice(0, 80), ok: i.complete && i.naturalWidth > 0}));
+  const anchors = Array.from(document.querySelectorAll('a[href^="#"]'))
+    .map(a => ({href: a.getAttribute('href'), ok: !!document.getElementById(a.getAttribute('href').slice(1))}));
+  const linked = Array.from(document.querySelectorAll('a[href]:not([href^="#"])')).map(a => a.getAttribute('href'));
+  const table = document.getElementById('tab-variants_image_auroc');
+  table.querySelectorAll('thead th')[1].click();
+  const sorted = Array.from(table.tBodies[0].rows).map(r => r.cells[0].textContent);
+  const pre = document.createElement('pre'); pre.id = 'check';
+  pre.textContent = JSON.stringify({images, anchors, linked, sorted});
+  document.body.appendChild(pre);
+});
+</script>"""
+
+
+def test_html_in_headless_chromium(paper) -> None:
+    """Chromium from Debian (`apt-get install -y chromium`; .ci/run installs it): no broken image or link."""
+    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    if browser is None:
+        if os.environ.get("CI"):
+            pytest.fail("chromium is not installed: apt-get install -y chromium (in .ci/run)")
+        pytest.skip("chromium is not installed (apt-get install -y chromium)")
+    out, _, _ = paper
+    page = out / "check.html"
+    page.write_text((out / "report.html").read_text().replace("</body>", CHECK + "</body>"))
+    dom = subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--allow-file-access-from-files",
+                          "--virtual-time-budget=15000", "--dump-dom", page.as_uri()],
+                         capture_output=True, text=True, timeout=120).stdout
+    found = re.search(r'<pre id="check">(.*?)</pre>', dom, re.S)
+    assert found, dom[-2000:]
+    check = json.loads(found.group(1).replace("&quot;", '"').replace("&amp;", "&").replace("&lt;", "<")
+                       .replace("&gt;", ">"))
+    assert check["images"] and all(image["ok"] for image in check["images"]), \
+        [i for i in check["images"] if not i["ok"]]
+    assert any("gallery/" in image["src"] for image in check["images"])  # the map gallery
+    assert check["anchors"] and all(anchor["ok"] for anchor in check["anchors"])
+    assert all((out / href).is_file() for href in check["linked"])
+    # sorted by the bottle column, ascending: channel_mean 81, baseline 91, cosine 94; the mean row stays last
+    assert check["sorted"] == ["channel_mean", "baseline", "cosine distance"]
