@@ -48,8 +48,8 @@ class ProxyConfig:
 
     enabled: bool = True  # false: train on every image, keep the last step's weights (no selection)
     holdout: float = 0.2  # fraction of train/good held out (never trained on) for the proxy
-    eval_every: int = 25  # steps between evaluations (plus step 0 and the last step)
-    patience: int = 3  # evaluations without gain before stopping early
+    eval_every: int = 20  # steps between evaluations (plus step 0 and the last step)
+    patience: int = 2  # evaluations without gain before stopping early
     metric: str = "mean_auroc"  # image_auroc | pixel_auroc | mean_auroc: what selection maximises
     kinds: list[str] = field(default_factory=lambda: list(SYNTHETIC_KINDS))
     coreset_ratio: float = 0.1  # the proxy PatchCore's coreset

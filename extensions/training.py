@@ -53,7 +53,7 @@ log = logging.getLogger("finetune")
 class TrainConfig:
     """The method-independent keys of conf/method/<name>.yaml."""
 
-    epochs: int = 2
+    epochs: int = 10
     max_steps: int | None = None  # overrides epochs when set
     batch_size: int = 8
     lr: float = 1e-4  # backbone

@@ -417,6 +417,20 @@ def test_the_default_base_is_the_same_for_finetune_and_patchcore() -> None:
     assert f"backbone={finetuned} " in made
 
 
+def test_sweep_presets_compose_and_write_per_job_checkpoints(monkeypatch) -> None:
+    monkeypatch.delenv("FINETUNE_COMPARE_DIR", raising=False)
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        for preset, method, swept in (("rotation", "rotation", {"method.lr", "method.l2sp_weight"}),
+                                      ("cutmix", "cutmix_contrastive", {"method.lr", "method.temperature",
+                                                                         "method.same_image_prob"})):
+            cfg = compose("finetune", overrides=[f"finetune_sweep={preset}"], return_hydra_config=True)
+            assert cfg.method.name == method and set(cfg.hydra.sweeper.params) == swept
+            assert cfg._get_node("checkpoint_dir")._value() == "${hydra:runtime.output_dir}/checkpoints"
+        cfg = compose("finetune", overrides=["finetune_sweep=seeds", "method.seed=2"], return_hydra_config=True)
+        assert dict(cfg.hydra.sweeper.params) == {"method": "rotation,cutmix_contrastive", "method.seed": "0,1,2"}
+        assert cfg.checkpoint_dir == "outputs/finetune_compare/seed2"
+
+
 def test_readme_commands_work_as_written_on_a_fresh_clone(tmp_path, monkeypatch, textures_root) -> None:
     """`make finetune-rotation QUICK=1 && python experiments/main.py backbone=rotation`, with nothing but the
     data's root, size and a tiny schedule overridden: the default checkpoint paths must meet."""
