@@ -108,12 +108,15 @@ def _align(feature_map: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
 
 
 class ChunkedNearest(nn.Module):
-    """Exact k-NN over a bank in chunks of ``chunk`` rows: ``queries[Q, D] -> (squared[Q, k], indices[Q, k])``.
+    """Exact k-NN over a bank in chunks of ``chunk`` rows: ``queries[Q, D] -> (squared[Q, k], indices[Q, k],
+    rows[Q, k, D])``, nearest first; ``rows`` are the neighbours' centred bank rows.
 
-    Per chunk, ``q.b - |b|^2 / 2`` (one matrix product with a precomputed bias) is maximised, which ranks
-    as ``|q - b|^2 = |q|^2 + |b|^2 - 2 q.b``; the best so far is kept across chunks, so the largest tensor is
-    ``Q x chunk``. The bank is centred on its mean (as the reference search) and the winners' squared
-    distances are recomputed from the differences."""
+    Per chunk, ``q.b - |b|^2 / 2`` (one matrix product and a precomputed bias) is maximised, which ranks as
+    ``|q - b|^2 = |q|^2 + |b|^2 - 2 q.b``; the chunk's winners' squared distances are recomputed from the
+    differences (the expansion loses precision for near neighbours, as ``reference.recheck`` says) and the
+    best so far kept across chunks, so the largest tensor is ``Q x chunk``. The bank is centred on its mean,
+    as in the reference search, and each chunk is its own constant, stored ``[D, rows]`` as the product
+    reads it: no slice or transpose of the whole bank that a runtime could fold into a second copy."""
 
     def __init__(self, features: torch.Tensor, chunk: int = DEFAULT_CHUNK) -> None:
         super().__init__()
@@ -121,46 +124,48 @@ class ChunkedNearest(nn.Module):
             raise ValueError(f"export chunk={chunk} must be a positive number of bank rows")
         features = features.detach().cpu().float()
         mean = column_mean(features).float()
-        coords = (features - mean).contiguous()
         self.register_buffer("mean", mean)
-        self.register_buffer("coords", coords)
-        self.register_buffer("half_norms", -0.5 * (coords * coords).sum(dim=1))
-        self.chunk = min(chunk, len(coords))
+        self.size, self.dim = features.shape
+        self.chunk = min(chunk, self.size)
+        for index, offset in enumerate(range(0, self.size, self.chunk)):
+            coords = features[offset : offset + self.chunk] - mean
+            self.register_buffer(f"rows_{index}", coords.T.contiguous())  # [D, rows]
+            self.register_buffer(f"bias_{index}", -0.5 * (coords * coords).sum(dim=1))
 
     @property
     def chunks(self) -> int:
-        return math.ceil(len(self.coords) / self.chunk)
+        return math.ceil(self.size / self.chunk)
 
-    def forward(self, queries: torch.Tensor, k: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, queries: torch.Tensor, k: int = 1) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         centred = queries - self.mean
-        best = where = None
-        for offset in range(0, len(self.coords), self.chunk):
-            rows = self.coords[offset : offset + self.chunk]
-            similarity = F.linear(centred, rows, self.half_norms[offset : offset + self.chunk])  # [Q, chunk]
-            count = min(k, len(rows))
+        k = min(k, self.size)
+        best = where = found = None
+        for index in range(self.chunks):
+            rows_t, bias = getattr(self, f"rows_{index}"), getattr(self, f"bias_{index}")
+            similarity = torch.matmul(centred, rows_t) + bias  # [Q, rows]
+            count = min(k, rows_t.shape[1])
             if count == 1:
-                part, part_where = similarity.max(dim=1, keepdim=True)
+                part_where = similarity.argmax(dim=1, keepdim=True)
             else:
-                part, part_where = similarity.topk(count, dim=1)
-            part_where = part_where + offset
+                part_where = similarity.topk(count, dim=1).indices
+            part_rows = rows_t.index_select(1, part_where.reshape(-1)).T.reshape(*part_where.shape, self.dim)
+            part = (part_rows - centred[:, None, :]).square().sum(dim=2)  # exact squared distances [Q, count]
+            part_where = part_where + index * self.chunk
             if best is None:
-                best, where = part, part_where
+                best, where, found = part, part_where, part_rows
             elif k == 1:
-                better = part > best
+                better = part < best
                 best, where = torch.where(better, part, best), torch.where(better, part_where, where)
+                found = torch.where(better[:, :, None], part_rows, found)
             else:
-                best, order = torch.cat([best, part], dim=1).topk(k, dim=1)
+                best, order = torch.cat([best, part], dim=1).topk(k, dim=1, largest=False)
                 where = torch.cat([where, part_where], dim=1).gather(1, order)
-        return self.recheck(centred, where)
-
-    def recheck(self, centred: torch.Tensor, where: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Squared distances from the differences, nearest first (stable), as ``reference.recheck``."""
-        found = self.coords[where.reshape(-1)].reshape(*where.shape, -1)
-        squared = (found - centred[:, None, :]).square().sum(dim=2)
-        if where.shape[1] > 1:
-            squared, order = torch.sort(squared, dim=1, stable=True)
+                found = torch.cat([found, part_rows], dim=1).gather(1, order[:, :, None].expand(-1, -1, self.dim))
+        if k > 1:  # nearest first by the exact distances (topk: the exporters have no stable sort)
+            best, order = best.topk(k, dim=1, largest=False)
             where = where.gather(1, order)
-        return squared, where
+            found = found.gather(1, order[:, :, None].expand(-1, -1, self.dim))
+        return best, where, found
 
 
 class ExportablePatchCore(nn.Module):
@@ -207,7 +212,7 @@ class ExportablePatchCore(nn.Module):
         if self.distance == "cosine":
             features = F.normalize(features, dim=-1)
         queries = features.reshape(-1, dim)
-        squared, nearest = self.search(queries, self.num_neighbors)
+        squared, _, rows = self.search(queries, self.num_neighbors)
         if self.distance == "squared":
             distances = squared
         elif self.distance == "cosine":
@@ -215,7 +220,7 @@ class ExportablePatchCore(nn.Module):
         else:
             distances = squared.clamp_min(0).sqrt()
         patch_scores = distances.mean(dim=1).reshape(n, patches)
-        image_scores = self._image_scores(features, patch_scores, nearest[:, 0].reshape(n, patches))
+        image_scores = self._image_scores(features, patch_scores, rows[:, 0].reshape(n, patches, dim))
         h, w = self.embedding.grid
         maps = F.interpolate(patch_scores.reshape(n, 1, h, w), size=self.input_size, mode="bilinear",
                              align_corners=False)
@@ -228,18 +233,19 @@ class ExportablePatchCore(nn.Module):
         return outputs
 
     def _image_scores(self, features: torch.Tensor, patch_scores: torch.Tensor, nearest: torch.Tensor) -> torch.Tensor:
-        if self.image_score == "top_percent":  # as PatchCore._image_scores
+        """As ``PatchCore._image_scores``; ``nearest [N, patches, D]``: each patch's nearest (centred) bank row."""
+        if self.image_score == "top_percent":
             top = max(1, int(patch_scores.shape[1] * self.top_percent / 100 + 1e-6))
             return patch_scores.topk(top, dim=1).values.mean(dim=1)
         scores, best_patch = patch_scores.max(dim=1, keepdim=True)
         if self.reweight_neighbors is None:
             return scores.squeeze(1)
         # Eq. 7: m* is the best patch's nearest bank row (found above); N_b(m*) its b nearest bank rows
-        test_patch = features.gather(1, best_patch[:, :, None].expand(-1, 1, features.shape[2])).squeeze(1)
-        star = nearest.gather(1, best_patch).squeeze(1)
-        coords = self.search.coords
-        _, support = self.search(coords[star] + self.search.mean, min(self.reweight_neighbors, len(coords)))
-        distances = torch.linalg.vector_norm(coords[support] - (test_patch - self.search.mean)[:, None], dim=-1)
+        pick = best_patch[:, :, None].expand(-1, 1, features.shape[2])
+        test_patch = features.gather(1, pick).squeeze(1) - self.search.mean  # centred, as the rows
+        star = nearest.gather(1, pick).squeeze(1)
+        _, _, support = self.search(star + self.search.mean, self.reweight_neighbors)
+        distances = torch.linalg.vector_norm(support - test_patch[:, None], dim=-1)
         weights = 1.0 - torch.softmax(distances, dim=1)[:, 0]
         return weights * scores.squeeze(1)
 

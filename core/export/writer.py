@@ -76,6 +76,25 @@ def export_model(model, out: str | Path, format: str = "onnx", chunk: int = DEFA
     return write_folder(out, write_all)
 
 
+def onnx_to_openvino(onnx_export: str | Path, out: str | Path, overwrite: bool = False) -> Path:
+    """An ONNX export folder converted to OpenVINO IR (the same graph ``format=openvino`` would write,
+    without tracing the model again)."""
+    onnx_export, out = Path(onnx_export), Path(out)
+    record = json.loads((onnx_export / RECORD).read_text())
+    if record.get("format") != "onnx":
+        raise ExportError(f"{onnx_export} is a {record.get('format')} export: pass an ONNX export folder")
+    _check_target(out, overwrite)
+    start = time.perf_counter()
+
+    def write(folder: Path) -> None:
+        _convert_openvino(onnx_export / record["file"], folder / GRAPH_FILES["openvino"])
+        seconds = round(record.get("seconds", 0) + time.perf_counter() - start, 2)
+        write_json_atomic(folder / RECORD, {**record, "format": "openvino", "file": GRAPH_FILES["openvino"],
+                                            "seconds": seconds})
+
+    return write_folder(out, write)
+
+
 def _check_target(out: Path, overwrite: bool) -> None:
     if not out.exists() or (out.is_dir() and not any(out.iterdir())):
         return
@@ -153,13 +172,17 @@ def _externalise(path: Path) -> None:
 
 
 def _write_openvino(onnx_file: Path, xml_file: Path) -> None:
+    _convert_openvino(onnx_file, xml_file)
+    for path in onnx_file.parent.glob(f"{onnx_file.name}*"):  # the intermediate ONNX files
+        path.unlink()
+
+
+def _convert_openvino(onnx_file: Path, xml_file: Path) -> None:
     """OpenVINO IR from the ONNX graph; weights kept in float32 (``save_model`` would halve them to float16)."""
     import openvino
 
     ov_model = openvino.convert_model(str(onnx_file))
     openvino.save_model(ov_model, str(xml_file), compress_to_fp16=False)
-    for path in onnx_file.parent.glob(f"{onnx_file.name}*"):  # the intermediate ONNX files
-        path.unlink()
 
 
 def _write_torchscript(graph: ExportablePatchCore, path: Path) -> dict:
@@ -192,8 +215,8 @@ def _record(model, graph: ExportablePatchCore, format: str, details: dict, secon
                   "layout": "NCHW, RGB, resized and centre-cropped as in preprocessing, not normalised"},
         "outputs": graph.output_names,
         "chunk": graph.search.chunk,
-        "bank_size": len(graph.search.coords),
-        "embed_dim": graph.search.coords.shape[1],
+        "bank_size": graph.search.size,
+        "embed_dim": graph.search.dim,
         "preprocessing": preprocessing_record(getattr(model, "preprocessing", None)),
         "threshold": getattr(model, "threshold", None),
         "model": json.loads(json.dumps(model.spec())),

@@ -1,0 +1,175 @@
+"""Exported models (core/export): CPU prediction images/s and peak RSS of ONNX Runtime and OpenVINO next to
+PyTorch on the bench workload, and the peak memory of the exported ONNX graph for large random banks.
+
+``make bench`` runs ``bench_exported`` (``--skip export`` leaves it out). The memory figures of
+docs/deployment.md come from ``python -m experiments.benchmarks.export_bench memory`` (32k and 320k rows):
+every measurement runs in a fresh subprocess, whose ``ru_maxrss`` is the peak.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from core.api import crop_uint8
+from core.backbones import EfficientNetLite
+from core.export import ExportedModel, export_model
+from core.export.graph import DEFAULT_CHUNK
+from core.features import PatchEmbedder
+from core.patchcore import PatchCore
+from core.search import MemoryBank, ReferenceSearch
+from experiments.benchmarks.recording import Recorder, measured
+
+# One measurement in a fresh interpreter: session (or compiled model) creation, then one run; prints JSON.
+_MEASURE = r"""
+import json, resource, sys, time
+import numpy as np
+path, runtime, batch, size, dtype = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
+def peak():  # VmHWM: this process's own high-water mark (ru_maxrss keeps the forking parent's across exec)
+    try:
+        line = next(row for row in open("/proc/self/status") if row.startswith("VmHWM:"))
+        return int(line.split()[1]) / 1024
+    except (OSError, StopIteration):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+start_mb = peak()
+if runtime == "onnx":
+    import onnxruntime
+    session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
+    run = lambda x: session.run(None, {"images": x})
+else:
+    import openvino
+    compiled = openvino.Core().compile_model(path, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+    run = lambda x: compiled(x)
+loaded_mb = peak()
+images = (np.random.default_rng(0).random((batch, 3, size, size)) * 255).astype(dtype)
+start = time.perf_counter()
+run(images)
+seconds = time.perf_counter() - start
+print(json.dumps({"start_mb": start_mb, "loaded_peak_mb": loaded_mb, "run_peak_mb": peak(), "seconds": seconds}))
+"""
+
+
+def measure_in_subprocess(path: Path, runtime: str = "onnx", batch: int = 1, size: int = 224,
+                          dtype: str = "uint8", timeout: float = 1800) -> dict:
+    """Peak RSS (MB) of a fresh process after loading ``path`` and after one run on ``batch`` random images."""
+    result = subprocess.run([sys.executable, "-c", _MEASURE, str(path), runtime, str(batch), str(size), dtype],
+                            capture_output=True, text=True, timeout=timeout, check=False)
+    if result.returncode != 0:
+        raise RuntimeError(f"measuring {path} failed:\n{result.stderr[-2000:]}")
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def random_bank_model(bank_size: int, dim: int = 1024, image_size: int = 224, extractor=None,
+                      embedder: PatchEmbedder | None = None, seed: int = 0) -> PatchCore:
+    """A PatchCore (EfficientNet-Lite0 by default) whose bank is ``bank_size`` random rows: what export sees
+    of a fitted model, without fitting one."""
+    model = PatchCore(extractor or EfficientNetLite(), embedder or PatchEmbedder(embed_dim=dim), progress=False)
+    generator = torch.Generator().manual_seed(seed)
+    model.bank = MemoryBank().build(torch.randn(bank_size, dim, generator=generator), ReferenceSearch())
+    model.input_size = (image_size, image_size)
+    with torch.no_grad():
+        _, model.grid = model.embed(torch.zeros(1, 3, image_size, image_size))
+    return model
+
+
+def largest_intermediate(onnx_file: Path, batch: int = 1) -> tuple[int, str]:
+    """``(elements, name)`` of the largest tensor the graph computes (not its weights), from ONNX shape
+    inference with the batch dimension set to ``batch``."""
+    import onnx
+
+    proto = onnx.shape_inference.infer_shapes(onnx.load(str(onnx_file), load_external_data=False))
+    weights = {tensor.name for tensor in proto.graph.initializer}
+    best = (0, "")
+    for value in [*proto.graph.value_info, *proto.graph.output]:
+        dims = value.type.tensor_type.shape.dim
+        if not dims or value.name in weights:
+            continue
+        count = 1
+        for dim in dims:
+            count *= dim.dim_value if dim.HasField("dim_value") else batch
+        best = max(best, (count, value.name))
+    return best
+
+
+def memory(bank_sizes: tuple[int, ...] = (32768, 327680), chunk: int = DEFAULT_CHUNK, dim: int = 1024) -> list[dict]:
+    """Peak RSS of the exported graph under ONNX Runtime (one 224 px image), chunked and unchunked."""
+    lines = []
+    with tempfile.TemporaryDirectory(prefix="export-memory-") as tmp:
+        for bank_size in bank_sizes:
+            model = random_bank_model(bank_size, dim)
+            patches = model.grid[0] * model.grid[1]
+            for label, rows in (("chunked", chunk), ("unchunked (one chunk)", bank_size)):
+                out = export_model(model, Path(tmp) / f"{bank_size}-{rows}", "onnx", chunk=rows)
+                figures = measure_in_subprocess(out / "model.onnx")
+                largest, name = largest_intermediate(out / "model.onnx")
+                line = {"bank_size": bank_size, "dim": dim, "patches": patches, "chunk": min(rows, bank_size),
+                        "variant": label, "bank_mb": round(bank_size * dim * 4 / 2**20, 1),
+                        "distance_block_mb": round(patches * min(rows, bank_size) * 4 / 2**20, 1),
+                        "largest_intermediate_mb": round(largest * 4 / 2**20, 1), "largest_tensor": name,
+                        **{key: round(value, 3 if key == "seconds" else 1) for key, value in figures.items()}}
+                print(json.dumps(line), flush=True)
+                lines.append(line)
+    return lines
+
+
+def _crops(test: DataLoader) -> np.ndarray:
+    """The test set's uint8 crops, as ``prepare_images_uint8`` makes them, preloaded (decoding not timed)."""
+    dataset = test.dataset
+    preprocessing = dataset.preprocessing
+    from core.data import read_image
+
+    return torch.stack([crop_uint8(read_image(sample.path), preprocessing) for sample in dataset.samples]).numpy()
+
+
+def bench_exported(rec: Recorder, model: PatchCore, test: DataLoader, batch_size: int = 8, **tag) -> None:
+    """``predict`` lines for ONNX Runtime and OpenVINO (f32, and OpenVINO's bf16 default where the CPU has it)
+    next to PyTorch's ``score`` on the same preloaded crops; every score checked against PyTorch's."""
+    from core.api import normalize
+
+    crops = _crops(test)
+    batches = [crops[start : start + batch_size] for start in range(0, len(crops), batch_size)]
+    normalised = [normalize(torch.from_numpy(batch), model.preprocessing) for batch in batches]
+    model.score(normalised[0])  # warm-up
+    with measured() as m:
+        reference = np.concatenate([model.score(batch)[0].numpy() for batch in normalised])
+    base = {"variant": "PyTorch score (preloaded crops)", "bank_size": len(model.bank), **tag}
+    rec.emit("predict", len(crops), model.bank.dim, None, m["seconds"], len(crops), m["peak_rss_mb"], **base)
+    with tempfile.TemporaryDirectory(prefix="export-bench-") as tmp:
+        for fmt, precision in (("onnx", "f32"), ("openvino", "f32"), ("openvino", "bf16")):
+            folder = Path(tmp) / fmt
+            if not folder.exists():
+                start = time.perf_counter()
+                export_model(model, folder, fmt)
+                export_s = time.perf_counter() - start
+            exported = ExportedModel(folder, precision=precision)
+            exported.run(batches[0])  # warm-up
+            with measured() as m:
+                scores = np.concatenate([exported.run(batch)["image_scores"] for batch in batches])
+            diff = float(np.abs(scores - reference).max() / np.abs(reference).max())
+            runtime = "ONNX Runtime" if fmt == "onnx" else f"OpenVINO {precision}"
+            rec.emit("predict", len(crops), model.bank.dim, None, m["seconds"], len(crops), m["peak_rss_mb"],
+                     **{**base, "variant": f"exported, {runtime} (preloaded crops)", "max_rel_score_diff": diff,
+                        "export_s": round(export_s, 1)})
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="peak memory of exported graphs for large random banks")
+    parser.add_argument("what", choices=["memory"])
+    parser.add_argument("--banks", type=int, nargs="*", default=[32768, 327680])
+    parser.add_argument("--chunk", type=int, default=DEFAULT_CHUNK)
+    args = parser.parse_args(argv)
+    memory(tuple(args.banks), args.chunk)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
