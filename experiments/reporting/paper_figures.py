@@ -116,8 +116,14 @@ def map_figure(comparison: Comparison, category: str, images: int = 3) -> list[F
     return built
 
 
-def checkpoint_logs(comparison: Comparison) -> dict[str, list[tuple[str, Path]]]:
-    """Per arm, (category, loss log) of its first seed's fine-tuned checkpoints."""
+LOGS = {"loss": ("loss.jsonl", "every training step's loss, task loss, L2-SP term and accuracy"),
+        "proxy": ("proxy.jsonl", "every proxy evaluation (held-out nominal images with synthetic anomalies): the "
+                                 "proxy score and AUROCs that select the checkpoint, and the collapse monitors "
+                                 "(effective rank, nearest-neighbour distances, weight distance)")}
+
+
+def checkpoint_logs(comparison: Comparison, kind: str) -> dict[str, list[tuple[str, Path]]]:
+    """Per arm, (category, log file) of its first seed's fine-tuned checkpoints (``kind``: loss | proxy)."""
     logs: dict[str, list[tuple[str, Path]]] = {}
     for arm in comparison.others:
         run = min(arm.runs, key=lambda r: (str(r.config.get("seed")), str(r.folder)))
@@ -126,7 +132,7 @@ def checkpoint_logs(comparison: Comparison) -> dict[str, list[tuple[str, Path]]]
             continue
         folder = Path(str(checkpoint)).parent
         for category in sorted(run.results.get("categories") or {}):
-            path = folder / f"{category}.loss.jsonl"
+            path = folder / f"{category}.{LOGS[kind][0]}"
             if path.is_file():
                 logs.setdefault(arm.name, []).append((category, path))
     return logs
@@ -142,38 +148,44 @@ def read_log(path: Path) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def _step_panels(frames: dict[str, pd.DataFrame]) -> tuple | None:
+    """A grid with one panel per numeric logged quantity against the step, one line per category."""
+    keys = [k for k in dict.fromkeys(k for f in frames.values() for k in f.columns)
+            if k not in LOG_SKIP and not k.endswith("_time_s")
+            and all(pd.api.types.is_numeric_dtype(f[k]) and not pd.api.types.is_bool_dtype(f[k])
+                    for f in frames.values() if k in f)]
+    if not keys:
+        return None
+    ncols = min(4, len(keys))
+    nrows = math.ceil(len(keys) / ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(WIDTH, 1.7 * nrows + 0.5), squeeze=False, constrained_layout=True)
+    for ax, key in zip(axes.flat, keys):
+        for category, log in frames.items():
+            if key in log and "step" in log:
+                ax.plot(log["step"], log[key], lw=1, marker="." if len(log) < 20 else None, label=category)
+        ax.set_title(key, fontsize=7)
+        ax.tick_params(labelsize=6)
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(keys):]:
+        ax.axis("off")
+    for ax in axes[-1]:
+        ax.set_xlabel("step", fontsize=7)
+    handles, labels = axes.flat[0].get_legend_handles_labels()
+    if handles:
+        fig.legend(handles, labels, loc="outside lower center", ncols=min(4, len(labels)), fontsize=7, frameon=False)
+    return fig
+
+
 def finetune_figure(comparison: Comparison) -> list[Figure]:
-    """Per fine-tuning method: every monitored quantity against the training step, one line per category."""
+    """Per fine-tuning method: the training log, then the proxy-selection log (when the checkpoints have one)."""
     built = []
-    for arm, logs in checkpoint_logs(comparison).items():
-        frames = {category: read_log(path) for category, path in logs}
-        keys = [k for k in dict.fromkeys(k for f in frames.values() for k in f.columns)
-                if k not in LOG_SKIP and all(pd.api.types.is_numeric_dtype(f[k]) for f in frames.values() if k in f)]
-        if not keys:
-            continue
-        ncols = min(4, len(keys))
-        nrows = math.ceil(len(keys) / ncols)
-        fig, axes = plt.subplots(nrows, ncols, figsize=(WIDTH, 1.8 * nrows + 0.5), squeeze=False,
-                                 constrained_layout=True)
-        for ax, key in zip(axes.flat, keys):
-            for category, log in frames.items():
-                if key in log and "step" in log:
-                    ax.plot(log["step"], log[key], lw=1, marker="." if len(log) < 20 else None, label=category)
-            ax.set_title(key, fontsize=8)
-            ax.tick_params(labelsize=6)
-            ax.grid(alpha=0.3)
-        for ax in list(axes.flat)[len(keys):]:
-            ax.axis("off")
-        for ax in axes[-1]:
-            ax.set_xlabel("step", fontsize=7)
-        handles, labels = axes.flat[0].get_legend_handles_labels()
-        if handles:
-            fig.legend(handles, labels, loc="outside lower center", ncols=min(4, len(labels)), fontsize=7,
-                       frameon=False)
-        caption = (f"Fine-tuning of {arm} (first seed), per training step and category: every quantity its "
-                   "checkpoints' .loss.jsonl logs record (loss, task loss, the L2-SP term, accuracy, and any proxy "
-                   "metric or collapse monitor the method logs).")
-        built.append(Figure(f"finetune_{arm}", fig, caption))
+    for kind, (suffix, what) in LOGS.items():
+        for arm, logs in checkpoint_logs(comparison, kind).items():
+            fig = _step_panels({category: read_log(path) for category, path in logs})
+            if fig is not None:
+                caption = (f"Fine-tuning of {arm} (first seed), per category against the step: {what} "
+                           f"(<category>.{suffix}).")
+                built.append(Figure(f"finetune_{kind}_{arm}", fig, caption))
     return built
 
 

@@ -14,7 +14,14 @@ from experiments.reporting import paper_figures as pf
 from experiments.reporting.comparisons import Comparison, categories_of, cell_stats, verdict
 from experiments.reporting.data import Run
 from experiments.reporting.document import Block, Bullets, Code, FigureBlock, Gallery, Heading, Note, TableBlock, text
-from experiments.reporting.paper_tables import category_table, paired_rows, paired_table, signed, summary_table
+from experiments.reporting.paper_tables import (
+    category_table,
+    paired_rows,
+    paired_table,
+    selection_table,
+    signed,
+    summary_table,
+)
 from experiments.reporting.sections import DATASETS
 from experiments.runs.anomaly_maps import MAPS_DIR
 from experiments.runs.results import METRIC_TITLES
@@ -150,6 +157,7 @@ def results_blocks(ctx: Context) -> list[Block]:
             blocks += ctx.figure(pf.map_figure(comparison, first))
         if comparison.name == "finetuning" or any(str((a.runs[0].config.get("backbone") or {}).get("_target_", ""))
                                                   .startswith("extensions.") for a in comparison.others):
+            blocks += ctx.table(selection_table(comparison))
             blocks += ctx.figure(pf.finetune_figure(comparison))
     gallery = gallery_items(ctx)
     if gallery:

@@ -151,3 +151,46 @@ def sources_rows(blocks: list[TableBlock]) -> list[dict]:
                     rows.append({"table": block.name, "row": row[0].text, "column": column, "text": cell.text,
                                  "value": cell.value, "sources": cell.sources})
     return rows
+
+
+def _sidecar_cell(value, sidecar: Path, digits: int = 3) -> Cell:
+    return Cell("-" if value is None else f"{value:.{digits}f}", value, sources=[str(sidecar)])
+
+
+def selection_table(comparison: Comparison) -> TableBlock | None:
+    """Per fine-tuned arm and category (first seed): the checkpoint the proxy selected, from the sidecars
+    (docs/finetuning.md): selected step of the steps run, proxy score and effective rank at step 0 and at the
+    selected step, collapse warnings. None when the checkpoints have no selection record."""
+    import json
+
+    rows = []
+    for arm in comparison.others:
+        run = min(arm.runs, key=lambda r: (str(r.config.get("seed")), str(r.folder)))
+        checkpoint = (run.config.get("backbone") or {}).get("checkpoint")
+        if not checkpoint:
+            continue
+        for category in sorted(run.results.get("categories") or {}):
+            sidecar = Path(str(checkpoint)).parent / f"{category}.json"
+            try:
+                record = json.loads(sidecar.read_text())
+            except (OSError, ValueError):
+                continue
+            selection = record.get("selection") or {}
+            if not selection:
+                continue
+            start, chosen = selection.get("start") or {}, selection.get("proxy") or {}
+            monitors = selection.get("monitors") or {}
+
+            rows.append([Cell(f"{arm.name} / {category}"),
+                         Cell(f"{record.get('selected_step')} of {record.get('steps')}", record.get("selected_step"),
+                              sources=[str(sidecar)]),
+                         _sidecar_cell(start.get("score"), sidecar), _sidecar_cell(chosen.get("score"), sidecar),
+                         _sidecar_cell(start.get("effective_rank"), sidecar, 1),
+                         _sidecar_cell(monitors.get("effective_rank"), sidecar, 1),
+                         Cell(str(len(selection.get("collapse_warnings") or [])))])
+    if not rows:
+        return None
+    header = ["arm / category", "selected step", "proxy at 0", "proxy selected", "eff. rank at 0",
+              "eff. rank selected", "collapse warnings"]
+    return TableBlock(f"{comparison.name}_selection", f"{comparison.title}: the checkpoint the proxy selected "
+                      "(first seed; from each checkpoint's sidecar JSON, docs/finetuning.md).", header, rows)
