@@ -81,6 +81,23 @@ def test_identical_runs_are_shared_between_comparisons(tmp_path) -> None:
     assert plan.comparisons["b"]["jobs"] == plan.comparisons["a"]["jobs"]
 
 
+def test_fine_tuning_settings_get_checkpoints_of_their_own(tmp_path) -> None:
+    config = _config(seeds=[0])
+    config["comparisons"] = {"ft": {"methods": {"rot (l2sp=0)": {"method": "rotation",
+                                                                "overrides": ["method.l2sp_weight=0.0"]}}}}
+    plan = build_plan(config, tmp_path, CATEGORIES, check=lambda *_: None)
+    finetune, tuned = plan.jobs[1], plan.jobs[2]
+    root = tmp_path / "t" / "checkpoints" / "rot_l2sp_0" / "seed0"
+    assert finetune.id == "ft/finetune_rot_l2sp_0" and "method.l2sp_weight=0.0" in finetune.overrides
+    assert f"checkpoint_dir={root}" in finetune.overrides and finetune.checkpoints[0] == root / "rotation" / \
+        "effnet_lite0" / "brick.pt"
+    assert tuned.arm == "rot (l2sp=0)" and f"backbone.checkpoint={root}/rotation/effnet_lite0/${{category}}.pt" \
+        in tuned.overrides and "backbone=rotation" in tuned.overrides
+    config["comparisons"] = {"ft": {"methods": {"bad": ["method.lr=1"]}}}
+    with pytest.raises(StudyConfigError, match="comparisons.ft.methods.bad"):
+        build_plan(config, tmp_path, CATEGORIES, check=lambda *_: None)
+
+
 def test_merge_overrides_keeps_the_last_of_each_key() -> None:
     assert merge_overrides(["a=1", "b=2"], ["+a=3", "c=4"]) == ["b=2", "+a=3", "c=4"]
 

@@ -5,8 +5,9 @@ A study config names a baseline backbone, seeds, overrides shared by every run a
 Each comparison is one of: ``arms`` (name -> overrides, optionally ``seeds``), ``sweep`` + ``values`` (one
 arm per value; ``also`` adds settings that go with each value), ``extractors`` (other backbones: only
 those whose pretrained weights are on this machine) or ``methods`` (fine-tuned baseline backbones: a
-``finetune.py`` job per method and seed, then PatchCore on its checkpoints). The baseline arm (the
-baseline backbone with conf/ defaults) is the reference of every comparison and runs once per seed.
+``finetune.py`` job per method and seed, then PatchCore on its checkpoints; a list of conf/method names, or
+arm name -> ``{method, overrides}`` for fine-tuning settings, e.g. a sweep of ``method.l2sp_weight``). The
+baseline arm (the baseline backbone with conf/ defaults) is the reference of every comparison and runs once per seed.
 Identical runs (the same overrides) are run once and shared between comparisons.
 """
 
@@ -194,22 +195,29 @@ def build_plan(config: dict, out_root: Path, categories: list[str],
                 else:
                     arms.append((str(extractor), [f"backbone={extractor}"], seeds, []))
         else:
-            for method in spec["methods"]:
-                arm_seeds = seeds
-                for seed in arm_seeds:
-                    checkpoint_dir = folder / "checkpoints" / f"seed{seed}"
-                    job_id = f"{comparison}/finetune_{_slug(method)}" + (f"_seed{seed}" if len(seeds) > 1 else "")
+            methods = spec["methods"]
+            entries = ([(str(m), {"method": str(m)}) for m in methods] if isinstance(methods, list)
+                       else list(methods.items()))
+            for arm, method_spec in entries:
+                if not isinstance(method_spec, dict) or "method" not in method_spec:
+                    raise StudyConfigError(f"{source}: comparisons.{comparison}.methods.{arm}: give "
+                                           "{method: <conf/method name>, overrides: [...]}")
+                method, extra = str(method_spec["method"]), [str(o) for o in method_spec.get("overrides") or []]
+                for seed in seeds:
+                    # a method with its defaults: checkpoints/seed<s>; a fine-tuning setting: a folder of its own
+                    root = folder / "checkpoints" / (_slug(arm) if extra else "") / f"seed{seed}"
+                    job_id = f"{comparison}/finetune_{_slug(arm)}" + (f"_seed{seed}" if len(seeds) > 1 else "")
                     overrides = merge_overrides(
                         [f"method={method}", f"backbone={backbone}", f"dataset={dataset}", f"category={category_text}",
-                         f"checkpoint_dir={checkpoint_dir}", f"method.seed={seed}", "progress=false"],
-                        [str(o) for o in config.get("finetune_overrides") or []])
-                    files = [checkpoint_dir / method / backbone / f"{c}.pt" for c in categories]
-                    jobs[job_id] = Job(job_id, "finetune", comparison, f"{method} (fine-tuning)", seed, overrides,
+                         f"checkpoint_dir={root}", f"method.seed={seed}", "progress=false"],
+                        [str(o) for o in config.get("finetune_overrides") or []], extra)
+                    files = [root / method / backbone / f"{c}.pt" for c in categories]
+                    jobs[job_id] = Job(job_id, "finetune", comparison, f"{arm} (fine-tuning)", seed, overrides,
                                        folder / job_id, checkpoints=files)
-                    checkpoint = checkpoint_dir / method / backbone / "${category}.pt"
+                    checkpoint = root / method / backbone / "${category}.pt"
                     arm_overrides = [f"backbone={method}", f"backbone.base={backbone}",
                                      f"backbone.checkpoint={checkpoint}"]
-                    arms.append((method, arm_overrides, [seed], [job_id]))
+                    arms.append((arm, arm_overrides, [seed], [job_id]))
         for arm, overrides, arm_seeds, needs in arms:
             if arm not in entry["arms"]:
                 entry["arms"].append(arm)
