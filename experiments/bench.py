@@ -7,7 +7,9 @@ EfficientNet-Lite0 features, 1024-d, at 224 px) plus its test set, on first use,
 ``outputs/bench/``. The fit, coreset, search and prediction measurements run for both patch
 aggregations (``official`` with squared distances, the default; ``channel_mean`` with Euclidean
 ones), next to the official-style and anomalib-style starting points; WRN50 (random seeded
-weights) prediction is measured against its backbone alone. Every measurement is one JSON line on
+weights) prediction is measured against its backbone alone; the official model's prediction also through its
+exported graph under ONNX Runtime and OpenVINO (experiments/benchmarks/export_bench.py; ``--skip export``).
+Every measurement is one JSON line on
 stdout with the keys ``stage`` (extract, coreset, coreset_reference, search, predict, fit,
 fit_warm_cache, backbone_only), ``n``, ``dim``, ``ratio``, ``seconds``, ``items_per_s``,
 ``peak_rss_mb`` and, where they apply, ``variant``, ``aggregation``, ``threads``, quality figures
@@ -32,6 +34,7 @@ import torch
 
 from core.backbones import EfficientNetLite
 from experiments.benchmarks.coresets import coreset_alone, radius_comparison, reference_timing
+from experiments.benchmarks.export_bench import bench_exported
 from experiments.benchmarks.fitting import bench_backbone, bench_fit, large_fit
 from experiments.benchmarks.prediction import bench_predictions, bench_wrn50
 from experiments.benchmarks.recording import Recorder
@@ -43,6 +46,7 @@ from experiments.benchmarks.workload import (
     FULL,
     QUICK,
     Workload,
+    bank_with,
     loaders,
     model_features,
     preloaded,
@@ -60,7 +64,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's)")
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="where the models run")
     parser.add_argument("--root", type=Path, default=REPO / "outputs" / "bench", help="data, cache and results")
-    parser.add_argument("--skip", nargs="*", default=[], help="parts to skip: scaling reference search wrn50")
+    parser.add_argument("--skip", nargs="*", default=[], help="parts to skip: scaling reference search wrn50 export")
     parser.add_argument("--extra", nargs="*", default=[],
                         help="'all': also block sizes, ivf nprobe=4 and 64 predict; 'large': a 5,000-image fit "
                              "with the float32 buffer in memory (needs ~19 GiB free, ~3 min)")
@@ -86,6 +90,9 @@ def bench_aggregation(rec: Recorder, work: Workload, extractor, train, test, agg
                      full="all" in work.extra, threads=work.on_cpu, **tag)
     del queries
     bench_predictions(rec, work, model, extractor, test, bank_features, aggregation)
+    if "export" not in work.skip and work.on_cpu and aggregation == "official":  # ONNX Runtime, OpenVINO
+        model.bank = bank_with(bank_features)
+        bench_exported(rec, model, test, **tag)
 
 
 def finish(rec: Recorder, root: Path) -> None:

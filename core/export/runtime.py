@@ -126,6 +126,9 @@ def _onnx_runner(path: Path, threads: int | None):
     import onnxruntime
 
     options = onnxruntime.SessionOptions()
+    # ORT keeps a prepacked copy of every matrix-product constant, i.e. the whole bank a second time; the
+    # speed is the same within noise without it (docs/deployment.md, Export)
+    options.add_session_config_entry("session.disable_prepacking", "1")
     if threads:
         options.intra_op_num_threads = threads
     session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])

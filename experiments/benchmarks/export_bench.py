@@ -22,7 +22,8 @@ from torch.utils.data import DataLoader
 
 from core.api import crop_uint8
 from core.backbones import EfficientNetLite
-from core.export import ExportedModel, export_model
+from core.detector import collect_predictions
+from core.export import ExportedModel, export_model, onnx_to_openvino
 from core.export.graph import DEFAULT_CHUNK
 from core.features import PatchEmbedder
 from core.patchcore import PatchCore
@@ -34,6 +35,7 @@ _MEASURE = r"""
 import json, resource, sys, time
 import numpy as np
 path, runtime, batch, size, dtype = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
+prepack = sys.argv[6] == "1"
 def peak():  # VmHWM: this process's own high-water mark (ru_maxrss keeps the forking parent's across exec)
     try:
         line = next(row for row in open("/proc/self/status") if row.startswith("VmHWM:"))
@@ -43,7 +45,10 @@ def peak():  # VmHWM: this process's own high-water mark (ru_maxrss keeps the fo
 start_mb = peak()
 if runtime == "onnx":
     import onnxruntime
-    session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
+    options = onnxruntime.SessionOptions()
+    if not prepack:  # as core.export.runtime.ExportedModel runs it
+        options.add_session_config_entry("session.disable_prepacking", "1")
+    session = onnxruntime.InferenceSession(path, options, providers=["CPUExecutionProvider"])
     run = lambda x: session.run(None, {"images": x})
 else:
     import openvino
@@ -59,9 +64,12 @@ print(json.dumps({"start_mb": start_mb, "loaded_peak_mb": loaded_mb, "run_peak_m
 
 
 def measure_in_subprocess(path: Path, runtime: str = "onnx", batch: int = 1, size: int = 224,
-                          dtype: str = "uint8", timeout: float = 1800) -> dict:
-    """Peak RSS (MB) of a fresh process after loading ``path`` and after one run on ``batch`` random images."""
-    result = subprocess.run([sys.executable, "-c", _MEASURE, str(path), runtime, str(batch), str(size), dtype],
+                          dtype: str = "uint8", prepack: bool = False, timeout: float = 1800) -> dict:
+    """Peak RSS (MB) of a fresh process after loading ``path`` and after one run on ``batch`` random images;
+    ``prepack``: ONNX Runtime's default of keeping a prepacked copy of every matrix-product constant (the
+    bank, once more), which ``ExportedModel`` turns off."""
+    result = subprocess.run([sys.executable, "-c", _MEASURE, str(path), runtime, str(batch), str(size), dtype,
+                             "1" if prepack else "0"],
                             capture_output=True, text=True, timeout=timeout, check=False)
     if result.returncode != 0:
         raise RuntimeError(f"measuring {path} failed:\n{result.stderr[-2000:]}")
@@ -81,25 +89,6 @@ def random_bank_model(bank_size: int, dim: int = 1024, image_size: int = 224, ex
     return model
 
 
-def largest_intermediate(onnx_file: Path, batch: int = 1) -> tuple[int, str]:
-    """``(elements, name)`` of the largest tensor the graph computes (not its weights), from ONNX shape
-    inference with the batch dimension set to ``batch``."""
-    import onnx
-
-    proto = onnx.shape_inference.infer_shapes(onnx.load(str(onnx_file), load_external_data=False))
-    weights = {tensor.name for tensor in proto.graph.initializer}
-    best = (0, "")
-    for value in [*proto.graph.value_info, *proto.graph.output]:
-        dims = value.type.tensor_type.shape.dim
-        if not dims or value.name in weights:
-            continue
-        count = 1
-        for dim in dims:
-            count *= dim.dim_value if dim.HasField("dim_value") else batch
-        best = max(best, (count, value.name))
-    return best
-
-
 def memory(bank_sizes: tuple[int, ...] = (32768, 327680), chunk: int = DEFAULT_CHUNK, dim: int = 1024) -> list[dict]:
     """Peak RSS of the exported graph under ONNX Runtime (one 224 px image), chunked and unchunked."""
     lines = []
@@ -107,14 +96,15 @@ def memory(bank_sizes: tuple[int, ...] = (32768, 327680), chunk: int = DEFAULT_C
         for bank_size in bank_sizes:
             model = random_bank_model(bank_size, dim)
             patches = model.grid[0] * model.grid[1]
-            for label, rows in (("chunked", chunk), ("unchunked (one chunk)", bank_size)):
-                out = export_model(model, Path(tmp) / f"{bank_size}-{rows}", "onnx", chunk=rows)
-                figures = measure_in_subprocess(out / "model.onnx")
-                largest, name = largest_intermediate(out / "model.onnx")
+            for label, rows, prepack in (("chunked", chunk, False), ("chunked, ORT prepacking on", chunk, True),
+                                         ("unchunked (one chunk)", bank_size, False)):
+                out = Path(tmp) / f"{bank_size}-{rows}"
+                if not out.exists():
+                    export_model(model, out, "onnx", chunk=rows)
+                figures = measure_in_subprocess(out / "model.onnx", prepack=prepack)
                 line = {"bank_size": bank_size, "dim": dim, "patches": patches, "chunk": min(rows, bank_size),
                         "variant": label, "bank_mb": round(bank_size * dim * 4 / 2**20, 1),
                         "distance_block_mb": round(patches * min(rows, bank_size) * 4 / 2**20, 1),
-                        "largest_intermediate_mb": round(largest * 4 / 2**20, 1), "largest_tensor": name,
                         **{key: round(value, 3 if key == "seconds" else 1) for key, value in figures.items()}}
                 print(json.dumps(line), flush=True)
                 lines.append(line)
@@ -137,19 +127,21 @@ def bench_exported(rec: Recorder, model: PatchCore, test: DataLoader, batch_size
 
     crops = _crops(test)
     batches = [crops[start : start + batch_size] for start in range(0, len(crops), batch_size)]
-    normalised = [normalize(torch.from_numpy(batch), model.preprocessing) for batch in batches]
-    model.score(normalised[0])  # warm-up
-    with measured() as m:
-        reference = np.concatenate([model.score(batch)[0].numpy() for batch in normalised])
-    base = {"variant": "PyTorch score (preloaded crops)", "bank_size": len(model.bank), **tag}
+    normalised = [{"image": normalize(torch.from_numpy(batch), model.preprocessing)} for batch in batches]
+    workers = torch.get_num_threads()
+    collect_predictions(model.score, normalised[:1], progress=False, workers=workers)  # warm-up
+    with measured() as m:  # as PatchCore.predict runs it: pieces of the batches on the threads
+        reference = collect_predictions(model.score, normalised, progress=False, workers=workers).image_scores
+    base = {"variant": "PyTorch PatchCore.score as predict runs it (preloaded crops)", "bank_size": len(model.bank),
+            **tag}
     rec.emit("predict", len(crops), model.bank.dim, None, m["seconds"], len(crops), m["peak_rss_mb"], **base)
     with tempfile.TemporaryDirectory(prefix="export-bench-") as tmp:
+        start = time.perf_counter()
+        export_model(model, Path(tmp) / "onnx", "onnx")
+        export_s = time.perf_counter() - start
+        onnx_to_openvino(Path(tmp) / "onnx", Path(tmp) / "openvino")
         for fmt, precision in (("onnx", "f32"), ("openvino", "f32"), ("openvino", "bf16")):
             folder = Path(tmp) / fmt
-            if not folder.exists():
-                start = time.perf_counter()
-                export_model(model, folder, fmt)
-                export_s = time.perf_counter() - start
             exported = ExportedModel(folder, precision=precision)
             exported.run(batches[0])  # warm-up
             with measured() as m:
@@ -158,16 +150,35 @@ def bench_exported(rec: Recorder, model: PatchCore, test: DataLoader, batch_size
             runtime = "ONNX Runtime" if fmt == "onnx" else f"OpenVINO {precision}"
             rec.emit("predict", len(crops), model.bank.dim, None, m["seconds"], len(crops), m["peak_rss_mb"],
                      **{**base, "variant": f"exported, {runtime} (preloaded crops)", "max_rel_score_diff": diff,
-                        "export_s": round(export_s, 1)})
+                        "onnx_export_s": round(export_s, 1)})
+
+
+def predict_alone(root: Path, images: int) -> None:
+    """``bench_exported`` on the bench workload's default model (official aggregation, squared distances,
+    10% coreset of ``images`` training images) without the rest of ``make bench``."""
+    from experiments.benchmarks.workload import RATIO, loaders, new_model, textures
+
+    extractor = EfficientNetLite().eval()
+    dataset = textures(root, images)
+    train, test = loaders(dataset, extractor)
+    model = new_model(extractor, RATIO, None, "official")
+    model.fit(train)
+    bench_exported(Recorder(root / "export"), model, test, aggregation="official")
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="peak memory of exported graphs for large random banks")
-    parser.add_argument("what", choices=["memory"])
+    parser = argparse.ArgumentParser(description="exported models: peak memory for large random banks (memory), "
+                                                 "prediction speed on the bench workload (predict)")
+    parser.add_argument("what", choices=["memory", "predict"])
     parser.add_argument("--banks", type=int, nargs="*", default=[32768, 327680])
     parser.add_argument("--chunk", type=int, default=DEFAULT_CHUNK)
+    parser.add_argument("--images", type=int, default=411, help="predict: training images (make bench: 411)")
+    parser.add_argument("--root", type=Path, default=Path("outputs") / "bench")
     args = parser.parse_args(argv)
-    memory(tuple(args.banks), args.chunk)
+    if args.what == "memory":
+        memory(tuple(args.banks), args.chunk)
+    else:
+        predict_alone(args.root, args.images)
     return 0
 
 
