@@ -5,6 +5,7 @@ recorded, the progress line's estimate of the time left."""
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -190,3 +191,31 @@ def test_estimate_left_uses_the_mean_of_each_kind() -> None:
     durations = {"patchcore": [10.0, 30.0], "finetune": [100.0]}
     assert estimate_left(durations, [J("patchcore"), J("finetune"), J("patchcore")]) == 140.0
     assert estimate_left({"patchcore": [10.0]}, [J("finetune")]) == 10.0
+
+
+def test_study_runs_are_grouped_and_saved_models_logged_as_artifacts(tmp_path, monkeypatch) -> None:
+    """The W&B side of a study run: group = the study, job type = the comparison, and each saved model
+    (save_model=true) logged as the artifact the report's main table names (offline run file)."""
+    pytest.importorskip("wandb")
+    from experiments.runs.run_key import config_hash
+    from experiments.runs.tracking import WandbLogger, model_artifact_name
+
+    for name in ("WANDB_CONFIG_DIR", "WANDB_CACHE_DIR", "WANDB_DATA_DIR", "WANDB_ARTIFACT_DIR"):
+        monkeypatch.setenv(name, str(tmp_path / "home" / name.lower()))
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    run_dir = tmp_path / "run"
+    (run_dir / "models" / "brick").mkdir(parents=True)
+    (run_dir / "models" / "brick" / "model.json").write_text("{}")
+    config = {"backbone": {"name": "effnet_lite0"}, "dataset": {"name": "textures"}, "seed": 0}
+    logger = WandbLogger(mode="offline", group="mystudy", job_type="baselines", tags=["study:mystudy"])
+    logger.start(config, run_dir, group=None, name="baselines/random_bank")
+    logger.finish({"categories": {"brick": {"image_auroc": 0.9}}, "mean": {"image_auroc": 0.9}, "complete": True})
+    assert not logger.disabled
+    path = next(run_dir.glob("wandb/offline-run-*/run-*.wandb"))
+    for _ in range(50):  # the W&B service writes the run file after finish() returns
+        record = path.read_bytes()
+        if len(record) > 1000 and b"mystudy" in record:
+            break
+        time.sleep(0.2)
+    assert model_artifact_name(config_hash(config), "brick").encode() in record
+    assert b"mystudy" in record and b"baselines" in record
