@@ -99,6 +99,10 @@ def compose(ctx: ps.Context, run_dirs: list[str], sources: Path = SOURCES) -> Do
     title = f"PatchCore under cold start: a comparative study on {DATASET_TITLES.get(ctx.dataset, ctx.dataset)}"
     if str(manifest.get("study", "")).startswith("quick"):
         title = f"[QUICK SMOKE STUDY, not results] {title}"
+    jobs = manifest.get("jobs") or []
+    finished = sum(row.get("status") in ("done", "done before") for row in jobs)
+    if finished < len(jobs):
+        title = f"[PARTIAL: {finished} of {len(jobs)} jobs finished] {title}"
     subtitle = (f"Generated {dt.datetime.now().strftime('%Y-%m-%d %H:%M')} by experiments/report.py from "
                 f"{len(ctx.runs)} runs ({study}{', '.join(run_dirs)})")
     references = yaml.safe_load((sources / "references.yml").read_text())
