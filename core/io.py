@@ -24,7 +24,7 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
     tmp = Path(tmp_name)
     try:
         write(tmp)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes files private; results should read like any file
+        os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes files private; results should read like any file
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
@@ -58,7 +58,8 @@ def remove_dead_temporaries(folder: str | Path) -> list[Path]:
     return removed
 
 
-def _umask() -> int:
+def current_umask() -> int:
+    """The process's umask (reading it means setting it: set straight back)."""
     current = os.umask(0)
     os.umask(current)
     return current

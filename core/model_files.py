@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from core.io import atomic_write, file_sha256, write_json_atomic
+from core.io import atomic_write, current_umask, file_sha256, write_json_atomic
 
 MANIFEST = "manifest.json"
 _REFIT = "re-copy the whole folder from where it was saved, or refit it"
@@ -126,19 +126,27 @@ def verify_manifest(directory: Path) -> None:
 
 def write_folder(directory: Path, write: Callable[[Path], None]) -> Path:
     """Call ``write(tmp_folder)``, add the manifest, then move the folder to ``directory``, replacing an
-    earlier one only once the new one is complete (an interrupted save leaves the old folder, or none)."""
+    earlier saved model only once the new one is complete (an interrupted save leaves the old folder, or none)."""
     directory = Path(directory)
     if directory.exists() and not (directory.is_dir() and (not any(directory.iterdir())
                                                            or (directory / "model.json").is_file())):
         raise ModelFilesError(f"{directory} exists and is not a saved model (no model.json): saving there would "
                               f"replace its files; choose another folder")
+    return write_sealed_folder(directory, write)
+
+
+def write_sealed_folder(directory: Path, write: Callable[[Path], None]) -> Path:
+    """``write(tmp)`` into a temporary sibling of ``directory``, add the manifest, rename it into place (an
+    earlier folder is replaced only once the new one is complete); on any error nothing is left behind.
+    Saved models and exports are both written this way; each caller checks first what it may replace."""
+    directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", suffix=".tmp", dir=directory.parent))
     old = directory.parent / f".{directory.name}.{os.getpid()}.old"
     try:
         write(tmp)
         write_manifest(tmp)
-        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes the folder private; a saved model reads like any folder
+        os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp makes the folder private; it should read like any folder
         if directory.exists():
             os.replace(directory, old)
         os.replace(tmp, directory)
@@ -146,9 +154,3 @@ def write_folder(directory: Path, write: Callable[[Path], None]) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         shutil.rmtree(old, ignore_errors=True)
     return directory
-
-
-def _umask() -> int:
-    current = os.umask(0)
-    os.umask(current)
-    return current

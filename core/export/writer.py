@@ -19,9 +19,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import shutil
-import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -30,7 +27,7 @@ import torch
 
 from core.export.graph import DEFAULT_CHUNK, ExportablePatchCore
 from core.io import write_json_atomic
-from core.model_files import write_manifest
+from core.model_files import write_sealed_folder
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +70,7 @@ def export_model(model, out: str | Path, format: str = "onnx", chunk: int = DEFA
         details = write(folder)
         write_json_atomic(folder / RECORD, _record(model, graph, format, details, time.perf_counter() - start))
 
-    return write_folder(out, write_all)
+    return write_sealed_folder(out, write_all)
 
 
 def onnx_to_openvino(onnx_export: str | Path, out: str | Path, overwrite: bool = False) -> Path:
@@ -92,7 +89,7 @@ def onnx_to_openvino(onnx_export: str | Path, out: str | Path, overwrite: bool =
         write_json_atomic(folder / RECORD, {**record, "format": "openvino", "file": GRAPH_FILES["openvino"],
                                             "seconds": seconds})
 
-    return write_folder(out, write)
+    return write_sealed_folder(out, write)
 
 
 def _check_target(out: Path, overwrite: bool) -> None:
@@ -105,25 +102,6 @@ def _check_target(out: Path, overwrite: bool) -> None:
                           f"another out folder")
     raise ExportError(f"{out} exists and is not an exported model (no {RECORD}): exporting there would replace "
                       f"its files; choose another out folder")
-
-
-def write_folder(out: Path, write) -> Path:
-    """``write(tmp)`` into a temporary sibling of ``out``, add the manifest, rename it into place (replacing an
-    earlier export only once the new one is complete); on any error nothing is left behind."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
-    old = out.parent / f".{out.name}.{os.getpid()}.old"
-    try:
-        write(tmp)
-        write_manifest(tmp)
-        os.chmod(tmp, 0o755)  # mkdtemp makes the folder private; an export reads like any folder
-        if out.exists():
-            os.replace(out, old)
-        os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.rmtree(old, ignore_errors=True)
-    return out
 
 
 def _example(graph: ExportablePatchCore) -> torch.Tensor:
