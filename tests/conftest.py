@@ -56,3 +56,17 @@ def write_tiny_category(root: Path, category: str, n_train: int = 3, n_good: int
             (base / "ground_truth" / "spot").mkdir(parents=True, exist_ok=True)
             Image.fromarray(mask).save(base / "ground_truth" / "spot" / f"{i:03d}_mask.png")
     return base
+
+
+def interrupt_at_call(objective, call: int = 2) -> None:
+    """Make ``objective.loss`` raise KeyboardInterrupt at its ``call``-th call (a Ctrl-C inside that training
+    step), for the resume tests; the calls before it run the real loss."""
+    real_loss, calls = objective.loss, {"n": 0}
+
+    def loss(images):
+        calls["n"] += 1
+        if calls["n"] == call:
+            raise KeyboardInterrupt
+        return real_loss(images)
+
+    objective.loss = loss

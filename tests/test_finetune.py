@@ -29,7 +29,7 @@ from extensions.cutmix_contrastive import CutMixContrastive, CutMixPlan, cutmix,
 from extensions.protection import Protection, stages
 from extensions.rotation import RotationPrediction, rotate_batch
 from extensions.training import TrainConfig, fine_tune
-from tests.conftest import CONF_DIR, write_tiny_category
+from tests.conftest import CONF_DIR, interrupt_at_call, write_tiny_category
 
 REPO = Path(__file__).resolve().parents[1]
 SIZE = 32  # tiny images: resnet18 layer2/layer3 maps are 4x4 / 2x2
@@ -229,16 +229,7 @@ def test_resume_equals_uninterrupted_run(tmp_path) -> None:
     train(tmp_path / "straight", straight, dataset, steps=3, checkpoint_every=1)
 
     interrupted = objective()
-    calls = {"n": 0}
-    real_loss = interrupted.loss
-
-    def crash_in_step_2(images):
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise KeyboardInterrupt
-        return real_loss(images)
-
-    interrupted.loss = crash_in_step_2
+    interrupt_at_call(interrupted, 2)  # a Ctrl-C inside step 2
     with pytest.raises(KeyboardInterrupt):
         train(tmp_path / "resumed", interrupted, dataset, steps=3, checkpoint_every=1)
     files = CheckpointFiles.for_run(tmp_path / "resumed" / "ckpt", "cutmix_contrastive", "resnet18", "run")

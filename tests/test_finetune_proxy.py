@@ -29,7 +29,7 @@ from extensions.proxy import ProxyConfig, Selection, split_holdout
 from extensions.rotation import RotationPrediction
 from extensions.synthetic import PASTE_KINDS, SYNTHETIC_KINDS, make_synthetic, paste_box
 from extensions.training import TrainConfig, fine_tune
-from tests.conftest import CONF_DIR, write_tiny_category
+from tests.conftest import CONF_DIR, interrupt_at_call, write_tiny_category
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -310,15 +310,7 @@ def test_resume_is_bit_identical_with_evaluations_in_the_loop(tmp_path) -> None:
 
     interrupted = objective()
     dataset, proxy = tiny_proxy(tmp_path / "data_resumed", interrupted.extractor)
-    real_loss, calls = interrupted.loss, {"n": 0}
-
-    def crash_in_step_2(images):
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise KeyboardInterrupt
-        return real_loss(images)
-
-    interrupted.loss = crash_in_step_2
+    interrupt_at_call(interrupted, 2)  # a Ctrl-C inside step 2
     with pytest.raises(KeyboardInterrupt):
         train(tmp_path / "resumed", interrupted, dataset, proxy, steps=2, checkpoint_every=1)
     state = load_torch(tmp_path / "resumed/ckpt/cutmix_contrastive/resnet18/widget.resume.pt")

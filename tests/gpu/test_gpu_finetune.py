@@ -20,6 +20,7 @@ from core.backbones import TorchvisionCNN
 from extensions.checkpoint import CheckpointFiles, load_torch
 from extensions.cutmix_contrastive import CutMixContrastive
 from extensions.training import TrainConfig, fine_tune
+from tests.conftest import interrupt_at_call
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
@@ -71,16 +72,7 @@ def test_fine_tuning_on_cuda_resumes_bit_exact(tmp_path) -> None:
     assert next(straight.parameters()).is_cuda
 
     interrupted = objective()
-    calls = {"n": 0}
-    real_loss = interrupted.loss
-
-    def crash_in_step_2(images):
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise KeyboardInterrupt
-        return real_loss(images)
-
-    interrupted.loss = crash_in_step_2
+    interrupt_at_call(interrupted, 2)  # a Ctrl-C inside step 2
     with pytest.raises(KeyboardInterrupt):
         train(tmp_path / "resumed", interrupted, dataset)
     files = CheckpointFiles.for_run(tmp_path / "resumed" / "ckpt", "cutmix_contrastive", "resnet18", "run")
