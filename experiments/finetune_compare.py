@@ -2,6 +2,7 @@
 
     python experiments/finetune_compare.py outputs/finetune_compare     (what `make finetune-compare` runs last)
     python experiments/finetune_compare.py studies/default              (the study's `finetuning` comparison)
+    python experiments/finetune_compare.py --sweep multirun/finetune/...  (a `make sweep-finetune` run: each job)
 
 Reads the fine-tuning sidecars ``seed<k>/<method>/<base>/<category>.json`` (the selected step's proxy
 image/pixel AUROC; step 0's are the ImageNet weights' proxy scores) and PatchCore's ``results.json`` (test
@@ -10,6 +11,8 @@ folder (it holds ``study.json``) ``checkpoints/seed*/`` and the runs of the ``ba
 comparisons (there the ImageNet row's spread is over PatchCore's seeds, the fine-tuned rows' over the seed
 shared by fine-tuning and PatchCore). Prints a Markdown table, mean ± population std over the seeds (one
 seed shows no ±) and the selected steps, then how often the proxy's change agreed in sign with the test's.
+With ``--sweep``, one row per job of fine-tuning multiruns (``<sweep dir>/<job>/checkpoints/...``, the
+job's ``method.*`` overrides from ``.hydra/overrides.yaml``): the selected step's proxy scores and monitors.
 """
 
 from __future__ import annotations
@@ -19,6 +22,8 @@ import statistics
 import sys
 from collections import defaultdict
 from pathlib import Path
+
+from omegaconf import OmegaConf
 
 METHODS = ("imagenet", "rotation", "cutmix_contrastive")
 
@@ -109,7 +114,53 @@ def markdown(table: dict) -> str:
     return "\n".join(lines)
 
 
+def _job_settings(job: Path) -> str:
+    """The job's ``method.*`` overrides (what the sweep varied, plus what was fixed on the command line)."""
+    path = job / ".hydra" / "overrides.yaml"
+    overrides = OmegaConf.load(path) if path.is_file() else []
+    return ", ".join(str(o).removeprefix("method.") for o in overrides if str(o).startswith("method.")) or "defaults"
+
+
+def sweep_rows(sweep: Path) -> list[dict]:
+    """One row per finished sidecar of the sweep's jobs, in job order."""
+    rows = []
+    for path in sorted(sweep.glob("*/checkpoints/*/*/*.json")):
+        record = json.loads(path.read_text())
+        selection = record.get("selection")
+        if not record.get("complete") or not selection:
+            continue
+        job = path.parents[3]
+        chosen, start, monitors = selection["proxy"], selection["start"], selection["monitors"]
+        rows.append({"sweep": sweep.name, "job": job.name, "method": record["method"], "category": record["category"],
+                     "settings": _job_settings(job), "steps": f"{record['selected_step']}/{record['steps']}",
+                     "image": chosen["image_auroc"], "pixel": chosen["pixel_auroc"], "score": chosen["score"],
+                     "start_score": start.get("score"), "rank": monitors.get("effective_rank"),
+                     "start_rank": start.get("effective_rank"), "moved": monitors.get("weight_distance_rel"),
+                     "warnings": selection.get("collapse_warnings") or []})
+    return rows
+
+
+def sweep_markdown(rows: list[dict]) -> str:
+    lines = ["| sweep | method | category | settings | selected / run steps | proxy image AUROC | proxy pixel AUROC "
+             "| proxy score (step 0) | effective rank, selected / step 0 | \\|\\|w-w0\\|\\| / \\|\\|w0\\|\\| "
+             "| collapse warnings at |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        number = lambda x, f=".4f": "-" if x is None else format(x, f)  # noqa: E731
+        lines.append(f"| {r['sweep']} | {r['method']} | {r['category']} | {r['settings']} | {r['steps']} | "
+                     f"{number(r['image'])} | {number(r['pixel'])} | {number(r['score'])} ({number(r['start_score'])}) "
+                     f"| {number(r['rank'], '.0f')} / {number(r['start_rank'], '.0f')} | {number(r['moved'])} | "
+                     f"{', '.join(map(str, r['warnings'])) or '-'} |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str]) -> None:
+    if argv[:1] == ["--sweep"]:
+        folders = [Path(a) for a in argv[1:]]
+        missing = [str(f) for f in folders if not f.is_dir()]
+        if not folders or missing:
+            raise SystemExit(f"error: give the sweep folders of `make sweep-finetune` runs (missing: {missing})")
+        print(sweep_markdown([row for folder in folders for row in sweep_rows(folder)]))
+        return
     root = Path(argv[0] if argv else "outputs/finetune_compare")
     if not root.is_dir():
         raise SystemExit(f"error: {root} does not exist: run `make finetune-compare` (or `make study`) first")

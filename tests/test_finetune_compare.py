@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from experiments.finetune_compare import agreement, collect, markdown
+from experiments.finetune_compare import agreement, collect, markdown, sweep_markdown, sweep_rows
 
 
 def _sidecar(path: Path, category: str, method: str, proxy: tuple[float, float], start: tuple[float, float],
@@ -67,7 +67,8 @@ def test_compare_folder(tmp_path: Path) -> None:
 
 def test_study_folder_reads_baseline_and_finetuning_only(tmp_path: Path) -> None:
     (tmp_path / "study.json").write_text("{}")
-    _fill(tmp_path / "checkpoints", {"imagenet": tmp_path / "baseline" / "baseline", "rotation": tmp_path / "finetuning" / "rot",
+    _fill(tmp_path / "checkpoints", {"imagenet": tmp_path / "baseline" / "baseline",
+                                     "rotation": tmp_path / "finetuning" / "rot",
                                      "cutmix_contrastive": tmp_path / "finetuning" / "cut"})
     # other comparisons and unfinished runs are not part of the table
     _results(tmp_path / "variants" / "cosine" / "results.json", None, {"grass": (0.10, 0.10)})
@@ -84,6 +85,29 @@ def test_agreement_counts_matching_signs() -> None:
              ("b", "rotation"): {"proxy_image": [0.5], "test_image": [0.5]}}
     assert agreement(table) == (2, 2)
     assert agreement({("a", "rotation"): {"proxy_image": [0.6], "test_image": [0.7]}}) == (0, 0)
+
+
+def test_sweep_rows_read_each_job(tmp_path: Path) -> None:
+    sweep = tmp_path / "rotation_l2sp"
+    for number, (weight, score) in enumerate([(0.0, 0.91), (1.0, 0.93)]):
+        job = sweep / f"{number}_rotation_textures_effnet_lite0"
+        (job / ".hydra").mkdir(parents=True)
+        (job / ".hydra" / "overrides.yaml").write_text(f"- method.l2sp_weight={weight}\n- category=grass\n")
+        sidecar = job / "checkpoints" / "rotation" / "effnet_lite0" / "grass.json"
+        _sidecar(sidecar, "grass", "rotation", (score, 0.95), (0.90, 0.95), 20)
+        record = json.loads(sidecar.read_text())
+        record["selection"]["proxy"]["score"] = (score + 0.95) / 2
+        record["selection"]["start"].update(score=0.925, effective_rank=300.0)
+        record["selection"].update(monitors={"effective_rank": 290.0, "weight_distance_rel": 0.002},
+                                   collapse_warnings=[40] if number else [])
+        sidecar.write_text(json.dumps(record))
+    (sweep / "2_unfinished" / "checkpoints" / "rotation" / "effnet_lite0").mkdir(parents=True)
+    rows = sweep_rows(sweep)
+    assert [r["settings"] for r in rows] == ["l2sp_weight=0.0", "l2sp_weight=1.0"]
+    assert [r["score"] for r in rows] == pytest.approx([0.93, 0.94]) and rows[1]["warnings"] == [40]
+    text = sweep_markdown(rows)
+    assert "| rotation_l2sp | rotation | grass | l2sp_weight=1.0 | 20/40 | 0.9300 | 0.9500 | 0.9400 (0.9250) " \
+           "| 290 / 300 | 0.0020 | 40 |" in text
 
 
 if __name__ == "__main__":
