@@ -53,6 +53,10 @@ def main(argv: list[str] | None = None) -> None:
     print(f"{len(digest['runs'])} runs on {digest['dataset']}, {len(digest['excluded'])} left out")
     print(f"paper: {out / 'report.pdf'}, {out / 'report.html'} ({len(paper['comparisons'])} comparisons, "
           f"{len(paper['tables'])} tables, {len(paper['figures'])} figures)")
+    if paper["pages_overflowing"]:
+        print(f"warning: content runs into the side margins on page(s) {paper['pages_overflowing']} of "
+              f"{out / 'report.pdf'} (a table or code line too wide): look at them, e.g. typst compile "
+              f"{out / 'report.typ'} 'page-{{p}}.png'")
     print(f"digest: {out / 'digest.pdf'} ({digest['pages']} pages), {out / 'digest.md'}; tables in {out / 'tables'}")
     for row in digest["excluded"]:
         print(f"  left out: {row['run_dir']}: {row['reason']}")

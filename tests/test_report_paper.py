@@ -133,6 +133,18 @@ def test_result_sentences_come_from_the_numbers(paper) -> None:
     assert "Clearly lower on at least one metric: channel_mean" in pdf
 
 
+def test_no_page_runs_into_the_margins(paper, tmp_path) -> None:
+    out, record, _ = paper
+    assert record["pages_overflowing"] == []
+    # the check itself: a code line without spaces, wider than the text column, is found on its page
+    from experiments.reporting.page_check import pages_with_margin_ink, render_pages
+    from experiments.reporting.typst_out import MARGIN_X_CM, PAGE_WIDTH_CM, PREAMBLE
+
+    source = tmp_path / "wide.typ"
+    source.write_text(PREAMBLE.format(title='"t"') + "fits\n#pagebreak()\n#raw(block: true, \"" + "x" * 200 + "\")\n")
+    assert pages_with_margin_ink(render_pages(source, tmp_path, ppi=40), MARGIN_X_CM, PAGE_WIDTH_CM) == [2]
+
+
 def test_missing_comparisons_are_reported_never_empty(paper) -> None:
     out, record, pdf = paper
     assert "Not in these runs: feature extractors (clip: weights not available" in pdf

@@ -134,14 +134,15 @@ def build_paper(run_dirs: list[str | Path], out: str | Path = "reports", dataset
     cells = sources_rows(ctx.tables)
     write_text_atomic(out / "tables" / "sources.csv", "table,row,column,value,sources\n" + "".join(
         f"{c['table']},\"{c['row']}\",\"{c['column']}\",{c['value']:.6g},{';'.join(c['sources'])}\n" for c in cells))
-    write_pdf(doc, out, SOURCES / "references.yml")
+    _, overflowing = write_pdf(doc, out, SOURCES / "references.yml")
     write_text_atomic(out / "report.html", to_html(doc))
     described = {c.name: {"title": c.title, "arms": [a.name for a in c.arms], "missing": [list(m) for m in c.missing]}
                  for c in comparisons}
     record = {"dataset": dataset, "study": (manifest or {}).get("study"), "runs": [str(r.folder) for r in included],
               "excluded": left_out, "comparisons": described,
               "sections": [t for t, s in zip(SECTION_TITLES, SECTIONS)] if included and comparisons else [],
-              "tables": [t.name for t in ctx.tables], "figures": ctx.figures, "cells": cells}
+              "tables": [t.name for t in ctx.tables], "figures": ctx.figures, "cells": cells,
+              "pages_overflowing": overflowing}
     write_json_atomic(out / "paper.json", record)
     if manifest and (manifest.get("config") or {}).get("logger") == "wandb":
         from experiments.reporting.paper_wandb import log_main_table

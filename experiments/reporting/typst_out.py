@@ -25,6 +25,7 @@ from experiments.reporting.document import (
 )
 
 _SPECIAL = re.compile(r"([\\#$*_`@<>\[\]~/=+\-])")
+PAGE_WIDTH_CM, MARGIN_X_CM = 21.0, 2.0  # A4; the layout check (page_check.py) reads the margins from here
 PREAMBLE = """#set document(title: {title})
 #set page(paper: "a4", margin: (x: 2.0cm, y: 2.2cm), numbering: "1")
 #set text(size: 10pt)
@@ -120,9 +121,12 @@ def to_typst(doc: Document) -> str:
     return head + title + "\n\n".join(filter(None, (block(b) for b in doc.blocks))) + "\n"
 
 
-def write_pdf(doc: Document, out: Path, references: Path) -> Path:
-    """``report.typ`` (kept: users can edit and recompile it with ``typst compile``) and ``report.pdf``."""
+def write_pdf(doc: Document, out: Path, references: Path) -> tuple[Path, list[int]]:
+    """``report.typ`` (kept: users can edit and recompile it with ``typst compile``) and ``report.pdf``; also
+    the numbers of the pages whose content runs into the side margins (overflowing text or tables)."""
     import typst
+
+    from experiments.reporting.page_check import pages_with_margin_ink, render_pages
 
     source = out / "report.typ"
     source.write_text(to_typst(doc))
@@ -131,4 +135,5 @@ def write_pdf(doc: Document, out: Path, references: Path) -> Path:
     tmp = out / "report.pdf.tmp"
     typst.compile(str(source), output=str(tmp), root=str(out), format="pdf")
     tmp.replace(pdf)
-    return pdf
+    overflowing = pages_with_margin_ink(render_pages(source, out, ppi=40), MARGIN_X_CM, PAGE_WIDTH_CM)
+    return pdf, overflowing
