@@ -12,7 +12,8 @@ comparisons (there the ImageNet row's spread is over PatchCore's seeds, the fine
 shared by fine-tuning and PatchCore). Prints a Markdown table, mean ± population std over the seeds (one
 seed shows no ±) and the selected steps, then how often the proxy's change agreed in sign with the test's.
 With ``--sweep``, one row per job of fine-tuning multiruns (``<sweep dir>/<job>/checkpoints/...``, the
-job's ``method.*`` overrides from ``.hydra/overrides.yaml``): the selected step's proxy scores and monitors.
+job's ``method.*`` overrides from ``.hydra/overrides.yaml``): the selected step's proxy scores and monitors,
+and the last evaluation's (what training gave without the selection, from the proxy log).
 """
 
 from __future__ import annotations
@@ -121,6 +122,15 @@ def _job_settings(job: Path) -> str:
     return ", ".join(str(o).removeprefix("method.") for o in overrides if str(o).startswith("method.")) or "defaults"
 
 
+def _last_evaluation(log: Path) -> dict:
+    """The last row of a proxy log (what the run would have kept without selection), {} without a log."""
+    try:
+        lines = [line for line in log.read_text().splitlines() if line.strip()]
+        return json.loads(lines[-1]) if lines else {}
+    except (OSError, ValueError):
+        return {}
+
+
 def sweep_rows(sweep: Path) -> list[dict]:
     """One row per finished sidecar of the sweep's jobs, in job order."""
     rows = []
@@ -131,24 +141,28 @@ def sweep_rows(sweep: Path) -> list[dict]:
             continue
         job = path.parents[3]
         chosen, start, monitors = selection["proxy"], selection["start"], selection["monitors"]
+        last = _last_evaluation(path.parent / selection.get("proxy_log", f"{record['category']}.proxy.jsonl"))
         rows.append({"sweep": sweep.name, "job": job.name, "method": record["method"], "category": record["category"],
                      "settings": _job_settings(job), "steps": f"{record['selected_step']}/{record['steps']}",
                      "image": chosen["image_auroc"], "pixel": chosen["pixel_auroc"], "score": chosen["score"],
                      "start_score": start.get("score"), "rank": monitors.get("effective_rank"),
                      "start_rank": start.get("effective_rank"), "moved": monitors.get("weight_distance_rel"),
+                     "last_score": last.get("score"), "last_rank": last.get("effective_rank"),
                      "warnings": selection.get("collapse_warnings") or []})
     return rows
 
 
 def sweep_markdown(rows: list[dict]) -> str:
     lines = ["| sweep | method | category | settings | selected / run steps | proxy image AUROC | proxy pixel AUROC "
-             "| proxy score (step 0) | effective rank, selected / step 0 | \\|\\|w-w0\\|\\| / \\|\\|w0\\|\\| "
-             "| collapse warnings at |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| proxy score (step 0) | last step's proxy score | effective rank, selected / step 0 / last "
+             "| \\|\\|w-w0\\|\\| / \\|\\|w0\\|\\| "
+             "| collapse warnings at |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         number = lambda x, f=".4f": "-" if x is None else format(x, f)  # noqa: E731
         lines.append(f"| {r['sweep']} | {r['method']} | {r['category']} | {r['settings']} | {r['steps']} | "
                      f"{number(r['image'])} | {number(r['pixel'])} | {number(r['score'])} ({number(r['start_score'])}) "
-                     f"| {number(r['rank'], '.0f')} / {number(r['start_rank'], '.0f')} | {number(r['moved'])} | "
+                     f"| {number(r['last_score'])} | {number(r['rank'], '.0f')} / {number(r['start_rank'], '.0f')} / "
+                     f"{number(r['last_rank'], '.0f')} | {number(r['moved'])} | "
                      f"{', '.join(map(str, r['warnings'])) or '-'} |")
     return "\n".join(lines)
 

@@ -101,13 +101,15 @@ def test_sweep_rows_read_each_job(tmp_path: Path) -> None:
         record["selection"].update(monitors={"effective_rank": 290.0, "weight_distance_rel": 0.002},
                                    collapse_warnings=[40] if number else [])
         sidecar.write_text(json.dumps(record))
+        log = [{"step": 0, "score": 0.925, "effective_rank": 300.0}, {"step": 40, "score": 0.5, "effective_rank": 99.0}]
+        sidecar.with_suffix(".proxy.jsonl").write_text("".join(json.dumps(row) + "\n" for row in log))
     (sweep / "2_unfinished" / "checkpoints" / "rotation" / "effnet_lite0").mkdir(parents=True)
     rows = sweep_rows(sweep)
     assert [r["settings"] for r in rows] == ["l2sp_weight=0.0", "l2sp_weight=1.0"]
     assert [r["score"] for r in rows] == pytest.approx([0.93, 0.94]) and rows[1]["warnings"] == [40]
     text = sweep_markdown(rows)
     assert "| rotation_l2sp | rotation | grass | l2sp_weight=1.0 | 20/40 | 0.9300 | 0.9500 | 0.9400 (0.9250) " \
-           "| 290 / 300 | 0.0020 | 40 |" in text
+           "| 0.5000 | 290 / 300 / 99 | 0.0020 | 40 |" in text
 
 
 if __name__ == "__main__":
