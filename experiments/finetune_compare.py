@@ -62,11 +62,13 @@ def collect(root: Path) -> dict:
         cell, selection = table[(record["category"], record["method"])], record["selection"]
         cell["proxy_image"].append(selection["proxy"]["image_auroc"])
         cell["proxy_pixel"].append(selection["proxy"]["pixel_auroc"])
+        cell["proxy_score"].append(selection["proxy"].get("score"))
         cell["steps"].append(f"{record['selected_step']}/{record['steps']}")
         start = table[(record["category"], "imagenet")]
         if not start["proxy_image"]:  # step 0 is the same pretrained network for every method and seed
             start["proxy_image"].append(selection["start"]["image_auroc"])
             start["proxy_pixel"].append(selection["start"]["pixel_auroc"])
+            start["proxy_score"].append(selection["start"].get("score"))
     for path in results_files:
         results = json.loads(path.read_text())
         if results.get("complete") is False:
@@ -79,15 +81,16 @@ def collect(root: Path) -> dict:
     return table
 
 
-def agreement(table: dict) -> tuple[int, int]:
-    """(agreeing, compared): fine-tuned (category, method) cells whose mean proxy image-AUROC change over step 0
-    and mean test image-AUROC change over ImageNet have the same sign (both zero counts as agreeing)."""
+def agreement(table: dict, proxy: str = "proxy_image") -> tuple[int, int]:
+    """(agreeing, compared): fine-tuned (category, method) cells whose mean proxy change over step 0 (``proxy``:
+    proxy_image, or proxy_score: what selection maximised) and mean test image-AUROC change over ImageNet have
+    the same sign (both zero counts as agreeing)."""
     agreeing = compared = 0
     for (category, method), cell in table.items():
         start = table.get((category, "imagenet"))
         if method == "imagenet" or start is None:
             continue
-        values = [_mean(cell["proxy_image"]), _mean(start["proxy_image"]),
+        values = [_mean(cell.get(proxy, [])), _mean(start.get(proxy, [])),
                   _mean(cell["test_image"]), _mean(start["test_image"])]
         if None in values:
             continue
@@ -110,8 +113,11 @@ def markdown(table: dict) -> str:
             lines.append(f"| {category} | {method} | {' | '.join(scores)} | {', '.join(cell['steps']) or '-'} |")
     agreeing, compared = agreement(table)
     if compared:
+        by_score, scored = agreement(table, "proxy_score")
         lines += ["", f"The proxy's image-AUROC change (selected step vs step 0) and the test's (fine-tuned vs "
-                      f"ImageNet) have the same sign in {agreeing} of {compared} category x method cells."]
+                      f"ImageNet) have the same sign in {agreeing} of {compared} category x method cells"
+                      + (f"; the selection score's change (what selection maximised) in {by_score} of {scored}."
+                         if scored else ".")]
     return "\n".join(lines)
 
 

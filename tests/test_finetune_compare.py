@@ -84,6 +84,8 @@ def test_agreement_counts_matching_signs() -> None:
              ("b", "imagenet"): {"proxy_image": [0.5], "test_image": [0.5]},
              ("b", "rotation"): {"proxy_image": [0.5], "test_image": [0.5]}}
     assert agreement(table) == (2, 2)
+    table[("a", "imagenet")]["proxy_score"], table[("a", "rotation")]["proxy_score"] = [0.5], [0.4]  # down, test up
+    assert agreement(table, "proxy_score") == (0, 1)  # b has no selection score: not compared
     assert agreement({("a", "rotation"): {"proxy_image": [0.6], "test_image": [0.7]}}) == (0, 0)
 
 
