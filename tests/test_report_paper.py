@@ -145,6 +145,20 @@ def test_no_page_runs_into_the_margins(paper, tmp_path) -> None:
     assert pages_with_margin_ink(render_pages(source, tmp_path, ppi=40), MARGIN_X_CM, PAGE_WIDTH_CM) == [2]
 
 
+def test_arm_names_with_brackets_make_valid_labels(tmp_path) -> None:
+    """Arm names such as "rotation (l2sp=0)" reach table and figure labels; Typst refused them unsanitised."""
+    import typst
+
+    from experiments.reporting.document import TableBlock
+    from experiments.reporting.typst_out import PREAMBLE, block, label
+
+    assert label("tab", "finetuning_l2sp_rotation (l2sp=0)") == "<tab-finetuning_l2sp_rotation__l2sp_0_>"
+    table = TableBlock("sel_rotation (l2sp=0)", "caption", ["arm", "x"], [])
+    source = tmp_path / "t.typ"
+    source.write_text(PREAMBLE.format(title='"t"') + block(table) + "\n")
+    assert typst.compile(str(source), root=str(tmp_path), format="pdf")[:4] == b"%PDF"
+
+
 def test_missing_comparisons_are_reported_never_empty(paper) -> None:
     out, record, pdf = paper
     assert "Not in these runs: feature extractors (clip: weights not available" in pdf

@@ -38,6 +38,12 @@ PREAMBLE = """#set document(title: {title})
 """
 
 
+def label(kind: str, name: str) -> str:
+    """A Typst label for a table or figure: names come from arm names ("rotation (l2sp=0)"), and a label may
+    hold only letters, digits, ``_``, ``-``, ``.`` and ``:``."""
+    return f"<{kind}-{re.sub(r'[^A-Za-z0-9_.:-]', '_', name)}>"
+
+
 def escape(text: str) -> str:
     """Plain text as Typst markup: every markup character escaped (``/`` too: ``//`` starts a comment)."""
     return _SPECIAL.sub(r"\\\1", text).replace("\n", " ")
@@ -81,7 +87,7 @@ def _table(block: TableBlock) -> str:
     body = ",\n    ".join(lines)
     return (f"#[#set text(size: {size})\n#figure(kind: table, caption: [{escape(block.caption)}],\n"
             f"  table(columns: {columns}, align: {align}, stroke: none, inset: (x: 4pt, y: 2.5pt),\n    {body}))"
-            f" <tab-{block.name}>]")
+            f" {label('tab', block.name)}]")
 
 
 def block(item: Block) -> str:
@@ -104,7 +110,7 @@ def block(item: Block) -> str:
     if isinstance(item, FigureBlock):
         width = f"{round(100 * item.width)}%"
         return (f"#figure(image({string(item.path)}, width: {width}), caption: [{escape(item.caption)}])"
-                f" <fig-{item.name}>")
+                f" {label('fig', item.name)}")
     if isinstance(item, Gallery):
         return ""  # the PDF shows the map grids as figures; the browsable gallery is the HTML's
     if isinstance(item, Bibliography):
