@@ -29,13 +29,25 @@ from omegaconf import OmegaConf
 METHODS = ("imagenet", "rotation", "cutmix_contrastive")
 
 
+def _present(values: list) -> list[float]:
+    return [v for v in values if v is not None]
+
+
 def _mean(values: list) -> float | None:
-    values = [v for v in values if v is not None]
+    values = _present(values)
     return statistics.fmean(values) if values else None
 
 
+def _sign(x: float) -> int:
+    return (x > 1e-9) - (x < -1e-9)  # AUROCs differing below 1e-9 are equal
+
+
+def _number(x: float | None, spec: str = ".4f") -> str:
+    return "-" if x is None else format(x, spec)
+
+
 def _mean_std(values: list[float]) -> str:
-    values = [v for v in values if v is not None]
+    values = _present(values)
     if not values:
         return "-"
     if len(values) == 1:
@@ -94,10 +106,8 @@ def agreement(table: dict, proxy: str = "proxy_image") -> tuple[int, int]:
                   _mean(cell["test_image"]), _mean(start["test_image"])]
         if None in values:
             continue
-        proxy_change, test_change = values[0] - values[1], values[2] - values[3]
-        sign = lambda x: (x > 1e-9) - (x < -1e-9)  # noqa: E731 - AUROCs differing below 1e-9 are equal
         compared += 1
-        agreeing += sign(proxy_change) == sign(test_change)
+        agreeing += _sign(values[0] - values[1]) == _sign(values[2] - values[3])
     return agreeing, compared
 
 
@@ -164,12 +174,11 @@ def sweep_markdown(rows: list[dict]) -> str:
              "| \\|\\|w-w0\\|\\| / \\|\\|w0\\|\\| "
              "| collapse warnings at |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        number = lambda x, f=".4f": "-" if x is None else format(x, f)  # noqa: E731
-        lines.append(f"| {r['sweep']} | {r['method']} | {r['category']} | {r['settings']} | {r['steps']} | "
-                     f"{number(r['image'])} | {number(r['pixel'])} | {number(r['score'])} ({number(r['start_score'])}) "
-                     f"| {number(r['last_score'])} | {number(r['rank'], '.0f')} / {number(r['start_rank'], '.0f')} / "
-                     f"{number(r['last_rank'], '.0f')} | {number(r['moved'])} | "
-                     f"{', '.join(map(str, r['warnings'])) or '-'} |")
+        cells = [r["sweep"], r["method"], r["category"], r["settings"], r["steps"], _number(r["image"]),
+                 _number(r["pixel"]), f"{_number(r['score'])} ({_number(r['start_score'])})", _number(r["last_score"]),
+                 " / ".join(_number(r[key], ".0f") for key in ("rank", "start_rank", "last_rank")),
+                 _number(r["moved"]), ", ".join(map(str, r["warnings"])) or "-"]
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 

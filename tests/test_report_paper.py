@@ -137,12 +137,15 @@ def test_no_page_runs_into_the_margins(paper, tmp_path) -> None:
     out, record, _ = paper
     assert record["pages_overflowing"] == []
     # the check itself: a code line without spaces, wider than the text column, is found on its page
+    import typst
+
     from experiments.reporting.page_check import pages_with_margin_ink, render_pages
     from experiments.reporting.typst_out import MARGIN_X_CM, PAGE_WIDTH_CM, PREAMBLE
 
     source = tmp_path / "wide.typ"
     source.write_text(PREAMBLE.format(title='"t"') + "fits\n#pagebreak()\n#raw(block: true, \"" + "x" * 200 + "\")\n")
-    assert pages_with_margin_ink(render_pages(source, tmp_path, ppi=40), MARGIN_X_CM, PAGE_WIDTH_CM) == [2]
+    pages = render_pages(typst.Compiler(str(source), root=str(tmp_path)), ppi=40)
+    assert pages_with_margin_ink(pages, MARGIN_X_CM, PAGE_WIDTH_CM) == [2]
 
 
 def test_arm_names_with_brackets_make_valid_labels(tmp_path) -> None:

@@ -25,9 +25,9 @@ from experiments.reporting.document import (
 )
 
 _SPECIAL = re.compile(r"([\\#$*_`@<>\[\]~/=+\-])")
-PAGE_WIDTH_CM, MARGIN_X_CM = 21.0, 2.0  # A4; the layout check (page_check.py) reads the margins from here
-PREAMBLE = """#set document(title: {title})
-#set page(paper: "a4", margin: (x: 2.0cm, y: 2.2cm), numbering: "1")
+PAGE_WIDTH_CM, MARGIN_X_CM = 21.0, 2.0  # A4 and its side margins: the preamble and the layout check read them
+PREAMBLE = f"""#set document(title: {{title}})
+#set page(paper: "a4", margin: (x: {MARGIN_X_CM}cm, y: 2.2cm), numbering: "1")
 #set text(size: 10pt)
 #set par(justify: true)
 #set heading(numbering: "1.1")
@@ -139,7 +139,8 @@ def write_pdf(doc: Document, out: Path, references: Path) -> tuple[Path, list[in
     shutil.copyfile(references, out / "references.yml")
     pdf = out / "report.pdf"
     tmp = out / "report.pdf.tmp"
-    typst.compile(str(source), output=str(tmp), root=str(out), format="pdf")
+    compiler = typst.Compiler(str(source), root=str(out))  # one compiler: the page renders reuse its layout
+    compiler.compile(output=str(tmp), format="pdf")
     tmp.replace(pdf)
-    overflowing = pages_with_margin_ink(render_pages(source, out, ppi=40), MARGIN_X_CM, PAGE_WIDTH_CM)
+    overflowing = pages_with_margin_ink(render_pages(compiler, ppi=40), MARGIN_X_CM, PAGE_WIDTH_CM)
     return pdf, overflowing
