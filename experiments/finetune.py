@@ -15,7 +15,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from experiments.runs.finetuning import run
+from experiments.harness.finetuning import run
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="finetune")

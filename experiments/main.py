@@ -28,12 +28,12 @@ from core.detector import Detector
 from core.io import remove_dead_temporaries, write_json_atomic
 from core.metrics import METRIC_DEFINITIONS
 from core.thresholds import ThresholdRule
-from experiments.runs import settings
-from experiments.runs.anomaly_maps import MAPS_DIR, save_maps
-from experiments.runs.backbones import per_category_backbones
-from experiments.runs.components import build, resolve_device
-from experiments.runs.evaluation import apply_threshold, evaluate, score_rows, split_validation
-from experiments.runs.results import (
+from experiments.harness import settings
+from experiments.harness.anomaly_maps import MAPS_DIR, save_maps
+from experiments.harness.backbones import per_category_backbones
+from experiments.harness.components import build, resolve_device
+from experiments.harness.evaluation import apply_threshold, evaluate, score_rows, split_validation
+from experiments.harness.results import (
     SCHEMA_VERSION,
     failure_message,
     format_table,
@@ -44,8 +44,8 @@ from experiments.runs.results import (
     versions,
     write_scores_csv,
 )
-from experiments.runs.run_key import check_run_dir, claim_run, config_hash, read_results, resumable, skip_if_done
-from experiments.runs.tracking import NoLogger, make_tracker
+from experiments.harness.run_key import check_run_dir, claim_run, config_hash, read_results, resumable, skip_if_done
+from experiments.harness.tracking import NoLogger, make_tracker
 
 log = logging.getLogger("patchcore")
 
@@ -141,7 +141,7 @@ class Harness:
                      " (optimistic: chosen on the test labels)" if self.rule.optimistic else "",
                      threshold["precision"], threshold["recall"], threshold["confusion"])
         n_maps = OmegaConf.select(cfg, "viz.n", default=0) or 0
-        if n_maps > 0:  # a few anomaly maps for W&B and the report (format: experiments/runs/anomaly_maps.py)
+        if n_maps > 0:  # a few anomaly maps for W&B and the report (format: experiments/harness/anomaly_maps.py)
             save_maps(self.run_dir / MAPS_DIR / category, predictions, test_loader.dataset, preprocessing, n_maps,
                       threshold)
         if cfg.save_model:  # true: self-contained (weights inside); spec_only: the weights are looked up on load

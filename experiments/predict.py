@@ -18,7 +18,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, ListConfig
 
-from experiments.runs.scoring import predict
+from experiments.harness.prediction import predict
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="predict")

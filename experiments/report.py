@@ -25,7 +25,7 @@ from pathlib import Path
 
 from experiments.reporting.build import build_report
 from experiments.reporting.paper import build_paper
-from experiments.runs.run_key import DEFAULT_ROOTS
+from experiments.harness.run_key import DEFAULT_ROOTS
 
 STUDIES = Path("studies")
 

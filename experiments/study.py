@@ -22,7 +22,7 @@ def resolve_categories(dataset: str, category) -> list[str]:
     """The dataset's categories named by ``category`` (the embedded textures are generated here if needed)."""
     from hydra import compose, initialize_config_dir
 
-    from experiments.runs.components import build
+    from experiments.harness.components import build
     from experiments.studies.plan import CONF_STUDY
 
     with initialize_config_dir(config_dir=str(CONF_STUDY.parent), version_base="1.3"):

@@ -91,7 +91,7 @@ class TrainConfig:
 
 
 class TrainingTracker(Protocol):
-    """Where a run's rows go besides the JSONL logs (experiments/runs/finetune_tracking.py: W&B)."""
+    """Where a run's rows go besides the JSONL logs (experiments/harness/finetune_tracking.py: W&B)."""
 
     def log_step(self, category: str, row: dict) -> None: ...
 

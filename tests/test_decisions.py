@@ -15,7 +15,7 @@ from PIL import Image
 from core.model_files import write_manifest
 from core.patchcore import ModelMismatchError
 from experiments.main import run
-from experiments.runs.scoring import predict
+from experiments.harness.prediction import predict
 from tests.conftest import write_tiny_category
 
 REPO = Path(__file__).resolve().parents[1]

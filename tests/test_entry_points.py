@@ -1,5 +1,5 @@
 """experiments/ holds entry points only, and no entry point imports another (each would drag in the
-other's Hydra app): the library code they share lives in experiments.runs and experiments.reporting."""
+other's Hydra app): the library code they share lives in experiments.harness and experiments.reporting."""
 
 from __future__ import annotations
 

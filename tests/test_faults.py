@@ -153,7 +153,7 @@ def test_damaged_bank_gives_a_clear_message(saved, tmp_path, damage, resealed) -
 def test_non_finite_scores_are_an_error_not_a_decision(saved, tmp_path, monkeypatch) -> None:
     from PIL import Image
 
-    from experiments.runs.scoring import predict
+    from experiments.harness.prediction import predict
 
     metadata = {"preprocessing": {"resize": 32, "image_size": 32}, "threshold": {"image_threshold": 1.0}}
     _edit_record(saved, metadata=metadata)
@@ -227,7 +227,7 @@ def scorable(saved, tmp_path) -> Path:
 
 
 def test_predict_refuses_an_out_folder_holding_earlier_results(scorable, tmp_path) -> None:
-    from experiments.runs.scoring import OutputFolderError, predict
+    from experiments.harness.prediction import OutputFolderError, predict
 
     images = [str(tmp_path / "a" / "part.png"), str(tmp_path / "b" / "part.png")]
     rows = predict(scorable, images, tmp_path / "preds", progress=False)
@@ -243,7 +243,7 @@ def test_predict_refuses_an_out_folder_holding_earlier_results(scorable, tmp_pat
 
 def test_main_refuses_a_run_folder_of_another_config(tmp_path, make_config) -> None:
     from experiments.main import run
-    from experiments.runs.run_key import RunDirTaken
+    from experiments.harness.run_key import RunDirTaken
     from tests.conftest import write_tiny_category
 
     write_tiny_category(tmp_path / "data", "widget", size=32)
@@ -259,7 +259,7 @@ def test_a_config_in_progress_is_not_run_twice(tmp_path) -> None:
     import subprocess
     import sys
 
-    from experiments.runs.run_key import claim_run
+    from experiments.harness.run_key import claim_run
 
     with claim_run("abc", tmp_path / "one", cwd=tmp_path) as first:
         assert first is None
@@ -442,7 +442,7 @@ class _Unreadable(torch.utils.data.Dataset):
 
 def test_dataloader_worker_error_is_unwrapped_to_the_datasets_message() -> None:
     from core.data import DatasetError
-    from experiments.runs.results import failure_message
+    from experiments.harness.results import failure_message
 
     with pytest.raises(DatasetError) as raised:
         next(iter(DataLoader(_Unreadable(), num_workers=1)))

@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader
 from core.backbones import EfficientNetLite, TorchvisionCNN
 from core.features import PatchEmbedder
 from core.patchcore import PatchCore
-from experiments.runs.backbones import loads_one_checkpoint_per_category, per_category_backbones
+from experiments.harness.backbones import loads_one_checkpoint_per_category, per_category_backbones
 from extensions.checkpoint import (
     CheckpointFiles,
     CheckpointMismatchError,

@@ -19,8 +19,8 @@ import core.data.dataset
 import extensions.synthetic
 from core.backbones import EfficientNetLite, TorchvisionCNN
 from core.data import DatasetError, MVTecLayout, Preprocessing
-from experiments.runs.finetune_tracking import FinetuneTracking
-from experiments.runs.finetuning import datasets
+from experiments.harness.finetune_tracking import FinetuneTracking
+from experiments.harness.finetuning import datasets
 from extensions.checkpoint import CheckpointFiles, FineTunedBackbone, load_torch
 from extensions.cutmix_contrastive import CutMixContrastive
 from extensions.monitors import CollapseWarning, distance_spread, effective_rank
@@ -193,7 +193,7 @@ def test_proxy_never_reads_the_test_folder(tmp_path, monkeypatch) -> None:
 
 
 def tiny_proxy(tmp_path: Path, extractor, size: int = 32, **proxy) -> tuple:
-    """(training dataset, validator) from a tiny folder category, as experiments/runs/finetuning.py builds them."""
+    """(training dataset, validator) from a tiny folder category, as experiments/harness/finetuning.py builds them."""
     write_tiny_category(tmp_path / "data", "widget", n_train=6, size=size + 8)
     layout = MVTecLayout("folder", tmp_path / "data", resize=size, image_size=size)
     preprocessing = layout.preprocessing(extractor.mean, extractor.std)

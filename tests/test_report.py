@@ -18,8 +18,8 @@ from PIL import Image
 
 from experiments.report import main
 from experiments.reporting.build import build_report
-from experiments.runs.anomaly_maps import save_record
-from experiments.runs.run_key import config_hash
+from experiments.harness.anomaly_maps import save_record
+from experiments.harness.run_key import config_hash
 from tests.conftest import write_tiny_category
 
 CATEGORIES = ("bottle", "screw")

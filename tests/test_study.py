@@ -197,8 +197,8 @@ def test_study_runs_are_grouped_and_saved_models_logged_as_artifacts(tmp_path, m
     """The W&B side of a study run: group = the study, job type = the comparison, and each saved model
     (save_model=true) logged as the artifact the report's main table names (offline run file)."""
     pytest.importorskip("wandb")
-    from experiments.runs.run_key import config_hash
-    from experiments.runs.tracking import WandbLogger, model_artifact_name
+    from experiments.harness.run_key import config_hash
+    from experiments.harness.tracking import WandbLogger, model_artifact_name
 
     for name in ("WANDB_CONFIG_DIR", "WANDB_CACHE_DIR", "WANDB_DATA_DIR", "WANDB_ARTIFACT_DIR"):
         monkeypatch.setenv(name, str(tmp_path / "home" / name.lower()))

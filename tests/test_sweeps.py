@@ -15,7 +15,7 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import OmegaConf
 
-from experiments.runs.run_key import (
+from experiments.harness.run_key import (
     BOOKKEEPING,
     config_hash,
     find_done,

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from experiments.main import run
-from experiments.runs.tracking import NoLogger, WandbLogger, make_tracker
+from experiments.harness.tracking import NoLogger, WandbLogger, make_tracker
 from tests.conftest import write_tiny_category
 
 TINY = ("dataset=folder", "dataset.resize=64", "dataset.image_size=64", "backbone=resnet18",

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from experiments.runs.results import peak_rss_mb
+from experiments.harness.results import peak_rss_mb
 
 STAGES = ("extract", "coreset", "coreset_reference", "search", "predict", "fit", "fit_warm_cache", "backbone_only")
 

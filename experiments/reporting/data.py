@@ -1,6 +1,6 @@
 """The report's input: every run found, which ones go in, and one tidy row per (run, category).
 
-A run is a folder with ``results.json`` (the schema of ``experiments/runs/results.py``). Runs go into the
+A run is a folder with ``results.json`` (the schema of ``experiments/harness/results.py``). Runs go into the
 report when they are complete and on the report's dataset (the one most complete runs used, or
 ``--dataset``); the others are listed with the reason, never mixed in. Two runs with the same config
 hash are one run: the newest counts, the older is listed as a duplicate. Variant labels:
@@ -17,8 +17,8 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
-from experiments.runs.results import METRICS, TIMINGS
-from experiments.runs.run_key import iter_results, read_results, results_hash
+from experiments.harness.results import METRICS, TIMINGS
+from experiments.harness.run_key import iter_results, read_results, results_hash
 
 
 @dataclass

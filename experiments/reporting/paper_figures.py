@@ -22,7 +22,7 @@ from experiments.reporting import figures  # noqa: E402
 from experiments.reporting.comparisons import Comparison, categories_of  # noqa: E402
 from experiments.reporting.data import seed_means  # noqa: E402
 from experiments.reporting.figures import Figure  # noqa: E402
-from experiments.runs.results import METRIC_TITLES  # noqa: E402
+from experiments.harness.results import METRIC_TITLES  # noqa: E402
 
 WIDTH = 6.3  # inches: the A4 text width of the Typst layout
 CURVES = ("image_auroc", "pixel_auroc", "aupro")

@@ -23,8 +23,8 @@ from experiments.reporting.paper_tables import (
     summary_table,
 )
 from experiments.reporting.sections import DATASETS
-from experiments.runs.anomaly_maps import MAPS_DIR
-from experiments.runs.results import METRIC_TITLES
+from experiments.harness.anomaly_maps import MAPS_DIR
+from experiments.harness.results import METRIC_TITLES
 
 
 class Context:

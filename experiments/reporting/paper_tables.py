@@ -12,7 +12,7 @@ import pandas as pd
 from experiments.reporting.comparisons import Comparison, categories_of, cell_stats, paired
 from experiments.reporting.document import Cell, TableBlock
 from experiments.reporting.tables import Table, write_table
-from experiments.runs.results import METRIC_TITLES
+from experiments.harness.results import METRIC_TITLES
 
 SUMMARY_METRICS = ("image_auroc", "pixel_auroc", "aupro", "image_f1_max")
 PAIRED_METRICS = ("image_auroc", "pixel_auroc", "aupro")

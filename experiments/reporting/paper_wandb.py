@@ -1,6 +1,6 @@
 """The study's main table in W&B: one ``report`` run in the study's group (offline unless WANDB_MODE=online),
 one table row per (comparison, arm, seed, category) with its metrics, its results.json and, for runs made
-with ``save_model=true``, the name of the model artifact its own W&B run logged (experiments/runs/tracking.py
+with ``save_model=true``, the name of the model artifact its own W&B run logged (experiments/harness/tracking.py
 ``model_artifact_name``), so each row leads to the model that made it. Like all tracking, a missing wandb
 package or a W&B error is a warning, never a failed report."""
 
@@ -11,8 +11,8 @@ import os
 import warnings
 from pathlib import Path
 
-from experiments.runs.results import METRICS
-from experiments.runs.tracking import model_artifact_name
+from experiments.harness.results import METRICS
+from experiments.harness.tracking import model_artifact_name
 
 log = logging.getLogger("patchcore")
 COLUMNS = ["comparison", "arm", "seed", "category", *METRICS, "fit_s", "config_hash", "results_json", "model_artifact"]

@@ -12,7 +12,7 @@ from collections import Counter
 from pathlib import Path
 
 from experiments.reporting.data import Run, flatten, interpolated_copies
-from experiments.runs.run_key import BOOKKEEPING, IDENTITY, PLACEMENT, is_ignored
+from experiments.harness.run_key import BOOKKEEPING, IDENTITY, PLACEMENT, is_ignored
 
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 # Never part of a variant label: the run's identity (category, seed), where data lives, and settings that

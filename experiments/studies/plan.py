@@ -112,7 +112,7 @@ def check_extractor(name: str, dataset: str) -> str | None:
     """None when backbone ``name`` has pretrained weights on this machine, else why not (built here, once)."""
     from hydra import compose, initialize_config_dir
 
-    from experiments.runs.components import build
+    from experiments.harness.components import build
 
     try:
         with initialize_config_dir(config_dir=str(CONF_STUDY.parent), version_base="1.3"):

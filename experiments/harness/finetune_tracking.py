@@ -1,6 +1,6 @@
 """Tracking of fine-tuning runs: the ``logger`` group of main.py (W&B, offline by default), plus the JSONL logs.
 
-``make_tracker`` (experiments/runs/tracking.py) builds and starts the configured logger with the whole
+``make_tracker`` (experiments/harness/tracking.py) builds and starts the configured logger with the whole
 config, exactly as for ``main.py``; this adapter then logs, per category, every training step
 (``<category>/train/<key>``: loss, task loss, L2-SP, learning rates, accuracy), every proxy
 evaluation (``<category>/proxy/<key>``: proxy AUROCs, per-kind AUROCs, collapse monitors), and the
@@ -14,7 +14,7 @@ import logging
 import warnings
 from pathlib import Path
 
-from experiments.runs.tracking import NoLogger, Tracker, make_tracker
+from experiments.harness.tracking import NoLogger, Tracker, make_tracker
 
 log = logging.getLogger("finetune")
 

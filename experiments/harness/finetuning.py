@@ -4,7 +4,7 @@ Only ``layout.train_samples`` (the train/<good> images) is read, never a test im
 on (``proxy.enabled``, the default) a seeded ``proxy.holdout`` fraction of them is held out: never
 trained on, it and the synthetic anomalies made from it select the checkpoint (extensions/proxy.py).
 Each category's result goes to ``<checkpoint_dir>/<method>/<backbone>/<category>.pt`` (+ .json sidecar,
-.loss.jsonl and .proxy.jsonl logs); the run is tracked like ``main.py``'s (experiments/runs/finetune_tracking.py).
+.loss.jsonl and .proxy.jsonl logs); the run is tracked like ``main.py``'s (experiments/harness/finetune_tracking.py).
 """
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ from hydra.utils import get_class
 from omegaconf import DictConfig, OmegaConf
 
 from core.data import AnomalyDataset, MVTecLayout
-from experiments.runs.components import build, resolve_device
-from experiments.runs.finetune_tracking import FinetuneTracking
+from experiments.harness.components import build, resolve_device
+from experiments.harness.finetune_tracking import FinetuneTracking
 from extensions.checkpoint import CheckpointFiles
 from extensions.objective import Objective
 from extensions.proxy import ProxyConfig, ProxyValidator, split_holdout

@@ -3,7 +3,7 @@
 Schema (a contract: the report and sweeps read it)::
 
     {"schema_version": 2, "metric_definitions": {<metric>: <what it computes>},
-     "config": <resolved config>, "config_hash": <experiments/runs/run_key.py>,
+     "config": <resolved config>, "config_hash": <experiments/harness/run_key.py>,
      "preprocessing": {"resize", "image_size"},
      "categories": {"<name>": {"image_auroc", "image_f1_max", "pixel_auroc", "pixel_f1_max", "aupro",
                                "aupro_defect_images", "n_train", "n_test", "bank_size", "pixel_metrics_note",

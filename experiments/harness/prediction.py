@@ -27,9 +27,9 @@ from core.data import IMAGE_EXTENSIONS, DatasetError, Preprocessing, read_image
 from core.io import atomic_write, write_csv_atomic
 from core.patchcore import ModelMismatchError, PatchCore
 from core.thresholds import segment
-from experiments.runs.anomaly_maps import colorize
-from experiments.runs.components import resolve_device
-from experiments.runs.evaluation import require_finite
+from experiments.harness.anomaly_maps import colorize
+from experiments.harness.components import resolve_device
+from experiments.harness.evaluation import require_finite
 
 log = logging.getLogger("predict")
 

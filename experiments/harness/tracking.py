@@ -22,7 +22,7 @@ import warnings
 from pathlib import Path
 from typing import Protocol
 
-from experiments.runs.results import METRICS, TIMINGS
+from experiments.harness.results import METRICS, TIMINGS
 
 log = logging.getLogger("patchcore")
 
@@ -107,7 +107,7 @@ class WandbLogger(NoLogger):
             import wandb
         except ImportError:
             raise ImportError("wandb is not installed (pip install wandb), or use logger=none") from None
-        from experiments.runs.run_key import config_hash
+        from experiments.harness.run_key import config_hash
 
         self._wandb = wandb
         self._run_dir, self._hash = Path(run_dir), config_hash(config)
