@@ -23,9 +23,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from experiments.harness.run_key import DEFAULT_ROOTS
 from experiments.reporting.build import build_report
 from experiments.reporting.paper import build_paper
-from experiments.harness.run_key import DEFAULT_ROOTS
 
 STUDIES = Path("studies")
 

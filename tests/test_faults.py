@@ -242,8 +242,8 @@ def test_predict_refuses_an_out_folder_holding_earlier_results(scorable, tmp_pat
 
 
 def test_main_refuses_a_run_folder_of_another_config(tmp_path, make_config) -> None:
-    from experiments.main import run
     from experiments.harness.run_key import RunDirTaken
+    from experiments.main import run
     from tests.conftest import write_tiny_category
 
     write_tiny_category(tmp_path / "data", "widget", size=32)

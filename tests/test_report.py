@@ -16,10 +16,10 @@ import pytest
 from omegaconf import OmegaConf
 from PIL import Image
 
-from experiments.report import main
-from experiments.reporting.build import build_report
 from experiments.harness.anomaly_maps import save_record
 from experiments.harness.run_key import config_hash
+from experiments.report import main
+from experiments.reporting.build import build_report
 from tests.conftest import write_tiny_category
 
 CATEGORIES = ("bottle", "screw")

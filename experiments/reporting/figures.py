@@ -23,11 +23,11 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from experiments.harness.anomaly_maps import MAPS_DIR, colorize, denormalise, load_maps, pick_indices  # noqa: E402
+from experiments.harness.results import METRIC_TITLES  # noqa: E402
 from experiments.reporting.data import Run, seed_means  # noqa: E402
 from experiments.reporting.pdf import WIDTH as PAGE_WIDTH  # noqa: E402  (figures fill the text width)
 from experiments.reporting.variants import label, sort_value  # noqa: E402
-from experiments.harness.anomaly_maps import MAPS_DIR, colorize, denormalise, load_maps, pick_indices  # noqa: E402
-from experiments.harness.results import METRIC_TITLES  # noqa: E402
 
 CURVE_METRICS = ("image_auroc", "pixel_auroc", "aupro")  # the coreset figure's panels (with fit time)
 MAX_CURVES = 6

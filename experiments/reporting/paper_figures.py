@@ -18,11 +18,11 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from experiments.harness.results import METRIC_TITLES  # noqa: E402
 from experiments.reporting import figures  # noqa: E402
 from experiments.reporting.comparisons import Comparison, categories_of  # noqa: E402
 from experiments.reporting.data import seed_means  # noqa: E402
 from experiments.reporting.figures import Figure  # noqa: E402
-from experiments.harness.results import METRIC_TITLES  # noqa: E402
 
 WIDTH = 6.3  # inches: the A4 text width of the Typst layout
 CURVES = ("image_auroc", "pixel_auroc", "aupro")

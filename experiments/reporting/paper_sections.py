@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from experiments.harness.anomaly_maps import MAPS_DIR
+from experiments.harness.results import METRIC_TITLES
 from experiments.reporting import paper_figures as pf
 from experiments.reporting.comparisons import Comparison, categories_of, cell_stats, verdict
 from experiments.reporting.data import Run
@@ -23,8 +25,6 @@ from experiments.reporting.paper_tables import (
     summary_table,
 )
 from experiments.reporting.sections import DATASETS
-from experiments.harness.anomaly_maps import MAPS_DIR
-from experiments.harness.results import METRIC_TITLES
 
 
 class Context:

@@ -9,10 +9,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from experiments.harness.results import METRIC_TITLES
 from experiments.reporting.comparisons import Comparison, categories_of, cell_stats, paired
 from experiments.reporting.document import Cell, TableBlock
 from experiments.reporting.tables import Table, write_table
-from experiments.harness.results import METRIC_TITLES
 
 SUMMARY_METRICS = ("image_auroc", "pixel_auroc", "aupro", "image_f1_max")
 PAIRED_METRICS = ("image_auroc", "pixel_auroc", "aupro")

@@ -17,8 +17,8 @@ import numpy as np
 import pandas as pd
 
 from core.io import write_text_atomic
-from experiments.reporting.data import seed_means
 from experiments.harness.results import METRIC_TITLES
+from experiments.reporting.data import seed_means
 
 TABLE_METRICS = ("image_auroc", "pixel_auroc", "aupro", "image_f1_max")  # the metrics with a table, in order
 MEAN_ROW = "mean"

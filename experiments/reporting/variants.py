@@ -11,8 +11,8 @@ import json
 from collections import Counter
 from pathlib import Path
 
-from experiments.reporting.data import Run, flatten, interpolated_copies
 from experiments.harness.run_key import BOOKKEEPING, IDENTITY, PLACEMENT, is_ignored
+from experiments.reporting.data import Run, flatten, interpolated_copies
 
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 # Never part of a variant label: the run's identity (category, seed), where data lives, and settings that
