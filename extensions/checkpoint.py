@@ -221,3 +221,11 @@ def _sidecar_problem(record) -> str | None:
         return "not a JSON object"
     wrong = [key for key, kind in _SIDECAR_TYPES.items() if key in record and not isinstance(record[key], kind)]
     return f"keys {wrong} have the wrong type" if wrong else None
+
+
+def is_finetuned(backbone: Any) -> bool:
+    """Whether a backbone config node (or a results.json copy of one) builds a fine-tuned checkpoint: the
+    one answer to that question for the harness, the study planner and the report. Reads the class name
+    only (nothing is imported), so it is safe on any record."""
+    target = backbone.get("_target_") if hasattr(backbone, "get") else None
+    return target == f"{FineTunedBackbone.__module__}.{FineTunedBackbone.__qualname__}"

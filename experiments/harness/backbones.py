@@ -10,10 +10,9 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from hydra.utils import get_class
 from omegaconf import DictConfig, OmegaConf
 
-from extensions.checkpoint import FineTunedBackbone, MissingCheckpointError, finetune_command, missing_message
+from extensions.checkpoint import MissingCheckpointError, finetune_command, is_finetuned, missing_message
 
 # method name (conf/method/<name>.yaml) -> the make target that fine-tunes it (Makefile.finetune)
 MAKE_TARGETS = {"rotation": "finetune-rotation", "cutmix_contrastive": "finetune-cutmix"}
@@ -28,8 +27,7 @@ def make_command(method: str, base: str, category: str) -> str:
 
 def loads_one_checkpoint_per_category(backbone: DictConfig) -> bool:
     """Whether the backbone config builds a ``FineTunedBackbone`` (whose checkpoint depends on the category)."""
-    target = backbone.get("_target_")
-    return target is not None and issubclass(get_class(str(target)), FineTunedBackbone)
+    return is_finetuned(backbone)
 
 
 def per_category_backbones(cfg: DictConfig, categories: Sequence[str]) -> dict | None:

@@ -19,7 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 from core.data import AnomalyDataset, MVTecLayout
 from experiments.harness.components import build, resolve_device
 from experiments.harness.finetune_tracking import FinetuneTracking
-from extensions.checkpoint import CheckpointFiles
+from extensions.checkpoint import CheckpointFiles, is_finetuned
 from extensions.objective import Objective
 from extensions.proxy import ProxyConfig, ProxyValidator, split_holdout
 from extensions.synthetic import make_synthetic
@@ -60,7 +60,7 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, dict]:
 
     ``run_dir`` (the Hydra run folder) holds the W&B files; without one nothing is tracked beyond the JSONL logs.
     """
-    if str(cfg.backbone.get("_target_", "")).startswith("extensions."):
+    if is_finetuned(cfg.backbone):
         raise ValueError(
             f"backbone={cfg.backbone.name} is already a fine-tuned checkpoint: fine-tune a base backbone "
             "(backbone=wrn50, resnet18, resnet50 or effnet_lite0)"

@@ -22,6 +22,7 @@ import numpy as np
 import pandas as pd
 
 from experiments.reporting.data import Run, seed_means
+from extensions.checkpoint import is_finetuned
 
 BASELINE = "baseline"
 GROUPS = {  # an inferred comparison of the variants whose first deviating setting is one of these
@@ -118,8 +119,7 @@ def infer(runs: list[Run], frame: pd.DataFrame) -> list[Comparison]:
         if run.variant == base_variant:
             continue
         if run.backbone != main:
-            target = str((run.config.get("backbone") or {}).get("_target_", ""))
-            name = "finetuning" if target.startswith("extensions.") else "extractors"
+            name = "finetuning" if is_finetuned(run.config.get("backbone") or {}) else "extractors"
             if run.deviations:
                 name = "other"
         else:

@@ -25,6 +25,7 @@ from experiments.reporting.paper_tables import (
     summary_table,
 )
 from experiments.reporting.sections import DATASETS
+from extensions.checkpoint import is_finetuned
 
 
 class Context:
@@ -155,8 +156,8 @@ def results_blocks(ctx: Context) -> list[Block]:
             blocks += ctx.figure(pf.roc_figure(comparison))
             first = categories_of(comparison)[0]
             blocks += ctx.figure(pf.map_figure(comparison, first))
-        if comparison.name == "finetuning" or any(str((a.runs[0].config.get("backbone") or {}).get("_target_", ""))
-                                                  .startswith("extensions.") for a in comparison.others):
+        if comparison.name == "finetuning" or any(is_finetuned(a.runs[0].config.get("backbone") or {})
+                                                                for a in comparison.others):
             blocks += ctx.table(selection_table(comparison))
             blocks += ctx.figure(pf.finetune_figure(comparison))
     gallery = gallery_items(ctx)
