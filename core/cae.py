@@ -10,6 +10,7 @@ runs go through the same harness and land in the same results files and tables.
 from __future__ import annotations
 
 import json
+import logging
 import time
 from collections.abc import Iterable
 from pathlib import Path
@@ -24,6 +25,8 @@ from tqdm.auto import tqdm
 from core.blur import gaussian_blur
 from core.detector import FitReport, Predictions, collect_predictions
 from core.io import atomic_write, write_json_atomic
+
+log = logging.getLogger(__name__)
 
 LOSSES = ("ssim", "l2")
 
@@ -90,6 +93,7 @@ class CAE:
             self.network = ConvAutoencoder(image_size, latent_dim).to(self.device)
         self.loss_log: list[float] = []
         self.metadata: dict = {}
+        self.threshold: dict | None = None  # the decision thresholds given to save
 
     def _to_model_size(self, images: torch.Tensor) -> torch.Tensor:
         size = self.settings["image_size"]
@@ -144,12 +148,21 @@ class CAE:
     def predict(self, loader: Iterable) -> Predictions:
         return collect_predictions(self.score, loader, self.progress)
 
-    def save(self, directory: str | Path, metadata: dict | None = None) -> Path:
+    def save(self, directory: str | Path, *, metadata: dict | None = None, weights: bool = True,
+             threshold: dict | None = None) -> Path:
+        """``cae.pt`` (the network's weights) and ``model.json`` (settings, loss log, ``threshold``, the caller's
+        ``metadata``). ``weights=False`` is ignored: the CAE's weights are the fitted model itself, trained here
+        from scratch, with no source to look them up from again, so the folder always holds them."""
+        if not weights:
+            log.info("the CAE always saves its trained weights (save_model=spec_only applies to PatchCore only)")
+        if threshold is not None:
+            self.threshold = threshold
         directory = Path(directory)
         state = {key: value.cpu() for key, value in self.network.state_dict().items()}
         atomic_write(directory / "cae.pt", lambda tmp: torch.save(state, tmp))
         write_json_atomic(directory / "model.json", {"model": "cae", "settings": self.settings,
-                                                      "loss_log": self.loss_log, "metadata": metadata or {}})
+                                                      "loss_log": self.loss_log, "threshold": self.threshold,
+                                                      "metadata": metadata or {}})
         return directory
 
     @classmethod
@@ -160,5 +173,6 @@ class CAE:
         model.network.load_state_dict(torch.load(directory / "cae.pt", map_location=device, weights_only=True))
         model.network.eval()
         model.loss_log = record.get("loss_log", [])
+        model.threshold = record.get("threshold")
         model.metadata = record.get("metadata", {})
         return model

@@ -54,8 +54,14 @@ class Predictions:
 
 @runtime_checkable
 class Detector(Protocol):
-    """``fit(loader) -> FitReport``, ``predict(loader) -> Predictions``, ``save(dir)``, ``load(dir)``; plus the
-    input normalisation its images need (``mean``, ``std``, ``interpolation``) and ``metadata`` from a load."""
+    """``fit(loader) -> FitReport``, ``predict(loader) -> Predictions``, ``save(folder, ...)``, ``load(folder)``;
+    plus the input normalisation its images need (``mean``, ``std``, ``interpolation``) and ``metadata`` from
+    a load.
+
+    ``save`` has one signature for every detector, so the harness never asks which kind it holds:
+    ``metadata`` (the caller's, stored as given), ``weights`` (True: the folder holds every weight the
+    model needs; False: weights that come from elsewhere, e.g. a pretrained backbone, are looked up again
+    on load, where the model has such weights), ``threshold`` (the decision thresholds, stored with the model)."""
 
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
@@ -65,7 +71,8 @@ class Detector(Protocol):
 
     def predict(self, loader: Iterable) -> Predictions: ...
 
-    def save(self, directory: str | Path, metadata: dict | None = None) -> Path: ...
+    def save(self, folder: str | Path, *, metadata: dict | None = None, weights: bool = True,
+             threshold: dict | None = None) -> Path: ...
 
 
 def images_of(batch: dict | torch.Tensor) -> torch.Tensor:

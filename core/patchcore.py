@@ -2,30 +2,29 @@
 scored by the distance to their nearest neighbour in it.
 
 ``fit``: embed every training image into patch features (§3.1), keep a coreset of them (§3.2),
-build the memory bank. ``score``: embed the test images, search the bank, take the patch scores'
-maximum as the image score (optionally the paper's Eq. 7 reweighting) and the patch scores,
-upsampled and blurred, as the anomaly map (§3.3).
+build the memory bank. ``score``: embed the test images and hand them to the scoring head
+(``core.scoring``, §3.3): search the bank, take the patch scores' maximum as the image score
+(optionally the paper's Eq. 7 reweighting) and the patch scores, upsampled and blurred, as the
+anomaly map.
 
 The collaborators hold the engineering: ``core.storage`` buffers the training features (in
 memory, spilled to disk, or from the feature cache), ``core.coreset`` selects, ``core.search``
-chooses and runs an exact (or faiss) nearest-neighbour strategy. This file is the algorithm.
+chooses and runs an exact (or faiss) nearest-neighbour strategy, ``core.scoring`` turns the
+neighbours into scores and maps (the exported graph runs the same head). This file is the algorithm.
 """
 
 from __future__ import annotations
 
-import inspect
 import logging
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from core.api import ImageInput, ImagePredictions, model_preprocessing, prepare_images
 from core.backbones import FeatureExtractor, UntrustedSpecError
-from core.blur import gaussian_blur
 from core.coreset import GreedyCoresetSampler, Sampler
 from core.data import Preprocessing
 from core.detector import FitReport, Predictions, collect_predictions, images_of
@@ -39,15 +38,15 @@ from core.saved_model import (
     preprocessing_record,
     read_record,
 )
+from core.scoring import ScoringHead
 from core.search import MemoryBank, SearchOptions
 from core.storage import EmbeddedBatch, FeatureStore, StorageOptions
 
 log = logging.getLogger(__name__)
 
-# 2: safetensors files, the extractor's weights (unless spec-only), a SHA-256 manifest (format 1: bank.pt)
-MODEL_FORMAT_VERSION = 2
-DISTANCES = ("euclidean", "squared", "cosine")
-IMAGE_SCORES = ("max", "top_percent")
+# 3: the scoring settings as one ``scoring`` node (2: flat keys; 2 and 3: safetensors files, the extractor's
+# weights unless spec-only, a SHA-256 manifest; 1: bank.pt). Older folders are refused: refit them.
+MODEL_FORMAT_VERSION = 3
 # Images per backbone call on a CPU: with more, the activations no longer fit in the caches and a
 # forward pass costs more per image (docs/performance.md).
 _CPU_BACKBONE_CHUNK = 4
@@ -58,7 +57,7 @@ class ModelMismatchError(ValueError):
 
 
 class PatchCore:
-    """The PatchCore detector: extractor + patch embedder + coreset sampler + memory bank."""
+    """The PatchCore detector: extractor + patch embedder + coreset sampler + memory bank + scoring head."""
 
     def __init__(
         self,
@@ -67,30 +66,10 @@ class PatchCore:
         sampler: Sampler | None = None,
         search: SearchOptions | None = None,
         storage: StorageOptions | None = None,
-        num_neighbors: int = 1,
-        reweight_neighbors: int | None = None,
-        blur_sigma: float = 4.0,
-        distance: str = "euclidean",
-        image_score: str = "max",
-        top_percent: float = 1.0,
+        scoring: ScoringHead | None = None,
         device: str | torch.device = "cpu",
         progress: bool = True,
     ) -> None:
-        if num_neighbors < 1:
-            raise ValueError(f"patchcore.num_neighbors={num_neighbors} must be at least 1")
-        if reweight_neighbors is not None and reweight_neighbors < 1:
-            raise ValueError(f"patchcore.reweight_neighbors={reweight_neighbors} must be >= 1, or null for off")
-        if blur_sigma < 0:
-            raise ValueError(f"patchcore.blur_sigma={blur_sigma} must be >= 0 (0 = no smoothing)")
-        if distance not in DISTANCES:
-            raise ValueError(f"patchcore.distance={distance!r}: choose one of {DISTANCES}")
-        if image_score not in IMAGE_SCORES:
-            raise ValueError(f"patchcore.image_score={image_score!r}: choose one of {IMAGE_SCORES}")
-        if not 0 < top_percent <= 100:
-            raise ValueError(f"patchcore.top_percent={top_percent} must be in (0, 100]")
-        if image_score == "top_percent" and reweight_neighbors is not None:
-            raise ValueError("patchcore.reweight_neighbors reweights the maximum patch score: it needs "
-                             "patchcore.image_score=max (or set reweight_neighbors=null)")
         self.device = torch.device(device)
         self.extractor = extractor
         # The network that runs: BatchNorm folded into the convolutions, channels-last (same features).
@@ -100,13 +79,8 @@ class PatchCore:
         self.sampler = sampler or GreedyCoresetSampler()
         self.search = search or SearchOptions()
         self.store = FeatureStore(storage or StorageOptions(), self.device)
-        self.bank: MemoryBank = self.search.new_bank(normalize=distance == "cosine")
-        self.num_neighbors = num_neighbors
-        self.reweight_neighbors = reweight_neighbors
-        self.blur_sigma = blur_sigma
-        self.distance = distance
-        self.image_score = image_score
-        self.top_percent = top_percent
+        self.scoring = scoring or ScoringHead()
+        self.bank = MemoryBank(self.search, metric=self.scoring.metric)  # cosine: the bank normalises
         self.progress = progress
         self.fit_info: dict = {}
         self.grid: tuple[int, int] | None = None
@@ -170,41 +144,11 @@ class PatchCore:
     # ------------------------------------------------------------------- predict
     @torch.no_grad()
     def score(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``images[B,3,H,W] -> (image scores [B], anomaly maps [B, H, W])``, both on the CPU."""
-        features, (h, w) = self.embed(images)
-        if self.distance == "cosine":  # unit queries, as the bank's rows (a loaded bank's rows are unit already)
-            features = F.normalize(features, dim=-1)
-        distances, _ = self.bank.search(features.reshape(-1, features.shape[-1]), k=self.num_neighbors)
-        if self.distance == "squared":  # the official code's faiss IndexFlatL2 distances
-            distances = distances.square()
-        elif self.distance == "cosine":  # 1 - cos from the Euclidean distance of unit vectors
-            distances = distances.square() / 2
-        patch_scores = distances.mean(dim=1).reshape(len(images), h * w)
-        image_scores = self._image_scores(features, patch_scores)
-        maps = F.interpolate(patch_scores.reshape(len(images), 1, h, w), size=images.shape[-2:], mode="bilinear",
-                             align_corners=False)
-        maps = gaussian_blur(maps.squeeze(1), self.blur_sigma)
+        """``images[B,3,H,W] -> (image scores [B], anomaly maps [B, H, W])``, both on the CPU: the patch
+        features (§3.1) searched in the bank and scored by the scoring head (§3.3)."""
+        features, grid = self.embed(images)
+        image_scores, maps = self.scoring.score(features, self.bank, grid, tuple(images.shape[-2:]))
         return image_scores.cpu(), maps.cpu()
-
-    def _image_scores(self, features: torch.Tensor, patch_scores: torch.Tensor) -> torch.Tensor:
-        """Max patch score per image, optionally reweighted by the paper's Eq. 7; or (``top_percent``) the mean
-        of the highest ``top_percent`` % of the patch scores (at least one), AnomalyDINO's image score."""
-        if self.image_score == "top_percent":
-            count = patch_scores.shape[1]
-            # floor, as AnomalyDINO's int(N * q): 1% of a 16x16 grid is 2 patches (1e-6: 100/N * N stays N)
-            top = max(1, int(count * self.top_percent / 100 + 1e-6))
-            return patch_scores.topk(top, dim=1).values.mean(dim=1)
-        best_patch = patch_scores.argmax(dim=1)
-        scores = patch_scores.gather(1, best_patch[:, None]).squeeze(1)
-        if self.reweight_neighbors is None:
-            return scores
-        test_patch = features[torch.arange(len(features), device=features.device), best_patch]  # m_test,*
-        _, nearest = self.bank.search(test_patch, k=1)  # m*
-        # N_b(m*): the b nearest bank features of m* (m* itself first); weight = 1 - softmax at m*.
-        _, support = self.bank.search(self.bank.features[nearest[:, 0]], k=self.reweight_neighbors)
-        distances = torch.linalg.vector_norm(self.bank.features[support] - test_patch[:, None], dim=-1)
-        weights = 1.0 - torch.softmax(distances, dim=1)[:, 0]
-        return weights * scores
 
     def predict(self, loader: Iterable) -> Predictions:
         """Scores and maps of every test image; on a CPU, ``torch.get_num_threads()`` pieces at a time."""
@@ -241,15 +185,10 @@ class PatchCore:
             "format_version": MODEL_FORMAT_VERSION,
             "extractor": self._saved_extractor_spec or self.extractor.spec(),
             "embedder": self.embedder.spec(),
-            "num_neighbors": self.num_neighbors,
-            "reweight_neighbors": self.reweight_neighbors,
-            "blur_sigma": self.blur_sigma,
-            "distance": self.distance,
-            "image_score": self.image_score,
-            "top_percent": self.top_percent,
+            "scoring": self.scoring.record(),
         }
 
-    def save(self, directory: str | Path, metadata: dict | None = None, weights: bool = True,
+    def save(self, directory: str | Path, *, metadata: dict | None = None, weights: bool = True,
              threshold: dict | None = None) -> Path:
         """Write one folder: ``model.json`` (spec, preprocessing, thresholds, search settings, versions, the
         caller's metadata), ``bank.safetensors``, with ``weights`` the extractor's own ``extractor.safetensors``
@@ -278,43 +217,38 @@ class PatchCore:
     @classmethod
     def load(cls, directory: str | Path, expected_spec: dict | None = None, device: str = "cpu",
              progress: bool = True, search: SearchOptions | None = None) -> PatchCore:
-        """Rebuild a saved model; refuse it when ``expected_spec`` (see ``spec()``) differs. The bank is
-        searched as when it was fitted (the saved ``search`` settings) unless ``search`` says otherwise."""
+        """Rebuild a saved model through the constructors (which check every setting); refuse it when
+        ``expected_spec`` (see ``spec()``) differs. The bank is searched as when it was fitted (the saved
+        ``search`` settings) unless ``search`` says otherwise."""
         directory = Path(directory)
         try:
-            record = read_record(directory, MODEL_FORMAT_VERSION, _constructor_keys(),
-                                 SearchOptions.__dataclass_fields__)
+            record = read_record(directory, MODEL_FORMAT_VERSION)
         except ModelFilesError as error:  # modified, missing or extra files; model.json against its schema
             raise ModelMismatchError(str(error)) from None
         if expected_spec is not None:
             _check_expected(directory, record, expected_spec)
+        extractor = _saved_extractor(directory, record)
         try:
-            extractor = load_extractor(directory, record)
-        except (UntrustedSpecError, TypeError) as error:
-            raise ModelMismatchError(f"saved model {directory} is not valid: its extractor cannot be built by this "
-                                     f"code ({error}); refit it") from None
-        except ModelFilesError as error:  # weights missing from the file or not fitting the network
-            raise ModelMismatchError(f"saved model {directory} is not valid: {error}; refit it") from None
+            parts = {"embedder": PatchEmbedder.from_spec(record["embedder"]),
+                     "scoring": ScoringHead(**record["scoring"]),
+                     "search": search or SearchOptions.from_record(record.get("search", {}), where=str(directory))}
+            preprocessing = Preprocessing(**record["preprocessing"]) if record.get("preprocessing") else None
+        except (ValueError, TypeError) as error:  # a setting out of range
+            raise ModelMismatchError(f"model {directory / 'model.json'} is not valid: {error}; refit it") from None
+        model = cls(extractor, device=device, progress=progress, **parts)
         try:
-            search = search or SearchOptions.from_record(record.get("search", {}), where=str(directory))
-            scoring = {key: record[key] for key in _constructor_keys() if key in record}  # distance, image_score...
-            model = cls(extractor, PatchEmbedder.from_spec(record["embedder"]), search=search, device=device,
-                        progress=progress, **scoring)
-            bank_file = directory / BANK_FILE
-            model.bank = MemoryBank(search, normalize=model.bank.normalize).build(read_bank(bank_file))
-            preprocessing = record.get("preprocessing") or record.get("metadata", {}).get("preprocessing")
-            model.preprocessing = Preprocessing(**preprocessing) if preprocessing else None
-        except (ValueError, TypeError) as error:  # a setting out of range, an unreadable or non-finite bank
+            model.bank.build(read_bank(directory / BANK_FILE))
+        except ValueError as error:  # an unreadable or non-finite bank
             raise ModelMismatchError(f"saved model {directory} is not valid: {error}; refit it") from None
         if len(model.bank) != record["bank_size"]:
             raise ModelMismatchError(f"saved model {directory} is not valid: {BANK_FILE} holds {len(model.bank)} "
                                      f"rows, model.json says bank_size={record['bank_size']}; refit it")
         model.bank.to(model.device)
-        model.grid = tuple(record["grid"]) if record.get("grid") else None
-        model.input_size = tuple(record["input_size"]) if record.get("input_size") else None
+        model.preprocessing, model.threshold = preprocessing, record.get("threshold")
+        model.grid = tuple(record["grid"]) if record["grid"] else None
+        model.input_size = tuple(record["input_size"]) if record["input_size"] else None
         model.metadata = record.get("metadata", {})
-        model.threshold = record.get("threshold") or model.metadata.get("threshold") or None
-        if record.get("weights"):
+        if record["weights"]:
             model._saved_extractor_spec = record["extractor"]
         if model.input_size:
             model._check_code_matches(directory)
@@ -334,10 +268,15 @@ def _length(dataset) -> int | None:
     return len(dataset) if dataset is not None and hasattr(dataset, "__len__") else None
 
 
-def _constructor_keys() -> list[str]:
-    """The settings ``spec()`` records that load passes back to the constructor (the scoring settings)."""
-    skip = {"self", "extractor", "embedder", "sampler", "search", "storage", "device", "progress"}
-    return [name for name in inspect.signature(PatchCore.__init__).parameters if name not in skip]
+def _saved_extractor(directory: Path, record: dict) -> FeatureExtractor:
+    """The saved model's extractor, or a ``ModelMismatchError`` saying why it cannot be rebuilt."""
+    try:
+        return load_extractor(directory, record)
+    except (UntrustedSpecError, TypeError) as error:
+        raise ModelMismatchError(f"saved model {directory} is not valid: its extractor cannot be built by this "
+                                 f"code ({error}); refit it") from None
+    except ModelFilesError as error:  # weights missing from the file or not fitting the network
+        raise ModelMismatchError(f"saved model {directory} is not valid: {error}; refit it") from None
 
 
 def _check_expected(directory: Path, record: dict, expected_spec: dict) -> None:

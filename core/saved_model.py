@@ -1,10 +1,12 @@
 """A saved PatchCore folder: its files, the schema of its ``model.json``, and rebuilding its extractor.
 
 A saved model may come from anywhere (a colleague, a download, a tampered copy), so its files are first
-checked against the folder's SHA-256 manifest (``core.model_files``), then every key of ``model.json``
-for its type and range before the extractor is resolved or a tensor is read: a file that does not fit
-says *what* is wrong, not a traceback from deep inside the constructor. The extractor target itself is
-checked by ``core.backbones.build_extractor`` (FeatureExtractor classes only).
+checked against the folder's SHA-256 manifest (``core.model_files``), then the structure of ``model.json``
+(every key's type; the nodes rebuilt by a constructor, ``scoring`` and ``search``, may hold only that
+constructor's keywords) before the extractor is resolved or a tensor is read: a file that does not fit
+says *what* is wrong, not a traceback. The ranges of the settings are checked by the constructors the
+model is rebuilt through, the one place they are checked. The extractor target itself is checked by
+``core.backbones.build_extractor`` (FeatureExtractor classes only).
 
 Two forms (``model.json``'s ``weights``): self-contained (``extractor.safetensors`` holds the extractor's
 weights; the network is built with random weights and no lookup, then loaded, so an empty weights cache
@@ -15,13 +17,16 @@ source, the torch or Hugging Face cache or a file, as when it was fitted).
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import json
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
 
 from core.model_files import ModelFilesError, read_tensors, verify_manifest
+from core.scoring import ScoringHead
+from core.search.options import SearchOptions
 
 BANK_FILE = "bank.safetensors"
 WEIGHTS_FILE = "extractor.safetensors"
@@ -72,20 +77,31 @@ def _embedder(value) -> bool:
             and isinstance(value.get("aggregation", "channel_mean"), str) and "embed_dim" in value)
 
 
-# key -> (required, check, what it must be). Keys named like a PatchCore constructor parameter (the
-# scoring settings spec() records) are accepted too, and checked by the constructor itself.
+def _keywords(cls: type) -> frozenset[str]:
+    """The keyword parameters of ``cls``'s constructor: the keys a node rebuilt through it may hold."""
+    return frozenset(name for name in inspect.signature(cls).parameters if name != "self")
+
+
+# The nodes of model.json rebuilt through a constructor: only its keywords are allowed (their values are
+# checked by the constructor itself).
+NODES = {"scoring": _keywords(ScoringHead), "search": _keywords(SearchOptions)}
+
+
+def _node(name: str, required: bool) -> Callable[[object], bool]:
+    keys = NODES[name]
+    return lambda value: isinstance(value, dict) and (set(value) == keys if required else set(value) <= keys)
+
+
+# key -> (required, check, what it must be)
 MODEL_SCHEMA: dict[str, tuple[bool, Callable[[object], bool], str]] = {
     "format_version": (True, _int, "an integer"),
     "extractor": (True, _spec, "an object {\"target\": \"<module>.<Class>\", \"kwargs\": {...}}"),
     "embedder": (True, _embedder, "an object {\"embed_dim\": int or null, \"patch_size\": int, \"aggregation\"}"),
-    "num_neighbors": (True, lambda v: _int(v) and v >= 1, "an integer >= 1"),
-    "reweight_neighbors": (True, lambda v: v is None or (_int(v) and v >= 1), "null or an integer >= 1"),
-    "blur_sigma": (True, lambda v: _number(v) and v >= 0, "a number >= 0"),
-    "distance": (False, lambda v: isinstance(v, str), "a string"),
+    "scoring": (True, _node("scoring", required=True), f"an object with exactly the keys {sorted(NODES['scoring'])}"),
     "grid": (True, _size, "[] or [h, w] (positive integers)"),
     "input_size": (True, _size, "[] or [H, W] (positive integers)"),
     "bank_size": (True, lambda v: _int(v) and v > 0, "a positive integer"),
-    "search": (False, lambda v: isinstance(v, dict), "an object of search settings"),
+    "search": (False, _node("search", required=False), f"an object with keys among {sorted(NODES['search'])}"),
     "search_strategy": (False, lambda v: isinstance(v, str), "a string"),
     "metadata": (False, lambda v: isinstance(v, dict), "an object"),
     "model": (False, lambda v: v == "patchcore", "\"patchcore\" (another kind is loaded by its own class)"),
@@ -99,10 +115,13 @@ MODEL_SCHEMA: dict[str, tuple[bool, Callable[[object], bool], str]] = {
 }
 
 
-def check_model_record(record: dict, version: int, constructor_keys: Iterable[str], search_keys: Iterable[str]) -> None:
+def check_model_record(record: dict, version: int) -> None:
     """Raise ``RecordError`` saying what is wrong with a PatchCore ``model.json`` record, if anything."""
-    allowed = set(MODEL_SCHEMA) | set(constructor_keys)
-    unknown = sorted(set(record) - allowed)
+    found = record.get("format_version")
+    if _int(found) and found < version:  # before the rest: an older layout fails the schema anyway
+        raise RecordError(f"it was written by an earlier version of this code (format_version={found}), which "
+                          f"this version (format {version}) does not read")
+    unknown = sorted(set(record) - set(MODEL_SCHEMA))
     if unknown:
         raise RecordError(f"unknown keys {unknown}")
     for key, (required, check, what) in MODEL_SCHEMA.items():
@@ -114,16 +133,13 @@ def check_model_record(record: dict, version: int, constructor_keys: Iterable[st
             raise RecordError(f"{key}={record[key]!r} must be {what}")
     if record["format_version"] != version:
         raise RecordError(f"format_version={record['format_version']} but this code reads version {version}")
-    unknown_search = sorted(set(record.get("search", {})) - set(search_keys))
-    if unknown_search:
-        raise RecordError(f"unknown search settings {unknown_search} (known: {sorted(search_keys)})")
 
 
 class SpecOnlyWeightsError(FileNotFoundError):
     """A spec-only saved model whose extractor weights cannot be found; the message says how to provide them."""
 
 
-def read_record(directory: Path, version: int, constructor_keys: Iterable[str], search_keys: Iterable[str]) -> dict:
+def read_record(directory: Path, version: int) -> dict:
     """``model.json`` of a saved folder, after the manifest check, checked against its schema. Raises
     ``FileNotFoundError`` for a folder that is no saved model, ``ModelFilesError`` (naming the file) otherwise."""
     directory = Path(directory)
@@ -140,7 +156,7 @@ def read_record(directory: Path, version: int, constructor_keys: Iterable[str], 
         raise ModelFilesError(f"saved model {directory} is not valid: {error}") from None
     try:
         record = read_json_object(spec_file)
-        check_model_record(record, version, constructor_keys, search_keys)
+        check_model_record(record, version)
     except RecordError as error:
         raise ModelFilesError(f"model {spec_file} is not valid: {error}; refit it") from None
     return record

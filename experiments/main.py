@@ -145,12 +145,10 @@ class Harness:
             save_maps(self.run_dir / MAPS_DIR / category, predictions, test_loader.dataset, preprocessing, n_maps,
                       threshold)
         if cfg.save_model:  # true: self-contained (weights inside); spec_only: the weights are looked up on load
-            options = ({"weights": cfg.save_model != "spec_only", "threshold": threshold} if self.uses_extractor
-                       else {})
             saved = model.save(self.run_dir / "models" / category,
                                metadata={"category": category, "preprocessing": preprocessing.__dict__,
                                          "threshold": threshold, "config": OmegaConf.to_container(cfg, resolve=True)},
-                               **options)
+                               weights=cfg.save_model != "spec_only", threshold=threshold)
             log.info("[%s] model saved to %s", category, saved)
         entry = {**metrics, "n_train": fit.n_images, "n_test": len(predictions.image_scores),
                  "bank_size": fit.bank_size, "pixel_metrics_note": note,

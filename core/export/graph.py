@@ -10,7 +10,9 @@ graph can hold. This module re-expresses the same computation with plain dense o
   whatever the bank's size (an unchunked ``patches x bank`` matrix is what made anomalib's export ask
   for hundreds of GB); the distances of the neighbours found are recomputed from the differences, as
   the reference does;
-- the rest (Eq. 7, image score, bilinear upsampling, ``core.blur.gaussian_blur``) is the same code.
+- the rest (patch scores, image score with Eq. 7 or top percent, bilinear upsampling, blur) is the
+  model's own scoring head (``core.scoring.ScoringHead``), run over ``ChunkedNearest`` instead of the
+  memory bank: the same code, not a copy.
 
 tests/test_export.py checks its outputs against ``PatchCore.score`` in torch, ONNX Runtime and OpenVINO.
 """
@@ -23,9 +25,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from core.blur import gaussian_blur
 from core.features import PatchEmbedder, _LayerPooling, embedding_matrix, layer_matrices
 from core.linalg import column_mean
+from core.scoring import ScoringHead
 
 # Bank rows per chunk of the search: 784 patches (one 224 px EfficientNet image) x 4096 rows is a
 # 12.8 MB distance block; larger chunks are no faster on a CPU (docs/deployment.md, Export).
@@ -108,8 +110,10 @@ def _align(feature_map: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
 
 
 class ChunkedNearest(nn.Module):
-    """Exact k-NN over a bank in chunks of ``chunk`` rows: ``queries[Q, D] -> (squared[Q, k], indices[Q, k],
-    rows[Q, k, D])``, nearest first; ``rows`` are the neighbours' centred bank rows.
+    """Exact k-NN over a bank in chunks of ``chunk`` rows, the ``core.scoring.NeighbourSearch`` the exported
+    graph scores with: ``search(queries[Q, D], k) -> (distances[Q, k], indices[Q, k])``, nearest first,
+    Euclidean as ``MemoryBank.search``'s; ``metric="cosine"``: queries are L2-normalised (the bank's rows
+    are unit already), as the bank does.
 
     Per chunk, ``q.b - |b|^2 / 2`` (one matrix product and a precomputed bias) is maximised, which ranks as
     ``|q - b|^2 = |q|^2 + |b|^2 - 2 q.b``; the chunk's winners' squared distances are recomputed from the
@@ -118,13 +122,14 @@ class ChunkedNearest(nn.Module):
     as in the reference search, and each chunk is its own constant, stored ``[D, rows]`` as the product
     reads it: no slice or transpose of the whole bank that a runtime could fold into a second copy."""
 
-    def __init__(self, features: torch.Tensor, chunk: int = DEFAULT_CHUNK) -> None:
+    def __init__(self, features: torch.Tensor, chunk: int = DEFAULT_CHUNK, metric: str = "euclidean") -> None:
         super().__init__()
         if chunk < 1:
             raise ValueError(f"export chunk={chunk} must be a positive number of bank rows")
         features = features.detach().cpu().float()
         mean = column_mean(features).float()
         self.register_buffer("mean", mean)
+        self.metric = metric
         self.size, self.dim = features.shape
         self.chunk = min(chunk, self.size)
         for index, offset in enumerate(range(0, self.size, self.chunk)):
@@ -136,10 +141,13 @@ class ChunkedNearest(nn.Module):
     def chunks(self) -> int:
         return math.ceil(self.size / self.chunk)
 
-    def forward(self, queries: torch.Tensor, k: int = 1) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        centred = queries - self.mean
+    def _centred(self, queries: torch.Tensor) -> torch.Tensor:
+        return (F.normalize(queries, dim=-1) if self.metric == "cosine" else queries) - self.mean
+
+    def search(self, queries: torch.Tensor, k: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+        centred = self._centred(queries)
         k = min(k, self.size)
-        best = where = found = None
+        best = where = None
         for index in range(self.chunks):
             rows_t, bias = getattr(self, f"rows_{index}"), getattr(self, f"bias_{index}")
             similarity = torch.matmul(centred, rows_t) + bias  # [Q, rows]
@@ -152,20 +160,36 @@ class ChunkedNearest(nn.Module):
             part = (part_rows - centred[:, None, :]).square().sum(dim=2)  # exact squared distances [Q, count]
             part_where = part_where + index * self.chunk
             if best is None:
-                best, where, found = part, part_where, part_rows
+                best, where = part, part_where
             elif k == 1:
                 better = part < best
                 best, where = torch.where(better, part, best), torch.where(better, part_where, where)
-                found = torch.where(better[:, :, None], part_rows, found)
             else:
                 best, order = torch.cat([best, part], dim=1).topk(k, dim=1, largest=False)
                 where = torch.cat([where, part_where], dim=1).gather(1, order)
-                found = torch.cat([found, part_rows], dim=1).gather(1, order[:, :, None].expand(-1, -1, self.dim))
         if k > 1:  # nearest first by the exact distances (topk: the exporters have no stable sort)
             best, order = best.topk(k, dim=1, largest=False)
             where = where.gather(1, order)
-            found = found.gather(1, order[:, :, None].expand(-1, -1, self.dim))
-        return best, where, found
+        return best.sqrt(), where
+
+    def _centred_rows(self, indices: torch.Tensor) -> torch.Tensor:
+        """The centred bank rows at ``indices`` (any shape) -> ``[*indices.shape, D]``: each chunk's rows
+        gathered where the index falls in that chunk (no whole-bank tensor)."""
+        flat = indices.reshape(-1)
+        found = None
+        for index in range(self.chunks):
+            rows_t = getattr(self, f"rows_{index}")
+            local = flat - index * self.chunk
+            part = rows_t.index_select(1, local.clamp(0, rows_t.shape[1] - 1)).T  # [n, D]
+            inside = (local >= 0) & (local < rows_t.shape[1])
+            found = part if found is None else torch.where(inside[:, None], part, found)
+        return found.reshape(*indices.shape, self.dim)
+
+    def rows(self, indices: torch.Tensor) -> torch.Tensor:
+        return self._centred_rows(indices) + self.mean
+
+    def distances(self, queries: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        return torch.linalg.vector_norm(self._centred_rows(indices) - self._centred(queries)[:, None], dim=-1)
 
 
 class ExportablePatchCore(nn.Module):
@@ -188,10 +212,8 @@ class ExportablePatchCore(nn.Module):
         with torch.no_grad():
             maps = self.extractor(torch.zeros(1, 3, *self.input_size))
         self.embedding = ExportEmbedding(model.embedder, maps)
-        self.search = ChunkedNearest(model.bank.features, chunk)
-        self.distance, self.num_neighbors = model.distance, model.num_neighbors
-        self.reweight_neighbors = model.reweight_neighbors
-        self.image_score, self.top_percent, self.blur_sigma = model.image_score, model.top_percent, model.blur_sigma
+        self.search = ChunkedNearest(model.bank.features, chunk, model.bank.metric)
+        self.scoring: ScoringHead = model.scoring
         self.thresholds = None if thresholds is None else (float(thresholds[0]),
                                                            None if thresholds[1] is None else float(thresholds[1]))
 
@@ -208,46 +230,13 @@ class ExportablePatchCore(nn.Module):
         x = images.float() * (1.0 / 255) if self.input_dtype == "uint8" else images.float()
         x = (x - self.mean) / self.std
         features = self.embedding(self.extractor(x))  # [N, h*w, D]
-        n, patches, dim = features.shape
-        if self.distance == "cosine":
-            features = F.normalize(features, dim=-1)
-        queries = features.reshape(-1, dim)
-        squared, _, rows = self.search(queries, self.num_neighbors)
-        if self.distance == "squared":
-            distances = squared
-        elif self.distance == "cosine":
-            distances = squared / 2
-        else:
-            distances = squared.clamp_min(0).sqrt()
-        patch_scores = distances.mean(dim=1).reshape(n, patches)
-        image_scores = self._image_scores(features, patch_scores, rows[:, 0].reshape(n, patches, dim))
-        h, w = self.embedding.grid
-        maps = F.interpolate(patch_scores.reshape(n, 1, h, w), size=self.input_size, mode="bilinear",
-                             align_corners=False)
-        maps = gaussian_blur(maps.squeeze(1), self.blur_sigma)
+        image_scores, maps = self.scoring.score(features, self.search, self.embedding.grid, self.input_size)
         outputs = (image_scores, maps)
         if self.thresholds is not None:
             outputs += (image_scores >= self.thresholds[0],)
             if self.thresholds[1] is not None:
                 outputs += (maps >= self.thresholds[1],)
         return outputs
-
-    def _image_scores(self, features: torch.Tensor, patch_scores: torch.Tensor, nearest: torch.Tensor) -> torch.Tensor:
-        """As ``PatchCore._image_scores``; ``nearest [N, patches, D]``: each patch's nearest (centred) bank row."""
-        if self.image_score == "top_percent":
-            top = max(1, int(patch_scores.shape[1] * self.top_percent / 100 + 1e-6))
-            return patch_scores.topk(top, dim=1).values.mean(dim=1)
-        scores, best_patch = patch_scores.max(dim=1, keepdim=True)
-        if self.reweight_neighbors is None:
-            return scores.squeeze(1)
-        # Eq. 7: m* is the best patch's nearest bank row (found above); N_b(m*) its b nearest bank rows
-        pick = best_patch[:, :, None].expand(-1, 1, features.shape[2])
-        test_patch = features.gather(1, pick).squeeze(1) - self.search.mean  # centred, as the rows
-        star = nearest.gather(1, pick).squeeze(1)
-        _, _, support = self.search(star + self.search.mean, self.reweight_neighbors)
-        distances = torch.linalg.vector_norm(support - test_patch[:, None], dim=-1)
-        weights = 1.0 - torch.softmax(distances, dim=1)[:, 0]
-        return weights * scores.squeeze(1)
 
 
 def check_exportable(model) -> None:

@@ -8,14 +8,11 @@ excepted, which is approximate by design).
 from __future__ import annotations
 
 import logging
-import pickle
-from pathlib import Path
 from typing import Protocol
 
 import torch
 import torch.nn.functional as F
 
-from core.io import atomic_write
 from core.search import pruned
 from core.search.faiss_index import FaissSearch
 from core.search.options import SearchOptions
@@ -24,6 +21,8 @@ from core.search.reference import ReferenceSearch
 from core.search.span import Frame, PrincipalAxes, SpanSearch
 
 log = logging.getLogger(__name__)
+
+METRICS = ("euclidean", "cosine")
 
 
 class SearchStrategy(Protocol):
@@ -68,14 +67,17 @@ def choose_strategy(features: torch.Tensor, options: SearchOptions) -> SearchStr
 class MemoryBank:
     """Holds ``features[M, D]`` (float32) and answers k-nearest-neighbour queries with its strategy.
 
-    ``normalize=True`` (cosine distances): rows and queries are L2-normalised before the bank is built and
-    searched, so every strategy, exact as ever, ranks by cosine distance (between unit vectors
-    ``|a - b|^2 = 2 (1 - cos)``). The stored rows are the unit ones.
+    The bank owns its metric. ``metric="cosine"``: the rows are L2-normalised when the bank is built and
+    every query when it is searched (here, and only here), so every strategy, exact as ever, ranks by
+    cosine distance; the distances it answers are those between the unit vectors
+    (``|a - b|^2 = 2 (1 - cos)``), which ``core.scoring`` turns into 1 - cos. The stored rows are the unit ones.
     """
 
-    def __init__(self, options: SearchOptions | None = None, normalize: bool = False) -> None:
+    def __init__(self, options: SearchOptions | None = None, metric: str = "euclidean") -> None:
+        if metric not in METRICS:
+            raise ValueError(f"memory bank metric={metric!r}: choose one of {METRICS}")
         self.options = options or SearchOptions()
-        self.normalize = normalize
+        self.metric = metric
         self.features = torch.empty(0, 0)
         self.strategy: SearchStrategy | None = None
         self.device = torch.device("cpu")
@@ -85,12 +87,14 @@ class MemoryBank:
         ``choose_strategy``'s, for comparisons."""
         if features.ndim != 2 or len(features) == 0:
             raise ValueError(f"memory bank needs a non-empty [M, D] tensor, got shape {tuple(features.shape)}")
-        features = features.float()
-        self.features = (F.normalize(features, dim=1) if self.normalize else features).contiguous()
+        self.features = self._in_metric(features.float()).contiguous()
         self.device = self.features.device
         self.strategy = (choose_strategy(self.features, self.options) if strategy is None
                          else strategy.build(self.features))
         return self
+
+    def _in_metric(self, vectors: torch.Tensor) -> torch.Tensor:
+        return F.normalize(vectors, dim=-1) if self.metric == "cosine" else vectors
 
     def __len__(self) -> int:
         return len(self.features)
@@ -110,9 +114,20 @@ class MemoryBank:
             raise RuntimeError("memory bank is empty: fit the model (or load a saved one) first")
         if queries.shape[-1] != self.dim:
             raise ValueError(f"query dimension {queries.shape[-1]} does not match the bank's {self.dim}")
-        if self.normalize:
-            queries = F.normalize(queries.float(), dim=-1)
+        if self.metric == "cosine":
+            queries = self._in_metric(queries.float())
         return self.strategy.search(queries, min(k, len(self)))
+
+    def rows(self, indices: torch.Tensor) -> torch.Tensor:
+        """The bank's rows at ``indices`` (unit rows for cosine)."""
+        return self.features[indices]
+
+    def distances(self, queries: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        """``queries [Q, D]``, ``indices [Q, n]`` -> the Euclidean distances ``[Q, n]`` from each query to
+        those of the bank's rows, in the bank's metric (what ``search`` measures)."""
+        if self.metric == "cosine":
+            queries = self._in_metric(queries.float())
+        return torch.linalg.vector_norm(self.features[indices] - queries[:, None], dim=-1)
 
     def to(self, device: torch.device | str) -> MemoryBank:
         """Move the bank; a bank too large for the GPU stays in CPU memory and is streamed in chunks."""
@@ -127,41 +142,3 @@ class MemoryBank:
             torch.cuda.empty_cache()
         self.strategy.to(device)
         return self
-
-    def save(self, path: str | Path) -> None:
-        features = self.features.cpu()
-        atomic_write(path, lambda tmp: torch.save({"features": features}, tmp))
-
-    @classmethod
-    def load(cls, path: str | Path, options: SearchOptions | None = None, normalize: bool = False) -> MemoryBank:
-        """A saved bank, refused (``BankFileError``) unless it is a finite, non-empty [M, D] float tensor."""
-        return cls(options, normalize=normalize).build(read_bank_features(path))
-
-
-class BankFileError(ValueError):
-    """A ``bank.pt`` that is not a saved memory bank; the message names the file."""
-
-
-def read_bank_features(path: str | Path) -> torch.Tensor:
-    """The ``features`` tensor of a saved bank. ``weights_only=True`` runs no pickled code; torch's own
-    message for a refused payload advises ``weights_only=False``, which is exactly what must not be done
-    with a file of unknown origin, so it is replaced by ours."""
-    path = Path(path)
-    if not path.is_file() or path.stat().st_size == 0:
-        raise BankFileError(f"memory bank {path} is missing or empty")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        raise BankFileError(f"memory bank {path} holds objects other than tensors (a pickled payload?): "
-                            "it was not written by this code and was not run") from None
-    except Exception as error:  # torch raises several types for truncated or foreign files
-        raise BankFileError(f"memory bank {path} cannot be read ({type(error).__name__}: "
-                            f"{str(error).splitlines()[0] if str(error) else 'truncated?'})") from None
-    features = state.get("features") if isinstance(state, dict) else None
-    if not isinstance(features, torch.Tensor) or features.ndim != 2 or len(features) == 0 \
-            or not features.is_floating_point():
-        raise BankFileError(f"memory bank {path} holds no non-empty [M, D] float tensor under 'features'")
-    if not bool(torch.isfinite(features).all()):
-        bad = int((~torch.isfinite(features)).any(dim=1).sum())
-        raise BankFileError(f"memory bank {path} has {bad} rows with NaN or infinite values")
-    return features

@@ -1,15 +1,12 @@
-"""``SearchOptions``: the ``search`` config node, saved with a fitted model (``record``)."""
+"""``SearchOptions``: the ``search`` config node, saved with a fitted model (``record``). A leaf: the bank
+(``core.search.bank``) reads these options, never the other way round."""
 
 from __future__ import annotations
 
 import logging
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING
 
 from core.search import faiss_index
-
-if TYPE_CHECKING:
-    from core.search.bank import MemoryBank
 
 log = logging.getLogger(__name__)
 
@@ -52,9 +49,3 @@ class SearchOptions:
             log.warning("%s was fitted with search.backend=faiss, which is not installed here: searching it "
                         "exactly (pip install faiss-cpu to search it as it was)", where)
             return cls(**{**record, "backend": "exact"})
-
-    def new_bank(self, normalize: bool = False) -> MemoryBank:
-        """An empty bank searched with these options; ``normalize``: for cosine distances (see MemoryBank)."""
-        from core.search.bank import MemoryBank
-
-        return MemoryBank(self, normalize=normalize)

@@ -13,6 +13,7 @@ from core.coreset import GreedyCoresetSampler
 from core.data import TexturesLayout
 from core.features import PatchEmbedder
 from core.patchcore import PatchCore
+from core.scoring import ScoringHead
 from core.search import MemoryBank, SearchOptions
 from core.storage import StorageOptions
 
@@ -73,8 +74,8 @@ def new_model(extractor, ratio: float, cache: Path | None, aggregation: str = "o
               device: torch.device | str = "cpu", **storage) -> PatchCore:
     options = StorageOptions(cache_dir=None if cache is None else str(cache), **storage)
     return PatchCore(extractor, PatchEmbedder(aggregation=aggregation), GreedyCoresetSampler(ratio=ratio, seed=0),
-                     search=SearchOptions(), storage=options, distance=AGGREGATIONS[aggregation], device=device,
-                     progress=False)
+                     search=SearchOptions(), storage=options, scoring=ScoringHead(distance=AGGREGATIONS[aggregation]),
+                     device=device, progress=False)
 
 
 def model_bytes(model: PatchCore) -> int:
