@@ -35,9 +35,13 @@ def test_defect_scores_higher_and_save_load(tmp_path) -> None:
     defect[..., 20:30, 10:20] = 1.0 - defect[..., 20:30, 10:20]  # inverted patch
     scores, maps = model.score(torch.cat([nominal, defect]))
     assert scores[1] > scores[0]
-    model.save(tmp_path / "cae")
+    threshold = {"image_threshold": float(scores.mean()), "pixel_threshold": None, "min_defect_area": 0}
+    # the Detector signature PatchCore has too; weights=False is ignored: the trained weights are the model
+    model.save(tmp_path / "cae", metadata={"category": "toy"}, weights=False, threshold=threshold)
+    assert sorted(path.name for path in (tmp_path / "cae").iterdir()) == ["cae.pt", "model.json"]
     reloaded = CAE.load(tmp_path / "cae", progress=False)
     torch.testing.assert_close(reloaded.score(defect)[0], model.score(defect)[0])
+    assert reloaded.threshold == threshold and reloaded.metadata == {"category": "toy"}
 
 
 def test_seeded_training_is_deterministic() -> None:

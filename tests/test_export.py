@@ -34,7 +34,8 @@ from core.export import writer as export_writer
 from core.features import PatchEmbedder
 from core.model_files import ModelFilesError
 from core.patchcore import PatchCore
-from core.search import SearchOptions
+from core.scoring import ScoringHead
+from core.search import MemoryBank, SearchOptions
 from experiments import export as export_cli
 from experiments.benchmarks.export_bench import measure_in_subprocess, random_bank_model
 
@@ -48,13 +49,14 @@ def _close(actual, expected) -> float:
     return float(np.abs(actual - expected).max() / np.abs(expected).max())
 
 
-def _fitted(textures_root: Path, extractor, image_size: int, train: int, **settings) -> tuple[PatchCore, list[Path]]:
+def _fitted(textures_root: Path, extractor, image_size: int, train: int,
+            scoring: ScoringHead | None = None) -> tuple[PatchCore, list[Path]]:
     dataset = TexturesLayout(root=textures_root, categories=["grass"], resize=round(image_size * 256 / 224),
                              image_size=image_size, train_limit=train)
     preprocessing = dataset.preprocessing(extractor.mean, extractor.std, extractor.interpolation)
     loader = DataLoader(dataset.train_set("grass", preprocessing), batch_size=8)
-    model = PatchCore(extractor, PatchEmbedder(settings.pop("embed_dim", 1024)),
-                      GreedyCoresetSampler(ratio=0.1, seed=0), progress=False, **settings)
+    model = PatchCore(extractor, PatchEmbedder(1024), GreedyCoresetSampler(ratio=0.1, seed=0), scoring=scoring,
+                      progress=False)
     model.fit(loader)
     test = dataset.test_set("grass", preprocessing)
     paths = [sample.path for sample in test.samples]
@@ -65,7 +67,7 @@ def _fitted(textures_root: Path, extractor, image_size: int, train: int, **setti
 def effnet(textures_root, tmp_path_factory):
     """EfficientNet-Lite0 (real weights), squared distances, with thresholds; saved, exported to ONNX through
     the CLI (experiments/export.py) and to OpenVINO through ``export_model``."""
-    model, paths = _fitted(textures_root, EfficientNetLite(), 224, 8, distance="squared")
+    model, paths = _fitted(textures_root, EfficientNetLite(), 224, 8, ScoringHead(distance="squared"))
     scores, _ = model.score(normalize(prepare_images_uint8(paths, model)[0], model.preprocessing))
     model.threshold = {"image_threshold": float(scores.median()), "pixel_threshold": float(scores.median()) * 0.8,
                        "min_defect_area": 0}
@@ -133,9 +135,8 @@ def test_every_format_with_eq7_k2_cosine_and_float_input(tmp_path, fmt) -> None:
     cosine distances; float input in [0, 1]; a batch size other than the one traced."""
     model = random_bank_model(500, 64, 32, TorchvisionCNN("resnet18", ["layer2", "layer3"], pretrained=False),
                               PatchEmbedder(64))
-    model.num_neighbors, model.reweight_neighbors, model.distance = 2, 3, "cosine"
-    model.bank.normalize = True
-    model.bank.build(model.bank.features)
+    model.scoring = ScoringHead(num_neighbors=2, reweight_neighbors=3, distance="cosine")
+    model.bank = MemoryBank(metric="cosine").build(model.bank.features)
     floats = torch.rand(3, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     mean, std = torch.tensor(model.mean).view(1, 3, 1, 1), torch.tensor(model.std).view(1, 3, 1, 1)
     scores, maps = model.score((floats - mean) / std)

@@ -83,19 +83,41 @@ def test_file_writing_checkpoint_base_is_refused_and_writes_nothing(tmp_path) ->
         FineTunedBackbone(str(checkpoint), method="rotation", base="resnet18", category="widget")
 
 
+SCORING = {"num_neighbors": 1, "reweight_neighbors": None, "distance": "euclidean", "image_score": "max",
+           "top_percent": 1.0, "blur_sigma": 4.0}
+
+
 @pytest.mark.parametrize(("change", "what"), [
     ({"format_version": "1"}, r"format_version='1' must be an integer"),
-    ({"format_version": 99}, r"format_version=99 but this code reads version 2"),
-    ({"num_neighbors": "three"}, r"num_neighbors='three' must be an integer >= 1"),
-    ({"blur_sigma": -1}, r"blur_sigma=-1 must be a number >= 0"),
+    ({"format_version": 99}, r"format_version=99 but this code reads version 3"),
+    ({"scoring": {**SCORING, "num_neighbors": "three"}},
+     r"patchcore\.scoring\.num_neighbors='three' must be an integer >= 1"),  # the constructor's own check
+    ({"scoring": {**SCORING, "blur_sigma": -1}}, r"patchcore\.scoring\.blur_sigma=-1 must be >= 0"),
+    ({"scoring": {**SCORING, "distance": ["cosine"]}}, r"patchcore\.scoring\.distance=\['cosine'\]: choose one of"),
+    ({"scoring": {**SCORING, "turbo": True}}, r"scoring=.* must be an object with exactly the keys \['blur_sigma'"),
+    ({"scoring": {"num_neighbors": 1}}, r"scoring=.* must be an object with exactly the keys"),
+    ({"scoring": "max"}, r"scoring='max' must be an object"),
     ({"grid": [4]}, r"grid=\[4\] must be"),
     ({"surprise": 1}, r"unknown keys \['surprise'\]"),
-    ({"search": {"backend": "exact", "turbo": True}}, r"unknown search settings \['turbo'\]"),
+    ({"search": {"backend": "exact", "turbo": True}}, r"search=.* must be an object with keys among \['backend'"),
+    ({"search": {"backend": "annoy"}}, r"search\.backend='annoy': choose one of"),
     ({"extractor": "resnet18"}, r"extractor='resnet18' must be an object"),
 ])
 def test_model_json_is_checked_against_its_schema(saved, change, what) -> None:
     _edit_record(saved, **change)
     with pytest.raises(ModelMismatchError, match=rf"model .*model\.json is not valid: {what}.*; refit it"):
+        PatchCore.load(saved)
+
+
+def test_format_2_folder_is_refused_with_refit(saved) -> None:
+    """Format 2 kept the scoring settings as flat keys; this code reads the ``scoring`` node only."""
+    record = json.loads((saved / "model.json").read_text())
+    assert record["scoring"] == SCORING
+    record.update(record.pop("scoring"), format_version=2)
+    (saved / "model.json").write_text(json.dumps(record))
+    write_manifest(saved)
+    with pytest.raises(ModelMismatchError, match=r"written by an earlier version of this code \(format_version=2\), "
+                                                 r"which this version \(format 3\) does not read; refit it"):
         PatchCore.load(saved)
 
 

@@ -148,7 +148,7 @@ def test_one_instantiate_builds_the_whole_model(make_config) -> None:
                       "patchcore.num_neighbors=2")
     model = instantiate(cfg.model)
     assert isinstance(model, PatchCore) and isinstance(model.extractor, TorchvisionCNN)
-    assert model.extractor.layers == ["layer2"] and model.num_neighbors == 2
+    assert model.extractor.layers == ["layer2"] and model.scoring.num_neighbors == 2
     assert isinstance(model.embedder, PatchEmbedder) and model.embedder.embed_dim == 32
     assert isinstance(model.sampler, GreedyCoresetSampler)
     assert (model.sampler.ratio, model.sampler.method) == (0.25, "plain")

@@ -73,9 +73,10 @@ def effnet_lite0():
 def _fit_and_score(extractor, case: dict, distance: str) -> tuple[torch.Tensor, torch.Tensor]:
     from core.coreset import AllPatchesSampler
     from core.patchcore import PatchCore
+    from core.scoring import ScoringHead
 
     model = PatchCore(extractor, embedder=PatchEmbedder(1024, 3, "official"), sampler=AllPatchesSampler(),
-                      num_neighbors=1, distance=distance, progress=False)
+                      scoring=ScoringHead(num_neighbors=1, distance=distance), progress=False)
     train = _preprocess(case["train_images"], extractor.mean, extractor.std)
     model.fit([train[:4], train[4:]])
     return model.score(_preprocess(case["test_images"], extractor.mean, extractor.std))

@@ -1,5 +1,7 @@
 """PatchCore scoring against independent computations: NN distances, Eq. 7, maps, save/load."""
 
+import json
+
 import numpy as np
 import pytest
 import scipy.ndimage
@@ -11,6 +13,7 @@ from core.coreset import GreedyCoresetSampler
 from core.detector import collect_predictions
 from core.features import PatchEmbedder
 from core.patchcore import ModelMismatchError, PatchCore
+from core.scoring import ScoringHead
 from core.search import SearchOptions
 
 
@@ -30,9 +33,9 @@ def loader_of(images: torch.Tensor, batch_size: int = 3) -> torch.utils.data.Dat
     return torch.utils.data.DataLoader(dataset, batch_size=batch_size)
 
 
-def fitted(images: torch.Tensor, embed_dim: int | None = None, **kwargs) -> PatchCore:
+def fitted(images: torch.Tensor, embed_dim: int | None = None, **scoring) -> PatchCore:
     model = PatchCore(PoolingExtractor(), PatchEmbedder(embed_dim=embed_dim), GreedyCoresetSampler(ratio=1.0),
-                      progress=False, **kwargs)
+                      scoring=ScoringHead(**scoring), progress=False)
     model.fit(loader_of(images))
     return model
 
@@ -182,19 +185,18 @@ def test_no_hidden_side_effects() -> None:
     assert model.input_size == (16, 16)
 
 
-def test_bad_distance_names_the_setting() -> None:
-    with pytest.raises(ValueError, match="patchcore.distance"):
-        PatchCore(PoolingExtractor(), distance="manhattan")
-
-
 def test_saved_model_keeps_its_image_score(tmp_path) -> None:
     train = torch.rand(3, 3, 64, 64, generator=torch.Generator().manual_seed(9))
     test = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(10))
     model = PatchCore(TorchvisionCNN("resnet18", ["layer2"], pretrained=False), PatchEmbedder(embed_dim=32),
-                      GreedyCoresetSampler(ratio=0.5), image_score="top_percent", top_percent=10.0,
-                      distance="cosine", progress=False)
+                      GreedyCoresetSampler(ratio=0.5), progress=False,
+                      scoring=ScoringHead(image_score="top_percent", top_percent=10.0, distance="cosine"))
     model.fit(loader_of(train))
     model.save(tmp_path / "model")
+    record = json.loads((tmp_path / "model" / "model.json").read_text())
+    assert record["format_version"] == 3 and record["scoring"] == model.scoring.record()
     loaded = PatchCore.load(tmp_path / "model")
-    assert (loaded.image_score, loaded.top_percent, loaded.distance) == ("top_percent", 10.0, "cosine")
+    assert loaded.scoring.record() == {"num_neighbors": 1, "reweight_neighbors": None, "distance": "cosine",
+                                       "image_score": "top_percent", "top_percent": 10.0, "blur_sigma": 4.0}
+    assert loaded.bank.metric == "cosine"
     torch.testing.assert_close(loaded.score(test)[0], model.score(test)[0])

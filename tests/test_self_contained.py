@@ -72,7 +72,7 @@ def test_loads_with_empty_caches_and_no_weight_lookup_identically(effnet_model, 
     assert loaded.preprocessing == model.preprocessing and loaded.threshold == {"image_threshold": 1.5}
     assert all(not any(Path(tmp_path / v).iterdir()) for v in ("TORCH_HOME", "HF_HOME", "HF_HUB_CACHE"))
     record = json.loads((saved / "model.json").read_text())
-    assert record["format_version"] == 2 and record["weights"]["extractor"]["kwargs"]["pretrained"] is False
+    assert record["format_version"] == 3 and record["weights"]["extractor"]["kwargs"]["pretrained"] is False
     assert record["versions"]["torch"] == torch.__version__
     # the lookup really is what a spec-only model needs: the same refusal reaches its loader
     spec_only = model.save(tmp_path / "spec_only", weights=False)
@@ -103,7 +103,7 @@ def test_manifest_refuses_a_tampered_folder(saved_copy, tamper) -> None:
         _flip_a_byte(path)
     elif tamper == "model.json":  # still valid JSON of a valid model: only the manifest can tell
         record = json.loads(path.read_text())
-        record["blur_sigma"] = 2.0
+        record["scoring"]["blur_sigma"] = 2.0
         path.write_text(json.dumps(record))
     elif tamper in ("missing", "no manifest"):
         path.unlink()

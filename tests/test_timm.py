@@ -1,9 +1,9 @@
-"""timm models as PatchCore extractors, and the kNN scoring variants, with random weights (no download here).
+"""timm models as PatchCore extractors, with random weights (no download here).
 
 Grids and channel counts of the shipped configs, maps equal to timm's own ``forward_intermediates``, prefix
 (class and register) tokens dropped, the forward pass stopping after the deepest requested layer, weights
-files and the offline error, each config end to end on the embedded textures set; cosine search equal to
-brute force for every strategy, and ``top_percent`` with q = 100/N equal to ``max``.
+files and the offline error, each config end to end on the embedded textures set (the scoring variants
+they use: tests/test_scoring.py).
 """
 
 from __future__ import annotations
@@ -14,17 +14,12 @@ import time
 import pytest
 import timm
 import torch
-import torch.nn.functional as F
 from hydra.utils import instantiate
 
-from core.backbones import TimmExtractor, TorchvisionCNN, WeightsNotFoundError
+from core.backbones import TimmExtractor, WeightsNotFoundError
 from core.backbones.base import seeded_random_init
-from core.coreset import GreedyCoresetSampler
-from core.features import PatchEmbedder
 from core.patchcore import PatchCore
-from core.search import MemoryBank, ReferenceSearch, SearchOptions
 from experiments.main import run
-from tests.test_search import strategies
 
 DINO_S = "vit_small_patch14_dinov2.lvd142m"
 
@@ -222,70 +217,7 @@ def test_config_runs_end_to_end(make_config, tmp_path, textures_root, config, ex
     assert saved["extractor"]["target"] == "core.backbones.TimmExtractor"
     model = PatchCore.load(tmp_path / "run" / "models" / "brick")  # the spec rebuilds the same random network
     assert model.extractor.spec() == saved["extractor"]
-    assert model.distance == ("cosine" if "sweep=few_shot" in extra else "euclidean")
-
-
-# ------------------------------------------------------------------------------ scoring variants
-
-
-@pytest.mark.parametrize(("name", "strategy"), [("reference", ReferenceSearch), *strategies()],
-                         ids=["reference", *[name for name, _ in strategies()]])
-@pytest.mark.parametrize("k", [1, 3])
-def test_cosine_search_equals_brute_force(name, strategy, k) -> None:
-    generator = torch.Generator().manual_seed(0)
-    features = torch.randn(600, 24, generator=generator) * torch.rand(600, 1, generator=generator) * 5 + 0.5
-    queries = torch.randn(110, 24, generator=generator) * 3
-    bank = MemoryBank(normalize=True).build(features, strategy=strategy())
-    distances, indices = bank.search(queries, k)
-    cosine = 1 - F.normalize(queries.double(), dim=1) @ F.normalize(features.double(), dim=1).T
-    truth = cosine.topk(k, dim=1, largest=False)
-    if "ivf" not in name:  # approximate by design
-        assert torch.equal(indices, truth.indices), name
-    torch.testing.assert_close((distances.double() ** 2 / 2)[indices == truth.indices],
-                               truth.values[indices == truth.indices], rtol=1e-4, atol=1e-5)
-    assert torch.allclose(bank.features.norm(dim=1), torch.ones(600))
-    assert SearchOptions().new_bank(normalize=True).normalize
-
-
-@pytest.fixture(scope="module")
-def resnet18() -> TorchvisionCNN:
-    return TorchvisionCNN(arch="resnet18", layers=["layer2"], pretrained=False)
-
-
-def _tiny_patchcore(extractor: TorchvisionCNN, **kwargs) -> PatchCore:
-    model = PatchCore(extractor, PatchEmbedder(embed_dim=32), GreedyCoresetSampler(ratio=0.5), progress=False,
-                      **kwargs)
-    train = [{"image": image, "label": 0} for image in _images(64, 3)]
-    model.fit(torch.utils.data.DataLoader(train, batch_size=3))
-    return model
-
-
-def test_cosine_patch_scores_equal_brute_force(resnet18) -> None:
-    model = _tiny_patchcore(resnet18, distance="cosine")
-    images = _images(64, 2, seed=5)
-    scores, _ = model.score(images)
-    features, _ = model.embed(images)
-    cosine = 1 - F.normalize(features, dim=-1) @ F.normalize(model.bank.features, dim=-1).T
-    torch.testing.assert_close(scores, cosine.min(dim=-1).values.max(dim=1).values, rtol=1e-4, atol=1e-5)
-
-
-def test_top_percent_image_score(resnet18) -> None:
-    grid = 8 * 8  # resnet18 layer2 at 64 px
-    plain = _tiny_patchcore(resnet18)
-    images = _images(64, 3, seed=5)
-    expected, expected_maps = plain.score(images)
-    scores, maps = _tiny_patchcore(resnet18, image_score="top_percent", top_percent=100 / grid).score(images)
-    torch.testing.assert_close(scores, expected)  # one patch out of N: the maximum
-    torch.testing.assert_close(maps, expected_maps)
-    ten = _tiny_patchcore(resnet18, image_score="top_percent", top_percent=10.0)
-    features, _ = plain.embed(images)
-    patch_scores = plain.bank.search(features.reshape(-1, features.shape[-1]), k=1)[0].reshape(3, grid)
-    top = patch_scores.sort(dim=1, descending=True).values[:, : int(grid * 0.1)]  # 6 of 64 patches
-    torch.testing.assert_close(ten.score(images)[0], top.mean(dim=1))
-    with pytest.raises(ValueError, match="image_score=max"):
-        PatchCore(resnet18, image_score="top_percent", reweight_neighbors=3)
-    with pytest.raises(ValueError, match=r"top_percent=0 must be in \(0, 100\]"):
-        PatchCore(resnet18, top_percent=0)
+    assert model.scoring.distance == ("cosine" if "sweep=few_shot" in extra else "euclidean")
 
 
 # ------------------------------------------------------------------------------ presets

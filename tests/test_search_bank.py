@@ -1,11 +1,14 @@
-"""Memory bank search equals brute force; save/load round trip; the strategies' knobs keep the answers."""
+"""The memory bank (core/search/bank.py): its search equals brute force (Euclidean and cosine, every
+strategy), its rows and distances, and the strategies' knobs keep the answers."""
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from core.search import FaissSearch, MemoryBank, PrunedSearch, ReferenceSearch, SearchOptions, SpanSearch
 from core.search import pruned as pruned_module
 from core.storage import StorageOptions
+from tests.test_search import strategies
 
 
 def test_search_equals_brute_force() -> None:
@@ -28,16 +31,45 @@ def test_search_blocks_give_the_same_answer() -> None:
     torch.testing.assert_close(whole[0], blocked[0])
 
 
-def test_exact_match_has_zero_distance_and_save_load(tmp_path) -> None:
+def test_exact_match_has_zero_distance() -> None:
     features = torch.randn(20, 6)
     bank = MemoryBank().build(features)
     distances, indices = bank.search(features[[4, 9]], k=1)
     assert indices[:, 0].tolist() == [4, 9]
     assert distances.max().item() < 1e-3
-    bank.save(tmp_path / "bank.pt")
-    loaded = MemoryBank.load(tmp_path / "bank.pt")
-    assert torch.equal(loaded.features, bank.features)
-    assert not list(tmp_path.glob(".*tmp"))  # no temp file left behind
+
+
+@pytest.mark.parametrize(("name", "strategy"), [("reference", ReferenceSearch), *strategies()],
+                         ids=["reference", *[name for name, _ in strategies()]])
+@pytest.mark.parametrize("k", [1, 3])
+def test_cosine_search_equals_brute_force(name, strategy, k) -> None:
+    """``metric="cosine"``: the bank normalises its rows and the queries; every strategy then ranks by
+    1 - cos, and answers the distances between the unit vectors (d^2 / 2 = 1 - cos)."""
+    generator = torch.Generator().manual_seed(0)
+    features = torch.randn(600, 24, generator=generator) * torch.rand(600, 1, generator=generator) * 5 + 0.5
+    queries = torch.randn(110, 24, generator=generator) * 3
+    bank = MemoryBank(metric="cosine").build(features, strategy=strategy())
+    distances, indices = bank.search(queries, k)
+    cosine = 1 - F.normalize(queries.double(), dim=1) @ F.normalize(features.double(), dim=1).T
+    truth = cosine.topk(k, dim=1, largest=False)
+    if "ivf" not in name:  # approximate by design
+        assert torch.equal(indices, truth.indices), name
+    torch.testing.assert_close((distances.double() ** 2 / 2)[indices == truth.indices],
+                               truth.values[indices == truth.indices], rtol=1e-4, atol=1e-5)
+    assert torch.allclose(bank.features.norm(dim=1), torch.ones(600))
+
+
+def test_rows_and_distances_are_in_the_banks_metric() -> None:
+    features = torch.tensor([[3.0, 4.0], [0.0, 2.0]])
+    euclidean, cosine = MemoryBank().build(features), MemoryBank(metric="cosine").build(features)
+    indices = torch.tensor([[1, 0]])
+    torch.testing.assert_close(euclidean.rows(indices), features[indices])
+    torch.testing.assert_close(cosine.rows(indices), torch.tensor([[[0.0, 1.0], [0.6, 0.8]]]))
+    query = torch.tensor([[0.0, 5.0]])
+    torch.testing.assert_close(euclidean.distances(query, indices), torch.tensor([[3.0, 10.0 ** 0.5]]))
+    torch.testing.assert_close(cosine.distances(query, indices), torch.tensor([[0.0, 0.4 ** 0.5]]))  # unit query
+    with pytest.raises(ValueError, match="metric='manhattan'"):
+        MemoryBank(metric="manhattan")
 
 
 # --------------------------------------------------------------------------- span reduction, chunks, faiss
@@ -76,14 +108,6 @@ def test_bank_chunks_give_the_same_answer(strategy) -> None:
     torch.testing.assert_close(whole[0], chunked[0])
 
 
-def test_loaded_bank_answers_like_the_saved_one(tmp_path) -> None:
-    features, queries = low_rank(300), low_rank(20, seed=5)
-    bank = MemoryBank().build(features)
-    bank.save(tmp_path / "bank.pt")
-    loaded = MemoryBank.load(tmp_path / "bank.pt")
-    assert torch.equal(loaded.search(queries, k=2)[1], bank.search(queries, k=2)[1])
-
-
 def test_faiss_flat_and_exhaustive_ivf_equal_exact_search() -> None:
     pytest.importorskip("faiss")
     features = torch.randn(2000, 32, generator=torch.Generator().manual_seed(0))
@@ -107,7 +131,6 @@ def test_search_and_storage_options_are_checked() -> None:
         SearchOptions(backend="exact", index="hnsw")
     with pytest.raises(ValueError, match="storage.dtype"):
         StorageOptions(dtype="int8")
-    assert SearchOptions().new_bank().options.backend == "exact"
 
 
 # --------------------------------------------------------------------------- the pruned search
