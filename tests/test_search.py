@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import pytest
 import torch
@@ -116,6 +117,20 @@ def test_bank_records_its_strategy() -> None:
 
 
 # ----------------------------------------------------------------------------- saved options
+def test_options_module_is_a_leaf() -> None:
+    """The bank reads the options, never the other way round (no import cycle, not even a lazy one)."""
+    import ast
+
+    import core.search.options as options
+
+    tree = ast.parse(Path(options.__file__).read_text())
+    imported = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+    imported |= {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+    assert {name for name in imported if name and name.startswith("core.")} == {"core.search"}  # faiss_index only
+    assert [alias.name for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)
+            and node.module == "core.search" for alias in node.names] == ["faiss_index"]
+
+
 def test_options_record_round_trip() -> None:
     options = SearchOptions(nlist=7, nprobe=3)
     assert options.record() == {"backend": "exact", "index": "flat", "nlist": 7, "nprobe": 3}

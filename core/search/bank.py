@@ -120,14 +120,14 @@ class MemoryBank:
 
     def rows(self, indices: torch.Tensor) -> torch.Tensor:
         """The bank's rows at ``indices`` (unit rows for cosine)."""
-        return self.features[indices]
+        return self.features[indices.to(self.features.device)]  # a bank too large for the GPU stays on the CPU
 
     def distances(self, queries: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
         """``queries [Q, D]``, ``indices [Q, n]`` -> the Euclidean distances ``[Q, n]`` from each query to
         those of the bank's rows, in the bank's metric (what ``search`` measures)."""
         if self.metric == "cosine":
             queries = self._in_metric(queries.float())
-        return torch.linalg.vector_norm(self.features[indices] - queries[:, None], dim=-1)
+        return torch.linalg.vector_norm(self.rows(indices).to(queries.device) - queries[:, None], dim=-1)
 
     def to(self, device: torch.device | str) -> MemoryBank:
         """Move the bank; a bank too large for the GPU stays in CPU memory and is streamed in chunks."""
