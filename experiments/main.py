@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -28,13 +29,14 @@ from core.detector import Detector
 from core.io import remove_dead_temporaries, write_json_atomic
 from core.metrics import METRIC_DEFINITIONS
 from core.thresholds import ThresholdRule
-from experiments.harness import settings
 from experiments.harness.anomaly_maps import MAPS_DIR, save_maps
 from experiments.harness.backbones import per_category_backbones
-from experiments.harness.components import build, resolve_device
+from experiments.harness.components import build, model_key, resolve_device
 from experiments.harness.evaluation import apply_threshold, evaluate, score_rows, split_validation
+from experiments.harness.overrides import refuse_bad_overrides
 from experiments.harness.results import (
     SCHEMA_VERSION,
+    config_record,
     failure_message,
     format_table,
     git_commit,
@@ -45,27 +47,35 @@ from experiments.harness.results import (
     write_scores_csv,
 )
 from experiments.harness.run_key import check_run_dir, claim_run, config_hash, read_results, resumable, skip_if_done
+from experiments.harness.run_settings import check_writable, validate
 from experiments.harness.tracking import NoLogger, make_tracker
 
 log = logging.getLogger("patchcore")
 
 
 class Harness:
-    """One run: the checked settings, the layout and (for PatchCore) the extractor, shared by every category."""
+    """One run: the checked settings, the layout and the model's object graph, built once at start-up
+    (which validates every setting, each in the class that uses it) before any image is read."""
 
     def __init__(self, cfg: DictConfig, run_dir: Path) -> None:
         self.cfg, self.run_dir = cfg, run_dir
-        settings.check(cfg)  # every numeric setting, by name, at once
-        if cfg.save_model not in (True, False, "spec_only"):
-            raise ValueError(f"save_model={cfg.save_model!r}: choose true (the model with its extractor's weights), "
-                             "spec_only (without them: they are looked up again on load) or false")
-        settings.check_writable(run_dir, "the run folder (hydra.run.dir)")
-        build(cfg.coreset)  # rejects a bad coreset.ratio (and the other settings below) before any work
-        build(cfg.search)
-        build(cfg.storage)
+        self.settings = validate(cfg)  # every mistyped setting, by name, at once; the run's own ranges
+        check_writable(run_dir, "the run folder (hydra.run.dir)")
         self.device = resolve_device(cfg.device)
         self.layout: MVTecLayout = build(cfg.dataset)
         self.categories = self.layout.resolve_categories(cfg.category)
+        self.rule: ThresholdRule | None = build(cfg.threshold) if "_target_" in cfg.threshold else None
+        self.model_key = model_key(cfg)
+        self.uses_extractor = "extractor" in cfg.model  # the CAE has no backbone
+        self.per_category = per_category_backbones(cfg, self.categories) if self.uses_extractor else None
+        self.extractor: FeatureExtractor | None = None
+        if self.uses_extractor:
+            self.extractor = self._extractor(self.categories[0])
+            self._fit_input_size(self.extractor)
+        self._first: Detector | None = self._build_model()  # every model setting checked here
+        log.info("model %s: %s; dataset %s, categories %s, on %s", self.model_key,
+                 f"backbone {self.extractor.name} (layers {self.extractor.layers})" if self.extractor else
+                 "no backbone", self.layout.name, self.categories, self.device)
         self.unusable: dict[str, str] = {}  # category -> unreadable files: failed without being fitted
         for category in self.categories:  # layout errors, unreadable images and masks before any model work
             try:
@@ -76,18 +86,11 @@ class Harness:
                 self.unusable[category] = f"{type(error).__name__}: {error}"
         if len(self.unusable) == len(self.categories):
             raise DatasetError("\n".join(self.unusable.values()))
-        self.rule: ThresholdRule | None = build(cfg.threshold) if "_target_" in cfg.threshold else None
-        self.uses_extractor = "extractor" in cfg.model  # PatchCore; the CAE has no backbone
-        self.per_category = per_category_backbones(cfg, self.categories) if self.uses_extractor else None
-        self.extractor: FeatureExtractor | None = None
-        if self.uses_extractor:
-            self.extractor = self._extractor(self.categories[0])
-            self._fit_input_size(self.extractor)
-            log.info("backbone %s (layers %s) on %s; dataset %s, categories %s", self.extractor.name,
-                     self.extractor.layers, self.device, self.layout.name, self.categories)
-        else:
-            log.info("model %s (backbone settings unused); dataset %s, categories %s", cfg.model._target_,
-                     self.layout.name, self.categories)
+
+    def _build_model(self) -> Detector:
+        """``instantiate(cfg.model)``, handing over the extractor already built (its weights loaded once)."""
+        parts = {"extractor": self.extractor} if self.uses_extractor else {}
+        return build(self.cfg.model, device=str(self.device), **parts)
 
     def _extractor(self, category: str) -> FeatureExtractor:
         return build(self.per_category[category] if self.per_category else self.cfg.backbone)
@@ -101,12 +104,13 @@ class Harness:
                      self.layout.resize, self.layout.image_size)
 
     def new_model(self, category: str) -> Detector:
-        """``instantiate(cfg.model)``, handing over the extractor already built (its weights loaded once)."""
-        if not self.uses_extractor:
-            return build(self.cfg.model, device=str(self.device))
-        if self.per_category and category != self.categories[0]:
+        """The model for ``category``: the start-up build for the first one, a fresh build for the others."""
+        if self._first is not None:
+            model, self._first = self._first, None
+            return model
+        if self.per_category:
             self.extractor = self._extractor(category)
-        return build(self.cfg.model, extractor=self.extractor, device=str(self.device))
+        return self._build_model()
 
     def loader(self, dataset: AnomalyDataset) -> DataLoader:
         return DataLoader(dataset, batch_size=self.cfg.batch_size, num_workers=self.cfg.num_workers,
@@ -145,12 +149,10 @@ class Harness:
             save_maps(self.run_dir / MAPS_DIR / category, predictions, test_loader.dataset, preprocessing, n_maps,
                       threshold)
         if cfg.save_model:  # true: self-contained (weights inside); spec_only: the weights are looked up on load
-            options = ({"weights": cfg.save_model != "spec_only", "threshold": threshold} if self.uses_extractor
-                       else {})
-            saved = model.save(self.run_dir / "models" / category,
+            saved = model.save(self.run_dir / "models" / category, weights=cfg.save_model != "spec_only",
+                               threshold=threshold,
                                metadata={"category": category, "preprocessing": preprocessing.__dict__,
-                                         "threshold": threshold, "config": OmegaConf.to_container(cfg, resolve=True)},
-                               **options)
+                                         "threshold": threshold, "config": config_record(cfg)})
             log.info("[%s] model saved to %s", category, saved)
         entry = {**metrics, "n_train": fit.n_images, "n_test": len(predictions.image_scores),
                  "bank_size": fit.bank_size, "pixel_metrics_note": note,
@@ -177,7 +179,7 @@ def run(cfg: DictConfig, run_dir: Path, tracker: NoLogger | None = None) -> dict
     np.random.seed(cfg.seed)
     harness = Harness(cfg, run_dir)
     results: dict = {"schema_version": SCHEMA_VERSION, "metric_definitions": dict(METRIC_DEFINITIONS),
-                     "config": OmegaConf.to_container(cfg, resolve=True), "categories": {}, "mean": {},
+                     "config": config_record(cfg), "categories": {}, "mean": {},
                      "failed": {}, "complete": False, "peak_rss_mb": None, "total_time_s": None,
                      "versions": versions(), "git_commit": git_commit(), "config_hash": config_hash(cfg),
                      "preprocessing": {"resize": harness.layout.resize, "image_size": harness.layout.image_size}}
@@ -253,8 +255,14 @@ def _run_tracked(cfg: DictConfig, run_dir: Path, stop: type[BaseException]) -> d
     return results
 
 
+def main() -> None:
+    """The command line: old setting names and model-mixing sweeps are refused before Hydra composes."""
+    refuse_bad_overrides(sys.argv[1:])
+    _hydra_main()
+
+
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
-def main(cfg: DictConfig) -> None:
+def _hydra_main(cfg: DictConfig) -> None:
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     # In a multirun a failing job raises an ordinary error, so Hydra records it and runs the other jobs.
     stop = RuntimeError if HydraConfig.get().mode == RunMode.MULTIRUN else SystemExit

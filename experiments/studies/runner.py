@@ -21,7 +21,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from core.io import write_json_atomic
-from experiments.studies.plan import Job, Plan
+from experiments.studies.plan import Plan, RunSpec
 
 MANIFEST = "study.json"
 LOG = "study.log"
@@ -38,7 +38,7 @@ def subprocess_runner(command: list[str], log_path: Path) -> int:
                               env={**os.environ, "HYDRA_FULL_ERROR": "1"}).returncode
 
 
-def is_done(job: Job) -> bool:
+def is_done(job: RunSpec) -> bool:
     if job.kind == "finetune":
         return bool(job.checkpoints) and all(p.is_file() and p.with_suffix(".json").is_file() for p in job.checkpoints)
     path = job.folder / "results.json"
@@ -63,7 +63,7 @@ def format_duration(seconds: float | None) -> str:
     return f"{hours}h{rest // 60:02d}m" if hours else f"{rest // 60}m{rest % 60:02d}s"
 
 
-def estimate_left(durations: dict[str, list[float]], pending: list[Job]) -> float | None:
+def estimate_left(durations: dict[str, list[float]], pending: list[RunSpec]) -> float | None:
     """Seconds left: each pending job at the mean duration of the jobs of its kind run so far (any kind's mean
     when none of its kind has run yet); None before any job has run."""
     every = [d for values in durations.values() for d in values]
