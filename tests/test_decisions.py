@@ -14,8 +14,8 @@ from PIL import Image
 
 from core.model_files import write_manifest
 from core.patchcore import ModelMismatchError
+from experiments.harness.fit_and_evaluate import run
 from experiments.harness.prediction import predict
-from experiments.main import run
 from tests.conftest import write_tiny_category
 
 REPO = Path(__file__).resolve().parents[1]

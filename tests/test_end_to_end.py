@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader
 
 from core.data import Preprocessing, TexturesLayout
 from core.patchcore import PatchCore
-from experiments.main import run
+from experiments.harness.fit_and_evaluate import run
 from tests.conftest import CONF_DIR
 
 

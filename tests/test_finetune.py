@@ -362,7 +362,7 @@ TINY = ("backbone=resnet18", "backbone.pretrained=false", "dataset=folder", "dat
 def test_finetune_then_patchcore_end_to_end(tmp_path, monkeypatch) -> None:
     from core.data import MVTecLayout
     from experiments.finetune import run as finetune
-    from experiments.main import run as patchcore
+    from experiments.harness.fit_and_evaluate import run as patchcore
 
     data = tmp_path / "data"
     write_tiny_category(data, "widget", n_train=4, size=40)

@@ -427,7 +427,7 @@ def test_readme_commands_work_as_written_on_a_fresh_clone(tmp_path, monkeypatch,
     """`make finetune-rotation QUICK=1 && python experiments/main.py backbone=rotation`, with nothing but the
     data's root, size and a tiny schedule overridden: the default checkpoint paths must meet."""
     from experiments.finetune import run as finetune
-    from experiments.main import run as patchcore
+    from experiments.harness.fit_and_evaluate import run as patchcore
 
     monkeypatch.chdir(tmp_path)  # checkpoints/ relative to the working directory, as in a fresh clone
     data = (f"dataset.root={textures_root}", "dataset.categories=[brick]", "dataset.resize=64",

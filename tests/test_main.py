@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader
 
 from core.data import DatasetError
 from core.patchcore import PatchCore
-from experiments.main import run
+from experiments.harness.fit_and_evaluate import run
 from tests.conftest import write_tiny_category
 
 REPO = Path(__file__).resolve().parents[1]

@@ -214,7 +214,7 @@ def test_random_weights_are_always_labelled(tmp_path, make_config) -> None:
 
 
 def test_map_grid_re_runs_a_saved_model(tmp_path, make_config) -> None:
-    from experiments.main import run
+    from experiments.harness.fit_and_evaluate import run
 
     write_tiny_category(tmp_path / "data", "widget")
     cfg = make_config("dataset=folder", f"dataset.root={tmp_path / 'data'}", "dataset.resize=64",

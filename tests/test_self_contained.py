@@ -224,7 +224,7 @@ TINY = ("dataset=folder", "dataset.resize=32", "dataset.image_size=32", "backbon
 
 
 def test_save_model_spec_only_through_the_harness_and_bad_values(tmp_path, make_config) -> None:
-    from experiments.main import run
+    from experiments.harness.fit_and_evaluate import run
     from tests.conftest import write_tiny_category
 
     write_tiny_category(tmp_path / "data", "widget", size=32)

@@ -23,7 +23,7 @@ from core.coreset import GreedyCoresetSampler
 from core.features import PatchEmbedder
 from core.patchcore import PatchCore
 from core.search import MemoryBank, ReferenceSearch, SearchOptions
-from experiments.main import run
+from experiments.harness.fit_and_evaluate import run
 from tests.test_search import strategies
 
 DINO_S = "vit_small_patch14_dinov2.lvd142m"

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from experiments.harness.fit_and_evaluate import run
 from experiments.harness.tracking import NoLogger, WandbLogger, make_tracker
-from experiments.main import run
 from tests.conftest import write_tiny_category
 
 TINY = ("dataset=folder", "dataset.resize=64", "dataset.image_size=64", "backbone=resnet18",
