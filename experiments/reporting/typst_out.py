@@ -127,20 +127,23 @@ def to_typst(doc: Document) -> str:
     return head + title + "\n\n".join(filter(None, (block(b) for b in doc.blocks))) + "\n"
 
 
-def write_pdf(doc: Document, out: Path, references: Path) -> tuple[Path, list[int]]:
-    """``report.typ`` (kept: users can edit and recompile it with ``typst compile``) and ``report.pdf``; also
-    the numbers of the pages whose content runs into the side margins (overflowing text or tables)."""
+def write_pdf(doc: Document, out: Path, references: Path | None = None,
+              stem: str = "report") -> tuple[Path, list[int], int]:
+    """``<stem>.typ`` (kept: users can edit and recompile it with ``typst compile``) and ``<stem>.pdf``; also the
+    numbers of the pages whose content runs into the side margins (overflowing text or tables), and the
+    number of pages."""
     import typst
 
     from experiments.reporting.page_check import pages_with_margin_ink, render_pages
 
-    source = out / "report.typ"
+    source = out / f"{stem}.typ"
     source.write_text(to_typst(doc))
-    shutil.copyfile(references, out / "references.yml")
-    pdf = out / "report.pdf"
-    tmp = out / "report.pdf.tmp"
+    if references is not None:
+        shutil.copyfile(references, out / "references.yml")
+    pdf = out / f"{stem}.pdf"
+    tmp = out / f"{stem}.pdf.tmp"
     compiler = typst.Compiler(str(source), root=str(out))  # one compiler: the page renders reuse its layout
     compiler.compile(output=str(tmp), format="pdf")
     tmp.replace(pdf)
-    overflowing = pages_with_margin_ink(render_pages(compiler, ppi=40), MARGIN_X_CM, PAGE_WIDTH_CM)
-    return pdf, overflowing
+    pages = render_pages(compiler, ppi=40)
+    return pdf, pages_with_margin_ink(pages, MARGIN_X_CM, PAGE_WIDTH_CM), len(pages)
