@@ -112,8 +112,8 @@ def test_same_mean_and_sample_std_as_the_paper(tmp_path: Path) -> None:
     from experiments.reporting.comparisons import load
     from experiments.reporting.stats import number
     from experiments.reporting.tables import category_table
-    from tests.test_report_paper import _make_config
     from tests.test_report import write_run
+    from tests.test_report_paper import _make_config
 
     study, jobs = tmp_path / "syn", []
     arms = {"baseline": ("baseline", (), {0: 0.81, 1: 0.83, 2: 0.86}),
