@@ -6,11 +6,12 @@
 
 Reads the fine-tuning sidecars ``seed<k>/<method>/<base>/<category>.json`` (the selected step's proxy
 image/pixel AUROC; step 0's are the ImageNet weights' proxy scores) and PatchCore's ``results.json`` (test
-image/pixel AUROC). In a `make finetune-compare` folder they are ``seed*/`` and ``patchcore/**``; in a study
-folder (it holds ``study.json``) ``checkpoints/seed*/`` and the runs of the ``baseline`` and ``finetuning``
-comparisons. The methods are those the runs and sidecars hold (a run's method: its fine-tuned backbone's,
-``extensions.checkpoint.is_finetuned``; otherwise ``imagenet``). It is a view of the report's tables: the
-runs are read into the report's tidy rows (experiments/reporting/data.py), every cell is the report's
+image/pixel AUROC); each run's sidecars lie next to its checkpoints (``backbone.checkpoint``). In a `make
+finetune-compare` folder the runs are ``patchcore/**``, one row per method (a run's method: its fine-tuned
+backbone's, ``extensions.checkpoint.is_finetuned``; otherwise ``imagenet``); in a study folder (it holds
+``study.json``) the arms are the study's, as the report reads them (every comparison with a fine-tuned arm:
+its baseline as ``imagenet`` and each fine-tuned arm by name). No method list: the rows are what the runs
+hold. It is a view of the report's tables: the runs are read into the report's tidy rows, every cell is the report's
 statistic (experiments/reporting/stats.py: in %, mean ± sample std over seeds, ddof=1; one seed shows no ±)
 and the table is a document-model table rendered by the report's Markdown renderer. Then how often the
 proxy's change agreed in sign with the test's. With ``--sweep``, one row per job of fine-tuning multiruns
@@ -29,6 +30,7 @@ import pandas as pd
 from omegaconf import OmegaConf
 
 from experiments.harness.run_key import read_results, results_hash
+from experiments.reporting.comparisons import Arm, load
 from experiments.reporting.data import Run, tidy
 from experiments.reporting.document import Cell, TableBlock
 from experiments.reporting.markdown_out import table as markdown_table
@@ -49,33 +51,41 @@ def _number(x: float | None, spec: str = ".4f") -> str:
     return "-" if x is None else format(x, spec)
 
 
-def sources(root: Path) -> tuple[list[Path], list[Path]]:
-    """(fine-tuning sidecars, PatchCore results files) of a `make finetune-compare` folder or a study folder."""
-    if (root / "study.json").is_file():
-        results = [*sorted(root.glob("baseline/*/results.json")), *sorted(root.glob("finetuning/*/results.json"))]
-        return sorted((root / "checkpoints").glob("seed*/*/*/*.json")), results
-    return sorted(root.glob("seed*/*/*/*.json")), sorted(root.glob("patchcore/**/results.json"))
-
-
 def method_of(run: Run) -> str:
     backbone = run.config.get("backbone") or {}
     return str(backbone.get("method")) if is_finetuned(backbone) else IMAGENET
 
 
-def test_rows(results_files: list[Path]) -> pd.DataFrame:
-    """The report's tidy rows (one per run and category) of the complete runs, with their method as ``arm``."""
-    runs = []
-    for path in results_files:
+def arms_of(root: Path) -> list[tuple[str, list[Run], pd.DataFrame]]:
+    """(arm, its runs, their tidy rows). In a study (it holds study.json) the report's comparisons
+    (comparisons.load): the baseline as ``imagenet`` and every fine-tuned arm, by its name in the study; in a
+    `make finetune-compare` folder its complete runs under ``patchcore/``, by method."""
+    if (root / "study.json").is_file():
+        found: dict[str, Arm] = {}
+        for comparison in load([root]).comparisons:
+            tuned = [arm for arm in comparison.others if is_finetuned(arm.runs[0].config.get("backbone") or {})]
+            for name, arm in ([(IMAGENET, comparison.baseline)] if tuned else []) + [(a.name, a) for a in tuned]:
+                found.setdefault(name, arm)
+        return [(name, arm.runs, arm.rows) for name, arm in found.items()]
+    groups: dict[str, list[Run]] = {}
+    for path in sorted(root.glob("patchcore/**/results.json")):
         results = read_results(path)
         if isinstance(results, dict) and results.get("complete") is not False:
-            runs.append(Run(path.parent, results, results_hash(results)))
-    frame = tidy(runs)
-    return frame.assign(arm=[method_of(run) for run in runs for _ in run.results.get("categories") or {}])
+            run = Run(path.parent, results, results_hash(results))
+            groups.setdefault(method_of(run), []).append(run)
+    return [(name, runs, tidy(runs)) for name, runs in groups.items()]
 
 
-def proxy_rows(sidecars: list[Path]) -> pd.DataFrame:
-    """One row per finished sidecar (its method's selected step), plus step 0 once per category (``imagenet``:
-    the same pretrained network for every method and seed)."""
+def sidecars_of(run: Run) -> list[Path]:
+    """The fine-tuning sidecars of a run's checkpoints, one per category, next to them (docs/finetuning.md)."""
+    checkpoint = (run.config.get("backbone") or {}).get("checkpoint")
+    categories = sorted(run.results.get("categories") or {}) if checkpoint else []
+    return [Path(str(checkpoint)).parent / f"{category}.json" for category in categories]
+
+
+def proxy_rows(sidecars: list[tuple[str, Path]]) -> pd.DataFrame:
+    """One row per (arm, finished sidecar): the selected step's proxy scores, plus step 0 once per category
+    (``imagenet``: the same pretrained network for every method and seed)."""
     rows, started = [], set()
 
     def row(category: str, arm: str, point: dict, steps: str | None, path: Path) -> dict:
@@ -83,13 +93,12 @@ def proxy_rows(sidecars: list[Path]) -> pd.DataFrame:
                 "proxy_pixel": point["pixel_auroc"], "proxy_score": point.get("score"), "steps": steps,
                 "sidecar": str(path)}
 
-    for path in sidecars:
-        record = json.loads(path.read_text())
-        if not record.get("complete") or "selection" not in record:
+    for arm, path in sidecars:
+        record = read_results(path) if path.is_file() else None
+        if not isinstance(record, dict) or not record.get("complete") or "selection" not in record:
             continue
         selection, category = record["selection"], record["category"]
-        rows.append(row(category, record["method"], selection["proxy"],
-                        f"{record['selected_step']}/{record['steps']}", path))
+        rows.append(row(category, arm, selection["proxy"], f"{record['selected_step']}/{record['steps']}", path))
         if category not in started:
             started.add(category)
             rows.append(row(category, IMAGENET, selection["start"], None, path))
@@ -97,9 +106,11 @@ def proxy_rows(sidecars: list[Path]) -> pd.DataFrame:
 
 
 def collect(root: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """(test rows, proxy rows) of a `make finetune-compare` or study folder."""
-    sidecars, results_files = sources(root)
-    return test_rows(results_files), proxy_rows(sidecars)
+    """(test rows: the report's tidy rows with their ``arm``, proxy rows) of a finetune-compare or study folder."""
+    found = arms_of(root)
+    tests = pd.concat([rows.assign(arm=name) for name, _, rows in found if len(rows)] or [pd.DataFrame()],
+                      ignore_index=True)
+    return tests, proxy_rows([(name, path) for name, runs, _ in found for run in runs for path in sidecars_of(run)])
 
 
 def arms(tests: pd.DataFrame, proxies: pd.DataFrame) -> list[str]:
@@ -128,8 +139,8 @@ def table(tests: pd.DataFrame, proxies: pd.DataFrame) -> TableBlock:
             rows.append([Cell(category), Cell(arm), *cells, Cell(steps)])
     header = ["category", "backbone", "proxy image AUROC", "proxy pixel AUROC", "test image AUROC",
               "test pixel AUROC", "selected step / steps run"]
-    return TableBlock("finetune_compare", f"Fine-tuned backbones against ImageNet weights: AUROC in %, {SPREAD} "
-                      "(proxy: the sidecars' selected step; test: PatchCore's results.json).", header, rows)
+    return TableBlock("finetune_compare", f"Fine-tuned backbones against ImageNet weights: AUROC in % ({SPREAD}); "
+                      "proxy: the sidecars' selected step; test: PatchCore's results.json.", header, rows)
 
 
 def _stat_cell(mean: float, std: float, n: int, sources: list[str]) -> Cell:

@@ -25,11 +25,15 @@ def _sidecar(path: Path, category: str, method: str, proxy: tuple[float, float],
                       "start": {"image_auroc": start[0], "pixel_auroc": start[1]}}}))
 
 
-def _results(path: Path, method: str | None, scores: dict[str, tuple[float, float]], complete: bool = True) -> None:
+def _results(path: Path, method: str | None, scores: dict[str, tuple[float, float]], complete: bool = True,
+             checkpoint: Path | None = None, seed: int = 0) -> Path:
+    """A results.json; a fine-tuned one names its checkpoint (the sidecars lie next to it)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    backbone = {"name": method or "effnet_lite0", **({"method": method, "_target_": FINETUNED} if method else {})}
-    path.write_text(json.dumps({"complete": complete, "config": {"backbone": backbone}, "categories": {
+    backbone = {"name": method or "effnet_lite0",
+                **({"method": method, "_target_": FINETUNED, "checkpoint": str(checkpoint)} if method else {})}
+    path.write_text(json.dumps({"complete": complete, "config": {"backbone": backbone, "seed": seed}, "categories": {
         c: {"image_auroc": i, "pixel_auroc": p} for c, (i, p) in scores.items()}}))
+    return path.parent
 
 
 def _run(arm: Path, seed: int) -> Path:
@@ -37,17 +41,35 @@ def _run(arm: Path, seed: int) -> Path:
     return arm.parent / f"{arm.name}_seed{seed}" / "results.json"
 
 
-def _fill(checkpoints: Path, patchcore: dict[str, Path]) -> None:
-    start = (0.90, 0.95)
+def _fill(checkpoints: Path, patchcore: dict[str, Path]) -> dict[str, list[Path]]:
+    """Sidecars and runs of two rotation seeds, one CutMix seed and two ImageNet runs; returns the run folders."""
+    start, folders = (0.90, 0.95), {}
     for seed, (proxy, test) in enumerate([(0.92, 0.80), (0.94, 0.84)]):
-        _sidecar(checkpoints / f"seed{seed}" / "rotation" / "effnet_lite0" / "grass.json", "grass", "rotation",
-                 (proxy, 0.96), start, 20 * seed)
-        _results(_run(patchcore["rotation"], seed), "rotation", {"grass": (test, 0.97)})
-    _sidecar(checkpoints / "seed0" / "cutmix_contrastive" / "effnet_lite0" / "grass.json", "grass",
-             "cutmix_contrastive", (0.90, 0.94), start, 0)
-    _results(_run(patchcore["cutmix_contrastive"], 0), "cutmix_contrastive", {"grass": (0.81, 0.96)})
-    for seed, test in enumerate([0.81, 0.83]):
-        _results(_run(patchcore["imagenet"], seed), None, {"grass": (test, 0.96)})
+        sidecar = checkpoints / f"seed{seed}" / "rotation" / "effnet_lite0" / "grass.json"
+        _sidecar(sidecar, "grass", "rotation", (proxy, 0.96), start, 20 * seed)
+        folders.setdefault("rotation", []).append(_results(_run(patchcore["rotation"], seed), "rotation", {
+            "grass": (test, 0.97)}, checkpoint=sidecar.parent / "all.pt", seed=seed))
+    sidecar = checkpoints / "seed0" / "cutmix_contrastive" / "effnet_lite0" / "grass.json"
+    _sidecar(sidecar, "grass", "cutmix_contrastive", (0.90, 0.94), start, 0)
+    folders["cutmix_contrastive"] = [_results(_run(patchcore["cutmix_contrastive"], 0), "cutmix_contrastive",
+                                              {"grass": (0.81, 0.96)}, checkpoint=sidecar.parent / "all.pt")]
+    folders["baseline"] = [_results(_run(patchcore["imagenet"], seed), None, {"grass": (test, 0.96)}, seed=seed)
+                           for seed, test in enumerate([0.81, 0.83])]
+    return folders
+
+
+def _manifest(study: Path, comparisons: dict[str, dict[str, list[Path]]]) -> None:
+    """study.json as experiments/study.py writes it: per comparison its arms (the baseline first) and jobs."""
+    jobs, entries = [], {}
+    for name, arms in comparisons.items():
+        arms, ids = {arm: arms[arm] for arm in sorted(arms, key=lambda arm: arm != "baseline")}, []
+        for arm, folders in arms.items():
+            for seed, folder in enumerate(folders):
+                ids.append(f"{name}/{folder.name}")
+                jobs.append({"id": ids[-1], "kind": "patchcore", "arm": arm, "seed": seed, "folder": str(folder),
+                             "status": "done"})
+        entries[name] = {"title": name, "arms": list(arms), "jobs": ids}
+    (study / "study.json").write_text(json.dumps({"study": "syn", "jobs": jobs, "comparisons": entries}))
 
 
 def _values(frame: pd.DataFrame, arm: str, column: str) -> list:
@@ -80,16 +102,18 @@ def test_compare_folder(tmp_path: Path) -> None:
     _check(collect(tmp_path))
 
 
-def test_study_folder_reads_baseline_and_finetuning_only(tmp_path: Path) -> None:
-    (tmp_path / "study.json").write_text("{}")
-    _fill(tmp_path / "checkpoints", {"imagenet": tmp_path / "baseline" / "baseline",
-                                     "rotation": tmp_path / "finetuning" / "rot",
-                                     "cutmix_contrastive": tmp_path / "finetuning" / "cut"})
-    # other comparisons and unfinished runs are not part of the table
-    _results(tmp_path / "variants" / "cosine" / "results.json", None, {"grass": (0.10, 0.10)})
-    _results(tmp_path / "baseline" / "unfinished" / "results.json", None, {"grass": (0.10, 0.10)}, complete=False)
+def test_study_folder_reads_its_finetuning_comparisons_only(tmp_path: Path) -> None:
+    folders = _fill(tmp_path / "checkpoints", {"imagenet": tmp_path / "baseline" / "baseline",
+                                               "rotation": tmp_path / "finetuning" / "rotation",
+                                               "cutmix_contrastive": tmp_path / "finetuning" / "cutmix_contrastive"})
+    # other comparisons, unfinished runs and sidecars no run of the study uses are not part of the table
+    cosine = _results(tmp_path / "variants" / "cosine" / "results.json", None, {"grass": (0.10, 0.10)},
+                      seed=9)  # another config than the baseline's (not a duplicate of it)
+    folders["baseline"].append(_results(tmp_path / "baseline" / "unfinished" / "results.json", None,
+                                        {"grass": (0.10, 0.10)}, complete=False))
     _sidecar(tmp_path / "checkpoints" / "l2sp_0" / "seed0" / "rotation" / "effnet_lite0" / "grass.json", "grass",
              "rotation", (0.10, 0.10), (0.90, 0.95), 40)
+    _manifest(tmp_path, {"finetuning": folders, "variants": {"baseline": folders["baseline"], "cosine": [cosine]}})
     _check(collect(tmp_path))
 
 
