@@ -1,7 +1,7 @@
 """Tabulate ImageNet vs each fine-tuning method: proxy scores next to test scores, per category.
 
     python experiments/finetune_compare.py outputs/finetune_compare     (what `make finetune-compare` runs last)
-    python experiments/finetune_compare.py studies/default              (the study's `finetuning` comparison)
+    python experiments/finetune_compare.py studies/default              (the study's fine-tuned arms)
     python experiments/finetune_compare.py --sweep multirun/finetune/...  (a `make sweep-finetune` run: each job)
 
 Reads the fine-tuning sidecars ``seed<k>/<method>/<base>/<category>.json`` (the selected step's proxy

@@ -20,7 +20,7 @@ from experiments.reporting.comparisons import Inputs, load
 from experiments.reporting.data import Run, flatten, interpolated_copies, sweep_commands
 from experiments.reporting.document import Block, Bullets, Code, Document, FigureBlock, Heading, Paragraph, Span
 from experiments.reporting.markdown_out import to_markdown
-from experiments.reporting.paper_sections import DATASET_TITLES, DATASETS
+from experiments.reporting.paper_sections import DATASET_TITLES, DATASETS, software
 from experiments.reporting.tables import TABLE_METRICS, metric_table, timing_table, write_table
 from experiments.reporting.typst_out import write_pdf
 from experiments.reporting.variants import sort_value, variant_order
@@ -102,9 +102,7 @@ def setup(inputs: Inputs, variants: list[str]) -> list[Block]:
 def reproduce(inputs: Inputs, variants: list[str]) -> list[Block]:
     """Code version, the sweeps as run, one command per variant, this report's command, the runs left out."""
     runs, blocks = inputs.runs, [Heading("Reproducing these numbers")]
-    versions = list(dict.fromkeys(", ".join(f"{k} {v}" for k, v in (run.results.get("versions") or {}).items() if v)
-                                  for run in runs))
-    commits = sorted({str(run.results.get("git_commit")) for run in runs})
+    commits, versions = software(runs)
     blocks.append(said(f"Code: git commit {', '.join(commits)}. Software: " + "; ".join(versions) + "."))
     commands = sweep_commands(runs)
     if commands:

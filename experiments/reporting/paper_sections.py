@@ -267,6 +267,12 @@ def conclusion_blocks(ctx: Context) -> list[Block]:
     return [text(" ".join(lines))]
 
 
+def software(runs: list[Run]) -> tuple[list[str], list[str]]:
+    """(the runs' git commits, their distinct package versions, each as one line), for both documents."""
+    versions = (", ".join(f"{k} {v}" for k, v in (run.results.get("versions") or {}).items() if v) for run in runs)
+    return sorted({str(run.results.get("git_commit")) for run in runs}), list(dict.fromkeys(versions))
+
+
 def appendix_blocks(ctx: Context, run_dirs: list[str]) -> list[Block]:
     manifest = ctx.manifest or {}
     blocks: list[Block] = []
@@ -275,12 +281,7 @@ def appendix_blocks(ctx: Context, run_dirs: list[str]) -> list[Block]:
         commands.append(f"# the study ({manifest.get('study')}); re-running it resumes\n{manifest.get('command')}")
     commands.append("# this report\npython experiments/report.py " + " ".join(run_dirs))
     blocks += [text("*Commands.*"), Code("\n".join(commands))]
-    versions = []
-    for run in ctx.runs:
-        shown = ", ".join(f"{k} {v}" for k, v in (run.results.get("versions") or {}).items() if v)
-        if shown not in versions:
-            versions.append(shown)
-    commits = sorted({str(run.results.get("git_commit")) for run in ctx.runs})
+    commits, versions = software(ctx.runs)
     blocks += [text(f"*Versions.* The runs ran from {len(commits)} git commit(s) (a -dirty suffix: with uncommitted "
                     "changes) with these packages:"), Code("\n".join([*commits, *versions]))]
     blocks.append(text("*Where each number comes from.* Every run below is one results.json (config hash in it); "

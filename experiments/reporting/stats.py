@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 from scipy import stats
 
@@ -22,10 +23,10 @@ SPREAD = "mean ± sample std over seeds (ddof=1)"  # the convention, as each tab
 
 def mean_std(values) -> tuple[float, float, int]:
     """(mean, sample std or nan, n) of the non-missing values."""
-    series = pd.Series(values, dtype=float).dropna()
-    if series.empty:
+    array = np.asarray(pd.Series(values, dtype=float).dropna())
+    if not len(array):
         return math.nan, math.nan, 0
-    return float(series.mean()), float(series.std(ddof=1)) if len(series) > 1 else math.nan, len(series)
+    return float(np.mean(array)), float(np.std(array, ddof=1)) if len(array) > 1 else math.nan, len(array)
 
 
 def number(mean: float, std: float, n: int, digits: int = 1) -> str:

@@ -54,22 +54,12 @@ def string(text: str) -> str:
     return '"' + text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
 
 
+_SPANS = {"text": escape, "em": lambda t: f"#emph[{escape(t)}]", "strong": lambda t: f"#strong[{escape(t)}]",
+          "code": lambda t: f"#raw({string(t)})", "math": lambda t: f"${t}$", "cite": lambda t: f"#cite(<{t}>)"}
+
+
 def spans(items: list[Span]) -> str:
-    out = []
-    for span in items:
-        if span.kind == "text":
-            out.append(escape(span.text))
-        elif span.kind == "em":
-            out.append(f"#emph[{escape(span.text)}]")
-        elif span.kind == "strong":
-            out.append(f"#strong[{escape(span.text)}]")
-        elif span.kind == "code":
-            out.append(f"#raw({string(span.text)})")
-        elif span.kind == "math":
-            out.append(f"${span.text}$")
-        elif span.kind == "cite":
-            out.append(f"#cite(<{span.text}>)")
-    return "".join(out)
+    return "".join(_SPANS[span.kind](span.text) for span in items)
 
 
 def _table(block: TableBlock) -> str:
