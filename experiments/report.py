@@ -66,6 +66,9 @@ def main(argv: list[str] | None = None) -> None:
               f"{out / 'report.typ'} 'page-{{p}}.png'")
     pdf = "" if args.no_digest_pdf else f"{out / 'digest.pdf'} ({digest['pages']} pages), "
     print(f"digest: {pdf}{out / 'digest.md'}; tables in {out / 'tables'}")
+    if digest["pages_overflowing"]:
+        print(f"warning: content runs into the side margins on page(s) {digest['pages_overflowing']} of "
+              f"{out / 'digest.pdf'}")
     for row in digest["excluded"]:
         print(f"  left out: {row['run_dir']}: {row['reason']}")
 

@@ -31,7 +31,6 @@ class Span:
 class Heading:
     text: str
     level: int = 1
-    anchor: str = ""
     numbered: bool = True
 
 
@@ -193,7 +192,3 @@ def citation_order(blocks: list[Block]) -> list[str]:
             for item in block.items:
                 visit(item)
     return seen
-
-
-def plain(spans: list[Span]) -> str:
-    return "".join(span.text if span.kind != "cite" else f"[{span.text}]" for span in spans)

@@ -155,7 +155,7 @@ class _Renderer:
     def block(self, item: Block) -> str:
         if isinstance(item, Heading):
             level = min(item.level + 1, 6)
-            return f'<h{level} id="{_anchor(item.anchor or item.text)}">{html.escape(item.text)}</h{level}>'
+            return f'<h{level} id="{_anchor(item.text)}">{html.escape(item.text)}</h{level}>'
         if isinstance(item, Paragraph):
             return f"<p>{self.spans(item.spans)}</p>"
         if isinstance(item, Bullets):
