@@ -19,9 +19,8 @@ CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 # do not change the numbers.
 NOT_VARIANT = (*BOOKKEEPING, *IDENTITY)  # wherever they sit
 NOT_VARIANT_TOP = PLACEMENT             # from the top only
-# How a setting is named in a label (the last part of its dotted key otherwise).
-LABEL_NAMES = {"coreset._target_": "sampler", "backbone.layers": "layers", "coreset.ratio": "ratio",
-               "dataset.train_limit": "train_limit", "backbone.pretrained": "weights"}
+# How a setting is named in a label where the last part of its dotted key would not say it.
+LABEL_NAMES = {"coreset._target_": "sampler", "backbone.pretrained": "weights"}
 
 
 def default_config(backbone: str, dataset: str) -> dict | None:
