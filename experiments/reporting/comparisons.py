@@ -143,8 +143,7 @@ def deviated(run: Run, main: str) -> tuple[str, ...]:
     keys = tuple(sorted(run.deviations))
     if run.backbone == main:
         return keys
-    patchcore = str((run.config.get("model") or {}).get("name", "patchcore")) == "patchcore"
-    return ("backbone" if patchcore else "model", *keys)
+    return ("backbone" if run.model == "patchcore" else "model", *keys)
 
 
 def _is_sweep(arms: list[Arm], key: str) -> bool:

@@ -17,7 +17,7 @@ from core.io import write_json_atomic, write_text_atomic
 from experiments.harness.run_key import BOOKKEEPING, IDENTITY, is_ignored
 from experiments.reporting import figures
 from experiments.reporting.comparisons import Inputs, load
-from experiments.reporting.data import Run, flatten, interpolated_copies, sweep_commands
+from experiments.reporting.data import Run, flatten, sweep_commands
 from experiments.reporting.document import Block, Bullets, Code, Document, FigureBlock, Heading, Paragraph, Span
 from experiments.reporting.markdown_out import to_markdown
 from experiments.reporting.paper_sections import DATASET_TITLES, DATASETS, software
@@ -47,8 +47,6 @@ def settings(runs: list[Run]) -> tuple[dict, dict]:
     """(settings every run shares, settings that vary -> their values), over the flattened configs; a key
     missing from a run came into conf/ later (the run had its default) and counts for the runs that have it."""
     flats = [flatten(run.config) for run in runs]
-    copies = interpolated_copies(flats)
-    flats = [{k: v for k, v in flat.items() if k not in copies} for flat in flats]
     common, varied = {}, {}
     for key in sorted(set().union(*flats)):
         if is_ignored(key, SETUP_SKIP):
