@@ -56,13 +56,14 @@ def test_plan_jobs_and_skipped_arms(tmp_path) -> None:
     assert "save_model=true" not in jobs["baseline/baseline_seed1"].overrides
     finetune = jobs["finetuning/finetune_rotation_seed1"]
     assert finetune.command("python")[1] == "experiments/finetune.py"
-    assert {"method=rotation", "method.seed=1", f"checkpoint_dir={tmp_path / 't' / 'checkpoints' / 'seed1'}"} \
+    assert {"method=rotation", "method.train.seed=1", f"checkpoint_dir={tmp_path / 't' / 'checkpoints' / 'seed1'}"} \
         <= set(finetune.overrides)
     assert finetune.checkpoints == [tmp_path / "t" / "checkpoints" / "seed1" / "rotation" / "effnet_lite0" / f"{c}.pt"
                                     for c in CATEGORIES]
     tuned = jobs["finetuning/rotation_seed1"]
     assert tuned.needs == ["finetuning/finetune_rotation_seed1"]
-    assert "backbone=rotation" in tuned.overrides and "backbone=effnet_lite0" not in tuned.overrides
+    assert {"backbone=finetuned", "backbone.method=rotation", "backbone.base=effnet_lite0"} <= set(tuned.overrides)
+    assert "backbone=effnet_lite0" not in tuned.overrides
     assert f"backbone.checkpoint={tmp_path}/t/checkpoints/seed1/rotation/effnet_lite0/${{category}}.pt" \
         in tuned.overrides
     assert {"dataset.image_size=160", "dataset.resize=183"} <= set(jobs["image_size/image_size_160_seed0"].overrides)
@@ -85,16 +86,16 @@ def test_identical_runs_are_shared_between_comparisons(tmp_path) -> None:
 def test_fine_tuning_settings_get_checkpoints_of_their_own(tmp_path) -> None:
     config = _config(seeds=[0])
     config["comparisons"] = {"ft": {"methods": {"rot (l2sp=0)": {"method": "rotation",
-                                                                "overrides": ["method.l2sp_weight=0.0"]}}}}
+                                                                "overrides": ["method.train.l2sp_weight=0.0"]}}}}
     plan = build_plan(config, tmp_path, CATEGORIES, check=lambda *_: None)
     finetune, tuned = plan.jobs[1], plan.jobs[2]
     root = tmp_path / "t" / "checkpoints" / "rot_l2sp_0" / "seed0"
-    assert finetune.id == "ft/finetune_rot_l2sp_0" and "method.l2sp_weight=0.0" in finetune.overrides
+    assert finetune.id == "ft/finetune_rot_l2sp_0" and "method.train.l2sp_weight=0.0" in finetune.overrides
     assert f"checkpoint_dir={root}" in finetune.overrides and finetune.checkpoints[0] == root / "rotation" / \
         "effnet_lite0" / "brick.pt"
     assert tuned.arm == "rot (l2sp=0)" and f"backbone.checkpoint={root}/rotation/effnet_lite0/${{category}}.pt" \
-        in tuned.overrides and "backbone=rotation" in tuned.overrides
-    config["comparisons"] = {"ft": {"methods": {"bad": ["method.lr=1"]}}}
+        in tuned.overrides and {"backbone=finetuned", "backbone.method=rotation"} <= set(tuned.overrides)
+    config["comparisons"] = {"ft": {"methods": {"bad": ["method.train.lr=1"]}}}
     with pytest.raises(StudyConfigError, match="comparisons.ft.methods.bad"):
         build_plan(config, tmp_path, CATEGORIES, check=lambda *_: None)
 

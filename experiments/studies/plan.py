@@ -6,7 +6,7 @@ Each comparison is one of: ``arms`` (name -> overrides, optionally ``seeds``), `
 arm per value; ``also`` adds settings that go with each value), ``extractors`` (other backbones: only
 those whose pretrained weights are on this machine) or ``methods`` (fine-tuned baseline backbones: a
 ``finetune.py`` job per method and seed, then PatchCore on its checkpoints; a list of conf/method names, or
-arm name -> ``{method, overrides}`` for fine-tuning settings, e.g. a sweep of ``method.l2sp_weight``). The
+arm name -> ``{method, overrides}`` for fine-tuning settings, e.g. a sweep of ``method.train.l2sp_weight``). The
 baseline arm (the baseline backbone with conf/ defaults) is the reference of every comparison and runs once per seed.
 Identical runs (the same overrides) are run once and shared between comparisons.
 """
@@ -126,6 +126,13 @@ def check_extractor(name: str, dataset: str) -> str | None:
     return None
 
 
+def finetuned_backbone(method: str, base: str, checkpoint: Path) -> list[str]:
+    """PatchCore's overrides for ``method``'s checkpoints of ``base``: conf/backbone/finetuned.yaml serves every
+    conf/method/<name>.yaml, so a method needs no conf/backbone file of its own."""
+    return ["backbone=finetuned", f"backbone.method={method}", f"backbone.base={base}",
+            f"backbone.checkpoint={checkpoint}"]
+
+
 def build_plan(config: dict, out_root: Path, categories: list[str],
                check: Callable[[str, str], str | None] = check_extractor) -> Plan:
     """Every job of the study (in run order: baseline, then each comparison) and the skipped arms."""
@@ -209,15 +216,13 @@ def build_plan(config: dict, out_root: Path, categories: list[str],
                     job_id = f"{comparison}/finetune_{_slug(arm)}" + (f"_seed{seed}" if len(seeds) > 1 else "")
                     overrides = merge_overrides(
                         [f"method={method}", f"backbone={backbone}", f"dataset={dataset}", f"category={category_text}",
-                         f"checkpoint_dir={root}", f"method.seed={seed}", "progress=false"],
+                         f"checkpoint_dir={root}", f"method.train.seed={seed}", "progress=false"],
                         [str(o) for o in config.get("finetune_overrides") or []], extra)
                     files = [root / method / backbone / f"{c}.pt" for c in categories]
                     jobs[job_id] = Job(job_id, "finetune", comparison, f"{arm} (fine-tuning)", seed, overrides,
                                        folder / job_id, checkpoints=files)
                     checkpoint = root / method / backbone / "${category}.pt"
-                    arm_overrides = [f"backbone={method}", f"backbone.base={backbone}",
-                                     f"backbone.checkpoint={checkpoint}"]
-                    arms.append((arm, arm_overrides, [seed], [job_id]))
+                    arms.append((arm, finetuned_backbone(method, backbone, checkpoint), [seed], [job_id]))
         for arm, overrides, arm_seeds, needs in arms:
             if arm not in entry["arms"]:
                 entry["arms"].append(arm)
