@@ -139,18 +139,7 @@ def fine_tune(
                       schedule, proxy is not None, tracker, progress)
     if proxy is not None and not selection.rows:
         logs.evaluation(run.evaluate(proxy), selection)  # step 0: the pretrained weights are always a candidate
-    loader_generator = torch.Generator().manual_seed(config.seed)  # worker seeds; keeps the global RNG untouched
-    stop = None
-    while run.step < schedule.total and stop is None:
-        epoch, offset = divmod(run.step, schedule.steps_per_epoch)
-        batches = EpochBatches(schedule.n, schedule.batch_size, config.seed, epoch, offset,
-                               limit=schedule.total - run.step)
-        loader = DataLoader(dataset, batch_sampler=batches, num_workers=num_workers, generator=loader_generator,
-                            pin_memory=device.type == "cuda")
-        for batch in loader:
-            stop = _step(run, batch, device, epoch, proxy, logs, schedule.total, checkpoint_every)
-            if stop is not None:
-                break
+    stop = _train(run, dataset, schedule, config.seed, proxy, logs, device, num_workers, checkpoint_every)
     logs.bar.close()
     summary = logs.summary(schedule, stop)
     if proxy is not None:
@@ -174,6 +163,22 @@ class _Schedule:
         batch_size = min(config.batch_size, n)
         steps_per_epoch = n // batch_size
         return cls(n, batch_size, steps_per_epoch, config.total_steps(steps_per_epoch))
+
+
+def _train(run: _Run, dataset: Dataset, schedule: _Schedule, seed: int, proxy: ProxyValidator | None, logs: _Logs,
+           device: torch.device, num_workers: int, checkpoint_every: int) -> str | None:
+    """Epochs of steps from ``run.step`` to the last step; the reason training stopped early, or None."""
+    loader_generator = torch.Generator().manual_seed(seed)  # worker seeds; keeps the global RNG untouched
+    while run.step < schedule.total:
+        epoch, offset = divmod(run.step, schedule.steps_per_epoch)
+        batches = EpochBatches(schedule.n, schedule.batch_size, seed, epoch, offset, limit=schedule.total - run.step)
+        loader = DataLoader(dataset, batch_sampler=batches, num_workers=num_workers, generator=loader_generator,
+                            pin_memory=device.type == "cuda")
+        for batch in loader:
+            stop = _step(run, batch, device, epoch, proxy, logs, schedule.total, checkpoint_every)
+            if stop is not None:
+                return stop
+    return None
 
 
 def _step(run: _Run, batch, device: torch.device, epoch: int, proxy: ProxyValidator | None, logs: _Logs,
