@@ -298,6 +298,12 @@ def test_backbone_yaml_and_missing_checkpoint_names_the_make_command(tmp_path) -
 
     cfg = config("backbone=rotation", "category=bottle").backbone
     assert cfg.checkpoint == "checkpoints/rotation/effnet_lite0/bottle.pt" and is_finetuned(cfg)
+    for alias in ("rotation", "cutmix_contrastive"):  # short names for the generic config, the same node resolved
+        generic = config("backbone=finetuned", f"backbone.method={alias}", "category=bottle").backbone
+        short = config(f"backbone={alias}", "category=bottle").backbone
+        assert OmegaConf.to_container(short, resolve=True) == OmegaConf.to_container(generic, resolve=True) == {
+            "_target_": "extensions.checkpoint.FineTunedBackbone", "name": alias, "method": alias,
+            "base": "effnet_lite0", "checkpoint": f"checkpoints/{alias}/effnet_lite0/bottle.pt", "category": "bottle"}
     with pytest.raises(MissingCheckpointError, match=r"experiments/finetune.py method=rotation backbone=effnet_lite0 "
                                                      r"dataset=<dataset> category=bottle"):
         FineTunedBackbone(**{k: v for k, v in cfg.items() if k != "_target_"})
@@ -419,3 +425,27 @@ def test_finetune_refuses_a_fine_tuned_backbone(tmp_path) -> None:
         cfg = compose("finetune", overrides=["backbone=rotation", "dataset=folder", f"dataset.root={tmp_path}"])
     with pytest.raises(ValueError, match="fine-tune a base backbone"):
         finetune(cfg)
+
+
+def test_a_method_config_is_train_plus_objective_and_errors_name_the_fix() -> None:
+    from omegaconf import OmegaConf
+
+    from experiments.harness.finetuning import build_objective, method_parts
+
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        method = OmegaConf.to_container(compose("finetune", overrides=["method=rotation", "method.train.lr=0.01",
+                                                                       "method.objective.hidden_dim=8"]).method)
+    train, objective = method_parts(method)
+    assert train == TrainConfig(lr=0.01)  # every other shared setting at conf/method/train/default.yaml's default
+    assert objective == {"_target_": "extensions.rotation.RotationPrediction", "hidden_dim": 8, "flip": True}
+    built = build_objective(objective, resnet18())
+    assert isinstance(built, RotationPrediction) and built.head[0].out_features == 8
+
+    with pytest.raises(ValueError, match=r"has no \['train', 'objective'\].*Add a fine-tuning method"):
+        method_parts({"name": "old", "_target_": "extensions.rotation.RotationPrediction", "lr": 1e-4})
+    with pytest.raises(ValueError, match=r"method.train: .*'temperature'.*go under method.objective"):
+        method_parts({"name": "x", "train": {"temperature": 0.1}, "objective": {}})
+    with pytest.raises(ValueError, match=r"method.objective._target_='torch.nn.Linear': name a subclass"):
+        build_objective({"_target_": "torch.nn.Linear"}, resnet18())
+    with pytest.raises(ValueError, match=r"method.objective._target_='extensions.nope.Nope' cannot be imported"):
+        build_objective({"_target_": "extensions.nope.Nope"}, resnet18())
