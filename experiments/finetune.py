@@ -6,7 +6,8 @@
 The backbone (conf/backbone/), dataset (conf/dataset/) and method (conf/method/) are composed by
 Hydra; only ``layout.train_set`` (the train/<good> images) is read, never a test image. Each
 category's result goes to ``<checkpoint_dir>/<method>/<backbone>/<category>.pt`` (+ .json sidecar,
-.loss.jsonl log), which ``python experiments/main.py backbone=<method> backbone.base=<backbone>`` loads.
+.loss.jsonl log), which ``python experiments/main.py backbone=finetuned backbone.method=<method>
+backbone.base=<backbone>`` loads. A new method is one module and one YAML (docs/architecture.md, Recipes).
 """
 
 from __future__ import annotations
@@ -33,7 +34,8 @@ def main(cfg: DictConfig) -> None:
                                        f"{proxy['image_auroc']:.4f}, pixel AUROC {proxy['pixel_auroc']:.4f})")
         print(f"{category:>16}: {record['steps']} steps, {loss_text}{chosen} -> "
               f"{cfg.checkpoint_dir}/{record['method']}/{cfg.backbone.name}/{category}.pt")
-    print(f"use it: python experiments/main.py backbone={cfg.method.name} backbone.base={cfg.backbone.name} "
+    print(f"use it: python experiments/main.py backbone=finetuned backbone.method={cfg.method.name} "
+          f"backbone.base={cfg.backbone.name} "
           f"dataset={cfg.dataset.name} category=<category>")
 
 

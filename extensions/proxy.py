@@ -22,7 +22,7 @@ import logging
 import math
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -204,7 +204,3 @@ class Selection:
 
 MONITOR_KEYS = ("effective_rank", "nn_distance_mean", "nn_distance_std", "nn_distance_cv", "weight_distance",
                 "weight_distance_rel")
-
-
-def config_record(config: ProxyConfig) -> dict:
-    return asdict(config)

@@ -62,7 +62,7 @@ def test_plan_jobs_and_skipped_arms(tmp_path) -> None:
                                     for c in CATEGORIES]
     tuned = jobs["finetuning/rotation_seed1"]
     assert tuned.needs == ["finetuning/finetune_rotation_seed1"]
-    assert {"backbone=finetuned", "backbone.method=rotation"} <= set(tuned.overrides)
+    assert {"backbone=finetuned", "backbone.method=rotation", "backbone.base=effnet_lite0"} <= set(tuned.overrides)
     assert "backbone=effnet_lite0" not in tuned.overrides
     assert f"backbone.checkpoint={tmp_path}/t/checkpoints/seed1/rotation/effnet_lite0/${{category}}.pt" \
         in tuned.overrides
@@ -94,8 +94,8 @@ def test_fine_tuning_settings_get_checkpoints_of_their_own(tmp_path) -> None:
     assert f"checkpoint_dir={root}" in finetune.overrides and finetune.checkpoints[0] == root / "rotation" / \
         "effnet_lite0" / "brick.pt"
     assert tuned.arm == "rot (l2sp=0)" and f"backbone.checkpoint={root}/rotation/effnet_lite0/${{category}}.pt" \
-        in tuned.overrides and "backbone.method=rotation" in tuned.overrides
-    config["comparisons"] = {"ft": {"methods": {"bad": ["method.lr=1"]}}}
+        in tuned.overrides and {"backbone=finetuned", "backbone.method=rotation"} <= set(tuned.overrides)
+    config["comparisons"] = {"ft": {"methods": {"bad": ["method.train.lr=1"]}}}
     with pytest.raises(StudyConfigError, match="comparisons.ft.methods.bad"):
         build_plan(config, tmp_path, CATEGORIES, check=lambda *_: None)
 
