@@ -12,15 +12,25 @@ backbone.base=<backbone>`` loads. A new method is one module and one YAML (docs/
 
 from __future__ import annotations
 
+import sys
+
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from experiments.harness.finetuning import run
+from experiments.harness.overrides import refuse_bad_overrides
+
+
+def main() -> None:
+    """Old setting names are refused before torch is imported, with the new name."""
+    refuse_bad_overrides(sys.argv[1:])
+    _hydra_main()
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="finetune")
-def main(cfg: DictConfig) -> None:
+def _hydra_main(cfg: DictConfig) -> None:
+    from experiments.harness.finetuning import run
+
     try:
         records = run(cfg, HydraConfig.get().runtime.output_dir)
     except (ValueError, FileNotFoundError) as error:  # bad settings or input: the message says what to fix

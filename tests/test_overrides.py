@@ -23,6 +23,9 @@ ROOT = Path(__file__).resolve().parents[1]
     ("model.epochs=2", "cae.epochs=2"),
     ("memory=faiss", "search=faiss"),
     ("memory.nprobe=4", "search.nprobe=4"),
+    ("method.lr=1e-4", "method.train.lr=1e-4"),
+    ("method.l2sp_weight=0", "method.train.l2sp_weight=0"),
+    ("method.temperature=0.1", "method.objective.temperature=0.1"),
 ])
 def test_old_names_give_the_new_one(override: str, fixed: str) -> None:
     assert renamed(override).endswith(f"write {fixed}")
@@ -43,12 +46,15 @@ def test_a_sweep_mixing_models_with_one_model_s_settings_is_refused() -> None:
         refuse_bad_overrides(["-m", "model=cae,patchcore", "cae.epochs=1,2"])
 
 
-@pytest.mark.parametrize("script", ["experiments/main.py"])
-def test_the_entry_point_refuses_an_old_name_at_once(script: str) -> None:
+@pytest.mark.parametrize(("script", "old", "new"), [
+    ("experiments/main.py", "patchcore.num_neighbors=3", "patchcore.scoring.num_neighbors"),
+    ("experiments/finetune.py", "method.lr=1e-4", "method.train.lr"),
+])
+def test_the_entry_point_refuses_an_old_name_at_once(script: str, old: str, new: str) -> None:
     started = time.perf_counter()
-    done = subprocess.run([sys.executable, script, "patchcore.num_neighbors=3", "category=brick"], cwd=ROOT,
-                          capture_output=True, text=True, timeout=60)
+    done = subprocess.run([sys.executable, script, old, "category=brick"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=60)
     took = time.perf_counter() - started
     assert done.returncode != 0
-    assert "patchcore.num_neighbors was renamed patchcore.scoring.num_neighbors" in done.stderr
+    assert f"{old.split('=')[0]} was renamed {new}" in done.stderr
     assert took < 1.0, f"{took:.2f} s: the check should run before torch is imported"

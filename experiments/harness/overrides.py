@@ -20,6 +20,14 @@ RENAMED: dict[str, str] = {
     "model.": "cae.",  # the CAE's settings (model=cae) are the cae node; `model` is the node that gets built
     "memory": "search",  # the former name of the search group (memory=faiss)
     "memory.": "search.",
+    # a fine-tuning method: the shared training settings under method.train, the method's own under
+    # method.objective (conf/method/<name>.yaml)
+    **{f"method.{key}": f"method.train.{key}"
+       for key in ("epochs", "max_steps", "batch_size", "lr", "head_lr", "weight_decay", "seed", "frozen_stages",
+                   "freeze_bn", "train_bn_affine", "l2sp_weight", "head_only_steps")},
+    **{f"method.{key}": f"method.objective.{key}"
+       for key in ("_target_", "hidden_dim", "flip", "temperature", "box_scale", "box_ratio", "same_image_prob",
+                   "crop_scale", "jitter", "projection_dim")},
 }
 
 
