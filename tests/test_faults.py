@@ -168,7 +168,7 @@ def test_non_finite_scores_are_an_error_not_a_decision(saved, tmp_path, monkeypa
 # --------------------------------------------------------------------------- mixed mask availability (finding 2)
 
 TINY = ("dataset=folder", "dataset.resize=32", "dataset.image_size=32", "backbone=resnet18",
-        "backbone.pretrained=false", "backbone.layers=[layer2]", "patchcore.embed_dim=16", "coreset.ratio=0.5",
+        "backbone.pretrained=false", "backbone.layers=[layer2]", "patchcore.embedder.embed_dim=16", "coreset.ratio=0.5",
         "logger=none", "viz.n=0")
 
 

@@ -400,7 +400,7 @@ def test_finetune_then_patchcore_end_to_end(tmp_path, monkeypatch) -> None:
             "backbone=rotation", "backbone.base=resnet18",
             f"backbone.checkpoint={tmp_path}/ckpt/rotation/${{backbone.base}}/${{category}}.pt", "dataset=folder",
             f"dataset.root={data}", "dataset.resize=32", "dataset.image_size=32",
-            "category=widget", "patchcore.embed_dim=32", "num_workers=0", "progress=false"])
+            "category=widget", "patchcore.embedder.embed_dim=32", "num_workers=0", "progress=false"])
     results = patchcore(cfg, tmp_path / "run")
     assert results["complete"] and 0 <= results["categories"]["widget"]["image_auroc"] <= 1
 

@@ -97,7 +97,7 @@ def test_a_method_added_by_the_recipe_fine_tunes_and_feeds_patchcore(tree, textu
     assert all(math.isfinite(row["loss"]) and row["loss"] > 0 for row in losses)
     assert_moved_by_steps(load_torch(checkpoint))
 
-    patchcore = [sys.executable, *main[1:], *data, "patchcore.embed_dim=32", "viz.n=0",
+    patchcore = [sys.executable, *main[1:], *data, "patchcore.embedder.embed_dim=32", "viz.n=0",
                  f"hydra.run.dir={tree / 'run'}"]
     run(patchcore, tree)
     results = json.loads((tree / "run" / "results.json").read_text())

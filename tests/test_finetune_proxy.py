@@ -447,6 +447,6 @@ def test_readme_commands_work_as_written_on_a_fresh_clone(tmp_path, monkeypatch,
                                       "method.objective.hidden_dim=8", "proxy.eval_every=1", "proxy.embed_dim=32"))
     assert records["brick"]["selection"]["config"]["proxy_nominal"] == 8
     assert (tmp_path / "checkpoints/rotation/effnet_lite0/brick.pt").is_file()
-    results = patchcore(compose_config("config", "backbone=rotation", *data, "patchcore.embed_dim=32", "viz.n=0"),
-                        tmp_path / "run")
+    results = patchcore(compose_config("config", "backbone=rotation", *data, "patchcore.embedder.embed_dim=32",
+                                       "viz.n=0"), tmp_path / "run")
     assert results["complete"] and 0.5 < results["categories"]["brick"]["image_auroc"] <= 1

@@ -254,7 +254,7 @@ def test_map_grid_re_runs_a_saved_model(tmp_path, make_config) -> None:
     write_tiny_category(tmp_path / "data", "widget")
     cfg = make_config("dataset=folder", f"dataset.root={tmp_path / 'data'}", "dataset.resize=64",
                       "dataset.image_size=64", "backbone=resnet18", "backbone.pretrained=false",
-                      "patchcore.embed_dim=64", "category=widget", "save_model=true", "viz.n=0", "logger=none")
+                      "patchcore.embedder.embed_dim=64", "category=widget", "save_model=true", "viz.n=0", "logger=none")
     run(cfg, tmp_path / "runs" / "r")
     assert not (tmp_path / "runs" / "r" / "maps").exists()
     manifest = build_report([tmp_path / "runs"], tmp_path / "out")

@@ -219,7 +219,7 @@ def test_saving_over_a_folder_that_is_no_model_is_refused(resnet_with_weights_fi
 
 
 TINY = ("dataset=folder", "dataset.resize=32", "dataset.image_size=32", "backbone=resnet18",
-        "backbone.pretrained=false", "backbone.layers=[layer2]", "patchcore.embed_dim=16", "coreset.ratio=0.5",
+        "backbone.pretrained=false", "backbone.layers=[layer2]", "patchcore.embedder.embed_dim=16", "coreset.ratio=0.5",
         "logger=none", "viz.n=0", "category=widget")
 
 

@@ -34,7 +34,7 @@ SECTION_TITLES = ("Abstract", "Introduction", "Related work", "Method", "Experim
 
 # The settings method.md's paragraph on the differences to the official code discusses ({{differences_effect}}):
 # arms of any comparison that change them from the baseline this way are quoted there.
-DISCUSSED = {"patchcore.aggregation": "channel_mean", "patchcore.distance": "squared"}
+DISCUSSED = {"patchcore.embedder.aggregation": "channel_mean", "patchcore.scoring.distance": "squared"}
 
 
 def discussed_effects(comparisons: list[Comparison]) -> list[str]:
