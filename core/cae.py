@@ -45,7 +45,7 @@ class ConvAutoencoder(nn.Module):
     def __init__(self, image_size: int = 128, latent_dim: int = 100, channels: int = 3) -> None:
         super().__init__()
         if image_size % 16 or image_size < 32:
-            raise ValueError(f"model.image_size={image_size} must be a multiple of 16, at least 32")
+            raise ValueError(f"cae.image_size={image_size} must be a multiple of 16, at least 32")
         bottleneck = image_size // 16
         self.encoder = nn.Sequential(
             *_conv(channels, 32, 4, 2, 1), *_conv(32, 32, 4, 2, 1), *_conv(32, 32, 3, 1, 1),
@@ -80,9 +80,9 @@ class CAE:
                  blur_sigma: float = 4.0, seed: int = 0, device: str | torch.device = "cpu",
                  progress: bool = True) -> None:
         if loss not in LOSSES:
-            raise ValueError(f"model.loss={loss!r}: choose one of {LOSSES}")
+            raise ValueError(f"cae.loss={loss!r}: choose one of {LOSSES}")
         if epochs < 1 or batch_size < 1:
-            raise ValueError("model.epochs and model.batch_size must be at least 1")
+            raise ValueError("cae.epochs and cae.batch_size must be at least 1")
         self.settings = dict(image_size=image_size, latent_dim=latent_dim, loss=loss, epochs=epochs,
                              batch_size=batch_size, lr=lr, weight_decay=weight_decay, ssim_window=ssim_window,
                              blur_sigma=blur_sigma, seed=seed)

@@ -136,11 +136,11 @@ class PatchEmbedder:
 
     def __init__(self, embed_dim: int | None = 1024, patch_size: int = 3, aggregation: str = "official") -> None:
         if patch_size < 1 or patch_size % 2 == 0:
-            raise ValueError(f"patchcore.patch_size={patch_size} must be a positive odd number (paper: 3)")
+            raise ValueError(f"patchcore.embedder.patch_size={patch_size} must be a positive odd number (paper: 3)")
         if embed_dim is not None and embed_dim < 1:
-            raise ValueError(f"patchcore.embed_dim={embed_dim} must be positive, or null to keep all channels")
+            raise ValueError(f"patchcore.embedder.embed_dim={embed_dim} must be positive, or null to keep all channels")
         if aggregation not in AGGREGATIONS:
-            raise ValueError(f"patchcore.aggregation={aggregation!r}: choose one of {AGGREGATIONS}")
+            raise ValueError(f"patchcore.embedder.aggregation={aggregation!r}: choose one of {AGGREGATIONS}")
         self.embed_dim = embed_dim
         self.patch_size = patch_size
         self.aggregation = aggregation

@@ -380,8 +380,9 @@ class FeatureStore:
             raise BufferTooLargeError(
                 f"the training buffer needs {_describe(rows, dim, self.dtype)}: {memory}more than the free disk in "
                 f"{what} {folder} ({free / 1e9:.2f} GB). Shrink it with storage.dtype=float16 (half), a smaller "
-                "patchcore.embed_dim, a smaller dataset.resize/dataset.image_size, fewer or deeper backbone.layers "
-                "(a coarser grid), or dataset.train_limit; or set storage.spill_dir to a disk with room")
+                "patchcore.embedder.embed_dim, a smaller dataset.resize/dataset.image_size, fewer or deeper "
+                "backbone.layers (a coarser grid), or dataset.train_limit; or set storage.spill_dir to a disk with "
+                "room")
         path = folder / f"features-{os.getpid()}-{uuid.uuid4().hex[:8]}.npy"
         log.info("buffering %.2f GB of training features in %s", size / 1e9, path)
         return _FileWriter(path, dim, self.dtype)

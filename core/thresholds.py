@@ -132,6 +132,13 @@ class F1OptimalThreshold(ThresholdRule):
         return f1_optimal_threshold(labels, scores), _pixel_f1_optimal(masks, maps)
 
 
+def _check_held_out(rule: str, validation_fraction: float) -> None:
+    """A rule fitted on held-out nominal images needs some held out: refused when built, not after the fit."""
+    if validation_fraction == 0:
+        raise ValueError(f"threshold.validation_fraction=0 but threshold={rule} fits its threshold on held-out "
+                         "nominal images: set threshold.validation_fraction > 0 (e.g. 0.1)")
+
+
 class NominalSigmaThreshold(ThresholdRule):
     """mean + k * std of held-out nominal image scores (and, for pixels, of their map values)."""
 
@@ -139,6 +146,9 @@ class NominalSigmaThreshold(ThresholdRule):
 
     def __init__(self, k: float = 3.0, validation_fraction: float = 0.1, min_defect_area: int = 0) -> None:
         super().__init__(validation_fraction, min_defect_area)
+        if k < 0:
+            raise ValueError(f"threshold.k={k} must be >= 0 (standard deviations above the mean)")
+        _check_held_out(self.name, validation_fraction)
         self.k = k
 
     def thresholds(self, nominal_scores, nominal_maps, labels, scores, masks, maps):
@@ -157,6 +167,7 @@ class NominalQuantileThreshold(ThresholdRule):
     def __init__(self, quantile: float = 0.99, validation_fraction: float = 0.1, min_defect_area: int = 0) -> None:
         super().__init__(validation_fraction, min_defect_area)
         nominal_quantile_threshold(np.zeros(1), quantile)  # validates the quantile now, before any work
+        _check_held_out(self.name, validation_fraction)
         self.quantile = quantile
 
     def thresholds(self, nominal_scores, nominal_maps, labels, scores, masks, maps):

@@ -6,20 +6,31 @@
 The backbone (conf/backbone/), dataset (conf/dataset/) and method (conf/method/) are composed by
 Hydra; only ``layout.train_set`` (the train/<good> images) is read, never a test image. Each
 category's result goes to ``<checkpoint_dir>/<method>/<backbone>/<category>.pt`` (+ .json sidecar,
-.loss.jsonl log), which ``python experiments/main.py backbone=<method> backbone.base=<backbone>`` loads.
+.loss.jsonl log), which ``python experiments/main.py backbone=finetuned backbone.method=<method>
+backbone.base=<backbone>`` loads. A new method is one module and one YAML (docs/architecture.md, Recipes).
 """
 
 from __future__ import annotations
+
+import sys
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from experiments.harness.finetuning import run
+from experiments.harness.overrides import refuse_bad_overrides
+
+
+def main() -> None:
+    """Old setting names are refused before torch is imported, with the new name."""
+    refuse_bad_overrides(sys.argv[1:])
+    _hydra_main()
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="finetune")
-def main(cfg: DictConfig) -> None:
+def _hydra_main(cfg: DictConfig) -> None:
+    from experiments.harness.finetuning import run
+
     try:
         records = run(cfg, HydraConfig.get().runtime.output_dir)
     except (ValueError, FileNotFoundError) as error:  # bad settings or input: the message says what to fix
@@ -33,7 +44,8 @@ def main(cfg: DictConfig) -> None:
                                        f"{proxy['image_auroc']:.4f}, pixel AUROC {proxy['pixel_auroc']:.4f})")
         print(f"{category:>16}: {record['steps']} steps, {loss_text}{chosen} -> "
               f"{cfg.checkpoint_dir}/{record['method']}/{cfg.backbone.name}/{category}.pt")
-    print(f"use it: python experiments/main.py backbone={cfg.method.name} backbone.base={cfg.backbone.name} "
+    print(f"use it: python experiments/main.py backbone=finetuned backbone.method={cfg.method.name} "
+          f"backbone.base={cfg.backbone.name} "
           f"dataset={cfg.dataset.name} category=<category>")
 
 

@@ -1,133 +1,183 @@
-"""Tabulate ImageNet vs rotation vs CutMix-contrastive: proxy scores next to test scores, per category.
+"""Tabulate ImageNet vs each fine-tuning method: proxy scores next to test scores, per category.
 
     python experiments/finetune_compare.py outputs/finetune_compare     (what `make finetune-compare` runs last)
-    python experiments/finetune_compare.py studies/default              (the study's `finetuning` comparison)
+    python experiments/finetune_compare.py studies/default              (the study's fine-tuned arms)
     python experiments/finetune_compare.py --sweep multirun/finetune/...  (a `make sweep-finetune` run: each job)
 
 Reads the fine-tuning sidecars ``seed<k>/<method>/<base>/<category>.json`` (the selected step's proxy
 image/pixel AUROC; step 0's are the ImageNet weights' proxy scores) and PatchCore's ``results.json`` (test
-image/pixel AUROC). In a `make finetune-compare` folder they are ``seed*/`` and ``patchcore/**``; in a study
-folder (it holds ``study.json``) ``checkpoints/seed*/`` and the runs of the ``baseline`` and ``finetuning``
-comparisons (there the ImageNet row's spread is over PatchCore's seeds, the fine-tuned rows' over the seed
-shared by fine-tuning and PatchCore). Prints a Markdown table, mean ± population std over the seeds (one
-seed shows no ±) and the selected steps, then how often the proxy's change agreed in sign with the test's.
-With ``--sweep``, one row per job of fine-tuning multiruns (``<sweep dir>/<job>/checkpoints/...``, the
-job's ``method.*`` overrides from ``.hydra/overrides.yaml``): the selected step's proxy scores and monitors,
-and the last evaluation's (what training gave without the selection, from the proxy log).
+image/pixel AUROC); each run's sidecars lie next to its checkpoints (``backbone.checkpoint``). In a `make
+finetune-compare` folder the runs are ``patchcore/**``, one row per method (a run's method: its fine-tuned
+backbone's, ``extensions.checkpoint.is_finetuned``; otherwise ``imagenet``); in a study folder (it holds
+``study.json``) the arms are the study's, as the report reads them (every comparison with a fine-tuned arm:
+its baseline as ``imagenet`` and each fine-tuned arm by name). No method list: the rows are what the runs
+hold. It is a view of the report's tables: the runs are read into the report's tidy rows, every cell is the report's
+statistic (experiments/reporting/stats.py: in %, mean ± sample std over seeds, ddof=1; one seed shows no ±)
+and the table is a document-model table rendered by the report's Markdown renderer. Then how often the
+proxy's change agreed in sign with the test's. With ``--sweep``, one row per job of fine-tuning multiruns
+(``<sweep dir>/<job>/checkpoints/...``, the job's ``method.*`` overrides from ``.hydra/overrides.yaml``): the
+selected step's proxy scores and monitors, and the last evaluation's (what training gave without the
+selection, from the proxy log).
 """
 
 from __future__ import annotations
 
 import json
-import statistics
 import sys
-from collections import defaultdict
 from pathlib import Path
 
+import pandas as pd
 from omegaconf import OmegaConf
 
-METHODS = ("imagenet", "rotation", "cutmix_contrastive")
+from experiments.harness.run_key import read_results, results_hash
+from experiments.reporting.comparisons import Arm, load
+from experiments.reporting.data import Run, tidy
+from experiments.reporting.document import Cell, TableBlock
+from experiments.reporting.markdown_out import table as markdown_table
+from experiments.reporting.stats import SPREAD, cell_stats, mean_std, number
+from extensions.checkpoint import is_finetuned
 
-
-def _present(values: list) -> list[float]:
-    return [v for v in values if v is not None]
-
-
-def _mean(values: list) -> float | None:
-    values = _present(values)
-    return statistics.fmean(values) if values else None
+IMAGENET = "imagenet"  # the arm of the runs on the pretrained weights (and of step 0 of every fine-tuning)
+PROXY = ("proxy_image", "proxy_pixel")
+TEST = ("image_auroc", "pixel_auroc")
+DIGITS = 2  # in %: the resolution of the earlier 4-decimal fractions
 
 
 def _sign(x: float) -> int:
-    return (x > 1e-9) - (x < -1e-9)  # AUROCs differing below 1e-9 are equal
+    return int(x > 1e-9) - int(x < -1e-9)  # AUROCs differing below 1e-9 are equal
 
 
 def _number(x: float | None, spec: str = ".4f") -> str:
     return "-" if x is None else format(x, spec)
 
 
-def _mean_std(values: list[float]) -> str:
-    values = _present(values)
-    if not values:
-        return "-"
-    if len(values) == 1:
-        return f"{values[0]:.4f}"
-    return f"{statistics.fmean(values):.4f} ± {statistics.pstdev(values):.4f}"
+def method_of(run: Run) -> str:
+    backbone = run.config.get("backbone") or {}
+    return str(backbone.get("method")) if is_finetuned(backbone) else IMAGENET
 
 
-def sources(root: Path) -> tuple[list[Path], list[Path]]:
-    """(fine-tuning sidecars, PatchCore results files) of a `make finetune-compare` folder or a study folder."""
+def arms_of(root: Path) -> list[tuple[str, list[Run], pd.DataFrame]]:
+    """(arm, its runs, their tidy rows). In a study (it holds study.json) the report's comparisons
+    (comparisons.load): the baseline as ``imagenet`` and every fine-tuned arm, by its name in the study; in a
+    `make finetune-compare` folder its complete runs under ``patchcore/``, by method."""
     if (root / "study.json").is_file():
-        results = [*sorted(root.glob("baseline/*/results.json")), *sorted(root.glob("finetuning/*/results.json"))]
-        return sorted((root / "checkpoints").glob("seed*/*/*/*.json")), results
-    return sorted(root.glob("seed*/*/*/*.json")), sorted(root.glob("patchcore/**/results.json"))
+        found: dict[str, Arm] = {}
+        for comparison in load([root]).comparisons:
+            tuned = [arm for arm in comparison.others if is_finetuned(arm.runs[0].config.get("backbone") or {})]
+            for name, arm in ([(IMAGENET, comparison.baseline)] if tuned else []) + [(a.name, a) for a in tuned]:
+                found.setdefault(name, arm)
+        return [(name, arm.runs, arm.rows) for name, arm in found.items()]
+    groups: dict[str, list[Run]] = {}
+    for path in sorted(root.glob("patchcore/**/results.json")):
+        results = read_results(path)
+        if isinstance(results, dict) and results.get("complete") is not False:
+            run = Run(path.parent, results, results_hash(results))
+            groups.setdefault(method_of(run), []).append(run)
+    return [(name, runs, tidy(runs)) for name, runs in groups.items()]
 
 
-def collect(root: Path) -> dict:
-    """(category, method) -> {"proxy_image": [...], "proxy_pixel": [...], "test_image": [...], ...}."""
-    table: dict = defaultdict(lambda: defaultdict(list))
-    sidecars, results_files = sources(root)
-    for path in sidecars:
-        record = json.loads(path.read_text())
-        if not record.get("complete") or "selection" not in record:
+def sidecars_of(run: Run) -> list[Path]:
+    """The fine-tuning sidecars of a run's checkpoints, one per category, next to them (docs/finetuning.md)."""
+    checkpoint = (run.config.get("backbone") or {}).get("checkpoint")
+    categories = sorted(run.results.get("categories") or {}) if checkpoint else []
+    return [Path(str(checkpoint)).parent / f"{category}.json" for category in categories]
+
+
+def proxy_rows(sidecars: list[tuple[str, Path]]) -> pd.DataFrame:
+    """One row per (arm, finished sidecar): the selected step's proxy scores, plus step 0 once per category
+    (``imagenet``: the same pretrained network for every method and seed)."""
+    rows, started = [], set()
+
+    def row(category: str, arm: str, point: dict, steps: str | None, path: Path) -> dict:
+        return {"category": category, "arm": arm, "proxy_image": point["image_auroc"],
+                "proxy_pixel": point["pixel_auroc"], "proxy_score": point.get("score"), "steps": steps,
+                "sidecar": str(path)}
+
+    for arm, path in sidecars:
+        record = read_results(path) if path.is_file() else None
+        if not isinstance(record, dict) or not record.get("complete") or "selection" not in record:
             continue
-        cell, selection = table[(record["category"], record["method"])], record["selection"]
-        cell["proxy_image"].append(selection["proxy"]["image_auroc"])
-        cell["proxy_pixel"].append(selection["proxy"]["pixel_auroc"])
-        cell["proxy_score"].append(selection["proxy"].get("score"))
-        cell["steps"].append(f"{record['selected_step']}/{record['steps']}")
-        start = table[(record["category"], "imagenet")]
-        if not start["proxy_image"]:  # step 0 is the same pretrained network for every method and seed
-            start["proxy_image"].append(selection["start"]["image_auroc"])
-            start["proxy_pixel"].append(selection["start"]["pixel_auroc"])
-            start["proxy_score"].append(selection["start"].get("score"))
-    for path in results_files:
-        results = json.loads(path.read_text())
-        if results.get("complete") is False:
-            continue
-        backbone = results.get("config", {}).get("backbone", {})
-        method = backbone.get("method") or "imagenet"
-        for category, entry in results.get("categories", {}).items():
-            table[(category, method)]["test_image"].append(entry.get("image_auroc"))
-            table[(category, method)]["test_pixel"].append(entry.get("pixel_auroc"))
-    return table
+        selection, category = record["selection"], record["category"]
+        rows.append(row(category, arm, selection["proxy"], f"{record['selected_step']}/{record['steps']}", path))
+        if category not in started:
+            started.add(category)
+            rows.append(row(category, IMAGENET, selection["start"], None, path))
+    return pd.DataFrame(rows, columns=["category", "arm", *PROXY, "proxy_score", "steps", "sidecar"])
 
 
-def agreement(table: dict, proxy: str = "proxy_image") -> tuple[int, int]:
+def collect(root: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(test rows: the report's tidy rows with their ``arm``, proxy rows) of a finetune-compare or study folder."""
+    found = arms_of(root)
+    tests = pd.concat([rows.assign(arm=name) for name, _, rows in found if len(rows)] or [pd.DataFrame()],
+                      ignore_index=True)
+    return tests, proxy_rows([(name, path) for name, runs, _ in found for run in runs for path in sidecars_of(run)])
+
+
+def arms(tests: pd.DataFrame, proxies: pd.DataFrame) -> list[str]:
+    """``imagenet`` first, then the methods found, by name."""
+    found = set(tests.get("arm", [])) | set(proxies["arm"])
+    return [IMAGENET, *sorted(found - {IMAGENET})] if IMAGENET in found else sorted(found)
+
+
+def _of(frame: pd.DataFrame, category: str, arm: str) -> pd.DataFrame:
+    return frame[(frame["category"] == category) & (frame["arm"] == arm)] if len(frame) else frame
+
+
+def table(tests: pd.DataFrame, proxies: pd.DataFrame) -> TableBlock:
+    """Category x method: proxy and test AUROCs (the report's cells and statistic) and the selected steps."""
+    rows = []
+    categories = sorted(set(tests.get("category", [])) | set(proxies["category"]))
+    for category in categories:
+        for arm in arms(tests, proxies):
+            test, proxy = _of(tests, category, arm), _of(proxies, category, arm)
+            if test.empty and proxy.empty:
+                continue
+            cells = [_proxy_cell(proxy, column) for column in PROXY]
+            cells += [_stat_cell(*cell_stats(test, metric, category, categories)) if len(test) else Cell("-")
+                      for metric in TEST]
+            steps = ", ".join(proxy["steps"].dropna()) or "-"
+            rows.append([Cell(category), Cell(arm), *cells, Cell(steps)])
+    header = ["category", "backbone", "proxy image AUROC", "proxy pixel AUROC", "test image AUROC",
+              "test pixel AUROC", "selected step / steps run"]
+    return TableBlock("finetune_compare", f"Fine-tuned backbones against ImageNet weights: AUROC in % ({SPREAD}); "
+                      "proxy: the sidecars' selected step; test: PatchCore's results.json.", header, rows)
+
+
+def _stat_cell(mean: float, std: float, n: int, sources: list[str]) -> Cell:
+    return Cell(number(mean, std, n, DIGITS), mean, std=std, sources=sources)
+
+
+def _proxy_cell(proxy: pd.DataFrame, column: str) -> Cell:
+    return _stat_cell(*mean_std(100 * proxy[column].astype(float)), sorted(set(proxy["sidecar"])))
+
+
+def agreement(tests: pd.DataFrame, proxies: pd.DataFrame, proxy: str = "proxy_image") -> tuple[int, int]:
     """(agreeing, compared): fine-tuned (category, method) cells whose mean proxy change over step 0 (``proxy``:
     proxy_image, or proxy_score: what selection maximised) and mean test image-AUROC change over ImageNet have
     the same sign (both zero counts as agreeing)."""
+    means = pd.concat([proxies.groupby(["category", "arm"])[proxy].mean(),
+                       tests.groupby(["category", "arm"])["image_auroc"].mean()], axis=1)
     agreeing = compared = 0
-    for (category, method), cell in table.items():
-        start = table.get((category, "imagenet"))
-        if method == "imagenet" or start is None:
+    for (category, arm), row in means.iterrows():
+        if arm == IMAGENET or (category, IMAGENET) not in means.index:
             continue
-        values = [_mean(cell.get(proxy, [])), _mean(start.get(proxy, [])),
-                  _mean(cell["test_image"]), _mean(start["test_image"])]
-        if None in values:
+        start = means.loc[(category, IMAGENET)]
+        if row.isna().any() or start.isna().any():
             continue
         compared += 1
-        agreeing += _sign(values[0] - values[1]) == _sign(values[2] - values[3])
+        agreeing += _sign(row[proxy] - start[proxy]) == _sign(row["image_auroc"] - start["image_auroc"])
     return agreeing, compared
 
 
-def markdown(table: dict) -> str:
-    lines = ["| category | backbone | proxy image AUROC | proxy pixel AUROC | test image AUROC | test pixel AUROC "
-             "| selected step / steps run |", "|---|---|---|---|---|---|---|"]
-    for category in sorted({c for c, _ in table}):
-        for method in METHODS:
-            cell = table.get((category, method))
-            if cell is None:
-                continue
-            scores = [_mean_std(cell[key]) for key in ("proxy_image", "proxy_pixel", "test_image", "test_pixel")]
-            lines.append(f"| {category} | {method} | {' | '.join(scores)} | {', '.join(cell['steps']) or '-'} |")
-    agreeing, compared = agreement(table)
+def markdown(tests: pd.DataFrame, proxies: pd.DataFrame) -> str:
+    lines = [markdown_table(table(tests, proxies))]
+    agreeing, compared = agreement(tests, proxies)
     if compared:
-        by_score, scored = agreement(table, "proxy_score")
-        lines += ["", f"The proxy's image-AUROC change (selected step vs step 0) and the test's (fine-tuned vs "
-                      f"ImageNet) have the same sign in {agreeing} of {compared} category x method cells"
-                      + (f"; the selection score's change (what selection maximised) in {by_score} of {scored}."
-                         if scored else ".")]
+        by_score, scored = agreement(tests, proxies, "proxy_score")
+        lines.append(f"The proxy's image-AUROC change (selected step vs step 0) and the test's (fine-tuned vs "
+                     f"ImageNet) have the same sign in {agreeing} of {compared} category x method cells"
+                     + (f"; the selection score's change (what selection maximised) in {by_score} of {scored}."
+                        if scored else "."))
     return "\n".join(lines)
 
 
@@ -193,7 +243,7 @@ def main(argv: list[str]) -> None:
     root = Path(argv[0] if argv else "outputs/finetune_compare")
     if not root.is_dir():
         raise SystemExit(f"error: {root} does not exist: run `make finetune-compare` (or `make study`) first")
-    print(markdown(collect(root)))
+    print(markdown(*collect(root)))
 
 
 if __name__ == "__main__":

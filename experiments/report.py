@@ -7,15 +7,19 @@ Reads every ``results.json`` below the given folders (default: the newest study 
                                    related work, method, setup, results per comparison, discussion,
                                    limitations, conclusion, reproducibility appendix (experiments/reporting/paper.py)
     report.typ, references.yml     its Typst source (recompile with `typst compile report.typ`)
-    tables/paper_*.{csv,md,tex}    the paper's tables (CSV: the numbers; LaTeX: booktabs)
+    tables/paper_*.{csv,md,tex}    the paper's tables (CSV: the numbers, *_std.csv: the sample stds over seeds;
+                                   LaTeX: booktabs)
     tables/sources.csv, paper.json the results.json files behind every number
     tables/<metric>.{csv,md,tex}   the digest: category x variant, mean row, best per row in bold
     tables/timing.{csv,md,tex}     fit time, throughput, bank size, peak memory per variant
     tables/runs.csv, excluded.csv  one row per (run, category); runs left out and why
     figures/*.{png,pdf}            the figures of both
-    digest.md, digest.pdf          the run digest: setup, every table and figure, one command per variant
+    digest.md, digest.json         the run digest: setup, every table and figure, one command per variant
+    digest.pdf, digest.typ         the same document typeset by Typst (not with --no-digest-pdf)
 
-The text of the paper lives in reports/paper/*.md; every number in it is filled from the runs.
+Both documents come from one pipeline: runs -> comparisons -> one document model -> Typst / HTML / Markdown
+(experiments/reporting). The text of the paper lives in reports/paper/*.md; every number in it is filled
+from the runs. Every table cell is a mean ± sample std (ddof=1) over seeds.
 """
 
 from __future__ import annotations
@@ -24,7 +28,8 @@ import argparse
 from pathlib import Path
 
 from experiments.harness.run_key import DEFAULT_ROOTS
-from experiments.reporting.build import build_report
+from experiments.reporting.comparisons import load
+from experiments.reporting.digest import build_digest
 from experiments.reporting.paper import build_paper
 
 STUDIES = Path("studies")
@@ -45,11 +50,13 @@ def main(argv: list[str] | None = None) -> None:
                                                     "else outputs multirun)")
     parser.add_argument("--out", default="reports", help="output folder (default: reports)")
     parser.add_argument("--dataset", default=None, help="report on this dataset (default: the one most runs used)")
+    parser.add_argument("--no-digest-pdf", action="store_true", help="write the digest as Markdown only")
     args = parser.parse_args(argv)
     run_dirs = args.run_dirs or default_run_dirs()
     out = Path(args.out)
-    digest = build_report(run_dirs, out, args.dataset)
-    paper = build_paper(run_dirs, out, args.dataset)
+    inputs = load(run_dirs, args.dataset)  # read once, for both documents
+    digest = build_digest(run_dirs, out, inputs=inputs, pdf=not args.no_digest_pdf)
+    paper = build_paper(run_dirs, out, inputs=inputs)
     print(f"{len(digest['runs'])} runs on {digest['dataset']}, {len(digest['excluded'])} left out")
     print(f"paper: {out / 'report.pdf'}, {out / 'report.html'} ({len(paper['comparisons'])} comparisons, "
           f"{len(paper['tables'])} tables, {len(paper['figures'])} figures)")
@@ -57,7 +64,11 @@ def main(argv: list[str] | None = None) -> None:
         print(f"warning: content runs into the side margins on page(s) {paper['pages_overflowing']} of "
               f"{out / 'report.pdf'} (a table or code line too wide): look at them, e.g. typst compile "
               f"{out / 'report.typ'} 'page-{{p}}.png'")
-    print(f"digest: {out / 'digest.pdf'} ({digest['pages']} pages), {out / 'digest.md'}; tables in {out / 'tables'}")
+    pdf = "" if args.no_digest_pdf else f"{out / 'digest.pdf'} ({digest['pages']} pages), "
+    print(f"digest: {pdf}{out / 'digest.md'}; tables in {out / 'tables'}")
+    if digest["pages_overflowing"]:
+        print(f"warning: content runs into the side margins on page(s) {digest['pages_overflowing']} of "
+              f"{out / 'digest.pdf'}")
     for row in digest["excluded"]:
         print(f"  left out: {row['run_dir']}: {row['reason']}")
 

@@ -23,7 +23,7 @@ def resolve_categories(dataset: str, category) -> list[str]:
     from hydra import compose, initialize_config_dir
 
     from experiments.harness.components import build
-    from experiments.studies.plan import CONF_STUDY
+    from experiments.studies.comparison import CONF_STUDY
 
     with initialize_config_dir(config_dir=str(CONF_STUDY.parent), version_base="1.3"):
         cfg = compose("config", overrides=[f"dataset={dataset}"])

@@ -11,5 +11,7 @@
     cutmix_contrastive.py  SimCLR NT-Xent with CutMix-made negatives (Chen et al. 2020; Yun et al. 2019)
     checkpoint.py          checkpoint files, and ``FineTunedBackbone``: the PatchCore extractor that loads them
 
-Entry point: ``python experiments/finetune.py method=rotation backbone=wrn50 dataset=mvtec category=bottle``.
+A method is one module here (an ``Objective``) plus one conf/method/<name>.yaml (docs/architecture.md, recipe
+"Add a fine-tuning method"). Entry point: ``python experiments/finetune.py method=rotation backbone=wrn50
+dataset=mvtec category=bottle``; PatchCore then uses ``backbone=finetuned backbone.method=rotation``.
 """

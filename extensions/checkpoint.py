@@ -116,8 +116,8 @@ def missing_message(path: Path, method: str | None, base: str | None, category, 
 class FineTunedBackbone(FeatureExtractor):
     """A base extractor (wrn50, resnet18/50, effnet_lite0) with weights fine-tuned by ``extensions``.
 
-    Checkpoints are per category: conf/backbone/{rotation,cutmix_contrastive}.yaml name the file with
-    ``${category}``, and the harness builds one extractor per category (``category`` is only used to
+    Checkpoints are per category: conf/backbone/finetuned.yaml (``backbone=finetuned backbone.method=<name>``)
+    names the file with ``${category}``, and the harness builds one extractor per category (``category`` is only used to
     check that and in messages). Same ``layers``, ``mean``, ``std`` and ``interpolation`` as the base;
     ``spec()`` names the resolved file and its SHA-256, so a saved PatchCore model refuses a checkpoint
     that has been retrained since.
@@ -158,7 +158,8 @@ class FineTunedBackbone(FeatureExtractor):
     def _resolve(checkpoint: str, category, method: str | None) -> Path:
         if category is not None and (not isinstance(category, str) or category == "all"):
             raise ValueError(
-                f"backbone={method or 'fine-tuned'} loads one checkpoint per category, but category={category!r} "
+                f"backbone.method={method or 'fine-tuned'} loads one checkpoint per category, "
+                f"but category={category!r} "
                 f"(checkpoint {checkpoint}): experiments/main.py builds it once per category; "
                 "elsewhere pass a single category=<name>"
             )

@@ -49,9 +49,10 @@ def _randint(high: int) -> int:
 def check_box_ranges(scale: Sequence[float], ratio: Sequence[float]) -> None:
     """The box area fractions and aspect ratios must be ordered, positive ranges."""
     if not 0 < scale[0] <= scale[1] <= 1:
-        raise ValueError(f"method.box_scale={list(scale)}: need 0 < low <= high <= 1 (fractions of the image area)")
+        raise ValueError(f"method.objective.box_scale={list(scale)}: need 0 < low <= high <= 1 "
+                         "(fractions of the image area)")
     if not 0 < ratio[0] <= ratio[1]:
-        raise ValueError(f"method.box_ratio={list(ratio)}: need 0 < low <= high")
+        raise ValueError(f"method.objective.box_ratio={list(ratio)}: need 0 < low <= high")
 
 
 def plan_cutmix(
@@ -66,7 +67,7 @@ def plan_cutmix(
 
     With probability ``same_image_prob`` the box comes from elsewhere in the same image (displaced by
     at least half its size along one axis, so it is never pasted onto itself), otherwise from another
-    image of the batch. Drawn from torch's global RNG, which ``method.seed`` seeds.
+    image of the batch. Drawn from torch's global RNG, which ``method.train.seed`` seeds.
     """
     check_box_ranges(scale, ratio)
     source, size, src, dst = [], [], [], []
@@ -147,7 +148,7 @@ class CutMixContrastive(Objective):
     ) -> None:
         super().__init__(extractor)
         if temperature <= 0:
-            raise ValueError(f"method.temperature={temperature} must be > 0")
+            raise ValueError(f"method.objective.temperature={temperature} must be > 0")
         self.temperature = float(temperature)
         self.box_scale, self.box_ratio = tuple(box_scale), tuple(box_ratio)
         check_box_ranges(self.box_scale, self.box_ratio)  # now, not at step 1

@@ -64,7 +64,7 @@ def check_collapse(rank: float, start_rank: float, fraction: float, step: int) -
         return False
     message = (f"effective rank of the nominal patch features fell to {rank:.2f} at step {step}, below "
                f"{fraction:g} x its pretrained value {start_rank:.2f}: the features may be collapsing "
-               "(lower method.lr, raise method.l2sp_weight, or trust the proxy's checkpoint selection)")
+               "(lower method.train.lr, raise method.train.l2sp_weight, or trust the proxy's checkpoint selection)")
     log.warning(message)
     warnings.warn(message, CollapseWarning, stacklevel=2)
     return True

@@ -49,7 +49,7 @@ def stages(extractor: FeatureExtractor) -> list[list[nn.Module]]:
     raise ValueError(
         f"no stage rule for backbone {getattr(extractor, 'name', type(extractor).__name__)}: "
         "fine-tuning knows torchvision ResNets/WideResNets and EfficientNet-Lite. "
-        "Use method.frozen_stages=-1 to train it whole, or add a rule in extensions/protection.py"
+        "Use method.train.frozen_stages=-1 to train it whole, or add a rule in extensions/protection.py"
     )
 
 
@@ -68,16 +68,16 @@ class Protection:
         l2sp_weight: float = 0.0,
     ) -> None:
         if frozen_stages < -1:
-            raise ValueError(f"method.frozen_stages={frozen_stages}: use -1 (train all), 0 (stem) or k >= 1")
+            raise ValueError(f"method.train.frozen_stages={frozen_stages}: use -1 (train all), 0 (stem) or k >= 1")
         if l2sp_weight < 0:
-            raise ValueError(f"method.l2sp_weight={l2sp_weight} must be >= 0 (0 = off)")
+            raise ValueError(f"method.train.l2sp_weight={l2sp_weight} must be >= 0 (0 = off)")
         self.extractor = extractor
         self.freeze_bn = freeze_bn
         self.l2sp_weight = float(l2sp_weight)
         groups = stages(extractor) if frozen_stages >= 0 else []
         if frozen_stages >= 0 and frozen_stages + 1 >= len(groups):
             raise ValueError(
-                f"method.frozen_stages={frozen_stages} freezes every stage {extractor.name} computes "
+                f"method.train.frozen_stages={frozen_stages} freezes every stage {extractor.name} computes "
                 f"(stem + {len(groups) - 1} stages up to its deepest PatchCore layer): nothing would be "
                 f"fine-tuned. Use at most {len(groups) - 2}."
             )

@@ -53,7 +53,7 @@ class ProxyConfig:
     metric: str = "mean_auroc"  # image_auroc | pixel_auroc | mean_auroc: what selection maximises
     kinds: list[str] = field(default_factory=lambda: list(SYNTHETIC_KINDS))
     coreset_ratio: float = 0.1  # the proxy PatchCore's coreset
-    embed_dim: int | None = 1024  # its patch features (conf/config.yaml patchcore.embed_dim)
+    embed_dim: int | None = 1024  # its patch features (conf/model/patchcore.yaml patchcore.embedder.embed_dim)
     patch_size: int = 3
     collapse_fraction: float = 0.5  # warn when the effective rank falls below this fraction of step 0's
     seed: int = 0  # the held-out split and the synthetic anomalies (the same for every fine-tuning seed)

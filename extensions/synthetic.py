@@ -8,7 +8,7 @@ when no real defect may be looked at. Each held-out nominal image gets one anoma
 - ``cutmix``: a box from another held-out image pasted in (CutMix, Yun et al., ICCV 2019: the
   negatives of extensions/cutmix_contrastive.py);
 - ``scratch``, ``hole``, ``color``, ``foreign``: the embedded dataset generator's own defect kinds
-  (core/data/textures.py), the foreign texture taken from scikit-image's texture photographs.
+  (core/data/defects.py), the foreign texture taken from scikit-image's texture photographs.
 
 Every edit is drawn on a 256 x 256 canvas (the generator's size; its regions stay inside the central
 224 x 224 part, so they survive a centre crop of the same proportion) made from the image exactly as
@@ -30,12 +30,13 @@ from PIL import Image
 
 from core.data import Preprocessing, Sample, read_image
 
-# With the generator's private helpers, reused so that the proxy's defects are drawn exactly as the embedded
-# test set's are (its canvas size and the central region its regions stay inside).
-from core.data.textures import _CROP_HI, _CROP_LO, _SIZE, TEXTURE_DEFECTS, _make_defect, _texture_photos
+# The embedded test set's own defect code, so that the proxy's defects are drawn exactly as its defects are (its
+# canvas size and the central region its regions stay inside).
+from core.data.defects import CANVAS, CROP_HI, CROP_LO, DEFECT_KINDS, make_defect
+from core.data.textures import texture_photos
 
 PASTE_KINDS = ("cutpaste", "cutmix")
-SYNTHETIC_KINDS = (*PASTE_KINDS, *TEXTURE_DEFECTS)
+SYNTHETIC_KINDS = (*PASTE_KINDS, *DEFECT_KINDS)
 _BOX_AREA = (0.01, 0.06)  # pasted box area, as a fraction of the canvas
 _BOX_RATIO = (0.3, 3.3)  # its aspect ratio w/h, log-uniform
 _DRAWS = 8  # tries at an anomaly whose mask survives the resize to crop size before giving up
@@ -79,8 +80,8 @@ def make_synthetic(samples: Sequence[Sample], preprocessing: Preprocessing, kind
     if not samples:
         raise ValueError("no held-out images to make synthetic anomalies from (raise proxy.holdout)")
     crops = [crop_uint8(sample, preprocessing) for sample in samples]
-    canvases = [_to_size(crop, _SIZE) for crop in crops]
-    photos = [photo for name, photo in _texture_photos().items() if name != category]
+    canvases = [_to_size(crop, CANVAS) for crop in crops]
+    photos = [photo for name, photo in texture_photos().items() if name != category]
     anomalies, masks, kind_of, source_of = [], [], [], []
     for index, crop in enumerate(crops):
         for kind_index, kind in enumerate(kinds):
@@ -108,21 +109,21 @@ def _draw(kind: str, index: int, canvases: list[np.ndarray], photos: list[np.nda
         others = [i for i in range(len(canvases)) if i != index]
         source = canvases[others[rng.integers(len(others))]] if others else canvas[::-1, ::-1]
         return paste_box(canvas, np.ascontiguousarray(source), rng, same_image=False)
-    return _make_defect(kind, canvas, rng, photos[rng.integers(len(photos))])
+    return make_defect(kind, canvas, rng, photos[rng.integers(len(photos))])
 
 
 def paste_box(target: np.ndarray, source: np.ndarray, rng: np.random.Generator,
               same_image: bool) -> tuple[np.ndarray, np.ndarray]:
     """A box of ``source`` pasted into ``target``, both inside the canvas's central region; the box of the
     same image is taken at least half a box away along one axis and brightness-jittered (CutPaste)."""
-    span = _CROP_HI - _CROP_LO
-    area = rng.uniform(*_BOX_AREA) * _SIZE * _SIZE
+    span = CROP_HI - CROP_LO
+    area = rng.uniform(*_BOX_AREA) * CANVAS * CANVAS
     aspect = math.exp(rng.uniform(math.log(_BOX_RATIO[0]), math.log(_BOX_RATIO[1])))
     h = int(min(span // 2, max(2, round(math.sqrt(area / aspect)))))
     w = int(min(span // 2, max(2, round(math.sqrt(area * aspect)))))
-    y, x = (int(rng.integers(_CROP_LO, _CROP_HI - n + 1)) for n in (h, w))
+    y, x = (int(rng.integers(CROP_LO, CROP_HI - n + 1)) for n in (h, w))
     while True:  # a box at most half the region wide always has a corner far enough away
-        sy, sx = (int(rng.integers(_CROP_LO, _CROP_HI - n + 1)) for n in (h, w))
+        sy, sx = (int(rng.integers(CROP_LO, CROP_HI - n + 1)) for n in (h, w))
         if not same_image or abs(sy - y) * 2 >= h or abs(sx - x) * 2 >= w:
             break
     patch = source[sy : sy + h, sx : sx + w].astype(np.float32)
@@ -138,7 +139,7 @@ def paste_box(target: np.ndarray, source: np.ndarray, rng: np.random.Generator,
 def _back_to_crop(crop: np.ndarray, edited: np.ndarray, region: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
     """The crop with the edit brought to its size, and the exact mask of changed pixels (None: none survived)."""
     size = crop.shape[0]
-    if size != _SIZE:
+    if size != CANVAS:
         region = np.asarray(Image.fromarray(region).resize((size, size), Image.Resampling.NEAREST))
         edited = _to_size(edited, size)
     out = crop.copy()

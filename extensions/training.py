@@ -24,8 +24,7 @@ import json
 import logging
 import time
 from collections import deque
-from collections.abc import Mapping
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field
 from typing import Protocol
 
 import torch
@@ -51,7 +50,7 @@ log = logging.getLogger("finetune")
 
 @dataclass
 class TrainConfig:
-    """The method-independent keys of conf/method/<name>.yaml."""
+    """A method's ``train:`` node (conf/method/train/default.yaml): the settings every method shares."""
 
     epochs: int = 10
     max_steps: int | None = None  # overrides epochs when set
@@ -68,23 +67,17 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
-            raise ValueError(f"method.batch_size={self.batch_size} must be at least 1")
+            raise ValueError(f"method.train.batch_size={self.batch_size} must be at least 1")
         if self.max_steps is None and self.epochs < 1:
-            raise ValueError(f"method.epochs={self.epochs} must be at least 1 (or set method.max_steps)")
+            raise ValueError(f"method.train.epochs={self.epochs} must be at least 1 (or set method.train.max_steps)")
         if self.max_steps is not None and self.max_steps < 1:
-            raise ValueError(f"method.max_steps={self.max_steps} must be at least 1, or null to use method.epochs")
+            raise ValueError(f"method.train.max_steps={self.max_steps} must be at least 1, "
+                             "or null to use method.train.epochs")
         if self.lr < 0 or self.head_lr <= 0 or self.weight_decay < 0:
-            raise ValueError("method.lr must be >= 0, method.head_lr > 0 and method.weight_decay >= 0")
+            raise ValueError("method.train.lr must be >= 0, method.train.head_lr > 0 and "
+                             "method.train.weight_decay >= 0")
         if self.head_only_steps < 0:
-            raise ValueError(f"method.head_only_steps={self.head_only_steps} must be >= 0")
-
-    @classmethod
-    def split(cls, method: Mapping) -> tuple[TrainConfig, dict]:
-        """``conf/method/<name>.yaml`` -> (training keys, the objective's own keys incl. ``_target_``)."""
-        names = {f.name for f in fields(cls)}
-        train = {key: value for key, value in method.items() if key in names}
-        objective = {key: value for key, value in method.items() if key not in names and key != "name"}
-        return cls(**train), objective
+            raise ValueError(f"method.train.head_only_steps={self.head_only_steps} must be >= 0")
 
     def total_steps(self, steps_per_epoch: int) -> int:
         return self.max_steps if self.max_steps is not None else self.epochs * steps_per_epoch
@@ -131,12 +124,7 @@ def fine_tune(
     if checkpoint_every < 1:
         raise ValueError(f"checkpoint_every={checkpoint_every} must be at least 1 (steps between resume files)")
     device = torch.device(device)
-    n = len(dataset)
-    if n == 0:
-        raise ValueError("no training images to fine-tune on")
-    batch_size = min(config.batch_size, n)
-    steps_per_epoch = n // batch_size
-    total = config.total_steps(steps_per_epoch)
+    schedule = _Schedule.of(len(dataset), config)
     proxy_record = {"proxy": asdict(proxy.config)} if proxy is not None else {}
     key = _canonical({**identity, "train": asdict(config), **proxy_record})
     finished = _finished_sidecar(files, key) if resume else None
@@ -144,66 +132,126 @@ def fine_tune(
         log.info("%s is already fine-tuned with this configuration (resume=false trains it again)", files.weights)
         return finished
 
-    category = str(identity.get("category", ""))
     selection = Selection(proxy.config.patience, proxy.config.collapse_fraction) if proxy is not None else None
-    run = _Run.start(objective, config, files, key, total, device, selection)
-    run.restore_or_init(config.seed, resume, total)
-    loss_log = LossLog(files.loss_log, run.step)
-    proxy_log = LossLog(files.proxy_log, run.step) if proxy is not None else None
-    recent = deque((row["loss"] for row in loss_log.rows), maxlen=steps_per_epoch)
-    bar = tqdm(total=total, initial=run.step, disable=not progress, dynamic_ncols=True,
-               desc=f"{identity.get('method', 'finetune')} {category}")
-
-    def evaluate() -> None:
-        row = run.evaluate(proxy)
-        proxy_log.append(row)
-        if tracker is not None:
-            tracker.log_eval(category, row)
-        bar.set_postfix(proxy=f"{row['score'] if row['score'] is None else round(row['score'], 4)}",
-                        best=selection.best["step"] if selection.best else None)
-
+    run = _Run.start(objective, config, files, key, schedule.total, device, selection)
+    run.restore_or_init(config.seed, resume, schedule.total)
+    logs = _Logs.open(run, files, str(identity.get("category", "")), str(identity.get("method", "finetune")),
+                      schedule, proxy is not None, tracker, progress)
     if proxy is not None and not selection.rows:
-        evaluate()  # step 0: the pretrained weights are always a candidate
-    loader_generator = torch.Generator().manual_seed(config.seed)  # worker seeds; keeps the global RNG untouched
-    last: dict = {}
-    stop = None
-    while run.step < total and stop is None:
-        epoch, offset = divmod(run.step, steps_per_epoch)
-        batches = EpochBatches(n, batch_size, config.seed, epoch, offset, limit=total - run.step)
-        loader = DataLoader(dataset, batch_sampler=batches, num_workers=num_workers, generator=loader_generator,
-                            pin_memory=device.type == "cuda")
-        for batch in loader:
-            try:
-                last = run.train_step(batch, device, epoch)
-            except FloatingPointError as error:
-                if proxy is None:
-                    raise
-                stop = f"diverged at step {run.step + 1} ({error})"
-                log.warning("%s: %s; keeping the best weights by the proxy", category, stop)
-                break
-            loss_log.append(last)
-            if tracker is not None:
-                tracker.log_step(category, last)
-            recent.append(last["loss"])
-            bar.update(1)
-            if proxy is None:
-                bar.set_postfix(loss=f"{last['loss']:.4f}", l2sp=f"{last['l2sp']:.2e}")
-            if proxy is not None and (run.step % proxy.config.eval_every == 0 or run.step == total):
-                evaluate()
-                if selection.exhausted and run.step < total:
-                    stop = (f"early stop at step {run.step}: {proxy.config.patience} evaluations without gain "
-                            f"over step {selection.best['step']}")
-                    log.info("%s: %s", category, stop)
-                    break
-            if run.step % checkpoint_every == 0 and run.step < total:
-                run.save_state()
-    bar.close()
-    summary = {"n_train_images": n, "steps_per_epoch": steps_per_epoch, "stop_reason": stop,
-               "final_loss": last.get("loss", loss_log.rows[-1]["loss"] if loss_log.rows else None),
-               "final_loss_mean": sum(recent) / len(recent) if recent else None}
+        logs.evaluation(run.evaluate(proxy), selection)  # step 0: the pretrained weights are always a candidate
+    stop = _train(run, dataset, schedule, config.seed, proxy, logs, device, num_workers, checkpoint_every)
+    logs.bar.close()
+    summary = logs.summary(schedule, stop)
     if proxy is not None:
         summary["proxy"] = {**asdict(proxy.config), **proxy.sizes()}
     return run.finish(identity, config, summary)
+
+
+@dataclass(frozen=True)
+class _Schedule:
+    """How many images, steps per epoch and steps in all a run has."""
+
+    n: int
+    batch_size: int
+    steps_per_epoch: int
+    total: int
+
+    @classmethod
+    def of(cls, n: int, config: TrainConfig) -> _Schedule:
+        if n == 0:
+            raise ValueError("no training images to fine-tune on")
+        batch_size = min(config.batch_size, n)
+        steps_per_epoch = n // batch_size
+        return cls(n, batch_size, steps_per_epoch, config.total_steps(steps_per_epoch))
+
+
+def _train(run: _Run, dataset: Dataset, schedule: _Schedule, seed: int, proxy: ProxyValidator | None, logs: _Logs,
+           device: torch.device, num_workers: int, checkpoint_every: int) -> str | None:
+    """Epochs of steps from ``run.step`` to the last step; the reason training stopped early, or None."""
+    loader_generator = torch.Generator().manual_seed(seed)  # worker seeds; keeps the global RNG untouched
+    while run.step < schedule.total:
+        epoch, offset = divmod(run.step, schedule.steps_per_epoch)
+        batches = EpochBatches(schedule.n, schedule.batch_size, seed, epoch, offset, limit=schedule.total - run.step)
+        loader = DataLoader(dataset, batch_sampler=batches, num_workers=num_workers, generator=loader_generator,
+                            pin_memory=device.type == "cuda")
+        for batch in loader:
+            stop = _step(run, batch, device, epoch, proxy, logs, schedule.total, checkpoint_every)
+            if stop is not None:
+                return stop
+    return None
+
+
+def _step(run: _Run, batch, device: torch.device, epoch: int, proxy: ProxyValidator | None, logs: _Logs,
+          total: int, checkpoint_every: int) -> str | None:
+    """One training step with its logging, proxy evaluation and resume file; the reason to stop, or None."""
+    category = logs.category
+    try:
+        row = run.train_step(batch, device, epoch)
+    except FloatingPointError as error:
+        if proxy is None:
+            raise
+        stop = f"diverged at step {run.step + 1} ({error})"
+        log.warning("%s: %s; keeping the best weights by the proxy", category, stop)
+        return stop
+    logs.step(row)
+    if proxy is not None and (run.step % proxy.config.eval_every == 0 or run.step == total):
+        logs.evaluation(run.evaluate(proxy), run.selection)
+        if run.selection.exhausted and run.step < total:
+            stop = (f"early stop at step {run.step}: {proxy.config.patience} evaluations without gain "
+                    f"over step {run.selection.best['step']}")
+            log.info("%s: %s", category, stop)
+            return stop
+    if run.step % checkpoint_every == 0 and run.step < total:
+        run.save_state()
+    return None
+
+
+@dataclass
+class _Logs:
+    """Where every step and evaluation row goes: the JSONL logs, the tracker, the progress bar."""
+
+    category: str
+    loss_log: LossLog
+    proxy_log: LossLog | None
+    bar: tqdm
+    tracker: TrainingTracker | None
+    recent: deque
+    last: dict = field(default_factory=dict)
+
+    @classmethod
+    def open(cls, run: _Run, files: CheckpointFiles, category: str, method: str, schedule: _Schedule,
+             with_proxy: bool, tracker: TrainingTracker | None, progress: bool) -> _Logs:
+        """The logs continued from ``run.step`` (a resumed run keeps its rows up to there)."""
+        loss_log = LossLog(files.loss_log, run.step)
+        proxy_log = LossLog(files.proxy_log, run.step) if with_proxy else None
+        recent = deque((row["loss"] for row in loss_log.rows), maxlen=schedule.steps_per_epoch)
+        bar = tqdm(total=schedule.total, initial=run.step, disable=not progress, dynamic_ncols=True,
+                   desc=f"{method} {category}")
+        return cls(category, loss_log, proxy_log, bar, tracker, recent)
+
+    def step(self, row: dict) -> None:
+        self.last = row
+        self.loss_log.append(row)
+        if self.tracker is not None:
+            self.tracker.log_step(self.category, row)
+        self.recent.append(row["loss"])
+        self.bar.update(1)
+        if self.proxy_log is None:
+            self.bar.set_postfix(loss=f"{row['loss']:.4f}", l2sp=f"{row['l2sp']:.2e}")
+
+    def evaluation(self, row: dict, selection: Selection) -> None:
+        self.proxy_log.append(row)
+        if self.tracker is not None:
+            self.tracker.log_eval(self.category, row)
+        self.bar.set_postfix(proxy=f"{row['score'] if row['score'] is None else round(row['score'], 4)}",
+                             best=selection.best["step"] if selection.best else None)
+
+    def summary(self, schedule: _Schedule, stop: str | None) -> dict:
+        """The run's numbers for the sidecar (the last loss, and the mean over the last epoch's steps)."""
+        rows = self.loss_log.rows
+        return {"n_train_images": schedule.n, "steps_per_epoch": schedule.steps_per_epoch, "stop_reason": stop,
+                "final_loss": self.last.get("loss", rows[-1]["loss"] if rows else None),
+                "final_loss_mean": sum(self.recent) / len(self.recent) if self.recent else None}
 
 
 def _finished_sidecar(files: CheckpointFiles, key: str) -> dict | None:
@@ -278,7 +326,7 @@ class _Run:
         loss = task_loss + penalty
         if not torch.isfinite(loss):
             raise FloatingPointError(
-                f"loss became {loss.item()} at step {self.step + 1}: lower method.lr / method.head_lr "
+                f"loss became {loss.item()} at step {self.step + 1}: lower method.train.lr / method.train.head_lr "
                 f"(the last good state is {self.files.state if self.files.state.is_file() else 'not saved yet'})"
             )
         self.optimizer.zero_grad(set_to_none=True)

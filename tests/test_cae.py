@@ -53,7 +53,7 @@ def test_seeded_training_is_deterministic() -> None:
 
 
 def test_bad_settings_are_rejected() -> None:
-    with pytest.raises(ValueError, match="model.image_size"):
+    with pytest.raises(ValueError, match="cae.image_size"):
         ConvAutoencoder(image_size=40)
-    with pytest.raises(ValueError, match="model.loss"):
+    with pytest.raises(ValueError, match="cae.loss"):
         CAE(loss="l1")

@@ -14,13 +14,13 @@ from PIL import Image
 
 from core.model_files import write_manifest
 from core.patchcore import ModelMismatchError
+from experiments.harness.fit_and_evaluate import run
 from experiments.harness.prediction import predict
-from experiments.main import run
 from tests.conftest import write_tiny_category
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ("dataset=folder", "dataset.resize=64", "dataset.image_size=64", "backbone=resnet18",
-        "backbone.pretrained=false", "patchcore.embed_dim=64", "coreset.ratio=0.5", "logger=none", "viz.n=0")
+        "backbone.pretrained=false", "patchcore.embedder.embed_dim=64", "coreset.ratio=0.5", "logger=none", "viz.n=0")
 
 
 def tiny_run(tmp_path: Path, make_config, *extra: str, n_train: int = 10) -> dict:
@@ -55,8 +55,8 @@ def test_f1_optimal_is_labelled_optimistic(tmp_path, make_config) -> None:
 
 
 def test_cae_baseline_through_the_entry_point(tmp_path, make_config) -> None:
-    results = tiny_run(tmp_path, make_config, "model=cae", "model.image_size=32", "model.latent_dim=8",
-                       "model.epochs=2", n_train=4)
+    results = tiny_run(tmp_path, make_config, "model=cae", "cae.image_size=32", "cae.latent_dim=8",
+                       "cae.epochs=2", n_train=4)
     entry = results["categories"]["widget"]
     assert entry["bank_size"] is None and entry["timings_s"]["train"] > 0
     assert 0.0 <= entry["image_auroc"] <= 1.0 and entry["aupro"] is not None

@@ -3,7 +3,7 @@
 Bars are set from measured values (`make demo`: default settings, official embedding, coreset 10%,
 seed 0): mean image AUROC 0.928 (brick 1.000, grass 0.828, gravel 0.883, tissue 1.000), mean pixel
 AUROC 0.986, mean AUPRO 0.958; the map maximum fell inside the mask for every hole and colour defect.
-``patchcore.aggregation=channel_mean`` (the suite's earlier embedding) must reproduce the earlier demo's
+``patchcore.embedder.aggregation=channel_mean`` (the suite's earlier embedding) must reproduce the earlier demo's
 numbers exactly: 0.96736 / 0.95075 / 0.98789 / 0.62516 / 0.96269 (image AUROC, image F1-max, pixel
 AUROC, pixel F1-max, AUPRO).
 """
@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader
 
 from core.data import Preprocessing, TexturesLayout
 from core.patchcore import PatchCore
-from experiments.main import run
+from experiments.harness.fit_and_evaluate import run
 from tests.conftest import CONF_DIR
 
 
@@ -39,7 +39,8 @@ def textures_run(tmp_path_factory, textures_root):
 
 
 def test_channel_mean_reproduces_the_earlier_demo_exactly(tmp_path_factory, textures_root) -> None:
-    run_dir = textures_results(tmp_path_factory, textures_root, "patchcore.aggregation=channel_mean", "viz.n=0")
+    run_dir = textures_results(tmp_path_factory, textures_root, "patchcore.embedder.aggregation=channel_mean",
+                               "viz.n=0")
     mean = json.loads((run_dir / "results.json").read_text())["mean"]
     expected = {"image_auroc": 0.96736, "image_f1_max": 0.95075, "pixel_auroc": 0.98789, "pixel_f1_max": 0.62516,
                 "aupro": 0.96269}

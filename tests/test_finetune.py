@@ -17,12 +17,13 @@ from torch.utils.data import DataLoader
 from core.backbones import EfficientNetLite, TorchvisionCNN
 from core.features import PatchEmbedder
 from core.patchcore import PatchCore
-from experiments.harness.backbones import loads_one_checkpoint_per_category, per_category_backbones
+from experiments.harness.backbones import per_category_backbones
 from extensions.checkpoint import (
     CheckpointFiles,
     CheckpointMismatchError,
     FineTunedBackbone,
     MissingCheckpointError,
+    is_finetuned,
     load_torch,
 )
 from extensions.cutmix_contrastive import CutMixContrastive, CutMixPlan, cutmix, nt_xent, plan_cutmix
@@ -296,11 +297,18 @@ def test_backbone_yaml_and_missing_checkpoint_names_the_make_command(tmp_path) -
             return compose("config", overrides=list(overrides))
 
     cfg = config("backbone=rotation", "category=bottle").backbone
-    assert cfg.checkpoint == "checkpoints/rotation/effnet_lite0/bottle.pt" and loads_one_checkpoint_per_category(cfg)
+    assert cfg.checkpoint == "checkpoints/rotation/effnet_lite0/bottle.pt" and is_finetuned(cfg)
+    for alias in ("rotation", "cutmix_contrastive"):  # short names for the generic config, the same node resolved
+        generic = config("backbone=finetuned", f"backbone.method={alias}", "category=bottle").backbone
+        short = config(f"backbone={alias}", "category=bottle").backbone
+        assert OmegaConf.to_container(short, resolve=True) == OmegaConf.to_container(generic, resolve=True) == {
+            "_target_": "extensions.checkpoint.FineTunedBackbone", "name": alias, "method": alias,
+            "base": "effnet_lite0", "checkpoint": f"checkpoints/{alias}/effnet_lite0/bottle.pt", "category": "bottle"}
     with pytest.raises(MissingCheckpointError, match=r"experiments/finetune.py method=rotation backbone=effnet_lite0 "
                                                      r"dataset=<dataset> category=bottle"):
         FineTunedBackbone(**{k: v for k, v in cfg.items() if k != "_target_"})
-    with pytest.raises(MissingCheckpointError, match=r"make finetune-rotation CATEGORY=bottle BACKBONE=effnet_lite0"):
+    with pytest.raises(MissingCheckpointError,
+                       match=r"make finetune METHOD=rotation CATEGORY=bottle BACKBONE=effnet_lite0"):
         per_category_backbones(config("backbone=rotation", "category=bottle"), ["bottle"])  # the harness's check
 
     cfg = config("backbone=cutmix_contrastive", "backbone.base=resnet18", "category=[grass,brick]",
@@ -321,8 +329,8 @@ def test_backbone_yaml_and_missing_checkpoint_names_the_make_command(tmp_path) -
     with pytest.raises(MissingCheckpointError) as raised:
         per_category_backbones(cfg, ["grass", "brick"])
     assert "2 fine-tuned checkpoints" in str(raised.value)
-    assert "make finetune-cutmix CATEGORY=grass BACKBONE=resnet18" in str(raised.value)
-    assert "make finetune-cutmix CATEGORY=brick BACKBONE=resnet18" in str(raised.value)
+    assert "make finetune METHOD=cutmix_contrastive CATEGORY=grass BACKBONE=resnet18" in str(raised.value)
+    assert "make finetune METHOD=cutmix_contrastive CATEGORY=brick BACKBONE=resnet18" in str(raised.value)
     (tmp_path / "resnet18").mkdir()
     (tmp_path / "resnet18" / "grass.pt").touch()
     with pytest.raises(MissingCheckpointError, match=r"brick.pt does not exist.*CATEGORY=brick"):
@@ -345,7 +353,16 @@ def test_make_targets_pick_the_dataset() -> None:
         "python experiments/finetune.py method=cutmix_contrastive backbone=effnet_lite0 dataset=textures category=all")
     assert dry_run("finetune-rotation", "QUICK=1") == (
         "python experiments/finetune.py method=rotation backbone=effnet_lite0 dataset=textures category=all "
-        "method.max_steps=4 proxy.eval_every=2")
+        "method.train.max_steps=4 proxy.eval_every=2")
+    assert dry_run("finetune", "METHOD=cutmix_contrastive", "CATEGORY=bottle") == (  # the generic target
+        "python experiments/finetune.py method=cutmix_contrastive backbone=effnet_lite0 dataset=mvtec category=bottle")
+    unknown = subprocess.run(["make", "--no-print-directory", "-n", "-f", "Makefile.finetune", "PY=python", "STAMP=",
+                              "finetune", "METHOD=nope"], cwd=REPO, capture_output=True, text=True)
+    assert unknown.returncode != 0 and not unknown.stdout
+    assert "METHOD=nope has no conf/method/nope.yaml; the methods are: cutmix_contrastive rotation" in unknown.stderr
+    compare = dry_run("finetune-compare", "CATEGORY=brick")  # PatchCore on every method of conf/method/
+    assert "for method in cutmix_contrastive rotation; do" in compare
+    assert "backbone=finetuned backbone.method=$method backbone.base=effnet_lite0" in compare
     assert dry_run("sweep-finetune", "SWEEP=cutmix", "CATEGORY=brick") == (
         "python experiments/finetune.py -m finetune_sweep=cutmix backbone=effnet_lite0 dataset=textures "
         "category=brick")
@@ -355,20 +372,20 @@ def test_make_targets_pick_the_dataset() -> None:
 
 
 TINY = ("backbone=resnet18", "backbone.pretrained=false", "dataset=folder", "dataset.resize=32",
-        "dataset.image_size=32", "method.max_steps=2", "method.batch_size=2", "num_workers=0", "progress=false",
-        "logger=none", "proxy.embed_dim=32")
+        "dataset.image_size=32", "method.train.max_steps=2", "method.train.batch_size=2", "num_workers=0",
+        "progress=false", "logger=none", "proxy.embed_dim=32")
 
 
 def test_finetune_then_patchcore_end_to_end(tmp_path, monkeypatch) -> None:
     from core.data import MVTecLayout
     from experiments.finetune import run as finetune
-    from experiments.main import run as patchcore
+    from experiments.harness.fit_and_evaluate import run as patchcore
 
     data = tmp_path / "data"
     write_tiny_category(data, "widget", n_train=4, size=40)
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        cfg = compose("finetune", overrides=[*TINY, "method=rotation", "method.hidden_dim=8", f"dataset.root={data}",
-                                             f"checkpoint_dir={tmp_path / 'ckpt'}"])
+        cfg = compose("finetune", overrides=[*TINY, "method=rotation", "method.objective.hidden_dim=8",
+                                             f"dataset.root={data}", f"checkpoint_dir={tmp_path / 'ckpt'}"])
     with monkeypatch.context() as patch:  # fine-tuning never looks at a test image
         for name in ("test_samples", "test_set"):
             patch.setattr(MVTecLayout, name, lambda *args, **kwargs: pytest.fail("fine-tuning read test images"))
@@ -383,7 +400,7 @@ def test_finetune_then_patchcore_end_to_end(tmp_path, monkeypatch) -> None:
             "backbone=rotation", "backbone.base=resnet18",
             f"backbone.checkpoint={tmp_path}/ckpt/rotation/${{backbone.base}}/${{category}}.pt", "dataset=folder",
             f"dataset.root={data}", "dataset.resize=32", "dataset.image_size=32",
-            "category=widget", "patchcore.embed_dim=32", "num_workers=0", "progress=false"])
+            "category=widget", "patchcore.embedder.embed_dim=32", "num_workers=0", "progress=false"])
     results = patchcore(cfg, tmp_path / "run")
     assert results["complete"] and 0 <= results["categories"]["widget"]["image_auroc"] <= 1
 
@@ -391,13 +408,14 @@ def test_finetune_then_patchcore_end_to_end(tmp_path, monkeypatch) -> None:
 def test_finetune_command_line(tmp_path) -> None:
     data = tmp_path / "data"
     write_tiny_category(data, "widget", n_train=3, size=40)
-    command = [sys.executable, "experiments/finetune.py", *TINY, "method=cutmix_contrastive", "method.hidden_dim=8",
-               f"dataset.root={data}", f"checkpoint_dir={tmp_path / 'ckpt'}", f"hydra.run.dir={tmp_path / 'out'}"]
+    command = [sys.executable, "experiments/finetune.py", *TINY, "method=cutmix_contrastive",
+               "method.objective.hidden_dim=8", f"dataset.root={data}", f"checkpoint_dir={tmp_path / 'ckpt'}",
+               f"hydra.run.dir={tmp_path / 'out'}"]
     done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert "2 steps" in done.stdout
     sidecar = json.loads((tmp_path / "ckpt" / "cutmix_contrastive" / "resnet18" / "widget.json").read_text())
-    assert sidecar["config"]["method"]["temperature"] == 0.2 and sidecar["n_train_images"] == 2
+    assert sidecar["config"]["method"]["objective"]["temperature"] == 0.2 and sidecar["n_train_images"] == 2
 
 
 def test_finetune_refuses_a_fine_tuned_backbone(tmp_path) -> None:
@@ -407,3 +425,27 @@ def test_finetune_refuses_a_fine_tuned_backbone(tmp_path) -> None:
         cfg = compose("finetune", overrides=["backbone=rotation", "dataset=folder", f"dataset.root={tmp_path}"])
     with pytest.raises(ValueError, match="fine-tune a base backbone"):
         finetune(cfg)
+
+
+def test_a_method_config_is_train_plus_objective_and_errors_name_the_fix() -> None:
+    from omegaconf import OmegaConf
+
+    from experiments.harness.finetuning import build_objective, method_parts
+
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        method = OmegaConf.to_container(compose("finetune", overrides=["method=rotation", "method.train.lr=0.01",
+                                                                       "method.objective.hidden_dim=8"]).method)
+    train, objective = method_parts(method)
+    assert train == TrainConfig(lr=0.01)  # every other shared setting at conf/method/train/default.yaml's default
+    assert objective == {"_target_": "extensions.rotation.RotationPrediction", "hidden_dim": 8, "flip": True}
+    built = build_objective(objective, resnet18())
+    assert isinstance(built, RotationPrediction) and built.head[0].out_features == 8
+
+    with pytest.raises(ValueError, match=r"has no \['train', 'objective'\].*Add a fine-tuning method"):
+        method_parts({"name": "old", "_target_": "extensions.rotation.RotationPrediction", "lr": 1e-4})
+    with pytest.raises(ValueError, match=r"method.train: .*'temperature'.*go under method.objective"):
+        method_parts({"name": "x", "train": {"temperature": 0.1}, "objective": {}})
+    with pytest.raises(ValueError, match=r"method.objective._target_='torch.nn.Linear': name a subclass"):
+        build_objective({"_target_": "torch.nn.Linear"}, resnet18())
+    with pytest.raises(ValueError, match=r"method.objective._target_='extensions.nope.Nope' cannot be imported"):
+        build_objective({"_target_": "extensions.nope.Nope"}, resnet18())

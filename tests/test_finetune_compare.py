@@ -1,14 +1,19 @@
 """experiments/finetune_compare.py: the README's "Does fine-tuning help?" table, from hand-made sidecars and
-results files in both layouts it reads (a `make finetune-compare` folder and a study folder)."""
+results files in both layouts it reads (a `make finetune-compare` folder and a study folder), and the same
+mean ± sample std as the paper's tables for the same runs."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
-from experiments.finetune_compare import agreement, collect, markdown, sweep_markdown, sweep_rows
+from experiments.finetune_compare import agreement, collect, markdown, sweep_markdown, sweep_rows, table
+from extensions.checkpoint import FineTunedBackbone
+
+FINETUNED = f"{FineTunedBackbone.__module__}.{FineTunedBackbone.__qualname__}"
 
 
 def _sidecar(path: Path, category: str, method: str, proxy: tuple[float, float], start: tuple[float, float],
@@ -20,11 +25,15 @@ def _sidecar(path: Path, category: str, method: str, proxy: tuple[float, float],
                       "start": {"image_auroc": start[0], "pixel_auroc": start[1]}}}))
 
 
-def _results(path: Path, method: str | None, scores: dict[str, tuple[float, float]], complete: bool = True) -> None:
+def _results(path: Path, method: str | None, scores: dict[str, tuple[float, float]], complete: bool = True,
+             checkpoint: Path | None = None, seed: int = 0) -> Path:
+    """A results.json; a fine-tuned one names its checkpoint (the sidecars lie next to it)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    backbone = {"name": method or "effnet_lite0", **({"method": method} if method else {})}
-    path.write_text(json.dumps({"complete": complete, "config": {"backbone": backbone}, "categories": {
+    backbone = {"name": method or "effnet_lite0",
+                **({"method": method, "_target_": FINETUNED, "checkpoint": str(checkpoint)} if method else {})}
+    path.write_text(json.dumps({"complete": complete, "config": {"backbone": backbone, "seed": seed}, "categories": {
         c: {"image_auroc": i, "pixel_auroc": p} for c, (i, p) in scores.items()}}))
+    return path.parent
 
 
 def _run(arm: Path, seed: int) -> Path:
@@ -32,31 +41,59 @@ def _run(arm: Path, seed: int) -> Path:
     return arm.parent / f"{arm.name}_seed{seed}" / "results.json"
 
 
-def _fill(checkpoints: Path, patchcore: dict[str, Path]) -> None:
-    start = (0.90, 0.95)
+def _fill(checkpoints: Path, patchcore: dict[str, Path]) -> dict[str, list[Path]]:
+    """Sidecars and runs of two rotation seeds, one CutMix seed and two ImageNet runs; returns the run folders."""
+    start, folders = (0.90, 0.95), {}
     for seed, (proxy, test) in enumerate([(0.92, 0.80), (0.94, 0.84)]):
-        _sidecar(checkpoints / f"seed{seed}" / "rotation" / "effnet_lite0" / "grass.json", "grass", "rotation",
-                 (proxy, 0.96), start, 20 * seed)
-        _results(_run(patchcore["rotation"], seed), "rotation", {"grass": (test, 0.97)})
-    _sidecar(checkpoints / "seed0" / "cutmix_contrastive" / "effnet_lite0" / "grass.json", "grass",
-             "cutmix_contrastive", (0.90, 0.94), start, 0)
-    _results(_run(patchcore["cutmix_contrastive"], 0), "cutmix_contrastive", {"grass": (0.81, 0.96)})
-    for seed, test in enumerate([0.81, 0.83]):
-        _results(_run(patchcore["imagenet"], seed), None, {"grass": (test, 0.96)})
+        sidecar = checkpoints / f"seed{seed}" / "rotation" / "effnet_lite0" / "grass.json"
+        _sidecar(sidecar, "grass", "rotation", (proxy, 0.96), start, 20 * seed)
+        folders.setdefault("rotation", []).append(_results(_run(patchcore["rotation"], seed), "rotation", {
+            "grass": (test, 0.97)}, checkpoint=sidecar.parent / "all.pt", seed=seed))
+    sidecar = checkpoints / "seed0" / "cutmix_contrastive" / "effnet_lite0" / "grass.json"
+    _sidecar(sidecar, "grass", "cutmix_contrastive", (0.90, 0.94), start, 0)
+    folders["cutmix_contrastive"] = [_results(_run(patchcore["cutmix_contrastive"], 0), "cutmix_contrastive",
+                                              {"grass": (0.81, 0.96)}, checkpoint=sidecar.parent / "all.pt")]
+    folders["baseline"] = [_results(_run(patchcore["imagenet"], seed), None, {"grass": (test, 0.96)}, seed=seed)
+                           for seed, test in enumerate([0.81, 0.83])]
+    return folders
 
 
-def _check(table: dict) -> None:
-    rotation, imagenet = table[("grass", "rotation")], table[("grass", "imagenet")]
-    assert rotation["proxy_image"] == [0.92, 0.94] and rotation["test_image"] == [0.80, 0.84]
-    assert rotation["steps"] == ["0/40", "20/40"]
-    assert imagenet["proxy_image"] == [0.90] and imagenet["test_image"] == [0.81, 0.83]
+def _manifest(study: Path, comparisons: dict[str, dict[str, list[Path]]]) -> None:
+    """study.json as experiments/study.py writes it: per comparison its arms (the baseline first) and jobs."""
+    jobs, entries = [], {}
+    for name, arms in comparisons.items():
+        arms, ids = {arm: arms[arm] for arm in sorted(arms, key=lambda arm: arm != "baseline")}, []
+        for arm, folders in arms.items():
+            for seed, folder in enumerate(folders):
+                ids.append(f"{name}/{folder.name}")
+                jobs.append({"id": ids[-1], "kind": "patchcore", "arm": arm, "seed": seed, "folder": str(folder),
+                             "status": "done"})
+        entries[name] = {"title": name, "arms": list(arms), "jobs": ids}
+    (study / "study.json").write_text(json.dumps({"study": "syn", "jobs": jobs, "comparisons": entries}))
+
+
+def _values(frame: pd.DataFrame, arm: str, column: str) -> list:
+    return frame.loc[(frame["category"] == "grass") & (frame["arm"] == arm), column].tolist()
+
+
+def _check(collected: tuple[pd.DataFrame, pd.DataFrame]) -> None:
+    tests, proxies = collected
+    assert _values(proxies, "rotation", "proxy_image") == [0.92, 0.94]
+    assert _values(tests, "rotation", "image_auroc") == [0.80, 0.84]
+    assert _values(proxies, "rotation", "steps") == ["0/40", "20/40"]
+    assert _values(proxies, "imagenet", "proxy_image") == [0.90] and _values(tests, "imagenet", "image_auroc") == [
+        0.81, 0.83]
     # rotation: proxy +0.03 and test +0.00 (0.82 vs 0.82): disagree; cutmix: proxy 0, test -0.01: disagree
-    assert agreement(table) == (0, 2)
-    text = markdown(table)
-    # mean ± population std over the two seeds, computed by hand: 0.93 ± 0.01 and 0.82 ± 0.02
-    assert "| grass | rotation | 0.9300 ± 0.0100 | 0.9600 ± 0.0000 | 0.8200 ± 0.0200 | 0.9700 ± 0.0000 " \
-           "| 0/40, 20/40 |" in text
-    assert "| grass | imagenet | 0.9000 | 0.9500 | 0.8200 ± 0.0100 | 0.9600 ± 0.0000 | - |" in text
+    assert agreement(tests, proxies) == (0, 2)
+    text = markdown(tests, proxies)
+    # in %, mean ± sample std (ddof=1) over the two seeds, by hand: 0.92, 0.94 -> 93.00 ± 1.41 (0.02 / sqrt 2);
+    # 0.80, 0.84 -> 82.00 ± 2.83; 0.81, 0.83 -> 82.00 ± 1.41
+    assert "| grass | rotation | 93.00 ± 1.41 | 96.00 ± 0.00 | 82.00 ± 2.83 | 97.00 ± 0.00 | 0/40, 20/40 |" in text
+    assert "| grass | imagenet | 90.00 | 95.00 | 82.00 ± 1.41 | 96.00 ± 0.00 | - |" in text
+    assert "| grass | cutmix_contrastive | 90.00 | 94.00 | 81.00 | 96.00 | 0/40 |" in text
+    assert "mean ± sample std over seeds (ddof=1)" in text  # the convention, in the caption
+    assert [line.split(" | ")[1] for line in text.splitlines() if line.startswith("| grass")] == [
+        "imagenet", "cutmix_contrastive", "rotation"]  # the methods found, ImageNet first
     assert "same sign in 0 of 2 category x method cells" in text
 
 
@@ -65,28 +102,62 @@ def test_compare_folder(tmp_path: Path) -> None:
     _check(collect(tmp_path))
 
 
-def test_study_folder_reads_baseline_and_finetuning_only(tmp_path: Path) -> None:
-    (tmp_path / "study.json").write_text("{}")
-    _fill(tmp_path / "checkpoints", {"imagenet": tmp_path / "baseline" / "baseline",
-                                     "rotation": tmp_path / "finetuning" / "rot",
-                                     "cutmix_contrastive": tmp_path / "finetuning" / "cut"})
-    # other comparisons and unfinished runs are not part of the table
-    _results(tmp_path / "variants" / "cosine" / "results.json", None, {"grass": (0.10, 0.10)})
-    _results(tmp_path / "baseline" / "unfinished" / "results.json", None, {"grass": (0.10, 0.10)}, complete=False)
+def test_study_folder_reads_its_finetuning_comparisons_only(tmp_path: Path) -> None:
+    folders = _fill(tmp_path / "checkpoints", {"imagenet": tmp_path / "baseline" / "baseline",
+                                               "rotation": tmp_path / "finetuning" / "rotation",
+                                               "cutmix_contrastive": tmp_path / "finetuning" / "cutmix_contrastive"})
+    # other comparisons, unfinished runs and sidecars no run of the study uses are not part of the table
+    cosine = _results(tmp_path / "variants" / "cosine" / "results.json", None, {"grass": (0.10, 0.10)},
+                      seed=9)  # another config than the baseline's (not a duplicate of it)
+    folders["baseline"].append(_results(tmp_path / "baseline" / "unfinished" / "results.json", None,
+                                        {"grass": (0.10, 0.10)}, complete=False))
     _sidecar(tmp_path / "checkpoints" / "l2sp_0" / "seed0" / "rotation" / "effnet_lite0" / "grass.json", "grass",
              "rotation", (0.10, 0.10), (0.90, 0.95), 40)
+    _manifest(tmp_path, {"finetuning": folders, "variants": {"baseline": folders["baseline"], "cosine": [cosine]}})
     _check(collect(tmp_path))
 
 
 def test_agreement_counts_matching_signs() -> None:
-    table = {("a", "imagenet"): {"proxy_image": [0.5], "test_image": [0.5]},
-             ("a", "rotation"): {"proxy_image": [0.6], "test_image": [0.7]},
-             ("b", "imagenet"): {"proxy_image": [0.5], "test_image": [0.5]},
-             ("b", "rotation"): {"proxy_image": [0.5], "test_image": [0.5]}}
-    assert agreement(table) == (2, 2)
-    table[("a", "imagenet")]["proxy_score"], table[("a", "rotation")]["proxy_score"] = [0.5], [0.4]  # down, test up
-    assert agreement(table, "proxy_score") == (0, 1)  # b has no selection score: not compared
-    assert agreement({("a", "rotation"): {"proxy_image": [0.6], "test_image": [0.7]}}) == (0, 0)
+    def frame(column: str, values: dict) -> pd.DataFrame:
+        return pd.DataFrame([{"category": c, "arm": a, column: v} for (c, a), v in values.items()])
+
+    tests = frame("image_auroc", {("a", "imagenet"): 0.5, ("a", "rotation"): 0.7, ("b", "imagenet"): 0.5,
+                                  ("b", "rotation"): 0.5})
+    proxies = frame("proxy_image", {("a", "imagenet"): 0.5, ("a", "rotation"): 0.6, ("b", "imagenet"): 0.5,
+                                    ("b", "rotation"): 0.5})
+    assert agreement(tests, proxies) == (2, 2)
+    proxies["proxy_score"] = [0.5, 0.4, None, None]  # a: the score went down while the test went up
+    assert agreement(tests, proxies, "proxy_score") == (0, 1)  # b has no selection score: not compared
+    assert agreement(tests[tests["arm"] == "rotation"], proxies[proxies["arm"] == "rotation"]) == (0, 0)
+
+
+def test_same_mean_and_sample_std_as_the_paper(tmp_path: Path) -> None:
+    """The same runs, read as a study by the paper and by finetune_compare: the same numbers in each cell."""
+    from experiments.reporting.comparisons import load
+    from experiments.reporting.stats import number
+    from experiments.reporting.tables import category_table
+    from tests.test_report import write_run
+    from tests.test_report_paper import _make_config
+
+    study, jobs = tmp_path / "syn", []
+    arms = {"baseline": ("baseline", (), {0: 0.81, 1: 0.83, 2: 0.86}),
+            "rotation": ("finetuning", ("backbone=rotation", "backbone.base=effnet_lite0"), {0: 0.80, 1: 0.84, 2: 0.9})}
+    for arm, (comparison, overrides, aurocs) in arms.items():
+        for seed, auroc in aurocs.items():
+            folder = study / comparison / f"{arm}_seed{seed}"
+            write_run(folder, _make_config, (*overrides, f"seed={seed}"), {"grass": auroc, "brick": 1.0})
+            jobs.append({"id": f"{comparison}/{folder.name}", "kind": "patchcore", "arm": arm, "seed": seed,
+                         "folder": str(folder), "status": "done"})
+    (study / "study.json").write_text(json.dumps({"study": "syn", "jobs": jobs, "comparisons": {"finetuning": {
+        "title": "Fine-tuned backbones", "arms": ["baseline", "rotation"], "jobs": [j["id"] for j in jobs]}}}))
+    paper = {row[0].text: row for row in category_table(load([study]).comparisons[0], "image_auroc").rows}
+    ours = {row[1].text: row for row in table(*collect(study)).rows if row[0].text == "grass"}
+    for arm, method in (("baseline", "imagenet"), ("rotation", "rotation")):
+        cell, mine = paper[arm][2], ours[method][4]  # grass (after brick) / test image AUROC
+        assert (mine.value, mine.std, mine.sources) == (cell.value, cell.std, cell.sources)
+        assert mine.text == number(cell.value, cell.std, 3, 2) and cell.text == number(cell.value, cell.std, 3)
+    # by hand: rotation 80, 84, 90 -> mean 84.67, sample std sqrt(((4.67)^2 + 0.67^2 + 5.33^2) / 2) = 5.03
+    assert ours["rotation"][4].text == "84.67 ± 5.03" and paper["rotation"][2].text == "84.7 ± 5.0"
 
 
 def test_sweep_rows_read_each_job(tmp_path: Path) -> None:

@@ -20,7 +20,7 @@ import extensions.synthetic
 from core.backbones import EfficientNetLite, TorchvisionCNN
 from core.data import DatasetError, MVTecLayout, Preprocessing
 from experiments.harness.finetune_tracking import FinetuneTracking
-from experiments.harness.finetuning import datasets
+from experiments.harness.finetuning import datasets, method_names
 from extensions.checkpoint import CheckpointFiles, FineTunedBackbone, load_torch
 from extensions.cutmix_contrastive import CutMixContrastive
 from extensions.monitors import CollapseWarning, distance_spread, effective_rank
@@ -178,8 +178,8 @@ def test_proxy_never_reads_the_test_folder(tmp_path, monkeypatch) -> None:
         monkeypatch.setattr(MVTecLayout, name, lambda *args, **kwargs: pytest.fail("fine-tuning listed test images"))
     cfg = compose_config("finetune", "backbone=resnet18", "backbone.pretrained=false", "dataset=folder",
                          f"dataset.root={data}", "dataset.resize=32", "dataset.image_size=32", "method=rotation",
-                         "method.hidden_dim=8", "method.max_steps=2", "method.batch_size=2", "num_workers=0",
-                         "progress=false", "logger=none", "proxy.embed_dim=16", "proxy.eval_every=1",
+                         "method.objective.hidden_dim=8", "method.train.max_steps=2", "method.train.batch_size=2",
+                         "num_workers=0", "progress=false", "logger=none", "proxy.embed_dim=16", "proxy.eval_every=1",
                          f"checkpoint_dir={tmp_path / 'ckpt'}")
     record = finetune(cfg)["widget"]
     assert record["selection"]["evaluations"] == 3 and record["selection"]["config"]["proxy_anomalies"] == 6
@@ -387,7 +387,8 @@ def test_finetune_command_line_writes_an_offline_wandb_run(tmp_path, monkeypatch
     command = [str(REPO / ".venv/bin/python") if (REPO / ".venv/bin/python").exists() else "python",
                "experiments/finetune.py", "backbone=resnet18", "backbone.pretrained=false", "dataset=folder",
                f"dataset.root={tmp_path / 'data'}", "dataset.resize=32", "dataset.image_size=32",
-               "method.max_steps=2", "method.batch_size=2", "method.hidden_dim=8", "num_workers=0", "progress=false",
+               "method.train.max_steps=2", "method.train.batch_size=2", "method.objective.hidden_dim=8",
+               "num_workers=0", "progress=false",
                "proxy.embed_dim=16", f"checkpoint_dir={tmp_path / 'ckpt'}", f"hydra.run.dir={tmp_path / 'out'}"]
     done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
@@ -412,14 +413,24 @@ def test_the_default_base_is_the_same_for_finetune_and_patchcore() -> None:
 def test_sweep_presets_compose_and_write_per_job_checkpoints(monkeypatch) -> None:
     monkeypatch.delenv("FINETUNE_COMPARE_DIR", raising=False)
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        for preset, method, swept in (("rotation", "rotation", {"method.lr", "method.l2sp_weight"}),
-                                      ("cutmix", "cutmix_contrastive", {"method.lr", "method.temperature",
-                                                                         "method.same_image_prob"})):
+        for preset, method, swept in (
+                ("rotation", "rotation", {"method.train.lr", "method.train.l2sp_weight"}),
+                ("cutmix", "cutmix_contrastive", {"method.train.lr", "method.objective.temperature",
+                                                  "method.objective.same_image_prob"})):
             cfg = compose("finetune", overrides=[f"finetune_sweep={preset}"], return_hydra_config=True)
             assert cfg.method.name == method and set(cfg.hydra.sweeper.params) == swept
             assert cfg._get_node("checkpoint_dir")._value() == "${hydra:runtime.output_dir}/checkpoints"
-        cfg = compose("finetune", overrides=["finetune_sweep=seeds", "method.seed=2"], return_hydra_config=True)
-        assert dict(cfg.hydra.sweeper.params) == {"method": "rotation,cutmix_contrastive", "method.seed": "0,1,2"}
+        cfg = compose("finetune", overrides=["finetune_sweep=seeds", "method.train.seed=2"], return_hydra_config=True)
+        assert dict(cfg.hydra.sweeper.params) == {"method": "glob(*)", "method.train.seed": "0,1,2"}
+        # glob(*): Hydra's sweeper expands it to every conf/method/<name>.yaml (not the train/ subgroup)
+        from hydra._internal.config_loader_impl import ConfigLoaderImpl
+        from hydra._internal.utils import create_config_search_path
+        from hydra.core.override_parser.overrides_parser import OverridesParser
+
+        loader = ConfigLoaderImpl(config_search_path=create_config_search_path(CONF_DIR))
+        parser = OverridesParser.create(config_loader=loader)
+        swept = parser.parse_overrides([f"method={cfg.hydra.sweeper.params.method}"])
+        assert list(swept[0].sweep_string_iterator()) == method_names() == ["cutmix_contrastive", "rotation"]
         assert cfg.checkpoint_dir == "outputs/finetune_compare/seed2"
 
 
@@ -427,15 +438,15 @@ def test_readme_commands_work_as_written_on_a_fresh_clone(tmp_path, monkeypatch,
     """`make finetune-rotation QUICK=1 && python experiments/main.py backbone=rotation`, with nothing but the
     data's root, size and a tiny schedule overridden: the default checkpoint paths must meet."""
     from experiments.finetune import run as finetune
-    from experiments.main import run as patchcore
+    from experiments.harness.fit_and_evaluate import run as patchcore
 
     monkeypatch.chdir(tmp_path)  # checkpoints/ relative to the working directory, as in a fresh clone
     data = (f"dataset.root={textures_root}", "dataset.categories=[brick]", "dataset.resize=64",
             "dataset.image_size=64", "num_workers=0", "progress=false", "logger=none")
-    records = finetune(compose_config("finetune", "method=rotation", *data, "method.max_steps=1",
-                                      "method.hidden_dim=8", "proxy.eval_every=1", "proxy.embed_dim=32"))
+    records = finetune(compose_config("finetune", "method=rotation", *data, "method.train.max_steps=1",
+                                      "method.objective.hidden_dim=8", "proxy.eval_every=1", "proxy.embed_dim=32"))
     assert records["brick"]["selection"]["config"]["proxy_nominal"] == 8
     assert (tmp_path / "checkpoints/rotation/effnet_lite0/brick.pt").is_file()
-    results = patchcore(compose_config("config", "backbone=rotation", *data, "patchcore.embed_dim=32", "viz.n=0"),
-                        tmp_path / "run")
+    results = patchcore(compose_config("config", "backbone=rotation", *data, "patchcore.embedder.embed_dim=32",
+                                       "viz.n=0"), tmp_path / "run")
     assert results["complete"] and 0.5 < results["categories"]["brick"]["image_auroc"] <= 1

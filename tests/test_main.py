@@ -15,12 +15,12 @@ from torch.utils.data import DataLoader
 
 from core.data import DatasetError
 from core.patchcore import PatchCore
-from experiments.main import run
+from experiments.harness.fit_and_evaluate import run
 from tests.conftest import write_tiny_category
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ("dataset=folder", "dataset.resize=64", "dataset.image_size=64", "backbone=resnet18",
-        "backbone.pretrained=false", "patchcore.embed_dim=64", "coreset.ratio=0.5")
+        "backbone.pretrained=false", "patchcore.embedder.embed_dim=64", "coreset.ratio=0.5")
 
 
 def tiny(root: Path, *extra: str) -> tuple[str, ...]:
@@ -144,8 +144,8 @@ def test_one_instantiate_builds_the_whole_model(make_config) -> None:
     from core.search import SearchOptions
 
     cfg = make_config("backbone=resnet18", "backbone.pretrained=false", "backbone.layers=[layer2]",
-                      "patchcore.embed_dim=32", "coreset.ratio=0.25", "coreset.method=plain", "search=faiss",
-                      "patchcore.num_neighbors=2")
+                      "patchcore.embedder.embed_dim=32", "coreset.ratio=0.25", "coreset.method=plain", "search=faiss",
+                      "patchcore.scoring.num_neighbors=2")
     model = instantiate(cfg.model)
     assert isinstance(model, PatchCore) and isinstance(model.extractor, TorchvisionCNN)
     assert model.extractor.layers == ["layer2"] and model.scoring.num_neighbors == 2
@@ -156,14 +156,13 @@ def test_one_instantiate_builds_the_whole_model(make_config) -> None:
 
 
 def test_former_names_keep_working(make_config) -> None:
-    assert make_config("memory=faiss").search.backend == "faiss"
-    assert make_config("coreset.method=plain").coreset.method == "plain"
+    assert make_config("coreset.method=plain").coreset.method == "plain"  # memory=...: tests/test_overrides.py
 
 
 def test_cae_runs_through_the_same_harness(tmp_path, make_config) -> None:
     write_tiny_category(tmp_path / "data", "widget")
-    cfg = make_config(*tiny(tmp_path / "data", "category=widget", "model=cae", "model.image_size=32",
-                            "model.epochs=1", "model.latent_dim=8", "save_model=true"))
+    cfg = make_config(*tiny(tmp_path / "data", "category=widget", "model=cae", "cae.image_size=32",
+                            "cae.epochs=1", "cae.latent_dim=8", "save_model=true"))
     results = run(cfg, tmp_path / "run")
     entry = results["categories"]["widget"]
     assert set(entry["timings_s"]) == {"train", "predict"} and entry["bank_size"] is None

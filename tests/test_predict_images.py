@@ -159,7 +159,7 @@ def _documented_example() -> str:
 
 
 def test_the_documented_example_runs_as_written(tmp_path, make_config, textures_root, monkeypatch, capsys) -> None:
-    from experiments.main import run
+    from experiments.harness.fit_and_evaluate import run
 
     readme = (REPO / "README.md").read_text()
     assert "docs/deployment.md" in readme

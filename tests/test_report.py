@@ -19,7 +19,8 @@ from PIL import Image
 from experiments.harness.anomaly_maps import save_record
 from experiments.harness.run_key import config_hash
 from experiments.report import main
-from experiments.reporting.build import build_report
+from experiments.reporting.digest import build_digest as build_report
+from experiments.reporting.typst_out import escape
 from tests.conftest import write_tiny_category
 
 CATEGORIES = ("bottle", "screw")
@@ -178,7 +179,9 @@ def test_left_out_runs_are_listed_not_mixed_in(report) -> None:
 
 def test_figures_are_valid_images(report) -> None:
     out, manifest = report
-    expected = {"coreset_ratio", "layers_0", "cold_start", "roc", "maps_bottle", "maps_screw"}
+    # one sweep figure per inferred sweep comparison (the paper's), the ROC curves and the map grids of the variants
+    expected = {"sweep_coreset_ratio", "sweep_backbone_layers", "sweep_dataset_train_limit", "roc", "maps_bottle",
+                "maps_screw"}
     assert expected <= set(manifest["figures"])
     for name in expected:
         with Image.open(out / "figures" / f"{name}.png") as image:
@@ -193,15 +196,47 @@ def test_pdf_has_the_expected_pages(report) -> None:
     data = (out / "digest.pdf").read_bytes()
     assert data.startswith(b"%PDF") and data.rstrip().endswith(b"%%EOF")
     pages = len(re.findall(rb"/Type\s*/Page\b", data))
-    # title, setup and the 5 tables (8 variants: each split in two) fill pages 1-3; the 6 figures start
-    # on page 4 and end on page 6 with the commands and the runs left out
-    assert pages == manifest["pages"] == 6
+    # typeset by Typst from digest.typ: title and setup fill page 1, the shared settings and the 5 tables
+    # page 2 with the first figure; the other 5 figures pages 3-4; the commands and the runs left out page 5
+    assert pages == manifest["pages"] == 5
+    assert manifest["pages_overflowing"] == []  # nothing runs into the side margins (page_check.py)
     if shutil.which("pdfinfo"):
         info = subprocess.run(["pdfinfo", str(out / "digest.pdf")], capture_output=True, text=True).stdout
-        assert re.search(r"Pages:\s+6\b", info)
+        assert re.search(r"Pages:\s+5\b", info)
     if shutil.which("pdftotext"):
         text = subprocess.run(["pdftotext", str(out / "digest.pdf"), "-"], capture_output=True, text=True).stdout
         assert "Image AUROC" in text and "python experiments/main.py" in text
+
+
+def _markdown_table(markdown: str, caption: str) -> list[list[str]]:
+    """The cells of the pipe table under ``caption`` (bold marks removed; the alignment row skipped)."""
+    lines = markdown.split(f"**{caption}", 1)[1].split("\n\n", 2)[1].splitlines()
+    return [[c.strip().strip("*") for c in line.strip("|").split("|")] for line in lines if line.startswith("| ")]
+
+
+def _typst_table(source: str, caption: str) -> list[list[str]]:
+    """The cells of the Typst table under ``caption`` (#strong and escapes removed)."""
+    part = source.split(escape(caption), 1)[1].split("#figure", 1)[0]
+    rows = [re.findall(r"\[((?:[^\[\]]|\[[^\[\]]*\])*)\]", line) for line in part.splitlines()
+            if line.strip().startswith("[")]
+    return [[re.sub(r"^#strong\[(.*)\]$", r"\1", c).replace("\\", "") for c in row] for row in rows]
+
+
+def test_markdown_and_typst_render_the_same_document(report) -> None:
+    """digest.md and digest.typ are two renders of one document model: the same table cells, the same text."""
+    out, _ = report
+    markdown, source = (out / "digest.md").read_text(), (out / "digest.typ").read_text()
+    # the wrn50 bottle cell (seeds 99 and 97: mean 98.0, sample std 1.4), bold as the best of its row
+    assert "| bottle | **98.0 ± 1.4** |" in markdown and "[bottle], [#strong[98.0 ± 1.4]]" in source
+    caption = "Image AUROC in % per category and variant"
+    table = _markdown_table(markdown, caption)
+    assert table[0][:2] == ["category", WRN] and table[1][:2] == ["bottle", "98.0 ± 1.4"] and len(table) == 4
+    assert table[3][0] == "mean" and table[3][1] == "94.5 ± 0.0"  # seed means (99+90)/2 = (97+92)/2 = 94.5
+    assert _typst_table(source, caption) == table
+    timing = "Time and memory"
+    assert _typst_table(source, timing) == _markdown_table(markdown, timing)
+    for heading in ("Setup", "Results", "Figures", "Reproducing these numbers", "Runs not in this report"):
+        assert f"## {heading}" in markdown and f"= {heading}" in source
 
 
 def test_random_weights_are_always_labelled(tmp_path, make_config) -> None:
@@ -214,12 +249,12 @@ def test_random_weights_are_always_labelled(tmp_path, make_config) -> None:
 
 
 def test_map_grid_re_runs_a_saved_model(tmp_path, make_config) -> None:
-    from experiments.main import run
+    from experiments.harness.fit_and_evaluate import run
 
     write_tiny_category(tmp_path / "data", "widget")
     cfg = make_config("dataset=folder", f"dataset.root={tmp_path / 'data'}", "dataset.resize=64",
                       "dataset.image_size=64", "backbone=resnet18", "backbone.pretrained=false",
-                      "patchcore.embed_dim=64", "category=widget", "save_model=true", "viz.n=0", "logger=none")
+                      "patchcore.embedder.embed_dim=64", "category=widget", "save_model=true", "viz.n=0", "logger=none")
     run(cfg, tmp_path / "runs" / "r")
     assert not (tmp_path / "runs" / "r" / "maps").exists()
     manifest = build_report([tmp_path / "runs"], tmp_path / "out")

@@ -219,12 +219,12 @@ def test_saving_over_a_folder_that_is_no_model_is_refused(resnet_with_weights_fi
 
 
 TINY = ("dataset=folder", "dataset.resize=32", "dataset.image_size=32", "backbone=resnet18",
-        "backbone.pretrained=false", "backbone.layers=[layer2]", "patchcore.embed_dim=16", "coreset.ratio=0.5",
+        "backbone.pretrained=false", "backbone.layers=[layer2]", "patchcore.embedder.embed_dim=16", "coreset.ratio=0.5",
         "logger=none", "viz.n=0", "category=widget")
 
 
 def test_save_model_spec_only_through_the_harness_and_bad_values(tmp_path, make_config) -> None:
-    from experiments.main import run
+    from experiments.harness.fit_and_evaluate import run
     from tests.conftest import write_tiny_category
 
     write_tiny_category(tmp_path / "data", "widget", size=32)

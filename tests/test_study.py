@@ -56,13 +56,14 @@ def test_plan_jobs_and_skipped_arms(tmp_path) -> None:
     assert "save_model=true" not in jobs["baseline/baseline_seed1"].overrides
     finetune = jobs["finetuning/finetune_rotation_seed1"]
     assert finetune.command("python")[1] == "experiments/finetune.py"
-    assert {"method=rotation", "method.seed=1", f"checkpoint_dir={tmp_path / 't' / 'checkpoints' / 'seed1'}"} \
+    assert {"method=rotation", "method.train.seed=1", f"checkpoint_dir={tmp_path / 't' / 'checkpoints' / 'seed1'}"} \
         <= set(finetune.overrides)
     assert finetune.checkpoints == [tmp_path / "t" / "checkpoints" / "seed1" / "rotation" / "effnet_lite0" / f"{c}.pt"
                                     for c in CATEGORIES]
     tuned = jobs["finetuning/rotation_seed1"]
     assert tuned.needs == ["finetuning/finetune_rotation_seed1"]
-    assert "backbone=rotation" in tuned.overrides and "backbone=effnet_lite0" not in tuned.overrides
+    assert {"backbone=finetuned", "backbone.method=rotation", "backbone.base=effnet_lite0"} <= set(tuned.overrides)
+    assert "backbone=effnet_lite0" not in tuned.overrides
     assert f"backbone.checkpoint={tmp_path}/t/checkpoints/seed1/rotation/effnet_lite0/${{category}}.pt" \
         in tuned.overrides
     assert {"dataset.image_size=160", "dataset.resize=183"} <= set(jobs["image_size/image_size_160_seed0"].overrides)
@@ -85,16 +86,16 @@ def test_identical_runs_are_shared_between_comparisons(tmp_path) -> None:
 def test_fine_tuning_settings_get_checkpoints_of_their_own(tmp_path) -> None:
     config = _config(seeds=[0])
     config["comparisons"] = {"ft": {"methods": {"rot (l2sp=0)": {"method": "rotation",
-                                                                "overrides": ["method.l2sp_weight=0.0"]}}}}
+                                                                "overrides": ["method.train.l2sp_weight=0.0"]}}}}
     plan = build_plan(config, tmp_path, CATEGORIES, check=lambda *_: None)
     finetune, tuned = plan.jobs[1], plan.jobs[2]
     root = tmp_path / "t" / "checkpoints" / "rot_l2sp_0" / "seed0"
-    assert finetune.id == "ft/finetune_rot_l2sp_0" and "method.l2sp_weight=0.0" in finetune.overrides
+    assert finetune.id == "ft/finetune_rot_l2sp_0" and "method.train.l2sp_weight=0.0" in finetune.overrides
     assert f"checkpoint_dir={root}" in finetune.overrides and finetune.checkpoints[0] == root / "rotation" / \
         "effnet_lite0" / "brick.pt"
     assert tuned.arm == "rot (l2sp=0)" and f"backbone.checkpoint={root}/rotation/effnet_lite0/${{category}}.pt" \
-        in tuned.overrides and "backbone=rotation" in tuned.overrides
-    config["comparisons"] = {"ft": {"methods": {"bad": ["method.lr=1"]}}}
+        in tuned.overrides and {"backbone=finetuned", "backbone.method=rotation"} <= set(tuned.overrides)
+    config["comparisons"] = {"ft": {"methods": {"bad": ["method.train.lr=1"]}}}
     with pytest.raises(StudyConfigError, match="comparisons.ft.methods.bad"):
         build_plan(config, tmp_path, CATEGORIES, check=lambda *_: None)
 
@@ -219,3 +220,28 @@ def test_study_runs_are_grouped_and_saved_models_logged_as_artifacts(tmp_path, m
         time.sleep(0.2)
     assert model_artifact_name(config_hash(config), "brick").encode() in record
     assert b"mystudy" in record and b"baselines" in record
+
+
+def test_a_new_kind_of_comparison_is_one_function_in_kinds(tmp_path, monkeypatch) -> None:
+    """docs/architecture.md, "Add a comparison": register the kind, write its YAML, nothing else."""
+    from experiments.studies import comparison
+
+    def ratios_and_seeds(name, spec, context):  # each ratio with one seed of its own
+        return [comparison.Arm(f"r{r}", (f"coreset.ratio={r}",), (i,)) for i, r in enumerate(spec["ratios"])], []
+
+    monkeypatch.setitem(comparison.KINDS, "ratios", ratios_and_seeds)
+    config = _config()
+    config["comparisons"] = {"odd": {"title": "Odd ratios", "ratios": [0.3, 0.7]}}
+    plan = build_plan(config, tmp_path, CATEGORIES, check=lambda *_: None)
+    assert [job.id for job in plan.jobs] == ["baseline/baseline_seed0", "baseline/baseline_seed1", "odd/r0.3",
+                                             "odd/r0.7"]
+    assert "coreset.ratio=0.7" in plan.jobs[3].overrides and "seed=1" in plan.jobs[3].overrides
+    assert plan.comparisons["odd"] == {"title": "Odd ratios", "kind": "ratios", "sweep": None,
+                                       "arms": ["baseline", "r0.3", "r0.7"], "jobs": [j.id for j in plan.jobs]}
+
+
+def test_old_setting_names_in_a_study_fail_when_it_is_planned(tmp_path) -> None:
+    config = _config()
+    config["comparisons"] = {"k": {"sweep": "patchcore.num_neighbors", "values": [3]}}
+    with pytest.raises(StudyConfigError, match="patchcore.num_neighbors was renamed patchcore.scoring.num_neighbors"):
+        build_plan(config, tmp_path, CATEGORIES, check=lambda *_: None)

@@ -27,7 +27,7 @@ from tests.conftest import CONF_DIR, write_tiny_category
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ("dataset=folder", "dataset.resize=64", "dataset.image_size=64", "backbone=resnet18",
-        "backbone.pretrained=false", "patchcore.embed_dim=64", "coreset.ratio=0.5", "num_workers=0",
+        "backbone.pretrained=false", "patchcore.embedder.embed_dim=64", "coreset.ratio=0.5", "num_workers=0",
         "progress=false", "logger=none", "viz.n=1")
 SWEEP = ("category=alpha,beta", "backbone.layers=choice([layer2,layer3],[layer2])")
 

@@ -19,7 +19,7 @@ from hydra.utils import instantiate
 from core.backbones import TimmExtractor, WeightsNotFoundError
 from core.backbones.base import seeded_random_init
 from core.patchcore import PatchCore
-from experiments.main import run
+from experiments.harness.fit_and_evaluate import run
 
 DINO_S = "vit_small_patch14_dinov2.lvd142m"
 
@@ -200,9 +200,9 @@ def test_cached_tag_is_used_offline_and_local_files(offline_hub, tmp_path) -> No
 
 @pytest.mark.parametrize(("config", "extra", "ratio"), [
     ("dinov2_vits14", ("sweep=few_shot",), 1.0),  # AnomalyDINO's recipe: cosine, top 1%, no coreset, raw tokens
-    ("dinov2_vitb14", ("coreset.ratio=0.5", "patchcore.embed_dim=64"), 0.5),
-    ("convnext_tiny", ("coreset.ratio=0.5", "patchcore.embed_dim=64"), 0.5),
-    ("timm_efficientnet_b0", ("coreset.ratio=0.5", "patchcore.embed_dim=64"), 0.5),
+    ("dinov2_vitb14", ("coreset.ratio=0.5", "patchcore.embedder.embed_dim=64"), 0.5),
+    ("convnext_tiny", ("coreset.ratio=0.5", "patchcore.embedder.embed_dim=64"), 0.5),
+    ("timm_efficientnet_b0", ("coreset.ratio=0.5", "patchcore.embedder.embed_dim=64"), 0.5),
 ])
 def test_config_runs_end_to_end(make_config, tmp_path, textures_root, config, extra, ratio) -> None:
     cfg = make_config(f"backbone={config}", *extra, "backbone.pretrained=null", "dataset=textures",
@@ -234,5 +234,5 @@ def test_presets_name_the_new_backbones(make_config) -> None:
     assert {"dinov2_vits14", "convnext_tiny"} <= set(compare.hydra.sweeper.params["backbone"].split(","))
     params = few.hydra.sweeper.params
     assert params["dataset.train_limit"] == "1,2,4,8,16" and params["seed"] == "0,1,2"
-    assert few.backbone.name == "dinov2_vits14" and few.patchcore.distance == "cosine"
-    assert few.patchcore.image_score == "top_percent" and few.patchcore.top_percent == 1.0
+    assert few.backbone.name == "dinov2_vits14" and few.patchcore.scoring.distance == "cosine"
+    assert few.patchcore.scoring.image_score == "top_percent" and few.patchcore.scoring.top_percent == 1.0

@@ -66,6 +66,12 @@ class MVTecLayout:
         skip_unreadable: bool = False,
         mask_resize: str = "nearest",
     ):
+        for key, pixels in (("resize", resize), ("image_size", image_size)):
+            if pixels < 1:
+                raise DatasetError(f"dataset.{key}={pixels} must be a positive number of pixels")
+        if image_size > resize:
+            raise DatasetError(f"dataset.image_size={image_size} must be <= dataset.resize={resize} (the crop is "
+                               "taken from the resized image)")
         if train_limit is not None and train_limit < 1:
             raise DatasetError(
                 f"dataset.train_limit={train_limit} must be a positive number of training images, "

@@ -1,9 +1,9 @@
 """The embedded offline dataset: ``TexturesLayout`` and the deterministic generator that writes it.
 
 The generator makes an MVTec-layout tree from the photographs scikit-image ships (brick, grass,
-gravel, tissue), with four synthetic defect kinds and exact masks, so the demo and the tests run
-with no download. Generation is an explicit step, ``TexturesLayout.ensure()``, which the layout's
-sample listings call first.
+gravel, tissue), with four synthetic defect kinds and exact masks (drawn by core/data/defects.py),
+so the demo and the tests run with no download. Generation is an explicit step,
+``TexturesLayout.ensure()``, which the layout's sample listings call first.
 """
 
 from __future__ import annotations
@@ -17,9 +17,10 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image
 
 from core.data.dataset import Sample
+from core.data.defects import DEFECT_KINDS, make_defect, photo_crop
 from core.data.images import DatasetError
 from core.data.layouts import MVTecLayout
 
@@ -28,10 +29,7 @@ log = logging.getLogger(__name__)
 TEXTURES_VERSION = "textures-generator 1"
 TEXTURES_STAMP = ".textures_version"
 TEXTURE_SOURCES = {"brick": "brick", "grass": "grass", "gravel": "gravel", "tissue": "immunohistochemistry"}
-TEXTURE_DEFECTS = ("scratch", "hole", "color", "foreign")
-_SIZE = 256  # generated image side
-_CROP_LO, _CROP_HI = 16, 240  # the central 224 x 224 region that the default centre crop keeps
-_TINTS = np.array([(220, 40, 40), (40, 190, 60), (50, 80, 230), (235, 205, 30)], dtype=np.float32)
+TEXTURE_DEFECTS = DEFECT_KINDS  # the test set's defect kinds: core/data/defects.py draws them
 
 
 class TexturesLayout(MVTecLayout):
@@ -131,25 +129,25 @@ def _move_into_place(tmp: Path, root: Path, stamp: str) -> None:
 
 def generate_textures(out: Path, n_train: int = 40, n_test_good: int = 15, n_per_defect: int = 6) -> None:
     """Write the MVTec-layout tree into `out`; a fixed seed per category makes the bytes reproducible."""
-    photos = _texture_photos()
+    photos = texture_photos()
     for category in TEXTURE_SOURCES:
         rng = np.random.default_rng(zlib.crc32(category.encode()))
         photo = photos[category]
         cat = out / category
         for i in range(n_train):
-            _save(cat / "train" / "good" / f"{i:03d}.png", _nominal(photo, rng))
+            _save(cat / "train" / "good" / f"{i:03d}.png", photo_crop(photo, rng))
         for i in range(n_test_good):
-            _save(cat / "test" / "good" / f"{i:03d}.png", _nominal(photo, rng))
+            _save(cat / "test" / "good" / f"{i:03d}.png", photo_crop(photo, rng))
         others = [photos[c] for c in TEXTURE_SOURCES if c != category]
         for kind in TEXTURE_DEFECTS:
             for i in range(n_per_defect):
                 foreign = others[rng.integers(len(others))]
-                image, mask = _make_defect(kind, _nominal(photo, rng), rng, foreign)
+                image, mask = make_defect(kind, photo_crop(photo, rng), rng, foreign)
                 _save(cat / "test" / kind / f"{i:03d}.png", image)
                 _save(cat / "ground_truth" / kind / f"{i:03d}_mask.png", mask.astype(np.uint8) * 255)
 
 
-def _texture_photos() -> dict[str, np.ndarray]:
+def texture_photos() -> dict[str, np.ndarray]:
     """The scikit-image photographs as uint8 [H,W,3] (they ship with the package: no download)."""
     from skimage import data  # imported here: only the generator needs scikit-image
 
@@ -158,79 +156,6 @@ def _texture_photos() -> dict[str, np.ndarray]:
         arr = getattr(data, fn)()
         photos[category] = np.repeat(arr[..., None], 3, axis=-1) if arr.ndim == 2 else arr[..., :3]
     return photos
-
-
-def _nominal(photo: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """A random 160-200 px crop, maybe flipped, brightness jittered by 5%, as uint8 256 x 256 x 3."""
-    side = int(rng.integers(160, 201))
-    y, x = (int(rng.integers(0, n - side + 1)) for n in photo.shape[:2])
-    crop = photo[y : y + side, x : x + side]
-    if rng.random() < 0.5:
-        crop = crop[:, ::-1]
-    if rng.random() < 0.5:
-        crop = crop[::-1]
-    img = Image.fromarray(np.ascontiguousarray(crop)).resize((_SIZE, _SIZE), Image.Resampling.BICUBIC)
-    return np.clip(np.asarray(img, np.float32) * rng.uniform(0.95, 1.05), 0, 255).round().astype(np.uint8)
-
-
-def _make_defect(
-    kind: str, base: np.ndarray, rng: np.random.Generator, foreign: np.ndarray
-) -> tuple[np.ndarray, np.ndarray]:
-    """(defect image, bool mask) where the mask is exactly the pixels that differ from `base`."""
-    region = _scratch_region(rng) if kind == "scratch" else _blob_region(rng)
-    img = base.astype(np.float32)
-    if kind == "scratch":  # thin dark or bright line; the other shade where it would not contrast
-        under = img[region].mean()
-        dark = under > 90 if rng.random() < 0.5 else under > 165
-        img[region] = rng.uniform(5, 30) if dark else rng.uniform(225, 250)
-    elif kind == "hole":  # dark cavity that keeps a trace of the texture
-        img[region] = img[region] * rng.uniform(0.1, 0.2) + 5
-    elif kind == "color":  # strong tint
-        img[region] = 0.4 * img[region] + 0.6 * _TINTS[rng.integers(len(_TINTS))]
-    elif kind == "foreign":  # another category's texture pasted in
-        img[region] = _nominal(foreign, rng)[region]
-    else:
-        raise ValueError(f"unknown defect kind {kind!r}")
-    out = np.clip(img, 0, 255).round().astype(np.uint8)
-    # A pixel the edit left unchanged (e.g. darkening a black pixel) is nudged by one grey level
-    # so that the mask stays exactly the changed pixels.
-    same = region & np.all(out == base, axis=-1)
-    out[same] = np.where(base[same] < 128, base[same] + 1, base[same] - 1)
-    return out, region
-
-
-def _blob_region(rng: np.random.Generator) -> np.ndarray:
-    """A wobbly ellipse, 15-50 px across, wholly inside the central 224 crop."""
-    radius = rng.uniform(9, 20)
-    stretch = rng.uniform(0.75, 1.33)
-    theta = np.linspace(0, 2 * np.pi, 48, endpoint=False)
-    wobble = 1 + sum(rng.uniform(-0.15, 0.15) * np.cos(k * theta + rng.uniform(0, 2 * np.pi)) for k in (2, 3))
-    reach = radius * 1.3 * 1.33 + 4  # the farthest a vertex can be from the centre, plus a margin
-    cx, cy = rng.uniform(_CROP_LO + reach, _CROP_HI - reach, size=2)
-    xs = cx + radius * wobble * np.cos(theta) * stretch
-    ys = cy + radius * wobble * np.sin(theta) / stretch
-    return _draw(lambda d: d.polygon(list(zip(xs, ys, strict=True)), fill=255))
-
-
-def _scratch_region(rng: np.random.Generator) -> np.ndarray:
-    """A 3-5 px wide curved line (quadratic Bezier), 35-70 px long, inside the central 224 crop."""
-    length = rng.uniform(35, 70)
-    angle = rng.uniform(0, np.pi)
-    direction = np.array([np.cos(angle), np.sin(angle)])
-    normal = np.array([-direction[1], direction[0]])
-    centre = rng.uniform(_CROP_LO + length / 2 + 8, _CROP_HI - length / 2 - 8, size=2)
-    p0, p2 = centre - direction * length / 2, centre + direction * length / 2
-    p1 = centre + normal * rng.uniform(-0.35, 0.35) * length
-    t = np.linspace(0, 1, 32)[:, None]
-    points = (1 - t) ** 2 * p0 + 2 * (1 - t) * t * p1 + t**2 * p2
-    width = int(rng.integers(3, 6))
-    return _draw(lambda d: d.line([tuple(p) for p in points], fill=255, width=width, joint="curve"))
-
-
-def _draw(paint) -> np.ndarray:
-    canvas = Image.new("L", (_SIZE, _SIZE), 0)
-    paint(ImageDraw.Draw(canvas))
-    return np.asarray(canvas) > 0
 
 
 def _save(path: Path, arr: np.ndarray) -> None:

@@ -1,8 +1,9 @@
 """Fine-tuned backbones on the harness side: one checkpoint per category, each checked before any work.
 
-A fine-tuned backbone (conf/backbone/{rotation,cutmix_contrastive}.yaml, a ``FineTunedBackbone``)
-names its checkpoint with ``${category}``; the harness resolves that config once per category and
-says, for every missing checkpoint at once, the make target that fine-tunes it (Makefile.finetune).
+A fine-tuned backbone (``backbone=finetuned backbone.method=<name>``, conf/backbone/finetuned.yaml: a
+``FineTunedBackbone``) names its checkpoint with ``${category}``; the harness resolves that config once
+per category and says, for every missing checkpoint at once, the command that fine-tunes it
+(``make finetune METHOD=<name>``, Makefile.finetune).
 """
 
 from __future__ import annotations
@@ -12,22 +13,16 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
+from experiments.harness.finetuning import method_names
 from extensions.checkpoint import MissingCheckpointError, finetune_command, is_finetuned, missing_message
 
-# method name (conf/method/<name>.yaml) -> the make target that fine-tunes it (Makefile.finetune)
-MAKE_TARGETS = {"rotation": "finetune-rotation", "cutmix_contrastive": "finetune-cutmix"}
 _DATASET_NOTE = "add DATASET=<dataset> unless the category is from MVTec AD or the embedded textures"
 
 
 def make_command(method: str, base: str, category: str) -> str:
-    """The make command that produces the checkpoint of (method, base backbone, category)."""
-    target = MAKE_TARGETS.get(method, f"finetune-{method}")
-    return f"make {target} CATEGORY={category} BACKBONE={base}"
-
-
-def loads_one_checkpoint_per_category(backbone: DictConfig) -> bool:
-    """Whether the backbone config builds a ``FineTunedBackbone`` (whose checkpoint depends on the category)."""
-    return is_finetuned(backbone)
+    """The make command that produces the checkpoint of (method, base backbone, category): one generic target
+    for every conf/method/<name>.yaml, so no list of methods is kept here."""
+    return f"make finetune METHOD={method} CATEGORY={category} BACKBONE={base}"
 
 
 def per_category_backbones(cfg: DictConfig, categories: Sequence[str]) -> dict | None:
@@ -35,7 +30,7 @@ def per_category_backbones(cfg: DictConfig, categories: Sequence[str]) -> dict |
     (``${category}`` resolved to that category), after checking that every checkpoint exists (one error
     listing all missing ones and the commands that make them).
     """
-    if not loads_one_checkpoint_per_category(cfg.backbone):
+    if not is_finetuned(cfg.backbone):
         return None
     configs = {category: OmegaConf.merge(cfg, {"category": category}).backbone for category in categories}
     require_checkpoints(list(configs.values()))
@@ -48,6 +43,12 @@ def require_checkpoints(backbone_configs: Sequence[Mapping]) -> None:
     ``backbone_configs``: the resolved backbone config of each category (``checkpoint``, ``method``, ``base``).
     """
     missing = [cfg for cfg in backbone_configs if not Path(str(cfg["checkpoint"])).expanduser().is_file()]
+    unknown = sorted({str(cfg.get("method")) for cfg in missing} - set(method_names()))
+    if unknown:
+        raise MissingCheckpointError(
+            f"backbone.method={unknown[0]!r} has no checkpoint and is not a fine-tuning method: choose one of "
+            f"{method_names()} (conf/method/), or point backbone.checkpoint at an existing file"
+        )
     if len(missing) == 1:
         cfg = missing[0]
         method, base, category = cfg.get("method"), cfg.get("base"), cfg.get("category")

@@ -10,6 +10,8 @@ Each category's result goes to ``<checkpoint_dir>/<method>/<backbone>/<category>
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
+from dataclasses import fields
 from pathlib import Path
 
 import torch
@@ -28,13 +30,42 @@ from extensions.training import TrainConfig, fine_tune
 log = logging.getLogger("finetune")
 
 
-def build_objective(method: dict, extractor) -> Objective:
-    """The method's objective around ``extractor``; only a class in extensions/ is built."""
-    _, objective_kwargs = TrainConfig.split(method)
-    target = objective_kwargs.pop("_target_", None)
-    if target is None or not str(target).startswith("extensions."):
-        raise ValueError(f"method._target_={target!r}: name an objective class in extensions/")
-    return get_class(target)(extractor, **objective_kwargs)
+METHOD_DIR = Path(__file__).resolve().parents[2] / "conf" / "method"
+RECIPE = "docs/architecture.md, recipe 'Add a fine-tuning method'"
+
+
+def method_names() -> list[str]:
+    """The fine-tuning methods, one per conf/method/<name>.yaml: the one list that make targets, sweeps and
+    studies derive theirs from."""
+    return sorted(path.stem for path in METHOD_DIR.glob("*.yaml"))
+
+
+def method_parts(method: Mapping) -> tuple[TrainConfig, dict]:
+    """A resolved ``method`` node -> (its ``train:`` settings, its ``objective:`` node with ``_target_``)."""
+    missing = [key for key in ("name", "train", "objective") if not isinstance(method.get(key), str | Mapping)]
+    if missing:
+        raise ValueError(f"method {method.get('name')!r} has no {missing}: a method config holds name, train "
+                         f"(shared settings) and objective (_target_ + the method's own settings); see {RECIPE}")
+    try:
+        train = TrainConfig(**method["train"])
+    except TypeError as error:  # a key TrainConfig does not have
+        raise ValueError(f"method.train: {error}; the shared settings are {[f.name for f in fields(TrainConfig)]} "
+                         "(a method's own settings go under method.objective)") from None
+    return train, dict(method["objective"])
+
+
+def build_objective(objective: Mapping, extractor) -> Objective:
+    """The method's objective around ``extractor``: ``objective._target_`` must name an ``Objective`` subclass."""
+    kwargs = dict(objective)
+    target = kwargs.pop("_target_", None)
+    try:
+        cls = get_class(str(target)) if target else None
+    except Exception as error:  # hydra wraps import errors in several types
+        raise ValueError(f"method.objective._target_={target!r} cannot be imported: {error}") from None
+    if not (isinstance(cls, type) and issubclass(cls, Objective)):
+        raise ValueError(f"method.objective._target_={target!r}: name a subclass of extensions.objective.Objective "
+                         f"({RECIPE})")
+    return cls(extractor, **kwargs)
 
 
 def proxy_config(cfg: DictConfig) -> ProxyConfig:
@@ -66,7 +97,7 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, dict]:
             "(backbone=wrn50, resnet18, resnet50 or effnet_lite0)"
         )
     method = OmegaConf.to_container(cfg.method, resolve=True)
-    train_config, _ = TrainConfig.split(method)
+    train_config, objective_node = method_parts(method)
     proxy = proxy_config(cfg)
     device = resolve_device(cfg.device)
     torch.backends.cudnn.benchmark = False  # deterministic kernels where the GPU offers them
@@ -87,7 +118,7 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, dict]:
         for category in categories:
             torch.manual_seed(train_config.seed)
             extractor = build(cfg.backbone)  # fresh pretrained weights for every category
-            objective = build_objective(method, extractor)
+            objective = build_objective(objective_node, extractor)
             preprocessing = layout.preprocessing(extractor.mean, extractor.std, extractor.interpolation)
             dataset, validator = datasets(layout, category, preprocessing, proxy, train_config.seed, extractor,
                                           device)

@@ -2,8 +2,9 @@
 
 Schema (a contract: the report and sweeps read it)::
 
-    {"schema_version": 2, "metric_definitions": {<metric>: <what it computes>},
-     "config": <resolved config>, "config_hash": <experiments/harness/run_key.py>,
+    {"schema_version": 3, "metric_definitions": {<metric>: <what it computes>},
+     "config": <resolved config, parts taken whole by interpolation kept as references: config_record>,
+     "config_hash": <experiments/harness/run_key.py>,
      "preprocessing": {"resize", "image_size"},
      "categories": {"<name>": {"image_auroc", "image_f1_max", "pixel_auroc", "pixel_f1_max", "aupro",
                                "aupro_defect_images", "n_train", "n_test", "bank_size", "pixel_metrics_note",
@@ -16,7 +17,10 @@ Schema (a contract: the report and sweeps read it)::
 
 Version 1 (records made before ``schema_version`` existed) has no ``metric_definitions`` and no
 ``aupro_defect_images``, and may hold ``memory`` where version 2 holds ``search`` / ``storage``; readers
-treat a missing ``schema_version`` as 1. Metrics are floats in [0, 1], ``null`` where they cannot be computed.
+treat a missing ``schema_version`` as 1. Version 2 holds the PatchCore settings flat under ``patchcore`` and
+a resolved copy of every part under ``model``; version 3 holds them once, nested by the class that takes them
+(``patchcore.embedder.*``, ``patchcore.scoring.*``), with ``model: "${patchcore}"``.
+Metrics are floats in [0, 1], ``null`` where they cannot be computed.
 ``METRICS`` and ``TIMINGS`` are the one list of their names: the table below, the tracker and the report
 read them from here.
 """
@@ -30,6 +34,8 @@ import subprocess
 from importlib import metadata
 from pathlib import Path
 
+from omegaconf import DictConfig, OmegaConf
+
 from core.io import write_csv_atomic
 
 METRIC_TITLES = {"image_auroc": "Image AUROC", "image_f1_max": "Image F1-max", "pixel_auroc": "Pixel AUROC",
@@ -38,12 +44,28 @@ METRICS = tuple(METRIC_TITLES)  # the order of results.json and the printed tabl
 # Recorded and averaged too, but not in the printed table: the official PatchCore README's PRO convention
 # (over the anomalous test images only), for comparing with its published figures.
 EXTRA_METRICS = ("aupro_defect_images",)
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 # Fit stages named for what they measure (train: models fitted by training, e.g. the CAE; extract + coreset:
 # PatchCore), then prediction; a category records the ones its model has.
 TIMINGS = ("train", "extract", "coreset", "predict")
 REPO_ROOT = Path(__file__).resolve().parents[1]
 _PACKAGES = ("torch", "torchvision", "numpy", "scikit-learn", "scipy", "hydra-core", "patchcore-suite")
+
+
+def config_record(node: DictConfig) -> dict:
+    """The resolved config as results.json records it. A part that a node takes whole by interpolation
+    (``model: ${patchcore}``, ``extractor: ${backbone}``) stays a reference, so each setting is recorded once,
+    where users set it, and a comparison of records sees each difference once."""
+    record = {}
+    for key in node:
+        if OmegaConf.is_interpolation(node, key) and OmegaConf.is_config(node[key]):
+            record[key] = node._get_node(key)._value()
+        elif OmegaConf.is_dict(node[key]):
+            record[key] = config_record(node[key])
+        else:
+            value = node[key]
+            record[key] = OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
+    return record
 
 
 def mean_metrics(categories: dict[str, dict]) -> dict[str, float | None]:

@@ -25,10 +25,9 @@ from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 
-# Keys (dotted; a key covers everything below it, and is matched wherever it sits: the model node repeats
-# settings by interpolation, model.progress, model.storage.cache_dir) that change no number in results.json:
-# logging, progress,
-# workers, saved maps, Hydra's own node, and where fit-time features are spilled or cached (the spill file
+# Keys (dotted; a key covers everything below it, and is matched wherever it sits: patchcore.progress,
+# cae.progress) that change no number in results.json: logging, progress, workers, saved maps, Hydra's own
+# node, and where fit-time features are spilled or cached (the spill file
 # and the cache hold the same values). Another key that only affects speed or bookkeeping belongs here too,
 # or every cached run would look new. NOT the buffer dtype (storage.dtype / memory.dtype): float16 moves
 # the scores.
@@ -39,11 +38,11 @@ BOOKKEEPING = ("force", "logger", "progress", "num_workers", "viz", "hydra",
                # skips nothing is the same run, one that does lists them in results.json (skipped_inputs)
                "storage.memory_budget_gb", "dataset.skip_unreadable")
 # What a run is *of* rather than how it is set up: one variant's runs differ in these (coreset.seed,
-# model.seed: wherever they sit).
+# cae.seed: wherever they sit).
 IDENTITY = ("category", "seed")
 # Where the data lives, names, and settings that change a number at most by float rounding (device,
 # batch size) or not at all (save_model): not part of a variant's label, but kept in the hash. Matched
-# from the top only (nested=False): model.batch_size is the CAE's training batch, a real setting.
+# from the top only (nested=False): cae.batch_size is the CAE's training batch, a real setting.
 PLACEMENT = ("dataset.root", "dataset.categories", "dataset.name", "dataset._target_", "backbone.name",
              "backbone.category", "device", "batch_size", "save_model")
 DEFAULT_ROOTS = ("outputs", "multirun")
@@ -53,7 +52,7 @@ _PRUNE = {"maps", "models", "wandb", ".hydra", ".submitit", "features"}
 
 def is_ignored(key: str, groups: Iterable[str], nested: bool = True) -> bool:
     """Whether the dotted ``key`` is one of ``groups`` or lies below one (``viz.n`` below ``viz``); with
-    ``nested``, also where the entry sits below another node (``model.storage.cache_dir``)."""
+    ``nested``, also where the entry sits below another node (``cae.seed`` below ``seed``)."""
     parts = key.split(".")
     tails = [".".join(parts[start:]) for start in (range(len(parts)) if nested else (0,))]
     return any(tail == name or tail.startswith(f"{name}.") for tail in tails for name in groups)
@@ -79,12 +78,12 @@ def hashable_config(config: Mapping) -> dict:
 def config_hash(config) -> str:
     """16 hex digits of the SHA-256 of the canonical JSON of ``hashable_config(config)``.
 
-    ``config`` is a resolved plain dict (``results["config"]``) or a DictConfig (resolved here).
+    ``config`` is a record (``results["config"]``) or a DictConfig (recorded here: ``config_record``).
     """
     if not isinstance(config, dict):
-        from omegaconf import OmegaConf
+        from experiments.harness.results import config_record
 
-        config = OmegaConf.to_container(config, resolve=True)
+        config = config_record(config)
     text = json.dumps(hashable_config(config), sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 

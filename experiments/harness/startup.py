@@ -14,7 +14,7 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from experiments.harness.settings import check_writable
+from experiments.harness.run_settings import check_writable
 
 
 class CheckOutputFolder(Callback):

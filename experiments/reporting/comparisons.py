@@ -1,38 +1,28 @@
-"""Comparisons: which runs are compared with which, and the statistics the paper states about them.
+"""Runs in, comparisons out: the first stage of the one report pipeline (runs -> comparisons -> document ->
+renderers), shared by the paper (paper.py) and the run digest (digest.py).
 
-A comparison is a baseline arm and the arms measured against it. From a study (``study.json``, written by
-experiments/study.py) the arms are the study's, and the arms that could not run (no weights, a failed or
-unfinished job) are kept with the reason. For other runs the comparisons are inferred from the report's
-variants (experiments/reporting/variants.py): the baseline is the most common backbone's variant without
-deviations, and each other variant joins the comparison its deviating settings belong to.
-
-Paired differences: an arm minus the baseline on the same (seed, category), over every pair both have (when
-they share no seed, e.g. a deterministic arm run once: per category, against the baseline's mean over seeds);
-the 95% confidence interval is Student's t over those pairs. Pairs from one category are not independent
-draws, so the interval is a guide to the spread, not a test over a population of datasets.
+A comparison is a baseline arm and the arms measured against it. A study's comparisons, titles and order are
+its manifest's (``study.json``, written by experiments/study.py from conf/study/*.yaml, the one place a
+comparison is declared); arms that could not run (no weights, a failed or unfinished job) are kept with the
+reason. Runs that are not a study (a plain multirun sweep) are compared generically: the baseline is the
+most common backbone's variant without deviations (experiments/reporting/variants.py), and every other
+variant joins the comparison of the settings it deviates in, titled by those settings (a fine-tuned backbone,
+``extensions.checkpoint.is_finetuned``, is its own comparison). Statistics: stats.py.
 """
 
 from __future__ import annotations
 
-import math
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 
-from experiments.reporting.data import Run, seed_means
+from experiments.reporting.data import Run, discover, drop_repeats, select, tidy
+from experiments.reporting.variants import label_variants
 from extensions.checkpoint import is_finetuned
 
 BASELINE = "baseline"
-GROUPS = {  # an inferred comparison of the variants whose first deviating setting is one of these
-    "coreset._target_": "baselines", "model._target_": "baselines",
-    "patchcore.aggregation": "variants", "patchcore.distance": "variants", "patchcore.image_score": "variants",
-    "patchcore.top_percent": "variants", "dataset.train_limit": "cold_start",
-}
-TITLES = {"extractors": "Feature extractors", "finetuning": "Fine-tuned backbones",
-          "baselines": "Memory-bank and model baselines", "variants": "Variants of the algorithm",
-          "cold_start": "Cold start (few nominal images)"}
 
 
 @dataclass
@@ -63,9 +53,53 @@ class Comparison:
         return self.arms[1:]
 
 
+@dataclass
+class Inputs:
+    """What both documents are made from: the runs read once, their tidy rows, the runs left out (and why),
+    the report's dataset, the study manifest (None for plain runs) and the comparisons."""
+
+    run_dirs: list[str]
+    runs: list[Run]
+    frame: pd.DataFrame
+    left_out: list[dict]
+    dataset: str | None
+    manifest: dict | None
+    comparisons: list[Comparison]
+
+
+def load(run_dirs: list[str | Path], dataset: str | None = None) -> Inputs:
+    """Discover, select (complete, on one dataset, newest of duplicates), label and tabulate the runs below
+    ``run_dirs``, and find their comparisons."""
+    run_dirs = [str(d) for d in run_dirs]
+    runs, broken = discover([Path(d) for d in run_dirs])
+    included, excluded, dataset = select(runs, dataset)
+    label_variants(included)
+    left_out = [{"run_dir": str(run.folder), "reason": why} for run, why in excluded]
+    left_out += [{"run_dir": str(folder), "reason": why} for folder, why in broken]
+    frame, repeats = drop_repeats(tidy(included))
+    left_out += repeats
+    if not frame.empty:
+        included = [run for run in included if str(run.folder) in set(frame["run_dir"])]
+    manifest = find_manifest(run_dirs)
+    comparisons = (from_manifest(manifest, included, frame) if manifest else infer(included, frame)) if included \
+        else []
+    return Inputs(run_dirs, included, frame, left_out, dataset, manifest, comparisons)
+
+
+def find_manifest(run_dirs: list[str]) -> dict | None:
+    """The study manifest of the first run folder that is a study (holds study.json)."""
+    for folder in run_dirs:
+        path = Path(folder) / "study.json"
+        if path.is_file():
+            try:
+                return json.loads(path.read_text())
+            except ValueError:
+                return None
+    return None
+
+
 def _resolved(path: str | Path) -> str:
     return str(Path(path).resolve())
-
 
 def from_manifest(manifest: dict, runs: list[Run], frame: pd.DataFrame) -> list[Comparison]:
     """The study's comparisons over the runs the report includes (missing arms kept with the reason)."""
@@ -103,99 +137,57 @@ def from_manifest(manifest: dict, runs: list[Run], frame: pd.DataFrame) -> list[
     return comparisons
 
 
+def deviated(run: Run, main: str) -> tuple[str, ...]:
+    """The settings a run deviates in from the baseline: its deviations from its backbone's defaults, plus
+    ``backbone`` (or ``model``, for another model than PatchCore) when that is not the main one."""
+    keys = tuple(sorted(run.deviations))
+    if run.backbone == main:
+        return keys
+    return ("backbone" if run.model == "patchcore" else "model", *keys)
+
+
+def _is_sweep(arms: list[Arm], key: str) -> bool:
+    """A numeric or list-valued setting (coreset.ratio, dataset.train_limit, backbone.layers) is drawn as a
+    sweep: its value on the x axis; a choice between names (a distance, a class) is not."""
+    values = [setting(arm.runs[0].config, key) for arm in arms]
+    return all(v is None or isinstance(v, list) or (isinstance(v, (int, float)) and not isinstance(v, bool))
+               for v in values) and any(v is not None for v in values)
+
+
+def setting(config: dict, key: str):
+    """The value of a dotted key in a (results.json) config, None when absent."""
+    for part in key.split("."):
+        config = config.get(part) if isinstance(config, dict) else None
+    return config
+
+
 def infer(runs: list[Run], frame: pd.DataFrame) -> list[Comparison]:
-    """Comparisons of runs not made by a study, from their variant labels."""
-    if not runs:
-        return []
-    counts = pd.Series([run.backbone for run in runs]).value_counts()
-    main = counts.index[0]
+    """Comparisons of runs not made by a study: one per set of deviating settings, titled by the settings."""
+    main = pd.Series([run.backbone for run in runs]).value_counts().index[0]
     plain = [run for run in runs if run.backbone == main and not run.deviations]
     if not plain:
         return []
     base_variant = plain[0].variant
-    groups: dict[str, dict[str, list[Run]]] = {}
-    sweeps: dict[str, str] = {}
+    groups: dict[tuple[str, ...], dict[str, list[Run]]] = {}
     for run in runs:
-        if run.variant == base_variant:
-            continue
-        if run.backbone != main:
-            name = "finetuning" if is_finetuned(run.config.get("backbone") or {}) else "extractors"
-            if run.deviations:
-                name = "other"
-        else:
-            first = sorted(run.deviations)[0]
-            name = GROUPS.get(first) if len(run.deviations) == 1 else "other"
-            if name is None:
-                name = first.rsplit(".", 1)[-1]
-                sweeps[name] = first
-        groups.setdefault(name, {}).setdefault(run.variant, []).append(run)
-    base_runs = [run for run in runs if run.variant == base_variant]
+        if run.variant != base_variant:
+            keys = deviated(run, main)
+            if is_finetuned(run.config.get("backbone") or {}):
+                keys = ("fine-tuned backbone", *keys[1:])
+            groups.setdefault(keys, {}).setdefault(run.variant, []).append(run)
 
     def arm(label: str, members: list[Run]) -> Arm:
         return Arm(label, frame[frame["variant"] == members[0].variant], members)
 
-    return [Comparison(name, TITLES.get(name, f"Sweep of {sweeps.get(name, name)}"),
-                       [arm(BASELINE, base_runs), *(arm(v, members) for v, members in sorted(variants.items()))],
-                       sweep=sweeps.get(name) or ("dataset.train_limit" if name == "cold_start" else None))
-            for name, variants in groups.items()]
-
-
-# ----------------------------------------------------------------------------------------------- statistics
+    comparisons = []
+    for keys, variants in sorted(groups.items()):
+        arms = [arm(BASELINE, plain), *(arm(v, members) for v, members in sorted(variants.items()))]
+        title = ", ".join(keys)
+        sweep = keys[0] if len(keys) == 1 and _is_sweep(arms, keys[0]) else None
+        name = "_".join(keys).replace(".", "_").replace(" ", "_").replace("-", "_")
+        comparisons.append(Comparison(name, title, arms, sweep=sweep))
+    return comparisons
 
 
 def categories_of(comparison: Comparison) -> list[str]:
     return sorted(set().union(*(set(arm.rows["category"]) for arm in comparison.arms)))
-
-
-def cell_stats(rows: pd.DataFrame, metric: str, category: str | None, categories: list[str]) -> tuple:
-    """(mean, sample std or nan, n seeds, the results.json files) in percent for one category, or for the
-    mean over ``categories`` (each seed's mean first) when ``category`` is None."""
-    if category is None:
-        values = [100 * v for v in seed_means(rows, metric, categories)]
-        used = rows[rows["category"].isin(categories)]
-    else:
-        used = rows[rows["category"] == category]
-        values = (used[metric].dropna() * 100).tolist()
-    sources = sorted({str(Path(d) / "results.json") for d in used["run_dir"]})
-    if not values:
-        return math.nan, math.nan, 0, sources
-    std = float(np.std(values, ddof=1)) if len(values) > 1 else math.nan
-    return float(np.mean(values)), std, len(values), sources
-
-
-def paired(base: Arm, arm: Arm, metric: str, categories: list[str]) -> dict | None:
-    """The paired difference of ``metric`` (arm - baseline, percentage points) with a 95% t interval."""
-    from scipy import stats
-
-    def table(rows: pd.DataFrame) -> pd.Series:
-        rows = rows[rows["category"].isin(categories)].dropna(subset=[metric])
-        return rows.groupby(["seed", "category"])[metric].mean() * 100
-
-    a, b = table(arm.rows), table(base.rows)
-    common = a.index.intersection(b.index)
-    if len(common):
-        diffs, pairing = (a[common] - b[common]).to_numpy(), "(seed, category)"
-    else:
-        a_cat, b_cat = a.groupby(level="category").mean(), b.groupby(level="category").mean()
-        shared = a_cat.index.intersection(b_cat.index)
-        if not len(shared):
-            return None
-        diffs, pairing = (a_cat[shared] - b_cat[shared]).to_numpy(), "category (baseline: mean over seeds)"
-    n = len(diffs)
-    mean = float(np.mean(diffs))
-    if n > 1 and np.std(diffs, ddof=1) > 0:
-        half = float(stats.t.ppf(0.975, n - 1) * np.std(diffs, ddof=1) / math.sqrt(n))
-    else:
-        half = 0.0 if n > 1 else math.nan
-    return {"mean": mean, "low": mean - half, "high": mean + half, "n": n, "pairing": pairing}
-
-
-def verdict(diff: dict) -> str:
-    """How the paper words a difference: only an interval that excludes zero is called a change."""
-    if math.isnan(diff["low"]):
-        return "one pair only: no interval"
-    if diff["low"] > 0:
-        return "higher"
-    if diff["high"] < 0:
-        return "lower"
-    return "no clear difference"

@@ -40,12 +40,19 @@ class Run:
         return str((self.config.get("dataset") or {}).get("name", "?"))
 
     @property
+    def model(self) -> str:
+        """The model's config node (``patchcore``, ``cae``): results.json records ``model: ${<node>}``
+        (schema 3); older records hold the model node itself."""
+        model = self.config.get("model") or {}
+        if isinstance(model, str):
+            return model.strip("${}")
+        return str(model.get("name") or str(model.get("_target_", "patchcore")).rsplit(".", 1)[-1].lower())
+
+    @property
     def backbone(self) -> str:
         """The backbone's name; for another model than PatchCore (``model=cae``) the model's name."""
-        model = self.config.get("model") or {}
-        name = model.get("name") or str(model.get("_target_", "patchcore")).rsplit(".", 1)[-1].lower()
-        if name != "patchcore":
-            return str(name)
+        if self.model != "patchcore":
+            return self.model
         return str((self.config.get("backbone") or {}).get("name", "?"))
 
     @property
@@ -64,26 +71,6 @@ def flatten(config: dict, prefix: str = "") -> dict:
         else:
             flat[name] = value
     return flat
-
-
-_MISSING = object()
-
-
-def interpolated_copies(flats: list[dict]) -> set[str]:
-    """Keys below ``model.`` that repeat, in every run, a setting of the same name made outside it.
-
-    ``conf/model/`` builds the model from the user-facing nodes by interpolation (``model.extractor``
-    is ``backbone``, ``model.sampler`` is ``coreset``), so a resolved config holds those settings twice;
-    the report names each once, by the name users type.
-    """
-    keys = set().union(*flats) if flats else set()
-    outside: dict[str, list[str]] = {}
-    for key in sorted(keys):
-        if not key.startswith("model."):
-            outside.setdefault(key.rsplit(".", 1)[-1], []).append(key)
-    return {key for key in keys if key.startswith("model.") and any(
-        all(flat.get(key, _MISSING) == flat.get(other, _MISSING) for flat in flats)
-        for other in outside.get(key.rsplit(".", 1)[-1], ()))}
 
 
 def discover(folders: list[Path]) -> tuple[list[Run], list[tuple[Path, str]]]:

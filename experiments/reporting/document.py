@@ -1,5 +1,6 @@
-"""The paper's document model: one tree of blocks that renders to Typst (the PDF) and to HTML, so the two
-outputs always say the same thing (experiments/reporting/typst_out.py, html_out.py).
+"""The report's one document model: a tree of blocks that renders to Typst (the PDF), HTML and Markdown
+(typst_out.py, html_out.py, markdown_out.py), so the outputs always say the same thing; the paper
+(paper.py) and the run digest (digest.py) are both documents of this model.
 
 Written text comes from the sources in ``reports/paper/*.md`` (``parse_source``), a small markup shared by
 both outputs: ``#``/``##`` headings, blank-line paragraphs, ``- `` bullets, ``$$ ... $$`` display maths and
@@ -30,7 +31,6 @@ class Span:
 class Heading:
     text: str
     level: int = 1
-    anchor: str = ""
     numbered: bool = True
 
 
@@ -64,8 +64,9 @@ class Note:
 @dataclass
 class Cell:
     text: str
-    value: float | None = None        # the number behind the text (sorting, the trace check)
+    value: float | None = None        # the number behind the text (sorting, the trace check, the CSV copy)
     bold: bool = False
+    std: float | None = None          # its sample std over seeds (the CSV copy's <name>_std.csv)
     sources: list[str] = field(default_factory=list)  # the results.json files the number comes from
 
 
@@ -191,7 +192,3 @@ def citation_order(blocks: list[Block]) -> list[str]:
             for item in block.items:
                 visit(item)
     return seen
-
-
-def plain(spans: list[Span]) -> str:
-    return "".join(span.text if span.kind != "cite" else f"[{span.text}]" for span in spans)

@@ -1,16 +1,15 @@
-"""The report's figures (matplotlib, saved as PNG and PDF). Each builder returns ``[Figure]`` for the
-studies the runs contain and nothing when they contain none (e.g. no coreset sweep, no coreset figure).
-
-- coreset:    metrics and fit time vs coreset ratio (log x), one line per backbone variant
-- layers:     heatmap of image / pixel AUROC, layer set x category, per backbone variant
-- cold start: metric vs number of nominal training images, mean over seeds and min-max band
-- roc:        ROC curve per category, one curve per variant (from scores.csv)
-- maps:       per category: test images, ground truth and each variant's anomaly map
+"""The report's figures (matplotlib, saved as PNG and PDF), per comparison: sweep curves (metric against the
+swept value, the baseline at its own value), ROC curves and anomaly-map grids of the same test images under
+each arm, and fine-tuning curves (per step: loss, task accuracy and every other monitored quantity in the
+checkpoints' ``.loss.jsonl`` / ``.proxy.jsonl`` logs). The run digest draws the ROC curves and map grids over
+its variants and shares the paper's sweep figures. A builder returns nothing when there is nothing to draw.
 """
 
 from __future__ import annotations
 
 import csv
+import dataclasses
+import json
 import math
 import textwrap
 from dataclasses import dataclass
@@ -25,12 +24,16 @@ import pandas as pd  # noqa: E402
 
 from experiments.harness.anomaly_maps import MAPS_DIR, colorize, denormalise, load_maps, pick_indices  # noqa: E402
 from experiments.harness.results import METRIC_TITLES  # noqa: E402
+from experiments.reporting.comparisons import Comparison, categories_of, setting  # noqa: E402
 from experiments.reporting.data import Run, seed_means  # noqa: E402
-from experiments.reporting.pdf import WIDTH as PAGE_WIDTH  # noqa: E402  (figures fill the text width)
-from experiments.reporting.variants import label, sort_value  # noqa: E402
+from experiments.reporting.stats import mean_std  # noqa: E402
+from experiments.reporting.variants import sort_value  # noqa: E402
 
-CURVE_METRICS = ("image_auroc", "pixel_auroc", "aupro")  # the coreset figure's panels (with fit time)
+PAGE_WIDTH = 6.3  # inches: the A4 text width of the Typst layout
+CURVES = ("image_auroc", "pixel_auroc", "aupro")
 MAX_CURVES = 6
+
+
 
 
 @dataclass
@@ -38,126 +41,6 @@ class Figure:
     name: str        # file stem
     figure: object   # matplotlib Figure
     caption: str
-
-
-def _group_by(runs: list[Run], key: str) -> dict[str, list[Run]]:
-    """Runs grouped by their variant label without ``key``; only groups where ``key`` takes 2+ values."""
-    groups: dict[str, list[Run]] = {}
-    for run in runs:
-        groups.setdefault(label(run.backbone, run.deviations, without=(key,)), []).append(run)
-    return {name: group for name, group in groups.items()
-            if len({repr(_setting(run, key)) for run in group}) >= 2}
-
-
-def _setting(run: Run, key: str):
-    value = run.config
-    for part in key.split("."):
-        value = (value or {}).get(part) if isinstance(value, dict) else None
-    return value
-
-
-def coreset_figures(runs: list[Run], frame: pd.DataFrame) -> list[Figure]:
-    groups = _group_by(runs, "coreset.ratio")
-    if not groups:
-        return []
-    panels = [*CURVE_METRICS, "fit_s"]
-    fig, axes = plt.subplots(1, len(panels), figsize=(PAGE_WIDTH, 2.6), constrained_layout=True)
-    for name, group in groups.items():
-        rows = frame[frame["variant"].isin({run.variant for run in group})]
-        categories = sorted(rows["category"].unique())
-        ratios = sorted(rows["coreset_ratio"].unique())
-        for ax, panel in zip(axes, panels):
-            points = [(r, seed_means(rows[rows["coreset_ratio"] == r], panel, categories)) for r in ratios]
-            points = [(r, m) for r, m in points if m]
-            if not points:
-                continue
-            scale = 1 if panel == "fit_s" else 100
-            ys = [scale * np.mean(m) for _, m in points]
-            errs = [scale * np.std(m, ddof=1) if len(m) > 1 else 0.0 for _, m in points]
-            ax.errorbar([r for r, _ in points], ys, yerr=errs, marker="o", ms=3, capsize=2, label=name)
-    ratios = sorted(frame["coreset_ratio"].dropna().unique())
-    for ax, panel in zip(axes, panels):
-        ax.set_xscale("log")
-        ax.set_xticks(ratios, [f"{r:g}" for r in ratios], fontsize=6, rotation=45)
-        ax.minorticks_off()
-        ax.yaxis.get_major_formatter().set_useOffset(False)
-        ax.set_xlabel("coreset ratio")
-        ax.set_title("fit time (s / category)" if panel == "fit_s" else f"{METRIC_TITLES[panel]} (%)", fontsize=9)
-        ax.tick_params(labelsize=7)
-        ax.grid(alpha=0.3)
-    _legend(fig, axes[0])
-    caption = ("Mean over categories against the fraction of patches kept in the memory bank (log scale); "
-               "fit time = feature extraction + coreset selection per category. Error bars: std over seeds.")
-    return [Figure("coreset_ratio", fig, caption)]
-
-
-def layer_figures(runs: list[Run], frame: pd.DataFrame) -> list[Figure]:
-    figures = []
-    for index, (name, group) in enumerate(_group_by(runs, "backbone.layers").items()):
-        rows = frame[frame["variant"].isin({run.variant for run in group})]
-        layer_sets = sorted(rows["layers"].unique(), key=lambda s: (len(s.split("+")), s))
-        categories = sorted(rows["category"].unique())
-        fig, axes = plt.subplots(1, 2, figsize=(PAGE_WIDTH, 0.45 * len(layer_sets) + 1.6), constrained_layout=True)
-        for ax, metric in zip(axes, ("image_auroc", "pixel_auroc")):
-            grid = np.full((len(layer_sets), len(categories) + 1), np.nan)
-            for i, layers in enumerate(layer_sets):
-                subset = rows[rows["layers"] == layers]
-                for j, category in enumerate(categories):
-                    values = subset.loc[subset["category"] == category, metric].dropna()
-                    grid[i, j] = 100 * values.mean() if len(values) else np.nan
-                per_seed = seed_means(subset, metric, categories)
-                grid[i, -1] = 100 * np.mean(per_seed) if per_seed else np.nan
-            image = ax.imshow(grid, cmap="viridis", aspect="auto")
-            for (i, j), value in np.ndenumerate(grid):
-                if not math.isnan(value):
-                    ax.text(j, i, f"{value:.1f}", ha="center", va="center", fontsize=7,
-                            color="white" if value < np.nanmean(grid) else "black")
-            ax.set_xticks(range(len(categories) + 1), [*categories, "mean"], rotation=45, ha="right", fontsize=7)
-            ax.set_yticks(range(len(layer_sets)), layer_sets, fontsize=7)
-            ax.set_title(f"{METRIC_TITLES[metric]} (%)", fontsize=9)
-            fig.colorbar(image, ax=ax, shrink=0.8)
-        fig.suptitle(f"Layer sweep: {name}", fontsize=10)
-        caption = f"Feature layers of {name} (rows) against category; the last column is the mean over categories."
-        figures.append(Figure(f"layers_{index}", fig, caption))
-    return figures
-
-
-def cold_start_figures(runs: list[Run], frame: pd.DataFrame) -> list[Figure]:
-    groups = _group_by(runs, "dataset.train_limit")
-    if not groups:
-        return []
-    fig, axes = plt.subplots(1, len(CURVE_METRICS), figsize=(PAGE_WIDTH, 2.8), constrained_layout=True)
-    ticks: dict[float, str] = {}
-    for name, group in groups.items():
-        rows = frame[frame["variant"].isin({run.variant for run in group})]
-        categories = sorted(rows["category"].unique())
-        limits = rows["train_limit"].dropna().unique().tolist() + ([None] if rows["train_limit"].isna().any() else [])
-        for ax, metric in zip(axes, CURVE_METRICS):
-            points = []
-            for limit in limits:
-                subset = rows[rows["train_limit"].isna()] if limit is None else rows[rows["train_limit"] == limit]
-                means = seed_means(subset, metric, categories)
-                if not means:
-                    continue
-                x = float(subset["n_train"].mean())  # "all" sits at the real training-set size
-                ticks[x] = f"all ({x:.0f})" if limit is None else f"{x:.0f}"
-                points.append((x, 100 * np.mean(means), 100 * np.min(means), 100 * np.max(means)))
-            if points:
-                xs, ys, lows, highs = zip(*sorted(points))
-                line = ax.plot(xs, ys, marker="o", ms=3, label=name)[0]
-                ax.fill_between(xs, lows, highs, alpha=0.2, color=line.get_color())
-    for ax, metric in zip(axes, CURVE_METRICS):
-        ax.set_xscale("log", base=2)
-        ax.set_xticks(list(ticks), list(ticks.values()), fontsize=6, rotation=45)
-        ax.minorticks_off()
-        ax.set_xlabel("nominal training images")
-        ax.set_title(f"{METRIC_TITLES[metric]} (%)", fontsize=9)
-        ax.tick_params(axis="y", labelsize=7)
-        ax.grid(alpha=0.3)
-    _legend(fig, axes[0])
-    caption = ("Cold start: mean over categories against the number of nominal training images "
-               "(dataset.train_limit, a seeded random subset); line = mean over seeds, band = min to max over seeds.")
-    return [Figure("cold_start", fig, caption)]
 
 
 def _read_scores(run: Run, category: str) -> tuple[np.ndarray, np.ndarray] | None:
@@ -321,10 +204,170 @@ def _legend(fig, ax) -> None:
         fig.legend(handles, labels, loc="outside lower center", ncols=min(3, len(labels)), fontsize=7, frameon=False)
 
 
-def save(figure: Figure, folder: Path, dpi: int = 150) -> tuple[Path, Path]:
+def save(figure: Figure, folder: Path, dpi: int = 130) -> str:
+    """Write the PNG and the PDF; returns the PNG's path relative to the report folder (``folder``'s parent)."""
     folder.mkdir(parents=True, exist_ok=True)
-    png, pdf = folder / f"{figure.name}.png", folder / f"{figure.name}.pdf"
+    png = folder / f"{figure.name}.png"
     figure.figure.savefig(png, dpi=dpi)
-    figure.figure.savefig(pdf)
+    figure.figure.savefig(folder / f"{figure.name}.pdf")
     plt.close(figure.figure)
-    return png, pdf
+    return f"{folder.name}/{png.name}"
+
+
+LOG_SKIP = {"step", "epoch", "time_s", "lr_backbone", "lr_head"}
+
+
+def sweep_figure(comparison: Comparison) -> list[Figure]:
+    """Mean over categories (each seed's first) against the swept value; error bars: std over seeds."""
+    if not comparison.sweep or not comparison.others:
+        return []
+    key, categories = comparison.sweep, categories_of(comparison)
+    points = []  # (x value, label, arm, rows)
+    for arm in comparison.arms:
+        value = setting(arm.runs[0].config, key)
+        if key == "dataset.train_limit":
+            x = float(arm.rows["n_train"].mean())
+            label = f"all ({x:.0f})" if value is None else f"{x:.0f}"
+        else:
+            x, label = value, (f"{value:g}" if isinstance(value, float) else
+                               "+".join(map(str, value)) if isinstance(value, list) else str(value))
+        points.append((x, label, arm))
+    numeric = all(isinstance(p[0], (int, float)) and not isinstance(p[0], bool) for p in points)
+    points.sort(key=lambda p: p[0] if numeric else p[1])
+    if not numeric:  # layer sets: in the order of the number of layers, then by name
+        points.sort(key=lambda p: (len(p[1].split("+")), p[1]))
+    panels = [*CURVES, "fit_s"]
+    fig, axes = plt.subplots(1, len(panels), figsize=(PAGE_WIDTH, 2.2), constrained_layout=True)
+    for ax, panel in zip(axes, panels):
+        xs, ys, errs = [], [], []
+        for i, (x, _, arm) in enumerate(points):
+            scale = 1 if panel == "fit_s" else 100
+            mean, std, n = mean_std([scale * m for m in seed_means(arm.rows, panel, categories)])
+            if not n:
+                continue
+            xs.append(x if numeric else i)
+            ys.append(mean)
+            errs.append(0.0 if math.isnan(std) else std)
+        ax.errorbar(xs, ys, yerr=errs, marker="o", ms=3, capsize=2, lw=1)
+        base = next((k for k, p in enumerate(points) if p[2] is comparison.baseline), None)
+        if base is not None and xs:
+            bx = points[base][0] if numeric else base
+            if bx in xs:
+                ax.plot([bx], [ys[xs.index(bx)]], marker="*", ms=9, color="tab:red", ls="none", label="baseline")
+        if numeric:
+            positive = all(p[0] > 0 for p in points)
+            spread = max(p[0] for p in points) / max(min(p[0] for p in points), 1e-12) if positive else 1
+            if positive and spread >= 8:
+                ax.set_xscale("log", base=2 if key == "dataset.train_limit" else 10)
+                ax.minorticks_off()
+            ax.set_xticks([p[0] for p in points], [p[1] for p in points], fontsize=6, rotation=45)
+        else:
+            ax.set_xticks(range(len(points)), [p[1] for p in points], fontsize=6, rotation=45, ha="right")
+        ax.set_title("fit time (s / category)" if panel == "fit_s" else f"{METRIC_TITLES[panel]} (%)", fontsize=8)
+        ax.tick_params(axis="y", labelsize=6)
+        ax.grid(alpha=0.3)
+    axes[0].set_xlabel(key, fontsize=7)
+    caption = (f"{comparison.title}: the mean over categories against {key} (the red star: the baseline); "
+               "error bars: sample std over seeds; fit time = feature extraction + coreset selection.")
+    return [Figure(f"sweep_{comparison.name}", fig, caption)]
+
+
+def _by_arm(comparison: Comparison) -> tuple[list, pd.DataFrame, list[str]]:
+    """Copies of the comparison's runs and rows labelled by arm name (the figures' legends and columns)."""
+    runs = [dataclasses.replace(run, variant=arm.name) for arm in comparison.arms for run in arm.runs]
+    rows = pd.concat([arm.rows.assign(variant=arm.name) for arm in comparison.arms], ignore_index=True)
+    return runs, rows, [arm.name for arm in comparison.arms]
+
+
+def roc_figure(comparison: Comparison) -> list[Figure]:
+    runs, rows, arms = _by_arm(comparison)
+    built = roc_figures(runs, rows, arms)
+    for figure in built:
+        figure.name = f"roc_{comparison.name}"
+        figure.caption = f"{comparison.title}: {figure.caption[0].lower()}{figure.caption[1:]}"
+    return built
+
+
+def map_figure(comparison: Comparison, category: str, images: int = 3) -> list[Figure]:
+    runs, rows, arms = _by_arm(comparison)
+    built = map_figures(runs, rows[rows["category"] == category], arms, max_images=images)
+    for figure in built:
+        figure.name = f"maps_{comparison.name}_{category}"
+        figure.caption = f"{comparison.title}: {figure.caption}"
+    return built
+
+
+LOGS = {"loss": ("loss.jsonl", "every training step's loss, task loss, L2-SP term and accuracy"),
+        "proxy": ("proxy.jsonl", "every proxy evaluation (held-out nominal images with synthetic anomalies): the "
+                                 "proxy score and AUROCs that select the checkpoint, and the collapse monitors "
+                                 "(effective rank, nearest-neighbour distances, weight distance)")}
+
+
+def checkpoint_logs(comparison: Comparison, kind: str) -> dict[str, list[tuple[str, Path]]]:
+    """Per arm, (category, log file) of its first seed's fine-tuned checkpoints (``kind``: loss | proxy)."""
+    logs: dict[str, list[tuple[str, Path]]] = {}
+    for arm in comparison.others:
+        run = min(arm.runs, key=lambda r: (str(r.config.get("seed")), str(r.folder)))
+        checkpoint = setting(run.config, "backbone.checkpoint")
+        if not checkpoint:
+            continue
+        folder = Path(str(checkpoint)).parent
+        for category in sorted(run.results.get("categories") or {}):
+            path = folder / f"{category}.{LOGS[kind][0]}"
+            if path.is_file():
+                logs.setdefault(arm.name, []).append((category, path))
+    return logs
+
+
+def read_log(path: Path) -> pd.DataFrame:
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except ValueError:
+            continue
+    return pd.DataFrame(rows)
+
+
+def _step_panels(frames: dict[str, pd.DataFrame]) -> tuple | None:
+    """A grid with one panel per numeric logged quantity against the step, one line per category."""
+    keys = [k for k in dict.fromkeys(k for f in frames.values() for k in f.columns)
+            if k not in LOG_SKIP and not k.endswith("_time_s")
+            and all(pd.api.types.is_numeric_dtype(f[k]) and not pd.api.types.is_bool_dtype(f[k])
+                    for f in frames.values() if k in f)]
+    if not keys:
+        return None
+    ncols = min(4, len(keys))
+    nrows = math.ceil(len(keys) / ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(PAGE_WIDTH, 1.7 * nrows + 0.5), squeeze=False,
+                             constrained_layout=True)
+    for ax, key in zip(axes.flat, keys):
+        for category, log in frames.items():
+            if key in log and "step" in log:
+                ax.plot(log["step"], log[key], lw=1, marker="." if len(log) < 20 else None, label=category)
+        ax.set_title(key, fontsize=7)
+        ax.tick_params(labelsize=6)
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(keys):]:
+        ax.axis("off")
+    for ax in axes[-1]:
+        ax.set_xlabel("step", fontsize=7)
+    handles, labels = axes.flat[0].get_legend_handles_labels()
+    if handles:
+        fig.legend(handles, labels, loc="outside lower center", ncols=min(4, len(labels)), fontsize=7, frameon=False)
+    return fig
+
+
+def finetune_figure(comparison: Comparison) -> list[Figure]:
+    """Per fine-tuning method: the training log, then the proxy-selection log (when the checkpoints have one)."""
+    built = []
+    for kind, (suffix, what) in LOGS.items():
+        for arm, logs in checkpoint_logs(comparison, kind).items():
+            fig = _step_panels({category: read_log(path) for category, path in logs})
+            if fig is not None:
+                caption = (f"Fine-tuning of {arm} (first seed), per category against the step: {what} "
+                           f"(<category>.{suffix}).")
+                built.append(Figure(f"finetune_{kind}_{arm}", fig, caption))
+    return built
+
+

@@ -91,22 +91,16 @@ class _Renderer:
         self.numbers = {key: i + 1 for i, key in enumerate(citation_order(doc.blocks))}
 
     def spans(self, items: list[Span]) -> str:
+        marks = {"text": "{}", "em": "<em>{}</em>", "strong": "<strong>{}</strong>", "code": "<code>{}</code>"}
         out = []
         for span in items:
             text = html.escape(span.text)
-            if span.kind == "text":
-                out.append(text)
-            elif span.kind == "em":
-                out.append(f"<em>{text}</em>")
-            elif span.kind == "strong":
-                out.append(f"<strong>{text}</strong>")
-            elif span.kind == "code":
-                out.append(f"<code>{text}</code>")
-            elif span.kind == "math":
+            if span.kind == "math":
                 out.append(f'<img class="math" alt="{text}" src="{math_svg(span.text, False)}">')
             elif span.kind == "cite":
-                number = self.numbers.get(span.text, "?")
-                out.append(f'<a href="#ref-{html.escape(span.text)}">[{number}]</a>')
+                out.append(f'<a href="#ref-{text}">[{self.numbers.get(span.text, "?")}]</a>')
+            else:
+                out.append(marks[span.kind].format(text))
         return "".join(out)
 
     def table(self, block: TableBlock) -> str:
@@ -161,7 +155,7 @@ class _Renderer:
     def block(self, item: Block) -> str:
         if isinstance(item, Heading):
             level = min(item.level + 1, 6)
-            return f'<h{level} id="{_anchor(item.anchor or item.text)}">{html.escape(item.text)}</h{level}>'
+            return f'<h{level} id="{_anchor(item.text)}">{html.escape(item.text)}</h{level}>'
         if isinstance(item, Paragraph):
             return f"<p>{self.spans(item.spans)}</p>"
         if isinstance(item, Bullets):

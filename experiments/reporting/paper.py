@@ -2,27 +2,27 @@
 document model), ``report.typ``, ``tables/paper_*.{csv,md,tex}``, ``tables/sources.csv`` and ``paper.json``.
 
 The text is ``reports/paper/<section>.md`` with placeholders (experiments/reporting/document.py); the values
-and the generated blocks come from the runs (paper_sections.py, paper_tables.py, paper_figures.py), so a
+and the generated blocks come from the runs (paper_sections.py, tables.py, figures.py), so a
 re-run can leave no stale number behind. With a study manifest (``study.json`` in a run folder) the
-comparisons are the study's; otherwise they are inferred from the runs' settings (comparisons.py).
+comparisons are the study's; otherwise they are inferred from the runs' settings (comparisons.py). The run
+digest (digest.py) is another document of the same model, from the same inputs.
 """
 
 from __future__ import annotations
 
 import datetime as dt
-import json
 from pathlib import Path
 
 import yaml
 
 from core.io import write_json_atomic, write_text_atomic
 from experiments.reporting import paper_sections as ps
-from experiments.reporting.build import gather
-from experiments.reporting.comparisons import Comparison, from_manifest, infer
+from experiments.reporting.comparisons import Comparison, Inputs, categories_of, load, setting
 from experiments.reporting.document import Bibliography, Document, Heading, Note, PageBreak, parse_source
 from experiments.reporting.html_out import to_html
-from experiments.reporting.paper_tables import paired_rows, signed, sources_rows, write
-from experiments.reporting.sections import DATASET_TITLES
+from experiments.reporting.paper_sections import DATASET_TITLES
+from experiments.reporting.stats import cell_stats, signed, verdict
+from experiments.reporting.tables import paired_rows, sources_rows, write_table
 from experiments.reporting.typst_out import write_pdf
 
 SOURCES = Path(__file__).resolve().parents[2] / "reports" / "paper"
@@ -32,16 +32,22 @@ SECTION_TITLES = ("Abstract", "Introduction", "Related work", "Method", "Experim
                   "Discussion", "Limitations", "Conclusion", "Reproducibility")
 
 
-def find_manifest(run_dirs: list[str]) -> dict | None:
-    """The study manifest of the first run folder that is a study (holds study.json)."""
-    for folder in run_dirs:
-        path = Path(folder) / "study.json"
-        if path.is_file():
-            try:
-                return json.loads(path.read_text())
-            except ValueError:
-                return None
-    return None
+# The settings method.md's paragraph on the differences to the official code discusses ({{differences_effect}}):
+# arms of any comparison that change them from the baseline this way are quoted there.
+DISCUSSED = {"patchcore.embedder.aggregation": "channel_mean", "patchcore.scoring.distance": "squared"}
+
+
+def discussed_effects(comparisons: list[Comparison]) -> list[str]:
+    """The image-AUROC sentence of every arm that changes a DISCUSSED setting from its baseline that way."""
+    said = []
+    for comparison in comparisons:
+        base = comparison.baseline.runs[0].config
+        for arm, metric, diff in paired_rows(comparison):
+            config = next(a for a in comparison.others if a.name == arm).runs[0].config
+            if diff is not None and metric == "image_auroc" and any(
+                    setting(config, key) == value != setting(base, key) for key, value in DISCUSSED.items()):
+                said.append(ps.difference_sentence(comparison, arm, metric, diff))
+    return said
 
 
 def values(ctx: ps.Context) -> dict[str, str]:
@@ -56,19 +62,16 @@ def values(ctx: ps.Context) -> dict[str, str]:
     found = []
     for comparison in present:
         for arm, metric, diff in paired_rows(comparison):
-            if diff is not None and metric == "image_auroc" and ps.verdict(diff) in ("higher", "lower"):
+            if diff is not None and metric == "image_auroc" and verdict(diff) in ("higher", "lower"):
                 found.append(f"{arm} ({comparison.title.lower()}: {signed(diff['mean'])} points)")
-    base_auroc = ps.cell_stats(base.rows, "image_auroc", None, ps.categories_of(present[0]))[0] if base and present \
+    base_auroc = cell_stats(base.rows, "image_auroc", None, categories_of(present[0]))[0] if base and present \
         else float("nan")
     abstract = (f"The baseline reaches a mean image AUROC of {base_auroc:.1f}%. " if base and present else "")
     abstract += (f"Clear changes of mean image AUROC (95% intervals excluding zero): {'; '.join(found)}." if found
                  else "No compared arm changes mean image AUROC by more than its 95% interval.")
-    variants = next((c for c in present if c.name == "variants"), None)
-    effect = "Their effect was not measured in these runs (no variants comparison)."
-    if variants is not None:
-        said = [ps.difference_sentence(variants, arm, metric, diff) for arm, metric, diff in paired_rows(variants)
-                if diff is not None and metric == "image_auroc" and arm in ("channel_mean", "squared distance")]
-        effect = ("Measured here: " + " ".join(said)) if said else effect
+    said = discussed_effects(present)
+    effect = ("Measured here: " + " ".join(said)) if said else \
+        "Their effect was not measured in these runs (no arm changes the aggregation or the distance)."
     return {"dataset_title": DATASET_TITLES.get(ctx.dataset, ctx.dataset), "compared_list": compared,
             "abstract_results": abstract, "n_runs": str(len(ctx.runs)), "n_results": str(len(ctx.frame)),
             "n_seeds": str(ctx.frame["seed"].nunique()), "baseline_backbone": str(backbone.get("name", "?")),
@@ -117,29 +120,27 @@ def empty_document(run_dirs: list[str], left_out: list[dict], sources: Path = SO
                     references)
 
 
-def build_paper(run_dirs: list[str | Path], out: str | Path = "reports", dataset: str | None = None) -> dict:
-    """Write the paper (PDF, HTML, Typst source, tables, sources); returns its manifest (also paper.json)."""
+def build_paper(run_dirs: list[str | Path], out: str | Path = "reports", dataset: str | None = None,
+                inputs: Inputs | None = None) -> dict:
+    """Write the paper (PDF, HTML, Typst source, tables, sources); returns its manifest (also paper.json).
+    ``inputs``: the runs already read (experiments/report.py reads them once for both documents)."""
     out = Path(out)
-    run_dirs = [str(d) for d in run_dirs]
+    inputs = inputs or load(run_dirs, dataset)
+    run_dirs, included, comparisons, manifest = inputs.run_dirs, inputs.runs, inputs.comparisons, inputs.manifest
     (out / "tables").mkdir(parents=True, exist_ok=True)
-    included, frame, left_out, dataset = gather(run_dirs, dataset)
-    manifest = find_manifest(run_dirs)
-    comparisons: list[Comparison] = []
-    if included:
-        comparisons = from_manifest(manifest, included, frame) if manifest else infer(included, frame)
-    ctx = ps.Context(included, frame, comparisons, manifest, out, dataset)
-    doc = compose(ctx, run_dirs) if included and comparisons else empty_document(run_dirs, left_out)
+    ctx = ps.Context(included, inputs.frame, comparisons, manifest, out, inputs.dataset)
+    doc = compose(ctx, run_dirs) if included and comparisons else empty_document(run_dirs, inputs.left_out)
     for block in ctx.tables:
-        write(block, out / "tables")
+        write_table(block, out / "tables", f"paper_{block.name}")
     cells = sources_rows(ctx.tables)
     write_text_atomic(out / "tables" / "sources.csv", "table,row,column,value,sources\n" + "".join(
         f"{c['table']},\"{c['row']}\",\"{c['column']}\",{c['value']:.6g},{';'.join(c['sources'])}\n" for c in cells))
-    _, overflowing = write_pdf(doc, out, SOURCES / "references.yml")
+    _, overflowing, _ = write_pdf(doc, out, SOURCES / "references.yml")
     write_text_atomic(out / "report.html", to_html(doc))
     described = {c.name: {"title": c.title, "arms": [a.name for a in c.arms], "missing": [list(m) for m in c.missing]}
                  for c in comparisons}
-    record = {"dataset": dataset, "study": (manifest or {}).get("study"), "runs": [str(r.folder) for r in included],
-              "excluded": left_out, "comparisons": described,
+    record = {"dataset": inputs.dataset, "study": (manifest or {}).get("study"),
+              "runs": [str(r.folder) for r in included], "excluded": inputs.left_out, "comparisons": described,
               "sections": [t for t, s in zip(SECTION_TITLES, SECTIONS)] if included and comparisons else [],
               "tables": [t.name for t in ctx.tables], "figures": ctx.figures, "cells": cells,
               "pages_overflowing": overflowing}

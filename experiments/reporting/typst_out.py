@@ -54,22 +54,12 @@ def string(text: str) -> str:
     return '"' + text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
 
 
+_SPANS = {"text": escape, "em": lambda t: f"#emph[{escape(t)}]", "strong": lambda t: f"#strong[{escape(t)}]",
+          "code": lambda t: f"#raw({string(t)})", "math": lambda t: f"${t}$", "cite": lambda t: f"#cite(<{t}>)"}
+
+
 def spans(items: list[Span]) -> str:
-    out = []
-    for span in items:
-        if span.kind == "text":
-            out.append(escape(span.text))
-        elif span.kind == "em":
-            out.append(f"#emph[{escape(span.text)}]")
-        elif span.kind == "strong":
-            out.append(f"#strong[{escape(span.text)}]")
-        elif span.kind == "code":
-            out.append(f"#raw({string(span.text)})")
-        elif span.kind == "math":
-            out.append(f"${span.text}$")
-        elif span.kind == "cite":
-            out.append(f"#cite(<{span.text}>)")
-    return "".join(out)
+    return "".join(_SPANS[span.kind](span.text) for span in items)
 
 
 def _table(block: TableBlock) -> str:
@@ -127,20 +117,23 @@ def to_typst(doc: Document) -> str:
     return head + title + "\n\n".join(filter(None, (block(b) for b in doc.blocks))) + "\n"
 
 
-def write_pdf(doc: Document, out: Path, references: Path) -> tuple[Path, list[int]]:
-    """``report.typ`` (kept: users can edit and recompile it with ``typst compile``) and ``report.pdf``; also
-    the numbers of the pages whose content runs into the side margins (overflowing text or tables)."""
+def write_pdf(doc: Document, out: Path, references: Path | None = None,
+              stem: str = "report") -> tuple[Path, list[int], int]:
+    """``<stem>.typ`` (kept: users can edit and recompile it with ``typst compile``) and ``<stem>.pdf``; also the
+    numbers of the pages whose content runs into the side margins (overflowing text or tables), and the
+    number of pages."""
     import typst
 
     from experiments.reporting.page_check import pages_with_margin_ink, render_pages
 
-    source = out / "report.typ"
+    source = out / f"{stem}.typ"
     source.write_text(to_typst(doc))
-    shutil.copyfile(references, out / "references.yml")
-    pdf = out / "report.pdf"
-    tmp = out / "report.pdf.tmp"
+    if references is not None:
+        shutil.copyfile(references, out / "references.yml")
+    pdf = out / f"{stem}.pdf"
+    tmp = out / f"{stem}.pdf.tmp"
     compiler = typst.Compiler(str(source), root=str(out))  # one compiler: the page renders reuse its layout
     compiler.compile(output=str(tmp), format="pdf")
     tmp.replace(pdf)
-    overflowing = pages_with_margin_ink(render_pages(compiler, ppi=40), MARGIN_X_CM, PAGE_WIDTH_CM)
-    return pdf, overflowing
+    pages = render_pages(compiler, ppi=40)
+    return pdf, pages_with_margin_ink(pages, MARGIN_X_CM, PAGE_WIDTH_CM), len(pages)

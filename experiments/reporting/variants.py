@@ -12,16 +12,15 @@ from collections import Counter
 from pathlib import Path
 
 from experiments.harness.run_key import BOOKKEEPING, IDENTITY, PLACEMENT, is_ignored
-from experiments.reporting.data import Run, flatten, interpolated_copies
+from experiments.reporting.data import Run, flatten
 
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 # Never part of a variant label: the run's identity (category, seed), where data lives, and settings that
 # do not change the numbers.
 NOT_VARIANT = (*BOOKKEEPING, *IDENTITY)  # wherever they sit
 NOT_VARIANT_TOP = PLACEMENT             # from the top only
-# How a setting is named in a label (the last part of its dotted key otherwise).
-LABEL_NAMES = {"coreset._target_": "sampler", "backbone.layers": "layers", "coreset.ratio": "ratio",
-               "dataset.train_limit": "train_limit", "backbone.pretrained": "weights"}
+# How a setting is named in a label where the last part of its dotted key would not say it.
+LABEL_NAMES = {"coreset._target_": "sampler", "backbone.pretrained": "weights"}
 
 
 def default_config(backbone: str, dataset: str) -> dict | None:
@@ -73,8 +72,6 @@ def label_variants(runs: list[Run]) -> None:
         by_backbone.setdefault((run.backbone, run.dataset), []).append(run)
     # A key missing from a run's config was added to conf/ after the run: the run had its default.
     flats = {id(run): _variant_settings(run.config) for run in runs}
-    copies = interpolated_copies(list(flats.values()))  # model.extractor.layers: backbone.layers again
-    flats = {key: {k: v for k, v in flat.items() if k not in copies} for key, flat in flats.items()}
     varying = {key for key in set().union(*flats.values())
                if len({json.dumps(flat[key], sort_keys=True) for flat in flats.values() if key in flat}) > 1}
     for (backbone, dataset), group in by_backbone.items():

@@ -21,7 +21,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from core.io import write_json_atomic
-from experiments.studies.plan import Job, Plan
+from experiments.studies.plan import Plan, RunSpec
 
 MANIFEST = "study.json"
 LOG = "study.log"
@@ -38,7 +38,7 @@ def subprocess_runner(command: list[str], log_path: Path) -> int:
                               env={**os.environ, "HYDRA_FULL_ERROR": "1"}).returncode
 
 
-def is_done(job: Job) -> bool:
+def is_done(job: RunSpec) -> bool:
     if job.kind == "finetune":
         return bool(job.checkpoints) and all(p.is_file() and p.with_suffix(".json").is_file() for p in job.checkpoints)
     path = job.folder / "results.json"
@@ -63,7 +63,7 @@ def format_duration(seconds: float | None) -> str:
     return f"{hours}h{rest // 60:02d}m" if hours else f"{rest // 60}m{rest % 60:02d}s"
 
 
-def estimate_left(durations: dict[str, list[float]], pending: list[Job]) -> float | None:
+def estimate_left(durations: dict[str, list[float]], pending: list[RunSpec]) -> float | None:
     """Seconds left: each pending job at the mean duration of the jobs of its kind run so far (any kind's mean
     when none of its kind has run yet); None before any job has run."""
     every = [d for values in durations.values() for d in values]
@@ -82,69 +82,87 @@ def machine() -> dict:
             "python": platform.python_version(), "torch": torch.__version__}
 
 
+def _previous_durations(manifest_path: Path) -> dict[str, dict]:
+    """The rows of an earlier manifest of this study (their durations are kept for runs done before)."""
+    if not manifest_path.is_file():
+        return {}
+    try:
+        return {row["id"]: row for row in json.loads(manifest_path.read_text()).get("jobs", [])}
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
+
+
+def _new_manifest(plan: Plan, previous: dict[str, dict]) -> dict:
+    manifest = {"study": plan.name, "source": plan.config.get("source"), "config": plan.config,
+                "dataset": plan.dataset, "categories": plan.categories, "folder": str(plan.folder),
+                "started": dt.datetime.now().isoformat(timespec="seconds"), "finished": None,
+                "command": " ".join(["python experiments/study.py", *sys.argv[1:]]),
+                "machine": machine(), "comparisons": plan.comparisons, "skipped": plan.skipped}
+    manifest["jobs"] = [{"id": job.id, "kind": job.kind, "comparison": job.comparison, "arm": job.arm,
+                         "seed": job.seed, "folder": str(job.folder), "command": " ".join(job.command("python")),
+                         "needs": job.needs, "status": "pending",
+                         "duration_s": previous.get(job.id, {}).get("duration_s")} for job in plan.jobs]
+    return manifest
+
+
+def _run_job(job: RunSpec, row: dict, rows: dict[str, dict], runner: Runner, python: str) -> float | None:
+    """Run one job unless it is done or blocked; its row says what happened. Returns how long it ran."""
+    if is_done(job):
+        row["status"] = "done before"
+        return None
+    blocked = [need for need in job.needs if rows[need]["status"] not in ("done", "done before")]
+    if blocked:
+        row["status"] = "blocked"
+        row["error"] = f"needs {', '.join(blocked)}, which did not finish"
+        return None
+    log_path = job.folder / LOG
+    begin = time.perf_counter()
+    code = runner(job.command(python), log_path)
+    took = time.perf_counter() - begin
+    row["duration_s"] = round(took, 1)
+    if code == 0 and is_done(job):
+        row["status"] = "done"
+    else:
+        row["status"] = "failed"
+        row["error"] = f"exit status {code}; {log_path}: {_tail(log_path)}"
+    return took
+
+
 def run_plan(plan: Plan, runner: Runner = subprocess_runner, python: str = sys.executable,
              echo: Callable[[str], None] = print) -> dict:
     """Run every job not done yet, in order; returns the manifest (also ``<study folder>/study.json``)."""
     plan.folder.mkdir(parents=True, exist_ok=True)
     manifest_path = plan.folder / MANIFEST
-    previous = {}
-    if manifest_path.is_file():
-        try:
-            previous = {row["id"]: row for row in json.loads(manifest_path.read_text()).get("jobs", [])}
-        except (OSError, ValueError, KeyError, TypeError):
-            previous = {}
     started = time.time()
-    manifest = {"study": plan.name, "source": plan.config.get("source"), "config": plan.config,
-                "dataset": plan.dataset, "categories": plan.categories, "folder": str(plan.folder),
-                "started": dt.datetime.now().isoformat(timespec="seconds"), "finished": None,
-                "command": " ".join(["python experiments/study.py", *sys.argv[1:]]),
-                "machine": machine(), "comparisons": plan.comparisons, "skipped": plan.skipped, "jobs": []}
-    rows = {job.id: {"id": job.id, "kind": job.kind, "comparison": job.comparison, "arm": job.arm,
-                     "seed": job.seed, "folder": str(job.folder), "command": " ".join(job.command("python")),
-                     "needs": job.needs, "status": "pending", "duration_s": previous.get(job.id, {}).get("duration_s")}
-            for job in plan.jobs}
-    manifest["jobs"] = list(rows.values())
+    manifest = _new_manifest(plan, _previous_durations(manifest_path))
+    rows = {row["id"]: row for row in manifest["jobs"]}
     for row in plan.skipped:
         echo(f"skipped: {row['comparison']}/{row['arm']}: {row['reason']}")
     durations: dict[str, list[float]] = {}
     total = len(plan.jobs)
     for index, job in enumerate(plan.jobs, 1):
         row = rows[job.id]
-        if is_done(job):
-            row["status"] = "done before"
-            echo(f"[{index}/{total}] {job.id}: done before, skipped")
-            continue
-        blocked = [need for need in job.needs if rows[need]["status"] not in ("done", "done before")]
-        if blocked:
-            row["status"] = "blocked"
-            row["error"] = f"needs {', '.join(blocked)}, which did not finish"
-            echo(f"[{index}/{total}] {job.id}: blocked ({row['error']})")
+        if not is_done(job) and not row.get("error"):
+            row["status"] = "running"
             write_json_atomic(manifest_path, manifest)
-            continue
-        row["status"] = "running"
-        write_json_atomic(manifest_path, manifest)
-        log_path = job.folder / LOG
-        begin = time.perf_counter()
-        code = runner(job.command(python), log_path)
-        took = time.perf_counter() - begin
-        row["duration_s"] = round(took, 1)
-        if code == 0 and is_done(job):
-            row["status"] = "done"
-            durations.setdefault(job.kind, []).append(took)
+        took = _run_job(job, row, rows, runner, python)
+        if took is None:
+            echo(f"[{index}/{total}] {job.id}: " + ("done before, skipped" if row["status"] == "done before"
+                                                  else f"blocked ({row['error']})"))
         else:
-            row["status"] = "failed"
-            row["error"] = f"exit status {code}; {log_path}: {_tail(log_path)}"
-        pending = [j for j in plan.jobs[index:] if not is_done(j)]
-        left = estimate_left(durations, pending)
-        echo(f"[{index}/{total}] {job.id}: {row['status']} in {format_duration(took)} "
-             f"(elapsed {format_duration(time.time() - started)}, about {format_duration(left)} left for "
-             f"{len(pending)} jobs)")
+            if row["status"] == "done":
+                durations.setdefault(job.kind, []).append(took)
+            pending = [j for j in plan.jobs[index:] if not is_done(j)]
+            left = estimate_left(durations, pending)
+            echo(f"[{index}/{total}] {job.id}: {row['status']} in {format_duration(took)} "
+                 f"(elapsed {format_duration(time.time() - started)}, about {format_duration(left)} left for "
+                 f"{len(pending)} jobs)")
         write_json_atomic(manifest_path, manifest)
     manifest["finished"] = dt.datetime.now().isoformat(timespec="seconds")
     manifest["wall_s"] = round(time.time() - started, 1)
     manifest["run_s"] = round(sum(row["duration_s"] or 0 for row in rows.values()), 1)  # all sessions' runs
     write_json_atomic(manifest_path, manifest)
-    counts = {}
+    counts: dict[str, int] = {}
     for row in rows.values():
         counts[row["status"]] = counts.get(row["status"], 0) + 1
     echo(f"study {plan.name}: " + ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))

@@ -1,0 +1,95 @@
+"""Synthetic local defects with exact masks, on a 256 x 256 uint8 canvas.
+
+One home for the defect drawing that two users share: the embedded dataset's generator
+(core/data/textures.py), whose test images these defects are, and the fine-tuning proxy
+(extensions/synthetic.py), which draws the same kinds on held-out nominal images. Every function
+draws from the ``numpy`` generator it is given, in a fixed order, so a seeded caller gets the same
+bytes every time (the embedded dataset depends on it).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+DEFECT_KINDS = ("scratch", "hole", "color", "foreign")
+CANVAS = 256  # canvas side: the generated image size
+CROP_LO, CROP_HI = 16, 240  # the central 224 x 224 region that the default centre crop keeps; defects stay inside
+_TINTS = np.array([(220, 40, 40), (40, 190, 60), (50, 80, 230), (235, 205, 30)], dtype=np.float32)
+
+
+def photo_crop(photo: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """A random 160-200 px crop of ``photo``, maybe flipped, brightness jittered by 5%, as uint8 256 x 256 x 3
+    (a nominal image of the embedded set, and the texture a ``foreign`` defect pastes in)."""
+    side = int(rng.integers(160, 201))
+    y, x = (int(rng.integers(0, n - side + 1)) for n in photo.shape[:2])
+    crop = photo[y : y + side, x : x + side]
+    if rng.random() < 0.5:
+        crop = crop[:, ::-1]
+    if rng.random() < 0.5:
+        crop = crop[::-1]
+    img = Image.fromarray(np.ascontiguousarray(crop)).resize((CANVAS, CANVAS), Image.Resampling.BICUBIC)
+    return np.clip(np.asarray(img, np.float32) * rng.uniform(0.95, 1.05), 0, 255).round().astype(np.uint8)
+
+
+def make_defect(
+    kind: str, base: np.ndarray, rng: np.random.Generator, foreign: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """(defect image, bool mask) where the mask is exactly the pixels that differ from ``base``; ``foreign`` is
+    the photograph a ``foreign`` defect takes its texture from."""
+    region = scratch_region(rng) if kind == "scratch" else blob_region(rng)
+    img = base.astype(np.float32)
+    if kind == "scratch":  # thin dark or bright line; the other shade where it would not contrast
+        under = img[region].mean()
+        dark = under > 90 if rng.random() < 0.5 else under > 165
+        img[region] = rng.uniform(5, 30) if dark else rng.uniform(225, 250)
+    elif kind == "hole":  # dark cavity that keeps a trace of the texture
+        img[region] = img[region] * rng.uniform(0.1, 0.2) + 5
+    elif kind == "color":  # strong tint
+        img[region] = 0.4 * img[region] + 0.6 * _TINTS[rng.integers(len(_TINTS))]
+    elif kind == "foreign":  # another texture pasted in
+        img[region] = photo_crop(foreign, rng)[region]
+    else:
+        raise ValueError(f"unknown defect kind {kind!r}: choose one of {list(DEFECT_KINDS)}")
+    out = np.clip(img, 0, 255).round().astype(np.uint8)
+    # A pixel the edit left unchanged (e.g. darkening a black pixel) is nudged by one grey level
+    # so that the mask stays exactly the changed pixels.
+    same = region & np.all(out == base, axis=-1)
+    out[same] = np.where(base[same] < 128, base[same] + 1, base[same] - 1)
+    return out, region
+
+
+def blob_region(rng: np.random.Generator) -> np.ndarray:
+    """A wobbly ellipse, 15-50 px across, wholly inside the central 224 crop."""
+    radius = rng.uniform(9, 20)
+    stretch = rng.uniform(0.75, 1.33)
+    theta = np.linspace(0, 2 * np.pi, 48, endpoint=False)
+    wobble = 1 + sum(rng.uniform(-0.15, 0.15) * np.cos(k * theta + rng.uniform(0, 2 * np.pi)) for k in (2, 3))
+    reach = radius * 1.3 * 1.33 + 4  # the farthest a vertex can be from the centre, plus a margin
+    cx, cy = rng.uniform(CROP_LO + reach, CROP_HI - reach, size=2)
+    xs = cx + radius * wobble * np.cos(theta) * stretch
+    ys = cy + radius * wobble * np.sin(theta) / stretch
+    return _region(lambda d: d.polygon(list(zip(xs, ys, strict=True)), fill=255))
+
+
+def scratch_region(rng: np.random.Generator) -> np.ndarray:
+    """A 3-5 px wide curved line (quadratic Bezier), 35-70 px long, inside the central 224 crop."""
+    length = rng.uniform(35, 70)
+    angle = rng.uniform(0, np.pi)
+    direction = np.array([np.cos(angle), np.sin(angle)])
+    normal = np.array([-direction[1], direction[0]])
+    centre = rng.uniform(CROP_LO + length / 2 + 8, CROP_HI - length / 2 - 8, size=2)
+    p0, p2 = centre - direction * length / 2, centre + direction * length / 2
+    p1 = centre + normal * rng.uniform(-0.35, 0.35) * length
+    t = np.linspace(0, 1, 32)[:, None]
+    points = (1 - t) ** 2 * p0 + 2 * (1 - t) * t * p1 + t**2 * p2
+    width = int(rng.integers(3, 6))
+    return _region(lambda d: d.line([tuple(p) for p in points], fill=255, width=width, joint="curve"))
+
+
+def _region(paint: Callable[[ImageDraw.ImageDraw], None]) -> np.ndarray:
+    canvas = Image.new("L", (CANVAS, CANVAS), 0)
+    paint(ImageDraw.Draw(canvas))
+    return np.asarray(canvas) > 0
