@@ -70,3 +70,11 @@ def interrupt_at_call(objective, call: int = 2) -> None:
         return real_loss(images)
 
     objective.loss = loss
+
+
+def for_model(shared: tuple[str, ...], *extra: str) -> tuple[str, ...]:
+    """``shared`` test overrides plus ``extra``, without the PatchCore settings when ``extra`` picks the CAE
+    (a model=cae run has no patchcore node, as on the command line)."""
+    if "model=cae" in extra:
+        shared = tuple(o for o in shared if not o.startswith("patchcore."))
+    return (*shared, *extra)

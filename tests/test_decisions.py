@@ -16,7 +16,7 @@ from core.model_files import write_manifest
 from core.patchcore import ModelMismatchError
 from experiments.harness.fit_and_evaluate import run
 from experiments.harness.prediction import predict
-from tests.conftest import write_tiny_category
+from tests.conftest import for_model, write_tiny_category
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ("dataset=folder", "dataset.resize=64", "dataset.image_size=64", "backbone=resnet18",
@@ -25,7 +25,7 @@ TINY = ("dataset=folder", "dataset.resize=64", "dataset.image_size=64", "backbon
 
 def tiny_run(tmp_path: Path, make_config, *extra: str, n_train: int = 10) -> dict:
     write_tiny_category(tmp_path / "data", "widget", n_train=n_train, n_good=3, n_bad=3)
-    cfg = make_config(*TINY, f"dataset.root={tmp_path / 'data'}", "category=widget", *extra)
+    cfg = make_config(*for_model(TINY, f"dataset.root={tmp_path / 'data'}", "category=widget", *extra))
     return run(cfg, tmp_path / "run")
 
 

@@ -51,7 +51,7 @@ def test_channel_mean_reproduces_the_earlier_demo_exactly(tmp_path_factory, text
 def test_detection_and_segmentation_quality(textures_run) -> None:
     results = json.loads((textures_run / "results.json").read_text())
     assert results["complete"] and set(results["categories"]) == {"brick", "grass", "gravel", "tissue"}
-    assert results["config"]["patchcore"]["aggregation"] == "official"
+    assert results["config"]["patchcore"]["embedder"]["aggregation"] == "official"
     assert results["mean"]["image_auroc"] >= 0.91
     assert results["mean"]["pixel_auroc"] >= 0.97
     assert results["mean"]["aupro"] >= 0.94

@@ -39,5 +39,5 @@ def test_no_entry_point_imports_another() -> None:
 def test_the_check_sees_an_import(tmp_path) -> None:
     """The AST walk finds both spellings (a guard against a check that can never fail)."""
     source = tmp_path / "probe.py"
-    source.write_text("from experiments.harness.fit_and_evaluate import run\nfrom experiments import predict\n")
+    source.write_text("from experiments.main import run\nfrom experiments import predict\n")
     assert {"experiments.main", "experiments.predict"} <= _imported_modules(source)

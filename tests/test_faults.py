@@ -195,7 +195,9 @@ TINY = ("dataset=folder", "dataset.resize=32", "dataset.image_size=32", "backbon
 
 
 def tiny_config(make_config, root: Path, *extra: str):
-    return make_config(*TINY, f"dataset.root={root}", "category=widget", *extra)
+    from tests.conftest import for_model
+
+    return make_config(*for_model(TINY, f"dataset.root={root}", "category=widget", *extra))
 
 
 def test_one_missing_mask_keeps_pixel_metrics_for_the_others(tmp_path, make_config) -> None:
@@ -474,7 +476,8 @@ def test_buffer_too_large_for_memory_and_disk_stops_at_the_first_batch(tmp_path,
 
     store = FeatureStore(StorageOptions(memory_budget_gb=1e-6), "cpu")
     with pytest.raises(BufferTooLargeError, match=r"needs 0\.00 GB \(22400 patches x 8 dims x 4 bytes\): more than "
-                                                  r"the memory budget .* storage\.dtype=float16.*patchcore\.embed_dim"
+                                                  r"the memory budget .* storage\.dtype=float16.*"
+                                                  r"patchcore\.embedder\.embed_dim"
                                                   r".*dataset\.train_limit"):
         store.gather(batches(), images=1400)
     assert len(seen) == 1 and list(tmp_path.iterdir()) == []  # stopped at once, nothing left behind

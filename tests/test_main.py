@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader
 from core.data import DatasetError
 from core.patchcore import PatchCore
 from experiments.harness.fit_and_evaluate import run
-from tests.conftest import write_tiny_category
+from tests.conftest import for_model, write_tiny_category
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ("dataset=folder", "dataset.resize=64", "dataset.image_size=64", "backbone=resnet18",
@@ -24,7 +24,7 @@ TINY = ("dataset=folder", "dataset.resize=64", "dataset.image_size=64", "backbon
 
 
 def tiny(root: Path, *extra: str) -> tuple[str, ...]:
-    return (*TINY, f"dataset.root={root}", *extra)
+    return for_model(TINY, f"dataset.root={root}", *extra)
 
 
 def test_tiny_run_writes_the_results_schema(tmp_path, make_config) -> None:
@@ -94,7 +94,8 @@ def test_failed_category_keeps_finished_ones(tmp_path, make_config) -> None:
 
 
 def test_bad_ratio_rejected_before_any_work(tmp_path, make_config) -> None:
-    cfg = make_config(*tiny(tmp_path / "missing", "coreset.ratio=1.5"))
+    write_tiny_category(tmp_path / "data", "widget")  # the dataset is found first (its layout names the categories)
+    cfg = make_config(*tiny(tmp_path / "data", "coreset.ratio=1.5"))
     with pytest.raises(ValueError, match=r"coreset.ratio=1.5 must be in \(0, 1\]"):
         run(cfg, tmp_path / "run")
     assert not (tmp_path / "run").exists()
