@@ -5,6 +5,7 @@ textures category, with nothing but the data, the size and the schedule overridd
 
 from __future__ import annotations
 
+import csv
 import json
 import math
 import os
@@ -123,3 +124,40 @@ def assert_moved_by_steps(payload: dict) -> None:
     assert moved == trainable_names  # frozen stages and every buffer (running statistics) are unchanged
     largest = max((tuned[key] - start[key]).abs().max().item() for key in moved)
     assert 0 < largest <= 1.5 * LR * 1.01
+
+
+@pytest.mark.slow
+def test_a_method_added_by_the_recipe_runs_through_a_study_and_its_report(tree, textures_root) -> None:
+    """The same new method, listed by name in a study (conf/study: `methods: [<name>]`, nothing else), goes
+    finetune -> PatchCore -> study manifest -> report, where it is an arm of the fine-tuning comparison."""
+    name = yaml.safe_load(block(recipe(), "yaml"))["name"]
+    data = ["dataset.resize=72", "dataset.image_size=64", "dataset.train_limit=6", "num_workers=0"]
+    study = {"name": "toy", "dataset": "textures", "category": "brick", "backbone": "effnet_lite0", "seeds": [0],
+             "logger": "none", "common": [*data, "patchcore.embedder.embed_dim=32", "viz.n=0"],
+             "finetune_overrides": [*data, f"method.train.max_steps={STEPS}", "method.train.batch_size=2",
+                                    "proxy.enabled=false"],
+             "comparisons": {"tuned": {"title": "A toy method", "methods": [name]}}}
+    (tree / "conf" / "study" / "toy.yaml").write_text(yaml.safe_dump(study))
+    shutil.copytree(REPO / "reports" / "paper", tree / "reports" / "paper")  # the paper's written sources
+    env_root = {"TEXTURES_ROOT": str(textures_root)}
+    run_env([sys.executable, "experiments/study.py", "--study", "toy", "--out", "studies"], tree, env_root)
+    manifest = json.loads((tree / "studies" / "toy" / "study.json").read_text())
+    assert [(job["id"], job["status"]) for job in manifest["jobs"]] == [
+        ("baseline/baseline", "done"), (f"tuned/finetune_{name}", "done"), (f"tuned/{name}", "done")]
+    assert manifest["comparisons"]["tuned"]["arms"] == ["baseline", name]
+    tuned = json.loads((tree / "studies" / "toy" / "tuned" / name / "results.json").read_text())
+    assert tuned["config"]["backbone"]["method"] == name
+    run_env([sys.executable, "experiments/report.py", "studies/toy", "--out", "report", "--no-digest-pdf"], tree,
+            env_root)
+    rows = list(csv.DictReader((tree / "report" / "tables" / "sources.csv").open()))
+    arms = {row.get("arm") or row.get("row") for row in rows}
+    assert name in arms, sorted(arms)
+    text = (tree / "report" / "report.typ").read_text()
+    assert "A toy method" in text and name in text
+    assert f"{100 * tuned['categories']['brick']['image_auroc']:.1f}" in text
+
+
+def run_env(command: list[str], cwd: Path, extra_env: dict[str, str]) -> None:
+    env = {**os.environ, "PYTHONPATH": str(cwd), "WANDB_MODE": "disabled", **extra_env}
+    done = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, f"{shlex.join(command)}\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
