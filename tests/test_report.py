@@ -13,10 +13,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from omegaconf import OmegaConf
 from PIL import Image
 
 from experiments.harness.anomaly_maps import save_record
+from experiments.harness.results import config_record
 from experiments.harness.run_key import config_hash
 from experiments.report import main
 from experiments.reporting.digest import build_digest as build_report
@@ -35,8 +35,7 @@ def _metrics(auroc: float) -> dict:
 def write_run(folder: Path, make_config, overrides: tuple[str, ...], aurocs: dict[str, float],
               complete: bool = True, maps: bool = False, bank: int = 100) -> Path:
     """A run folder as experiments/main.py writes it, with chosen image AUROCs per category."""
-    cfg = make_config(*overrides)
-    config = OmegaConf.to_container(cfg, resolve=True)
+    config = config_record(make_config(*overrides))  # as experiments/main.py records it (results.json schema 3)
     categories = {}
     rows = []
     n_train = config["dataset"]["train_limit"] or 10
@@ -254,7 +253,7 @@ def test_map_grid_re_runs_a_saved_model(tmp_path, make_config) -> None:
     write_tiny_category(tmp_path / "data", "widget")
     cfg = make_config("dataset=folder", f"dataset.root={tmp_path / 'data'}", "dataset.resize=64",
                       "dataset.image_size=64", "backbone=resnet18", "backbone.pretrained=false",
-                      "patchcore.embed_dim=64", "category=widget", "save_model=true", "viz.n=0", "logger=none")
+                      "patchcore.embedder.embed_dim=64", "category=widget", "save_model=true", "viz.n=0", "logger=none")
     run(cfg, tmp_path / "runs" / "r")
     assert not (tmp_path / "runs" / "r" / "maps").exists()
     manifest = build_report([tmp_path / "runs"], tmp_path / "out")

@@ -44,8 +44,9 @@ def _study(root: Path, manifest: bool = True) -> Path:
         return jobs[-1]["id"]
 
     base = [job("baseline", "baseline", s, (), BASE[s]) for s in (0, 1)]
-    variants = [job("variants", "cosine distance", s, ("patchcore.distance=cosine",), COSINE[s]) for s in (0, 1)]
-    variants += [job("variants", "channel_mean", s, ("patchcore.aggregation=channel_mean",), CHANNEL[s])
+    variants = [job("variants", "cosine distance", s, ("patchcore.scoring.distance=cosine",), COSINE[s])
+                for s in (0, 1)]
+    variants += [job("variants", "channel_mean", s, ("patchcore.embedder.aggregation=channel_mean",), CHANNEL[s])
                  for s in (0, 1)]
     failed = job("baselines", "random bank", 0, ("coreset=random",), None, status="failed")
     if manifest:
@@ -179,12 +180,12 @@ def test_runs_without_a_study_are_compared_by_their_settings(tmp_path) -> None:
     study = _study(tmp_path / "runs", manifest=False)
     record = build_paper([study], tmp_path / "out")
     assert record["comparisons"] == {
-        "patchcore_aggregation": {"title": "patchcore.aggregation", "missing": [],
+        "patchcore_embedder_aggregation": {"title": "patchcore.embedder.aggregation", "missing": [],
                                   "arms": ["baseline", "effnet_lite0 (aggregation=channel_mean)"]},
-        "patchcore_distance": {"title": "patchcore.distance", "missing": [],
+        "patchcore_scoring_distance": {"title": "patchcore.scoring.distance", "missing": [],
                                "arms": ["baseline", "effnet_lite0 (distance=cosine)"]}}
     by_key = {(c["table"], c["row"], c["column"]): c for c in record["cells"]}
-    cosine = by_key[("patchcore_distance_paired", "effnet_lite0 (distance=cosine)", "Δ Image AUROC")]
+    cosine = by_key[("patchcore_scoring_distance_paired", "effnet_lite0 (distance=cosine)", "Δ Image AUROC")]
     assert cosine["text"] == "+3.0 [-0.7, +6.7]"  # as in the study's variants comparison
 
 

@@ -34,7 +34,7 @@ SECTION_TITLES = ("Abstract", "Introduction", "Related work", "Method", "Experim
 
 # The settings method.md's paragraph on the differences to the official code discusses ({{differences_effect}}):
 # arms of any comparison that change them from the baseline this way are quoted there.
-DISCUSSED = {"patchcore.aggregation": "channel_mean", "patchcore.distance": "squared"}
+DISCUSSED = {"patchcore.embedder.aggregation": "channel_mean", "patchcore.scoring.distance": "squared"}
 
 
 def discussed_effects(comparisons: list[Comparison]) -> list[str]:
@@ -53,9 +53,7 @@ def discussed_effects(comparisons: list[Comparison]) -> list[str]:
 def values(ctx: ps.Context) -> dict[str, str]:
     """Every placeholder of the text sources."""
     present = ctx.present
-    base = next((c.baseline for c in ctx.comparisons if c.arms), None)
-    config = base.runs[0].config if base else {}
-    backbone, patchcore = config.get("backbone") or {}, config.get("patchcore") or {}
+    base = ctx.baseline
     titles = [c.title.lower() for c in present]
     compared = (", ".join(titles[:-1]) + (" and " if len(titles) > 1 else "") + titles[-1]) if titles \
         else "no other arm (these runs hold the baseline only)"
@@ -74,12 +72,7 @@ def values(ctx: ps.Context) -> dict[str, str]:
         "Their effect was not measured in these runs (no arm changes the aggregation or the distance)."
     return {"dataset_title": DATASET_TITLES.get(ctx.dataset, ctx.dataset), "compared_list": compared,
             "abstract_results": abstract, "n_runs": str(len(ctx.runs)), "n_results": str(len(ctx.frame)),
-            "n_seeds": str(ctx.frame["seed"].nunique()), "baseline_backbone": str(backbone.get("name", "?")),
-            "baseline_layers": "+".join(map(str, backbone.get("layers") or [])) or "?",
-            "patch_size": str(patchcore.get("patch_size", "?")), "embed_dim": str(patchcore.get("embed_dim", "?")),
-            "coreset_ratio": str((config.get("coreset") or {}).get("ratio", "?")),
-            "num_neighbors": str(patchcore.get("num_neighbors", "?")),
-            "blur_sigma": str(patchcore.get("blur_sigma", "?")),
+            "n_seeds": str(ctx.frame["seed"].nunique()), **ps.baseline_settings(ctx),
             "differences_effect": effect}
 
 

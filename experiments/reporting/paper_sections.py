@@ -13,7 +13,7 @@ import pandas as pd
 from experiments.harness.anomaly_maps import MAPS_DIR
 from experiments.harness.results import METRIC_TITLES
 from experiments.reporting import figures as pf
-from experiments.reporting.comparisons import Comparison, categories_of
+from experiments.reporting.comparisons import Comparison, categories_of, setting
 from experiments.reporting.data import Run
 from experiments.reporting.document import Block, Bullets, Code, FigureBlock, Gallery, Heading, Note, TableBlock, text
 from experiments.reporting.stats import cell_stats, signed, verdict
@@ -25,6 +25,7 @@ from experiments.reporting.tables import (
     selection_table,
     summary_table,
 )
+from experiments.reporting.variants import format_value
 from extensions.checkpoint import is_finetuned
 
 DATASETS = {
@@ -53,6 +54,10 @@ class Context:
         self.figures: list[str] = []
 
     @property
+    def baseline(self):
+        return next((c.baseline for c in self.comparisons if c.arms), None)
+
+    @property
     def present(self) -> list[Comparison]:
         return [c for c in self.comparisons if c.arms and c.others]
 
@@ -75,6 +80,34 @@ class Context:
         return blocks
 
 
+# The baseline's settings the text states (the setup, method.md's placeholders): name -> key in the config.
+BASELINE_KEYS = {"baseline_backbone": "backbone.name", "backbone_class": "backbone._target_",
+                 "baseline_layers": "backbone.layers", "aggregation": "patchcore.embedder.aggregation",
+                 "patch_size": "patchcore.embedder.patch_size", "embed_dim": "patchcore.embedder.embed_dim",
+                 "coreset_ratio": "coreset.ratio", "num_neighbors": "patchcore.scoring.num_neighbors",
+                 "distance": "patchcore.scoring.distance", "image_score": "patchcore.scoring.image_score",
+                 "blur_sigma": "patchcore.scoring.blur_sigma", "resize": "dataset.resize",
+                 "image_size": "dataset.image_size", "train_limit": "dataset.train_limit"}
+
+
+BASELINE_SENTENCE = (
+    "*Baseline.* {baseline_backbone} ({backbone_class}, pretrained weights), layers {baseline_layers}; aggregation "
+    "{aggregation}, neighbourhood {patch_size}, {embed_dim} dimensions; greedy coreset ratio {coreset_ratio}; "
+    "k = {num_neighbors}, {distance} distance, {image_score} image score, map blur sigma {blur_sigma}; images "
+    "resized to {resize} and centre-cropped to {image_size} px, ImageNet normalisation; nominal training images per "
+    "category: {train_limit}.")
+
+
+def baseline_settings(ctx: Context) -> dict[str, str]:
+    """BASELINE_KEYS' values in the baseline's config, as variant labels write them ("?" when absent)."""
+    config = ctx.baseline.runs[0].config if ctx.baseline else {}
+    shown = {}
+    for name, key in BASELINE_KEYS.items():
+        value = setting(config, key)
+        shown[name] = "?" if value is None and key != "dataset.train_limit" else format_value(key, value)
+    return shown
+
+
 def _mean(comparison: Comparison, arm, metric: str) -> float:
     return cell_stats(arm.rows, metric, None, categories_of(comparison))[0]
 
@@ -85,21 +118,8 @@ def setup_blocks(ctx: Context) -> list[Block]:
     counts = frame.groupby("category").agg(n_train=("n_train", "max"), n_test=("n_test", "max"))
     blocks.append(text("Categories (nominal training images / test images): " + ", ".join(
         f"{c} ({int(r.n_train)}/{int(r.n_test)})" for c, r in counts.iterrows()) + "."))
-    base = next((c.baseline for c in ctx.comparisons if c.arms), None)
-    if base is not None:
-        config = base.runs[0].config
-        backbone, patchcore = config.get("backbone") or {}, config.get("patchcore") or {}
-        coreset, data = config.get("coreset") or {}, config.get("dataset") or {}
-        blocks.append(text(
-            f"*Baseline.* {backbone.get('name')} ({backbone.get('_target_', '').rsplit('.', 1)[-1]}, pretrained "
-            f"weights), layers {'+'.join(map(str, backbone.get('layers') or []))}; aggregation "
-            f"{patchcore.get('aggregation')}, neighbourhood {patchcore.get('patch_size')}, "
-            f"{patchcore.get('embed_dim')} dimensions; greedy coreset ratio {coreset.get('ratio')}; "
-            f"k = {patchcore.get('num_neighbors')}, "
-            f"{patchcore.get('distance')} distance, {patchcore.get('image_score')} image score, map blur sigma "
-            f"{patchcore.get('blur_sigma')}; images resized to {data.get('resize')} and centre-cropped to "
-            f"{data.get('image_size')} px, ImageNet normalisation; nominal training images per category: "
-            f"{data.get('train_limit') or 'all'}."))
+    if ctx.baseline is not None:
+        blocks.append(text(BASELINE_SENTENCE.format(**baseline_settings(ctx))))
     seeds = sorted(frame["seed"].dropna().unique().tolist())
     blocks.append(text(f"*Seeds.* {len(seeds)} ({', '.join(map(str, seeds))}): each seed sets the coreset's "
                        "projection and start points, the training subset of the cold start, the fine-tuning run and "

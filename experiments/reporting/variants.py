@@ -36,7 +36,7 @@ def default_config(backbone: str, dataset: str) -> dict | None:
         return None
 
 
-def _format(key: str, value) -> str:
+def format_value(key: str, value) -> str:
     if key == "backbone.pretrained":
         return "ImageNet" if value else "random"
     if isinstance(value, list):
@@ -61,7 +61,7 @@ def label(backbone: str, deviations: dict, without: tuple[str, ...] = ()) -> str
             parts.append("random weights")
             continue
         name = shorts[key] if counts[shorts[key]] == 1 else key
-        parts.append(f"{name}={_format(key, deviations[key])}")
+        parts.append(f"{name}={format_value(key, deviations[key])}")
     return f"{backbone} ({', '.join(parts)})" if parts else backbone
 
 
