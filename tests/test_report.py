@@ -198,7 +198,7 @@ def test_pdf_has_the_expected_pages(report) -> None:
     # typeset by Typst from digest.typ: title and setup fill page 1, the shared settings and the 5 tables
     # page 2 with the first figure; the other 5 figures pages 3-4; the commands and the runs left out page 5
     assert pages == manifest["pages"] == 5
-    assert manifest["pages_overflowing"] == []  # nothing runs into the side margins (page_check.py)
+    assert manifest["pages_overflowing"] == []  # nothing runs into the side margins (typst_out.pages_with_margin_ink)
     if shutil.which("pdfinfo"):
         info = subprocess.run(["pdfinfo", str(out / "digest.pdf")], capture_output=True, text=True).stdout
         assert re.search(r"Pages:\s+5\b", info)

@@ -140,8 +140,13 @@ def test_no_page_runs_into_the_margins(paper, tmp_path) -> None:
     # the check itself: a code line without spaces, wider than the text column, is found on its page
     import typst
 
-    from experiments.reporting.page_check import pages_with_margin_ink, render_pages
-    from experiments.reporting.typst_out import MARGIN_X_CM, PAGE_WIDTH_CM, PREAMBLE
+    from experiments.reporting.typst_out import (
+        MARGIN_X_CM,
+        PAGE_WIDTH_CM,
+        PREAMBLE,
+        pages_with_margin_ink,
+        render_pages,
+    )
 
     source = tmp_path / "wide.typ"
     source.write_text(PREAMBLE.format(title='"t"') + "fits\n#pagebreak()\n#raw(block: true, \"" + "x" * 200 + "\")\n")

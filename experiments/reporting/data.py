@@ -4,11 +4,12 @@ A run is a folder with ``results.json`` (the schema of ``experiments/harness/res
 report when they are complete and on the report's dataset (the one most complete runs used, or
 ``--dataset``); the others are listed with the reason, never mixed in. Two runs with the same config
 hash are one run: the newest counts, the older is listed as a duplicate. Variant labels:
-``experiments/reporting/variants.py``.
+``comparisons.label_variants``.
 """
 
 from __future__ import annotations
 
+import json
 import shlex
 from collections import Counter
 from dataclasses import dataclass, field
@@ -60,6 +61,46 @@ class Run:
         if self.overrides is None:
             return "(overrides not recorded: see the config in results.json)"
         return " ".join(["python experiments/main.py", *(shlex.quote(o) for o in self.overrides)])
+
+
+def setting(config: dict, key: str):
+    """The value of a dotted key in a (results.json) config, None when absent."""
+    for part in key.split("."):
+        config = config.get(part) if isinstance(config, dict) else None
+    return config
+
+
+def sort_value(value):
+    """A key that orders None < numbers < strings < lists."""
+    if value is None:
+        return (0, 0, "")
+    if isinstance(value, bool):
+        return (1, int(value), "")
+    if isinstance(value, (int, float)):
+        return (1, value, "")
+    return (2, 0, json.dumps(value))
+
+
+def first_run(runs: list[Run]) -> Run:
+    """The run of the first seed (the one whose maps, ROC curves and fine-tuning logs the report shows)."""
+    return min(runs, key=lambda r: (sort_value(r.config.get("seed")), str(r.folder)))
+
+
+def sidecars(run: Run) -> list[tuple[str, Path]]:
+    """(category, the fine-tuning sidecar JSON next to its checkpoint) of a run on a fine-tuned backbone
+    (docs/finetuning.md); its logs are ``<category>.loss.jsonl`` / ``.proxy.jsonl`` beside it."""
+    checkpoint = setting(run.config, "backbone.checkpoint")
+    categories = sorted(run.results.get("categories") or {}) if checkpoint else []
+    return [(category, Path(str(checkpoint)).parent / f"{category}.json") for category in categories]
+
+
+def read_sidecar(path: Path) -> dict | None:
+    """A finished sidecar with its checkpoint selection, else None."""
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) and record.get("complete") and record.get("selection") else None
 
 
 def flatten(config: dict, prefix: str = "") -> dict:

@@ -13,8 +13,8 @@ import pandas as pd
 from experiments.harness.anomaly_maps import MAPS_DIR
 from experiments.harness.results import METRIC_TITLES
 from experiments.reporting import figures as pf
-from experiments.reporting.comparisons import Comparison, categories_of, setting
-from experiments.reporting.data import Run
+from experiments.reporting.comparisons import Comparison, categories_of, format_value
+from experiments.reporting.data import Run, first_run, setting
 from experiments.reporting.document import Block, Bullets, Code, FigureBlock, Gallery, Heading, Note, TableBlock, text
 from experiments.reporting.stats import cell_stats, signed, verdict
 from experiments.reporting.tables import (
@@ -25,7 +25,6 @@ from experiments.reporting.tables import (
     selection_table,
     summary_table,
 )
-from experiments.reporting.variants import format_value
 from extensions.checkpoint import is_finetuned
 
 DATASETS = {
@@ -72,12 +71,14 @@ class Context:
         return [block]
 
     def figure(self, built: list) -> list[Block]:
-        blocks = []
-        for figure in built:
-            path = pf.save(figure, self.out / "figures")
-            self.figures.append(path)
-            blocks.append(FigureBlock(figure.name, path, figure.caption))
+        blocks = figure_blocks(built, self.out)
+        self.figures += [block.path for block in blocks]
         return blocks
+
+
+def figure_blocks(built: list, out: Path) -> list[FigureBlock]:
+    """The figures saved to ``out``/figures, as blocks of the document."""
+    return [FigureBlock(figure.name, pf.save(figure, out / "figures"), figure.caption) for figure in built]
 
 
 # The baseline's settings the text states (the setup, method.md's placeholders): name -> key in the config.
@@ -112,12 +113,16 @@ def _mean(comparison: Comparison, arm, metric: str) -> float:
     return cell_stats(arm.rows, metric, None, categories_of(comparison))[0]
 
 
+def categories_sentence(frame: pd.DataFrame) -> str:
+    counts = frame.groupby("category").agg(n_train=("n_train", "max"), n_test=("n_test", "max"))
+    return "Categories (nominal training images / test images): " + ", ".join(
+        f"{c} ({int(r.n_train)}/{int(r.n_test)})" for c, r in counts.iterrows()) + "."
+
+
 def setup_blocks(ctx: Context) -> list[Block]:
     frame = ctx.frame
     blocks: list[Block] = [text(f"*Data.* {ctx.dataset}: {DATASETS.get(ctx.dataset, 'a dataset in MVTec AD layout.')}")]
-    counts = frame.groupby("category").agg(n_train=("n_train", "max"), n_test=("n_test", "max"))
-    blocks.append(text("Categories (nominal training images / test images): " + ", ".join(
-        f"{c} ({int(r.n_train)}/{int(r.n_test)})" for c, r in counts.iterrows()) + "."))
+    blocks.append(text(categories_sentence(frame)))
     if ctx.baseline is not None:
         blocks.append(text(BASELINE_SENTENCE.format(**baseline_settings(ctx))))
     seeds = sorted(frame["seed"].dropna().unique().tolist())
@@ -185,9 +190,9 @@ def results_blocks(ctx: Context) -> list[Block]:
         if comparison.sweep:
             blocks += ctx.figure(pf.sweep_figure(comparison))
         else:
-            blocks += ctx.figure(pf.roc_figure(comparison))
-            first = categories_of(comparison)[0]
-            blocks += ctx.figure(pf.map_figure(comparison, first))
+            arms, categories = pf.arms(comparison), categories_of(comparison)
+            blocks += ctx.figure(pf.roc_figure(arms, categories, f"roc_{comparison.name}", comparison.title))
+            blocks += ctx.figure(pf.map_figures(arms, categories[:1], f"maps_{comparison.name}", comparison.title, 3))
         if any(is_finetuned(a.runs[0].config.get("backbone") or {}) for a in comparison.others):
             blocks += ctx.table(selection_table(comparison))
             blocks += ctx.figure(pf.finetune_figure(comparison))
@@ -207,7 +212,7 @@ def gallery_items(ctx: Context) -> list[tuple[str, str, str, str]]:
     items = []
     for comparison in ctx.present:
         for arm in comparison.arms:
-            run = min(arm.runs, key=lambda r: (str(r.config.get("seed")), str(r.folder)))
+            run = first_run(arm.runs)
             for png in sorted((run.folder / MAPS_DIR).glob("*/*.png")):
                 target = ctx.out / "gallery" / comparison.name / _safe(arm.name) / png.parent.name / png.name
                 target.parent.mkdir(parents=True, exist_ok=True)
