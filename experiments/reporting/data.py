@@ -103,6 +103,17 @@ def read_sidecar(path: Path) -> dict | None:
     return record if isinstance(record, dict) and record.get("complete") and record.get("selection") else None
 
 
+def read_log(path: Path) -> list[dict]:
+    """The rows of a fine-tuning log (``<category>.loss.jsonl`` / ``.proxy.jsonl``); none without the file."""
+    rows = []
+    for line in path.read_text().splitlines() if path.is_file() else []:
+        try:
+            rows.append(json.loads(line))
+        except ValueError:
+            continue
+    return rows
+
+
 def flatten(config: dict, prefix: str = "") -> dict:
     flat = {}
     for key, value in config.items():
@@ -114,6 +125,14 @@ def flatten(config: dict, prefix: str = "") -> dict:
     return flat
 
 
+def read_overrides(folder: Path) -> list[str] | None:
+    """A job's command-line overrides (``.hydra/overrides.yaml``), None when not recorded."""
+    try:
+        return [str(o) for o in yaml.safe_load((folder / ".hydra" / "overrides.yaml").read_text()) or []]
+    except (OSError, yaml.YAMLError):
+        return None
+
+
 def discover(folders: list[Path]) -> tuple[list[Run], list[tuple[Path, str]]]:
     """Every run below ``folders``; unreadable records come back as (folder, reason)."""
     runs, broken = [], []
@@ -122,13 +141,7 @@ def discover(folders: list[Path]) -> tuple[list[Run], list[tuple[Path, str]]]:
         if not isinstance(results, dict) or not isinstance(results.get("config"), dict):
             broken.append((path.parent, "results.json unreadable or without a config"))
             continue
-        run = Run(path.parent, results, results_hash(results))
-        overrides_file = path.parent / ".hydra" / "overrides.yaml"
-        if overrides_file.is_file():
-            try:
-                run.overrides = [str(o) for o in yaml.safe_load(overrides_file.read_text()) or []]
-            except yaml.YAMLError:
-                run.overrides = None
+        run = Run(path.parent, results, results_hash(results), read_overrides(path.parent))
         if (path.parent.parent / "multirun.yaml").is_file():
             run.sweep = path.parent.parent
         runs.append(run)

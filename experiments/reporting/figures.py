@@ -8,7 +8,6 @@ logs). A builder returns nothing when there is nothing to draw.
 from __future__ import annotations
 
 import csv
-import json
 import math
 import textwrap
 from dataclasses import dataclass
@@ -24,7 +23,7 @@ import pandas as pd  # noqa: E402
 from experiments.harness.anomaly_maps import MAPS_DIR, colorize, denormalise, load_maps, pick_indices  # noqa: E402
 from experiments.harness.results import METRIC_TITLES  # noqa: E402
 from experiments.reporting.comparisons import Comparison, categories_of  # noqa: E402
-from experiments.reporting.data import Run, first_run, seed_means, setting, sidecars  # noqa: E402
+from experiments.reporting.data import Run, first_run, read_log, seed_means, setting, sidecars  # noqa: E402
 from experiments.reporting.stats import mean_std  # noqa: E402
 
 PAGE_WIDTH = 6.3  # inches: the A4 text width of the Typst layout
@@ -285,16 +284,6 @@ LOGS = {"loss": ("loss.jsonl", "every training step's loss, task loss, L2-SP ter
                                  "(effective rank, nearest-neighbour distances, weight distance)")}
 
 
-def read_log(path: Path) -> pd.DataFrame:
-    rows = []
-    for line in path.read_text().splitlines():
-        try:
-            rows.append(json.loads(line))
-        except ValueError:
-            continue
-    return pd.DataFrame(rows)
-
-
 def _step_panels(frames: dict[str, pd.DataFrame]):
     """A grid with one panel per numeric logged quantity against the step, one line per category."""
     keys = [k for k in dict.fromkeys(k for f in frames.values() for k in f.columns)
@@ -324,7 +313,8 @@ def finetune_figure(comparison: Comparison) -> list[Figure]:
     for kind, (suffix, what) in LOGS.items():
         for arm in comparison.others:
             logs = {category: sidecar.with_suffix(f".{suffix}") for category, sidecar in sidecars(first_run(arm.runs))}
-            fig = _step_panels({category: read_log(path) for category, path in logs.items() if path.is_file()})
+            fig = _step_panels({category: pd.DataFrame(read_log(path)) for category, path in logs.items()
+                                if path.is_file()})
             if fig is not None:
                 caption = (f"Fine-tuning of {arm.name} (first seed), per category against the step: {what} "
                            f"(<category>.{suffix}).")
