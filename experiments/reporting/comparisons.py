@@ -169,6 +169,15 @@ class Inputs:
     manifest: dict | None
     comparisons: list[Comparison]
 
+    @property
+    def baseline(self) -> Arm | None:
+        return next((c.baseline for c in self.comparisons if c.arms), None)
+
+    @property
+    def present(self) -> list[Comparison]:
+        """The comparisons with at least one arm besides the baseline."""
+        return [c for c in self.comparisons if c.arms and c.others]
+
 
 def load(run_dirs: list[str | Path], dataset: str | None = None) -> Inputs:
     """Discover, select (complete, on one dataset, newest of duplicates), label and tabulate the runs below

@@ -18,10 +18,10 @@ from experiments.harness.run_key import BOOKKEEPING, IDENTITY, is_ignored
 from experiments.reporting import figures
 from experiments.reporting.comparisons import Inputs, load, variant_order
 from experiments.reporting.data import Run, flatten, sort_value, sweep_commands
-from experiments.reporting.document import Block, Bullets, Code, Document, Heading, Paragraph, Span
+from experiments.reporting.document import Block, Bullets, Code, Document, FigureBlock, Heading, Paragraph, Span
 from experiments.reporting.markdown_out import to_markdown
 from experiments.reporting.paper_sections import DATASET_TITLES, DATASETS, categories_sentence, figure_blocks, software
-from experiments.reporting.tables import TABLE_METRICS, metric_table, timing_table, write_table
+from experiments.reporting.tables import TABLE_METRICS, metric_table, timing_table, write_tables
 from experiments.reporting.typst_out import write_pdf
 
 SETUP_SKIP = (*BOOKKEEPING, *IDENTITY)  # not listed as settings: bookkeeping, and what each run is of
@@ -114,51 +114,45 @@ def reproduce(inputs: Inputs, variants: dict[str, list[Run]]) -> list[Block]:
     return blocks
 
 
-def results(inputs: Inputs, variants: dict[str, list[Run]], out: Path, manifest: dict) -> list[Block]:
-    """The summary line, the tables (also written to tables/) and the figures (written to figures/)."""
+def results(inputs: Inputs, variants: dict[str, list[Run]], out: Path) -> list[Block]:
+    """The summary line, the setup, the tables and the figures (written to figures/)."""
     frame, names = inputs.frame, list(variants)
     tables = [*(metric_table(frame, metric, names) for metric in TABLE_METRICS), timing_table(frame, names)]
-    for table in tables:
-        write_table(table, out / "tables")
-    manifest["tables"] = [table.name for table in tables]
     best = pd.Series({v: c.value for v, c in zip(names, tables[0].rows[-1][1:])}, dtype=float).dropna()
-    blocks: list[Block] = []
-    if len(best):
-        blocks.append(said(f"Best mean image AUROC: {best.idxmax()} ({best.max():.1f}%) among {len(names)} "
-                           f"variant(s) over {frame['category'].nunique()} categories."))
-    blocks += [*setup(inputs, variants), Heading("Results"), *tables]
+    blocks: list[Block] = [said(f"Best mean image AUROC: {best.idxmax()} ({best.max():.1f}%) among {len(names)} "
+                                f"variant(s) over {frame['category'].nunique()} categories.")] if len(best) else []
     groups, categories = list(variants.items()), sorted(frame["category"].unique())
-    built = [figure for comparison in inputs.comparisons for figure in figures.sweep_figure(comparison)]
-    figure_list = figure_blocks([*built, *figures.roc_figure(groups, categories),
-                                 *figures.map_figures(groups, categories)], out)
-    manifest["figures"] = [block.name for block in figure_list]
-    return blocks + ([Heading("Figures"), *figure_list] if figure_list else [])
+    sweeps = [figure for comparison in inputs.comparisons for figure in figures.sweep_figure(comparison)]
+    built = figure_blocks([*sweeps, *figures.roc_figure(groups, categories), *figures.map_figures(groups, categories)],
+                          out)
+    return [*blocks, *setup(inputs, variants), Heading("Results"), *tables, *([Heading("Figures")] if built else []),
+            *built]
 
 
 def build_digest(run_dirs: list[str | Path], out: str | Path = "reports", dataset: str | None = None,
                  inputs: Inputs | None = None, pdf: bool = True) -> dict:
     """Write the digest's tables, figures, digest.md and (``pdf``) digest.typ / digest.pdf; returns the
     manifest (also digest.json). ``inputs``: the runs already read (report.py reads them once for both)."""
-    out = Path(out)
-    inputs = inputs or load(run_dirs, dataset)
+    out, inputs = Path(out), inputs or load(run_dirs, dataset)
     (out / "tables").mkdir(parents=True, exist_ok=True)
     write_text_atomic(out / "tables" / "excluded.csv",
                       pd.DataFrame(inputs.left_out, columns=["run_dir", "reason"]).to_csv(index=False))
-    manifest: dict = {"dataset": inputs.dataset, "runs": [str(r.folder) for r in inputs.runs],
-                      "excluded": inputs.left_out, "tables": [], "figures": [], "pages": 0, "pages_overflowing": []}
     title = "PatchCore experiment report: " + (DATASET_TITLES.get(inputs.dataset, inputs.dataset) if inputs.dataset
                                                else "no runs")
     subtitle = (f"Generated {dt.datetime.now().strftime('%Y-%m-%d %H:%M')} by experiments/report.py from "
                 f"{len(inputs.runs)} complete run(s) on {inputs.dataset} found under {', '.join(inputs.run_dirs)}; "
                 f"{len(inputs.left_out)} left out (listed at the end).")
-    blocks: list[Block] = []
     variants = {v: [run for run in inputs.runs if run.variant == v] for v in variant_order(inputs.runs)}
     if inputs.runs:
         write_text_atomic(out / "tables" / "runs.csv", inputs.frame.to_csv(index=False))
-        blocks += results(inputs, variants, out, manifest)
+        blocks = results(inputs, variants, out)
     else:
-        blocks.append(said("No complete run was found: run a sweep first (README: sweeps and the report)."))
+        blocks = [said("No complete run was found: run a sweep first (README: sweeps and the report).")]
     doc = Document(title, subtitle, blocks + reproduce(inputs, variants), {})
+    manifest = {"dataset": inputs.dataset, "runs": [str(r.folder) for r in inputs.runs], "excluded": inputs.left_out,
+                "tables": [table.name for table in write_tables(doc.blocks, out / "tables")],
+                "figures": [b.name for b in doc.blocks if isinstance(b, FigureBlock)], "pages": 0,
+                "pages_overflowing": []}
     write_text_atomic(out / "digest.md", to_markdown(doc))
     if pdf:
         _, manifest["pages_overflowing"], manifest["pages"] = write_pdf(doc, out, stem="digest")

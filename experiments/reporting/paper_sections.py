@@ -6,6 +6,8 @@ table; a statement is made only where a number supports it (``comparisons.verdic
 from __future__ import annotations
 
 import math
+import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
@@ -13,9 +15,9 @@ import pandas as pd
 from experiments.harness.anomaly_maps import MAPS_DIR
 from experiments.harness.results import METRIC_TITLES
 from experiments.reporting import figures as pf
-from experiments.reporting.comparisons import Comparison, categories_of, format_value
+from experiments.reporting.comparisons import Comparison, Inputs, categories_of, format_value
 from experiments.reporting.data import Run, first_run, setting
-from experiments.reporting.document import Block, Bullets, Code, FigureBlock, Gallery, Heading, Note, TableBlock, text
+from experiments.reporting.document import Block, Bullets, Code, FigureBlock, Gallery, Heading, Note, text
 from experiments.reporting.stats import cell_stats, signed, verdict
 from experiments.reporting.tables import (
     category_table,
@@ -42,38 +44,11 @@ DATASET_TITLES = {"textures": "textures (embedded set, synthetic defects; not MV
                   "btad": "BTAD", "visa": "VisA", "folder": "own data (folder)"}
 
 
-class Context:
-    """What the sections share: the runs, their rows, the comparisons, the study manifest, the output folder."""
+@dataclass
+class Context(Inputs):
+    """What the sections share: the inputs (runs, rows, comparisons, study manifest) and the output folder."""
 
-    def __init__(self, runs: list[Run], frame: pd.DataFrame, comparisons: list[Comparison], manifest: dict | None,
-                 out: Path, dataset: str) -> None:
-        self.runs, self.frame, self.comparisons, self.manifest = runs, frame, comparisons, manifest
-        self.out, self.dataset = out, dataset
-        self.tables: list[TableBlock] = []
-        self.figures: list[str] = []
-
-    @property
-    def baseline(self):
-        return next((c.baseline for c in self.comparisons if c.arms), None)
-
-    @property
-    def present(self) -> list[Comparison]:
-        return [c for c in self.comparisons if c.arms and c.others]
-
-    @property
-    def absent(self) -> list[Comparison]:
-        return [c for c in self.comparisons if not (c.arms and c.others)]
-
-    def table(self, block: TableBlock | None) -> list[Block]:
-        if block is None:
-            return []
-        self.tables.append(block)
-        return [block]
-
-    def figure(self, built: list) -> list[Block]:
-        blocks = figure_blocks(built, self.out)
-        self.figures += [block.path for block in blocks]
-        return blocks
+    out: Path = Path("reports")
 
 
 def figure_blocks(built: list, out: Path) -> list[FigureBlock]:
@@ -160,7 +135,7 @@ def run_time_sentence(ctx: Context) -> str:
     return f"*Run time.* {len(ctx.runs)} runs, {total / 3600:.2f} h in all (results.json total_time_s)."
 
 
-def difference_sentence(comparison: Comparison, arm: str, metric: str, diff: dict) -> str:
+def difference_sentence(arm: str, metric: str, diff: dict) -> str:
     interval = ("one pair, no interval" if math.isnan(diff["low"])
                 else f"95% CI {signed(diff['low'])} to {signed(diff['high'])}")
     word = verdict(diff)
@@ -171,31 +146,27 @@ def difference_sentence(comparison: Comparison, arm: str, metric: str, diff: dic
 
 
 def results_blocks(ctx: Context) -> list[Block]:
-    blocks: list[Block] = []
-    blocks += ctx.table(main_table(ctx.present))
+    blocks: list[Block] = [main_table(ctx.present)]
     for comparison in ctx.comparisons:
         blocks.append(Heading(comparison.title, 2))
-        if not (comparison.arms and comparison.others):
+        if comparison not in ctx.present:
             why = "; ".join(f"{arm}: {reason}" for arm, reason in comparison.missing) or "no runs"
             blocks.append(Note(f"Not in these runs: {comparison.title.lower()} ({why})."))
             continue
         if comparison.missing:
             blocks.append(Note("Left out of this comparison: " + "; ".join(f"{a}: {r}" for a, r in comparison.missing)))
-        sentences = [difference_sentence(comparison, arm, metric, diff) for arm, metric, diff in paired_rows(comparison)
+        sentences = [difference_sentence(arm, metric, diff) for arm, metric, diff in paired_rows(comparison)
                      if diff is not None and metric in ("image_auroc", "pixel_auroc")]
         blocks += [text(" ".join(sentences))] if sentences else []
-        blocks += ctx.table(summary_table(comparison))
-        blocks += ctx.table(paired_table(comparison))
-        blocks += ctx.table(category_table(comparison, "image_auroc"))
-        if comparison.sweep:
-            blocks += ctx.figure(pf.sweep_figure(comparison))
-        else:
-            arms, categories = pf.arms(comparison), categories_of(comparison)
-            blocks += ctx.figure(pf.roc_figure(arms, categories, f"roc_{comparison.name}", comparison.title))
-            blocks += ctx.figure(pf.map_figures(arms, categories[:1], f"maps_{comparison.name}", comparison.title, 3))
+        blocks += [summary_table(comparison), paired_table(comparison), category_table(comparison, "image_auroc")]
+        arms, categories = pf.arms(comparison), categories_of(comparison)
+        built = pf.sweep_figure(comparison) if comparison.sweep else [
+            *pf.roc_figure(arms, categories, f"roc_{comparison.name}", comparison.title),
+            *pf.map_figures(arms, categories[:1], f"maps_{comparison.name}", comparison.title, 3)]
+        blocks += figure_blocks(built, ctx.out)
         if any(is_finetuned(a.runs[0].config.get("backbone") or {}) for a in comparison.others):
-            blocks += ctx.table(selection_table(comparison))
-            blocks += ctx.figure(pf.finetune_figure(comparison))
+            blocks += [selection_table(comparison), *figure_blocks(pf.finetune_figure(comparison), ctx.out)]
+    blocks = [block for block in blocks if block is not None]  # tables with nothing to show
     gallery = gallery_items(ctx)
     if gallery:
         blocks += [Heading("Anomaly-map gallery", 2),
@@ -207,8 +178,6 @@ def results_blocks(ctx: Context) -> list[Block]:
 
 def gallery_items(ctx: Context) -> list[tuple[str, str, str, str]]:
     """(comparison, arm, category, path relative to the report) of each saved map PNG, copied next to it."""
-    import shutil
-
     items = []
     for comparison in ctx.present:
         for arm in comparison.arms:
@@ -276,13 +245,16 @@ def limitations_blocks(ctx: Context) -> list[Block]:
     return [Bullets([text(item).spans for item in items])]
 
 
+def image_changes(comparisons: list[Comparison], *words: str) -> list[tuple[Comparison, str, dict]]:
+    """(comparison, arm, difference) of every arm whose mean image AUROC is clearly one of ``words`` (higher,
+    lower)."""
+    return [(comparison, arm, diff) for comparison in comparisons for arm, metric, diff in paired_rows(comparison)
+            if diff is not None and metric == "image_auroc" and verdict(diff) in words]
+
+
 def conclusion_blocks(ctx: Context) -> list[Block]:
-    up, down = [], []
-    for comparison in ctx.present:
-        for arm, metric, diff in paired_rows(comparison):
-            if diff is not None and metric == "image_auroc":
-                (up if verdict(diff) == "higher" else down if verdict(diff) == "lower" else []).append(
-                    f"{arm} ({signed(diff['mean'])})")
+    up, down = ([f"{arm} ({signed(diff['mean'])})" for _, arm, diff in image_changes(ctx.present, word)]
+                for word in ("higher", "lower"))
     n = len(ctx.present)
     lines = [f"Over {n} comparison(s) on {ctx.dataset} against one baseline:"]
     lines.append(f"clearly higher mean image AUROC: {', '.join(up)}." if up else
@@ -298,13 +270,13 @@ def software(runs: list[Run]) -> tuple[list[str], list[str]]:
     return sorted({str(run.results.get("git_commit")) for run in runs}), list(dict.fromkeys(versions))
 
 
-def appendix_blocks(ctx: Context, run_dirs: list[str]) -> list[Block]:
+def appendix_blocks(ctx: Context) -> list[Block]:
     manifest = ctx.manifest or {}
     blocks: list[Block] = []
     commands = []
     if manifest:
         commands.append(f"# the study ({manifest.get('study')}); re-running it resumes\n{manifest.get('command')}")
-    commands.append("# this report\npython experiments/report.py " + " ".join(run_dirs))
+    commands.append("# this report\npython experiments/report.py " + " ".join(ctx.run_dirs))
     blocks += [text("*Commands.*"), Code("\n".join(commands))]
     commits, versions = software(ctx.runs)
     blocks += [text(f"*Versions.* The runs ran from {len(commits)} git commit(s) (a -dirty suffix: with uncommitted "
@@ -313,9 +285,9 @@ def appendix_blocks(ctx: Context, run_dirs: list[str]) -> list[Block]:
                        "tables/sources.csv lists, for every number in every table, the results.json files it is "
                        "computed from, and the HTML version shows them on each cell."))
     lines = []
-    jobs = {row["folder"]: row for row in manifest.get("jobs", [])}
+    jobs = {Path(row["folder"]).resolve(): row for row in manifest.get("jobs", [])}
     for run in sorted(ctx.runs, key=lambda r: str(r.folder)):
-        job = next((row for folder, row in jobs.items() if Path(folder).resolve() == run.folder.resolve()), None)
+        job = jobs.get(run.folder.resolve())
         name = job["id"] if job else run.variant
         lines.append(f"{name}  seed={run.config.get('seed')}  hash={run.key}  {run.folder / 'results.json'}")
         if job:

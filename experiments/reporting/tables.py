@@ -281,6 +281,15 @@ def write_table(block: TableBlock, folder: Path, stem: str | None = None) -> lis
     return written
 
 
+def write_tables(blocks: list, folder: Path, prefix: str = "") -> list[TableBlock]:
+    """Every table among a document's ``blocks``, written to ``folder`` as ``<prefix><name>.*``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    tables = [block for block in blocks if isinstance(block, TableBlock)]
+    for block in tables:
+        write_table(block, folder, f"{prefix}{block.name}")
+    return tables
+
+
 def sources_rows(blocks: list[TableBlock]) -> list[dict]:
     """One row per table cell with a number: where it comes from (tables/sources.csv, paper.json)."""
     return [{"table": block.name, "row": row[0].text, "column": column, "text": cell.text, "value": cell.value,
