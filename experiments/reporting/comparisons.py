@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from experiments.harness.run_key import BOOKKEEPING, IDENTITY, PLACEMENT, is_ignored
+from experiments.harness.run_key import BOOKKEEPING, IDENTITY, PLACEMENT, is_ignored, read_results
 from experiments.reporting.data import Run, discover, drop_repeats, flatten, select, setting, sort_value, tidy
 from extensions.checkpoint import is_finetuned
 
@@ -66,9 +66,9 @@ def format_value(key: str, value) -> str:
     return str(value)
 
 
-def label(backbone: str, deviations: dict, without: tuple[str, ...] = ()) -> str:
-    """``backbone (key=value, ...)`` over the deviations not in ``without``."""
-    keys = [k for k in sorted(deviations) if k not in without]
+def label(backbone: str, deviations: dict) -> str:
+    """``backbone (key=value, ...)`` over the deviations."""
+    keys = sorted(deviations)
     shorts = {k: LABEL_NAMES.get(k, k.rsplit(".", 1)[-1]) for k in keys}
     counts = Counter(shorts.values())
     parts = []
@@ -94,7 +94,7 @@ def label_variants(runs: list[Run]) -> None:
         defaults = default_config(backbone, dataset)
         reference = _variant_settings(defaults) if defaults is not None else {}
         for key in varying:
-            if key not in reference or _is_interpolation(reference[key]):
+            if key not in reference or (isinstance(reference[key], str) and "${" in reference[key]):
                 values = Counter(json.dumps(flats[id(run)][key], sort_keys=True) for run in group
                                  if key in flats[id(run)])
                 reference[key] = json.loads(values.most_common(1)[0][0]) if values else None
@@ -111,10 +111,6 @@ def _variant_settings(config: dict) -> dict:
             if not is_ignored(k, NOT_VARIANT) and not is_ignored(k, NOT_VARIANT_TOP, nested=False)}
 
 
-def _is_interpolation(value) -> bool:
-    return isinstance(value, str) and "${" in value
-
-
 def variant_order(runs: list[Run]) -> list[str]:
     """Variants by backbone (first seen), fewest deviations first, then by the deviating values."""
     first_seen = {}
@@ -127,7 +123,6 @@ def variant_order(runs: list[Run]) -> list[str]:
     return sorted(keyed, key=lambda v: keyed[v])
 
 
-
 @dataclass
 class Arm:
     name: str
@@ -137,6 +132,10 @@ class Arm:
     @property
     def seeds(self) -> list:
         return sorted(self.rows["seed"].dropna().unique().tolist())
+
+    @classmethod
+    def of(cls, name: str, runs: list[Run], frame: pd.DataFrame) -> Arm:
+        return cls(name, frame[frame["run_dir"].isin({str(run.folder) for run in runs})], runs)
 
 
 @dataclass
@@ -192,30 +191,17 @@ def load(run_dirs: list[str | Path], dataset: str | None = None) -> Inputs:
     left_out += repeats
     if not frame.empty:
         included = [run for run in included if str(run.folder) in set(frame["run_dir"])]
-    manifest = find_manifest(run_dirs)
+    # the study manifest of the first run folder that is a study
+    manifest = next((read_results(Path(d) / "study.json") for d in run_dirs if (Path(d) / "study.json").is_file()),
+                    None)
     comparisons = (from_manifest(manifest, included, frame) if manifest else infer(included, frame)) if included \
         else []
     return Inputs(run_dirs, included, frame, left_out, dataset, manifest, comparisons)
 
 
-def find_manifest(run_dirs: list[str]) -> dict | None:
-    """The study manifest of the first run folder that is a study (holds study.json)."""
-    for folder in run_dirs:
-        path = Path(folder) / "study.json"
-        if path.is_file():
-            try:
-                return json.loads(path.read_text())
-            except ValueError:
-                return None
-    return None
-
-
-def _resolved(path: str | Path) -> str:
-    return str(Path(path).resolve())
-
 def from_manifest(manifest: dict, runs: list[Run], frame: pd.DataFrame) -> list[Comparison]:
     """The study's comparisons over the runs the report includes (missing arms kept with the reason)."""
-    by_folder = {_resolved(run.folder): run for run in runs}
+    by_folder = {run.folder.resolve(): run for run in runs}
     jobs = {row["id"]: row for row in manifest.get("jobs", [])}
     specs = (manifest.get("config") or {}).get("comparisons") or {}
     comparisons = []
@@ -226,18 +212,14 @@ def from_manifest(manifest: dict, runs: list[Run], frame: pd.DataFrame) -> list[
             job = jobs.get(job_id)
             if job is None or job["kind"] != "patchcore":
                 continue
-            run = by_folder.get(_resolved(job["folder"]))
+            run = by_folder.get(Path(job["folder"]).resolve())
             if run is None:
                 why = job.get("status", "not run")
                 why = {"pending": "not run yet", "running": "interrupted"}.get(why, why)
                 problems.setdefault(job["arm"], []).append(f"seed {job['seed']}: {why}")
             else:
                 members.setdefault(job["arm"], []).append(run)
-        arms = []
-        for arm in entry.get("arms", []):
-            if arm in members:
-                folders = {str(run.folder) for run in members[arm]}
-                arms.append(Arm(arm, frame[frame["run_dir"].isin(folders)], members[arm]))
+        arms = [Arm.of(arm, members[arm], frame) for arm in entry.get("arms", []) if arm in members]
         missing = [(arm, "; ".join(why)) for arm, why in problems.items()]
         missing += [(row["arm"], row["reason"]) for row in manifest.get("skipped", []) if row["comparison"] == name]
         if not arms or arms[0].name != BASELINE:
@@ -247,15 +229,6 @@ def from_manifest(manifest: dict, runs: list[Run], frame: pd.DataFrame) -> list[
         comparisons.append(Comparison(name, entry.get("title", name), arms, missing,
                                       spec.get("sweep") if isinstance(spec, dict) else None))
     return comparisons
-
-
-def deviated(run: Run, main: str) -> tuple[str, ...]:
-    """The settings a run deviates in from the baseline: its deviations from its backbone's defaults, plus
-    ``backbone`` (or ``model``, for another model than PatchCore) when that is not the main one."""
-    keys = tuple(sorted(run.deviations))
-    if run.backbone == main:
-        return keys
-    return ("backbone" if run.model == "patchcore" else "model", *keys)
 
 
 def _is_sweep(arms: list[Arm], key: str) -> bool:
@@ -272,21 +245,18 @@ def infer(runs: list[Run], frame: pd.DataFrame) -> list[Comparison]:
     plain = [run for run in runs if run.backbone == main and not run.deviations]
     if not plain:
         return []
-    base_variant = plain[0].variant
     groups: dict[tuple[str, ...], dict[str, list[Run]]] = {}
-    for run in runs:
-        if run.variant != base_variant:
-            keys = deviated(run, main)
-            if is_finetuned(run.config.get("backbone") or {}):
-                keys = ("fine-tuned backbone", *keys[1:])
-            groups.setdefault(keys, {}).setdefault(run.variant, []).append(run)
-
-    def arm(label: str, members: list[Run]) -> Arm:
-        return Arm(label, frame[frame["variant"] == members[0].variant], members)
-
+    for run in (run for run in runs if run.variant != plain[0].variant):
+        # the settings it deviates in: from its backbone's defaults, and the backbone (or model) if not the main one
+        keys = tuple(sorted(run.deviations))
+        if run.backbone != main:
+            keys = ("backbone" if run.model == "patchcore" else "model", *keys)
+        if is_finetuned(run.config.get("backbone") or {}):
+            keys = ("fine-tuned backbone", *keys[1:])
+        groups.setdefault(keys, {}).setdefault(run.variant, []).append(run)
     comparisons = []
     for keys, variants in sorted(groups.items()):
-        arms = [arm(BASELINE, plain), *(arm(v, members) for v, members in sorted(variants.items()))]
+        arms = [Arm.of(BASELINE, plain, frame), *(Arm.of(v, members, frame) for v, members in sorted(variants.items()))]
         title = ", ".join(keys)
         sweep = keys[0] if len(keys) == 1 and _is_sweep(arms, keys[0]) else None
         name = "_".join(keys).replace(".", "_").replace(" ", "_").replace("-", "_")

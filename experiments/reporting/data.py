@@ -96,10 +96,7 @@ def sidecars(run: Run) -> list[tuple[str, Path]]:
 
 def read_sidecar(path: Path) -> dict | None:
     """A finished sidecar with its checkpoint selection, else None."""
-    try:
-        record = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
+    record = read_results(path)
     return record if isinstance(record, dict) and record.get("complete") and record.get("selection") else None
 
 

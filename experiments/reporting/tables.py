@@ -269,24 +269,18 @@ def to_latex(block: TableBlock) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_table(block: TableBlock, folder: Path, stem: str | None = None) -> list[Path]:
-    """``<stem>.csv`` (the numbers; ``<stem>_std.csv`` their spreads), ``.md`` and ``.tex``."""
-    stem = stem or block.name
-    values, std = frames(block)
-    written = [write_text_atomic(folder / f"{stem}.csv", values.to_csv())]
-    if std is not None:
-        written.append(write_text_atomic(folder / f"{stem}_std.csv", std.to_csv()))
-    written.append(write_text_atomic(folder / f"{stem}.md", markdown_table(block)))
-    written.append(write_text_atomic(folder / f"{stem}.tex", to_latex(block)))
-    return written
-
-
 def write_tables(blocks: list, folder: Path, prefix: str = "") -> list[TableBlock]:
-    """Every table among a document's ``blocks``, written to ``folder`` as ``<prefix><name>.*``."""
+    """Every table among a document's ``blocks``, written to ``folder``: ``<prefix><name>.csv`` (the numbers;
+    ``_std.csv`` their spreads), ``.md`` and ``.tex``."""
     folder.mkdir(parents=True, exist_ok=True)
     tables = [block for block in blocks if isinstance(block, TableBlock)]
     for block in tables:
-        write_table(block, folder, f"{prefix}{block.name}")
+        stem, (values, std) = f"{prefix}{block.name}", frames(block)
+        write_text_atomic(folder / f"{stem}.csv", values.to_csv())
+        if std is not None:
+            write_text_atomic(folder / f"{stem}_std.csv", std.to_csv())
+        write_text_atomic(folder / f"{stem}.md", markdown_table(block))
+        write_text_atomic(folder / f"{stem}.tex", to_latex(block))
     return tables
 
 
