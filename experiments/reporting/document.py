@@ -183,17 +183,5 @@ def parse_source(source: str, values: dict[str, str], blocks: dict[str, list[Blo
 
 def citation_order(blocks: list[Block]) -> list[str]:
     """Citation keys in order of first use (the HTML's numbering; Typst numbers them the same way)."""
-    seen: list[str] = []
-
-    def visit(spans: list[Span]) -> None:
-        for span in spans:
-            if span.kind == "cite" and span.text not in seen:
-                seen.append(span.text)
-
-    for block in blocks:
-        if isinstance(block, Paragraph):
-            visit(block.spans)
-        elif isinstance(block, Bullets):
-            for item in block.items:
-                visit(item)
-    return seen
+    lines = [[b.spans] if isinstance(b, Paragraph) else b.items if isinstance(b, Bullets) else [] for b in blocks]
+    return list(dict.fromkeys(span.text for items in lines for spans in items for span in spans if span.kind == "cite"))
