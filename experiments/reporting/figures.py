@@ -22,7 +22,7 @@ import pandas as pd  # noqa: E402
 
 from experiments.harness.anomaly_maps import MAPS_DIR, colorize, denormalise, load_maps, pick_indices  # noqa: E402
 from experiments.harness.results import METRIC_TITLES  # noqa: E402
-from experiments.reporting.comparisons import Comparison, categories_of  # noqa: E402
+from experiments.reporting.comparisons import Comparison, categories_of, format_value  # noqa: E402
 from experiments.reporting.data import Run, first_run, read_log, seed_means, setting, sidecars  # noqa: E402
 from experiments.reporting.stats import mean_std  # noqa: E402
 
@@ -227,48 +227,32 @@ def sweep_figure(comparison: Comparison) -> list[Figure]:
     """Mean over categories (each seed's first) against the swept value; error bars: std over seeds."""
     if not comparison.sweep or not comparison.others:
         return []
-    key, categories = comparison.sweep, categories_of(comparison)
-    points = []  # (x value, label, arm, rows)
+    key, categories, points = comparison.sweep, categories_of(comparison), []  # (x value, its label, arm)
     for arm in comparison.arms:
         value = setting(arm.runs[0].config, key)
-        if key == "dataset.train_limit":
+        if key == "dataset.train_limit":  # the number of images the runs had
             x = float(arm.rows["n_train"].mean())
-            label = f"all ({x:.0f})" if value is None else f"{x:.0f}"
+            points.append((x, f"all ({x:.0f})" if value is None else f"{x:.0f}", arm))
         else:
-            x, label = value, (f"{value:g}" if isinstance(value, float) else
-                               "+".join(map(str, value)) if isinstance(value, list) else str(value))
-        points.append((x, label, arm))
+            points.append((value, format_value(key, value), arm))
     numeric = all(isinstance(p[0], (int, float)) and not isinstance(p[0], bool) for p in points)
-    points.sort(key=lambda p: p[0] if numeric else p[1])
-    if not numeric:  # layer sets: in the order of the number of layers, then by name
-        points.sort(key=lambda p: (len(p[1].split("+")), p[1]))
-    panels = [*CURVES, "fit_s"]
-    fig, axes = plt.subplots(1, len(panels), figsize=(PAGE_WIDTH, 2.2), constrained_layout=True)
-    for ax, panel in zip(axes, panels):
-        xs, ys, errs = [], [], []
-        for i, (x, _, arm) in enumerate(points):
-            scale = 1 if panel == "fit_s" else 100
-            mean, std, n = mean_std([scale * m for m in seed_means(arm.rows, panel, categories)])
-            if not n:
-                continue
-            xs.append(x if numeric else i)
-            ys.append(mean)
-            errs.append(0.0 if math.isnan(std) else std)
-        ax.errorbar(xs, ys, yerr=errs, marker="o", ms=3, capsize=2, lw=1)
-        base = next((k for k, p in enumerate(points) if p[2] is comparison.baseline), None)
-        if base is not None and xs:
-            bx = points[base][0] if numeric else base
-            if bx in xs:
-                ax.plot([bx], [ys[xs.index(bx)]], marker="*", ms=9, color="tab:red", ls="none", label="baseline")
-        if numeric:
-            positive = all(p[0] > 0 for p in points)
-            spread = max(p[0] for p in points) / max(min(p[0] for p in points), 1e-12) if positive else 1
-            if positive and spread >= 8:
-                ax.set_xscale("log", base=2 if key == "dataset.train_limit" else 10)
-                ax.minorticks_off()
-            ax.set_xticks([p[0] for p in points], [p[1] for p in points], fontsize=6, rotation=45)
-        else:
-            ax.set_xticks(range(len(points)), [p[1] for p in points], fontsize=6, rotation=45, ha="right")
+    # layer sets: in the order of the number of layers, then by name
+    points.sort(key=lambda p: p[0] if numeric else (len(p[1].split("+")), p[1]))
+    xs = [p[0] for p in points] if numeric else list(range(len(points)))
+    fig, axes = plt.subplots(1, len(CURVES) + 1, figsize=(PAGE_WIDTH, 2.2), constrained_layout=True)
+    for ax, panel in zip(axes, [*CURVES, "fit_s"]):
+        drawn = [(x, *mean_std([(1 if panel == "fit_s" else 100) * m for m in seed_means(arm.rows, panel, categories)]),
+                  arm) for x, (_, _, arm) in zip(xs, points)]
+        drawn = [(x, mean, 0.0 if math.isnan(std) else std, arm) for x, mean, std, n, arm in drawn if n]
+        ax.errorbar([d[0] for d in drawn], [d[1] for d in drawn], yerr=[d[2] for d in drawn], marker="o", ms=3,
+                    capsize=2, lw=1)
+        for x, mean, _, arm in drawn:
+            if arm is comparison.baseline:
+                ax.plot([x], [mean], marker="*", ms=9, color="tab:red", ls="none", label="baseline")
+        if numeric and all(x > 0 for x in xs) and max(xs) / max(min(xs), 1e-12) >= 8:
+            ax.set_xscale("log", base=2 if key == "dataset.train_limit" else 10)
+            ax.minorticks_off()
+        ax.set_xticks(xs, [p[1] for p in points], fontsize=6, rotation=45, **({} if numeric else {"ha": "right"}))
         ax.set_title("fit time (s / category)" if panel == "fit_s" else f"{METRIC_TITLES[panel]} (%)", fontsize=8)
         ax.tick_params(axis="y", labelsize=6)
         ax.grid(alpha=0.3)
