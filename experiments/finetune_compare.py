@@ -14,6 +14,7 @@ renderer; then how often the proxy's change agreed in sign with the test's. ``--
 
 from __future__ import annotations
 
+import itertools
 import sys
 from pathlib import Path
 
@@ -71,7 +72,7 @@ def table(tests: pd.DataFrame, proxies: pd.DataFrame) -> TableBlock:
     found = set(tests.get("arm", [])) | set(proxies["arm"])
     arms = [IMAGENET, *sorted(found - {IMAGENET})] if IMAGENET in found else sorted(found)
     categories, rows = sorted(set(tests.get("category", [])) | set(proxies["category"])), []
-    for category, arm in ((category, arm) for category in categories for arm in arms):
+    for category, arm in itertools.product(categories, arms):
         test, proxy = (f[(f["category"] == category) & (f["arm"] == arm)] if len(f) else f for f in (tests, proxies))
         if len(test) or len(proxy):
             cells = [stat_cell(*mean_std(100 * proxy[c].astype(float)), sorted(set(proxy["sidecar"])), DIGITS)
@@ -108,17 +109,17 @@ def markdown(tests: pd.DataFrame, proxies: pd.DataFrame) -> str:
 
 
 def main(argv: list[str]) -> None:
+    root = Path(argv[0] if argv else "outputs/finetune_compare")
     if argv[:1] == ["--sweep"]:
         folders = [Path(a) for a in argv[1:]]
         if not folders or not all(f.is_dir() for f in folders):
             raise SystemExit(f"error: give the sweep folders of `make sweep-finetune` runs (missing: "
                              f"{[str(f) for f in folders if not f.is_dir()]})")
         print(markdown_table(sweep_table(folders)))
-    elif not Path(argv[0] if argv else "outputs/finetune_compare").is_dir():
-        raise SystemExit(f"error: {argv[0] if argv else 'outputs/finetune_compare'} does not exist: run `make "
-                         "finetune-compare` (or `make study`) first")
+    elif not root.is_dir():
+        raise SystemExit(f"error: {root} does not exist: run `make finetune-compare` (or `make study`) first")
     else:
-        print(markdown(*collect(Path(argv[0] if argv else "outputs/finetune_compare"))))
+        print(markdown(*collect(root)))
 
 
 if __name__ == "__main__":
