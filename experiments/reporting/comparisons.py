@@ -1,18 +1,14 @@
-"""Runs in, comparisons out: the first stage of the one report pipeline (runs -> comparisons -> document ->
-renderers), shared by the paper (paper.py) and the run digest (digest.py).
+"""Runs in, comparisons out: the first stage of the report (runs -> comparisons -> document -> renderers).
 
 A comparison is a baseline arm and the arms measured against it. A study's comparisons, titles and order are
-its manifest's (``study.json``, written by experiments/study.py from conf/study/*.yaml, the one place a
-comparison is declared); arms that could not run (no weights, a failed or unfinished job) are kept with the
-reason. Runs that are not a study (a plain multirun sweep) are compared generically: the baseline is the
-most common backbone's variant without deviations, and every other
-variant joins the comparison of the settings it deviates in, titled by those settings (a fine-tuned backbone,
-``extensions.checkpoint.is_finetuned``, is its own comparison). Statistics: stats.py.
+its manifest's (``study.json``, from conf/study/*.yaml, the one place a comparison is declared); arms that could
+not run (no weights, a failed or unfinished job) are kept with the reason. Other runs (a plain sweep) are
+compared generically: the baseline is the most common backbone's variant without deviations, and every other
+variant joins the comparison of the settings it deviates in, titled by them (a fine-tuned backbone is its own).
 
-Variant labels: each run's backbone plus the settings that vary between the report's runs where the run's
-value differs from that backbone's default config (``conf/``), e.g. ``wrn50 (ratio=0.01)``; settings every run
-shares are listed once in the report instead. Random weights are always in the label. Seeds are not: runs that
-differ only in ``seed`` (or in settings that do not change the numbers, ``NOT_VARIANT``) are repeats of one variant.
+Variant labels: the backbone plus the settings that vary between the report's runs where the run's value differs
+from that backbone's default config (``conf/``), e.g. ``wrn50 (ratio=0.01)``. Random weights are always in the
+label; seeds (and ``NOT_VARIANT`` settings, which do not change the numbers) never: such runs are repeats.
 """
 
 from __future__ import annotations

@@ -1,11 +1,7 @@
-"""``build_paper``: runs (or a study) in; the paper out as ``report.pdf`` (Typst), ``report.html`` (the same
-document model), ``report.typ``, ``tables/paper_*.{csv,md,tex}``, ``tables/sources.csv`` and ``paper.json``.
-
-The text is ``reports/paper/<section>.md`` with placeholders (experiments/reporting/document.py); the values
-and the generated blocks come from the runs (paper_sections.py, tables.py, figures.py), so a
-re-run can leave no stale number behind. With a study manifest (``study.json`` in a run folder) the
-comparisons are the study's; otherwise they are inferred from the runs' settings (comparisons.py). The run
-digest (digest.py) is another document of the same model, from the same inputs.
+"""``build_paper``: the paper as ``report.pdf`` (Typst), ``report.html``, ``report.typ``,
+``tables/paper_*.{csv,md,tex}``, ``tables/sources.csv`` and ``paper.json``. The text is
+``reports/paper/<section>.md`` with placeholders (document.py) filled from the runs (paper_sections.py), so a
+re-run leaves no stale number behind.
 """
 
 from __future__ import annotations
@@ -32,7 +28,7 @@ from experiments.reporting.document import (
 from experiments.reporting.html_out import to_html
 from experiments.reporting.paper_sections import DATASET_TITLES
 from experiments.reporting.stats import cell_stats, signed
-from experiments.reporting.tables import paired_rows, sources_rows, write_tables
+from experiments.reporting.tables import sources_rows, write_tables
 from experiments.reporting.typst_out import write_pdf
 
 SOURCES = Path(__file__).resolve().parents[2] / "reports" / "paper"
@@ -47,15 +43,13 @@ DISCUSSED = {"patchcore.embedder.aggregation": "channel_mean", "patchcore.scorin
 
 def discussed_effects(comparisons: list[Comparison]) -> list[str]:
     """The image-AUROC sentence of every arm that changes a DISCUSSED setting from its baseline that way."""
-    said = []
-    for comparison in comparisons:
+    def changes(comparison: Comparison, arm: str) -> bool:
         base = comparison.baseline.runs[0].config
-        for arm, metric, diff in paired_rows(comparison):
-            config = next(a for a in comparison.others if a.name == arm).runs[0].config
-            if diff is not None and metric == "image_auroc" and any(
-                    setting(config, key) == value != setting(base, key) for key, value in DISCUSSED.items()):
-                said.append(ps.difference_sentence(arm, metric, diff))
-    return said
+        config = next(a for a in comparison.others if a.name == arm).runs[0].config
+        return any(setting(config, key) == value != setting(base, key) for key, value in DISCUSSED.items())
+
+    return [ps.difference_sentence(arm, "image_auroc", diff) for comparison, arm, diff in ps.image_changes(comparisons)
+            if changes(comparison, arm)]
 
 
 def values(ctx: ps.Context) -> dict[str, str]:

@@ -246,10 +246,10 @@ def limitations_blocks(ctx: Context) -> list[Block]:
 
 
 def image_changes(comparisons: list[Comparison], *words: str) -> list[tuple[Comparison, str, dict]]:
-    """(comparison, arm, difference) of every arm whose mean image AUROC is clearly one of ``words`` (higher,
-    lower)."""
+    """(comparison, arm, difference) of every arm's mean image AUROC whose verdict is one of ``words`` (any
+    without)."""
     return [(comparison, arm, diff) for comparison in comparisons for arm, metric, diff in paired_rows(comparison)
-            if diff is not None and metric == "image_auroc" and verdict(diff) in words]
+            if diff is not None and metric == "image_auroc" and (not words or verdict(diff) in words)]
 
 
 def conclusion_blocks(ctx: Context) -> list[Block]:
