@@ -15,7 +15,8 @@ from experiments.harness.tracking import NoLogger, WandbLogger, make_tracker
 from tests.conftest import write_tiny_category
 
 TINY = ("dataset=folder", "dataset.resize=64", "dataset.image_size=64", "backbone=resnet18",
-        "backbone.pretrained=false", "patchcore.embedder.embed_dim=64", "coreset.ratio=0.5", "category=widget", "viz.n=2")
+        "backbone.pretrained=false", "patchcore.embedder.embed_dim=64", "coreset.ratio=0.5", "category=widget",
+        "viz.n=2")
 
 
 @pytest.fixture

@@ -147,7 +147,7 @@ def discover(folders: list[Path]) -> tuple[list[Run], list[tuple[Path, str]]]:
 
 def select(runs: list[Run], dataset: str | None = None) -> tuple[list[Run], list[tuple[Run, str]], str | None]:
     """(included runs, excluded runs with the reason, the report's dataset); label them next
-    (``variants.label_variants``)."""
+    (``comparisons.label_variants``)."""
     excluded: list[tuple[Run, str]] = []
     complete = []
     for run in runs:
