@@ -10,7 +10,9 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from experiments.finetune_compare import agreement, collect, markdown, sweep_markdown, sweep_rows, table
+from experiments.finetune_compare import agreement, collect, markdown, table
+from experiments.reporting.markdown_out import table as markdown_table
+from experiments.reporting.tables import sweep_table
 from extensions.checkpoint import FineTunedBackbone
 
 FINETUNED = f"{FineTunedBackbone.__module__}.{FineTunedBackbone.__qualname__}"
@@ -160,7 +162,7 @@ def test_same_mean_and_sample_std_as_the_paper(tmp_path: Path) -> None:
     assert ours["rotation"][4].text == "84.67 ± 5.03" and paper["rotation"][2].text == "84.7 ± 5.0"
 
 
-def test_sweep_rows_read_each_job(tmp_path: Path) -> None:
+def test_sweep_table_reads_each_job(tmp_path: Path) -> None:
     sweep = tmp_path / "rotation_l2sp"
     for number, (weight, score) in enumerate([(0.0, 0.91), (1.0, 0.93)]):
         job = sweep / f"{number}_rotation_textures_effnet_lite0"
@@ -177,10 +179,10 @@ def test_sweep_rows_read_each_job(tmp_path: Path) -> None:
         log = [{"step": 0, "score": 0.925, "effective_rank": 300.0}, {"step": 40, "score": 0.5, "effective_rank": 99.0}]
         sidecar.with_suffix(".proxy.jsonl").write_text("".join(json.dumps(row) + "\n" for row in log))
     (sweep / "2_unfinished" / "checkpoints" / "rotation" / "effnet_lite0").mkdir(parents=True)
-    rows = sweep_rows(sweep)
-    assert [r["settings"] for r in rows] == ["l2sp_weight=0.0", "l2sp_weight=1.0"]
-    assert [r["score"] for r in rows] == pytest.approx([0.93, 0.94]) and rows[1]["warnings"] == [40]
-    text = sweep_markdown(rows)
+    rows = sweep_table([sweep]).rows
+    assert [r[3].text for r in rows] == ["l2sp_weight=0.0", "l2sp_weight=1.0"]  # settings
+    assert [r[7].text for r in rows] == ["0.9300 (0.9250)", "0.9400 (0.9250)"] and rows[1][11].text == "40"  # score
+    text = markdown_table(sweep_table([sweep]))
     assert "| rotation_l2sp | rotation | grass | l2sp_weight=1.0 | 20/40 | 0.9300 | 0.9500 | 0.9400 (0.9250) " \
            "| 0.5000 | 290 / 300 / 99 | 0.0020 | 40 |" in text
 

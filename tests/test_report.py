@@ -13,10 +13,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from omegaconf import OmegaConf
 from PIL import Image
 
 from experiments.harness.anomaly_maps import save_record
+from experiments.harness.results import config_record
 from experiments.harness.run_key import config_hash
 from experiments.report import main
 from experiments.reporting.digest import build_digest as build_report
@@ -35,8 +35,7 @@ def _metrics(auroc: float) -> dict:
 def write_run(folder: Path, make_config, overrides: tuple[str, ...], aurocs: dict[str, float],
               complete: bool = True, maps: bool = False, bank: int = 100) -> Path:
     """A run folder as experiments/main.py writes it, with chosen image AUROCs per category."""
-    cfg = make_config(*overrides)
-    config = OmegaConf.to_container(cfg, resolve=True)
+    config = config_record(make_config(*overrides))  # as experiments/main.py records it (results.json schema 3)
     categories = {}
     rows = []
     n_train = config["dataset"]["train_limit"] or 10
@@ -199,7 +198,7 @@ def test_pdf_has_the_expected_pages(report) -> None:
     # typeset by Typst from digest.typ: title and setup fill page 1, the shared settings and the 5 tables
     # page 2 with the first figure; the other 5 figures pages 3-4; the commands and the runs left out page 5
     assert pages == manifest["pages"] == 5
-    assert manifest["pages_overflowing"] == []  # nothing runs into the side margins (page_check.py)
+    assert manifest["pages_overflowing"] == []  # nothing runs into the side margins (typst_out.pages_with_margin_ink)
     if shutil.which("pdfinfo"):
         info = subprocess.run(["pdfinfo", str(out / "digest.pdf")], capture_output=True, text=True).stdout
         assert re.search(r"Pages:\s+5\b", info)

@@ -140,8 +140,13 @@ def test_no_page_runs_into_the_margins(paper, tmp_path) -> None:
     # the check itself: a code line without spaces, wider than the text column, is found on its page
     import typst
 
-    from experiments.reporting.page_check import pages_with_margin_ink, render_pages
-    from experiments.reporting.typst_out import MARGIN_X_CM, PAGE_WIDTH_CM, PREAMBLE
+    from experiments.reporting.typst_out import (
+        MARGIN_X_CM,
+        PAGE_WIDTH_CM,
+        PREAMBLE,
+        pages_with_margin_ink,
+        render_pages,
+    )
 
     source = tmp_path / "wide.typ"
     source.write_text(PREAMBLE.format(title='"t"') + "fits\n#pagebreak()\n#raw(block: true, \"" + "x" * 200 + "\")\n")
@@ -180,12 +185,12 @@ def test_runs_without_a_study_are_compared_by_their_settings(tmp_path) -> None:
     study = _study(tmp_path / "runs", manifest=False)
     record = build_paper([study], tmp_path / "out")
     assert record["comparisons"] == {
-        "patchcore_aggregation": {"title": "patchcore.embedder.aggregation", "missing": [],
+        "patchcore_embedder_aggregation": {"title": "patchcore.embedder.aggregation", "missing": [],
                                   "arms": ["baseline", "effnet_lite0 (aggregation=channel_mean)"]},
-        "patchcore_distance": {"title": "patchcore.scoring.distance", "missing": [],
+        "patchcore_scoring_distance": {"title": "patchcore.scoring.distance", "missing": [],
                                "arms": ["baseline", "effnet_lite0 (distance=cosine)"]}}
     by_key = {(c["table"], c["row"], c["column"]): c for c in record["cells"]}
-    cosine = by_key[("patchcore_distance_paired", "effnet_lite0 (distance=cosine)", "Δ Image AUROC")]
+    cosine = by_key[("patchcore_scoring_distance_paired", "effnet_lite0 (distance=cosine)", "Δ Image AUROC")]
     assert cosine["text"] == "+3.0 [-0.7, +6.7]"  # as in the study's variants comparison
 
 

@@ -1,28 +1,122 @@
-"""Runs in, comparisons out: the first stage of the one report pipeline (runs -> comparisons -> document ->
-renderers), shared by the paper (paper.py) and the run digest (digest.py).
+"""Runs in, comparisons out: the first stage of the report (runs -> comparisons -> document -> renderers).
 
 A comparison is a baseline arm and the arms measured against it. A study's comparisons, titles and order are
-its manifest's (``study.json``, written by experiments/study.py from conf/study/*.yaml, the one place a
-comparison is declared); arms that could not run (no weights, a failed or unfinished job) are kept with the
-reason. Runs that are not a study (a plain multirun sweep) are compared generically: the baseline is the
-most common backbone's variant without deviations (experiments/reporting/variants.py), and every other
-variant joins the comparison of the settings it deviates in, titled by those settings (a fine-tuned backbone,
-``extensions.checkpoint.is_finetuned``, is its own comparison). Statistics: stats.py.
+its manifest's (``study.json``, from conf/study/*.yaml, the one place a comparison is declared); arms that could
+not run (no weights, a failed or unfinished job) are kept with the reason. Other runs (a plain sweep) are
+compared generically: the baseline is the most common backbone's variant without deviations, and every other
+variant joins the comparison of the settings it deviates in, titled by them (a fine-tuned backbone is its own).
+
+Variant labels: the backbone plus the settings that vary between the report's runs where the run's value differs
+from that backbone's default config (``conf/``), e.g. ``wrn50 (ratio=0.01)``. Random weights are always in the
+label; seeds (and ``NOT_VARIANT`` settings, which do not change the numbers) never: such runs are repeats.
 """
 
 from __future__ import annotations
 
 import json
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
 
-from experiments.reporting.data import Run, discover, drop_repeats, select, tidy
-from experiments.reporting.variants import label_variants
+from experiments.harness.run_key import BOOKKEEPING, IDENTITY, PLACEMENT, is_ignored, read_results
+from experiments.reporting.data import Run, discover, drop_repeats, flatten, select, setting, sort_value, tidy
 from extensions.checkpoint import is_finetuned
 
 BASELINE = "baseline"
+
+CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
+# Never part of a variant label: the run's identity (category, seed), where data lives, and settings that
+# do not change the numbers.
+NOT_VARIANT = (*BOOKKEEPING, *IDENTITY)  # wherever they sit
+NOT_VARIANT_TOP = PLACEMENT             # from the top only
+# How a setting is named in a label where the last part of its dotted key would not say it.
+LABEL_NAMES = {"coreset._target_": "sampler", "backbone.pretrained": "weights"}
+
+
+def default_config(backbone: str, dataset: str) -> dict | None:
+    """The config ``conf/`` gives this backbone and dataset (None when they are not in conf/)."""
+    try:
+        from hydra import compose, initialize_config_dir
+        from omegaconf import OmegaConf
+
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            cfg = compose("config", overrides=[f"backbone={backbone}", f"dataset={dataset}"])
+        return OmegaConf.to_container(cfg, resolve=False)
+    except Exception:  # unknown group option, missing env var, hydra missing: fall back to the modal values
+        return None
+
+
+def format_value(key: str, value) -> str:
+    if key == "backbone.pretrained":
+        return "ImageNet" if value else "random"
+    if isinstance(value, list):
+        return "+".join(str(v) for v in value)
+    if key.endswith("_target_") and isinstance(value, str):
+        return value.rsplit(".", 1)[-1]
+    if value is None:
+        return "all" if key == "dataset.train_limit" else "null"
+    if isinstance(value, float):
+        return f"{value:g}"
+    return str(value)
+
+
+def label(backbone: str, deviations: dict) -> str:
+    """``backbone (key=value, ...)`` over the deviations."""
+    keys = sorted(deviations)
+    shorts = {k: LABEL_NAMES.get(k, k.rsplit(".", 1)[-1]) for k in keys}
+    counts = Counter(shorts.values())
+    parts = []
+    for key in keys:
+        if key == "backbone.pretrained" and deviations[key] is False:
+            parts.append("random weights")
+            continue
+        name = shorts[key] if counts[shorts[key]] == 1 else key
+        parts.append(f"{name}={format_value(key, deviations[key])}")
+    return f"{backbone} ({', '.join(parts)})" if parts else backbone
+
+
+def label_variants(runs: list[Run]) -> None:
+    """Fill ``deviations`` (settings that differ from the backbone's default) and ``variant`` of each run."""
+    by_backbone: dict[tuple[str, str], list[Run]] = {}
+    for run in runs:
+        by_backbone.setdefault((run.backbone, run.dataset), []).append(run)
+    # A key missing from a run's config was added to conf/ after the run: the run had its default.
+    flats = {id(run): _variant_settings(run.config) for run in runs}
+    varying = {key for key in set().union(*flats.values())
+               if len({json.dumps(flat[key], sort_keys=True) for flat in flats.values() if key in flat}) > 1}
+    for (backbone, dataset), group in by_backbone.items():
+        defaults = default_config(backbone, dataset)
+        reference = _variant_settings(defaults) if defaults is not None else {}
+        for key in varying:
+            if key not in reference or (isinstance(reference[key], str) and "${" in reference[key]):
+                values = Counter(json.dumps(flats[id(run)][key], sort_keys=True) for run in group
+                                 if key in flats[id(run)])
+                reference[key] = json.loads(values.most_common(1)[0][0]) if values else None
+        for run in group:
+            flat = flats[id(run)]
+            run.deviations = {k: flat[k] for k in varying if k in flat and flat[k] != reference[k]}
+            if (run.config.get("backbone") or {}).get("pretrained") is False:
+                run.deviations["backbone.pretrained"] = False  # always said: random weights are no result
+            run.variant = label(backbone, run.deviations)
+
+
+def _variant_settings(config: dict) -> dict:
+    return {k: v for k, v in flatten(config).items()
+            if not is_ignored(k, NOT_VARIANT) and not is_ignored(k, NOT_VARIANT_TOP, nested=False)}
+
+
+def variant_order(runs: list[Run]) -> list[str]:
+    """Variants by backbone (first seen), fewest deviations first, then by the deviating values."""
+    first_seen = {}
+    for run in runs:
+        first_seen.setdefault(run.backbone, len(first_seen))
+    keyed = {}
+    for run in runs:
+        keyed.setdefault(run.variant, (first_seen[run.backbone], len(run.deviations),
+                                       [(k, sort_value(v)) for k, v in sorted(run.deviations.items())]))
+    return sorted(keyed, key=lambda v: keyed[v])
 
 
 @dataclass
@@ -34,6 +128,10 @@ class Arm:
     @property
     def seeds(self) -> list:
         return sorted(self.rows["seed"].dropna().unique().tolist())
+
+    @classmethod
+    def of(cls, name: str, runs: list[Run], frame: pd.DataFrame) -> Arm:
+        return cls(name, frame[frame["run_dir"].isin({str(run.folder) for run in runs})], runs)
 
 
 @dataclass
@@ -66,6 +164,15 @@ class Inputs:
     manifest: dict | None
     comparisons: list[Comparison]
 
+    @property
+    def baseline(self) -> Arm | None:
+        return next((c.baseline for c in self.comparisons if c.arms), None)
+
+    @property
+    def present(self) -> list[Comparison]:
+        """The comparisons with at least one arm besides the baseline."""
+        return [c for c in self.comparisons if c.arms and c.others]
+
 
 def load(run_dirs: list[str | Path], dataset: str | None = None) -> Inputs:
     """Discover, select (complete, on one dataset, newest of duplicates), label and tabulate the runs below
@@ -80,30 +187,17 @@ def load(run_dirs: list[str | Path], dataset: str | None = None) -> Inputs:
     left_out += repeats
     if not frame.empty:
         included = [run for run in included if str(run.folder) in set(frame["run_dir"])]
-    manifest = find_manifest(run_dirs)
+    # the study manifest of the first run folder that is a study
+    manifest = next((read_results(Path(d) / "study.json") for d in run_dirs if (Path(d) / "study.json").is_file()),
+                    None)
     comparisons = (from_manifest(manifest, included, frame) if manifest else infer(included, frame)) if included \
         else []
     return Inputs(run_dirs, included, frame, left_out, dataset, manifest, comparisons)
 
 
-def find_manifest(run_dirs: list[str]) -> dict | None:
-    """The study manifest of the first run folder that is a study (holds study.json)."""
-    for folder in run_dirs:
-        path = Path(folder) / "study.json"
-        if path.is_file():
-            try:
-                return json.loads(path.read_text())
-            except ValueError:
-                return None
-    return None
-
-
-def _resolved(path: str | Path) -> str:
-    return str(Path(path).resolve())
-
 def from_manifest(manifest: dict, runs: list[Run], frame: pd.DataFrame) -> list[Comparison]:
     """The study's comparisons over the runs the report includes (missing arms kept with the reason)."""
-    by_folder = {_resolved(run.folder): run for run in runs}
+    by_folder = {run.folder.resolve(): run for run in runs}
     jobs = {row["id"]: row for row in manifest.get("jobs", [])}
     specs = (manifest.get("config") or {}).get("comparisons") or {}
     comparisons = []
@@ -114,18 +208,14 @@ def from_manifest(manifest: dict, runs: list[Run], frame: pd.DataFrame) -> list[
             job = jobs.get(job_id)
             if job is None or job["kind"] != "patchcore":
                 continue
-            run = by_folder.get(_resolved(job["folder"]))
+            run = by_folder.get(Path(job["folder"]).resolve())
             if run is None:
                 why = job.get("status", "not run")
                 why = {"pending": "not run yet", "running": "interrupted"}.get(why, why)
                 problems.setdefault(job["arm"], []).append(f"seed {job['seed']}: {why}")
             else:
                 members.setdefault(job["arm"], []).append(run)
-        arms = []
-        for arm in entry.get("arms", []):
-            if arm in members:
-                folders = {str(run.folder) for run in members[arm]}
-                arms.append(Arm(arm, frame[frame["run_dir"].isin(folders)], members[arm]))
+        arms = [Arm.of(arm, members[arm], frame) for arm in entry.get("arms", []) if arm in members]
         missing = [(arm, "; ".join(why)) for arm, why in problems.items()]
         missing += [(row["arm"], row["reason"]) for row in manifest.get("skipped", []) if row["comparison"] == name]
         if not arms or arms[0].name != BASELINE:
@@ -137,15 +227,6 @@ def from_manifest(manifest: dict, runs: list[Run], frame: pd.DataFrame) -> list[
     return comparisons
 
 
-def deviated(run: Run, main: str) -> tuple[str, ...]:
-    """The settings a run deviates in from the baseline: its deviations from its backbone's defaults, plus
-    ``backbone`` (or ``model``, for another model than PatchCore) when that is not the main one."""
-    keys = tuple(sorted(run.deviations))
-    if run.backbone == main:
-        return keys
-    return ("backbone" if run.model == "patchcore" else "model", *keys)
-
-
 def _is_sweep(arms: list[Arm], key: str) -> bool:
     """A numeric or list-valued setting (coreset.ratio, dataset.train_limit, backbone.layers) is drawn as a
     sweep: its value on the x axis; a choice between names (a distance, a class) is not."""
@@ -154,34 +235,24 @@ def _is_sweep(arms: list[Arm], key: str) -> bool:
                for v in values) and any(v is not None for v in values)
 
 
-def setting(config: dict, key: str):
-    """The value of a dotted key in a (results.json) config, None when absent."""
-    for part in key.split("."):
-        config = config.get(part) if isinstance(config, dict) else None
-    return config
-
-
 def infer(runs: list[Run], frame: pd.DataFrame) -> list[Comparison]:
     """Comparisons of runs not made by a study: one per set of deviating settings, titled by the settings."""
     main = pd.Series([run.backbone for run in runs]).value_counts().index[0]
     plain = [run for run in runs if run.backbone == main and not run.deviations]
     if not plain:
         return []
-    base_variant = plain[0].variant
     groups: dict[tuple[str, ...], dict[str, list[Run]]] = {}
-    for run in runs:
-        if run.variant != base_variant:
-            keys = deviated(run, main)
-            if is_finetuned(run.config.get("backbone") or {}):
-                keys = ("fine-tuned backbone", *keys[1:])
-            groups.setdefault(keys, {}).setdefault(run.variant, []).append(run)
-
-    def arm(label: str, members: list[Run]) -> Arm:
-        return Arm(label, frame[frame["variant"] == members[0].variant], members)
-
+    for run in (run for run in runs if run.variant != plain[0].variant):
+        # the settings it deviates in: from its backbone's defaults, and the backbone (or model) if not the main one
+        keys = tuple(sorted(run.deviations))
+        if run.backbone != main:
+            keys = ("backbone" if run.model == "patchcore" else "model", *keys)
+        if is_finetuned(run.config.get("backbone") or {}):
+            keys = ("fine-tuned backbone", *keys[1:])
+        groups.setdefault(keys, {}).setdefault(run.variant, []).append(run)
     comparisons = []
     for keys, variants in sorted(groups.items()):
-        arms = [arm(BASELINE, plain), *(arm(v, members) for v, members in sorted(variants.items()))]
+        arms = [Arm.of(BASELINE, plain, frame), *(Arm.of(v, members, frame) for v, members in sorted(variants.items()))]
         title = ", ".join(keys)
         sweep = keys[0] if len(keys) == 1 and _is_sweep(arms, keys[0]) else None
         name = "_".join(keys).replace(".", "_").replace(" ", "_").replace("-", "_")

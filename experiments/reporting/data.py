@@ -4,11 +4,12 @@ A run is a folder with ``results.json`` (the schema of ``experiments/harness/res
 report when they are complete and on the report's dataset (the one most complete runs used, or
 ``--dataset``); the others are listed with the reason, never mixed in. Two runs with the same config
 hash are one run: the newest counts, the older is listed as a duplicate. Variant labels:
-``experiments/reporting/variants.py``.
+``comparisons.label_variants``.
 """
 
 from __future__ import annotations
 
+import json
 import shlex
 from collections import Counter
 from dataclasses import dataclass, field
@@ -62,6 +63,54 @@ class Run:
         return " ".join(["python experiments/main.py", *(shlex.quote(o) for o in self.overrides)])
 
 
+def setting(config: dict, key: str):
+    """The value of a dotted key in a (results.json) config, None when absent."""
+    for part in key.split("."):
+        config = config.get(part) if isinstance(config, dict) else None
+    return config
+
+
+def sort_value(value):
+    """A key that orders None < numbers < strings < lists."""
+    if value is None:
+        return (0, 0, "")
+    if isinstance(value, bool):
+        return (1, int(value), "")
+    if isinstance(value, (int, float)):
+        return (1, value, "")
+    return (2, 0, json.dumps(value))
+
+
+def first_run(runs: list[Run]) -> Run:
+    """The run of the first seed (the one whose maps, ROC curves and fine-tuning logs the report shows)."""
+    return min(runs, key=lambda r: (sort_value(r.config.get("seed")), str(r.folder)))
+
+
+def sidecars(run: Run) -> list[tuple[str, Path]]:
+    """(category, the fine-tuning sidecar JSON next to its checkpoint) of a run on a fine-tuned backbone
+    (docs/finetuning.md); its logs are ``<category>.loss.jsonl`` / ``.proxy.jsonl`` beside it."""
+    checkpoint = setting(run.config, "backbone.checkpoint")
+    categories = sorted(run.results.get("categories") or {}) if checkpoint else []
+    return [(category, Path(str(checkpoint)).parent / f"{category}.json") for category in categories]
+
+
+def read_sidecar(path: Path) -> dict | None:
+    """A finished sidecar with its checkpoint selection, else None."""
+    record = read_results(path)
+    return record if isinstance(record, dict) and record.get("complete") and record.get("selection") else None
+
+
+def read_log(path: Path) -> list[dict]:
+    """The rows of a fine-tuning log (``<category>.loss.jsonl`` / ``.proxy.jsonl``); none without the file."""
+    rows = []
+    for line in path.read_text().splitlines() if path.is_file() else []:
+        try:
+            rows.append(json.loads(line))
+        except ValueError:
+            continue
+    return rows
+
+
 def flatten(config: dict, prefix: str = "") -> dict:
     flat = {}
     for key, value in config.items():
@@ -73,6 +122,14 @@ def flatten(config: dict, prefix: str = "") -> dict:
     return flat
 
 
+def read_overrides(folder: Path) -> list[str] | None:
+    """A job's command-line overrides (``.hydra/overrides.yaml``), None when not recorded."""
+    try:
+        return [str(o) for o in yaml.safe_load((folder / ".hydra" / "overrides.yaml").read_text()) or []]
+    except (OSError, yaml.YAMLError):
+        return None
+
+
 def discover(folders: list[Path]) -> tuple[list[Run], list[tuple[Path, str]]]:
     """Every run below ``folders``; unreadable records come back as (folder, reason)."""
     runs, broken = [], []
@@ -81,13 +138,7 @@ def discover(folders: list[Path]) -> tuple[list[Run], list[tuple[Path, str]]]:
         if not isinstance(results, dict) or not isinstance(results.get("config"), dict):
             broken.append((path.parent, "results.json unreadable or without a config"))
             continue
-        run = Run(path.parent, results, results_hash(results))
-        overrides_file = path.parent / ".hydra" / "overrides.yaml"
-        if overrides_file.is_file():
-            try:
-                run.overrides = [str(o) for o in yaml.safe_load(overrides_file.read_text()) or []]
-            except yaml.YAMLError:
-                run.overrides = None
+        run = Run(path.parent, results, results_hash(results), read_overrides(path.parent))
         if (path.parent.parent / "multirun.yaml").is_file():
             run.sweep = path.parent.parent
         runs.append(run)
@@ -96,7 +147,7 @@ def discover(folders: list[Path]) -> tuple[list[Run], list[tuple[Path, str]]]:
 
 def select(runs: list[Run], dataset: str | None = None) -> tuple[list[Run], list[tuple[Run, str]], str | None]:
     """(included runs, excluded runs with the reason, the report's dataset); label them next
-    (``variants.label_variants``)."""
+    (``comparisons.label_variants``)."""
     excluded: list[tuple[Run, str]] = []
     complete = []
     for run in runs:

@@ -16,14 +16,13 @@ import pandas as pd
 from core.io import write_json_atomic, write_text_atomic
 from experiments.harness.run_key import BOOKKEEPING, IDENTITY, is_ignored
 from experiments.reporting import figures
-from experiments.reporting.comparisons import Inputs, load
-from experiments.reporting.data import Run, flatten, sweep_commands
+from experiments.reporting.comparisons import Inputs, load, variant_order
+from experiments.reporting.data import Run, flatten, sort_value, sweep_commands
 from experiments.reporting.document import Block, Bullets, Code, Document, FigureBlock, Heading, Paragraph, Span
 from experiments.reporting.markdown_out import to_markdown
-from experiments.reporting.paper_sections import DATASET_TITLES, DATASETS, software
-from experiments.reporting.tables import TABLE_METRICS, metric_table, timing_table, write_table
+from experiments.reporting.paper_sections import DATASET_TITLES, DATASETS, categories_sentence, figure_blocks, software
+from experiments.reporting.tables import TABLE_METRICS, metric_table, timing_table, write_tables
 from experiments.reporting.typst_out import write_pdf
-from experiments.reporting.variants import sort_value, variant_order
 
 SETUP_SKIP = (*BOOKKEEPING, *IDENTITY)  # not listed as settings: bookkeeping, and what each run is of
 
@@ -70,22 +69,20 @@ def _variant_line(variant: str, members: list[Run]) -> str:
             f"{_value(backbone.get('layers'))}, {weights}; {len(members)} run(s), seed(s) {', '.join(seeds)}")
 
 
-def setup(inputs: Inputs, variants: list[str]) -> list[Block]:
+def setup(inputs: Inputs, variants: dict[str, list[Run]]) -> list[Block]:
     """Dataset, categories, variants, the settings that vary between the runs and those they share."""
-    runs, frame = inputs.runs, inputs.frame
+    runs = inputs.runs
     common, varied = settings(runs)
     roots = sorted({str((run.config.get("dataset") or {}).get("root")) for run in runs})
-    counts = frame.groupby("category").agg(n_train=("n_train", "max"), n_test=("n_test", "max"))
     blocks: list[Block] = [
         Heading("Setup"),
         said(f"Dataset: {inputs.dataset}, {DATASETS.get(inputs.dataset, 'a dataset in MVTec AD layout.')} "
              f"Read from {', '.join(roots)}."),
-        said("Categories (nominal training images / test images): " + ", ".join(
-            f"{c} ({int(r.n_train)}/{int(r.n_test)})" for c, r in counts.iterrows()) + "."),
+        said(categories_sentence(inputs.frame)),
         said(f"Variants ({len(variants)}): the backbone plus the settings that vary between the runs, where they "
              "differ from the backbone's defaults in conf/; runs that differ only in seed are repeats of one variant "
              "(the tables give the mean ± sample std over seeds)."),
-        listed([_variant_line(v, [run for run in runs if run.variant == v]) for v in variants])]
+        listed([_variant_line(v, members) for v, members in variants.items()])]
     if any((run.config.get("backbone") or {}).get("pretrained") is False for run in runs):
         blocks.append(said("Variants marked 'random weights' ran a randomly initialised backbone "
                            "(backbone.pretrained=false): they test the pipeline; their numbers say nothing about the "
@@ -97,7 +94,7 @@ def setup(inputs: Inputs, variants: list[str]) -> list[Block]:
                           "results.json):"), Code("\n".join(f"{key}={value}" for key, value in common.items()))]
 
 
-def reproduce(inputs: Inputs, variants: list[str]) -> list[Block]:
+def reproduce(inputs: Inputs, variants: dict[str, list[Run]]) -> list[Block]:
     """Code version, the sweeps as run, one command per variant, this report's command, the runs left out."""
     runs, blocks = inputs.runs, [Heading("Reproducing these numbers")]
     commits, versions = software(runs)
@@ -106,8 +103,8 @@ def reproduce(inputs: Inputs, variants: list[str]) -> list[Block]:
     if commands:
         blocks += [said("The sweeps, as they were run (each job's folder holds its results.json):"),
                    Code("\n".join(commands))]
-    lines = [f"# {variant}\n{min((r for r in runs if r.variant == variant), key=lambda r: str(r.folder)).command}"
-             for variant in variants]
+    lines = [f"# {variant}\n{min(members, key=lambda r: str(r.folder)).command}" for variant, members in
+             variants.items()]
     blocks += [said("One run of each variant (other seeds: the same command with seed=<n>; each table cell is the "
                     "mean over the seeds listed in the setup):"), Code("\n".join(lines)),
                said("This report: python experiments/report.py " + " ".join(inputs.run_dirs))]
@@ -117,53 +114,45 @@ def reproduce(inputs: Inputs, variants: list[str]) -> list[Block]:
     return blocks
 
 
-def results(inputs: Inputs, variants: list[str], out: Path, manifest: dict) -> list[Block]:
-    """The summary line, the tables (also written to tables/) and the figures (written to figures/)."""
-    frame = inputs.frame
-    tables = [*(metric_table(frame, metric, variants) for metric in TABLE_METRICS), timing_table(frame, variants)]
-    for table in tables:
-        write_table(table, out / "tables")
-    manifest["tables"] = [table.name for table in tables]
-    best = pd.Series({v: c.value for v, c in zip(variants, tables[0].rows[-1][1:])}, dtype=float).dropna()
-    blocks: list[Block] = []
-    if len(best):
-        blocks.append(said(f"Best mean image AUROC: {best.idxmax()} ({best.max():.1f}%) among {len(variants)} "
-                           f"variant(s) over {frame['category'].nunique()} categories."))
-    blocks += [*setup(inputs, variants), Heading("Results"), *tables]
-    built = [figure for comparison in inputs.comparisons for figure in figures.sweep_figure(comparison)]
-    built += [*figures.roc_figures(inputs.runs, frame, variants), *figures.map_figures(inputs.runs, frame, variants)]
-    blocks += [Heading("Figures")] if built else []
-    for figure in built:
-        blocks.append(FigureBlock(figure.name, figures.save(figure, out / "figures"), figure.caption))
-        manifest["figures"].append(figure.name)
-    return blocks
+def results(inputs: Inputs, variants: dict[str, list[Run]], out: Path) -> list[Block]:
+    """The summary line, the setup, the tables and the figures (written to figures/)."""
+    frame, names = inputs.frame, list(variants)
+    tables = [*(metric_table(frame, metric, names) for metric in TABLE_METRICS), timing_table(frame, names)]
+    best = pd.Series({v: c.value for v, c in zip(names, tables[0].rows[-1][1:])}, dtype=float).dropna()
+    blocks: list[Block] = [said(f"Best mean image AUROC: {best.idxmax()} ({best.max():.1f}%) among {len(names)} "
+                                f"variant(s) over {frame['category'].nunique()} categories.")] if len(best) else []
+    groups, categories = list(variants.items()), sorted(frame["category"].unique())
+    sweeps = [figure for comparison in inputs.comparisons for figure in figures.sweep_figure(comparison)]
+    built = figure_blocks([*sweeps, *figures.roc_figure(groups, categories), *figures.map_figures(groups, categories)],
+                          out)
+    return [*blocks, *setup(inputs, variants), Heading("Results"), *tables, *([Heading("Figures")] if built else []),
+            *built]
 
 
 def build_digest(run_dirs: list[str | Path], out: str | Path = "reports", dataset: str | None = None,
                  inputs: Inputs | None = None, pdf: bool = True) -> dict:
     """Write the digest's tables, figures, digest.md and (``pdf``) digest.typ / digest.pdf; returns the
     manifest (also digest.json). ``inputs``: the runs already read (report.py reads them once for both)."""
-    out = Path(out)
-    inputs = inputs or load(run_dirs, dataset)
+    out, inputs = Path(out), inputs or load(run_dirs, dataset)
     (out / "tables").mkdir(parents=True, exist_ok=True)
     write_text_atomic(out / "tables" / "excluded.csv",
                       pd.DataFrame(inputs.left_out, columns=["run_dir", "reason"]).to_csv(index=False))
-    manifest: dict = {"dataset": inputs.dataset, "runs": [str(r.folder) for r in inputs.runs],
-                      "excluded": inputs.left_out, "tables": [], "figures": [], "pages": 0, "pages_overflowing": []}
     title = "PatchCore experiment report: " + (DATASET_TITLES.get(inputs.dataset, inputs.dataset) if inputs.dataset
                                                else "no runs")
     subtitle = (f"Generated {dt.datetime.now().strftime('%Y-%m-%d %H:%M')} by experiments/report.py from "
                 f"{len(inputs.runs)} complete run(s) on {inputs.dataset} found under {', '.join(inputs.run_dirs)}; "
                 f"{len(inputs.left_out)} left out (listed at the end).")
-    blocks: list[Block] = []
-    variants: list[str] = []
+    variants = {v: [run for run in inputs.runs if run.variant == v] for v in variant_order(inputs.runs)}
     if inputs.runs:
         write_text_atomic(out / "tables" / "runs.csv", inputs.frame.to_csv(index=False))
-        variants = variant_order(inputs.runs)
-        blocks += results(inputs, variants, out, manifest)
+        blocks = results(inputs, variants, out)
     else:
-        blocks.append(said("No complete run was found: run a sweep first (README: sweeps and the report)."))
+        blocks = [said("No complete run was found: run a sweep first (README: sweeps and the report).")]
     doc = Document(title, subtitle, blocks + reproduce(inputs, variants), {})
+    manifest = {"dataset": inputs.dataset, "runs": [str(r.folder) for r in inputs.runs], "excluded": inputs.left_out,
+                "tables": [table.name for table in write_tables(doc.blocks, out / "tables")],
+                "figures": [b.name for b in doc.blocks if isinstance(b, FigureBlock)], "pages": 0,
+                "pages_overflowing": []}
     write_text_atomic(out / "digest.md", to_markdown(doc))
     if pdf:
         _, manifest["pages_overflowing"], manifest["pages"] = write_pdf(doc, out, stem="digest")

@@ -13,6 +13,7 @@ A placeholder the runs cannot fill is an error naming it, never an empty sentenc
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 INLINE = re.compile(r"(\*\*[^*]+\*\*|\*[^*\s][^*]*\*|`[^`]+`|\$[^$]+\$|@[a-z][a-z0-9_]*|\{\{[a-z0-9_]+\}\})")
@@ -116,25 +117,29 @@ class Document:
     references: dict[str, dict]        # key -> Hayagriva entry (references.yml)
 
 
+# (opening mark, closing mark, kind) of inline markup, the longest marks first
+MARKS = (("**", "**", "strong"), ("*", "*", "em"), ("`", "`", "code"), ("$", "$", "math"), ("@", "", "cite"))
+
+
 def inline(text: str) -> list[Span]:
     """Spans of one paragraph's text (placeholders already filled)."""
     spans: list[Span] = []
-    for piece in INLINE.split(text):
-        if not piece:
-            continue
-        if piece.startswith("**") and piece.endswith("**") and len(piece) > 4:
-            spans.append(Span("strong", piece[2:-2]))
-        elif piece.startswith("*") and piece.endswith("*") and len(piece) > 2:
-            spans.append(Span("em", piece[1:-1]))
-        elif piece.startswith("`") and piece.endswith("`"):
-            spans.append(Span("code", piece[1:-1]))
-        elif piece.startswith("$") and piece.endswith("$") and len(piece) > 2:
-            spans.append(Span("math", piece[1:-1]))
-        elif re.fullmatch(r"@[a-z][a-z0-9_]*", piece):
-            spans.append(Span("cite", piece[1:]))
-        else:
-            spans.append(Span("text", piece))
+    for piece in filter(None, INLINE.split(text)):
+        kind, inner = next(((kind, piece[len(a):len(piece) - len(b)]) for a, b, kind in MARKS
+                            if piece.startswith(a) and piece.endswith(b) and len(piece) > len(a) + len(b)
+                            and INLINE.fullmatch(piece)), ("text", piece))
+        spans.append(Span(kind, inner))
     return spans
+
+
+def render(blocks: list[Block], forms: dict[str, Callable[..., str]], separator: str, output: str) -> str:
+    """The blocks in one output format: ``forms`` maps a block's class name to its markup (empty: left out)."""
+    def one(block: Block) -> str:
+        if type(block).__name__ not in forms:
+            raise TypeError(f"no {output} form for {type(block).__name__}")
+        return forms[type(block).__name__](block)
+
+    return separator.join(filter(None, map(one, blocks)))
 
 
 def text(value: str) -> Paragraph:
@@ -178,17 +183,5 @@ def parse_source(source: str, values: dict[str, str], blocks: dict[str, list[Blo
 
 def citation_order(blocks: list[Block]) -> list[str]:
     """Citation keys in order of first use (the HTML's numbering; Typst numbers them the same way)."""
-    seen: list[str] = []
-
-    def visit(spans: list[Span]) -> None:
-        for span in spans:
-            if span.kind == "cite" and span.text not in seen:
-                seen.append(span.text)
-
-    for block in blocks:
-        if isinstance(block, Paragraph):
-            visit(block.spans)
-        elif isinstance(block, Bullets):
-            for item in block.items:
-                visit(item)
-    return seen
+    lines = [[b.spans] if isinstance(b, Paragraph) else b.items if isinstance(b, Bullets) else [] for b in blocks]
+    return list(dict.fromkeys(span.text for items in lines for spans in items for span in spans if span.kind == "cite"))

@@ -9,23 +9,7 @@ import functools
 import html
 import re
 
-from experiments.reporting.document import (
-    Bibliography,
-    Block,
-    Bullets,
-    Code,
-    Document,
-    Equation,
-    FigureBlock,
-    Gallery,
-    Heading,
-    Note,
-    PageBreak,
-    Paragraph,
-    Span,
-    TableBlock,
-    citation_order,
-)
+from experiments.reporting.document import Document, Span, TableBlock, citation_order, render
 
 STYLE = """
 body{font-family:Georgia,serif;max-width:60rem;margin:2rem auto;padding:0 1rem;line-height:1.45;color:#222}
@@ -123,7 +107,7 @@ class _Renderer:
         return (f'<table class="sortable" id="tab-{block.name}"><caption>{html.escape(block.caption)}</caption>'
                 f"<thead><tr>{head}</tr></thead><tbody>{''.join(rows)}</tbody></table>")
 
-    def gallery(self, block: Gallery) -> str:
+    def gallery(self, block) -> str:
         controls = []
         for name, index in (("comparison", 0), ("category", 2), ("arm", 1)):
             values = sorted({item[index] for item in block.items})
@@ -152,37 +136,28 @@ class _Renderer:
                          f" {html.escape(venue)} {html.escape(year)}.</li>")
         return f"<h2>References</h2><ol>{''.join(items)}</ol>"
 
-    def block(self, item: Block) -> str:
-        if isinstance(item, Heading):
-            level = min(item.level + 1, 6)
-            return f'<h{level} id="{_anchor(item.text)}">{html.escape(item.text)}</h{level}>'
-        if isinstance(item, Paragraph):
-            return f"<p>{self.spans(item.spans)}</p>"
-        if isinstance(item, Bullets):
-            return "<ul>" + "".join(f"<li>{self.spans(entry)}</li>" for entry in item.items) + "</ul>"
-        if isinstance(item, Equation):
-            source = math_svg(item.math, True)
-            return f'<div class="eq"><img class="math" alt="{html.escape(item.math)}" src="{source}"></div>'
-        if isinstance(item, Code):
-            return f"<pre>{html.escape(item.text)}</pre>"
-        if isinstance(item, Note):
-            return f'<p class="note">{html.escape(item.text)}</p>'
-        if isinstance(item, TableBlock):
-            return self.table(item)
-        if isinstance(item, FigureBlock):
-            path = html.escape(item.path)
-            return (f'<figure id="fig-{item.name}"><a href="{path}"><img src="{path}" '
-                    f'alt="{html.escape(item.name)}"></a><figcaption>{html.escape(item.caption)}</figcaption></figure>')
-        if isinstance(item, Gallery):
-            return self.gallery(item)
-        if isinstance(item, Bibliography):
-            return self.bibliography()
-        if isinstance(item, PageBreak):
-            return ""
-        raise TypeError(f"no HTML form for {type(item).__name__}")
+    def forms(self) -> dict:
+        escape = html.escape
+
+        def heading(b) -> str:
+            level = min(b.level + 1, 6)
+            return f'<h{level} id="{_anchor(b.text)}">{escape(b.text)}</h{level}>'
+
+        return {
+            "Heading": heading,
+            "Paragraph": lambda b: f"<p>{self.spans(b.spans)}</p>",
+            "Bullets": lambda b: "<ul>" + "".join(f"<li>{self.spans(entry)}</li>" for entry in b.items) + "</ul>",
+            "Equation": lambda b: f'<div class="eq"><img class="math" alt="{escape(b.math)}" '
+                                  f'src="{math_svg(b.math, True)}"></div>',
+            "Code": lambda b: f"<pre>{escape(b.text)}</pre>", "Note": lambda b: f'<p class="note">{escape(b.text)}</p>',
+            "TableBlock": self.table,
+            "FigureBlock": lambda b: f'<figure id="fig-{b.name}"><a href="{escape(b.path)}"><img '
+                                     f'src="{escape(b.path)}" alt="{escape(b.name)}"></a><figcaption>'
+                                     f'{escape(b.caption)}</figcaption></figure>',
+            "Gallery": self.gallery, "Bibliography": lambda b: self.bibliography(), "PageBreak": lambda b: ""}
 
     def page(self) -> str:
-        body = "\n".join(self.block(b) for b in self.doc.blocks)
+        body = render(self.doc.blocks, self.forms(), "\n", "HTML")
         return (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>{html.escape(self.doc.title)}'
                 f"</title><style>{STYLE}</style></head><body><h1 class=\"title\">{html.escape(self.doc.title)}</h1>"
                 f'<p class="subtitle">{html.escape(self.doc.subtitle)}</p>\n{body}\n<script>{SCRIPT}</script>'

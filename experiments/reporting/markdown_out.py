@@ -3,22 +3,7 @@ blocks as the Typst PDF and the HTML, so a number reads the same in all three.""
 
 from __future__ import annotations
 
-from experiments.reporting.document import (
-    Bibliography,
-    Block,
-    Bullets,
-    Code,
-    Document,
-    Equation,
-    FigureBlock,
-    Gallery,
-    Heading,
-    Note,
-    PageBreak,
-    Paragraph,
-    Span,
-    TableBlock,
-)
+from experiments.reporting.document import Document, Span, TableBlock, render
 
 _MARKS = {"text": "{}", "em": "*{}*", "strong": "**{}**", "code": "`{}`", "math": "${}$", "cite": "[{}]"}
 
@@ -43,28 +28,15 @@ def table(block: TableBlock) -> str:
     return f"**{block.caption}**\n\n" + "\n".join(lines) + "\n"
 
 
-def block(item: Block) -> str:
-    if isinstance(item, Heading):
-        return "#" * (item.level + 1) + " " + item.text + "\n"
-    if isinstance(item, Paragraph):
-        return spans(item.spans) + "\n"
-    if isinstance(item, Bullets):
-        return "\n".join("- " + spans(entry) for entry in item.items) + "\n"
-    if isinstance(item, Equation):
-        return f"$$ {item.math} $$\n"
-    if isinstance(item, Code):
-        return f"```\n{item.text}\n```\n"
-    if isinstance(item, Note):
-        return f"> *{item.text}*\n"
-    if isinstance(item, TableBlock):
-        return table(item)
-    if isinstance(item, FigureBlock):
-        return f"![{item.name}]({item.path})\n\n{item.caption}\n"
-    if isinstance(item, (Gallery, Bibliography, PageBreak)):
-        return ""  # the gallery is the HTML's; the digest cites nothing
-    raise TypeError(f"no Markdown form for {type(item).__name__}")
+FORMS = {"Heading": lambda b: "#" * (b.level + 1) + " " + b.text + "\n", "Paragraph": lambda b: spans(b.spans) + "\n",
+         "Bullets": lambda b: "\n".join("- " + spans(entry) for entry in b.items) + "\n",
+         "Equation": lambda b: f"$$ {b.math} $$\n", "Code": lambda b: f"```\n{b.text}\n```\n",
+         "Note": lambda b: f"> *{b.text}*\n", "TableBlock": table,
+         "FigureBlock": lambda b: f"![{b.name}]({b.path})\n\n{b.caption}\n",
+         # the gallery is the HTML's; the digest cites nothing
+         **dict.fromkeys(("Gallery", "Bibliography", "PageBreak"), lambda b: "")}
 
 
 def to_markdown(doc: Document) -> str:
     head = f"# {doc.title}\n\n{doc.subtitle}\n"
-    return "\n".join([head, *filter(None, (block(b) for b in doc.blocks))])
+    return "\n".join(filter(None, [head, render(doc.blocks, FORMS, "\n", "Markdown")]))

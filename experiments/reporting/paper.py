@@ -1,11 +1,7 @@
-"""``build_paper``: runs (or a study) in; the paper out as ``report.pdf`` (Typst), ``report.html`` (the same
-document model), ``report.typ``, ``tables/paper_*.{csv,md,tex}``, ``tables/sources.csv`` and ``paper.json``.
-
-The text is ``reports/paper/<section>.md`` with placeholders (experiments/reporting/document.py); the values
-and the generated blocks come from the runs (paper_sections.py, tables.py, figures.py), so a
-re-run can leave no stale number behind. With a study manifest (``study.json`` in a run folder) the
-comparisons are the study's; otherwise they are inferred from the runs' settings (comparisons.py). The run
-digest (digest.py) is another document of the same model, from the same inputs.
+"""``build_paper``: the paper as ``report.pdf`` (Typst), ``report.html``, ``report.typ``,
+``tables/paper_*.{csv,md,tex}``, ``tables/sources.csv`` and ``paper.json``. The text is
+``reports/paper/<section>.md`` with placeholders (document.py) filled from the runs (paper_sections.py), so a
+re-run leaves no stale number behind.
 """
 
 from __future__ import annotations
@@ -17,21 +13,29 @@ import yaml
 
 from core.io import write_json_atomic, write_text_atomic
 from experiments.reporting import paper_sections as ps
-from experiments.reporting.comparisons import Comparison, Inputs, categories_of, load, setting
-from experiments.reporting.document import Bibliography, Document, Heading, Note, PageBreak, parse_source
+from experiments.reporting.comparisons import Comparison, Inputs, categories_of, load
+from experiments.reporting.data import setting
+from experiments.reporting.document import (
+    Bibliography,
+    Block,
+    Document,
+    FigureBlock,
+    Heading,
+    Note,
+    PageBreak,
+    parse_source,
+)
 from experiments.reporting.html_out import to_html
 from experiments.reporting.paper_sections import DATASET_TITLES
-from experiments.reporting.stats import cell_stats, signed, verdict
-from experiments.reporting.tables import paired_rows, sources_rows, write_table
+from experiments.reporting.stats import cell_stats, signed
+from experiments.reporting.tables import sources_rows, write_tables
 from experiments.reporting.typst_out import write_pdf
 
 SOURCES = Path(__file__).resolve().parents[2] / "reports" / "paper"
-SECTIONS = ("abstract", "introduction", "related_work", "method", "setup", "results", "discussion", "limitations",
-            "conclusion", "appendix")
-SECTION_TITLES = ("Abstract", "Introduction", "Related work", "Method", "Experimental setup", "Results",
-                  "Discussion", "Limitations", "Conclusion", "Reproducibility")
-
-
+SECTIONS = {"abstract": "Abstract", "introduction": "Introduction", "related_work": "Related work",
+            "method": "Method", "setup": "Experimental setup", "results": "Results", "discussion": "Discussion",
+            "limitations": "Limitations", "conclusion": "Conclusion", "appendix": "Reproducibility"}
+SECTION_TITLES = tuple(SECTIONS.values())
 # The settings method.md's paragraph on the differences to the official code discusses ({{differences_effect}}):
 # arms of any comparison that change them from the baseline this way are quoted there.
 DISCUSSED = {"patchcore.embedder.aggregation": "channel_mean", "patchcore.scoring.distance": "squared"}
@@ -39,34 +43,26 @@ DISCUSSED = {"patchcore.embedder.aggregation": "channel_mean", "patchcore.scorin
 
 def discussed_effects(comparisons: list[Comparison]) -> list[str]:
     """The image-AUROC sentence of every arm that changes a DISCUSSED setting from its baseline that way."""
-    said = []
-    for comparison in comparisons:
+    def changes(comparison: Comparison, arm: str) -> bool:
         base = comparison.baseline.runs[0].config
-        for arm, metric, diff in paired_rows(comparison):
-            config = next(a for a in comparison.others if a.name == arm).runs[0].config
-            if diff is not None and metric == "image_auroc" and any(
-                    setting(config, key) == value != setting(base, key) for key, value in DISCUSSED.items()):
-                said.append(ps.difference_sentence(comparison, arm, metric, diff))
-    return said
+        config = next(a for a in comparison.others if a.name == arm).runs[0].config
+        return any(setting(config, key) == value != setting(base, key) for key, value in DISCUSSED.items())
+
+    return [ps.difference_sentence(arm, "image_auroc", diff) for comparison, arm, diff in ps.image_changes(comparisons)
+            if changes(comparison, arm)]
 
 
 def values(ctx: ps.Context) -> dict[str, str]:
     """Every placeholder of the text sources."""
-    present = ctx.present
-    base = next((c.baseline for c in ctx.comparisons if c.arms), None)
-    config = base.runs[0].config if base else {}
-    backbone, patchcore = config.get("backbone") or {}, config.get("patchcore") or {}
+    present, base = ctx.present, ctx.baseline
     titles = [c.title.lower() for c in present]
     compared = (", ".join(titles[:-1]) + (" and " if len(titles) > 1 else "") + titles[-1]) if titles \
         else "no other arm (these runs hold the baseline only)"
-    found = []
-    for comparison in present:
-        for arm, metric, diff in paired_rows(comparison):
-            if diff is not None and metric == "image_auroc" and verdict(diff) in ("higher", "lower"):
-                found.append(f"{arm} ({comparison.title.lower()}: {signed(diff['mean'])} points)")
-    base_auroc = cell_stats(base.rows, "image_auroc", None, categories_of(present[0]))[0] if base and present \
-        else float("nan")
-    abstract = (f"The baseline reaches a mean image AUROC of {base_auroc:.1f}%. " if base and present else "")
+    found = [f"{arm} ({comparison.title.lower()}: {signed(diff['mean'])} points)"
+             for comparison, arm, diff in ps.image_changes(present, "higher", "lower")]
+    abstract = (f"The baseline reaches a mean image AUROC of "
+                f"{cell_stats(base.rows, 'image_auroc', None, categories_of(present[0]))[0]:.1f}%. "
+                if base and present else "")
     abstract += (f"Clear changes of mean image AUROC (95% intervals excluding zero): {'; '.join(found)}." if found
                  else "No compared arm changes mean image AUROC by more than its 95% interval.")
     said = discussed_effects(present)
@@ -74,78 +70,67 @@ def values(ctx: ps.Context) -> dict[str, str]:
         "Their effect was not measured in these runs (no arm changes the aggregation or the distance)."
     return {"dataset_title": DATASET_TITLES.get(ctx.dataset, ctx.dataset), "compared_list": compared,
             "abstract_results": abstract, "n_runs": str(len(ctx.runs)), "n_results": str(len(ctx.frame)),
-            "n_seeds": str(ctx.frame["seed"].nunique()), "baseline_backbone": str(backbone.get("name", "?")),
-            "baseline_layers": "+".join(map(str, backbone.get("layers") or [])) or "?",
-            "patch_size": str(patchcore.get("patch_size", "?")), "embed_dim": str(patchcore.get("embed_dim", "?")),
-            "coreset_ratio": str((config.get("coreset") or {}).get("ratio", "?")),
-            "num_neighbors": str(patchcore.get("num_neighbors", "?")),
-            "blur_sigma": str(patchcore.get("blur_sigma", "?")),
+            "n_seeds": str(ctx.frame["seed"].nunique()), **ps.baseline_settings(ctx),
             "differences_effect": effect}
 
 
-def compose(ctx: ps.Context, run_dirs: list[str], sources: Path = SOURCES) -> Document:
+def compose(ctx: ps.Context) -> list[Block]:
+    """The sections' text with the values and the generated blocks filled in."""
     generated = {"setup_blocks": ps.setup_blocks(ctx), "results_blocks": ps.results_blocks(ctx),
                  "discussion_blocks": ps.discussion_blocks(ctx), "limitations_blocks": ps.limitations_blocks(ctx),
-                 "conclusion_blocks": ps.conclusion_blocks(ctx), "appendix_blocks": ps.appendix_blocks(ctx, run_dirs)}
-    filled = values(ctx)
-    blocks = []
+                 "conclusion_blocks": ps.conclusion_blocks(ctx), "appendix_blocks": ps.appendix_blocks(ctx)}
+    filled, blocks = values(ctx), []
     for section in SECTIONS:
-        path = sources / f"{section}.md"
-        if section == "appendix":
-            blocks += [Bibliography(), PageBreak()]
+        path = SOURCES / f"{section}.md"
+        blocks += [Bibliography(), PageBreak()] if section == "appendix" else []
         parsed = parse_source(path.read_text(), filled, generated, str(path))
         if section == "abstract" and parsed and isinstance(parsed[0], Heading):
             parsed[0].numbered = False
         blocks += parsed
+    return blocks
+
+
+def title(ctx: ps.Context) -> str:
     manifest = ctx.manifest or {}
-    study = f"study {manifest.get('study')}, " if manifest else ""
     title = f"PatchCore under cold start: a comparative study on {DATASET_TITLES.get(ctx.dataset, ctx.dataset)}"
     if str(manifest.get("study", "")).startswith("quick"):
         title = f"[QUICK SMOKE STUDY, not results] {title}"
     jobs = manifest.get("jobs") or []
     finished = sum(row.get("status") in ("done", "done before") for row in jobs)
-    if finished < len(jobs):
-        title = f"[PARTIAL: {finished} of {len(jobs)} jobs finished] {title}"
-    subtitle = (f"Generated {dt.datetime.now().strftime('%Y-%m-%d %H:%M')} by experiments/report.py from "
-                f"{len(ctx.runs)} runs ({study}{', '.join(run_dirs)})")
-    references = yaml.safe_load((sources / "references.yml").read_text())
-    return Document(title, subtitle, blocks, references)
-
-
-def empty_document(run_dirs: list[str], left_out: list[dict], sources: Path = SOURCES) -> Document:
-    why = f"; {len(left_out)} left out (see tables/excluded.csv)" if left_out else ""
-    references = yaml.safe_load((sources / "references.yml").read_text())
-    return Document("PatchCore comparative study: no runs", f"experiments/report.py {' '.join(run_dirs)}",
-                    [Note(f"No complete run was found under {', '.join(run_dirs)}{why}: run `make study` first.")],
-                    references)
+    return f"[PARTIAL: {finished} of {len(jobs)} jobs finished] {title}" if finished < len(jobs) else title
 
 
 def build_paper(run_dirs: list[str | Path], out: str | Path = "reports", dataset: str | None = None,
                 inputs: Inputs | None = None) -> dict:
     """Write the paper (PDF, HTML, Typst source, tables, sources); returns its manifest (also paper.json).
     ``inputs``: the runs already read (experiments/report.py reads them once for both documents)."""
-    out = Path(out)
-    inputs = inputs or load(run_dirs, dataset)
-    run_dirs, included, comparisons, manifest = inputs.run_dirs, inputs.runs, inputs.comparisons, inputs.manifest
-    (out / "tables").mkdir(parents=True, exist_ok=True)
-    ctx = ps.Context(included, inputs.frame, comparisons, manifest, out, inputs.dataset)
-    doc = compose(ctx, run_dirs) if included and comparisons else empty_document(run_dirs, inputs.left_out)
-    for block in ctx.tables:
-        write_table(block, out / "tables", f"paper_{block.name}")
-    cells = sources_rows(ctx.tables)
+    out, inputs = Path(out), inputs or load(run_dirs, dataset)
+    ctx = ps.Context(**vars(inputs), out=out)
+    run_dirs, manifest, full = inputs.run_dirs, inputs.manifest or {}, bool(inputs.runs and inputs.comparisons)
+    references = yaml.safe_load((SOURCES / "references.yml").read_text())
+    if full:
+        study = f"study {manifest.get('study')}, " if manifest else ""
+        doc = Document(title(ctx), f"Generated {dt.datetime.now().strftime('%Y-%m-%d %H:%M')} by experiments/"
+                       f"report.py from {len(ctx.runs)} runs ({study}{', '.join(run_dirs)})", compose(ctx), references)
+    else:
+        why = f"; {len(inputs.left_out)} left out (see tables/excluded.csv)" if inputs.left_out else ""
+        doc = Document("PatchCore comparative study: no runs", f"experiments/report.py {' '.join(run_dirs)}",
+                       [Note(f"No complete run was found under {', '.join(run_dirs)}{why}: run `make study` first.")],
+                       references)
+    tables = write_tables(doc.blocks, out / "tables", "paper_")
+    cells = sources_rows(tables)
     write_text_atomic(out / "tables" / "sources.csv", "table,row,column,value,sources\n" + "".join(
         f"{c['table']},\"{c['row']}\",\"{c['column']}\",{c['value']:.6g},{';'.join(c['sources'])}\n" for c in cells))
     _, overflowing, _ = write_pdf(doc, out, SOURCES / "references.yml")
     write_text_atomic(out / "report.html", to_html(doc))
     described = {c.name: {"title": c.title, "arms": [a.name for a in c.arms], "missing": [list(m) for m in c.missing]}
-                 for c in comparisons}
-    record = {"dataset": inputs.dataset, "study": (manifest or {}).get("study"),
-              "runs": [str(r.folder) for r in included], "excluded": inputs.left_out, "comparisons": described,
-              "sections": [t for t, s in zip(SECTION_TITLES, SECTIONS)] if included and comparisons else [],
-              "tables": [t.name for t in ctx.tables], "figures": ctx.figures, "cells": cells,
-              "pages_overflowing": overflowing}
+                 for c in inputs.comparisons}
+    record = {"dataset": inputs.dataset, "study": manifest.get("study"), "runs": [str(r.folder) for r in ctx.runs],
+              "excluded": inputs.left_out, "comparisons": described, "sections": list(SECTION_TITLES) if full else [],
+              "tables": [t.name for t in tables], "figures": [b.path for b in doc.blocks if isinstance(b, FigureBlock)],
+              "cells": cells, "pages_overflowing": overflowing}
     write_json_atomic(out / "paper.json", record)
-    if manifest and (manifest.get("config") or {}).get("logger") == "wandb":
+    if (manifest.get("config") or {}).get("logger") == "wandb":
         from experiments.reporting.paper_wandb import log_main_table
 
         log_main_table(ctx, out)

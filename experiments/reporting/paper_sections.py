@@ -6,6 +6,8 @@ table; a statement is made only where a number supports it (``comparisons.verdic
 from __future__ import annotations
 
 import math
+import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
@@ -13,9 +15,9 @@ import pandas as pd
 from experiments.harness.anomaly_maps import MAPS_DIR
 from experiments.harness.results import METRIC_TITLES
 from experiments.reporting import figures as pf
-from experiments.reporting.comparisons import Comparison, categories_of
-from experiments.reporting.data import Run
-from experiments.reporting.document import Block, Bullets, Code, FigureBlock, Gallery, Heading, Note, TableBlock, text
+from experiments.reporting.comparisons import Comparison, Inputs, categories_of, format_value
+from experiments.reporting.data import Run, first_run, setting
+from experiments.reporting.document import Block, Bullets, Code, FigureBlock, Gallery, Heading, Note, text
 from experiments.reporting.stats import cell_stats, signed, verdict
 from experiments.reporting.tables import (
     category_table,
@@ -42,64 +44,62 @@ DATASET_TITLES = {"textures": "textures (embedded set, synthetic defects; not MV
                   "btad": "BTAD", "visa": "VisA", "folder": "own data (folder)"}
 
 
-class Context:
-    """What the sections share: the runs, their rows, the comparisons, the study manifest, the output folder."""
+@dataclass
+class Context(Inputs):
+    """What the sections share: the inputs (runs, rows, comparisons, study manifest) and the output folder."""
 
-    def __init__(self, runs: list[Run], frame: pd.DataFrame, comparisons: list[Comparison], manifest: dict | None,
-                 out: Path, dataset: str) -> None:
-        self.runs, self.frame, self.comparisons, self.manifest = runs, frame, comparisons, manifest
-        self.out, self.dataset = out, dataset
-        self.tables: list[TableBlock] = []
-        self.figures: list[str] = []
+    out: Path = Path("reports")
 
-    @property
-    def present(self) -> list[Comparison]:
-        return [c for c in self.comparisons if c.arms and c.others]
 
-    @property
-    def absent(self) -> list[Comparison]:
-        return [c for c in self.comparisons if not (c.arms and c.others)]
+def figure_blocks(built: list, out: Path) -> list[FigureBlock]:
+    """The figures saved to ``out``/figures, as blocks of the document."""
+    return [FigureBlock(figure.name, pf.save(figure, out / "figures"), figure.caption) for figure in built]
 
-    def table(self, block: TableBlock | None) -> list[Block]:
-        if block is None:
-            return []
-        self.tables.append(block)
-        return [block]
 
-    def figure(self, built: list) -> list[Block]:
-        blocks = []
-        for figure in built:
-            path = pf.save(figure, self.out / "figures")
-            self.figures.append(path)
-            blocks.append(FigureBlock(figure.name, path, figure.caption))
-        return blocks
+# The baseline's settings the text states (the setup, method.md's placeholders): name -> key in the config.
+BASELINE_KEYS = {"baseline_backbone": "backbone.name", "backbone_class": "backbone._target_",
+                 "baseline_layers": "backbone.layers", "aggregation": "patchcore.embedder.aggregation",
+                 "patch_size": "patchcore.embedder.patch_size", "embed_dim": "patchcore.embedder.embed_dim",
+                 "coreset_ratio": "coreset.ratio", "num_neighbors": "patchcore.scoring.num_neighbors",
+                 "distance": "patchcore.scoring.distance", "image_score": "patchcore.scoring.image_score",
+                 "blur_sigma": "patchcore.scoring.blur_sigma", "resize": "dataset.resize",
+                 "image_size": "dataset.image_size", "train_limit": "dataset.train_limit"}
+
+
+BASELINE_SENTENCE = (
+    "*Baseline.* {baseline_backbone} ({backbone_class}, pretrained weights), layers {baseline_layers}; aggregation "
+    "{aggregation}, neighbourhood {patch_size}, {embed_dim} dimensions; greedy coreset ratio {coreset_ratio}; "
+    "k = {num_neighbors}, {distance} distance, {image_score} image score, map blur sigma {blur_sigma}; images "
+    "resized to {resize} and centre-cropped to {image_size} px, ImageNet normalisation; nominal training images per "
+    "category: {train_limit}.")
+
+
+def baseline_settings(ctx: Context) -> dict[str, str]:
+    """BASELINE_KEYS' values in the baseline's config, as variant labels write them ("?" when absent)."""
+    config = ctx.baseline.runs[0].config if ctx.baseline else {}
+    shown = {}
+    for name, key in BASELINE_KEYS.items():
+        value = setting(config, key)
+        shown[name] = "?" if value is None and key != "dataset.train_limit" else format_value(key, value)
+    return shown
 
 
 def _mean(comparison: Comparison, arm, metric: str) -> float:
     return cell_stats(arm.rows, metric, None, categories_of(comparison))[0]
 
 
+def categories_sentence(frame: pd.DataFrame) -> str:
+    counts = frame.groupby("category").agg(n_train=("n_train", "max"), n_test=("n_test", "max"))
+    return "Categories (nominal training images / test images): " + ", ".join(
+        f"{c} ({int(r.n_train)}/{int(r.n_test)})" for c, r in counts.iterrows()) + "."
+
+
 def setup_blocks(ctx: Context) -> list[Block]:
     frame = ctx.frame
     blocks: list[Block] = [text(f"*Data.* {ctx.dataset}: {DATASETS.get(ctx.dataset, 'a dataset in MVTec AD layout.')}")]
-    counts = frame.groupby("category").agg(n_train=("n_train", "max"), n_test=("n_test", "max"))
-    blocks.append(text("Categories (nominal training images / test images): " + ", ".join(
-        f"{c} ({int(r.n_train)}/{int(r.n_test)})" for c, r in counts.iterrows()) + "."))
-    base = next((c.baseline for c in ctx.comparisons if c.arms), None)
-    if base is not None:
-        config = base.runs[0].config
-        backbone, patchcore = config.get("backbone") or {}, config.get("patchcore") or {}
-        coreset, data = config.get("coreset") or {}, config.get("dataset") or {}
-        blocks.append(text(
-            f"*Baseline.* {backbone.get('name')} ({backbone.get('_target_', '').rsplit('.', 1)[-1]}, pretrained "
-            f"weights), layers {'+'.join(map(str, backbone.get('layers') or []))}; aggregation "
-            f"{patchcore.get('aggregation')}, neighbourhood {patchcore.get('patch_size')}, "
-            f"{patchcore.get('embed_dim')} dimensions; greedy coreset ratio {coreset.get('ratio')}; "
-            f"k = {patchcore.get('num_neighbors')}, "
-            f"{patchcore.get('distance')} distance, {patchcore.get('image_score')} image score, map blur sigma "
-            f"{patchcore.get('blur_sigma')}; images resized to {data.get('resize')} and centre-cropped to "
-            f"{data.get('image_size')} px, ImageNet normalisation; nominal training images per category: "
-            f"{data.get('train_limit') or 'all'}."))
+    blocks.append(text(categories_sentence(frame)))
+    if ctx.baseline is not None:
+        blocks.append(text(BASELINE_SENTENCE.format(**baseline_settings(ctx))))
     seeds = sorted(frame["seed"].dropna().unique().tolist())
     blocks.append(text(f"*Seeds.* {len(seeds)} ({', '.join(map(str, seeds))}): each seed sets the coreset's "
                        "projection and start points, the training subset of the cold start, the fine-tuning run and "
@@ -135,7 +135,7 @@ def run_time_sentence(ctx: Context) -> str:
     return f"*Run time.* {len(ctx.runs)} runs, {total / 3600:.2f} h in all (results.json total_time_s)."
 
 
-def difference_sentence(comparison: Comparison, arm: str, metric: str, diff: dict) -> str:
+def difference_sentence(arm: str, metric: str, diff: dict) -> str:
     interval = ("one pair, no interval" if math.isnan(diff["low"])
                 else f"95% CI {signed(diff['low'])} to {signed(diff['high'])}")
     word = verdict(diff)
@@ -146,31 +146,27 @@ def difference_sentence(comparison: Comparison, arm: str, metric: str, diff: dic
 
 
 def results_blocks(ctx: Context) -> list[Block]:
-    blocks: list[Block] = []
-    blocks += ctx.table(main_table(ctx.present))
+    blocks: list[Block] = [main_table(ctx.present)]
     for comparison in ctx.comparisons:
         blocks.append(Heading(comparison.title, 2))
-        if not (comparison.arms and comparison.others):
+        if comparison not in ctx.present:
             why = "; ".join(f"{arm}: {reason}" for arm, reason in comparison.missing) or "no runs"
             blocks.append(Note(f"Not in these runs: {comparison.title.lower()} ({why})."))
             continue
         if comparison.missing:
             blocks.append(Note("Left out of this comparison: " + "; ".join(f"{a}: {r}" for a, r in comparison.missing)))
-        sentences = [difference_sentence(comparison, arm, metric, diff) for arm, metric, diff in paired_rows(comparison)
+        sentences = [difference_sentence(arm, metric, diff) for arm, metric, diff in paired_rows(comparison)
                      if diff is not None and metric in ("image_auroc", "pixel_auroc")]
         blocks += [text(" ".join(sentences))] if sentences else []
-        blocks += ctx.table(summary_table(comparison))
-        blocks += ctx.table(paired_table(comparison))
-        blocks += ctx.table(category_table(comparison, "image_auroc"))
-        if comparison.sweep:
-            blocks += ctx.figure(pf.sweep_figure(comparison))
-        else:
-            blocks += ctx.figure(pf.roc_figure(comparison))
-            first = categories_of(comparison)[0]
-            blocks += ctx.figure(pf.map_figure(comparison, first))
+        blocks += [summary_table(comparison), paired_table(comparison), category_table(comparison, "image_auroc")]
+        arms, categories = pf.arms(comparison), categories_of(comparison)
+        built = pf.sweep_figure(comparison) if comparison.sweep else [
+            *pf.roc_figure(arms, categories, f"roc_{comparison.name}", comparison.title),
+            *pf.map_figures(arms, categories[:1], f"maps_{comparison.name}", comparison.title, 3)]
+        blocks += figure_blocks(built, ctx.out)
         if any(is_finetuned(a.runs[0].config.get("backbone") or {}) for a in comparison.others):
-            blocks += ctx.table(selection_table(comparison))
-            blocks += ctx.figure(pf.finetune_figure(comparison))
+            blocks += [selection_table(comparison), *figure_blocks(pf.finetune_figure(comparison), ctx.out)]
+    blocks = [block for block in blocks if block is not None]  # tables with nothing to show
     gallery = gallery_items(ctx)
     if gallery:
         blocks += [Heading("Anomaly-map gallery", 2),
@@ -182,12 +178,10 @@ def results_blocks(ctx: Context) -> list[Block]:
 
 def gallery_items(ctx: Context) -> list[tuple[str, str, str, str]]:
     """(comparison, arm, category, path relative to the report) of each saved map PNG, copied next to it."""
-    import shutil
-
     items = []
     for comparison in ctx.present:
         for arm in comparison.arms:
-            run = min(arm.runs, key=lambda r: (str(r.config.get("seed")), str(r.folder)))
+            run = first_run(arm.runs)
             for png in sorted((run.folder / MAPS_DIR).glob("*/*.png")):
                 target = ctx.out / "gallery" / comparison.name / _safe(arm.name) / png.parent.name / png.name
                 target.parent.mkdir(parents=True, exist_ok=True)
@@ -251,13 +245,16 @@ def limitations_blocks(ctx: Context) -> list[Block]:
     return [Bullets([text(item).spans for item in items])]
 
 
+def image_changes(comparisons: list[Comparison], *words: str) -> list[tuple[Comparison, str, dict]]:
+    """(comparison, arm, difference) of every arm's mean image AUROC whose verdict is one of ``words`` (any
+    without)."""
+    return [(comparison, arm, diff) for comparison in comparisons for arm, metric, diff in paired_rows(comparison)
+            if diff is not None and metric == "image_auroc" and (not words or verdict(diff) in words)]
+
+
 def conclusion_blocks(ctx: Context) -> list[Block]:
-    up, down = [], []
-    for comparison in ctx.present:
-        for arm, metric, diff in paired_rows(comparison):
-            if diff is not None and metric == "image_auroc":
-                (up if verdict(diff) == "higher" else down if verdict(diff) == "lower" else []).append(
-                    f"{arm} ({signed(diff['mean'])})")
+    up, down = ([f"{arm} ({signed(diff['mean'])})" for _, arm, diff in image_changes(ctx.present, word)]
+                for word in ("higher", "lower"))
     n = len(ctx.present)
     lines = [f"Over {n} comparison(s) on {ctx.dataset} against one baseline:"]
     lines.append(f"clearly higher mean image AUROC: {', '.join(up)}." if up else
@@ -273,13 +270,13 @@ def software(runs: list[Run]) -> tuple[list[str], list[str]]:
     return sorted({str(run.results.get("git_commit")) for run in runs}), list(dict.fromkeys(versions))
 
 
-def appendix_blocks(ctx: Context, run_dirs: list[str]) -> list[Block]:
+def appendix_blocks(ctx: Context) -> list[Block]:
     manifest = ctx.manifest or {}
     blocks: list[Block] = []
     commands = []
     if manifest:
         commands.append(f"# the study ({manifest.get('study')}); re-running it resumes\n{manifest.get('command')}")
-    commands.append("# this report\npython experiments/report.py " + " ".join(run_dirs))
+    commands.append("# this report\npython experiments/report.py " + " ".join(ctx.run_dirs))
     blocks += [text("*Commands.*"), Code("\n".join(commands))]
     commits, versions = software(ctx.runs)
     blocks += [text(f"*Versions.* The runs ran from {len(commits)} git commit(s) (a -dirty suffix: with uncommitted "
@@ -288,9 +285,9 @@ def appendix_blocks(ctx: Context, run_dirs: list[str]) -> list[Block]:
                        "tables/sources.csv lists, for every number in every table, the results.json files it is "
                        "computed from, and the HTML version shows them on each cell."))
     lines = []
-    jobs = {row["folder"]: row for row in manifest.get("jobs", [])}
+    jobs = {Path(row["folder"]).resolve(): row for row in manifest.get("jobs", [])}
     for run in sorted(ctx.runs, key=lambda r: str(r.folder)):
-        job = next((row for folder, row in jobs.items() if Path(folder).resolve() == run.folder.resolve()), None)
+        job = jobs.get(run.folder.resolve())
         name = job["id"] if job else run.variant
         lines.append(f"{name}  seed={run.config.get('seed')}  hash={run.key}  {run.folder / 'results.json'}")
         if job:

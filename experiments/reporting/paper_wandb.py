@@ -18,20 +18,6 @@ log = logging.getLogger("patchcore")
 COLUMNS = ["comparison", "arm", "seed", "category", *METRICS, "fit_s", "config_hash", "results_json", "model_artifact"]
 
 
-def table_rows(ctx) -> list[list]:
-    rows = []
-    for comparison in ctx.present:
-        for arm in comparison.arms:
-            for row in arm.rows.itertuples():
-                folder = Path(row.run_dir)
-                saved = (folder / "models" / row.category / "model.json").is_file()
-                rows.append([comparison.name, arm.name, row.seed, row.category,
-                             *(None if getattr(row, m) != getattr(row, m) else float(getattr(row, m)) for m in METRICS),
-                             row.fit_s, row.config_hash, str(folder / "results.json"),
-                             model_artifact_name(row.config_hash, row.category) if saved else None])
-    return rows
-
-
 def log_main_table(ctx, out: Path) -> str | None:
     """Log the table; returns the W&B run folder, or None when nothing was logged."""
     manifest = ctx.manifest or {}
@@ -43,7 +29,13 @@ def log_main_table(ctx, out: Path) -> str | None:
                          job_type="report", name=f"report {manifest.get('study')}", dir=str(out),
                          tags=[f"study:{manifest.get('study')}", "report"], reinit="finish_previous",
                          settings=wandb.Settings(console="off", silent=True))
-        run.log({"main_table": wandb.Table(columns=COLUMNS, data=table_rows(ctx))})
+        rows = [[comparison.name, arm.name, row.seed, row.category,
+                 *(None if getattr(row, m) != getattr(row, m) else float(getattr(row, m)) for m in METRICS), row.fit_s,
+                 row.config_hash, str(Path(row.run_dir) / "results.json"),
+                 model_artifact_name(row.config_hash, row.category)
+                 if (Path(row.run_dir) / "models" / row.category / "model.json").is_file() else None]
+                for comparison in ctx.present for arm in comparison.arms for row in arm.rows.itertuples()]
+        run.log({"main_table": wandb.Table(columns=COLUMNS, data=rows)})
         folder = run.dir
         run.finish()
         return folder

@@ -7,7 +7,6 @@ the spreads), Markdown and LaTeX (booktabs). Statistics: stats.py (one conventio
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
@@ -17,6 +16,7 @@ import pandas as pd
 from core.io import write_text_atomic
 from experiments.harness.results import METRIC_TITLES
 from experiments.reporting.comparisons import Comparison, categories_of
+from experiments.reporting.data import first_run, read_log, read_overrides, read_sidecar, sidecars
 from experiments.reporting.document import Cell, TableBlock
 from experiments.reporting.markdown_out import table as markdown_table
 from experiments.reporting.stats import SPREAD, cell_stats, number, paired, signed, sources_of
@@ -47,6 +47,25 @@ def _bold_columns(rows: list[list[Cell]], columns: range) -> None:
         _bold_best([row[j] for row in rows])
 
 
+def _count(n: int) -> Cell:
+    return Cell(str(n), float(n))
+
+
+def _plain(x: float, digits: int, sources: list[str]) -> Cell:
+    """A number without a spread (a time, a size)."""
+    return Cell("-") if math.isnan(x) else Cell(f"{x:.{digits}f}", float(x), sources=sources)
+
+
+def _by_category(groups: list[tuple[str, pd.DataFrame]], metric: str, categories: list[str]) -> list[list[Cell]]:
+    """Per group (an arm, a variant): its cell of ``metric`` in each category, then of the mean over them."""
+    return [[stat_cell(*cell_stats(rows, metric, category, categories)) for category in [*categories, None]]
+            for _, rows in groups]
+
+
+def _means(arm, metrics: tuple[str, ...], categories: list[str]) -> list[Cell]:
+    return [stat_cell(*cell_stats(arm.rows, metric, None, categories)) for metric in metrics]
+
+
 # ------------------------------------------------------------------------------------------- the paper
 
 
@@ -54,14 +73,8 @@ def summary_table(comparison: Comparison) -> TableBlock:
     """Arms x (each metric's mean over categories, mean ± std over seeds; fit time per category)."""
     categories = categories_of(comparison)
     header = ["arm", "seeds", *(METRIC_TITLES[m] for m in SUMMARY_METRICS), "fit s / category"]
-    rows = []
-    for arm in comparison.arms:
-        row = [Cell(arm.name), Cell(str(len(arm.seeds)), float(len(arm.seeds)))]
-        row += [stat_cell(*cell_stats(arm.rows, metric, None, categories)) for metric in SUMMARY_METRICS]
-        fit = arm.rows["fit_s"].mean()
-        row.append(Cell("-" if math.isnan(fit) else f"{fit:.1f}", None if math.isnan(fit) else float(fit),
-                        sources=sources_of(arm.rows)))
-        rows.append(row)
+    rows = [[Cell(arm.name), _count(len(arm.seeds)), *_means(arm, SUMMARY_METRICS, categories),
+             _plain(arm.rows["fit_s"].mean(), 1, sources_of(arm.rows))] for arm in comparison.arms]
     _bold_columns(rows, range(2, 2 + len(SUMMARY_METRICS)))
     return TableBlock(f"{comparison.name}_summary", f"{comparison.title}: mean over the {len(categories)} categories "
                       f"(%, {SPREAD}; best in bold) and fit time.", header, rows)
@@ -70,14 +83,15 @@ def summary_table(comparison: Comparison) -> TableBlock:
 def category_table(comparison: Comparison, metric: str) -> TableBlock:
     """Arms x (categories + mean) of one metric."""
     categories = categories_of(comparison)
-    rows = [[Cell(arm.name), *(stat_cell(*cell_stats(arm.rows, metric, category, categories))
-                               for category in [*categories, None])] for arm in comparison.arms]
+    cells = _by_category([(arm.name, arm.rows) for arm in comparison.arms], metric, categories)
+    rows = [[Cell(arm.name), *row] for arm, row in zip(comparison.arms, cells)]
     _bold_columns(rows, range(1, len(categories) + 2))
     return TableBlock(f"{comparison.name}_{metric}", f"{comparison.title}: {METRIC_TITLES[metric]} per category "
                       f"(%, {SPREAD}; best per column in bold).", ["arm", *categories, "mean"], rows)
 
 
 def paired_rows(comparison: Comparison) -> list[tuple[str, str, dict | None]]:
+    """(arm, metric, its paired difference to the baseline: stats.paired) per arm and PAIRED_METRICS."""
     categories = categories_of(comparison)
     return [(arm.name, metric, paired(comparison.baseline.rows, arm.rows, metric, categories))
             for arm in comparison.others for metric in PAIRED_METRICS]
@@ -85,21 +99,14 @@ def paired_rows(comparison: Comparison) -> list[tuple[str, str, dict | None]]:
 
 def paired_table(comparison: Comparison) -> TableBlock | None:
     """Arms x (the paired difference against the baseline of each metric, with its 95% interval)."""
-    base_sources = sources_of(comparison.baseline.rows)
-    rows = []
-    by_arm: dict[str, list] = {}
-    for name, _, diff in paired_rows(comparison):
-        by_arm.setdefault(name, []).append(diff)
-    for arm in comparison.others:
-        sources = sorted({*base_sources, *sources_of(arm.rows)})
-        row = [Cell(arm.name)]
-        for diff in by_arm[arm.name]:
-            interval = "" if diff is None or math.isnan(diff["low"]) else \
-                f" [{signed(diff['low'])}, {signed(diff['high'])}]"
-            row.append(Cell("-") if diff is None else Cell(f"{signed(diff['mean'])}{interval}", diff["mean"],
-                                                           sources=sources))
-        pairs = max((diff["n"] for diff in by_arm[arm.name] if diff is not None), default=0)
-        rows.append([*row, Cell(str(pairs), float(pairs))])
+    diffs, n, rows = [diff for _, _, diff in paired_rows(comparison)], len(PAIRED_METRICS), []
+    for i, arm in enumerate(comparison.others):
+        sources = sorted({*sources_of(comparison.baseline.rows), *sources_of(arm.rows)})
+        own = diffs[i * n:(i + 1) * n]
+        cells = [Cell("-") if d is None else Cell(signed(d["mean"]) + ("" if math.isnan(d["low"]) else
+                                                                       f" [{signed(d['low'])}, {signed(d['high'])}]"),
+                                                  d["mean"], sources=sources) for d in own]
+        rows.append([Cell(arm.name), *cells, _count(max((d["n"] for d in own if d is not None), default=0))])
     if not rows:
         return None
     header = ["arm", *(f"Δ {METRIC_TITLES[m]}" for m in PAIRED_METRICS), "pairs"]
@@ -109,64 +116,80 @@ def paired_table(comparison: Comparison) -> TableBlock | None:
 
 def main_table(comparisons: list[Comparison]) -> TableBlock | None:
     """Every arm of every comparison once (the baseline first): the report's main table, also logged to W&B."""
-    rows, seen = [], set()
+    rows: dict[str, list[Cell]] = {}  # the baseline once
     for comparison in comparisons:
-        categories = categories_of(comparison)
         for arm in comparison.arms:
-            key = (arm.name if arm is comparison.baseline else f"{comparison.name}/{arm.name}")
-            if key in seen:
-                continue
-            seen.add(key)
-            row = [Cell(arm.name if arm is comparison.baseline else f"{comparison.title}: {arm.name}")]
-            row += [stat_cell(*cell_stats(arm.rows, metric, None, categories)) for metric in PAIRED_METRICS]
-            rows.append([*row, Cell(str(len(arm.seeds)), float(len(arm.seeds)))])
+            key, label = (arm.name, arm.name) if arm is comparison.baseline else \
+                (f"{comparison.name}/{arm.name}", f"{comparison.title}: {arm.name}")
+            rows.setdefault(key, [Cell(label), *_means(arm, PAIRED_METRICS, categories_of(comparison)),
+                                  _count(len(arm.seeds))])
     if not rows:
         return None
-    _bold_columns(rows, range(1, 1 + len(PAIRED_METRICS)))
+    _bold_columns(list(rows.values()), range(1, 1 + len(PAIRED_METRICS)))
     header = ["arm", *(METRIC_TITLES[m] for m in PAIRED_METRICS), "seeds"]
     return TableBlock("main", f"Every arm of the study: mean over categories (%, {SPREAD}; best in bold).",
-                      header, rows)
+                      header, list(rows.values()))
 
 
-def _sidecar_cell(value, sidecar: Path, digits: int = 3) -> Cell:
-    return Cell("-" if value is None else f"{value:.{digits}f}", value, sources=[str(sidecar)])
-
-
-def selection_row(name: str, sidecar: Path) -> list[Cell] | None:
-    """The checkpoint the proxy selected, from a fine-tuning sidecar (docs/finetuning.md); None without one."""
-    try:
-        record = json.loads(sidecar.read_text())
-    except (OSError, ValueError):
-        return None
-    selection = record.get("selection") or {}
-    if not selection:
-        return None
-    start, chosen = selection.get("start") or {}, selection.get("proxy") or {}
-    monitors = selection.get("monitors") or {}
-    return [Cell(name), Cell(f"{record.get('selected_step')} of {record.get('steps')}", record.get("selected_step"),
-                             sources=[str(sidecar)]),
-            _sidecar_cell(start.get("score"), sidecar), _sidecar_cell(chosen.get("score"), sidecar),
-            _sidecar_cell(start.get("effective_rank"), sidecar, 1),
-            _sidecar_cell(monitors.get("effective_rank"), sidecar, 1),
-            Cell(str(len(selection.get("collapse_warnings") or [])))]
+def _number(value, digits: int) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
 
 
 def selection_table(comparison: Comparison) -> TableBlock | None:
     """Per fine-tuned arm and category (first seed): selected step of the steps run, proxy score and effective
-    rank at step 0 and at the selected step, collapse warnings. None when no checkpoint has a selection record."""
+    rank at step 0 and at the selected step, collapse warnings (from the checkpoints' sidecars, docs/finetuning.md).
+    None when no checkpoint has a selection record."""
     rows = []
     for arm in comparison.others:
-        run = min(arm.runs, key=lambda r: (str(r.config.get("seed")), str(r.folder)))
-        checkpoint = (run.config.get("backbone") or {}).get("checkpoint")
-        for category in sorted(run.results.get("categories") or {}) if checkpoint else []:
-            row = selection_row(f"{arm.name} / {category}", Path(str(checkpoint)).parent / f"{category}.json")
-            rows += [row] if row else []
+        for category, path in sidecars(first_run(arm.runs)):
+            record = read_sidecar(path)
+            if record is None:
+                continue
+            selection, source = record["selection"], [str(path)]
+            start, chosen, monitors = selection.get("start") or {}, selection.get("proxy") or {}, \
+                selection.get("monitors") or {}
+            numbers = [(start.get("score"), 3), (chosen.get("score"), 3), (start.get("effective_rank"), 1),
+                       (monitors.get("effective_rank"), 1)]
+            rows.append([Cell(f"{arm.name} / {category}"), Cell(f"{record.get('selected_step')} of "
+                                                                f"{record.get('steps')}", record.get("selected_step"),
+                                                                sources=source),
+                         *(Cell(_number(value, digits), value, sources=source) for value, digits in numbers),
+                         Cell(str(len(selection.get("collapse_warnings") or [])))])
     if not rows:
         return None
     header = ["arm / category", "selected step", "proxy at 0", "proxy selected", "eff. rank at 0",
               "eff. rank selected", "collapse warnings"]
     return TableBlock(f"{comparison.name}_selection", f"{comparison.title}: the checkpoint the proxy selected "
                       "(first seed; from each checkpoint's sidecar JSON, docs/finetuning.md).", header, rows)
+
+
+def sweep_table(sweeps: list[Path]) -> TableBlock:
+    """One row per finished sidecar of the jobs of fine-tuning sweeps (``<job>/checkpoints/<method>/<base>/``), in
+    job order: the job's ``method.*`` overrides, the selected step's proxy scores and collapse monitors, and the
+    last evaluation's (what training gave without the selection, from the proxy log)."""
+    rows = []
+    jobs = [(sweep, path) for sweep in sweeps for path in sorted(sweep.glob("*/checkpoints/*/*/*.json"))]
+    for sweep, path in jobs:
+        record, job = read_sidecar(path), path.parents[3]
+        if record is None:
+            continue
+        selection = record["selection"]
+        chosen, start, monitors = selection["proxy"], selection["start"], selection["monitors"]
+        last = (read_log(path.parent / selection.get("proxy_log", f"{record['category']}.proxy.jsonl")) or [{}])[-1]
+        settings = [o.removeprefix("method.") for o in read_overrides(job) or [] if o.startswith("method.")]
+        ranks = (monitors.get("effective_rank"), start.get("effective_rank"), last.get("effective_rank"))
+        rows.append([Cell(text) for text in (
+            sweep.name, record["method"], record["category"], ", ".join(settings) or "defaults",
+            f"{record['selected_step']}/{record['steps']}", _number(chosen["image_auroc"], 4),
+            _number(chosen["pixel_auroc"], 4), f"{_number(chosen['score'], 4)} ({_number(start.get('score'), 4)})",
+            _number(last.get("score"), 4), " / ".join(_number(rank, 0) for rank in ranks),
+            _number(monitors.get("weight_distance_rel"), 4),
+            ", ".join(map(str, selection.get("collapse_warnings") or [])) or "-")])
+    header = ["sweep", "method", "category", "settings", "selected / run steps", "proxy image AUROC",
+              "proxy pixel AUROC", "proxy score (step 0)", "last step's proxy score",
+              "effective rank, selected / step 0 / last", "||w-w0|| / ||w0||", "collapse warnings at"]
+    return TableBlock("finetune_sweep", "Fine-tuning sweeps: each job's selected checkpoint (proxy scores and "
+                      "collapse monitors) and its last evaluation.", header, rows)
 
 
 # ------------------------------------------------------------------------------------------- the digest
@@ -176,25 +199,23 @@ def metric_table(frame: pd.DataFrame, metric: str, variants: list[str]) -> Table
     """Categories (+ the mean row) x variants of ``metric`` in percent; the mean row averages each seed's
     categories first and stays empty for a variant lacking one of them, so no mean hides a missing category."""
     categories = sorted(frame["category"].unique())
-    by_variant = {variant: frame[frame["variant"] == variant] for variant in variants}
-    rows = []
-    for category in [*categories, None]:
-        row = [stat_cell(*cell_stats(by_variant[v], metric, category, categories)) for v in variants]
-        _bold_best(row)
-        rows.append([Cell(category or MEAN_ROW), *row])
-    title = METRIC_TITLES[metric]
-    return TableBlock(metric, f"{title} in % per category and variant ({SPREAD}); best per row in bold.",
-                      ["category", *variants], rows, rule_before=len(categories))
+    columns = _by_category([(v, frame[frame["variant"] == v]) for v in variants], metric, categories)
+    rows = [[Cell(category or MEAN_ROW), *(column[i] for column in columns)]
+            for i, category in enumerate([*categories, None])]
+    for row in rows:
+        _bold_best(row[1:])
+    return TableBlock(metric, f"{METRIC_TITLES[metric]} in % per category and variant ({SPREAD}); best per row in "
+                      "bold.", ["category", *variants], rows, rule_before=len(categories))
 
 
 TIMING_COLUMNS = ("categories", "seeds", "fit s / category", "coreset s / category", "test images / s",
                   "bank size", "peak RSS MB")
+DIGITS = (0, 0, 1, 1, 1, 0, 0)  # TIMING_COLUMNS' decimals
 
 
 def timing_table(frame: pd.DataFrame, variants: list[str]) -> TableBlock:
     """Per variant: fit and coreset time per category, inference throughput, memory-bank size (means over
     categories and seeds) and the largest of the runs' peak resident memory."""
-    formats = ("{:.0f}", "{:.0f}", "{:.1f}", "{:.1f}", "{:.1f}", "{:.0f}", "{:.0f}")
     rows = []
     for variant in variants:
         used = frame[frame["variant"] == variant]
@@ -202,9 +223,7 @@ def timing_table(frame: pd.DataFrame, variants: list[str]) -> TableBlock:
         numbers = [used["category"].nunique(), used["seed"].nunique(), used["fit_s"].mean(), used["coreset_s"].mean(),
                    used["n_test"].sum() / predict if predict > 0 else np.nan, used["bank_size"].mean(),
                    used["peak_rss_mb"].max()]
-        sources = sources_of(used)
-        rows.append([Cell(variant), *(Cell("-") if math.isnan(x) else Cell(f.format(x), float(x), sources=sources)
-                                      for x, f in zip(numbers, formats))])
+        rows.append([Cell(variant), *(_plain(x, digits, sources_of(used)) for x, digits in zip(numbers, DIGITS))])
     return TableBlock("timing", "Time and memory: seconds, means over categories and seeds; fit = feature extraction "
                       "+ coreset selection; throughput = test images / prediction time; peak RSS = the largest of the "
                       "runs' peak resident memory.", ["variant", *TIMING_COLUMNS], rows)
@@ -250,16 +269,19 @@ def to_latex(block: TableBlock) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_table(block: TableBlock, folder: Path, stem: str | None = None) -> list[Path]:
-    """``<stem>.csv`` (the numbers; ``<stem>_std.csv`` their spreads), ``.md`` and ``.tex``."""
-    stem = stem or block.name
-    values, std = frames(block)
-    written = [write_text_atomic(folder / f"{stem}.csv", values.to_csv())]
-    if std is not None:
-        written.append(write_text_atomic(folder / f"{stem}_std.csv", std.to_csv()))
-    written.append(write_text_atomic(folder / f"{stem}.md", markdown_table(block)))
-    written.append(write_text_atomic(folder / f"{stem}.tex", to_latex(block)))
-    return written
+def write_tables(blocks: list, folder: Path, prefix: str = "") -> list[TableBlock]:
+    """Every table among a document's ``blocks``, written to ``folder``: ``<prefix><name>.csv`` (the numbers;
+    ``_std.csv`` their spreads), ``.md`` and ``.tex``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    tables = [block for block in blocks if isinstance(block, TableBlock)]
+    for block in tables:
+        stem, (values, std) = f"{prefix}{block.name}", frames(block)
+        write_text_atomic(folder / f"{stem}.csv", values.to_csv())
+        if std is not None:
+            write_text_atomic(folder / f"{stem}_std.csv", std.to_csv())
+        write_text_atomic(folder / f"{stem}.md", markdown_table(block))
+        write_text_atomic(folder / f"{stem}.tex", to_latex(block))
+    return tables
 
 
 def sources_rows(blocks: list[TableBlock]) -> list[dict]:

@@ -1,31 +1,27 @@
 """The document model as Typst markup, compiled to PDF in-process by the ``typst`` package (offline: Typst
-ships its fonts). Citations and the bibliography are Typst's own (``references.yml``, Hayagriva format)."""
+ships its fonts). Citations and the bibliography are Typst's own (``references.yml``, Hayagriva format).
+
+Then the automated half of "no overflowing text or tables" (the other half is looking at the pages:
+``typst compile reports/report.typ 'page-{p}.png'``): the pages, rendered by the compiler that wrote the PDF,
+must put no ink (a pixel darker than ``INK``) into the strip between the paper's edge and the text column, less
+a small tolerance for anti-aliasing."""
 
 from __future__ import annotations
 
+import io
 import re
 import shutil
 from pathlib import Path
 
-from experiments.reporting.document import (
-    Bibliography,
-    Block,
-    Bullets,
-    Code,
-    Document,
-    Equation,
-    FigureBlock,
-    Gallery,
-    Heading,
-    Note,
-    PageBreak,
-    Paragraph,
-    Span,
-    TableBlock,
-)
+import numpy as np
+from PIL import Image
+
+from experiments.reporting.document import Document, Span, TableBlock, render
 
 _SPECIAL = re.compile(r"([\\#$*_`@<>\[\]~/=+\-])")
 PAGE_WIDTH_CM, MARGIN_X_CM = 21.0, 2.0  # A4 and its side margins: the preamble and the layout check read them
+INK = 200              # grey level (0 black, 255 white) below which a pixel is ink
+TOLERANCE_CM = 0.1     # anti-aliased glyph edges may touch the text column's border by this much
 PREAMBLE = f"""#set document(title: {{title}})
 #set page(paper: "a4", margin: (x: {MARGIN_X_CM}cm, y: 2.2cm), numbering: "1")
 #set text(size: 10pt)
@@ -80,41 +76,36 @@ def _table(block: TableBlock) -> str:
             f" {label('tab', block.name)}]")
 
 
-def block(item: Block) -> str:
-    if isinstance(item, Heading):
-        if not item.numbered:
-            return f"#heading(level: {item.level}, numbering: none)[{escape(item.text)}]"
-        return "=" * item.level + " " + escape(item.text)
-    if isinstance(item, Paragraph):
-        return spans(item.spans)
-    if isinstance(item, Bullets):
-        return "\n".join("- " + spans(entry) for entry in item.items)
-    if isinstance(item, Equation):
-        return f"$ {item.math} $"
-    if isinstance(item, Code):
-        return f"#raw(block: true, {string(item.text)})"
-    if isinstance(item, Note):
-        return f"#block(fill: luma(242), inset: 5pt, radius: 2pt, width: 100%)[#emph[{escape(item.text)}]]"
-    if isinstance(item, TableBlock):
-        return _table(item)
-    if isinstance(item, FigureBlock):
-        width = f"{round(100 * item.width)}%"
-        return (f"#figure(image({string(item.path)}, width: {width}), caption: [{escape(item.caption)}])"
-                f" {label('fig', item.name)}")
-    if isinstance(item, Gallery):
-        return ""  # the PDF shows the map grids as figures; the browsable gallery is the HTML's
-    if isinstance(item, Bibliography):
-        return '#bibliography("references.yml", title: "References", style: "ieee")'
-    if isinstance(item, PageBreak):
-        return "#pagebreak()"
-    raise TypeError(f"no Typst form for {type(item).__name__}")
+def _heading(item) -> str:
+    if not item.numbered:
+        return f"#heading(level: {item.level}, numbering: none)[{escape(item.text)}]"
+    return "=" * item.level + " " + escape(item.text)
+
+
+def _figure(item) -> str:
+    return (f"#figure(image({string(item.path)}, width: {round(100 * item.width)}%), caption: [{escape(item.caption)}])"
+            f" {label('fig', item.name)}")
+
+
+FORMS = {"Heading": _heading, "Paragraph": lambda b: spans(b.spans),
+         "Bullets": lambda b: "\n".join("- " + spans(entry) for entry in b.items),
+         "Equation": lambda b: f"$ {b.math} $", "Code": lambda b: f"#raw(block: true, {string(b.text)})",
+         "Note": lambda b: f"#block(fill: luma(242), inset: 5pt, radius: 2pt, width: 100%)[#emph[{escape(b.text)}]]",
+         "TableBlock": _table, "FigureBlock": _figure,
+         "Gallery": lambda b: "",  # the PDF shows the map grids as figures; the browsable gallery is the HTML's
+         "Bibliography": lambda b: '#bibliography("references.yml", title: "References", style: "ieee")',
+         "PageBreak": lambda b: "#pagebreak()"}
+
+
+def block(item) -> str:
+    return render([item], FORMS, "", "Typst")
 
 
 def to_typst(doc: Document) -> str:
     head = PREAMBLE.format(title=string(doc.title))
     title = (f"#align(center)[#text(size: 16pt, weight: \"bold\")[{escape(doc.title)}]\\\n"
              f"#text(size: 9pt)[{escape(doc.subtitle)}]]\n")
-    return head + title + "\n\n".join(filter(None, (block(b) for b in doc.blocks))) + "\n"
+    return head + title + render(doc.blocks, FORMS, "\n\n", "Typst") + "\n"
 
 
 def write_pdf(doc: Document, out: Path, references: Path | None = None,
@@ -123,8 +114,6 @@ def write_pdf(doc: Document, out: Path, references: Path | None = None,
     numbers of the pages whose content runs into the side margins (overflowing text or tables), and the
     number of pages."""
     import typst
-
-    from experiments.reporting.page_check import pages_with_margin_ink, render_pages
 
     source = out / f"{stem}.typ"
     source.write_text(to_typst(doc))
@@ -137,3 +126,21 @@ def write_pdf(doc: Document, out: Path, references: Path | None = None,
     tmp.replace(pdf)
     pages = render_pages(compiler, ppi=40)
     return pdf, pages_with_margin_ink(pages, MARGIN_X_CM, PAGE_WIDTH_CM), len(pages)
+
+
+def render_pages(compiler, ppi: float) -> list[bytes]:
+    """The pages of a ``typst.Compiler``'s document as PNG bytes, one per page."""
+    pages = compiler.compile(format="png", ppi=ppi)
+    return pages if isinstance(pages, list) else [pages]
+
+
+def pages_with_margin_ink(pages: list[bytes], margin_x_cm: float, page_width_cm: float) -> list[int]:
+    """1-based numbers of the pages with ink in the left or right margin."""
+    found = []
+    for number, png in enumerate(pages, 1):
+        grey = np.asarray(Image.open(io.BytesIO(png)).convert("L"))
+        per_cm = grey.shape[1] / page_width_cm
+        strip = int(round((margin_x_cm - TOLERANCE_CM) * per_cm))
+        if strip > 0 and ((grey[:, :strip] < INK).any() or (grey[:, -strip:] < INK).any()):
+            found.append(number)
+    return found
