@@ -33,9 +33,9 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 
+from core.feature_files import FeatureFile, FileWriter, MemoryWriter
 from core.io import process_alive, write_json_atomic
 
 log = logging.getLogger(__name__)
@@ -69,52 +69,6 @@ class EmbeddedBatch:
     features: torch.Tensor  # [B, P, D] patch features
     grid: tuple[int, int]  # (h, w), h * w = P
     input_size: tuple[int, int]  # (H, W) of the images
-
-
-class FeatureFile:
-    """A read-only ``[rows, dim]`` ``.npy`` feature file: ``len``, ``shape``, ``read`` and ``take`` give tensors."""
-
-    def __init__(self, path: str | Path) -> None:
-        self.path = Path(path)
-        with open(self.path, "rb") as handle:
-            version = np.lib.format.read_magic(handle)
-            read_header = {(1, 0): np.lib.format.read_array_header_1_0,
-                           (2, 0): np.lib.format.read_array_header_2_0}.get(version)
-            if read_header is None:
-                raise ValueError(f"feature file {self.path} has .npy version {version}: delete it")
-            shape, fortran_order, dtype = read_header(handle)
-            self.offset = handle.tell()
-        if fortran_order or len(shape) != 2 or dtype not in (np.float32, np.float16):
-            raise ValueError(f"feature file {self.path} holds {dtype} {shape}, not [rows, dim] float32/float16")
-        (self.rows, self.dim), self.np_dtype = shape, dtype
-        self.dtype = torch.float16 if dtype == np.float16 else torch.float32
-        self.row_bytes = self.dim * dtype.itemsize
-        size = self.path.stat().st_size
-        if size != self.offset + self.rows * self.row_bytes:
-            raise ValueError(f"feature file {self.path} has {size} bytes, its header says {self.rows} x {self.dim} "
-                             f"{dtype}: the file is incomplete, delete it")
-
-    def __len__(self) -> int:
-        return self.rows
-
-    def read(self, start: int, stop: int) -> torch.Tensor:
-        data = np.fromfile(self.path, dtype=self.np_dtype, count=(stop - start) * self.dim,
-                           offset=self.offset + start * self.row_bytes)
-        return torch.from_numpy(data.reshape(stop - start, self.dim))
-
-    def take(self, indices: torch.Tensor, chunk: int = 16384) -> torch.Tensor:
-        """Rows ``indices`` (any order) as a tensor, reading the file once in chunks."""
-        indices = torch.as_tensor(indices).long().cpu().reshape(-1)
-        out = torch.empty(len(indices), self.dim, dtype=self.dtype)
-        order = torch.argsort(indices)
-        ordered = indices[order]
-        bounds = torch.searchsorted(ordered, torch.arange(0, self.rows + chunk, chunk))
-        for number, start in enumerate(range(0, self.rows, chunk)):
-            lo, hi = int(bounds[number]), int(bounds[number + 1])
-            if lo != hi:
-                block = self.read(start, min(self.rows, start + chunk))
-                out[order[lo:hi]] = block[ordered[lo:hi] - start]
-        return out
 
 
 class TrainingFeatures:
@@ -162,64 +116,6 @@ class TrainingFeatures:
 
     def __exit__(self, *exc_info) -> None:
         self.release()  # also when the sampler fails or is interrupted: no spill file left behind
-
-
-class _MemoryWriter:
-    """A preallocated tensor that grows by half when a loader without a known length outruns it."""
-
-    def __init__(self, rows: int, dim: int, dtype: torch.dtype, device: torch.device) -> None:
-        self.data, self.dim, self.dtype, self.filled = torch.empty(rows, dim, dtype=dtype, device=device), dim, dtype, 0
-
-    def append(self, features: torch.Tensor) -> None:
-        features = features.reshape(-1, self.dim).to(self.dtype)
-        needed = self.filled + len(features)
-        if needed > len(self.data):
-            grown = torch.empty(max(needed, len(self.data) * 3 // 2), self.dim, dtype=self.dtype,
-                                device=self.data.device)
-            grown[: self.filled] = self.data[: self.filled]
-            self.data = grown
-        self.data[self.filled : needed] = features
-        self.filled = needed
-
-    def finish(self) -> torch.Tensor:
-        return self.data[: self.filled]
-
-    def discard(self) -> None:
-        self.data = None
-
-
-class _FileWriter:
-    """Writes a ``.npy`` file sequentially (the page cache holds it, not the process): the header for zero
-    rows first, rewritten in place by ``finish`` with the row count."""
-
-    def __init__(self, path: Path, dim: int, dtype: torch.dtype) -> None:
-        self.path, self.dim, self.dtype, self.filled = path, dim, dtype, 0
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self._file = open(path, "wb")  # noqa: SIM115 - closed in finish()/discard()
-        self._write_header()
-        self.offset = self._file.tell()
-
-    def _write_header(self) -> None:
-        descr = np.lib.format.dtype_to_descr(np.dtype(str(self.dtype).removeprefix("torch.")))
-        np.lib.format.write_array_header_1_0(self._file, {"descr": descr, "fortran_order": False,
-                                                          "shape": (self.filled, self.dim)})
-
-    def append(self, features: torch.Tensor) -> None:
-        features = features.reshape(-1, self.dim).to(self.dtype)
-        self._file.write(features.cpu().contiguous().numpy().tobytes())
-        self.filled += len(features)
-
-    def finish(self) -> FeatureFile:
-        self._file.seek(0)
-        self._write_header()
-        if self._file.tell() != self.offset:  # numpy reserves room for the row count: never expected
-            raise RuntimeError(f"the .npy header of {self.path} changed length")
-        self._file.close()
-        return FeatureFile(self.path)
-
-    def discard(self) -> None:
-        self._file.close()
-        self.path.unlink(missing_ok=True)
 
 
 def _file_identity(value) -> list | None:
@@ -297,11 +193,11 @@ class FeatureCache:
         except (ValueError, OSError):  # incomplete or foreign: recompute
             return None
 
-    def writer(self, key: str, dim: int, dtype: torch.dtype) -> _FileWriter:
+    def writer(self, key: str, dim: int, dtype: torch.dtype) -> FileWriter:
         """A file next to the entry, under a temporary name; ``commit`` moves it into place."""
-        return _FileWriter(self.directory / f".{key}.{os.getpid()}.tmp.npy", dim, dtype)
+        return FileWriter(self.directory / f".{key}.{os.getpid()}.tmp.npy", dim, dtype)
 
-    def commit(self, writer: _FileWriter, key: str, meta: dict) -> FeatureFile:
+    def commit(self, writer: FileWriter, key: str, meta: dict) -> FeatureFile:
         """Finish the file, move it into place, then write ``meta`` (grid, input size): the entry's last step."""
         final = self.directory / f"{key}.npy"
         os.replace(writer.finish().path, final)
@@ -352,10 +248,10 @@ class FeatureStore:
             if writer is not None:
                 writer.discard()  # no half-written spill or cache file left behind
             raise
-        spilled = isinstance(writer, _FileWriter) and not key
+        spilled = isinstance(writer, FileWriter) and not key
         return TrainingFeatures(rows, grid, input_size, self.device, temporary=spilled)
 
-    def _new_writer(self, rows: int, dim: int) -> _MemoryWriter | _FileWriter:
+    def _new_writer(self, rows: int, dim: int) -> MemoryWriter | FileWriter:
         """In memory when the buffer fits the budget; else in a file (``spill_dir``, or a temporary folder when
         none is set), when the disk has room; else a ``BufferTooLargeError`` before the fit goes on."""
         size = rows * dim * self.dtype.itemsize
@@ -363,7 +259,7 @@ class FeatureStore:
             return self._file_writer(Path(self.options.spill_dir).expanduser(), rows, dim, size, "storage.spill_dir")
         budget = memory_budget(self.options.memory_budget_gb, self.device)
         if size <= budget:
-            return _MemoryWriter(rows, dim, self.dtype, self.device)
+            return MemoryWriter(rows, dim, self.dtype, self.device)
         folder = Path(tempfile.gettempdir())
         log.warning("the training buffer (%s) does not fit in the memory budget (%.2f GB%s): spilling it to a "
                     "file in %s (set storage.spill_dir to choose the disk)", _describe(rows, dim, self.dtype),
@@ -372,7 +268,7 @@ class FeatureStore:
         return self._file_writer(folder, rows, dim, size, "the temporary folder", budget)
 
     def _file_writer(self, folder: Path, rows: int, dim: int, size: int, what: str,
-                     budget: float | None = None) -> _FileWriter:
+                     budget: float | None = None) -> FileWriter:
         folder.mkdir(parents=True, exist_ok=True)
         free = shutil.disk_usage(folder).free
         if size > free:
@@ -385,7 +281,7 @@ class FeatureStore:
                 "room")
         path = folder / f"features-{os.getpid()}-{uuid.uuid4().hex[:8]}.npy"
         log.info("buffering %.2f GB of training features in %s", size / 1e9, path)
-        return _FileWriter(path, dim, self.dtype)
+        return FileWriter(path, dim, self.dtype)
 
 
 class BufferTooLargeError(MemoryError):

@@ -378,7 +378,7 @@ TINY = ("backbone=resnet18", "backbone.pretrained=false", "dataset=folder", "dat
 
 def test_finetune_then_patchcore_end_to_end(tmp_path, monkeypatch) -> None:
     from core.data import MVTecLayout
-    from experiments.finetune import run as finetune
+    from experiments.harness.finetuning import run as finetune
     from experiments.harness.fit_and_evaluate import run as patchcore
 
     data = tmp_path / "data"
@@ -419,7 +419,7 @@ def test_finetune_command_line(tmp_path) -> None:
 
 
 def test_finetune_refuses_a_fine_tuned_backbone(tmp_path) -> None:
-    from experiments.finetune import run as finetune
+    from experiments.harness.finetuning import run as finetune
 
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         cfg = compose("finetune", overrides=["backbone=rotation", "dataset=folder", f"dataset.root={tmp_path}"])

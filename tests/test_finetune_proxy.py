@@ -155,7 +155,7 @@ def test_synthetic_masks_are_exactly_the_changed_pixels(tmp_path, resize, crop) 
 
 
 def test_proxy_never_reads_the_test_folder(tmp_path, monkeypatch) -> None:
-    from experiments.finetune import run as finetune
+    from experiments.harness.finetuning import run as finetune
 
     data = tmp_path / "data"
     category = write_tiny_category(data, "widget", n_train=5, size=40)
@@ -437,7 +437,7 @@ def test_sweep_presets_compose_and_write_per_job_checkpoints(monkeypatch) -> Non
 def test_readme_commands_work_as_written_on_a_fresh_clone(tmp_path, monkeypatch, textures_root) -> None:
     """`make finetune-rotation QUICK=1 && python experiments/main.py backbone=rotation`, with nothing but the
     data's root, size and a tiny schedule overridden: the default checkpoint paths must meet."""
-    from experiments.finetune import run as finetune
+    from experiments.harness.finetuning import run as finetune
     from experiments.harness.fit_and_evaluate import run as patchcore
 
     monkeypatch.chdir(tmp_path)  # checkpoints/ relative to the working directory, as in a fresh clone

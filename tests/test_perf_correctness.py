@@ -12,9 +12,10 @@ from torch.utils.data import DataLoader
 from core.backbones import FeatureExtractor
 from core.coreset import GreedyCoresetSampler, greedy_coreset
 from core.data import TexturesLayout
+from core.feature_files import FeatureFile
 from core.features import PatchEmbedder
 from core.patchcore import PatchCore
-from core.storage import EmbeddedBatch, FeatureFile, FeatureStore, StorageOptions, TrainingFeatures
+from core.storage import EmbeddedBatch, FeatureStore, StorageOptions, TrainingFeatures
 
 
 class CountingExtractor(FeatureExtractor):

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from core.storage import EmbeddedBatch, FeatureFile, FeatureStore, StorageOptions
+from core.feature_files import FeatureFile
+from core.storage import EmbeddedBatch, FeatureStore, StorageOptions
 
 
 class Dataset:

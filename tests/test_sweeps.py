@@ -13,8 +13,8 @@ import pytest
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import OmegaConf
 
+from experiments.harness.results import config_record
 from experiments.harness.run_key import (
     BOOKKEEPING,
     config_hash,
@@ -100,7 +100,7 @@ def test_config_hash_ignores_bookkeeping_only(make_config) -> None:
     for changed in ("coreset.ratio=0.2", "backbone.layers=[blocks.4]", "seed=1", "category=screw",
                     "dataset.train_limit=4"):
         assert config_hash(make_config("category=bottle", changed)) != config_hash(base), changed
-    record = {"config": OmegaConf.to_container(base, resolve=True)}
+    record = {"config": config_record(base)}  # as results.json records it
     assert results_hash(record) == config_hash(base)  # records made before config_hash was stored
 
 
