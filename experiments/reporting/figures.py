@@ -77,9 +77,12 @@ def _grid(n: int, height: float, pad: float) -> tuple:
 
 
 def _legend(fig, ax, ncols: int = 3) -> None:
+    """Below the panels, in as many columns as the longest label leaves room for (7 pt text: about 18
+    characters per inch, plus the line sample), so no label runs off the figure's edge."""
     handles, labels = ax.get_legend_handles_labels()
     if handles:
-        fig.legend(handles, labels, loc="outside lower center", ncols=min(ncols, len(labels)), fontsize=7,
+        fits = max(1, int(fig.get_figwidth() * 18 // (max(len(label) for label in labels) + 8)))
+        fig.legend(handles, labels, loc="outside lower center", ncols=min(ncols, len(labels), fits), fontsize=7,
                    frameon=False)
 
 
