@@ -12,6 +12,7 @@ from __future__ import annotations
 import inspect
 import types
 import typing
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -60,26 +61,34 @@ def _hints(target: str) -> dict[str, Any]:
         return {}
 
 
+def value_problems(values: Mapping[str, Any], hints: Mapping[str, Any], prefix: str = "") -> list[str]:
+    """``<prefix><key>=<value> must be an integer`` for every value its type hint does not allow (hints that
+    are not plain kinds are left to the constructor)."""
+    found = []
+    for key, value in values.items():
+        expected = expected_kinds(hints.get(key))
+        if expected is None or (value is None and expected[1]) or any(fits(value, k) for k in expected[0]):
+            continue
+        shown = value if isinstance(value, str) else repr(value)
+        what = " or ".join(KINDS[k] for k in expected[0]) + (" or null" if expected[1] else "")
+        found.append(f"{prefix}{key}={shown} must be {what}")
+    return found
+
+
 def node_type_problems(node: DictConfig, path: str) -> list[str]:
     """``<path>.<key>=<value> must be an integer`` for every value of a ``_target_`` node (and of the nodes
     nested in it) that its constructor's type hints do not allow. Interpolated parts (``${backbone}``) are
     checked under their own name."""
-    hints = _hints(str(node._target_))
-    found = []
+    found, values = [], {}
     for key in node:
         if key == "_target_" or OmegaConf.is_interpolation(node, key) and OmegaConf.is_dict(node[key]):
             continue
         value = node[key]
         if OmegaConf.is_dict(value) and "_target_" in value:
             found += node_type_problems(value, f"{path}.{key}")
-            continue
-        expected = expected_kinds(hints.get(key))
-        if expected is None or (value is None and expected[1]) or any(fits(value, k) for k in expected[0]):
-            continue
-        shown = value if isinstance(value, str) else repr(value)
-        what = " or ".join(KINDS[k] for k in expected[0]) + (" or null" if expected[1] else "")
-        found.append(f"{path}.{key}={shown} must be {what}")
-    return found
+        else:
+            values[key] = value
+    return value_problems(values, _hints(str(node._target_)), f"{path}.") + found
 
 
 def type_problems(cfg: DictConfig) -> list[str]:
@@ -92,12 +101,6 @@ def type_problems(cfg: DictConfig) -> list[str]:
         if OmegaConf.is_dict(node) and "_target_" in node:
             found += node_type_problems(node, str(key))
     return found
-
-
-def model_key(cfg: DictConfig) -> str:
-    """The node ``cfg.model`` points at (``patchcore``, ``cae``): where that model's settings live."""
-    reference = cfg._get_node("model")._value()
-    return str(reference).strip("${}") if OmegaConf.is_interpolation(cfg, "model") else "model"
 
 
 def resolve_device(name: str) -> torch.device:

@@ -30,7 +30,7 @@ from core.metrics import METRIC_DEFINITIONS
 from core.thresholds import ThresholdRule
 from experiments.harness.anomaly_maps import MAPS_DIR, save_maps
 from experiments.harness.backbones import per_category_backbones
-from experiments.harness.components import build, model_key, resolve_device
+from experiments.harness.components import build, resolve_device
 from experiments.harness.evaluation import apply_threshold, evaluate, score_rows, split_validation
 from experiments.harness.results import (
     SCHEMA_VERSION,
@@ -58,12 +58,13 @@ class Harness:
     def __init__(self, cfg: DictConfig, run_dir: Path) -> None:
         self.cfg, self.run_dir = cfg, run_dir
         self.settings = validate(cfg)  # every mistyped setting, by name, at once; the run's own ranges
+        torch.manual_seed(self.settings.seed)
+        np.random.seed(self.settings.seed)
         check_writable(run_dir, "the run folder (hydra.run.dir)")
-        self.device = resolve_device(cfg.device)
+        self.device = resolve_device(self.settings.device)
         self.layout: MVTecLayout = build(cfg.dataset)
         self.categories = self.layout.resolve_categories(cfg.category)
         self.rule: ThresholdRule | None = build(cfg.threshold) if "_target_" in cfg.threshold else None
-        self.model_key = model_key(cfg)
         self.uses_extractor = "extractor" in cfg.model  # the CAE has no backbone
         self.per_category = per_category_backbones(cfg, self.categories) if self.uses_extractor else None
         self.extractor: FeatureExtractor | None = None
@@ -71,13 +72,13 @@ class Harness:
             self.extractor = self._extractor(self.categories[0])
             self._fit_input_size(self.extractor)
         self._first: Detector | None = self._build_model()  # every model setting checked here
-        log.info("model %s: %s; dataset %s, categories %s, on %s", self.model_key,
+        log.info("model %s: %s; dataset %s, categories %s, on %s", cfg.model._target_,
                  f"backbone {self.extractor.name} (layers {self.extractor.layers})" if self.extractor else
                  "no backbone", self.layout.name, self.categories, self.device)
         self.unusable: dict[str, str] = {}  # category -> unreadable files: failed without being fitted
         for category in self.categories:  # layout errors, unreadable images and masks before any model work
             try:
-                for problem in self.layout.scan(category, seed=cfg.seed):
+                for problem in self.layout.scan(category, seed=self.settings.seed):
                     log.warning("[%s] skipped (dataset.skip_unreadable=true): %s", category, problem)
             except UnreadableFilesError as error:
                 log.error("[%s] %s", category, error)
@@ -111,7 +112,7 @@ class Harness:
         return self._build_model()
 
     def loader(self, dataset: AnomalyDataset) -> DataLoader:
-        return DataLoader(dataset, batch_size=self.cfg.batch_size, num_workers=self.cfg.num_workers,
+        return DataLoader(dataset, batch_size=self.settings.batch_size, num_workers=self.settings.num_workers,
                           pin_memory=self.device.type == "cuda")
 
     def run_category(self, category: str) -> tuple[dict, list[dict]]:
@@ -119,8 +120,9 @@ class Harness:
         cfg = self.cfg
         model = self.new_model(category)
         preprocessing = self.layout.preprocessing(model.mean, model.std, model.interpolation)
-        fit_samples, held_out = split_validation(self.layout.train_samples(category, seed=cfg.seed),
-                                                 self.rule.validation_fraction if self.rule else 0.0, cfg.seed)
+        seed = self.settings.seed
+        fit_samples, held_out = split_validation(self.layout.train_samples(category, seed=seed),
+                                                 self.rule.validation_fraction if self.rule else 0.0, seed)
         test_loader = self.loader(self.layout.test_set(category, preprocessing))
         log.info("[%s] fitting on %d nominal images (%d held out for the threshold)", category, len(fit_samples),
                  len(held_out))
@@ -146,8 +148,9 @@ class Harness:
         if n_maps > 0:  # a few anomaly maps for W&B and the report (format: experiments/harness/anomaly_maps.py)
             save_maps(self.run_dir / MAPS_DIR / category, predictions, test_loader.dataset, preprocessing, n_maps,
                       threshold)
-        if cfg.save_model:  # true: self-contained (weights inside); spec_only: the weights are looked up on load
-            saved = model.save(self.run_dir / "models" / category, weights=cfg.save_model != "spec_only",
+        save = self.settings.save_model  # true: self-contained (weights inside); spec_only: looked up on load
+        if save:
+            saved = model.save(self.run_dir / "models" / category, weights=save != "spec_only",
                                threshold=threshold,
                                metadata={"category": category, "preprocessing": preprocessing.__dict__,
                                          "threshold": threshold, "config": config_record(cfg)})
@@ -173,8 +176,6 @@ def run(cfg: DictConfig, run_dir: Path, tracker: NoLogger | None = None) -> dict
     check_run_dir(cfg, run_dir)  # never replace another config's results without a word
     for leftover in remove_dead_temporaries(run_dir):  # half-written files of a run that was killed here
         log.info("removed %s, left unfinished by a process that died", leftover)
-    torch.manual_seed(cfg.seed)
-    np.random.seed(cfg.seed)
     harness = Harness(cfg, run_dir)
     results: dict = {"schema_version": SCHEMA_VERSION, "metric_definitions": dict(METRIC_DEFINITIONS),
                      "config": config_record(cfg), "categories": {}, "mean": {},

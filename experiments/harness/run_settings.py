@@ -11,7 +11,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from experiments.harness.components import KINDS, expected_kinds, fits, type_problems
+from experiments.harness.components import fits, type_problems, value_problems
 
 SAVE_MODEL = (True, False, "spec_only")
 
@@ -38,12 +38,8 @@ class RunSettings:
     @classmethod
     def problems(cls, cfg: DictConfig) -> list[str]:
         """The mistyped ones among these keys of ``cfg`` (and ``viz.n``)."""
-        hints = typing.get_type_hints(cls)
-        found = []
-        for field in dataclasses.fields(cls):
-            value, expected = cfg.get(field.name, field.default), expected_kinds(hints[field.name])
-            if expected and not any(fits(value, kind) for kind in expected[0]):
-                found.append(f"{field.name}={value} must be {' or '.join(KINDS[k] for k in expected[0])}")
+        values = {field.name: cfg.get(field.name, field.default) for field in dataclasses.fields(cls)}
+        found = value_problems(values, typing.get_type_hints(cls))
         viz = OmegaConf.select(cfg, "viz.n", default=0)
         if viz is not None and not (fits(viz, int) and viz >= 0):
             found.append(f"viz.n={viz} must be an integer >= 0")

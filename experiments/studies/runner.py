@@ -105,16 +105,22 @@ def _new_manifest(plan: Plan, previous: dict[str, dict]) -> dict:
     return manifest
 
 
-def _run_job(job: RunSpec, row: dict, rows: dict[str, dict], runner: Runner, python: str) -> float | None:
-    """Run one job unless it is done or blocked; its row says what happened. Returns how long it ran."""
+def _not_to_run(job: RunSpec, row: dict, rows: dict[str, dict]) -> str | None:
+    """Why ``job`` does not run now (done before, or blocked by a job that did not finish), recorded in its
+    row; None when it is to run."""
     if is_done(job):
         row["status"] = "done before"
-        return None
+        return "done before, skipped"
     blocked = [need for need in job.needs if rows[need]["status"] not in ("done", "done before")]
     if blocked:
         row["status"] = "blocked"
         row["error"] = f"needs {', '.join(blocked)}, which did not finish"
-        return None
+        return f"blocked ({row['error']})"
+    return None
+
+
+def _execute(job: RunSpec, row: dict, runner: Runner, python: str) -> float:
+    """Run ``job``; its row says whether it finished. Returns how long it ran."""
     log_path = job.folder / LOG
     begin = time.perf_counter()
     code = runner(job.command(python), log_path)
@@ -142,21 +148,21 @@ def run_plan(plan: Plan, runner: Runner = subprocess_runner, python: str = sys.e
     total = len(plan.jobs)
     for index, job in enumerate(plan.jobs, 1):
         row = rows[job.id]
-        if not is_done(job) and not row.get("error"):
-            row["status"] = "running"
+        skipped = _not_to_run(job, row, rows)
+        if skipped:
+            echo(f"[{index}/{total}] {job.id}: {skipped}")
             write_json_atomic(manifest_path, manifest)
-        took = _run_job(job, row, rows, runner, python)
-        if took is None:
-            echo(f"[{index}/{total}] {job.id}: " + ("done before, skipped" if row["status"] == "done before"
-                                                  else f"blocked ({row['error']})"))
-        else:
-            if row["status"] == "done":
-                durations.setdefault(job.kind, []).append(took)
-            pending = [j for j in plan.jobs[index:] if not is_done(j)]
-            left = estimate_left(durations, pending)
-            echo(f"[{index}/{total}] {job.id}: {row['status']} in {format_duration(took)} "
-                 f"(elapsed {format_duration(time.time() - started)}, about {format_duration(left)} left for "
-                 f"{len(pending)} jobs)")
+            continue
+        row["status"] = "running"
+        write_json_atomic(manifest_path, manifest)
+        took = _execute(job, row, runner, python)
+        if row["status"] == "done":
+            durations.setdefault(job.kind, []).append(took)
+        pending = [j for j in plan.jobs[index:] if not is_done(j)]
+        left = estimate_left(durations, pending)
+        echo(f"[{index}/{total}] {job.id}: {row['status']} in {format_duration(took)} "
+             f"(elapsed {format_duration(time.time() - started)}, about {format_duration(left)} left for "
+             f"{len(pending)} jobs)")
         write_json_atomic(manifest_path, manifest)
     manifest["finished"] = dt.datetime.now().isoformat(timespec="seconds")
     manifest["wall_s"] = round(time.time() - started, 1)
