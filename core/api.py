@@ -26,7 +26,7 @@ from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
 from core.data import Preprocessing, read_image
-from core.data.preprocessing import _to_rgb
+from core.data.pixels import PixelRangeError, float_to_uint8, to_rgb8, uint16_to_uint8
 from core.thresholds import segment
 
 ImageInput = str | Path | np.ndarray | Image.Image
@@ -50,15 +50,20 @@ def model_preprocessing(model) -> Preprocessing:
 
 
 def to_pil(image: ImageInput, index: int = 0) -> Image.Image:
-    """One input as a PIL image: a path (read and checked by ``core.data.read_image``), a PIL image, or a
-    numpy array HxW, HxWx1, HxWx3 (RGB) or HxWx4 (RGBA, alpha dropped); uint8, uint16, bool, or float in
-    [0, 1]."""
+    """One input as an 8-bit RGB PIL image: a path (read and checked by ``core.data.read_image``), a PIL image
+    of any mode, or a numpy array HxW, HxWx1, HxWx3 (RGB) or HxWx4 (RGBA, alpha dropped). Pixels are scaled by
+    their type alone (``core.data.pixels``: uint8 0..255, uint16 / I;16 / I 0..65535, float / mode F 0..1),
+    so a file, an array and a PIL image holding the same pixels give the same crop; pixels outside their
+    type's range (or NaN) are an ``ImageInputError`` naming the input's position."""
     if isinstance(image, (str, Path)):
-        return read_image(Path(image))
-    if isinstance(image, Image.Image):
-        return image
-    if isinstance(image, np.ndarray):
-        return _array_to_pil(image, index)
+        return to_rgb8(read_image(Path(image)), f"input {index} ({image})")
+    try:
+        if isinstance(image, Image.Image):
+            return to_rgb8(image, f"input {index}")
+        if isinstance(image, np.ndarray):
+            return to_rgb8(_array_to_pil(image, index), f"input {index}")
+    except PixelRangeError as error:
+        raise ImageInputError(str(error)) from None
     raise ImageInputError(f"input {index} is a {type(image).__name__}: pass a file path, a numpy array "
                           f"(HxW, HxWx3 or HxWx4) or a PIL image")
 
@@ -74,22 +79,19 @@ def _array_to_pil(array: np.ndarray, index: int) -> Image.Image:
     elif array.dtype == bool:
         pixels = array.astype(np.uint8) * 255
     elif array.dtype == np.uint16:
-        pixels = np.round(array / 257.0).astype(np.uint8)
+        pixels = uint16_to_uint8(array, f"input {index}")
     elif np.issubdtype(array.dtype, np.floating):
-        if not np.isfinite(array).all() or array.min() < 0 or array.max() > 1:
-            raise ImageInputError(f"input {index}: a float array must hold values in [0, 1] (got "
-                                  f"[{np.nanmin(array):.4g}, {np.nanmax(array):.4g}]): divide by 255, or pass uint8")
-        pixels = np.round(array * 255.0).astype(np.uint8)
+        pixels = float_to_uint8(array, f"input {index}: a float array")
     else:
         raise ImageInputError(f"input {index}: arrays of dtype {array.dtype} are not images: pass uint8 (0-255), "
-                              f"uint16 or float in [0, 1]")
+                              f"uint16 (0-65535) or float (0-1)")
     return Image.fromarray(np.ascontiguousarray(pixels))
 
 
 def crop_uint8(image: Image.Image, preprocessing: Preprocessing) -> torch.Tensor:
     """[3, S, S] uint8: resized and centre-cropped, not normalised (the first half of ``Preprocessing.image``;
     tests/test_predict_images.py checks that normalising it gives ``Preprocessing.image`` exactly)."""
-    x = TF.pil_to_tensor(_to_rgb(image))
+    x = TF.pil_to_tensor(to_rgb8(image))
     x = TF.resize(x, [preprocessing.resize], interpolation=_INTERPOLATIONS[preprocessing.interpolation],
                   antialias=True)
     return TF.center_crop(x, [preprocessing.image_size])

@@ -1,12 +1,15 @@
-"""Atomic writes (a file is either the old version or the complete new one, never half-written) and file digests."""
+"""Atomic writes (a file is either the old version or the complete new one, never half-written; a folder of
+outputs is swapped in whole, ``replace_folder``) and file digests."""
 
 from __future__ import annotations
 
 import csv
+import glob
 import hashlib
 import io
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
@@ -88,3 +91,49 @@ def file_sha256(path: str | Path) -> str:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def replace_folder(directory: str | Path, write: Callable[[Path], None],
+                   keep: Callable[[str], bool] = lambda name: False) -> Path:
+    """Call ``write(tmp)`` on a new temporary sibling of ``directory``; once it returns, move the entries of
+    the earlier ``directory`` that ``keep(name)`` accepts (a log file another writer still holds open) into
+    it and swap it into place. The earlier folder is replaced only when the new one is complete: if ``write``
+    raises, it is untouched and the temporary is removed. The caller checks first what it may replace.
+    Temporaries of writers that were killed (``.<name>.<pid>.*.tmp`` / ``.old``) are removed first."""
+    directory = Path(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    remove_dead_folder_temporaries(directory)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.{os.getpid()}.", suffix=TMP_SUFFIX, dir=directory.parent))
+    old = directory.parent / f".{directory.name}.{os.getpid()}.{tmp.name.split('.')[-2]}.old"
+    try:
+        write(tmp)
+        earlier = directory.is_dir()
+        os.chmod(tmp, (directory.stat().st_mode & 0o7777) if earlier else 0o777 & ~current_umask())
+        if earlier:
+            for entry in directory.iterdir():
+                if keep(entry.name):
+                    os.replace(entry, tmp / entry.name)
+            os.replace(directory, old)
+        os.replace(tmp, directory)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)
+    return directory
+
+
+def remove_dead_folder_temporaries(directory: str | Path) -> list[Path]:
+    """Delete the temporary siblings ``replace_folder`` left for ``directory`` when its writer was killed; an
+    earlier folder caught mid-swap (``directory`` gone, its ``.old`` left) is put back first."""
+    directory = Path(directory)
+    dead = []
+    for leftover in sorted(directory.parent.glob(f".{glob.escape(directory.name)}.*")):
+        pid = leftover.name[len(directory.name) + 2 :].split(".")[0]
+        if leftover.suffix in (TMP_SUFFIX, ".old") and leftover.is_dir() and not leftover.is_symlink() \
+                and pid.isdigit() and not process_alive(int(pid)):
+            dead.append(leftover)
+    for leftover in dead:
+        if leftover.suffix == ".old" and not directory.exists():
+            os.replace(leftover, directory)
+        else:
+            shutil.rmtree(leftover, ignore_errors=True)
+    return dead

@@ -582,21 +582,26 @@ def test_unwritable_hydra_run_dir_is_one_clear_line(tmp_path) -> None:
 
 
 def test_float_tiffs_are_scaled_not_turned_black(tmp_path) -> None:
+    # Issue 26: float pixels mean 0..1 (core.data.pixels), whatever their values; a 0..255 float TIFF is
+    # refused with the fix named rather than read by a rule that depends on the image's maximum.
     import numpy as np
     from PIL import Image
 
-    from core.data import DatasetError, read_image
+    from core.data import DatasetError, Preprocessing, read_image
+    from core.data.pixels import to_rgb8
 
     ramp = np.linspace(0.0, 1.0, 16, dtype=np.float32).reshape(4, 4)
     Image.fromarray(ramp).save(tmp_path / "unit.tif")  # mode F, values in [0, 1]
     Image.fromarray(ramp * 255).save(tmp_path / "byte.tif")  # mode F, values in [0, 255]
-    for name in ("unit.tif", "byte.tif"):
-        image = read_image(tmp_path / name)
-        assert image.mode == "L"
-        np.testing.assert_array_equal(np.asarray(image), np.round(ramp * 255).astype(np.uint8))
+    image = to_rgb8(read_image(tmp_path / "unit.tif"))
+    np.testing.assert_array_equal(np.asarray(image)[..., 0], np.round(ramp * 255).astype(np.uint8))
+    with pytest.raises(DatasetError, match=r"byte\.tif \(a float image, PIL mode F\) must hold values in \[0, 1\] "
+                                           r"\(got \[0, 255\]\).*divide by 255"):
+        Preprocessing(resize=4, image_size=4).image(read_image(tmp_path / "byte.tif"), f"image {tmp_path / 'byte.tif'}")
     Image.fromarray(ramp * 1000 - 5).save(tmp_path / "odd.tif")
-    with pytest.raises(DatasetError, match=r"odd\.tif is a float image with pixel values in \[-5, 995\].*8-bit PNG"):
-        read_image(tmp_path / "odd.tif")
+    with pytest.raises(DatasetError, match=r"odd\.tif \(a float image, PIL mode F\) must hold values in \[0, 1\] "
+                                           r"\(got \[-5, 995\]\).*8-bit PNG"):
+        to_rgb8(read_image(tmp_path / "odd.tif"), f"image {tmp_path / 'odd.tif'}")
 
 
 def test_threshold_on_a_single_held_out_image_warns(tmp_path, make_config, caplog) -> None:

@@ -1,6 +1,7 @@
 """Datasets: MVTec-layout discovery, the shared preprocessing, the torch dataset and the embedded textures set.
 
     images.py         reading image files; DatasetError
+    pixels.py         one scaling rule per pixel type (uint8, uint16, float) -> 8-bit RGB
     preprocessing.py  Preprocessing: resize, centre crop, normalise
     dataset.py        Sample, AnomalyDataset (files are read only when an item is requested)
     layouts.py        MVTecLayout: the samples of any dataset in MVTec AD layout

@@ -39,7 +39,7 @@ class AnomalyDataset(torch.utils.data.Dataset):
                 f"{img.size[0]}x{img.size[1]}: masks must have the size of their image."
             )
         return {
-            "image": self.preprocessing.image(img),
+            "image": self.preprocessing.image(img, f"image {s.path}"),
             "mask": self.preprocessing.mask(mask),
             "has_mask": s.label == 0 or s.mask_path is not None,
             "label": s.label,

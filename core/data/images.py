@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 from PIL import Image
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
@@ -15,29 +14,16 @@ class DatasetError(ValueError):
 
 
 def read_image(path: Path) -> Image.Image:
-    """Fully decoded image, or a DatasetError naming the file (PIL opens lazily). Float images (PIL mode
-    ``F``, e.g. 32-bit TIFFs) come back as 8-bit greyscale: PIL's own conversion clips them, so a [0, 1]
-    image would turn black."""
+    """Fully decoded image in the file's own mode, or a DatasetError naming the file (PIL opens lazily).
+    Pixels are turned into 8-bit RGB by ``core.data.pixels.to_rgb8`` (one rule per pixel type: a float
+    TIFF is read as 0..1, a 16-bit PNG by its high byte), so a file and the same pixels passed as an array or
+    PIL image give the same crop; masks keep their mode (any nonzero pixel is a defect)."""
     try:
         with Image.open(path) as img:
             img.load()
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
         raise DatasetError(f"cannot read image {path}: {err}. Replace or delete the file.") from err
-    return _float_to_8bit(img, path) if img.mode == "F" else img
-
-
-def _float_to_8bit(img: Image.Image, path: Path) -> Image.Image:
-    """[0, 1] floats scale by 255, [0, 255] floats are kept; any other range has no agreed meaning."""
-    values = np.asarray(img, dtype=np.float64)
-    if not np.isfinite(values).all():
-        raise DatasetError(f"image {path} is a float image with NaN or infinite pixels. Replace or delete the file.")
-    low, high = (float(values.min()), float(values.max())) if values.size else (0.0, 0.0)
-    if low >= 0.0 and high <= 1.0:
-        values = values * 255.0
-    elif low < 0.0 or high > 255.0:
-        raise DatasetError(f"image {path} is a float image with pixel values in [{low:.4g}, {high:.4g}]: only [0, 1] "
-                           "and [0, 255] have a meaning here. Convert it to an 8-bit PNG (or scale it to [0, 1]).")
-    return Image.fromarray(np.round(values).astype(np.uint8))  # mode L
+    return img
 
 
 def header_problem(path: Path, mask_path: Path | None = None) -> str | None:

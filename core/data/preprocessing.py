@@ -11,6 +11,7 @@ from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as F
 
 from core.data.images import DatasetError
+from core.data.pixels import to_rgb8
 from core.imagenet import IMAGENET_MEAN, IMAGENET_STD
 
 _INTERPOLATIONS = {"bilinear": InterpolationMode.BILINEAR, "bicubic": InterpolationMode.BICUBIC}
@@ -47,9 +48,10 @@ class Preprocessing:
                 "(the centre crop is taken from the resized image)"
             )
 
-    def image(self, img: Image.Image) -> torch.Tensor:
-        """[3,S,S] float32, normalised; resized as uint8 like the PIL pipeline of the official code."""
-        x = F.pil_to_tensor(_to_rgb(img))
+    def image(self, img: Image.Image, what: str = "the image") -> torch.Tensor:
+        """[3,S,S] float32, normalised; resized as uint8 like the PIL pipeline of the official code. Pixels
+        become 8-bit RGB by ``core.data.pixels.to_rgb8`` (``what`` names the image in its errors)."""
+        x = F.pil_to_tensor(to_rgb8(img, what))
         x = F.resize(x, [self.resize], interpolation=_INTERPOLATIONS[self.interpolation], antialias=True)
         x = F.center_crop(x, [self.image_size])
         return F.normalize(F.to_dtype(x, torch.float32, scale=True), list(self.mean), list(self.std))
@@ -70,16 +72,6 @@ class Preprocessing:
         x = torch.from_numpy(_nonzero(img)).to(torch.uint8)[None]
         x = F.resize(x, [self.resize], interpolation=InterpolationMode.NEAREST_EXACT)
         return F.center_crop(x, [self.image_size]).float()
-
-
-def _to_rgb(img: Image.Image) -> Image.Image:
-    """8-bit RGB; 16-bit images are scaled down rather than clipped to white."""
-    if img.mode.startswith("I"):
-        arr = np.asarray(img, dtype=np.float64)
-        if img.mode.startswith("I;16") or arr.max() > 255:
-            arr = arr / 257.0
-        img = Image.fromarray(np.clip(np.round(arr), 0, 255).astype(np.uint8))
-    return img.convert("RGB")
 
 
 def _nonzero(img: Image.Image) -> np.ndarray:

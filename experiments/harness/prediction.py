@@ -10,6 +10,7 @@ resize + centre crop as at fit time; pixels outside the crop are not scored.
 
 from __future__ import annotations
 
+import csv
 import glob
 import json
 import logging
@@ -24,7 +25,9 @@ from tqdm.auto import tqdm
 from core.api import CropGeometry, resize_map
 from core.cae import CAE
 from core.data import IMAGE_EXTENSIONS, DatasetError, Preprocessing, read_image
-from core.io import atomic_write, write_csv_atomic
+from core.data.images import header_problem
+from core.data.pixels import to_rgb8
+from core.io import atomic_write, replace_folder, write_csv_atomic
 from core.patchcore import ModelMismatchError, PatchCore
 from core.thresholds import segment
 from experiments.harness.anomaly_maps import colorize
@@ -42,42 +45,91 @@ def expand_images(spec: str | list[str], missing: list[dict] | None = None) -> l
     for entry in entries:
         path = Path(str(entry)).expanduser()
         if path.is_dir():
-            found += sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
+            matches = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+            reason = f"the folder holds no image files ({', '.join(IMAGE_EXTENSIONS)})"
         elif path.is_file():
-            found.append(path)
+            matches, reason = [path], ""
         else:
             matches = sorted(Path(p) for p in glob.glob(str(path), recursive=True) if Path(p).is_file())
-            if not matches:
-                reason = "no such file" if not glob.has_magic(str(path)) else "the pattern matches no file"
-                log.warning("images=%s: %s", entry, reason)
-                if missing is not None:
-                    missing.append({"path": str(entry), "reason": reason})
-            found += matches
+            reason = "no such file" if not glob.has_magic(str(path)) else "the pattern matches no file"
+        if not matches:
+            log.warning("images=%s: %s", entry, reason)
+            if missing is not None:
+                missing.append({"path": str(entry), "reason": reason})
+        found += matches
     return list(dict.fromkeys(found))
 
 
-OUTPUT_FILES = ("predictions.csv", "skipped.csv")
+def resolve_images(spec: str | list[str], skipped: list[dict]) -> tuple[list[Path], int]:
+    """The image files ``spec`` names whose headers read as images, before any model is loaded (a typo'd
+    glob or a folder of text files is reported in a second, not after the model's load); the entries that
+    name nothing and the unreadable files go to ``skipped``. ``(readable files, files found)``;
+    ``NothingScoredError`` when ``spec`` is empty."""
+    if not spec or (isinstance(spec, str) and not spec.strip()):
+        raise NothingScoredError(f"images={spec!r} names no image: pass a file, a folder, a glob "
+                                 f"('/line/cam3/*.png') or a list of them")
+    usable, found = [], expand_images(spec, skipped)
+    for path in found:
+        problem = header_problem(path)
+        if problem is None:
+            usable.append(path)
+        else:
+            log.warning("skipped %s: %s", path, problem)
+            skipped.append({"path": str(path), "reason": problem})
+    return usable, len(found)
+
+
+PREDICTIONS, SKIPPED = "predictions.csv", "skipped.csv"
+_COLUMNS = ["path", "score", "decision", "heatmap", "mask"]
 
 
 class OutputFolderError(ValueError):
-    """``out`` holds an earlier prediction's files, or cannot be written."""
+    """``out`` holds an earlier prediction's files, something else, or cannot be written."""
 
 
-def prepare_out(out: Path, overwrite: bool) -> None:
-    """Refuse an ``out`` that holds an earlier prediction's files (they would be silently replaced or mixed
-    with this run's) unless ``overwrite``; Hydra's own log file does not count."""
-    earlier = [p.name for p in out.iterdir() if p.name in OUTPUT_FILES or p.name.endswith(("_heatmap.png",
-                                                                                          "_mask.png"))] \
-        if out.is_dir() else []
+def _kept(name: str) -> bool:
+    """Entries of ``out`` that are not predictions but may be there: Hydra's log (``predict.log``, opened
+    before the task runs) and its ``.hydra`` record. They move over to the new outputs."""
+    return name.endswith(".log") or name == ".hydra"
+
+
+def earlier_outputs(out: Path) -> set[str]:
+    """The names of an earlier prediction's files in ``out``: its two CSV files and the heatmaps and masks
+    its ``predictions.csv`` lists."""
+    names = {name for name in (PREDICTIONS, SKIPPED) if (out / name).is_file()}
+    if PREDICTIONS in names:
+        try:
+            with (out / PREDICTIONS).open(newline="") as handle:
+                for row in csv.DictReader(handle):
+                    names |= {row.get(key) or "" for key in ("heatmap", "mask")} - {""}
+        except (OSError, UnicodeDecodeError, csv.Error):
+            pass  # not a predictions.csv this code wrote: only the CSV itself counts
+    return names
+
+
+def check_out(out: Path, overwrite: bool) -> set[str]:
+    """Refuse, before the model loads and without touching it, an ``out`` that is a file, holds anything but
+    an earlier prediction's files (and Hydra's log), holds an earlier prediction without ``overwrite``, or
+    cannot be written; returns the earlier prediction's file names (replaced only once the new ones are
+    complete: ``write_predictions``)."""
+    if out.exists() and not out.is_dir():
+        raise OutputFolderError(f"out={out} is a file, not a folder: pass a new out=<folder>")
+    present = {p.name for p in out.iterdir()} if out.is_dir() else set()
+    earlier = earlier_outputs(out) & present
+    foreign = sorted(name for name in present - earlier if not _kept(name))
+    if foreign:
+        raise OutputFolderError(f"out={out} holds {len(foreign)} entries that are not an earlier prediction's files "
+                                f"(e.g. {foreign[0]}): predictions go to a new or empty folder (or one holding only "
+                                f"an earlier prediction, with overwrite=true); pass a new out=<folder>")
     if earlier and not overwrite:
-        raise OutputFolderError(f"out={out} already holds the results of an earlier prediction ({len(earlier)} files, "
-                              f"e.g. {sorted(earlier)[0]}): pass a new out=<folder>, or overwrite=true to replace them")
-    if earlier:
-        for name in earlier:
-            (out / name).unlink(missing_ok=True)
-    out.mkdir(parents=True, exist_ok=True)
-    if not os.access(out, os.W_OK):
-        raise OutputFolderError(f"out={out} is not writable: choose another out=<folder>")
+        raise OutputFolderError(f"out={out} already holds the results of an earlier prediction ({len(earlier)} "
+                                f"files, e.g. {sorted(earlier)[0]}): pass a new out=<folder>, or overwrite=true to "
+                                f"replace them")
+    parent = out.resolve().parent
+    if (out.is_dir() and not os.access(out, os.W_OK)) or not os.access(parent, os.W_OK):
+        raise OutputFolderError(f"out={out} is not writable (the new outputs are written next to it, in {parent}, "
+                                f"then moved into place): choose another out=<folder>")
+    return earlier
 
 
 def load_model(model_dir: str | Path, device: torch.device) -> PatchCore | CAE:
@@ -104,7 +156,7 @@ def write_outputs(out: Path, name: str, original: Image.Image, crop_map: np.ndar
     pixel_threshold = threshold.get("pixel_threshold")
     vmax = 2.0 * pixel_threshold if pixel_threshold else max(float(full_map.max()), 1e-12)
     heat = colorize(full_map, 0.0, vmax, "jet")
-    rgb = np.asarray(original.convert("RGB"), dtype=np.float32)
+    rgb = np.asarray(to_rgb8(original), dtype=np.float32)
     overlay = Image.fromarray((0.5 * rgb + 0.5 * heat).astype(np.uint8))
     heat_file = f"{name}_heatmap.png"
     atomic_write(out / heat_file, lambda tmp: overlay.save(tmp, format="PNG"))
@@ -149,7 +201,7 @@ def _read_batch(paths: list[Path], preprocessing: Preprocessing, skipped: list[d
     for path in paths:
         try:
             original = read_image(path)
-            batch.append((path, original, preprocessing.image(original)))
+            batch.append((path, original, preprocessing.image(original, f"image {path}")))
         except DatasetError as error:
             log.warning("skipped %s: %s", path, error)
             skipped.append({"path": str(path), "reason": str(error)})
@@ -158,17 +210,41 @@ def _read_batch(paths: list[Path], preprocessing: Preprocessing, skipped: list[d
 
 def predict(model_dir: str | Path, images: str | list[str], out: str | Path, device: str = "auto",
             batch_size: int = 8, progress: bool = True, overwrite: bool = False) -> list[dict]:
-    """Score every readable image; returns the rows written to ``predictions.csv``. Raises
-    ``NothingScoredError`` (after writing skipped.csv) when no image could be scored."""
+    """Score every readable image; returns the rows written to ``predictions.csv``. The output folder and the
+    image list are checked before the model loads; the outputs are written into a temporary sibling of
+    ``out`` and swapped in only once complete, so an earlier prediction there (``overwrite=true``) is
+    replaced whole or not at all. Raises ``NothingScoredError`` when no image could be scored (skipped.csv
+    says why, unless an earlier prediction's files are kept in its place)."""
     out = Path(out)
-    prepare_out(out, overwrite)  # before the model loads: a taken folder fails in a second
+    earlier = check_out(out, overwrite)  # before the model loads: a taken folder fails in a second
+    skipped: list[dict] = []
+    paths, found = resolve_images(images, skipped)
+    if not paths:
+        what = (f"none of the {found} images could be scored" if found else
+                f"images={images} found no image files ({', '.join(IMAGE_EXTENSIONS)})")
+        _write_nothing_scored(out, earlier, skipped, what)
     model = load_model(model_dir, resolve_device(device))
     preprocessing, threshold = _saved_settings(model, model_dir)
-    skipped: list[dict] = []
-    paths = expand_images(images, skipped)
-    if not paths:
-        write_csv_atomic(out / "skipped.csv", ["path", "reason"], skipped)
-        raise NothingScoredError(f"images={images} found no image files ({', '.join(IMAGE_EXTENSIONS)})")
+    rows: list[dict] = []
+
+    def write(folder: Path) -> None:
+        rows.extend(_score_into(folder, model, paths, preprocessing, threshold, batch_size, skipped, progress))
+        if not rows and earlier:  # keep the earlier prediction rather than replace it by nothing
+            raise NothingScoredError(f"none of the {len(paths)} images could be scored ({_reasons(skipped)}); the "
+                                     f"earlier prediction in {out} is kept")
+        write_csv_atomic(folder / PREDICTIONS, _COLUMNS, rows)
+        write_csv_atomic(folder / SKIPPED, ["path", "reason"], skipped)
+
+    replace_folder(out, write, keep=_kept)
+    log.info("%d images scored, %d skipped; results in %s", len(rows), len(skipped), out)
+    if not rows:
+        raise NothingScoredError(f"none of the {len(paths)} images could be scored: see {out / SKIPPED}")
+    return rows
+
+
+def _score_into(folder: Path, model, paths: list[Path], preprocessing: Preprocessing, threshold: dict,
+                batch_size: int, skipped: list[dict], progress: bool) -> list[dict]:
+    """Score ``paths`` in batches, writing each image's heatmap and mask into ``folder``; the CSV rows."""
     image_threshold = threshold.get("image_threshold")
     rows, taken = [], set()
     for start in tqdm(range(0, len(paths), batch_size), desc="predict", unit="batch", disable=not progress):
@@ -179,17 +255,26 @@ def predict(model_dir: str | Path, images: str | list[str], out: str | Path, dev
         require_finite(scores.numpy(), f"{', '.join(str(path) for path, _, _ in batch)}")
         for (path, original, _), score, crop_map in zip(batch, scores.tolist(), maps.numpy()):
             geometry = CropGeometry.of(original.height, original.width, preprocessing)
-            heat_file, mask_file = write_outputs(out, _unique_name(path, taken), original, crop_map, geometry,
+            heat_file, mask_file = write_outputs(folder, _unique_name(path, taken), original, crop_map, geometry,
                                                  threshold)
             decision = "" if image_threshold is None else ("anomalous" if score >= image_threshold else "nominal")
             rows.append({"path": str(path), "score": score, "decision": decision, "heatmap": heat_file,
                          "mask": mask_file})
-    write_csv_atomic(out / "predictions.csv", ["path", "score", "decision", "heatmap", "mask"], rows)
-    write_csv_atomic(out / "skipped.csv", ["path", "reason"], skipped)
-    log.info("%d images scored, %d skipped; results in %s", len(rows), len(skipped), out)
-    if not rows:
-        raise NothingScoredError(f"none of the {len(paths)} images could be scored: see {out / 'skipped.csv'}")
     return rows
+
+
+def _write_nothing_scored(out: Path, earlier: set[str], skipped: list[dict], what: str) -> None:
+    """No input is usable (found before the model loads): say so; skipped.csv lists each entry and why,
+    unless an earlier prediction's files are in ``out`` (they are kept, and the reasons are in the message)."""
+    if earlier:
+        raise NothingScoredError(f"{what} ({_reasons(skipped)}); the earlier prediction in {out} is kept")
+    replace_folder(out, lambda folder: write_csv_atomic(folder / SKIPPED, ["path", "reason"], skipped), keep=_kept)
+    raise NothingScoredError(f"{what}: see {out / SKIPPED}")
+
+
+def _reasons(skipped: list[dict], most: int = 3) -> str:
+    shown = "; ".join(f"{row['path']}: {row['reason']}" for row in skipped[:most])
+    return shown + (f"; and {len(skipped) - most} more" if len(skipped) > most else "") if skipped else "no input"
 
 
 class NothingScoredError(ValueError):
