@@ -6,6 +6,11 @@ grayscale or RGB. Unreadable files are reported (log and ``skipped.csv``) and sk
 ``predictions.csv`` (path, score, decision, files) and per image ``<name>_heatmap.png`` (overlay)
 and ``<name>_mask.png`` (binary, needs a model saved with a threshold). The model sees the same
 resize + centre crop as at fit time; pixels outside the crop are not scored.
+
+Checked before the model loads: ``out`` (new, empty, or only an earlier prediction's files, replaced with
+``overwrite=true``) and the image list (resolved, each file's header read). The outputs are written into a
+temporary sibling of ``out`` and swapped in whole (``core.io.replace_folder``): a run that fails midway
+leaves an earlier prediction as it was.
 """
 
 from __future__ import annotations
@@ -111,7 +116,11 @@ def check_out(out: Path, overwrite: bool) -> set[str]:
     """Refuse, before the model loads and without touching it, an ``out`` that is a file, holds anything but
     an earlier prediction's files (and Hydra's log), holds an earlier prediction without ``overwrite``, or
     cannot be written; returns the earlier prediction's file names (replaced only once the new ones are
-    complete: ``write_predictions``)."""
+    complete: ``predict``)."""
+    folder = Path(os.path.abspath(out))
+    if Path.cwd() == folder or folder in Path.cwd().parents:
+        raise OutputFolderError(f"out={out} is the working folder or holds it: the outputs replace the folder "
+                                f"whole; pass a new out=<folder>")
     if out.exists() and not out.is_dir():
         raise OutputFolderError(f"out={out} is a file, not a folder: pass a new out=<folder>")
     present = {p.name for p in out.iterdir()} if out.is_dir() else set()
@@ -125,10 +134,10 @@ def check_out(out: Path, overwrite: bool) -> set[str]:
         raise OutputFolderError(f"out={out} already holds the results of an earlier prediction ({len(earlier)} "
                                 f"files, e.g. {sorted(earlier)[0]}): pass a new out=<folder>, or overwrite=true to "
                                 f"replace them")
-    parent = out.resolve().parent
+    parent = next(p for p in folder.parents if p.exists())  # the nearest folder that exists: made if need be
     if (out.is_dir() and not os.access(out, os.W_OK)) or not os.access(parent, os.W_OK):
-        raise OutputFolderError(f"out={out} is not writable (the new outputs are written next to it, in {parent}, "
-                                f"then moved into place): choose another out=<folder>")
+        raise OutputFolderError(f"out={out} is not writable (the new outputs are written next to it, in "
+                                f"{folder.parent}, then moved into place): choose another out=<folder>")
     return earlier
 
 
@@ -215,7 +224,7 @@ def predict(model_dir: str | Path, images: str | list[str], out: str | Path, dev
     ``out`` and swapped in only once complete, so an earlier prediction there (``overwrite=true``) is
     replaced whole or not at all. Raises ``NothingScoredError`` when no image could be scored (skipped.csv
     says why, unless an earlier prediction's files are kept in its place)."""
-    out = Path(out)
+    out = Path(os.path.abspath(out))  # "preds/." or "a/../preds": the folder itself, which is replaced whole
     earlier = check_out(out, overwrite)  # before the model loads: a taken folder fails in a second
     skipped: list[dict] = []
     paths, found = resolve_images(images, skipped)
