@@ -176,4 +176,4 @@ def delong(labels: np.ndarray, base: np.ndarray, arm: np.ndarray) -> dict:
     z = stats.norm.ppf(1 - (1 - LEVEL) / 2)
     p = float(2 * stats.norm.sf(abs(diff) / sd)) if sd > 0 else (1.0 if diff == 0 else 0.0)
     return {"auroc_base": float(aucs[0]), "auroc_arm": float(aucs[1]), "diff": diff, "sd": sd,
-            "low": diff - z * sd, "high": diff + z * sd, "p": p}
+            "low": float(diff - z * sd), "high": float(diff + z * sd), "p": p}

@@ -51,16 +51,26 @@ EQUIVALENT = f"equivalent within ±{EQUIVALENCE:g} points"
 VERDICTS = ("higher", "lower", EQUIVALENT, "not resolved")
 
 
+# Differences closer than this to 0 or ±EQUIVALENCE (in points) are on that edge: averaging leaves float noise
+# (100 * (0.9 - 0.905) is -0.5000000000000004), which must neither tip a verdict nor demand 15 decimals.
+TOLERANCE = 1e-9
+
+
+def side(value: float, edge: float) -> int:
+    """-1, 0 or +1: below, on (within TOLERANCE) or above ``edge``."""
+    return 0 if abs(value - edge) <= TOLERANCE else (1 if value > edge else -1)
+
+
 def signed(value: float, digits: int = 1) -> str:
     """A difference with its sign and at least ``digits`` decimals, more where rounding would move it onto or
     across 0 or ±EQUIVALENCE (a bound of +0.004 never prints as +0.0 beside "higher")."""
     if value is None or math.isnan(value):
         return "-"
-    if value == 0:
+    if side(value, 0) == 0:
         return f"{0:.{digits}f}"
     for decimals in range(digits, 10):
         text = f"{value:+.{decimals}f}"
-        if all(np.sign(float(text) - edge) == np.sign(value - edge) for edge in (0, EQUIVALENCE, -EQUIVALENCE)):
+        if all(side(float(text), edge) == side(value, edge) for edge in (0, EQUIVALENCE, -EQUIVALENCE)):
             return text
     return f"{value:+.2e}"
 
@@ -89,6 +99,12 @@ def cell_stats(rows: pd.DataFrame, metric: str, category: str | None, categories
 
 
 BOOTSTRAPPED = ("image_auroc",)  # the metrics scores.csv holds the per-image scores of
+BOOTSTRAP_WORDS = (f"paired bootstrap over the test images (nominal and defective resampled separately, matched by "
+                   f"path) and the seeds, {REPLICATES} replicates")
+
+
+def seed_words(why: str) -> str:
+    return f"seed level, test images held fixed ({why}): Student t over the per-seed differences"
 
 
 def _table(rows: pd.DataFrame, column: str, categories: list[str]) -> dict:
@@ -158,17 +174,16 @@ def _seed_level(base: pd.DataFrame, arm: pd.DataFrame, metric: str, categories: 
     half = float(stats.t.ppf(0.975, n - 1) * std / math.sqrt(n)) if n > 1 and std > 0 else (0.0 if n > 1 else
                                                                                               math.nan)
     return {"mean": mean, "low": mean - half, "high": mean + half, "n": n, "seed_sd": std,
-            "categories": {}, "method": "seed",
-            "pairing": f"seed level, test images held fixed ({why}): t interval over {n} per-seed differences; "
-                       f"{pairing}"}
+            "categories": {}, "method": "seed", "how": seed_words(why), "pairing": f"{seed_words(why)}; {pairing}"}
 
 
 def paired(base: pd.DataFrame, arm: pd.DataFrame, metric: str, categories: list[str]) -> dict | None:
     """The difference of ``metric`` (arm - baseline rows, percentage points, mean over the categories both arms
     have) with its 95 % interval: the paired bootstrap over test images and seeds for image AUROC where the
     scores allow, else seed level (module docstring). Keys: mean, low, high, n (seed positions), seed_sd,
-    categories (per category mean, low, high, images; bootstrap only), method ("bootstrap" | "seed"), pairing
-    (in words, as captions and sentences print it). None when the arms share no category (or seed)."""
+    categories (per category mean, low, high, images; bootstrap only), method ("bootstrap" | "seed"), how (the
+    interval in words, as captions print it), pairing (with the counts and the seed pairing, as sentences print
+    it). None when the arms share no category (or seed)."""
     why = "no per-image scores for this metric"
     if metric in BOOTSTRAPPED:
         pairs, said = _image_pairs(base, arm, categories)
@@ -178,7 +193,7 @@ def paired(base: pd.DataFrame, arm: pd.DataFrame, metric: str, categories: list[
             result = bootstrap(pairs)
             images = sum(entry["images"] for entry in result["categories"].values())
             return {**{k: v for k, v in result.items() if k != "replicates"}, "n": result["n_seeds"],
-                    "method": "bootstrap",
+                    "method": "bootstrap", "how": BOOTSTRAP_WORDS,
                     "pairing": f"paired bootstrap over {images} test images (nominal and defective resampled "
                                f"separately) and {result['n_seeds']} seed(s), {REPLICATES} replicates; {said}"}
     return _seed_level(base, arm, metric, categories, why)
@@ -186,14 +201,15 @@ def paired(base: pd.DataFrame, arm: pd.DataFrame, metric: str, categories: list[
 
 def verdict(diff: dict) -> str:
     """How a difference is worded, from its 95 % interval alone: "higher" / "lower" when it excludes 0,
-    EQUIVALENT when it lies inside ±EQUIVALENCE points, else "not resolved" (also without an interval)."""
+    EQUIVALENT when it lies inside ±EQUIVALENCE points, else "not resolved" (also without an interval); a bound
+    within TOLERANCE of an edge is on it, as ``signed`` prints it."""
     low, high = diff["low"], diff["high"]
     if math.isnan(low) or math.isnan(high):
         return "not resolved"
-    if low > 0:
+    if side(low, 0) > 0:
         return "higher"
-    if high < 0:
+    if side(high, 0) < 0:
         return "lower"
-    if -EQUIVALENCE <= low and high <= EQUIVALENCE:
+    if side(low, -EQUIVALENCE) >= 0 and side(high, EQUIVALENCE) <= 0:
         return EQUIVALENT
     return "not resolved"
