@@ -142,11 +142,14 @@ SAID = {"higher": "higher than the baseline", "lower": "lower than the baseline"
 
 
 def difference_sentence(arm: str, metric: str, diff: dict) -> str:
-    """The difference, its interval and how it was made, and the verdict word (stats.verdict) it supports."""
+    """The difference, its interval and how it was made, the spread of the per-seed differences, and the verdict
+    word (stats.verdict) it supports."""
     bounds = ("no interval" if math.isnan(diff["low"])
               else f"95% interval {signed(diff['low'])} to {signed(diff['high'])}")
+    spread = f"; std of the per-seed differences {diff['seed_sd']:.2f}" if diff["n"] > 1 else ""
+    said = SAID[verdict(diff)] if not math.isnan(diff["low"]) else "not resolved (one seed, no per-image scores)"
     return (f"*{arm}* changes mean {METRIC_TITLES[metric]} by {signed(diff['mean'])} points ({bounds}; "
-            f"{diff['pairing']}): {SAID[verdict(diff)]}.")
+            f"{diff['pairing']}{spread}): {said}.")
 
 
 def results_blocks(ctx: Context) -> list[Block]:
