@@ -170,7 +170,7 @@ def test_result_sentences_come_from_the_numbers(paper) -> None:
     low, high = _bootstrap_bounds(cosine["sources"], "cosine")
     assert (f"cosine distance changes mean Image AUROC by +3.0 points (95% interval {signed(low)} to {signed(high)}; "
             "paired bootstrap over 40 test images (nominal and defective resampled separately) and 2 seed(s), 2000 "
-            "replicates; same seed, 2 seed(s); std of the per-seed differences 2.83): not resolved") in pdf  # +5, +1
+            "replicates; same seed, 2 seed(s); std over seeds 2.83): not resolved") in pdf  # +5, +1
     assert ("cosine distance changes mean Pixel AUROC by +3.0 points (95% interval -22.4 to +28.4; seed level, test "
             "images held fixed (no per-image scores for this metric)") in pdf
     assert "channel_mean changes mean Pixel AUROC by -10.0 points (95% interval -10.0 to -10.0" in pdf

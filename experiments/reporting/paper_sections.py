@@ -146,7 +146,7 @@ def difference_sentence(arm: str, metric: str, diff: dict) -> str:
     word (stats.verdict) it supports."""
     bounds = ("no interval" if math.isnan(diff["low"])
               else f"95% interval {signed(diff['low'])} to {signed(diff['high'])}")
-    spread = f"; std of the per-seed differences {diff['seed_sd']:.2f}" if diff["n"] > 1 else ""
+    spread = f"; std over seeds {diff['seed_sd']:.2f}" if diff["n"] > 1 else ""
     said = SAID[verdict(diff)] if not math.isnan(diff["low"]) else "not resolved (one seed, no per-image scores)"
     return (f"*{arm}* changes mean {METRIC_TITLES[metric]} by {signed(diff['mean'])} points ({bounds}; "
             f"{diff['pairing']}{spread}): {said}.")
