@@ -7,9 +7,11 @@
 A view of the report's tables: the runs as the report reads them (reporting/comparisons.py ``load``): a
 study's fine-tuned arms by name and their baseline as ``imagenet``, else one arm per fine-tuned method; test AUROCs
 from results.json, proxy AUROCs from each checkpoint's sidecar (the selected step; step 0: the ImageNet weights'),
-each cell the report's statistic (%, mean ± sample std over seeds, ddof=1), rendered by the report's Markdown
-renderer; then how often the proxy's change agreed in sign with the test's. ``--sweep``: one row per job (its
-``method.*`` overrides): the selected step's proxy scores and monitors, and the last evaluation's.
+each cell the report's statistic (%, mean ± sample std over seeds, ddof=1), and the test image-AUROC difference
+to ImageNet per category with the report's interval and verdict (stats.paired: the bootstrap over test images and
+seeds where scores.csv allows), rendered by the report's Markdown renderer; then how often the proxy's change
+agreed in sign with the test's. ``--sweep``: one row per job (its ``method.*`` overrides): the selected step's
+proxy scores and monitors, and the last evaluation's.
 """
 
 from __future__ import annotations
@@ -24,8 +26,8 @@ from experiments.reporting.comparisons import load
 from experiments.reporting.data import Run, read_sidecar, sidecars
 from experiments.reporting.document import Cell, TableBlock
 from experiments.reporting.markdown_out import table as markdown_table
-from experiments.reporting.stats import SPREAD, cell_stats, mean_std
-from experiments.reporting.tables import stat_cell, sweep_table
+from experiments.reporting.stats import SPREAD, cell_stats, interval, mean_std, paired, verdict
+from experiments.reporting.tables import VERDICT_RULE, stat_cell, sweep_table
 from extensions.checkpoint import is_finetuned
 
 IMAGENET = "imagenet"  # the arm of the runs on the pretrained weights (and of step 0 of every fine-tuning)
@@ -79,11 +81,29 @@ def table(tests: pd.DataFrame, proxies: pd.DataFrame) -> TableBlock:
                      for c in PROXY]
             cells += [stat_cell(*cell_stats(test, m, category, categories), DIGITS) if len(test) else Cell("-")
                       for m in TEST]
-            rows.append([Cell(category), Cell(arm), *cells, Cell(", ".join(proxy["steps"].dropna()) or "-")])
+            rows.append([Cell(category), Cell(arm), *cells, *difference(tests, arm, category),
+                         Cell(", ".join(proxy["steps"].dropna()) or "-")])
     header = ["category", "backbone", "proxy image AUROC", "proxy pixel AUROC", "test image AUROC",
-              "test pixel AUROC", "selected step / steps run"]
+              "test pixel AUROC", "Δ test image AUROC [95%]", "verdict", "selected step / steps run"]
+    hows = {d["how"] for arm in arms if arm != IMAGENET for c in categories
+            if (d := _paired(tests, arm, c)) is not None}
     return TableBlock("finetune_compare", f"Fine-tuned backbones against ImageNet weights: AUROC in % ({SPREAD}); "
-                      "proxy: the sidecars' selected step; test: PatchCore's results.json.", header, rows)
+                      "proxy: the sidecars' selected step; test: PatchCore's results.json. Δ: fine-tuned - ImageNet "
+                      f"test image AUROC in points, 95% interval ({'; '.join(sorted(hows)) or 'none'}); "
+                      f"{VERDICT_RULE}.", header, rows)
+
+
+def _paired(tests: pd.DataFrame, arm: str, category: str) -> dict | None:
+    if arm == IMAGENET or not len(tests):
+        return None
+    return paired(tests[tests["arm"] == IMAGENET], tests[tests["arm"] == arm], "image_auroc", [category])
+
+
+def difference(tests: pd.DataFrame, arm: str, category: str) -> list[Cell]:
+    """The test image-AUROC difference of ``arm`` to ImageNet in ``category`` (stats.paired, as the report
+    states it) and its verdict."""
+    diff = _paired(tests, arm, category)
+    return [Cell("-"), Cell("-")] if diff is None else [Cell(interval(diff), diff["mean"]), Cell(verdict(diff))]
 
 
 def agreement(tests: pd.DataFrame, proxies: pd.DataFrame, proxy: str = "proxy_image") -> tuple[int, int]:

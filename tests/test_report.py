@@ -33,18 +33,28 @@ def _metrics(auroc: float) -> dict:
 
 
 def write_run(folder: Path, make_config, overrides: tuple[str, ...], aurocs: dict[str, float],
-              complete: bool = True, maps: bool = False, bank: int = 100) -> Path:
-    """A run folder as experiments/main.py writes it, with chosen image AUROCs per category."""
+              complete: bool = True, maps: bool = False, bank: int = 100, images: int | None = None) -> Path:
+    """A run folder as experiments/main.py writes it, with chosen image AUROCs per category. ``images``: its
+    scores.csv holds that many nominal and defective images whose scores give exactly those AUROCs (multiples of
+    1 / images^2), so the report can bootstrap them; else 3 + 3 whose AUROC is not results.json's (the report then
+    falls back to seed-level intervals)."""
     config = config_record(make_config(*overrides))  # as experiments/main.py records it (results.json schema 3)
     categories = {}
     rows = []
     n_train = config["dataset"]["train_limit"] or 10
     for k, (category, auroc) in enumerate(aurocs.items()):
-        categories[category] = {**_metrics(auroc), "n_train": n_train, "n_test": 6, "bank_size": bank,
-                                "pixel_metrics_note": None,
+        categories[category] = {**_metrics(auroc), "n_train": n_train, "n_test": 2 * (images or 3),
+                                "bank_size": bank, "pixel_metrics_note": None,
                                 "timings_s": {"extract": 2.0 + k, "coreset": 1.0, "predict": 3.0}}
         labels = [0, 0, 0, 1, 1, 1]
         scores = [0.1, 0.4, 0.35, 0.8, 0.3 + auroc / 10, 0.9]
+        if images:
+            # nominal i scores i / n; defect j beats all of them, r of them or none, adding up to auroc * n^2 wins
+            beats_all, rest = divmod(round(auroc * images * images), images)
+            labels = [0] * images + [1] * images
+            scores = [i / images for i in range(images)] + [1.0 if j < beats_all else (rest - 0.5) / images
+                                                            if j == beats_all and rest else -1.0
+                                                            for j in range(images)]
         rows += [{"category": category, "path": f"/data/{category}/test/{i}.png",
                   "defect_type": "good" if label == 0 else "crack", "label": label, "image_score": score}
                  for i, (label, score) in enumerate(zip(labels, scores))]
@@ -195,9 +205,10 @@ def test_pdf_has_the_expected_pages(report) -> None:
     data = (out / "digest.pdf").read_bytes()
     assert data.startswith(b"%PDF") and data.rstrip().endswith(b"%%EOF")
     pages = len(re.findall(rb"/Type\s*/Page\b", data))
-    # typeset by Typst from digest.typ: title and setup fill page 1, the shared settings and the 5 tables
-    # page 2 with the first figure; the other 5 figures pages 3-4; the commands and the runs left out page 5
-    assert pages == manifest["pages"] == 5
+    # typeset by Typst from digest.typ: title and setup fill page 1, the shared settings and the 5 tables page 2,
+    # each comparison's differences to its baseline (4 tables) page 3 with the first figure; the other 5 figures
+    # pages 4-5; the commands and the runs left out page 6
+    assert pages == manifest["pages"] == 6
     assert manifest["pages_overflowing"] == []  # nothing runs into the side margins (typst_out.pages_with_margin_ink)
     if shutil.which("pdfinfo"):
         info = subprocess.run(["pdfinfo", str(out / "digest.pdf")], capture_output=True, text=True).stdout

@@ -5,6 +5,7 @@ empty table), and the HTML checked in headless Chromium (images load, links reso
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import re
@@ -12,10 +13,13 @@ import shutil
 import subprocess
 from pathlib import Path
 
+import numpy as np
 import pytest
 from hydra import compose, initialize_config_dir
 
+from experiments.reporting.intervals import Paired, bootstrap
 from experiments.reporting.paper import SECTION_TITLES, build_paper
+from experiments.reporting.stats import signed, verdict
 from tests.conftest import CONF_DIR
 from tests.test_report import write_run
 
@@ -37,7 +41,7 @@ def _study(root: Path, manifest: bool = True) -> Path:
     def job(comparison: str, arm: str, seed: int, overrides: tuple, aurocs: dict | None, status: str = "done"):
         folder = study / comparison / f"{arm.replace(' ', '_')}_seed{seed}"
         if aurocs is not None:
-            write_run(folder, _make_config, (*overrides, f"seed={seed}"), aurocs, maps=seed == 0)
+            write_run(folder, _make_config, (*overrides, f"seed={seed}"), aurocs, maps=seed == 0, images=10)
         jobs.append({"id": f"{comparison}/{folder.name}", "kind": "patchcore", "comparison": comparison, "arm": arm,
                      "seed": seed, "folder": str(folder), "command": f"python experiments/main.py seed={seed}",
                      "status": status, "duration_s": 10.0})
@@ -106,7 +110,7 @@ def test_every_table_cell_traces_back_to_a_results_json(paper) -> None:
     checked = 0
     for cell in cells:
         assert cell["sources"] and all(Path(p).is_file() and p.endswith("results.json") for p in cell["sources"])
-        if cell["table"].endswith("_paired") or cell["column"] in ("seeds", "pairs", "fit s / category"):
+        if "_paired" in cell["table"] or cell["column"] in ("seeds", "fit s / category"):
             continue
         assert cell["value"] == pytest.approx(_recompute(cell, cell["table"]), abs=1e-9), cell
         checked += 1
@@ -116,22 +120,66 @@ def test_every_table_cell_traces_back_to_a_results_json(paper) -> None:
     assert by_key[("variants_image_auroc", "baseline", "bottle")]["text"] == "91.0 ± 1.4"
     assert by_key[("variants_image_auroc", "cosine distance", "mean")]["value"] == pytest.approx(89.0)
     assert by_key[("variants_image_auroc", "channel_mean", "screw")]["value"] == pytest.approx(71.0)
-    # paired: cosine +5, +5, +1, +1 -> +3.0, t(0.975, 3) * sd / 2 = 3.182 * 2.309 / 2 = 3.67
+    # paired: cosine +5, +5 (seed 0), +1, +1 (seed 1) -> +3.0; image AUROC: the bootstrap over the scores.csv
+    # images, read here on their own (intervals.bootstrap itself is checked in tests/test_intervals.py)
     cosine = by_key[("variants_paired", "cosine distance", "Δ Image AUROC")]
-    assert cosine["value"] == pytest.approx(3.0) and cosine["text"] == "+3.0 [-0.7, +6.7]"
-    assert by_key[("variants_paired", "channel_mean", "Δ Image AUROC")]["text"] == "-10.0 [-10.0, -10.0]"
+    low, high = _bootstrap_bounds(cosine["sources"], "cosine")
+    assert cosine["value"] == pytest.approx(3.0) and cosine["text"] == f"+3.0 [{signed(low)}, {signed(high)}]"
+    # pixel AUROC (no per-image scores): seed level, per-seed means +5, +1: t(0.975, 1) * 2.828 / sqrt(2) = 25.4
+    assert by_key[("variants_paired", "cosine distance", "Δ Pixel AUROC")]["text"] == "+3.0 [-22.4, +28.4]"
+    assert by_key[("variants_paired", "channel_mean", "Δ Pixel AUROC")]["text"] == "-10.0 [-10.0, -10.0]"
+    channel = dict(zip(("low", "high"), _bootstrap_bounds(
+        by_key[("variants_paired", "channel_mean", "Δ Image AUROC")]["sources"], "channel")))
+    verdicts = {row: text for (table, row, column), text in _texts(out, "paper_variants_paired").items()
+                if column == "verdict"}
+    assert verdicts["channel_mean"] == verdict(channel)
     # the best of each column is bold in the LaTeX copy
     tex = (out / "tables" / "paper_variants_image_auroc.tex").read_text()
     assert r"\textbf{93.0 $\pm$ 2.8}" in tex or r"\textbf{94.0 $\pm$ 1.4}" in tex
 
 
+def _texts(out: Path, table: str) -> dict[tuple[str, str, str], str]:
+    """(table, row, column) -> the cell's text, from the table's Markdown copy."""
+    lines = [line.strip("|").split("|") for line in (out / "tables" / f"{table}.md").read_text().splitlines()
+             if line.startswith("|")]
+    header = [h.strip() for h in lines[0]]
+    return {(table, row[0].strip().strip("*"), column): cell.strip().strip("*") for row in lines[2:]
+            for column, cell in zip(header[1:], row[1:])}
+
+
+def _bootstrap_bounds(sources: list[str], arm: str) -> tuple[float, float]:
+    """The image-AUROC bootstrap of ``arm`` against the baseline from the runs' scores.csv, paired by seed."""
+    runs = {(("base" if "baseline" in p else "arm"), json.loads(Path(p).read_text())["config"]["seed"]): Path(p).parent
+            for p in sources if "baseline" in p or arm in p}
+    pairs = {}
+    for category in ("bottle", "screw"):
+        for seed in (0, 1):
+            rows = [{r["path"]: r for r in csv.DictReader((runs[(side, seed)] / "scores.csv").open())
+                     if r["category"] == category} for side in ("base", "arm")]
+            paths = tuple(sorted(rows[0]))
+            labels = np.array([int(rows[0][p]["label"]) for p in paths])
+            base, tuned = (np.array([float(r[p]["image_score"]) for p in paths]) for r in rows)
+            pairs.setdefault(category, []).append(Paired(paths, labels, base, tuned))
+    result = bootstrap(pairs)
+    return result["low"], result["high"]
+
+
 def test_result_sentences_come_from_the_numbers(paper) -> None:
-    _, _, pdf = paper
-    assert ("cosine distance changes mean Image AUROC by +3.0 points (95% CI -0.7 to +6.7; 4 pairs by (seed, "
-            "category)): no clear difference.") in pdf
-    assert "channel_mean changes mean Image AUROC by -10.0 points (95% CI -10.0 to -10.0" in pdf
+    out, record, pdf = paper
+    cosine = next(c for c in record["cells"] if c["table"] == "variants_paired" and c["row"] == "cosine distance")
+    low, high = _bootstrap_bounds(cosine["sources"], "cosine")
+    assert (f"cosine distance changes mean Image AUROC by +3.0 points (95% interval {signed(low)} to {signed(high)}; "
+            "paired bootstrap over 40 test images (nominal and defective resampled separately) and 2 seed(s), 2000 "
+            "replicates; same seed, 2 seed(s); std over seeds 2.83): not resolved") in pdf  # +5, +1
+    assert ("cosine distance changes mean Pixel AUROC by +3.0 points (95% interval -22.4 to +28.4; seed level, test "
+            "images held fixed (no per-image scores for this metric)") in pdf
+    assert "channel_mean changes mean Pixel AUROC by -10.0 points (95% interval -10.0 to -10.0" in pdf
     assert "lower than the baseline" in pdf
-    assert "Clearly lower on at least one metric: channel_mean" in pdf
+    assert "Lower on at least one metric (95% interval below 0): channel_mean" in pdf
+    # the table captions say how each interval was made
+    caption = (out / "tables" / "paper_variants_paired.md").read_text().splitlines()[0]
+    assert "Image AUROC: paired bootstrap over the test images" in caption
+    assert "Pixel AUROC and AUPRO: seed level, test images held fixed" in caption
 
 
 def test_no_page_runs_into_the_margins(paper, tmp_path) -> None:
@@ -191,7 +239,8 @@ def test_runs_without_a_study_are_compared_by_their_settings(tmp_path) -> None:
                                "arms": ["baseline", "effnet_lite0 (distance=cosine)"]}}
     by_key = {(c["table"], c["row"], c["column"]): c for c in record["cells"]}
     cosine = by_key[("patchcore_scoring_distance_paired", "effnet_lite0 (distance=cosine)", "Δ Image AUROC")]
-    assert cosine["text"] == "+3.0 [-0.7, +6.7]"  # as in the study's variants comparison
+    low, high = _bootstrap_bounds(cosine["sources"], "cosine")
+    assert cosine["text"] == f"+3.0 [{signed(low)}, {signed(high)}]"  # as in the study's variants comparison
 
 
 CHECK = """<script>

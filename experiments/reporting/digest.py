@@ -2,7 +2,8 @@
 and memory, the figures, one command per variant, the runs left out), as one more document of the report's
 document model (document.py), from the same inputs, statistics, tables and figures as the paper. Rendered to
 ``digest.md`` (markdown_out.py) and, through the paper's Typst renderer, ``digest.typ`` / ``digest.pdf``;
-``digest.json`` is its manifest. Tables: ``tables/<metric>.{csv,md,tex}``, ``timing``, ``runs.csv``,
+``digest.json`` is its manifest. Tables: ``tables/<metric>.{csv,md,tex}``, ``timing``, each comparison's
+differences to its baseline (``<comparison>_paired``, ``_paired_categories``: the paper's), ``runs.csv``,
 ``excluded.csv``.
 """
 
@@ -21,7 +22,14 @@ from experiments.reporting.data import Run, flatten, sort_value, sweep_commands
 from experiments.reporting.document import Block, Bullets, Code, Document, FigureBlock, Heading, Paragraph, Span
 from experiments.reporting.markdown_out import to_markdown
 from experiments.reporting.paper_sections import DATASET_TITLES, DATASETS, categories_sentence, figure_blocks, software
-from experiments.reporting.tables import TABLE_METRICS, metric_table, timing_table, write_tables
+from experiments.reporting.tables import (
+    TABLE_METRICS,
+    category_paired_table,
+    metric_table,
+    paired_table,
+    timing_table,
+    write_tables,
+)
 from experiments.reporting.typst_out import write_pdf
 
 SETUP_SKIP = (*BOOKKEEPING, *IDENTITY)  # not listed as settings: bookkeeping, and what each run is of
@@ -125,8 +133,16 @@ def results(inputs: Inputs, variants: dict[str, list[Run]], out: Path) -> list[B
     sweeps = [figure for comparison in inputs.comparisons for figure in figures.sweep_figure(comparison)]
     built = figure_blocks([*sweeps, *figures.roc_figure(groups, categories), *figures.map_figures(groups, categories)],
                           out)
-    return [*blocks, *setup(inputs, variants), Heading("Results"), *tables, *([Heading("Figures")] if built else []),
-            *built]
+    return [*blocks, *setup(inputs, variants), Heading("Results"), *tables, *differences(inputs),
+            *([Heading("Figures")] if built else []), *built]
+
+
+def differences(inputs: Inputs) -> list[Block]:
+    """Each comparison's differences to its baseline, the paper's tables (stats.paired: the same intervals and
+    verdicts as the paper states)."""
+    found = [table for comparison in inputs.present
+             for table in (paired_table(comparison), category_paired_table(comparison)) if table is not None]
+    return [Heading("Differences to the baseline"), *found] if found else []
 
 
 def build_digest(run_dirs: list[str | Path], out: str | Path = "reports", dataset: str | None = None,

@@ -26,8 +26,9 @@ from experiments.reporting.document import (
     parse_source,
 )
 from experiments.reporting.html_out import to_html
+from experiments.reporting.intervals import REPLICATES
 from experiments.reporting.paper_sections import DATASET_TITLES
-from experiments.reporting.stats import cell_stats, signed
+from experiments.reporting.stats import EQUIVALENCE, EQUIVALENT, cell_stats, signed
 from experiments.reporting.tables import sources_rows, write_tables
 from experiments.reporting.typst_out import write_pdf
 
@@ -63,15 +64,17 @@ def values(ctx: ps.Context) -> dict[str, str]:
     abstract = (f"The baseline reaches a mean image AUROC of "
                 f"{cell_stats(base.rows, 'image_auroc', None, categories_of(present[0]))[0]:.1f}%. "
                 if base and present else "")
-    abstract += (f"Clear changes of mean image AUROC (95% intervals excluding zero): {'; '.join(found)}." if found
-                 else "No compared arm changes mean image AUROC by more than its 95% interval.")
+    abstract += (f"Changes of mean image AUROC whose 95% interval excludes zero: {'; '.join(found)}." if found
+                 else "No compared arm's 95% interval of the mean image-AUROC difference excludes zero.")
+    same = [arm for _, arm, _ in ps.image_changes(present, EQUIVALENT)]
+    abstract += f" Equivalent within ±{EQUIVALENCE:g} points (95% interval inside): {', '.join(same)}." if same else ""
     said = discussed_effects(present)
     effect = ("Measured here: " + " ".join(said)) if said else \
         "Their effect was not measured in these runs (no arm changes the aggregation or the distance)."
     return {"dataset_title": DATASET_TITLES.get(ctx.dataset, ctx.dataset), "compared_list": compared,
             "abstract_results": abstract, "n_runs": str(len(ctx.runs)), "n_results": str(len(ctx.frame)),
             "n_seeds": str(ctx.frame["seed"].nunique()), **ps.baseline_settings(ctx),
-            "differences_effect": effect}
+            "differences_effect": effect, "replicates": str(REPLICATES), "equivalence": f"{EQUIVALENCE:g}"}
 
 
 def compose(ctx: ps.Context) -> list[Block]:

@@ -1,7 +1,7 @@
 """The paper's generated parts: the setup, one results subsection per comparison (tables, figures and the
 sentences that state each result, made from the numbers), the discussion, limitations, conclusion and the
 reproducibility appendix. A comparison the runs do not contain becomes a one-line note, never an empty
-table; a statement is made only where a number supports it (``comparisons.verdict``)."""
+table; a statement is made only where a number supports it (``stats.verdict``, from the 95 % interval)."""
 
 from __future__ import annotations
 
@@ -18,8 +18,9 @@ from experiments.reporting import figures as pf
 from experiments.reporting.comparisons import Comparison, Inputs, categories_of, format_value
 from experiments.reporting.data import Run, first_run, setting
 from experiments.reporting.document import Block, Bullets, Code, FigureBlock, Gallery, Heading, Note, text
-from experiments.reporting.stats import cell_stats, signed, verdict
+from experiments.reporting.stats import EQUIVALENCE, EQUIVALENT, cell_stats, interval, signed, verdict
 from experiments.reporting.tables import (
+    category_paired_table,
     category_table,
     main_table,
     paired_rows,
@@ -135,14 +136,20 @@ def run_time_sentence(ctx: Context) -> str:
     return f"*Run time.* {len(ctx.runs)} runs, {total / 3600:.2f} h in all (results.json total_time_s)."
 
 
+SAID = {"higher": "higher than the baseline", "lower": "lower than the baseline",
+        EQUIVALENT: f"equivalent to the baseline within ±{EQUIVALENCE:g} points",
+        "not resolved": "not resolved (the interval holds 0 and reaches beyond ±0.5 points)"}
+
+
 def difference_sentence(arm: str, metric: str, diff: dict) -> str:
-    interval = ("one pair, no interval" if math.isnan(diff["low"])
-                else f"95% CI {signed(diff['low'])} to {signed(diff['high'])}")
-    word = verdict(diff)
-    said = {"higher": "higher than the baseline", "lower": "lower than the baseline",
-            "no clear difference": "no clear difference", "one pair only: no interval": "a single pair"}[word]
-    return (f"*{arm}* changes mean {METRIC_TITLES[metric]} by {signed(diff['mean'])} points ({interval}; "
-            f"{diff['n']} pairs by {diff['pairing']}): {said}.")
+    """The difference, its interval and how it was made, the spread of the per-seed differences, and the verdict
+    word (stats.verdict) it supports."""
+    bounds = ("no interval" if math.isnan(diff["low"])
+              else f"95% interval {signed(diff['low'])} to {signed(diff['high'])}")
+    spread = f"; std over seeds {diff['seed_sd']:.2f}" if diff["n"] > 1 else ""
+    said = SAID[verdict(diff)] if not math.isnan(diff["low"]) else "not resolved (one seed, no per-image scores)"
+    return (f"*{arm}* changes mean {METRIC_TITLES[metric]} by {signed(diff['mean'])} points ({bounds}; "
+            f"{diff['pairing']}{spread}): {said}.")
 
 
 def results_blocks(ctx: Context) -> list[Block]:
@@ -158,7 +165,8 @@ def results_blocks(ctx: Context) -> list[Block]:
         sentences = [difference_sentence(arm, metric, diff) for arm, metric, diff in paired_rows(comparison)
                      if diff is not None and metric in ("image_auroc", "pixel_auroc")]
         blocks += [text(" ".join(sentences))] if sentences else []
-        blocks += [summary_table(comparison), paired_table(comparison), category_table(comparison, "image_auroc")]
+        blocks += [summary_table(comparison), paired_table(comparison), category_table(comparison, "image_auroc"),
+                   category_paired_table(comparison)]
         arms, categories = pf.arms(comparison), categories_of(comparison)
         built = pf.sweep_figure(comparison) if comparison.sweep else [
             *pf.roc_figure(arms, categories, f"roc_{comparison.name}", comparison.title),
@@ -202,16 +210,18 @@ def discussion_blocks(ctx: Context) -> list[Block]:
         rows = [(arm, metric, diff) for arm, metric, diff in paired_rows(comparison) if diff is not None]
         up = sorted({arm for arm, _, diff in rows if verdict(diff) == "higher"})
         down = sorted({arm for arm, _, diff in rows if verdict(diff) == "lower"})
+        same = sorted(arm for arm, metric, diff in rows if metric == "image_auroc" and verdict(diff) == EQUIVALENT)
         parts = [f"*{comparison.title}.* The highest mean image AUROC is {best.name}'s "
                  f"({_mean(comparison, best, 'image_auroc'):.1f}%, baseline {base:.1f}%)."]
         if up:
-            parts.append(f"Clearly higher than the baseline on at least one metric: {', '.join(up)}.")
+            parts.append(f"Higher than the baseline on at least one metric (95% interval above 0): {', '.join(up)}.")
         if down:
-            parts.append(f"Clearly lower on at least one metric: {', '.join(down)}.")
+            parts.append(f"Lower on at least one metric (95% interval below 0): {', '.join(down)}.")
+        if same:
+            parts.append(f"Image AUROC {EQUIVALENT} of the baseline's: {', '.join(same)}.")
         if not up and not down:
-            n = max((diff["n"] for _, _, diff in rows), default=0)
-            parts.append(f"No arm differs clearly from the baseline on image AUROC, pixel AUROC or AUPRO with "
-                         f"{n} pairs per difference; a real effect smaller than the intervals cannot be excluded.")
+            parts.append("No arm's 95% interval excludes 0 on image AUROC, pixel AUROC or AUPRO; an effect smaller "
+                         "than the intervals cannot be excluded.")
         fits = {arm.name: arm.rows["fit_s"].mean() for arm in comparison.arms}
         base_fit = fits[comparison.baseline.name]
         slow = [f"{name} ({value / base_fit:.1f}x)" for name, value in fits.items()
@@ -236,8 +246,12 @@ def limitations_blocks(ctx: Context) -> list[Block]:
     seeds = ctx.frame["seed"].nunique()
     if seeds < 3:
         items.append(f"{seeds} seed(s) only: the spreads over seeds and most intervals are missing or wide.")
-    items.append("The intervals treat each (seed, category) pair as one observation; categories are few and not "
-                 "a sample of all inspection tasks, so the intervals describe these runs, not a population.")
+    items.append("Image-AUROC intervals resample the test images (nominal and defective separately, the same images "
+                 "for both arms) and the seeds; with three seeds or fewer the seed part is rough (the per-seed spread "
+                 "is kept beside it). Pixel AUROC and AUPRO have no per-image scores in the run record: their "
+                 "intervals are over seeds with the test images held fixed, so they leave out the test set's own "
+                 "noise. Categories are few and not a sample of all inspection tasks: a pooled difference describes "
+                 "these categories, not a population.")
     manifest = ctx.manifest or {}
     if str(manifest.get("study", "")).startswith("quick"):
         items.append("This is the quick smoke study (conf/study/quick.yaml): one seed, two categories, few training "
@@ -253,14 +267,16 @@ def image_changes(comparisons: list[Comparison], *words: str) -> list[tuple[Comp
 
 
 def conclusion_blocks(ctx: Context) -> list[Block]:
-    up, down = ([f"{arm} ({signed(diff['mean'])})" for _, arm, diff in image_changes(ctx.present, word)]
-                for word in ("higher", "lower"))
+    up, down, same = ([f"{arm} ({interval(diff)})" for _, arm, diff in image_changes(ctx.present, word)]
+                      for word in ("higher", "lower", EQUIVALENT))
     n = len(ctx.present)
     lines = [f"Over {n} comparison(s) on {ctx.dataset} against one baseline:"]
-    lines.append(f"clearly higher mean image AUROC: {', '.join(up)}." if up else
-                 "no arm clearly raises mean image AUROC over the baseline.")
+    lines.append(f"higher mean image AUROC (95% interval above 0): {', '.join(up)}." if up else
+                 "no arm's 95% interval shows a higher mean image AUROC than the baseline's.")
     if down:
-        lines.append(f"Clearly lower: {', '.join(down)}.")
+        lines.append(f"Lower (95% interval below 0): {', '.join(down)}.")
+    if same:
+        lines.append(f"{EQUIVALENT[0].upper()}{EQUIVALENT[1:]}: {', '.join(same)}.")
     return [text(" ".join(lines))]
 
 

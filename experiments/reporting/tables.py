@@ -19,7 +19,17 @@ from experiments.reporting.comparisons import Comparison, categories_of
 from experiments.reporting.data import first_run, read_log, read_overrides, read_sidecar, sidecars
 from experiments.reporting.document import Cell, TableBlock
 from experiments.reporting.markdown_out import table as markdown_table
-from experiments.reporting.stats import SPREAD, cell_stats, number, paired, signed, sources_of
+from experiments.reporting.stats import (
+    BOOTSTRAP_WORDS,
+    EQUIVALENT,
+    SPREAD,
+    cell_stats,
+    interval,
+    number,
+    paired,
+    sources_of,
+    verdict,
+)
 
 SUMMARY_METRICS = ("image_auroc", "pixel_auroc", "aupro", "image_f1_max")
 PAIRED_METRICS = ("image_auroc", "pixel_auroc", "aupro")
@@ -97,21 +107,59 @@ def paired_rows(comparison: Comparison) -> list[tuple[str, str, dict | None]]:
             for arm in comparison.others for metric in PAIRED_METRICS]
 
 
+def intervals_caption(diffs: list[tuple[str, dict]]) -> str:
+    """How the intervals of ``(metric, difference)`` were made (stats.paired's ``how``), each way once with the
+    metrics it was used for."""
+    ways: dict[str, list[str]] = {}
+    for metric, diff in diffs:
+        if diff is not None and METRIC_TITLES[metric] not in ways.setdefault(diff["how"], []):
+            ways[diff["how"]].append(METRIC_TITLES[metric])
+    return "; ".join(f"{' and '.join(titles)}: {how}" for how, titles in ways.items())
+
+
+VERDICT_RULE = (f"verdict from the Image AUROC interval: higher / lower when it excludes 0, {EQUIVALENT} when it "
+                "lies inside that band, else not resolved")
+
+
 def paired_table(comparison: Comparison) -> TableBlock | None:
-    """Arms x (the paired difference against the baseline of each metric, with its 95% interval)."""
-    diffs, n, rows = [diff for _, _, diff in paired_rows(comparison)], len(PAIRED_METRICS), []
+    """Arms x (the difference against the baseline of each metric with its 95% interval, the image-AUROC verdict,
+    the seeds paired)."""
+    found, n, rows = paired_rows(comparison), len(PAIRED_METRICS), []
+    diffs = [diff for _, _, diff in found]
     for i, arm in enumerate(comparison.others):
         sources = sorted({*sources_of(comparison.baseline.rows), *sources_of(arm.rows)})
-        own = diffs[i * n:(i + 1) * n]
-        cells = [Cell("-") if d is None else Cell(signed(d["mean"]) + ("" if math.isnan(d["low"]) else
-                                                                       f" [{signed(d['low'])}, {signed(d['high'])}]"),
-                                                  d["mean"], sources=sources) for d in own]
-        rows.append([Cell(arm.name), *cells, _count(max((d["n"] for d in own if d is not None), default=0))])
+        own = dict(zip(PAIRED_METRICS, diffs[i * n:(i + 1) * n]))
+        cells = [Cell("-") if d is None else Cell(interval(d), d["mean"], sources=sources) for d in own.values()]
+        image = own["image_auroc"]
+        rows.append([Cell(arm.name), *cells, Cell("-" if image is None else verdict(image)),
+                     _count(max((d["n"] for d in own.values() if d is not None), default=0))])
     if not rows:
         return None
-    header = ["arm", *(f"Δ {METRIC_TITLES[m]}" for m in PAIRED_METRICS), "pairs"]
-    return TableBlock(f"{comparison.name}_paired", f"{comparison.title}: difference to the baseline in percentage "
-                      "points, paired by seed and category, [95% interval].", header, rows)
+    header = ["arm", *(f"Δ {METRIC_TITLES[m]}" for m in PAIRED_METRICS), "verdict", "seeds"]
+    return TableBlock(f"{comparison.name}_paired", f"{comparison.title}: difference to the baseline (arm - baseline, "
+                      f"percentage points, mean over categories) [95% interval]. Intervals: "
+                      f"{intervals_caption([(m, d) for _, m, d in found])}. {VERDICT_RULE[0].upper()}"
+                      f"{VERDICT_RULE[1:]}. Seeds: the seeds paired (an arm run once: each baseline seed).", header,
+                      rows)
+
+
+def category_paired_table(comparison: Comparison) -> TableBlock | None:
+    """Arms x categories: the image-AUROC difference per category with its bootstrap interval (where it holds the
+    per-image scores); None when no arm has one."""
+    categories, rows = categories_of(comparison), []
+    for arm in comparison.others:
+        diff = paired(comparison.baseline.rows, arm.rows, "image_auroc", categories)
+        if diff is None or not diff["categories"]:
+            continue
+        sources = sorted({*sources_of(comparison.baseline.rows), *sources_of(arm.rows)})
+        cells = [Cell(interval(diff["categories"][c]), diff["categories"][c]["mean"], sources=sources)
+                 if c in diff["categories"] else Cell("-") for c in categories]
+        rows.append([Cell(arm.name), *cells])
+    if not rows:
+        return None
+    return TableBlock(f"{comparison.name}_paired_categories", f"{comparison.title}: Image AUROC difference to the "
+                      f"baseline per category (percentage points) [95% interval: {BOOTSTRAP_WORDS}].",
+                      ["arm", *categories], rows)
 
 
 def main_table(comparisons: list[Comparison]) -> TableBlock | None:
