@@ -31,7 +31,13 @@ from core.thresholds import ThresholdRule
 from experiments.harness.anomaly_maps import MAPS_DIR, save_maps
 from experiments.harness.backbones import per_category_backbones
 from experiments.harness.components import build, resolve_device
-from experiments.harness.evaluation import apply_threshold, evaluate, score_rows, split_validation
+from experiments.harness.evaluation import (
+    apply_threshold,
+    evaluate,
+    image_metrics_note,
+    score_rows,
+    split_validation,
+)
 from experiments.harness.results import (
     SCHEMA_VERSION,
     config_record,
@@ -39,6 +45,7 @@ from experiments.harness.results import (
     format_table,
     git_commit,
     mean_metrics,
+    not_computable,
     peak_rss_mb,
     read_scores_csv,
     versions,
@@ -80,6 +87,8 @@ class Harness:
             try:
                 for problem in self.layout.scan(category, seed=self.settings.seed):
                     log.warning("[%s] skipped (dataset.skip_unreadable=true): %s", category, problem)
+                if note := image_metrics_note([s.label for s in self.layout.test_samples(category)]):
+                    log.warning("[%s] %s", category, note)  # said now, not after the fit
             except UnreadableFilesError as error:
                 log.error("[%s] %s", category, error)
                 self.unusable[category] = f"{type(error).__name__}: {error}"
@@ -132,8 +141,9 @@ class Harness:
         predictions = model.predict(test_loader)
         predict_s = time.perf_counter() - start
         metrics, note = evaluate(predictions)
-        if note:
-            log.warning("[%s] %s", category, note)
+        for warning in (note, metrics["image_metrics_note"]):
+            if warning:
+                log.warning("[%s] %s", category, warning)
         threshold = None
         if self.rule is not None:
             nominal = model.predict(self.loader(AnomalyDataset(held_out, preprocessing))) if held_out else None
@@ -178,7 +188,7 @@ def run(cfg: DictConfig, run_dir: Path, tracker: NoLogger | None = None) -> dict
         log.info("removed %s, left unfinished by a process that died", leftover)
     harness = Harness(cfg, run_dir)
     results: dict = {"schema_version": SCHEMA_VERSION, "metric_definitions": dict(METRIC_DEFINITIONS),
-                     "config": config_record(cfg), "categories": {}, "mean": {},
+                     "config": config_record(cfg), "categories": {}, "mean": {}, "not_computable": {},
                      "failed": {}, "complete": False, "peak_rss_mb": None, "total_time_s": None,
                      "versions": versions(), "git_commit": git_commit(), "config_hash": config_hash(cfg),
                      "preprocessing": {"resize": harness.layout.resize, "image_size": harness.layout.image_size}}
@@ -216,6 +226,7 @@ def _run_one(harness: Harness, category: str, results: dict, score_table: list[d
 def _finish_record(results: dict, harness: Harness, started: float, run_dir: Path) -> None:
     """Means, completeness, memory and time, then results.json (atomically: a kill leaves the previous one)."""
     results["mean"] = mean_metrics(results["categories"])
+    results["not_computable"] = not_computable(results["categories"])
     results["complete"] = not results["failed"] and len(results["categories"]) == len(harness.categories)
     results["peak_rss_mb"] = peak_rss_mb()
     results["total_time_s"] = time.perf_counter() - started

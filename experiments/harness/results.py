@@ -8,10 +8,14 @@ Schema (a contract: the report and sweeps read it)::
      "preprocessing": {"resize", "image_size"},
      "categories": {"<name>": {"image_auroc", "image_f1_max", "pixel_auroc", "pixel_f1_max", "aupro",
                                "aupro_defect_images", "n_train", "n_test", "bank_size", "pixel_metrics_note",
+                               "image_metrics_note" (why the image metrics are null: no nominal or no defect
+                               test images; null when they were computed),
                                "resumed_from" (only when taken over from an interrupted run),
                                "timings_s": {"train" | "extract", "coreset", "predict"},
                                "threshold": {...}  (only with a threshold rule)}},
      "mean": {"image_auroc", "image_f1_max", "pixel_auroc", "pixel_f1_max", "aupro"},
+     "not_computable": {<metric>: [<category>, ...]}  (the categories whose value is null: their mean leaves
+                                                      them out, so it is not over every category),
      "failed": {"<name>": "<error>"}, "complete": bool,
      "peak_rss_mb", "total_time_s", "versions", "git_commit"}
 
@@ -76,6 +80,14 @@ def mean_metrics(categories: dict[str, dict]) -> dict[str, float | None]:
         values = [entry[metric] for entry in categories.values() if entry.get(metric) is not None]
         means[metric] = sum(values) / len(values) if values else None
     return means
+
+
+def not_computable(categories: dict[str, dict]) -> dict[str, list[str]]:
+    """Metric -> the categories where it is null (not computable: no masks, no nominal or no defect test
+    images), so a record says which means are over fewer categories than the run's."""
+    missing = {metric: [name for name, entry in categories.items() if entry.get(metric) is None]
+               for metric in (*METRICS, *EXTRA_METRICS)}
+    return {metric: names for metric, names in missing.items() if names}
 
 
 def peak_rss_mb() -> float:

@@ -1,0 +1,57 @@
+"""Issue 26, deliverable 9: clear messages, early. Each hostile input or fault gives one or two lines that
+name the setting or path and what to do, in seconds (before any fit where the cause is known up front),
+never a traceback or a number that measures nothing."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import pytest
+
+from experiments.harness.fit_and_evaluate import run
+from experiments.harness.results import format_table
+from tests.conftest import write_tiny_category
+
+TINY = ("dataset=folder", "dataset.resize=64", "dataset.image_size=64", "backbone=resnet18",
+        "backbone.pretrained=false", "patchcore.embedder.embed_dim=64", "coreset.ratio=0.5", "logger=none",
+        "viz.n=0")
+
+
+def tiny(root: Path, *extra: str) -> tuple[str, ...]:
+    return (*TINY, f"dataset.root={root}", *extra)
+
+
+def test_a_test_set_without_nominal_or_defect_images_has_no_image_metrics(tmp_path, make_config, caplog) -> None:
+    """No test/good: image AUROC and F1-max are null with the reason (not F1-max 100 %), said before the fit,
+    listed under not_computable, and shown as missing ('-') by the printed table and the report's tables."""
+    write_tiny_category(tmp_path / "data", "nogood", n_good=0)
+    write_tiny_category(tmp_path / "data", "nodefect", n_bad=0)
+    with caplog.at_level(logging.INFO, logger="patchcore"):
+        results = run(make_config(*tiny(tmp_path / "data", "category=[nogood,nodefect]")), tmp_path / "run")
+    messages = [record.getMessage() for record in caplog.records]
+    first_fit = next(i for i, m in enumerate(messages) if "fitting on" in m)
+    for category, missing in (("nogood", "no nominal test images (test/good)"),
+                              ("nodefect", "no defect test images")):
+        entry = results["categories"][category]
+        assert entry["image_auroc"] is None and entry["image_f1_max"] is None
+        assert missing in entry["image_metrics_note"] and "not computable" in entry["image_metrics_note"]
+        early = [i for i, m in enumerate(messages) if m.startswith(f"[{category}] {missing}")]
+        assert early and early[0] < first_fit  # warned at start-up, before any model work
+    assert results["categories"]["nogood"]["pixel_auroc"] is not None  # defect images' own nominal pixels
+    on_disk = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert on_disk["not_computable"]["image_auroc"] == ["nogood", "nodefect"]
+    assert on_disk["not_computable"]["image_f1_max"] == ["nogood", "nodefect"]
+    assert on_disk["mean"]["image_f1_max"] is None and on_disk["mean"]["image_auroc"] is None
+    rows = {line.split()[0]: line.split()[1:] for line in format_table(on_disk["categories"], on_disk["mean"])
+            .splitlines()[:-1]}
+    assert rows["nogood"][:2] == ["-", "-"] and rows["nodefect"][:2] == ["-", "-"] and rows["mean"][:2] == ["-", "-"]
+
+    from experiments.reporting.data import discover, tidy
+    from experiments.reporting.tables import metric_table
+
+    runs, _ = discover([tmp_path / "run"])
+    runs[0].variant = "tiny"
+    table = metric_table(tidy(runs), "image_f1_max", ["tiny"])
+    assert [[cell.text for cell in row] for row in table.rows] == [["nodefect", "-"], ["nogood", "-"], ["mean", "-"]]
