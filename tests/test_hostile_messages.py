@@ -55,3 +55,34 @@ def test_a_test_set_without_nominal_or_defect_images_has_no_image_metrics(tmp_pa
     runs[0].variant = "tiny"
     table = metric_table(tidy(runs), "image_f1_max", ["tiny"])
     assert [[cell.text for cell in row] for row in table.rows] == [["nodefect", "-"], ["nogood", "-"], ["mean", "-"]]
+
+
+@pytest.mark.parametrize(("backbone", "smallest"), [("resnet18", 17), ("effnet_lite0", 24)])
+def test_b_image_size_too_small_for_the_backbone_is_refused_at_start_up(tmp_path, make_config, monkeypatch,
+                                                                        backbone, smallest) -> None:
+    """dataset.image_size=7: refused before any image is read, naming the setting, the value and the smallest
+    crop that gives a 3x3 patch grid (resnet18's layer2 is at stride 8 with floor((n - 1) / 2) + 1 per halving:
+    17 px -> 9 -> 5 -> 3 positions, 16 px gives 2; EfficientNet-Lite0's blocks.4 also at stride 8, but its
+    'same' padding is fixed for 224 px inputs, so n // 8: 24 px). effnet_lite0 failed mid-fit before (a 5x5
+    kernel on a 4x4 map), resnet18 ran on a 1x1 grid."""
+    import torch
+
+    from core.data import MVTecLayout
+
+    write_tiny_category(tmp_path / "data", "widget")
+    cfg = make_config(*tiny(tmp_path / "data", "category=widget", "dataset.image_size=7", f"backbone={backbone}"))
+    read = []
+    monkeypatch.setattr(MVTecLayout, "scan", lambda self, *a, **k: read.append(1) or [])
+    with pytest.raises(ValueError) as refused:
+        run(cfg, tmp_path / "run")
+    message = str(refused.value)
+    assert len(message.splitlines()) == 1 and not read  # before the start-up scan reads any image
+    assert message.startswith("dataset.image_size=7 is too small for backbone")
+    assert f"is {smallest} px; set dataset.image_size (and dataset.resize) to at least {smallest}" in message
+    from experiments.harness.components import build
+
+    extractor = build(cfg.backbone).eval()  # the number is exact: the smallest crop that works, not one less
+    with torch.no_grad():
+        assert tuple(extractor(torch.zeros(1, 3, smallest, smallest))[0].shape[-2:]) == (3, 3)
+        assert tuple(extractor(torch.zeros(1, 3, smallest - 1, smallest - 1))[0].shape[-2:]) == (2, 2)
+    assert not (tmp_path / "run" / "results.json").exists()

@@ -23,6 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 
 from core.backbones import FeatureExtractor
+from core.backbones.base import check_input_size
 from core.data import AnomalyDataset, DatasetError, MVTecLayout, UnreadableFilesError
 from core.detector import Detector
 from core.io import remove_dead_temporaries, write_json_atomic
@@ -79,6 +80,9 @@ class Harness:
             self.extractor = self._extractor(self.categories[0])
             self._fit_input_size(self.extractor)
         self._first: Detector | None = self._build_model()  # every model setting checked here
+        if self.extractor is not None:  # a crop too small for the backbone: named now, not mid-fit
+            embedder = getattr(self._first, "embedder", None)
+            check_input_size(self.extractor, self.layout.image_size, getattr(embedder, "patch_size", 1))
         log.info("model %s: %s; dataset %s, categories %s, on %s", cfg.model._target_,
                  f"backbone {self.extractor.name} (layers {self.extractor.layers})" if self.extractor else
                  "no backbone", self.layout.name, self.categories, self.device)
