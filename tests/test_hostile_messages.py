@@ -86,3 +86,67 @@ def test_b_image_size_too_small_for_the_backbone_is_refused_at_start_up(tmp_path
         assert tuple(extractor(torch.zeros(1, 3, smallest, smallest))[0].shape[-2:]) == (3, 3)
         assert tuple(extractor(torch.zeros(1, 3, smallest - 1, smallest - 1))[0].shape[-2:]) == (2, 2)
     assert not (tmp_path / "run" / "results.json").exists()
+
+
+def test_c_mistyped_nprobe_is_named_with_its_type(tmp_path, make_config) -> None:
+    """search.nprobe=abc: named with the type it must have (the constructor's type hint), before any work."""
+    with pytest.raises(ValueError) as refused:
+        run(make_config(*tiny(tmp_path / "data", "search.nprobe=abc")), tmp_path / "run")
+    assert str(refused.value) == "bad settings, nothing was run:\n  search.nprobe=abc must be an integer"
+    assert not (tmp_path / "run").exists()
+
+
+def _read_only(monkeypatch, *folders: Path) -> None:
+    """Make ``folders`` behave as on a read-only disk (chmod does not stop root, which the tests may run as):
+    no temporary folder can be made in them and os.access says they cannot be written."""
+    import os
+    import tempfile
+
+    real_mkdtemp, real_access = tempfile.mkdtemp, os.access
+    blocked = {folder.resolve() for folder in folders}
+
+    def mkdtemp(*args, dir=None, **kwargs):
+        if dir is not None and Path(dir).resolve() in blocked:
+            raise PermissionError(13, "Read-only file system", str(dir))
+        return real_mkdtemp(*args, dir=dir, **kwargs)
+
+    monkeypatch.setattr(tempfile, "mkdtemp", mkdtemp)
+    def access(path, mode, **kwargs) -> bool:
+        if mode & os.W_OK and Path(path).resolve() in blocked:
+            return False
+        return real_access(path, mode, **kwargs)
+
+    monkeypatch.setattr(os, "access", access)
+
+
+def test_d_read_only_textures_root_is_named_before_generating(tmp_path, make_config, monkeypatch) -> None:
+    """A read-only TEXTURES_ROOT: one line naming the folder and the fix, before any image is generated;
+    a read-only root that already holds a complete generated set is used as it is."""
+    import core.data.textures as textures
+    from core.data import DatasetError, TexturesLayout
+
+    counts = {"n_train": 2, "n_test_good": 1, "n_per_defect": 1}
+    ready = textures.ensure_textures(tmp_path / "ready" / "textures", **counts)  # generated while writable
+    generated = []
+    monkeypatch.setattr(textures, "generate_textures", lambda *a, **k: generated.append(a))
+    _read_only(monkeypatch, tmp_path / "ro", tmp_path / "ro" / "textures", tmp_path / "ready", ready)
+    (tmp_path / "ro").mkdir()
+    with pytest.raises(DatasetError) as refused:
+        TexturesLayout(root=tmp_path / "ro" / "textures", **counts).train_samples("brick")
+    message = str(refused.value)
+    assert len(message.splitlines()) == 1 and not generated
+    assert message.startswith(f"the textures dataset cannot be generated into {tmp_path / 'ro' / 'textures'}: "
+                              f"{tmp_path / 'ro'} is not writable")
+    assert "set TEXTURES_ROOT (or dataset.root) to a writable folder" in message
+    (tmp_path / "ro" / "textures").mkdir()  # an empty read-only root itself: the same line, naming it
+    with pytest.raises(DatasetError, match=f"{tmp_path / 'ro' / 'textures'} is not writable"):
+        textures.ensure_textures(tmp_path / "ro" / "textures", **counts)
+    with pytest.raises(DatasetError, match="set TEXTURES_ROOT"):  # through a run: before the fit
+        run(make_config(*TINY[3:], "dataset=textures", f"dataset.root={tmp_path / 'ro' / 'textures'}",
+                        "category=brick"), tmp_path / "run")
+    assert not generated and not (tmp_path / "run" / "results.json").exists()
+
+    layout = TexturesLayout(root=ready, **counts)  # read-only use of a complete set is legitimate
+    assert [s.path.name for s in layout.train_samples("brick")] == ["000.png", "001.png"]
+    assert sorted({s.defect_type for s in layout.test_samples("brick")}) == sorted(["good", *textures.TEXTURE_DEFECTS])
+    assert not generated
