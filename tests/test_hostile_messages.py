@@ -150,3 +150,46 @@ def test_d_read_only_textures_root_is_named_before_generating(tmp_path, make_con
     assert [s.path.name for s in layout.train_samples("brick")] == ["000.png", "001.png"]
     assert sorted({s.defect_type for s in layout.test_samples("brick")}) == sorted(["good", *textures.TEXTURE_DEFECTS])
     assert not generated
+
+
+@pytest.mark.parametrize("error", [RuntimeError("could not create a primitive"),
+                                   RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate "
+                                                "1073741824 bytes. Error code 12 (Cannot allocate memory)"),
+                                   MemoryError()])
+def test_e_out_of_memory_in_the_backbone_names_what_to_lower(tmp_path, make_config, monkeypatch, caplog,
+                                                             error) -> None:
+    """An out-of-memory in the backbone's forward: one line naming batch_size and dataset.image_size with
+    their values, in the log and results.json, without a traceback; other errors keep theirs."""
+    from core.backbones import TorchvisionCNN
+
+    real_forward = TorchvisionCNN.forward
+
+    def forward(self, images):
+        if len(images) > 1:  # the fit's batches (the start-up size check runs one image)
+            raise error
+        return real_forward(self, images)
+
+    monkeypatch.setattr(TorchvisionCNN, "forward", forward)
+    write_tiny_category(tmp_path / "data", "widget")
+    with caplog.at_level(logging.INFO, logger="patchcore"):
+        results = run(make_config(*tiny(tmp_path / "data", "category=widget", "batch_size=4")), tmp_path / "run")
+    failed = results["failed"]["widget"]
+    assert failed.startswith(f"out of memory ({type(error).__name__}")
+    assert failed.endswith("lower batch_size (now 4) or dataset.image_size (now 64), or run where more memory "
+                           "is free") and len(failed.splitlines()) == 1
+    errors = [record for record in caplog.records if record.levelno >= logging.ERROR]
+    assert [record.getMessage() for record in errors] == [f"[widget] failed: {failed}"]
+    assert errors[0].exc_info is None  # no traceback
+    assert json.loads((tmp_path / "run" / "results.json").read_text())["failed"] == {"widget": failed}
+
+
+def test_e_other_errors_keep_their_traceback(tmp_path, make_config, monkeypatch, caplog) -> None:
+    from core.backbones import TorchvisionCNN
+
+    real_forward = TorchvisionCNN.forward
+    monkeypatch.setattr(TorchvisionCNN, "forward", lambda self, images: real_forward(self, images)
+                        if len(images) == 1 else (_ for _ in ()).throw(RuntimeError("shape mismatch")))
+    write_tiny_category(tmp_path / "data", "widget")
+    results = run(make_config(*tiny(tmp_path / "data", "category=widget")), tmp_path / "run")
+    assert results["failed"]["widget"] == "RuntimeError: shape mismatch"
+    assert [r.exc_info is not None for r in caplog.records if r.levelno >= logging.ERROR] == [True]

@@ -47,6 +47,7 @@ from experiments.harness.results import (
     git_commit,
     mean_metrics,
     not_computable,
+    out_of_memory_message,
     peak_rss_mb,
     read_scores_csv,
     versions,
@@ -218,8 +219,12 @@ def _run_one(harness: Harness, category: str, results: dict, score_table: list[d
     except _Unusable as error:
         results["failed"][category] = str(error)
     except Exception as error:  # keep finished categories; report the failure at the end
-        log.exception("[%s] failed", category)
-        results["failed"][category] = failure_message(error)  # the traceback: in the log only
+        memory = out_of_memory_message(error, harness.settings.batch_size, harness.layout.image_size)
+        if memory:  # what to lower says more than a traceback through the backbone
+            log.error("[%s] failed: %s", category, memory)
+        else:
+            log.exception("[%s] failed", category)
+        results["failed"][category] = memory or failure_message(error)  # the traceback: in the log only
     else:
         results["categories"][category] = entry
         score_table.extend(rows)

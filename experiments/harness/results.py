@@ -149,6 +149,23 @@ def _percent(value: float | None) -> str:
     return "-" if value is None else f"{100 * value:.1f}"
 
 
+# How running out of memory reads: oneDNN's failed allocation on a CPU, torch's CPU allocator, CUDA
+# (torch.OutOfMemoryError says "CUDA out of memory").
+OUT_OF_MEMORY = ("could not create a primitive", "out of memory", "can't allocate memory")
+
+
+def out_of_memory_message(error: BaseException, batch_size: int, image_size: int) -> str | None:
+    """One line for an error that means the machine ran out of memory, naming the settings that lower the
+    need (None for any other error: its own message and traceback say more)."""
+    text = str(error)
+    if not (isinstance(error, MemoryError) or isinstance(error, RuntimeError)
+            and any(marker in text.lower() for marker in OUT_OF_MEMORY)):
+        return None
+    first = next((line.strip() for line in text.splitlines() if line.strip()), type(error).__name__)
+    return (f"out of memory ({type(error).__name__}: {first[:120]}): lower batch_size (now {batch_size}) or "
+            f"dataset.image_size (now {image_size}), or run where more memory is free")
+
+
 def failure_message(error: BaseException) -> str:
     """``Type: message`` of a failed category for results.json; an error re-raised from a DataLoader worker
     (whose message is the worker's whole traceback) is unwrapped to the dataset's own last line. The full
