@@ -193,3 +193,96 @@ def test_e_other_errors_keep_their_traceback(tmp_path, make_config, monkeypatch,
     results = run(make_config(*tiny(tmp_path / "data", "category=widget")), tmp_path / "run")
     assert results["failed"]["widget"] == "RuntimeError: shape mismatch"
     assert [r.exc_info is not None for r in caplog.records if r.levelno >= logging.ERROR] == [True]
+
+
+INTERRUPT_DRIVER = '''
+import sys
+from experiments.harness.fit_and_evaluate import Harness
+real = Harness.run_category
+def run_category(self, category):
+    if category == "b":
+        raise KeyboardInterrupt  # a Ctrl-C inside the second category's fit
+    return real(self, category)
+Harness.run_category = run_category
+from experiments.main import main
+sys.argv = ["experiments/main.py", *sys.argv[1:]]
+main()
+'''
+
+
+def test_f_ctrl_c_during_a_run_says_what_was_kept_and_exits_130(tmp_path, make_config, monkeypatch) -> None:
+    """Ctrl-C in the second category: two lines (what was kept, how to resume), exit status 130, no traceback;
+    and the same command run again resumes as the lines say (the first category is not fitted again)."""
+    import os
+    import subprocess
+    import sys
+
+    for category in ("a", "b"):
+        write_tiny_category(tmp_path / "data", category)
+    (tmp_path / "driver.py").write_text(INTERRUPT_DRIVER)
+    overrides = [*tiny(tmp_path / "data", "category=[a,b]"), "num_workers=0", "progress=false"]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    done = subprocess.run([sys.executable, str(tmp_path / "driver.py"), *overrides], capture_output=True,
+                          text=True, cwd=tmp_path, env=env, timeout=300)
+    assert done.returncode == 130, done.stderr
+    assert "Traceback" not in done.stdout + done.stderr and "KeyboardInterrupt" not in done.stdout + done.stderr
+    [results] = (tmp_path / "outputs").glob("*/*/results.json")
+    said = done.stderr.strip().splitlines()[-2:]
+    assert said == [f"interrupted: 1 finished category (a) kept in {results};",
+                    f"run the same command again from {tmp_path} (or with hydra.run.dir={results.parent}) to resume "
+                    "without fitting them again"]
+    monkeypatch.chdir(tmp_path)  # the same command again, from the same folder (in-process: one torch start less)
+    again = run(make_config(*overrides), tmp_path / "outputs" / "later" / "run")
+    assert again["complete"] is True and again["categories"]["a"]["resumed_from"] == str(results)
+    assert "resumed_from" not in again["categories"]["b"]
+
+
+def _interrupted(capsys, main, *args) -> list[str]:
+    """Call an entry point's main; it must end with status 130 and say so in one or two lines, no traceback."""
+    with pytest.raises(SystemExit) as stopped:
+        main(*args)
+    out, err = capsys.readouterr()
+    assert stopped.value.code == 130 and "Traceback" not in out + err
+    said = err[err.index("interrupted: "):].strip().splitlines()
+    assert 1 <= len(said) <= 2
+    return said
+
+
+def test_f_ctrl_c_in_the_other_entry_points(tmp_path, monkeypatch, capsys) -> None:
+    """finetune, study, export and predict: the same helper, each saying what its own resume does."""
+    import experiments.export
+    import experiments.finetune
+    import experiments.harness.finetuning
+    import experiments.predict
+    import experiments.study
+    from core.patchcore import PatchCore
+
+    def ctrl_c(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(experiments.study, "load_study", ctrl_c)
+    said = _interrupted(capsys, experiments.study.main, ["--study", "quick"])
+    assert said == ["interrupted: finished jobs are kept in the study folder; run the same command again to resume "
+                    "(finished jobs are skipped)"]
+
+    monkeypatch.setattr(experiments.harness.finetuning, "run", ctrl_c)
+    monkeypatch.setattr("sys.argv", ["finetune.py", "method=rotation", f"hydra.run.dir={tmp_path / 'ft'}"])
+    said = _interrupted(capsys, experiments.finetune.main)
+    assert said[0].startswith("interrupted: finished categories' checkpoints are kept, and the interrupted one "
+                              "continues from its last resume file")
+    assert said[1] == "run the same command again to resume (resume=true)"
+
+    monkeypatch.setattr(PatchCore, "load", ctrl_c)
+    monkeypatch.setattr("sys.argv", ["export.py", f"model_dir={tmp_path}", f"out={tmp_path / 'export'}"])
+    said = _interrupted(capsys, experiments.export.main)
+    assert said == ["interrupted: nothing was exported (the folder is written whole or not at all); run the same "
+                    "command again"]
+    assert not (tmp_path / "export").exists()
+
+    monkeypatch.setattr(experiments.predict, "predict", ctrl_c)
+    monkeypatch.setattr("sys.argv", ["predict.py", f"model_dir={tmp_path}", "images=x.png",
+                                     f"out={tmp_path / 'preds'}"])
+    said = _interrupted(capsys, experiments.predict.main)
+    assert said == ["interrupted: the prediction did not finish; run the same command again (with overwrite=true "
+                    "if out already holds files)"]

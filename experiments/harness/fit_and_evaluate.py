@@ -39,6 +39,7 @@ from experiments.harness.evaluation import (
     score_rows,
     split_validation,
 )
+from experiments.harness.interrupts import Interrupted
 from experiments.harness.results import (
     SCHEMA_VERSION,
     config_record,
@@ -269,9 +270,23 @@ def _run_tracked(cfg: DictConfig, run_dir: Path, stop: type[BaseException]) -> d
         results = run(cfg, run_dir, tracker)
     except (ValueError, FileNotFoundError) as error:  # bad settings or input: the message says what to fix
         raise stop(f"error: {error}") from None
+    except KeyboardInterrupt:  # Ctrl-C: say what was kept (experiments/main.py prints it and exits 130)
+        raise Interrupted(interrupted_message(run_dir)) from None
     finally:
         tracker.finish(results)
     return results
+
+
+def interrupted_message(run_dir: Path) -> str:
+    """What an interrupted run kept (the categories its results.json holds) and how it resumes (run_key.py:
+    a re-run looks in outputs/ and multirun/ of its working directory, and in its own folder)."""
+    record = read_results(run_dir / "results.json") or {}
+    finished = sorted(record.get("categories") or {})
+    resume = (f"run the same command again from {Path.cwd()} (or with hydra.run.dir={run_dir}) to resume")
+    if not finished:
+        return f"no category had finished, nothing kept; {resume}"
+    return (f"{len(finished)} finished categor{'y' if len(finished) == 1 else 'ies'} ({', '.join(finished)}) "
+            f"kept in {run_dir / 'results.json'};\n{resume} without fitting them again")
 
 
 @hydra.main(version_base="1.3", config_path="../../conf", config_name="config")
