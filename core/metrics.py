@@ -90,9 +90,10 @@ def image_auroc(labels: np.ndarray, scores: np.ndarray) -> float | None:
 
 
 def f1_max(labels: np.ndarray, scores: np.ndarray) -> float | None:
-    """Image-level F1-max; None without positives (recall undefined)."""
+    """Image-level F1-max; None without positives (recall undefined) and without negatives (every threshold
+    then has precision 1, so the lowest score gives F1 = 1 whatever the scores: a number that measures nothing)."""
     labels, scores = _check_image_inputs(labels, scores)
-    if not labels.any():
+    if not _both_classes(labels):
         return None
     return _best_f1(labels, scores)
 

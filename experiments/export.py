@@ -16,9 +16,12 @@ import logging
 import hydra
 from omegaconf import DictConfig
 
+from experiments.harness.interrupts import exit_on_interrupt
+
 log = logging.getLogger("export")
 
 
+@exit_on_interrupt("nothing was exported (the folder is written whole or not at all); run the same command again")
 @hydra.main(version_base="1.3", config_path="../conf", config_name="export")
 def main(cfg: DictConfig) -> None:
     from core.export import ExportError, UnsupportedExportError, export_model

@@ -18,9 +18,12 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
+from experiments.harness.interrupts import exit_on_interrupt
 from experiments.harness.overrides import refuse_bad_overrides
 
 
+@exit_on_interrupt("finished categories' checkpoints are kept, and the interrupted one continues from its last "
+                   "resume file (every checkpoint_every steps);\nrun the same command again to resume (resume=true)")
 def main() -> None:
     """Old setting names are refused before torch is imported, with the new name."""
     refuse_bad_overrides(sys.argv[1:])

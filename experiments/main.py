@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import sys
 
+from experiments.harness.interrupts import exit_on_interrupt
 from experiments.harness.overrides import refuse_bad_overrides
 
 
+@exit_on_interrupt("nothing was written yet; run the same command again")
 def main() -> None:
     """Old setting names and model-mixing sweeps are refused before anything heavy is imported (in well
     under a second); then the Hydra task runs (experiments/harness/fit_and_evaluate.py)."""

@@ -18,9 +18,12 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, ListConfig
 
+from experiments.harness.interrupts import exit_on_interrupt
 from experiments.harness.prediction import predict
 
 
+@exit_on_interrupt("the prediction did not finish; run the same command again (with overwrite=true if out "
+                   "already holds files)")
 @hydra.main(version_base="1.3", config_path="../conf", config_name="predict")
 def main(cfg: DictConfig) -> None:
     images = list(cfg.images) if isinstance(cfg.images, ListConfig) else str(cfg.images)

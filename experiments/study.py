@@ -14,6 +14,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from experiments.harness.interrupts import exit_on_interrupt
 from experiments.studies.plan import StudyConfigError, build_plan, load_study
 from experiments.studies.runner import run_plan
 
@@ -30,6 +31,8 @@ def resolve_categories(dataset: str, category) -> list[str]:
     return list(build(cfg.dataset).resolve_categories(category))
 
 
+@exit_on_interrupt("finished jobs are kept in the study folder; run the same command again to resume (finished jobs "
+                   "are skipped)")
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--study", default="default", help="conf/study/<name>.yaml or a YAML path (default: default)")

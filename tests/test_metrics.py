@@ -36,8 +36,9 @@ def test_f1_max_hand_example() -> None:
 
 def test_f1_max_perfect_and_all_positive() -> None:
     assert f1_max(np.array([0, 1, 1]), np.array([0.0, 0.9, 0.7])) == pytest.approx(1.0)
-    # all positives: threshold at the lowest score gives P=1, R=1.
-    assert f1_max(np.array([1, 1]), np.array([0.3, 0.2])) == pytest.approx(1.0)
+    # all positives: the threshold at the lowest score gives P=1, R=1 whatever the scores, so F1-max
+    # measures nothing there and is not computable (issue 26: it read as 100 %).
+    assert f1_max(np.array([1, 1]), np.array([0.3, 0.2])) is None
 
 
 def test_image_metrics_single_class_give_none() -> None:

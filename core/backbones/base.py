@@ -87,3 +87,54 @@ def seeded_random_init(build):
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(RANDOM_INIT_SEED)
         return build()
+
+
+# The largest crop the start-up size check tries when looking for the smallest one that works.
+LARGEST_PROBE = 1024
+
+
+def gives_grid(extractor: FeatureExtractor, size: int, min_grid: int) -> bool:
+    """Whether a ``size`` x ``size`` input gives every layer a non-empty map and the first (the patch grid) at
+    least ``min_grid`` positions a side; a forward that fails for the size (a kernel larger than its input)
+    counts as no."""
+    was_training = extractor.training
+    device = next(extractor.parameters(), torch.zeros(0)).device
+    try:
+        with torch.no_grad():
+            maps = extractor.eval()(torch.zeros(1, 3, size, size, device=device))
+    except (RuntimeError, ValueError, AssertionError):
+        return False
+    finally:
+        extractor.train(was_training)
+    return all(min(m.shape[-2:]) >= 1 for m in maps) and min(maps[0].shape[-2:]) >= min_grid
+
+
+def check_input_size(extractor: FeatureExtractor, image_size: int, min_grid: int) -> None:
+    """Refuse a crop too small for the extractor (a failing forward, an empty map, a patch grid smaller than
+    the patch), naming the smallest size that works, found by one-image forwards of tiny zero inputs (each
+    output grows with the input, so a size that works means every larger one does). Cheap: a valid size is
+    usually confirmed at 32 or 64 px. Extractors with a fixed ``input_size`` dictate the crop and are skipped."""
+    if getattr(extractor, "input_size", None):
+        return
+    probe = 8
+    while probe < image_size:
+        if gives_grid(extractor, probe, min_grid):
+            return
+        probe *= 2
+    if gives_grid(extractor, image_size, min_grid):
+        return
+    failing, working = image_size, None  # the smallest working size lies in (failing, working]
+    probe = max(2 * image_size, 8)
+    while probe <= LARGEST_PROBE and working is None:
+        if gives_grid(extractor, probe, min_grid):
+            working = probe
+        else:
+            failing, probe = probe, 2 * probe
+    if working is None:
+        return  # no size works: not a size problem; the run fails its own way
+    while working - failing > 1:
+        middle = (failing + working) // 2
+        failing, working = (failing, middle) if gives_grid(extractor, middle, min_grid) else (middle, working)
+    raise ValueError(f"dataset.image_size={image_size} is too small for backbone {extractor.name} (layers "
+                     f"{extractor.layers}): the smallest crop that gives a {min_grid}x{min_grid} patch grid is "
+                     f"{working} px; set dataset.image_size (and dataset.resize) to at least {working}")

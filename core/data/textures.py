@@ -87,8 +87,7 @@ def ensure_textures(
             f"{root} exists but has no {TEXTURES_STAMP} file, so it was not generated here and is left "
             "alone: set dataset.root (or TEXTURES_ROOT) to a new folder, or delete this one."
         )
-    root.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.tmp-", dir=root.parent))
+    tmp = _generation_folder(root)
     try:
         log.info("generating the embedded textures dataset into %s", root)
         generate_textures(tmp, n_train, n_test_good, n_per_defect)
@@ -97,6 +96,22 @@ def ensure_textures(
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return root
+
+
+def _generation_folder(root: Path) -> Path:
+    """The temporary folder next to ``root`` the set is generated in (then renamed onto it), made before any
+    generation: a read-only place fails here, in one line, not with a traceback after the work."""
+    try:
+        if root.exists() and not os.access(root, os.W_OK):
+            raise PermissionError(13, "read-only", str(root))
+        root.parent.mkdir(parents=True, exist_ok=True)
+        return Path(tempfile.mkdtemp(prefix=f".{root.name}.tmp-", dir=root.parent))
+    except OSError as error:
+        raise DatasetError(
+            f"the textures dataset cannot be generated into {root}: {error.filename or root.parent} is not "
+            f"writable ({error.strerror or error}); set TEXTURES_ROOT (or dataset.root) to a writable folder, "
+            "or generate it once where it can be written and point TEXTURES_ROOT at that copy"
+        ) from None
 
 
 def _stamp(root: Path) -> str | None:

@@ -39,13 +39,25 @@ def pixel_arrays(predictions: Predictions) -> tuple[np.ndarray | None, np.ndarra
     return predictions.masks[with_mask], predictions.maps[with_mask]
 
 
+def image_metrics_note(labels) -> str | None:
+    """Why the image metrics of a test set are not computable (null): it lacks nominal or defect images, so
+    no threshold separates anything (F1-max would read 100 % whatever the scores). None when both are there."""
+    labels = np.asarray(labels)
+    if not len(labels) or (labels == 0).any() and (labels == 1).any():
+        return None
+    missing = "nominal test images (test/good)" if (labels == 1).all() else "defect test images (test/<defect_type>)"
+    return (f"no {missing}: image AUROC and F1-max are not computable and are recorded as null; add such "
+            "images to evaluate this category")
+
+
 def evaluate(predictions: Predictions) -> tuple[dict, str | None]:
     """Metrics of one category: image metrics over every test image, pixel metrics over the images whose
-    masks are known (nominal images always are); the note names the defect images left out."""
+    masks are known (nominal images always are); the note names the defect images left out. The metrics
+    carry ``image_metrics_note`` (why they are null, or None)."""
     require_finite(predictions.image_scores, "the test set")
     masks, maps = pixel_arrays(predictions)
     labels, scores = predictions.labels, predictions.image_scores
-    metrics = compute_metrics(labels, scores, None, None)
+    metrics = {**compute_metrics(labels, scores, None, None), "image_metrics_note": image_metrics_note(labels)}
     if masks is None:
         return {**metrics, "aupro_defect_images": None}, "no ground-truth masks: pixel metrics not computed"
     known = predictions.has_mask

@@ -23,6 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 
 from core.backbones import FeatureExtractor
+from core.backbones.base import check_input_size
 from core.data import AnomalyDataset, DatasetError, MVTecLayout, UnreadableFilesError
 from core.detector import Detector
 from core.io import remove_dead_temporaries, write_json_atomic
@@ -31,7 +32,14 @@ from core.thresholds import ThresholdRule
 from experiments.harness.anomaly_maps import MAPS_DIR, save_maps
 from experiments.harness.backbones import per_category_backbones
 from experiments.harness.components import build, resolve_device
-from experiments.harness.evaluation import apply_threshold, evaluate, score_rows, split_validation
+from experiments.harness.evaluation import (
+    apply_threshold,
+    evaluate,
+    image_metrics_note,
+    score_rows,
+    split_validation,
+)
+from experiments.harness.interrupts import Interrupted
 from experiments.harness.results import (
     SCHEMA_VERSION,
     config_record,
@@ -39,6 +47,8 @@ from experiments.harness.results import (
     format_table,
     git_commit,
     mean_metrics,
+    not_computable,
+    out_of_memory_message,
     peak_rss_mb,
     read_scores_csv,
     versions,
@@ -72,6 +82,9 @@ class Harness:
             self.extractor = self._extractor(self.categories[0])
             self._fit_input_size(self.extractor)
         self._first: Detector | None = self._build_model()  # every model setting checked here
+        if self.extractor is not None:  # a crop too small for the backbone: named now, not mid-fit
+            embedder = getattr(self._first, "embedder", None)
+            check_input_size(self.extractor, self.layout.image_size, getattr(embedder, "patch_size", 1))
         log.info("model %s: %s; dataset %s, categories %s, on %s", cfg.model._target_,
                  f"backbone {self.extractor.name} (layers {self.extractor.layers})" if self.extractor else
                  "no backbone", self.layout.name, self.categories, self.device)
@@ -80,6 +93,8 @@ class Harness:
             try:
                 for problem in self.layout.scan(category, seed=self.settings.seed):
                     log.warning("[%s] skipped (dataset.skip_unreadable=true): %s", category, problem)
+                if note := image_metrics_note([s.label for s in self.layout.test_samples(category)]):
+                    log.warning("[%s] %s", category, note)  # said now, not after the fit
             except UnreadableFilesError as error:
                 log.error("[%s] %s", category, error)
                 self.unusable[category] = f"{type(error).__name__}: {error}"
@@ -132,8 +147,9 @@ class Harness:
         predictions = model.predict(test_loader)
         predict_s = time.perf_counter() - start
         metrics, note = evaluate(predictions)
-        if note:
-            log.warning("[%s] %s", category, note)
+        for warning in (note, metrics["image_metrics_note"]):
+            if warning:
+                log.warning("[%s] %s", category, warning)
         threshold = None
         if self.rule is not None:
             nominal = model.predict(self.loader(AnomalyDataset(held_out, preprocessing))) if held_out else None
@@ -178,7 +194,7 @@ def run(cfg: DictConfig, run_dir: Path, tracker: NoLogger | None = None) -> dict
         log.info("removed %s, left unfinished by a process that died", leftover)
     harness = Harness(cfg, run_dir)
     results: dict = {"schema_version": SCHEMA_VERSION, "metric_definitions": dict(METRIC_DEFINITIONS),
-                     "config": config_record(cfg), "categories": {}, "mean": {},
+                     "config": config_record(cfg), "categories": {}, "mean": {}, "not_computable": {},
                      "failed": {}, "complete": False, "peak_rss_mb": None, "total_time_s": None,
                      "versions": versions(), "git_commit": git_commit(), "config_hash": config_hash(cfg),
                      "preprocessing": {"resize": harness.layout.resize, "image_size": harness.layout.image_size}}
@@ -204,8 +220,12 @@ def _run_one(harness: Harness, category: str, results: dict, score_table: list[d
     except _Unusable as error:
         results["failed"][category] = str(error)
     except Exception as error:  # keep finished categories; report the failure at the end
-        log.exception("[%s] failed", category)
-        results["failed"][category] = failure_message(error)  # the traceback: in the log only
+        memory = out_of_memory_message(error, harness.settings.batch_size, harness.layout.image_size)
+        if memory:  # what to lower says more than a traceback through the backbone
+            log.error("[%s] failed: %s", category, memory)
+        else:
+            log.exception("[%s] failed", category)
+        results["failed"][category] = memory or failure_message(error)  # the traceback: in the log only
     else:
         results["categories"][category] = entry
         score_table.extend(rows)
@@ -216,6 +236,7 @@ def _run_one(harness: Harness, category: str, results: dict, score_table: list[d
 def _finish_record(results: dict, harness: Harness, started: float, run_dir: Path) -> None:
     """Means, completeness, memory and time, then results.json (atomically: a kill leaves the previous one)."""
     results["mean"] = mean_metrics(results["categories"])
+    results["not_computable"] = not_computable(results["categories"])
     results["complete"] = not results["failed"] and len(results["categories"]) == len(harness.categories)
     results["peak_rss_mb"] = peak_rss_mb()
     results["total_time_s"] = time.perf_counter() - started
@@ -249,9 +270,23 @@ def _run_tracked(cfg: DictConfig, run_dir: Path, stop: type[BaseException]) -> d
         results = run(cfg, run_dir, tracker)
     except (ValueError, FileNotFoundError) as error:  # bad settings or input: the message says what to fix
         raise stop(f"error: {error}") from None
+    except KeyboardInterrupt:  # Ctrl-C: say what was kept (experiments/main.py prints it and exits 130)
+        raise Interrupted(interrupted_message(run_dir)) from None
     finally:
         tracker.finish(results)
     return results
+
+
+def interrupted_message(run_dir: Path) -> str:
+    """What an interrupted run kept (the categories its results.json holds) and how it resumes (run_key.py:
+    a re-run looks in outputs/ and multirun/ of its working directory, and in its own folder)."""
+    record = read_results(run_dir / "results.json") or {}
+    finished = sorted(record.get("categories") or {})
+    resume = (f"run the same command again from {Path.cwd()} (or with hydra.run.dir={run_dir}) to resume")
+    if not finished:
+        return f"no category had finished, nothing kept; {resume}"
+    return (f"{len(finished)} finished categor{'y' if len(finished) == 1 else 'ies'} ({', '.join(finished)}) "
+            f"kept in {run_dir / 'results.json'};\n{resume} without fitting them again")
 
 
 @hydra.main(version_base="1.3", config_path="../../conf", config_name="config")

@@ -8,10 +8,14 @@ Schema (a contract: the report and sweeps read it)::
      "preprocessing": {"resize", "image_size"},
      "categories": {"<name>": {"image_auroc", "image_f1_max", "pixel_auroc", "pixel_f1_max", "aupro",
                                "aupro_defect_images", "n_train", "n_test", "bank_size", "pixel_metrics_note",
+                               "image_metrics_note" (why the image metrics are null: no nominal or no defect
+                               test images; null when they were computed),
                                "resumed_from" (only when taken over from an interrupted run),
                                "timings_s": {"train" | "extract", "coreset", "predict"},
                                "threshold": {...}  (only with a threshold rule)}},
      "mean": {"image_auroc", "image_f1_max", "pixel_auroc", "pixel_f1_max", "aupro"},
+     "not_computable": {<metric>: [<category>, ...]}  (the categories whose value is null: their mean leaves
+                                                      them out, so it is not over every category),
      "failed": {"<name>": "<error>"}, "complete": bool,
      "peak_rss_mb", "total_time_s", "versions", "git_commit"}
 
@@ -78,6 +82,14 @@ def mean_metrics(categories: dict[str, dict]) -> dict[str, float | None]:
     return means
 
 
+def not_computable(categories: dict[str, dict]) -> dict[str, list[str]]:
+    """Metric -> the categories where it is null (not computable: no masks, no nominal or no defect test
+    images), so a record says which means are over fewer categories than the run's."""
+    missing = {metric: [name for name, entry in categories.items() if entry.get(metric) is None]
+               for metric in (*METRICS, *EXTRA_METRICS)}
+    return {metric: names for metric, names in missing.items() if names}
+
+
 def peak_rss_mb() -> float:
     """Peak resident memory of this process (Linux reports kilobytes)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
@@ -135,6 +147,23 @@ def format_table(categories: dict[str, dict], means: dict[str, float | None]) ->
 
 def _percent(value: float | None) -> str:
     return "-" if value is None else f"{100 * value:.1f}"
+
+
+# How running out of memory reads: oneDNN's failed allocation on a CPU, torch's CPU allocator, CUDA
+# (torch.OutOfMemoryError says "CUDA out of memory").
+OUT_OF_MEMORY = ("could not create a primitive", "out of memory", "can't allocate memory")
+
+
+def out_of_memory_message(error: BaseException, batch_size: int, image_size: int) -> str | None:
+    """One line for an error that means the machine ran out of memory, naming the settings that lower the
+    need (None for any other error: its own message and traceback say more)."""
+    text = str(error)
+    if not (isinstance(error, MemoryError) or isinstance(error, RuntimeError)
+            and any(marker in text.lower() for marker in OUT_OF_MEMORY)):
+        return None
+    first = next((line.strip() for line in text.splitlines() if line.strip()), type(error).__name__)
+    return (f"out of memory ({type(error).__name__}: {first[:120]}): lower batch_size (now {batch_size}) or "
+            f"dataset.image_size (now {image_size}), or run where more memory is free")
 
 
 def failure_message(error: BaseException) -> str:
