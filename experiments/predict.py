@@ -22,8 +22,9 @@ from experiments.harness.interrupts import exit_on_interrupt
 from experiments.harness.prediction import predict
 
 
-@exit_on_interrupt("the prediction did not finish; run the same command again (with overwrite=true if out "
-                   "already holds files)")
+@exit_on_interrupt("the prediction did not finish, and an earlier prediction in out is unchanged (the outputs "
+                   "replace it only once complete); run the same command again (with overwrite=true if out "
+                   "holds an earlier prediction)")
 @hydra.main(version_base="1.3", config_path="../conf", config_name="predict")
 def main(cfg: DictConfig) -> None:
     images = list(cfg.images) if isinstance(cfg.images, ListConfig) else str(cfg.images)
