@@ -284,5 +284,6 @@ def test_f_ctrl_c_in_the_other_entry_points(tmp_path, monkeypatch, capsys) -> No
     monkeypatch.setattr("sys.argv", ["predict.py", f"model_dir={tmp_path}", "images=x.png",
                                      f"out={tmp_path / 'preds'}"])
     said = _interrupted(capsys, experiments.predict.main)
-    assert said == ["interrupted: the prediction did not finish; run the same command again (with overwrite=true "
-                    "if out already holds files)"]
+    assert said == ["interrupted: the prediction did not finish, and an earlier prediction in out is unchanged "
+                    "(the outputs replace it only once complete); run the same command again (with overwrite=true "
+                    "if out holds an earlier prediction)"]
