@@ -204,6 +204,9 @@ class CAE:
         built: dict = {}
 
         def check(record: dict) -> None:
+            if record.get("model") != "cae":  # before the format: another kind has its own versions
+                raise RecordError(f"model={record.get('model')!r}: it is not a CAE model (core.detector."
+                                  f"load_detector loads each kind by its own class)")
             check_schema(record, CAE_SCHEMA, CAE_FORMAT_VERSION)
             try:
                 built["model"] = cls(**record["settings"], device=device, progress=progress)

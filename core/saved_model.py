@@ -107,7 +107,10 @@ MODEL_SCHEMA: Schema = {
 
 def check_model_record(record: dict, version: int) -> None:
     """Raise ``RecordError`` saying what is wrong with a PatchCore ``model.json`` record, if anything: its
-    schema, then the values that depend on each other."""
+    kind, then schema, then the values that depend on each other."""
+    if record.get("model", "patchcore") != "patchcore":  # before the format: another kind has its own versions
+        raise RecordError(f"model={record['model']!r}: it is not a PatchCore model (core.detector.load_detector "
+                          f"loads each kind by its own class)")
     check_schema(record, MODEL_SCHEMA, version)
     grid, size = record["grid"], record["input_size"]
     if grid and size and (grid[0] > size[0] or grid[1] > size[1]):
