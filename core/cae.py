@@ -98,7 +98,8 @@ class CAE:
         _integer("ssim_window", ssim_window, 3, 255, " (odd)")
         if ssim_window % 2 == 0:
             raise ValueError(f"cae.ssim_window={ssim_window} must be odd (the SSIM window is centred on a pixel)")
-        _integer("seed", seed, 0)
+        if not is_int(seed):
+            raise ValueError(f"cae.seed={seed!r} must be an integer")
         _number("lr", lr, lambda v: v > 0, "> 0")
         _number("weight_decay", weight_decay, lambda v: v >= 0, ">= 0")
         _number("blur_sigma", blur_sigma, lambda v: 0 <= v <= MAX_BLUR_SIGMA, f"in [0, {MAX_BLUR_SIGMA}] (0 = none)")
