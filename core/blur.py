@@ -10,6 +10,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+# The largest sigma a detector may blur with: its kernel reaches 4 sigma each way, so 1024 already spans the
+# largest map a saved record may name (core.records.MAX_SIDE, 4096 px); a larger sigma only costs memory (a
+# hostile 1e12 would ask for a 4e12-tap kernel).
+MAX_BLUR_SIGMA = 1024.0
+
 
 def gaussian_kernel(sigma: float, truncate: float = 4.0) -> torch.Tensor:
     """1-D Gaussian with radius int(truncate * sigma + 0.5), as scipy.ndimage.gaussian_filter."""

@@ -9,8 +9,9 @@ runs go through the same harness and land in the same results files and tables.
 
 from __future__ import annotations
 
-import json
+import inspect
 import logging
+import os
 import time
 from collections.abc import Iterable
 from pathlib import Path
@@ -22,13 +23,21 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from core.blur import gaussian_blur
+from core.blur import MAX_BLUR_SIGMA, gaussian_blur
 from core.detector import FitReport, Predictions, collect_predictions
-from core.io import atomic_write, write_json_atomic
+from core.io import write_json_atomic
+from core.model_files import ModelFilesError, read_tensors, versions, write_folder, write_tensors
+from core.records import RecordError, Schema, check_schema, check_threshold, is_finite, is_int
+from core.saved_model import metadata_node, read_saved_record
 
 log = logging.getLogger(__name__)
 
 LOSSES = ("ssim", "l2")
+# The network's input side: the bottleneck convolution's kernel is image_size / 16 square, so its weights
+# grow with image_size squared times latent_dim (at 1024 and 4096: 64 x 64 x 32 x 4096 floats, 2 GB); the
+# paper uses 128, and larger values only cost memory.
+MAX_IMAGE_SIZE = 1024
+MAX_LATENT_DIM = 4096
 
 
 def _conv(cin: int, cout: int, kernel: int, stride: int, padding: int) -> list[nn.Module]:
@@ -79,10 +88,21 @@ class CAE:
                  batch_size: int = 8, lr: float = 1e-3, weight_decay: float = 1e-5, ssim_window: int = 11,
                  blur_sigma: float = 4.0, seed: int = 0, device: str | torch.device = "cpu",
                  progress: bool = True) -> None:
-        if loss not in LOSSES:
+        # every range checked here, the one place (a saved model.json's settings come through here too)
+        if not isinstance(loss, str) or loss not in LOSSES:
             raise ValueError(f"cae.loss={loss!r}: choose one of {LOSSES}")
-        if epochs < 1 or batch_size < 1:
-            raise ValueError("cae.epochs and cae.batch_size must be at least 1")
+        _integer("image_size", image_size, 32, MAX_IMAGE_SIZE, " (a multiple of 16)")
+        _integer("latent_dim", latent_dim, 1, MAX_LATENT_DIM)
+        _integer("epochs", epochs, 1)
+        _integer("batch_size", batch_size, 1)
+        _integer("ssim_window", ssim_window, 3, 255, " (odd)")
+        if ssim_window % 2 == 0:
+            raise ValueError(f"cae.ssim_window={ssim_window} must be odd (the SSIM window is centred on a pixel)")
+        if not is_int(seed):
+            raise ValueError(f"cae.seed={seed!r} must be an integer")
+        _number("lr", lr, lambda v: v > 0, "> 0")
+        _number("weight_decay", weight_decay, lambda v: v >= 0, ">= 0")
+        _number("blur_sigma", blur_sigma, lambda v: 0 <= v <= MAX_BLUR_SIGMA, f"in [0, {MAX_BLUR_SIGMA}] (0 = none)")
         self.settings = dict(image_size=image_size, latent_dim=latent_dim, loss=loss, epochs=epochs,
                              batch_size=batch_size, lr=lr, weight_decay=weight_decay, ssim_window=ssim_window,
                              blur_sigma=blur_sigma, seed=seed)
@@ -150,29 +170,89 @@ class CAE:
 
     def save(self, directory: str | Path, *, metadata: dict | None = None, weights: bool = True,
              threshold: dict | None = None) -> Path:
-        """``cae.pt`` (the network's weights) and ``model.json`` (settings, loss log, ``threshold``, the caller's
-        ``metadata``). ``weights=False`` is ignored: the CAE's weights are the fitted model itself, trained here
-        from scratch, with no source to look them up from again, so the folder always holds them."""
+        """One folder, as PatchCore's (``core.model_files``): ``cae.safetensors`` (the network's weights: no
+        pickle), ``model.json`` (format, settings, loss log, ``threshold``, the caller's ``metadata``) and
+        ``manifest.json``, written whole or not at all. ``weights=False`` is ignored: the CAE's weights are the
+        fitted model itself, trained here from scratch, with no source to look them up from again."""
         if not weights:
             log.info("the CAE always saves its trained weights (save_model=spec_only applies to PatchCore only)")
         if threshold is not None:
             self.threshold = threshold
-        directory = Path(directory)
-        state = {key: value.cpu() for key, value in self.network.state_dict().items()}
-        atomic_write(directory / "cae.pt", lambda tmp: torch.save(state, tmp))
-        write_json_atomic(directory / "model.json", {"model": "cae", "settings": self.settings,
-                                                      "loss_log": self.loss_log, "threshold": self.threshold,
-                                                      "metadata": metadata or {}})
-        return directory
+        record = {"format_version": CAE_FORMAT_VERSION, "model": "cae", "settings": self.settings,
+                  "loss_log": self.loss_log, "threshold": self.threshold, "metadata": metadata or {},
+                  "versions": versions()}
+
+        def write(folder: Path) -> None:
+            write_tensors(folder / WEIGHTS_FILE, self.network.state_dict())
+            write_json_atomic(folder / "model.json", record)
+
+        return write_folder(Path(directory), write)
 
     @classmethod
     def load(cls, directory: str | Path, device: str = "cpu", progress: bool = True) -> CAE:
+        """Through the gate every saved model passes (``core.saved_model.read_saved_record``): the manifest,
+        ``model.json`` against ``CAE_SCHEMA``, the settings through the constructor (which checks their ranges),
+        all before the weights are hashed or read; the weights are safetensors, loaded strictly."""
         directory = Path(directory)
-        record = json.loads((directory / "model.json").read_text())
-        model = cls(**record["settings"], device=device, progress=progress)
-        model.network.load_state_dict(torch.load(directory / "cae.pt", map_location=device, weights_only=True))
+        legacy = directory / "cae.pt"
+        if legacy.exists() or legacy.is_symlink():  # never handed to torch.load: a pickle can run code
+            raise ModelFilesError(f"saved model {directory} was written by an earlier version of this code (cae.pt: "
+                                  f"pickled weights, no manifest), which this version does not read; refit it "
+                                  f"(model=cae save_model=true)")
+        if not os.path.lexists(directory / "model.json"):
+            raise FileNotFoundError(f"{directory} is not a saved model (it has no model.json): pass the "
+                                    f"models/<category>/ folder of a run with save_model=true")
+        built: dict = {}
+
+        def check(record: dict) -> None:
+            if record.get("model") != "cae":  # before the format: another kind has its own versions
+                raise RecordError(f"model={record.get('model')!r}: it is not a CAE model (core.detector."
+                                  f"load_detector loads each kind by its own class)")
+            check_schema(record, CAE_SCHEMA, CAE_FORMAT_VERSION)
+            try:
+                built["model"] = cls(**record["settings"], device=device, progress=progress)
+            except (ValueError, TypeError) as error:
+                raise RecordError(f"settings: {error}") from None
+
+        record = read_saved_record(directory, check)
+        model = built["model"]
+        state = read_tensors(directory / WEIGHTS_FILE, "CAE weights")
+        try:
+            model.network.load_state_dict(state, strict=True)
+        except RuntimeError as error:
+            raise ModelFilesError(f"CAE weights {directory / WEIGHTS_FILE} do not fit the network of its settings "
+                                  f"({str(error).splitlines()[0]}); refit it") from None
         model.network.eval()
-        model.loss_log = record.get("loss_log", [])
-        model.threshold = record.get("threshold")
-        model.metadata = record.get("metadata", {})
+        model.loss_log = list(record["loss_log"])
+        model.threshold = record["threshold"]
+        model.metadata = record["metadata"]
         return model
+
+
+def _integer(key: str, value: object, minimum: int, maximum: int | None = None, note: str = "") -> None:
+    bounds = f">= {minimum}" if maximum is None else f"in [{minimum}, {maximum}]"
+    if not is_int(value) or value < minimum or (maximum is not None and value > maximum):
+        raise ValueError(f"cae.{key}={value!r} must be an integer {bounds}{note}")
+
+
+def _number(key: str, value: object, valid, what: str) -> None:
+    if not is_finite(value) or not valid(value):
+        raise ValueError(f"cae.{key}={value!r} must be a finite number {what}")
+
+
+# 2: safetensors weights (cae.safetensors), a manifest, model.json with this schema; 1 (cae.pt, pickled
+# weights, no manifest) is refused: refit it.
+CAE_FORMAT_VERSION = 2
+WEIGHTS_FILE = "cae.safetensors"
+_SETTINGS = frozenset(inspect.signature(CAE).parameters) - {"device", "progress"}
+
+CAE_SCHEMA: Schema = {
+    "format_version": (True, is_int, "an integer"),
+    "model": (True, lambda v: v == "cae", "\"cae\""),
+    "settings": (True, lambda v: isinstance(v, dict) and set(v) == _SETTINGS,
+                 f"an object with exactly the keys {sorted(_SETTINGS)} (the CAE's constructor keywords)"),
+    "loss_log": (True, lambda v: isinstance(v, list) and all(is_finite(x) for x in v), "a list of finite numbers"),
+    "threshold": (True, check_threshold, "null or an object (image_threshold, pixel_threshold, min_defect_area)"),
+    "metadata": (True, metadata_node, "an object"),
+    "versions": (False, lambda v: isinstance(v, dict), "an object"),
+}

@@ -136,3 +136,16 @@ def collect_predictions(score: Callable[[torch.Tensor], tuple[torch.Tensor, torc
         np.concatenate(scores), np.concatenate(maps), np.concatenate(labels).astype(int),
         np.concatenate(masks), np.concatenate(has_mask), paths, defect_types,
     )
+
+
+def load_detector(folder: str | Path, device: str = "cpu", progress: bool = True) -> Detector:
+    """The saved model in ``folder``, loaded by the class its ``model.json`` names (``"cae"``: the autoencoder;
+    otherwise PatchCore). The name is only read to pick the loader (``core.saved_model.saved_kind``: a
+    regular file, no link, size-capped); each loader then checks the whole folder through the same gate
+    (manifest, schema, ranges), so a folder cannot skip it by naming another kind."""
+    from core.cae import CAE
+    from core.patchcore import PatchCore
+    from core.saved_model import saved_kind
+
+    loader = CAE if saved_kind(Path(folder)) == "cae" else PatchCore
+    return loader.load(folder, device=device, progress=progress)

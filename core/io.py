@@ -4,16 +4,18 @@ outputs is swapped in whole, ``replace_folder``) and file digests."""
 from __future__ import annotations
 
 import csv
+import errno
 import glob
 import hashlib
 import io
 import json
 import os
 import shutil
+import stat
 import tempfile
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 
 def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
@@ -86,10 +88,14 @@ def write_csv_atomic(path: str | Path, columns: Sequence[str], rows: Iterable[di
 
 def file_sha256(path: str | Path) -> str:
     """Hex SHA-256 of a file, read in 1 MiB blocks (weights files are hundreds of MB)."""
-    digest = hashlib.sha256()
     with Path(path).open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
+        return stream_sha256(handle)
+
+
+def stream_sha256(handle: BinaryIO) -> str:
+    digest = hashlib.sha256()
+    for block in iter(lambda: handle.read(1 << 20), b""):
+        digest.update(block)
     return digest.hexdigest()
 
 
@@ -137,3 +143,61 @@ def remove_dead_folder_temporaries(directory: str | Path) -> list[Path]:
         else:
             shutil.rmtree(leftover, ignore_errors=True)
     return dead
+class NotRegularFileError(OSError):
+    """A path that should be a plain file is a link, a FIFO, a device or a folder; the message says which."""
+
+
+def _kind(mode: int) -> str:
+    for test, name in ((stat.S_ISLNK, "a symbolic link"), (stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO"),
+                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+                       (stat.S_ISSOCK, "a socket")):
+        if test(mode):
+            return name
+    return "not a regular file"
+
+
+def open_regular(path: str | Path, size: int | None = None, limit: int | None = None) -> BinaryIO:
+    """``path`` opened for reading only if it is itself a regular file (not a symbolic link, even to a file;
+    not a FIFO, device or folder), of ``size`` bytes when given and at most ``limit`` bytes: a file read off a
+    hostile folder cannot block the reader (a FIFO), never ends (``/dev/zero``) or lie outside the folder (a
+    link). Checked with ``lstat`` before opening (a device is never opened) and again with ``fstat`` on the
+    opened file (no window between check and read). ``NotRegularFileError`` or ``FileSizeError`` otherwise."""
+    path = Path(path)
+    mode = os.lstat(path).st_mode
+    if not stat.S_ISREG(mode):
+        raise NotRegularFileError(f"{path} is {_kind(mode)}, not a regular file")
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError as error:
+        if error.errno == errno.ELOOP:  # replaced by a link since the lstat
+            raise NotRegularFileError(f"{path} is a symbolic link, not a regular file") from None
+        raise
+    handle = os.fdopen(fd, "rb")
+    try:
+        found = os.fstat(fd)
+        if not stat.S_ISREG(found.st_mode):
+            raise NotRegularFileError(f"{path} is {_kind(found.st_mode)}, not a regular file")
+        if size is not None and found.st_size != size:
+            raise FileSizeError(f"{path} has {found.st_size} bytes, not the {size} recorded")
+        if limit is not None and found.st_size > limit:
+            raise FileSizeError(f"{path} has {found.st_size} bytes, more than the {limit} a file of its kind may have")
+    except BaseException:
+        handle.close()
+        raise
+    return handle
+
+
+class FileSizeError(OSError):
+    """A file whose size is not the one recorded, or larger than its kind may be."""
+
+
+# model.json, export.json, manifest.json: a few kB (a CAE's loss log adds ~20 bytes a step); a larger one is
+# refused before it is read.
+MAX_RECORD_BYTES = 64 << 20
+
+
+def read_record_text(path: str | Path) -> str:
+    """The text of a small record file (JSON) read off a folder that may be hostile: ``open_regular``, at most
+    ``MAX_RECORD_BYTES``."""
+    with open_regular(path, limit=MAX_RECORD_BYTES) as handle:
+        return handle.read().decode("utf-8")

@@ -19,7 +19,17 @@ from pathlib import Path
 
 import torch
 
-from core.io import atomic_write, current_umask, file_sha256, write_json_atomic
+from core.io import (
+    FileSizeError,
+    NotRegularFileError,
+    atomic_write,
+    current_umask,
+    file_sha256,
+    open_regular,
+    read_record_text,
+    stream_sha256,
+    write_json_atomic,
+)
 
 MANIFEST = "manifest.json"
 _REFIT = "re-copy the whole folder from where it was saved, or refit it"
@@ -83,42 +93,89 @@ def read_bank(path: Path) -> torch.Tensor:
 
 
 def write_manifest(directory: Path) -> Path:
-    """``manifest.json``: the SHA-256 of every other file in ``directory`` (a saved model's folder)."""
+    """``manifest.json``: the SHA-256 and the size of every other file in ``directory`` (a saved model's or an
+    export's folder). The sizes let a load refuse a wrong file before hashing it (manifests written before
+    they were recorded are still read: ``sizes`` is optional)."""
     directory = Path(directory)
-    files = {path.name: file_sha256(path) for path in sorted(directory.iterdir()) if path.name != MANIFEST}
-    return write_json_atomic(directory / MANIFEST, {"algorithm": "sha256", "files": files})
+    paths = [path for path in sorted(directory.iterdir()) if path.name != MANIFEST]
+    return write_json_atomic(directory / MANIFEST, {"algorithm": "sha256",
+                                                    "files": {path.name: file_sha256(path) for path in paths},
+                                                    "sizes": {path.name: path.stat().st_size for path in paths}})
 
 
-def verify_manifest(directory: Path) -> None:
-    """Refuse a folder whose files are not exactly those of its manifest, with the same SHA-256: the
-    message names the first file that is missing, modified or not part of the model, and the fix."""
-    directory = Path(directory)
+def _plain_name(name) -> bool:
+    return isinstance(name, str) and name == Path(name).name and name not in ("", ".", "..")
+
+
+def _read_manifest(directory: Path) -> tuple[dict[str, str], dict[str, int] | None]:
+    """The manifest's ``{name: digest}`` and ``{name: size}`` (None in a manifest without sizes), or
+    ``ModelFilesError``: absent, not a regular file, or not of the manifest's form."""
     manifest_file = directory / MANIFEST
-    if not manifest_file.is_file():
+    if not manifest_file.exists() and not manifest_file.is_symlink():
         raise ModelFilesError(f"{directory} has no {MANIFEST}: it is not a complete saved model (an interrupted "
                               f"copy?); {_REFIT}")
     try:
-        manifest = json.loads(manifest_file.read_text())
-        files = manifest["files"]
+        manifest = json.loads(read_record_text(manifest_file))
+        files, sizes = manifest["files"], manifest.get("sizes")
         valid = manifest.get("algorithm") == "sha256" and isinstance(files, dict) and files and all(
-            isinstance(name, str) and isinstance(digest, str) and name == Path(name).name
-            and name not in ("", ".", "..") for name, digest in files.items())
+            _plain_name(name) and isinstance(digest, str) for name, digest in files.items())
+        valid = valid and (sizes is None or (isinstance(sizes, dict) and set(sizes) == set(files) and all(
+            isinstance(size, int) and not isinstance(size, bool) and size >= 0 for size in sizes.values())))
+    except (NotRegularFileError, FileSizeError) as error:
+        raise ModelFilesError(f"{error}: a manifest is a plain file inside the folder; {_REFIT}") from None
     except (ValueError, TypeError, KeyError, UnicodeDecodeError):
         valid = False
     if not valid:
         raise ModelFilesError(f"{manifest_file} is not a valid manifest (an object {{\"algorithm\": \"sha256\", "
-                              f"\"files\": {{name: digest}}}}); {_REFIT}")
+                              f"\"files\": {{name: digest}}, \"sizes\": {{name: bytes}}}}); {_REFIT}")
+    return files, sizes
+
+
+def verify_manifest(directory: Path, first: tuple[str, ...] = (), check: Callable[[], None] | None = None) -> None:
+    """Refuse a folder whose files are not exactly those of its manifest, with the same SHA-256: the message
+    names the first file that is missing, not part of the model, not a regular file inside the folder (a
+    symbolic link, a FIFO, a device, a folder: refused before anything is read from it, so a load can neither
+    hang nor read outside the folder), of another size than recorded, or modified, and the fix.
+
+    The cheap checks come first, for every file; then the files of ``first`` are hashed (a record, small),
+    then ``check()`` runs (the record's own checks, before the large files are hashed), then the rest."""
+    directory = Path(directory)
+    files, sizes = _read_manifest(directory)
     present = {path.name for path in directory.iterdir()} - {MANIFEST}
     for name in sorted(set(files) - present):
         raise ModelFilesError(f"{directory / name} is missing (it is listed in {MANIFEST}); {_REFIT}")
     for name in sorted(present - set(files)):
         raise ModelFilesError(f"{directory / name} is not part of the saved model (not listed in {MANIFEST}): "
                               f"remove it, or {_REFIT}")
-    for name, expected in sorted(files.items()):
-        digest = file_sha256(directory / name)
-        if digest != expected:
-            raise ModelFilesError(f"{directory / name} was modified after the model was saved (SHA-256 "
-                                  f"{digest[:12]}..., the manifest says {expected[:12]}...); {_REFIT}")
+    for name in sorted(files):  # before any hashing: type and size of every file
+        _open_listed(directory / name, None if sizes is None else sizes[name]).close()
+    leading = [name for name in first if name in files]
+    for name in leading:
+        _check_digest(directory / name, files[name], None if sizes is None else sizes[name])
+    if check is not None:
+        check()
+    for name in sorted(set(files) - set(leading)):
+        _check_digest(directory / name, files[name], None if sizes is None else sizes[name])
+
+
+def _check_digest(path: Path, expected: str, size: int | None) -> None:
+    with _open_listed(path, size) as handle:
+        digest = stream_sha256(handle)
+    if digest != expected:
+        raise ModelFilesError(f"{path} was modified after the model was saved (SHA-256 {digest[:12]}..., the "
+                              f"manifest says {expected[:12]}...); {_REFIT}")
+
+
+def _open_listed(path: Path, size: int | None):
+    """A file listed in the manifest, opened if it is a regular file of the recorded size."""
+    try:
+        return open_regular(path, size)
+    except NotRegularFileError as error:
+        raise ModelFilesError(f"{error}: a saved model's files are plain files inside its folder; "
+                              f"{_REFIT}") from None
+    except FileSizeError:  # before hashing it: a truncated or replaced file
+        raise ModelFilesError(f"{path} was modified after the model was saved ({path.stat().st_size} bytes, the "
+                              f"{MANIFEST} says {size}); {_REFIT}") from None
 
 
 # --------------------------------------------------------------------------- the folder, whole or not at all

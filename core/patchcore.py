@@ -221,20 +221,15 @@ class PatchCore:
         ``expected_spec`` (see ``spec()``) differs. The bank is searched as when it was fitted (the saved
         ``search`` settings) unless ``search`` says otherwise."""
         directory = Path(directory)
-        try:
-            record = read_record(directory, MODEL_FORMAT_VERSION)
-        except ModelFilesError as error:  # modified, missing or extra files; model.json against its schema
+        try:  # files, then model.json's schema and every setting through its constructor, before any tensor
+            record, parts = read_record(directory, MODEL_FORMAT_VERSION)
+        except ModelFilesError as error:
             raise ModelMismatchError(str(error)) from None
         if expected_spec is not None:
             _check_expected(directory, record, expected_spec)
         extractor = _saved_extractor(directory, record)
-        try:
-            parts = {"embedder": PatchEmbedder.from_spec(record["embedder"]),
-                     "scoring": ScoringHead(**record["scoring"]),
-                     "search": search or SearchOptions.from_record(record.get("search", {}), where=str(directory))}
-            preprocessing = Preprocessing(**record["preprocessing"]) if record.get("preprocessing") else None
-        except (ValueError, TypeError) as error:  # a setting out of range
-            raise ModelMismatchError(f"model {directory / 'model.json'} is not valid: {error}; refit it") from None
+        preprocessing = parts.pop("preprocessing")
+        parts["search"] = search or parts["search"]
         model = cls(extractor, device=device, progress=progress, **parts)
         try:
             model.bank.build(read_bank(directory / BANK_FILE))

@@ -20,11 +20,23 @@ import dataclasses
 import inspect
 import json
 import logging
+import os
 from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
 
 from core.model_files import ModelFilesError, read_tensors, verify_manifest
+from core.records import (
+    MAX_SIDE,
+    RecordError,
+    Schema,
+    check_preprocessing,
+    check_schema,
+    check_threshold,
+    is_int,
+    is_side,
+    read_json_object,
+)
 from core.scoring import ScoringHead
 from core.search.options import SearchOptions
 
@@ -32,33 +44,8 @@ BANK_FILE = "bank.safetensors"
 WEIGHTS_FILE = "extractor.safetensors"
 
 
-class RecordError(ValueError):
-    """A saved record does not fit its schema; the message says which key and why."""
-
-
-def read_json_object(path: Path) -> dict:
-    """The JSON object in ``path``; invalid JSON or another JSON value is a ``RecordError`` naming the file."""
-    try:
-        record = json.loads(Path(path).read_text())
-    except UnicodeDecodeError as error:
-        raise RecordError(f"{path} is not a text file ({error})") from None
-    except json.JSONDecodeError as error:
-        raise RecordError(f"{path} is not valid JSON ({error})") from None
-    if not isinstance(record, dict):
-        raise RecordError(f"{path} holds a JSON {type(record).__name__}, not an object")
-    return record
-
-
-def _int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def _size(value) -> bool:  # [] (not recorded) or two positive ints
-    return isinstance(value, list) and (value == [] or (len(value) == 2 and all(_int(v) and v > 0 for v in value)))
+def _size(value) -> bool:  # [] (not recorded) or two ints in [1, MAX_SIDE]
+    return isinstance(value, list) and (value == [] or (len(value) == 2 and all(is_side(v) for v in value)))
 
 
 def _spec(value) -> bool:
@@ -72,8 +59,8 @@ def _weights(value) -> bool:  # null (spec-only) or {"file": a plain file name, 
 
 
 def _embedder(value) -> bool:
-    return (isinstance(value, dict) and (value.get("embed_dim") is None or (_int(value["embed_dim"])
-            and value["embed_dim"] > 0)) and _int(value.get("patch_size")) and value["patch_size"] > 0
+    return (isinstance(value, dict) and (value.get("embed_dim") is None or (is_int(value["embed_dim"])
+            and value["embed_dim"] > 0)) and is_int(value.get("patch_size")) and value["patch_size"] > 0
             and isinstance(value.get("aggregation", "channel_mean"), str) and "embed_dim" in value)
 
 
@@ -92,74 +79,120 @@ def _node(name: str, required: bool) -> Callable[[object], bool]:
     return lambda value: isinstance(value, dict) and (set(value) == keys if required else set(value) <= keys)
 
 
-# key -> (required, check, what it must be)
-MODEL_SCHEMA: dict[str, tuple[bool, Callable[[object], bool], str]] = {
-    "format_version": (True, _int, "an integer"),
+def metadata_node(value) -> bool:
+    """The caller's object; its ``threshold`` and ``preprocessing``, where the harness stores them, are read by
+    ``experiments/predict.py`` when the model itself holds none, so they are checked as the model's own."""
+    return (isinstance(value, dict) and check_threshold(value.get("threshold"), "metadata.threshold")
+            and check_preprocessing(value.get("preprocessing"), "metadata.preprocessing"))
+
+
+MODEL_SCHEMA: Schema = {
+    "format_version": (True, is_int, "an integer"),
     "extractor": (True, _spec, "an object {\"target\": \"<module>.<Class>\", \"kwargs\": {...}}"),
     "embedder": (True, _embedder, "an object {\"embed_dim\": int or null, \"patch_size\": int, \"aggregation\"}"),
     "scoring": (True, _node("scoring", required=True), f"an object with exactly the keys {sorted(NODES['scoring'])}"),
-    "grid": (True, _size, "[] or [h, w] (positive integers)"),
-    "input_size": (True, _size, "[] or [H, W] (positive integers)"),
-    "bank_size": (True, lambda v: _int(v) and v > 0, "a positive integer"),
+    "grid": (True, _size, f"[] or [h, w] (integers in [1, {MAX_SIDE}])"),
+    "input_size": (True, _size, f"[] or [H, W] (integers in [1, {MAX_SIDE}] pixels)"),
+    "bank_size": (True, lambda v: is_int(v) and v > 0, "a positive integer"),
     "search": (False, _node("search", required=False), f"an object with keys among {sorted(NODES['search'])}"),
     "search_strategy": (False, lambda v: isinstance(v, str), "a string"),
-    "metadata": (False, lambda v: isinstance(v, dict), "an object"),
+    "metadata": (False, metadata_node, "an object"),
     "model": (False, lambda v: v == "patchcore", "\"patchcore\" (another kind is loaded by its own class)"),
     "weights": (True, _weights, f"null (spec-only) or {{\"file\": \"{WEIGHTS_FILE}\", \"extractor\": a spec}}"),
-    "preprocessing": (False, lambda v: v is None or isinstance(v, dict), "null or an object (resize, image_size, "
-                      "mean, std, interpolation)"),
-    "threshold": (False, lambda v: v is None or (isinstance(v, dict) and all(
-        v.get(key) is None or _number(v[key]) for key in ("image_threshold", "pixel_threshold", "min_defect_area"))),
-        "null or an object whose image_threshold, pixel_threshold and min_defect_area are numbers or null"),
+    "preprocessing": (False, check_preprocessing, "null or an object (resize, image_size, mean, std, interpolation)"),
+    "threshold": (False, check_threshold, "null or an object (image_threshold, pixel_threshold, min_defect_area)"),
     "versions": (False, lambda v: isinstance(v, dict), "an object"),
 }
 
 
 def check_model_record(record: dict, version: int) -> None:
-    """Raise ``RecordError`` saying what is wrong with a PatchCore ``model.json`` record, if anything."""
-    found = record.get("format_version")
-    if _int(found) and found < version:  # before the rest: an older layout fails the schema anyway
-        raise RecordError(f"it was written by an earlier version of this code (format_version={found}), which "
-                          f"this version (format {version}) does not read")
-    unknown = sorted(set(record) - set(MODEL_SCHEMA))
-    if unknown:
-        raise RecordError(f"unknown keys {unknown}")
-    for key, (required, check, what) in MODEL_SCHEMA.items():
-        if key not in record:
-            if required:
-                raise RecordError(f"the key {key!r} is missing")
-            continue
-        if not check(record[key]):
-            raise RecordError(f"{key}={record[key]!r} must be {what}")
-    if record["format_version"] != version:
-        raise RecordError(f"format_version={record['format_version']} but this code reads version {version}")
+    """Raise ``RecordError`` saying what is wrong with a PatchCore ``model.json`` record, if anything: its
+    kind, then schema, then the values that depend on each other."""
+    if record.get("model", "patchcore") != "patchcore":  # before the format: another kind has its own versions
+        raise RecordError(f"model={record['model']!r}: it is not a PatchCore model (core.detector.load_detector "
+                          f"loads each kind by its own class)")
+    check_schema(record, MODEL_SCHEMA, version)
+    grid, size = record["grid"], record["input_size"]
+    if grid and size and (grid[0] > size[0] or grid[1] > size[1]):
+        raise RecordError(f"grid={grid} is finer than input_size={size}: a patch grid has at most one patch per pixel")
+    check_preprocessing(record.get("preprocessing"), "preprocessing", size)
+
+
+def model_parts(record: dict, where: str, search: SearchOptions | None = None) -> dict:
+    """The settings of a checked record rebuilt through their constructors (which check every range: the one
+    place), ``{"embedder", "scoring", "search", "preprocessing"}``; ``RecordError`` naming the key otherwise,
+    or when the scoring head asks for more neighbours than the bank holds."""
+    from core.data import Preprocessing
+    from core.features import PatchEmbedder
+
+    try:
+        parts = {"embedder": PatchEmbedder.from_spec(record["embedder"]),
+                 "scoring": ScoringHead(**record["scoring"]),
+                 "search": search or SearchOptions.from_record(record.get("search", {}), where=where),
+                 "preprocessing": Preprocessing(**record["preprocessing"]) if record.get("preprocessing") else None}
+    except (ValueError, TypeError) as error:  # a setting out of range
+        raise RecordError(str(error)) from None
+    for key in ("num_neighbors", "reweight_neighbors"):
+        value = getattr(parts["scoring"], key)
+        if value is not None and value > record["bank_size"]:
+            raise RecordError(f"scoring.{key}={value} but the bank holds bank_size={record['bank_size']} rows: it "
+                              f"must be at most {record['bank_size']}")
+    return parts
 
 
 class SpecOnlyWeightsError(FileNotFoundError):
     """A spec-only saved model whose extractor weights cannot be found; the message says how to provide them."""
 
 
-def read_record(directory: Path, version: int) -> dict:
-    """``model.json`` of a saved folder, after the manifest check, checked against its schema. Raises
-    ``FileNotFoundError`` for a folder that is no saved model, ``ModelFilesError`` (naming the file) otherwise."""
+def read_saved_record(directory: Path, check: Callable[[dict], None]) -> dict:
+    """``model.json`` of a saved folder through the one gate every saved model passes: the manifest's cheap
+    checks (every file a regular file of its recorded size), ``model.json``'s digest, ``check(record)`` (its
+    schema and values: ``RecordError``), only then the digests of the large files. Raises ``ModelFilesError``
+    naming the file and the fix."""
+    spec_file = Path(directory) / "model.json"
+    found: dict = {}
+
+    def check_record() -> None:
+        found["record"] = read_json_object(spec_file)
+        check(found["record"])
+
+    try:
+        verify_manifest(directory, first=("model.json",), check=check_record)
+    except RecordError as error:
+        raise ModelFilesError(f"model {spec_file} is not valid: {error}; refit it") from None
+    except ModelFilesError as error:
+        raise ModelFilesError(f"saved model {directory} is not valid: {error}") from None
+    return found["record"]
+
+
+def saved_kind(directory: Path) -> str | None:
+    """The ``model`` key of a saved folder's ``model.json`` (``"patchcore"``, ``"cae"``, or None when absent
+    or unreadable): only which loader to call; that loader's gate checks the folder, this value included."""
+    try:
+        kind = read_json_object(Path(directory) / "model.json").get("model")
+    except (RecordError, OSError):
+        return None
+    return kind if isinstance(kind, str) else None
+
+
+def read_record(directory: Path, version: int) -> tuple[dict, dict]:
+    """``model.json`` of a saved PatchCore folder, checked (manifest, schema, values), and its settings
+    rebuilt (``model_parts``). Raises ``FileNotFoundError`` for a folder that is no saved model,
+    ``ModelFilesError`` (naming the file) otherwise."""
     directory = Path(directory)
-    spec_file = directory / "model.json"
-    if not spec_file.is_file():
+    if not os.path.lexists(directory / "model.json"):
         raise FileNotFoundError(f"{directory} is not a saved PatchCore model (it has no model.json): pass the "
                                 f"models/<category>/ folder of a run with save_model=true")
     if (directory / "bank.pt").is_file():
         raise ModelFilesError(f"saved model {directory} was written by an earlier version of this code (format 1: "
                               f"bank.pt, no manifest), which this version does not read; refit it (save_model=true)")
-    try:
-        verify_manifest(directory)
-    except ModelFilesError as error:
-        raise ModelFilesError(f"saved model {directory} is not valid: {error}") from None
-    try:
-        record = read_json_object(spec_file)
+    parts: dict = {}
+
+    def check(record: dict) -> None:
         check_model_record(record, version)
-    except RecordError as error:
-        raise ModelFilesError(f"model {spec_file} is not valid: {error}; refit it") from None
-    return record
+        parts.update(model_parts(record, str(directory)))
+
+    return read_saved_record(directory, check), parts
 
 
 def preprocessing_record(preprocessing) -> dict | None:

@@ -17,7 +17,7 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 
-from core.blur import gaussian_blur
+from core.blur import MAX_BLUR_SIGMA, gaussian_blur
 
 DISTANCES = ("euclidean", "squared", "cosine")
 IMAGE_SCORES = ("max", "top_percent")
@@ -75,7 +75,8 @@ class ScoringHead:
         self.distance = _choice("distance", distance, DISTANCES)
         self.image_score = _choice("image_score", image_score, IMAGE_SCORES)
         self.top_percent = _number("top_percent", top_percent, lambda v: 0 < v <= 100, "in (0, 100]")
-        self.blur_sigma = _number("blur_sigma", blur_sigma, lambda v: v >= 0, ">= 0 (0 = no smoothing)")
+        self.blur_sigma = _number("blur_sigma", blur_sigma, lambda v: 0 <= v <= MAX_BLUR_SIGMA,
+                                  f">= 0 (0 = no smoothing) and at most {MAX_BLUR_SIGMA}")
         if self.image_score == "top_percent" and self.reweight_neighbors is not None:
             raise ValueError(f"{_KEY}reweight_neighbors reweights the maximum patch score: it needs "
                              f"{_KEY}image_score=max (or set reweight_neighbors=null)")
@@ -138,6 +139,13 @@ class ScoringHead:
         _, support = bank.search(bank.rows(star), self.reweight_neighbors)  # N_b(m*) [B, b]
         distances = bank.distances(test_patch, support)
         return 1.0 - torch.softmax(distances, dim=1)[:, 0]
+
+    @staticmethod
+    def anomalous(values: torch.Tensor, threshold: float) -> torch.Tensor:
+        """The decision rule, for image scores and map pixels alike: ``value >= threshold`` is anomalous, and so
+        is a value that is not finite (written ``not (finite and value < threshold)``, so a NaN, which compares
+        False with everything, is never read as nominal). The exported graph decides by it."""
+        return ~(torch.isfinite(values) & (values < threshold))
 
     def anomaly_maps(self, patch_scores: torch.Tensor, grid: tuple[int, int], size: tuple[int, int]) -> torch.Tensor:
         """``patch_scores [B, h*w]`` -> maps ``[B, *size]``: bilinear upsampling, then the Gaussian blur."""

@@ -38,7 +38,9 @@ def test_defect_scores_higher_and_save_load(tmp_path) -> None:
     threshold = {"image_threshold": float(scores.mean()), "pixel_threshold": None, "min_defect_area": 0}
     # the Detector signature PatchCore has too; weights=False is ignored: the trained weights are the model
     model.save(tmp_path / "cae", metadata={"category": "toy"}, weights=False, threshold=threshold)
-    assert sorted(path.name for path in (tmp_path / "cae").iterdir()) == ["cae.pt", "model.json"]
+    # safetensors weights and a manifest, as PatchCore's folders (no pickle: tests/test_hostile_load.py)
+    assert sorted(path.name for path in (tmp_path / "cae").iterdir()) == ["cae.safetensors", "manifest.json",
+                                                                          "model.json"]
     reloaded = CAE.load(tmp_path / "cae", progress=False)
     torch.testing.assert_close(reloaded.score(defect)[0], model.score(defect)[0])
     assert reloaded.threshold == threshold and reloaded.metadata == {"category": "toy"}

@@ -168,4 +168,4 @@ def test_cae_runs_through_the_same_harness(tmp_path, make_config) -> None:
     entry = results["categories"]["widget"]
     assert set(entry["timings_s"]) == {"train", "predict"} and entry["bank_size"] is None
     assert (entry["n_train"], entry["n_test"]) == (3, 4) and 0.0 <= entry["image_auroc"] <= 1.0
-    assert (tmp_path / "run" / "models" / "widget" / "cae.pt").is_file()
+    assert (tmp_path / "run" / "models" / "widget" / "cae.safetensors").is_file()

@@ -27,6 +27,7 @@ from torch import nn
 
 from core.features import PatchEmbedder, _LayerPooling, embedding_matrix, layer_matrices
 from core.linalg import column_mean
+from core.records import check_threshold
 from core.scoring import ScoringHead
 
 # Bank rows per chunk of the search: 784 patches (one 224 px EfficientNet image) x 4096 rows is a
@@ -214,6 +215,8 @@ class ExportablePatchCore(nn.Module):
         self.embedding = ExportEmbedding(model.embedder, maps)
         self.search = ChunkedNearest(model.bank.features, chunk, model.bank.metric)
         self.scoring: ScoringHead = model.scoring
+        if thresholds is not None:  # the saved record's check: finite numbers (pixel: or None)
+            check_threshold({"image_threshold": thresholds[0], "pixel_threshold": thresholds[1]}, "threshold")
         self.thresholds = None if thresholds is None else (float(thresholds[0]),
                                                            None if thresholds[1] is None else float(thresholds[1]))
 
@@ -232,10 +235,10 @@ class ExportablePatchCore(nn.Module):
         features = self.embedding(self.extractor(x))  # [N, h*w, D]
         image_scores, maps = self.scoring.score(features, self.search, self.embedding.grid, self.input_size)
         outputs = (image_scores, maps)
-        if self.thresholds is not None:
-            outputs += (image_scores >= self.thresholds[0],)
+        if self.thresholds is not None:  # a NaN or infinite score or pixel is anomalous, never nominal
+            outputs += (self.scoring.anomalous(image_scores, self.thresholds[0]),)
             if self.thresholds[1] is not None:
-                outputs += (maps >= self.thresholds[1],)
+                outputs += (self.scoring.anomalous(maps, self.thresholds[1]),)
         return outputs
 
 

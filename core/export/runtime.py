@@ -18,16 +18,10 @@ import numpy as np
 
 from core.api import ImageInput, ImagePredictions, model_preprocessing, prepare_images_uint8
 from core.data import Preprocessing
-from core.export.writer import EXPORT_FORMAT_VERSION, RECORD
-from core.model_files import ModelFilesError, verify_manifest
-from core.saved_model import RecordError, read_json_object
+from core.export.record import RECORD, ExportedModelError, read_export_record
 
 RUNTIMES = ("onnx", "openvino")
 PRECISIONS = ("f32", "bf16", "f16")
-
-
-class ExportedModelError(ValueError):
-    """An exported folder that cannot be run, or an input it cannot take; the message names the file and fix."""
 
 
 class ExportedModel:
@@ -36,7 +30,7 @@ class ExportedModel:
 
     def __init__(self, folder: str | Path, precision: str = "f32", threads: int | None = None) -> None:
         self.folder = Path(folder)
-        self.record = _read_export_record(self.folder)
+        self.record = read_export_record(self.folder)  # the files, then every key of export.json
         self.format = self.record["format"]
         self.file = self.folder / self.record["file"]
         if self.format not in RUNTIMES:
@@ -75,8 +69,14 @@ class ExportedModel:
         if batch.dtype != dtype:
             raise ExportedModelError(f"the exported model {self.file} takes {self.input_dtype} images "
                                      f"({self.record['input']['range']}); got {batch.dtype}")
-        values = self._run(np.ascontiguousarray(batch))
-        return dict(zip(self.outputs, values))
+        outputs = dict(zip(self.outputs, self._run(np.ascontiguousarray(batch))))
+        # a NaN or infinite score or pixel is anomalous, never nominal: as the graph itself decides
+        # (core.scoring.ScoringHead.anomalous), enforced here too for graphs exported before it did
+        if "image_decisions" in outputs:
+            outputs["image_decisions"] = outputs["image_decisions"] | ~np.isfinite(outputs["image_scores"])
+        if "anomaly_masks" in outputs:
+            outputs["anomaly_masks"] = outputs["anomaly_masks"] | ~np.isfinite(outputs["anomaly_maps"])
+        return outputs
 
     def predict_images(self, images: Sequence[ImageInput] | ImageInput, batch_size: int = 8) -> ImagePredictions:
         """As ``PatchCore.predict_images``: paths, numpy arrays, PIL images of any size -> scores, maps at each
@@ -101,25 +101,6 @@ class ExportedModel:
             raise ValueError(f"the image scores of inputs {bad} are NaN or infinite: the exported model or the "
                              f"inputs are broken (check them, or export again)")
         return ImagePredictions.from_crops(scores, np.concatenate(maps), sizes, preprocessing, self.threshold)
-
-
-def _read_export_record(folder: Path) -> dict:
-    record_file = folder / RECORD
-    if not record_file.is_file():
-        raise FileNotFoundError(f"{folder} is not an exported model (it has no {RECORD}): pass the out folder of "
-                                f"`python experiments/export.py model_dir=... out=...`")
-    try:
-        verify_manifest(folder)
-    except ModelFilesError as error:
-        raise ModelFilesError(f"exported model {folder} is not valid: {error}") from None
-    try:
-        record = read_json_object(record_file)
-    except RecordError as error:
-        raise ExportedModelError(f"{error}; export the model again") from None
-    if record.get("format_version") != EXPORT_FORMAT_VERSION:
-        raise ExportedModelError(f"{record_file}: format_version={record.get('format_version')!r}, this code reads "
-                                 f"version {EXPORT_FORMAT_VERSION}; export the model again with this code")
-    return record
 
 
 def _onnx_runner(path: Path, threads: int | None):

@@ -26,17 +26,21 @@ from pathlib import Path
 import torch
 
 from core.export.graph import DEFAULT_CHUNK, ExportablePatchCore
+from core.export.record import (
+    EXPORT_FORMAT_VERSION,
+    FORMATS,
+    GRAPH_FILES,
+    INPUT_NAME,
+    RANGES,
+    RECORD,
+    read_export_record,
+)
 from core.io import write_json_atomic
 from core.model_files import write_sealed_folder
 
 log = logging.getLogger(__name__)
 
-FORMATS = ("onnx", "openvino", "torchscript")
-GRAPH_FILES = {"onnx": "model.onnx", "openvino": "model.xml", "torchscript": "model.pt"}
-RECORD = "export.json"
-EXPORT_FORMAT_VERSION = 1
 DEFAULT_OPSET = 18
-INPUT_NAME = "images"
 
 
 class ExportError(RuntimeError):
@@ -77,7 +81,7 @@ def onnx_to_openvino(onnx_export: str | Path, out: str | Path, overwrite: bool =
     """An ONNX export folder converted to OpenVINO IR (the same graph ``format=openvino`` would write,
     without tracing the model again)."""
     onnx_export, out = Path(onnx_export), Path(out)
-    record = json.loads((onnx_export / RECORD).read_text())
+    record = read_export_record(onnx_export)
     if record.get("format") != "onnx":
         raise ExportError(f"{onnx_export} is a {record.get('format')} export: pass an ONNX export folder")
     _check_target(out, overwrite)
@@ -189,7 +193,7 @@ def _record(model, graph: ExportablePatchCore, format: str, details: dict, secon
         "file": GRAPH_FILES[format],
         **details,
         "input": {"name": INPUT_NAME, "dtype": graph.input_dtype, "shape": ["batch", 3, height, width],
-                  "range": "0-255" if graph.input_dtype == "uint8" else "0-1",
+                  "range": RANGES[graph.input_dtype],
                   "layout": "NCHW, RGB, resized and centre-cropped as in preprocessing, not normalised"},
         "outputs": graph.output_names,
         "chunk": graph.search.chunk,

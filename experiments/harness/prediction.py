@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import csv
 import glob
-import json
 import logging
 import os
 from pathlib import Path
@@ -32,6 +31,7 @@ from core.cae import CAE
 from core.data import IMAGE_EXTENSIONS, DatasetError, Preprocessing, read_image
 from core.data.images import header_problem
 from core.data.pixels import to_rgb8
+from core.detector import load_detector
 from core.io import atomic_write, replace_folder, write_csv_atomic
 from core.patchcore import ModelMismatchError, PatchCore
 from core.thresholds import segment
@@ -144,16 +144,10 @@ def check_out(out: Path, overwrite: bool) -> set[str]:
 def load_model(model_dir: str | Path, device: torch.device) -> PatchCore | CAE:
     """The saved model in ``model_dir``, of the kind its ``model.json`` names (PatchCore unless it says cae)."""
     model_dir = Path(model_dir)
-    if not (model_dir / "model.json").is_file():
+    if not os.path.lexists(model_dir / "model.json"):
         raise FileNotFoundError(f"model_dir={model_dir} holds no model.json: pass a models/<category>/ folder "
                                 f"written by `python experiments/main.py ... save_model=true`")
-    try:
-        kind = json.loads((model_dir / "model.json").read_text()).get("model")
-    except (ValueError, AttributeError):
-        kind = None  # not a JSON object: PatchCore.load says what is wrong with it
-    if kind == "cae":
-        return CAE.load(model_dir, device=str(device), progress=False)
-    return PatchCore.load(model_dir, device=str(device), progress=False)
+    return load_detector(model_dir, device=str(device), progress=False)  # either kind through the same gate
 
 
 def write_outputs(out: Path, name: str, original: Image.Image, crop_map: np.ndarray, geometry: CropGeometry,
