@@ -13,6 +13,7 @@ import subprocess
 import sys
 import textwrap
 import time
+import uuid
 from pathlib import Path
 
 import pytest
@@ -356,15 +357,16 @@ def test_a_real_study_runs_from_another_folder(tmp_path) -> None:
     write_tiny_category(caller / "data", "widget", size=32)
     study = caller / "tiny.yaml"
     common = [o for o in TINY if not o.startswith(("dataset=", "backbone=", "logger=", "progress="))]
-    study.write_text(json.dumps({"name": "tiny", "dataset": "folder", "category": "widget", "backbone": "resnet18",
+    name = f"tiny_{uuid.uuid4().hex[:8]}"  # the old runner wrote studies/<name> into the repository
+    study.write_text(json.dumps({"name": name, "dataset": "folder", "category": "widget", "backbone": "resnet18",
                                  "seeds": [0], "save_model_seeds": [], "logger": "none", "comparisons": {},
                                  "common": common}))
     done = subprocess.run([sys.executable, str(REPO / "experiments" / "study.py"), "--study", str(study),
                            "--out", "studies"], capture_output=True, text=True, cwd=caller, timeout=300,
                           env={**os.environ, "PYTHONPATH": str(REPO), "FOLDER_ROOT": "data"})
     assert done.returncode == 0, done.stdout + done.stderr
-    manifest = json.loads((caller / "studies" / "tiny" / "study.json").read_text())
+    manifest = json.loads((caller / "studies" / name / "study.json").read_text())
     assert [(row["id"], row["status"]) for row in manifest["jobs"]] == [("baseline/baseline", "done")]
-    results = json.loads((caller / "studies" / "tiny" / "baseline" / "baseline" / "results.json").read_text())
+    results = json.loads((caller / "studies" / name / "baseline" / "baseline" / "results.json").read_text())
     assert results["complete"] is True and results["categories"]["widget"]["n_train"] == 3
-    assert not (REPO / "studies" / "tiny").exists()
+    assert not (REPO / "studies" / name).exists()
