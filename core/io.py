@@ -37,6 +37,7 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
 
 
 TMP_SUFFIX = ".tmp"
+OLD_SUFFIX = ".old"  # write_sealed_folder's earlier folder, moved aside until the new one is in place
 
 
 def process_alive(pid: int) -> bool:
@@ -50,17 +51,36 @@ def process_alive(pid: int) -> bool:
     return True
 
 
-def remove_dead_temporaries(folder: str | Path) -> list[Path]:
-    """Delete the ``atomic_write`` temporaries below ``folder`` whose writer died (a kill -9 mid-write leaves
-    one: a saved bank may be hundreds of MB); those of live processes are theirs to finish."""
+def remove_dead_temporaries(folder: str | Path, prefix: str = ".", recursive: bool = True) -> list[Path]:
+    """Delete the temporaries below ``folder`` (only its own entries without ``recursive``; only names starting
+    with ``prefix``) whose writer died: ``atomic_write`` files and ``core.model_files.write_sealed_folder``
+    folders (``.<name>.<pid>.<random>.tmp``: a kill -9 mid-write leaves one, a saved bank may be hundreds of MB)
+    and the earlier folder it was replacing (``.<name>.<pid>.old``). Those of live processes are theirs to finish."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    found = [path for suffix in (TMP_SUFFIX, OLD_SUFFIX)
+             for path in (folder.rglob(f".*{suffix}") if recursive else folder.glob(f".*{suffix}"))]
     removed = []
-    for tmp in Path(folder).rglob(f".*{TMP_SUFFIX}") if Path(folder).is_dir() else ():
-        parts = tmp.name.removesuffix(TMP_SUFFIX).split(".")  # "", name parts..., pid, random
-        pid = parts[-2] if len(parts) >= 4 else ""
-        if pid.isdigit() and not process_alive(int(pid)):
-            tmp.unlink(missing_ok=True)
-            removed.append(tmp)
+    for path in sorted(found):  # a folder before what is inside it
+        if not path.name.startswith(prefix) or not os.path.lexists(path):
+            continue
+        pid = _writer_pid(path.name)
+        if pid is not None and not process_alive(pid):
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
+            removed.append(path)
     return removed
+
+
+def _writer_pid(name: str) -> int | None:
+    """The PID in a temporary's name: ``.<name>.<pid>.<random>.tmp`` or ``.<name>.<pid>.old``; None if none."""
+    tmp = name.endswith(TMP_SUFFIX)
+    parts = name.removesuffix(TMP_SUFFIX if tmp else OLD_SUFFIX).split(".")  # "", name parts..., pid[, random]
+    pid = parts[-2] if tmp and len(parts) >= 4 else parts[-1] if not tmp and len(parts) >= 3 else ""
+    return int(pid) if pid.isdigit() else None
 
 
 def current_umask() -> int:

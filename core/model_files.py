@@ -198,7 +198,7 @@ def write_sealed_folder(directory: Path, write: Callable[[Path], None]) -> Path:
     Saved models and exports are both written this way; each caller checks first what it may replace."""
     directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", suffix=".tmp", dir=directory.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.{os.getpid()}.", suffix=".tmp", dir=directory.parent))
     old = directory.parent / f".{directory.name}.{os.getpid()}.old"
     try:
         write(tmp)

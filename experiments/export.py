@@ -12,6 +12,7 @@ export from Python with ``core.export.ExportedModel(out).predict_images([...])``
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig
@@ -26,8 +27,12 @@ log = logging.getLogger("export")
 def main(cfg: DictConfig) -> None:
     from core.export import ExportError, UnsupportedExportError, export_model
     from core.export.writer import RECORD
+    from core.io import remove_dead_temporaries
     from core.patchcore import PatchCore
 
+    out = Path(cfg.out)
+    for leftover in remove_dead_temporaries(out.parent, prefix=f".{out.name}.", recursive=False):
+        log.info("removed %s, left unfinished by an export that was killed", leftover)
     try:
         model = PatchCore.load(cfg.model_dir, progress=False)
         out = export_model(model, cfg.out, cfg.format, chunk=int(cfg.chunk), input_dtype=cfg.input_dtype,

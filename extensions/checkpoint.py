@@ -7,6 +7,7 @@ For one (method, base backbone, category) the files live side by side:
     checkpoints/<method>/<backbone>/<category>.loss.jsonl  one line per training step
     checkpoints/<method>/<backbone>/<category>.proxy.jsonl one line per proxy evaluation (extensions/proxy.py)
     checkpoints/<method>/<backbone>/<category>.resume.pt   training state while a run is unfinished
+    checkpoints/<method>/<backbone>/<category>.lock        held (flock) by the one process fine-tuning it
 
 Every file is written atomically (temp file + rename) and every ``.pt`` is read with
 ``torch.load(..., weights_only=True)``: plain tensors and containers, no pickled code.
@@ -14,9 +15,13 @@ Every file is written atomically (temp file + rename) and every ``.pt`` is read 
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
-from collections.abc import Sequence
+import os
+import socket
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -63,6 +68,54 @@ class CheckpointFiles:
     @property
     def state(self) -> Path:
         return self.weights.with_suffix(".resume.pt")
+
+    @property
+    def lock(self) -> Path:
+        return self.weights.with_suffix(".lock")
+
+
+class CheckpointBusyError(ValueError):
+    """Another live process is fine-tuning the same checkpoint; the message names its PID and the lock file."""
+
+
+@contextmanager
+def hold_checkpoint(files: CheckpointFiles) -> Iterator[Path]:
+    """One writer per checkpoint: an exclusive ``flock`` on ``files.lock`` for the block, taken without waiting.
+
+    A second fine-tune of the same category and method is refused at once, naming the holder's PID: waiting
+    would hide a duplicate start (a study re-run, a second terminal) for as long as the first one trains, and
+    would then find the checkpoint finished anyway. The kernel releases the lock when its process dies (kill -9
+    included), so a lock file left behind never blocks; the file itself stays (removing it would race with a
+    process that has just opened it)."""
+    path = files.lock
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _holder(handle)
+            raise CheckpointBusyError(
+                f"{files.weights} is being fine-tuned by process {holder.get('pid', '(starting)')} on "
+                f"{holder.get('host', 'this machine')} (it holds {path}): wait for it to finish, then re-run "
+                "to use its checkpoint; or stop it first") from None
+        os.ftruncate(handle, 0)
+        os.pwrite(handle, json.dumps({"pid": os.getpid(), "host": socket.gethostname()}).encode(), 0)
+        try:
+            yield path
+        finally:
+            os.ftruncate(handle, 0)  # no stale PID for the next reader
+    finally:
+        os.close(handle)  # releases the lock
+
+
+def _holder(handle: int) -> dict:
+    """What the lock's holder wrote into it (its PID and host), or {} while it has not written yet."""
+    try:
+        record = json.loads(os.pread(handle, 4096, 0) or b"{}")
+    except ValueError:
+        return {}
+    return record if isinstance(record, dict) else {}
 
 
 def save_torch(path: str | Path, obj: Any) -> Path:

@@ -10,7 +10,8 @@ Each category's result goes to ``<checkpoint_dir>/<method>/<backbone>/<category>
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import ExitStack, contextmanager
 from dataclasses import fields
 from pathlib import Path
 
@@ -19,9 +20,10 @@ from hydra.utils import get_class
 from omegaconf import DictConfig, OmegaConf
 
 from core.data import AnomalyDataset, MVTecLayout
+from core.io import remove_dead_temporaries
 from experiments.harness.components import build, resolve_device
 from experiments.harness.finetune_tracking import FinetuneTracking
-from extensions.checkpoint import CheckpointFiles, is_finetuned
+from extensions.checkpoint import CheckpointFiles, hold_checkpoint, is_finetuned
 from extensions.objective import Objective
 from extensions.proxy import ProxyConfig, ProxyValidator, split_holdout
 from extensions.synthetic import make_synthetic
@@ -109,31 +111,45 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, dict]:
         if proxy.enabled:
             split_holdout(samples, proxy.holdout, proxy.seed)
     config = {key: OmegaConf.to_container(cfg[key], resolve=True) for key in ("method", "backbone", "dataset")}
-    log.info("fine-tuning %s with %s on %s (%s) on %s", cfg.backbone.name, method["name"], layout.name,
-             categories, device)
-
-    tracking = FinetuneTracking.start(cfg, run_dir)
-    records, complete = {}, False
-    try:
-        for category in categories:
-            torch.manual_seed(train_config.seed)
-            extractor = build(cfg.backbone)  # fresh pretrained weights for every category
-            objective = build_objective(objective_node, extractor)
-            preprocessing = layout.preprocessing(extractor.mean, extractor.std, extractor.interpolation)
-            dataset, validator = datasets(layout, category, preprocessing, proxy, train_config.seed, extractor,
-                                          device)
-            files = CheckpointFiles.for_run(cfg.checkpoint_dir, method["name"], cfg.backbone.name, category)
-            identity = {"method": method["name"], "category": category, "dataset": layout.name,
-                        "base": extractor.spec(), "config": config}
-            log.info("[%s] %d nominal training images%s -> %s", category, len(dataset),
-                     f", {len(validator.nominal)} held out for the proxy" if validator else "", files.weights)
-            records[category] = fine_tune(
-                objective, dataset, train_config, files, identity, device=device,
-                checkpoint_every=cfg.checkpoint_every, num_workers=cfg.num_workers, progress=cfg.progress,
-                resume=cfg.resume, proxy=validator, tracker=tracking,
-            )
-            tracking.log_selected(category, records[category])
-        complete = True
-    finally:
-        tracking.finish(complete)
+    with _hold_checkpoints(cfg.checkpoint_dir, method["name"], cfg.backbone.name, categories):
+        log.info("fine-tuning %s with %s on %s (%s) on %s", cfg.backbone.name, method["name"], layout.name,
+                 categories, device)
+        tracking = FinetuneTracking.start(cfg, run_dir)
+        records, complete = {}, False
+        try:
+            for category in categories:
+                torch.manual_seed(train_config.seed)
+                extractor = build(cfg.backbone)  # fresh pretrained weights for every category
+                objective = build_objective(objective_node, extractor)
+                preprocessing = layout.preprocessing(extractor.mean, extractor.std, extractor.interpolation)
+                dataset, validator = datasets(layout, category, preprocessing, proxy, train_config.seed, extractor,
+                                              device)
+                files = CheckpointFiles.for_run(cfg.checkpoint_dir, method["name"], cfg.backbone.name, category)
+                identity = {"method": method["name"], "category": category, "dataset": layout.name,
+                            "base": extractor.spec(), "config": config}
+                log.info("[%s] %d nominal training images%s -> %s", category, len(dataset),
+                         f", {len(validator.nominal)} held out for the proxy" if validator else "", files.weights)
+                records[category] = fine_tune(
+                    objective, dataset, train_config, files, identity, device=device,
+                    checkpoint_every=cfg.checkpoint_every, num_workers=cfg.num_workers, progress=cfg.progress,
+                    resume=cfg.resume, proxy=validator, tracker=tracking,
+                )
+                tracking.log_selected(category, records[category])
+            complete = True
+        finally:
+            tracking.finish(complete)
     return records
+
+
+@contextmanager
+def _hold_checkpoints(root: str | Path, method: str, backbone: str, categories: list[str]) -> Iterator[None]:
+    """Every category's checkpoint held (``hold_checkpoint``) before any model is built: a second fine-tune of one
+    of them is refused in seconds, naming the process that has it. Under the lock, the temporaries a killed
+    earlier run left beside the checkpoint are removed."""
+    with ExitStack() as held:
+        for category in categories:
+            files = CheckpointFiles.for_run(root, method, backbone, category)
+            held.enter_context(hold_checkpoint(files))
+            for leftover in remove_dead_temporaries(files.weights.parent, prefix=f".{category}.", recursive=False):
+                log.info("removed %s, left unfinished by a process that died", leftover)
+        yield

@@ -204,19 +204,20 @@ def run(cfg: DictConfig, run_dir: Path, tracker: NoLogger | None = None) -> dict
             continue  # finished by the interrupted run this one resumes
         _run_one(harness, category, results, score_table, run_dir, tracker)
         _finish_record(results, harness, started, run_dir)
-    if score_table:
-        write_scores_csv(run_dir / "scores.csv", score_table)
     _finish_record(results, harness, started, run_dir)
     return results
 
 
 def _run_one(harness: Harness, category: str, results: dict, score_table: list[dict], run_dir: Path,
              tracker: NoLogger) -> None:
-    """One category into ``results`` (its entry or its failure) and its rows into ``score_table``."""
+    """One category into ``results`` (its entry or its failure) and its rows into ``score_table``. Every
+    write of the category's outputs sits inside the guard: a full disk fails this category, not the run (the
+    tracker guards itself: W&B never breaks a run)."""
     try:
         if category in harness.unusable:  # found by the start-up scan: not fitted
             raise _Unusable(harness.unusable[category])
         entry, rows = harness.run_category(category)
+        write_scores_csv(run_dir / "scores.csv", [*score_table, *rows])
     except _Unusable as error:
         results["failed"][category] = str(error)
     except Exception as error:  # keep finished categories; report the failure at the end
@@ -229,7 +230,6 @@ def _run_one(harness: Harness, category: str, results: dict, score_table: list[d
     else:
         results["categories"][category] = entry
         score_table.extend(rows)
-        write_scores_csv(run_dir / "scores.csv", score_table)
         tracker.log_category(category, entry, rows, sorted((run_dir / MAPS_DIR / category).glob("*.png")))
 
 
@@ -261,7 +261,10 @@ def _resume(cfg: DictConfig, run_dir: Path, categories: list[str], results: dict
                 if (source / folder / name).is_dir() and not (run_dir / folder / name).exists():
                     shutil.copytree(source / folder / name, run_dir / folder / name)
     log.info("resuming %s: %s already finished there, not fitted again", previous_path, ", ".join(finished))
-    return read_scores_csv(source / "scores.csv", set(finished))
+    rows = read_scores_csv(source / "scores.csv", set(finished))
+    if rows and source.resolve() != run_dir.resolve():  # here too, as if they had run here
+        write_scores_csv(run_dir / "scores.csv", rows)
+    return rows
 
 
 def _run_tracked(cfg: DictConfig, run_dir: Path, stop: type[BaseException]) -> dict:

@@ -8,6 +8,7 @@ overrides) are run once and shared between comparisons. An arm with a fine-tuned
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -176,4 +177,6 @@ def build_plan(config: dict | Study, out_root: Path, categories: list[str],
                check: WeightsCheck = check_extractor) -> Plan:
     """Every run of the study (in run order: baseline, then each comparison) and the skipped arms."""
     study = config if isinstance(config, Study) else Study.from_config(config, check)
-    return _Planner(study, out_root / study.name, categories).plan()
+    # absolute once, from the caller's working directory: every job's folder, cache and checkpoints mean the
+    # same place to the runner and to the jobs, wherever they run
+    return _Planner(study, Path(os.path.abspath(out_root)) / study.name, categories).plan()

@@ -28,14 +28,47 @@ LOG = "study.log"
 Runner = Callable[[list[str], Path], int]  # (command, log file) -> exit status
 
 
+PACKAGE_ROOT = Path(__file__).resolve().parents[2]  # holds experiments/ and core/: a checkout or site-packages
+
+
 def subprocess_runner(command: list[str], log_path: Path) -> int:
-    """Run ``command`` from the repository root, its output into ``log_path``."""
+    """Run ``command`` (``python experiments/<script>.py ...``), its output into ``log_path``.
+
+    The job runs in the caller's working directory, where the study's paths were resolved (a job that ran in
+    the package's folder wrote its results where the runner never looked), with the script and the package
+    taken from where this runner was imported (a checkout or an installed wheel). It dies with the runner
+    (``_die_with_parent``): a runner killed with -9 leaves no job behind for a re-run to duplicate.
+    """
     log_path.parent.mkdir(parents=True, exist_ok=True)
+    python, script, *rest = command
+    path = os.pathsep.join([str(PACKAGE_ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])
     with log_path.open("a") as log:
         log.write(f"$ {' '.join(command)}\n")
         log.flush()
-        return subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, cwd=Path(__file__).resolve().parents[2],
-                              env={**os.environ, "HYDRA_FULL_ERROR": "1"}).returncode
+        return subprocess.run([python, str(PACKAGE_ROOT / script), *rest], stdout=log, stderr=subprocess.STDOUT,
+                              env={**os.environ, "HYDRA_FULL_ERROR": "1", "PYTHONPATH": path},
+                              preexec_fn=_die_with_parent()).returncode
+
+
+def _die_with_parent() -> Callable[[], None] | None:
+    """A ``preexec_fn`` for Linux: the child gets SIGKILL when the runner dies (``PR_SET_PDEATHSIG``), and exits at
+    once should the runner already have died between fork and prctl. Unlike a new process group, it still
+    gets the terminal's Ctrl-C with the runner; unlike a child polling its parent, it needs no change in the job.
+    Elsewhere (no prctl) None: the child is left as it was."""
+    if not sys.platform.startswith("linux"):
+        return None
+    import ctypes
+    import signal
+
+    prctl = ctypes.CDLL(None, use_errno=True).prctl  # looked up here: nothing is imported after the fork
+    parent, set_death_signal = os.getpid(), 1  # PR_SET_PDEATHSIG (linux/prctl.h)
+
+    def preexec() -> None:
+        prctl(set_death_signal, signal.SIGKILL, 0, 0, 0)
+        if os.getppid() != parent:
+            os._exit(1)
+
+    return preexec
 
 
 def is_done(job: RunSpec) -> bool:
