@@ -37,7 +37,7 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
 
 
 TMP_SUFFIX = ".tmp"
-OLD_SUFFIX = ".old"  # write_sealed_folder's earlier folder, moved aside until the new one is in place
+OLD_SUFFIX = ".old"  # replace_folder's earlier folder, moved aside until the new one is in place
 
 
 def process_alive(pid: int) -> bool:
@@ -53,9 +53,9 @@ def process_alive(pid: int) -> bool:
 
 def remove_dead_temporaries(folder: str | Path, prefix: str = ".", recursive: bool = True) -> list[Path]:
     """Delete the temporaries below ``folder`` (only its own entries without ``recursive``; only names starting
-    with ``prefix``) whose writer died: ``atomic_write`` files and ``core.model_files.write_sealed_folder``
-    folders (``.<name>.<pid>.<random>.tmp``: a kill -9 mid-write leaves one, a saved bank may be hundreds of MB)
-    and the earlier folder it was replacing (``.<name>.<pid>.old``). Those of live processes are theirs to finish."""
+    with ``prefix``) whose writer died: ``atomic_write`` files and ``replace_folder`` folders
+    (``.<name>.<pid>.<random>.tmp``: a kill -9 mid-write leaves one, a saved bank may be hundreds of MB) and the
+    earlier folder it was replacing (``.<name>.<pid>.<random>.old``). Those of live processes are theirs to finish."""
     folder = Path(folder)
     if not folder.is_dir():
         return []
@@ -76,10 +76,10 @@ def remove_dead_temporaries(folder: str | Path, prefix: str = ".", recursive: bo
 
 
 def _writer_pid(name: str) -> int | None:
-    """The PID in a temporary's name: ``.<name>.<pid>.<random>.tmp`` or ``.<name>.<pid>.old``; None if none."""
-    tmp = name.endswith(TMP_SUFFIX)
-    parts = name.removesuffix(TMP_SUFFIX if tmp else OLD_SUFFIX).split(".")  # "", name parts..., pid[, random]
-    pid = parts[-2] if tmp and len(parts) >= 4 else parts[-1] if not tmp and len(parts) >= 3 else ""
+    """The PID in a temporary's name, ``.<name>.<pid>.<random>.tmp`` or ``.<name>.<pid>.<random>.old``; None
+    if it has none."""
+    parts = name.removesuffix(TMP_SUFFIX if name.endswith(TMP_SUFFIX) else OLD_SUFFIX).split(".")
+    pid = parts[-2] if len(parts) >= 4 else ""  # "", name parts..., pid, random
     return int(pid) if pid.isdigit() else None
 
 
@@ -130,7 +130,7 @@ def replace_folder(directory: str | Path, write: Callable[[Path], None],
     directory.parent.mkdir(parents=True, exist_ok=True)
     remove_dead_folder_temporaries(directory)
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.{os.getpid()}.", suffix=TMP_SUFFIX, dir=directory.parent))
-    old = directory.parent / f".{directory.name}.{os.getpid()}.{tmp.name.split('.')[-2]}.old"
+    old = directory.parent / f"{tmp.name.removesuffix(TMP_SUFFIX)}{OLD_SUFFIX}"
     try:
         write(tmp)
         earlier = directory.is_dir()
@@ -151,18 +151,17 @@ def remove_dead_folder_temporaries(directory: str | Path) -> list[Path]:
     """Delete the temporary siblings ``replace_folder`` left for ``directory`` when its writer was killed; an
     earlier folder caught mid-swap (``directory`` gone, its ``.old`` left) is put back first."""
     directory = Path(directory)
-    dead = []
-    for leftover in sorted(directory.parent.glob(f".{glob.escape(directory.name)}.*")):
-        pid = leftover.name[len(directory.name) + 2 :].split(".")[0]
-        if leftover.suffix in (TMP_SUFFIX, ".old") and leftover.is_dir() and not leftover.is_symlink() \
-                and pid.isdigit() and not process_alive(int(pid)):
-            dead.append(leftover)
-    for leftover in dead:
-        if leftover.suffix == ".old" and not directory.exists():
-            os.replace(leftover, directory)
-        else:
-            shutil.rmtree(leftover, ignore_errors=True)
-    return dead
+    restored = []
+    if not os.path.lexists(directory):
+        for old in sorted(directory.parent.glob(f".{glob.escape(directory.name)}.*{OLD_SUFFIX}")):
+            pid = _writer_pid(old.name)
+            if old.is_dir() and not old.is_symlink() and pid is not None and not process_alive(pid):
+                os.replace(old, directory)
+                restored.append(old)
+                break
+    return restored + remove_dead_temporaries(directory.parent, prefix=f".{directory.name}.", recursive=False)
+
+
 class NotRegularFileError(OSError):
     """A path that should be a plain file is a link, a FIFO, a device or a folder; the message says which."""
 

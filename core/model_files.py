@@ -9,10 +9,7 @@ place), so an interrupted save never leaves a half-new model next to the old one
 from __future__ import annotations
 
 import json
-import os
 import platform
-import shutil
-import tempfile
 from collections.abc import Callable
 from importlib import metadata as package_metadata
 from pathlib import Path
@@ -23,10 +20,10 @@ from core.io import (
     FileSizeError,
     NotRegularFileError,
     atomic_write,
-    current_umask,
     file_sha256,
     open_regular,
     read_record_text,
+    replace_folder,
     stream_sha256,
     write_json_atomic,
 )
@@ -193,21 +190,12 @@ def write_folder(directory: Path, write: Callable[[Path], None]) -> Path:
 
 
 def write_sealed_folder(directory: Path, write: Callable[[Path], None]) -> Path:
-    """``write(tmp)`` into a temporary sibling of ``directory``, add the manifest, rename it into place (an
-    earlier folder is replaced only once the new one is complete); on any error nothing is left behind.
-    Saved models and exports are both written this way; each caller checks first what it may replace."""
-    directory = Path(directory)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.{os.getpid()}.", suffix=".tmp", dir=directory.parent))
-    old = directory.parent / f".{directory.name}.{os.getpid()}.old"
-    try:
+    """``write(tmp)`` into a temporary sibling of ``directory``, add the manifest, swap it into place
+    (``core.io.replace_folder``: an earlier folder is replaced only once the new one is complete; on any error
+    nothing is left behind). Saved models and exports are both written this way; each caller checks first
+    what it may replace."""
+    def sealed(tmp: Path) -> None:
         write(tmp)
         write_manifest(tmp)
-        os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp makes the folder private; it should read like any folder
-        if directory.exists():
-            os.replace(directory, old)
-        os.replace(tmp, directory)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.rmtree(old, ignore_errors=True)
-    return directory
+
+    return replace_folder(directory, sealed)

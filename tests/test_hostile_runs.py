@@ -254,7 +254,7 @@ def test_temporary_folders_of_killed_saves_are_removed_by_the_next_run(tmp_path,
     [left] = list(models.iterdir())  # the writer's PID is in the name: .brick.<pid>.<random>.tmp
     assert left.name.startswith(f".brick.{killed.pid}.") and left.name.endswith(".tmp") and left.is_dir()
     dead = _dead_pid()
-    old = models / f".grass.{dead}.old"  # a folder being replaced when its writer died
+    old = models / f".grass.{dead}.k3x.old"  # a folder being replaced when its writer died
     old.mkdir()
     (old / "model.json").write_text("{}")
     live = models / f".grass.{os.getpid()}.abc_12.tmp"  # this process is alive: its save is still running
