@@ -31,7 +31,7 @@ from core.thresholds import ThresholdRule
 from experiments.harness.anomaly_maps import MAPS_DIR, save_maps
 from experiments.harness.backbones import per_category_backbones
 from experiments.harness.components import build, resolve_device
-from experiments.harness.evaluation import apply_threshold, evaluate, score_rows, split_validation
+from experiments.harness.evaluation import apply_threshold, evaluate, score_rows, split_validation, without_types
 from experiments.harness.results import (
     SCHEMA_VERSION,
     config_record,
@@ -131,13 +131,14 @@ class Harness:
         start = time.perf_counter()
         predictions = model.predict(test_loader)
         predict_s = time.perf_counter() - start
-        metrics, note = evaluate(predictions)
+        excluded = self.layout.excluded_from_main_metrics  # e.g. ELPV's uncertain cells: their own AUROCs
+        metrics, note = evaluate(predictions, excluded)
         if note:
             log.warning("[%s] %s", category, note)
         threshold = None
         if self.rule is not None:
             nominal = model.predict(self.loader(AnomalyDataset(held_out, preprocessing))) if held_out else None
-            threshold = apply_threshold(self.rule, nominal, predictions)
+            threshold = apply_threshold(self.rule, nominal, without_types(predictions, excluded))
             if threshold.get("warning"):
                 log.warning("[%s] %s", category, threshold["warning"])
             log.info("[%s] %s threshold %.4g%s: precision %s, recall %s, confusion %s", category, self.rule.name,

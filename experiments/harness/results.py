@@ -10,7 +10,10 @@ Schema (a contract: the report and sweeps read it)::
                                "aupro_defect_images", "n_train", "n_test", "bank_size", "pixel_metrics_note",
                                "resumed_from" (only when taken over from an interrupted run),
                                "timings_s": {"train" | "extract", "coreset", "predict"},
-                               "threshold": {...}  (only with a threshold rule)}},
+                               "threshold": {...}  (only with a threshold rule),
+                               "excluded_from_main_metrics": {"<defect type>": {"image_auroc", "n_images",
+                                   "n_nominal"}}  (only for datasets that declare such types, e.g. ELPV's
+                                   uncertain cells: scored, in scores.csv, but out of every metric above)}},
      "mean": {"image_auroc", "image_f1_max", "pixel_auroc", "pixel_f1_max", "aupro"},
      "failed": {"<name>": "<error>"}, "complete": bool,
      "peak_rss_mb", "total_time_s", "versions", "git_commit"}
