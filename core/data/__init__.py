@@ -7,9 +7,11 @@
     layouts.py        MVTecLayout: the samples of any dataset in MVTec AD layout
     defects.py        synthetic local defects with exact masks (the embedded set's, and the fine-tuning proxy's)
     textures.py       TexturesLayout and its deterministic generator (no download)
+    elpv.py           ElpvLayout: the ELPV solar cells of the elpv-dataset package (real defects, no masks)
 """
 
 from core.data.dataset import AnomalyDataset, Sample
+from core.data.elpv import ELPV_CATEGORIES, ELPV_LICENSE, ElpvLayout
 from core.data.images import IMAGE_EXTENSIONS, DatasetError, read_image
 from core.data.layouts import MVTecLayout, UnreadableFilesError
 from core.data.preprocessing import Preprocessing
@@ -24,6 +26,8 @@ from core.data.textures import (
 from core.imagenet import IMAGENET_MEAN, IMAGENET_STD
 
 __all__ = [
+    "ELPV_CATEGORIES",
+    "ELPV_LICENSE",
     "IMAGENET_MEAN",
     "IMAGENET_STD",
     "IMAGE_EXTENSIONS",
@@ -32,6 +36,7 @@ __all__ = [
     "TEXTURE_SOURCES",
     "AnomalyDataset",
     "DatasetError",
+    "ElpvLayout",
     "MVTecLayout",
     "Preprocessing",
     "Sample",

@@ -54,6 +54,11 @@ class MVTecLayout:
     Nothing is read at construction, so configs instantiate without the data present.
     """
 
+    # Defect types scored and recorded but kept out of the main metrics (image AUROC, F1-max, thresholds):
+    # each gets its own AUROC against the nominal test images instead (core/data/elpv.py: the cells whose
+    # graders disagreed). Empty for datasets whose every defect type is a defect.
+    excluded_from_main_metrics: tuple[str, ...] = ()
+
     def __init__(
         self,
         name: str,
@@ -141,10 +146,7 @@ class MVTecLayout:
                 f"no training images in {folder}: put the nominal images ({', '.join(IMAGE_EXTENSIONS)}) "
                 f"there, or set dataset.good_dirname if the nominal folder has another name"
             )
-        if self.train_limit is not None and self.train_limit < len(paths):
-            keep = np.random.default_rng(seed).choice(len(paths), self.train_limit, replace=False)
-            paths = [paths[i] for i in sorted(keep)]
-        return [Sample(p, 0, "good", None) for p in paths]
+        return [Sample(p, 0, "good", None) for p in self.limited(paths, seed)]
 
     def test_samples(self, category: str) -> list[Sample]:
         """Every test/<type> folder: <good_dirname> -> label 0, any other -> that defect type, label 1."""
@@ -188,6 +190,13 @@ class MVTecLayout:
         return AnomalyDataset(self.test_samples(category), preprocessing)
 
     # -- helpers
+
+    def limited(self, paths: list[Path], seed: int) -> list[Path]:
+        """A seeded subset of ``train_limit`` of ``paths`` (in their order), or all of them."""
+        if self.train_limit is None or self.train_limit >= len(paths):
+            return paths
+        keep = np.random.default_rng(seed).choice(len(paths), self.train_limit, replace=False)
+        return [paths[i] for i in sorted(keep)]
 
     def _defect_samples(self, paths: list[Path], defect_type: str, gt_dir: Path) -> list[Sample]:
         """Pair each defect image with `<stem>_mask.*` (MVTec) or `<stem>.*` (BTAD, VisA)."""

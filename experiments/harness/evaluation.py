@@ -3,11 +3,13 @@ seeded hold-out of nominal images that a threshold rule is fitted on."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 
 from core.data import Sample
 from core.detector import Predictions
-from core.metrics import aupro_defect_images, compute_metrics
+from core.metrics import aupro_defect_images, compute_metrics, image_auroc
 from core.thresholds import ThresholdRule, decide
 
 
@@ -50,11 +52,41 @@ def image_metrics_note(labels) -> str | None:
             "images to evaluate this category")
 
 
-def evaluate(predictions: Predictions) -> tuple[dict, str | None]:
-    """Metrics of one category: image metrics over every test image, pixel metrics over the images whose
-    masks are known (nominal images always are); the note names the defect images left out. The metrics
-    carry ``image_metrics_note`` (why they are null, or None)."""
+def without_types(predictions: Predictions, excluded: tuple[str, ...]) -> Predictions:
+    """The test images whose defect type counts in the main metrics (every one when ``excluded`` is empty)."""
+    if not excluded or not predictions.defect_types:
+        return predictions
+    keep = np.array([defect not in excluded for defect in predictions.defect_types], dtype=bool)
+    index = np.flatnonzero(keep)
+    return dataclasses.replace(
+        predictions, image_scores=predictions.image_scores[index], maps=predictions.maps[index],
+        labels=predictions.labels[index], masks=predictions.masks[index], has_mask=predictions.has_mask[index],
+        paths=[predictions.paths[i] for i in index] if predictions.paths else [],
+        defect_types=[predictions.defect_types[i] for i in index])
+
+
+def excluded_type_metrics(predictions: Predictions, excluded: tuple[str, ...]) -> dict[str, dict]:
+    """Each excluded defect type's image AUROC against the nominal test images (null without one of either)."""
+    types = np.array(predictions.defect_types or [""] * len(predictions.labels))
+    nominal = predictions.labels == 0
+    found = {}
+    for defect in excluded:
+        chosen = nominal | (types == defect)
+        found[defect] = {"image_auroc": image_auroc(predictions.labels[chosen], predictions.image_scores[chosen]),
+                         "n_images": int((types == defect).sum()), "n_nominal": int(nominal.sum())}
+    return found
+
+
+def evaluate(predictions: Predictions, excluded: tuple[str, ...] = ()) -> tuple[dict, str | None]:
+    """Metrics of one category: image metrics over every test image whose defect type is not in ``excluded``
+    (the dataset's ``excluded_from_main_metrics``; each of those gets its own AUROC against the nominal test
+    images, under ``excluded_from_main_metrics``), pixel metrics over the images whose masks are known (nominal
+    images always are); the note names the defect images left out. The metrics carry ``image_metrics_note``
+    (why they are null, or None)."""
     require_finite(predictions.image_scores, "the test set")
+    if excluded:
+        metrics, note = evaluate(without_types(predictions, excluded))
+        return {**metrics, "excluded_from_main_metrics": excluded_type_metrics(predictions, excluded)}, note
     masks, maps = pixel_arrays(predictions)
     labels, scores = predictions.labels, predictions.image_scores
     metrics = {**compute_metrics(labels, scores, None, None), "image_metrics_note": image_metrics_note(labels)}

@@ -38,6 +38,7 @@ from experiments.harness.evaluation import (
     image_metrics_note,
     score_rows,
     split_validation,
+    without_types,
 )
 from experiments.harness.interrupts import Interrupted
 from experiments.harness.results import (
@@ -146,14 +147,15 @@ class Harness:
         start = time.perf_counter()
         predictions = model.predict(test_loader)
         predict_s = time.perf_counter() - start
-        metrics, note = evaluate(predictions)
+        excluded = self.layout.excluded_from_main_metrics  # e.g. ELPV's uncertain cells: their own AUROCs
+        metrics, note = evaluate(predictions, excluded)
         for warning in (note, metrics["image_metrics_note"]):
             if warning:
                 log.warning("[%s] %s", category, warning)
         threshold = None
         if self.rule is not None:
             nominal = model.predict(self.loader(AnomalyDataset(held_out, preprocessing))) if held_out else None
-            threshold = apply_threshold(self.rule, nominal, predictions)
+            threshold = apply_threshold(self.rule, nominal, without_types(predictions, excluded))
             if threshold.get("warning"):
                 log.warning("[%s] %s", category, threshold["warning"])
             log.info("[%s] %s threshold %.4g%s: precision %s, recall %s, confusion %s", category, self.rule.name,

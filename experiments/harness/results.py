@@ -12,7 +12,10 @@ Schema (a contract: the report and sweeps read it)::
                                test images; null when they were computed),
                                "resumed_from" (only when taken over from an interrupted run),
                                "timings_s": {"train" | "extract", "coreset", "predict"},
-                               "threshold": {...}  (only with a threshold rule)}},
+                               "threshold": {...}  (only with a threshold rule),
+                               "excluded_from_main_metrics": {"<defect type>": {"image_auroc", "n_images",
+                                   "n_nominal"}}  (only for datasets that declare such types, e.g. ELPV's
+                                   uncertain cells: scored, in scores.csv, but out of every metric above)}},
      "mean": {"image_auroc", "image_f1_max", "pixel_auroc", "pixel_f1_max", "aupro"},
      "not_computable": {<metric>: [<category>, ...]}  (the categories whose value is null: their mean leaves
                                                       them out, so it is not over every category),

@@ -90,8 +90,10 @@ def _read_scores(run: Run, category: str) -> tuple[np.ndarray, np.ndarray] | Non
     path = run.folder / "scores.csv"
     if not path.is_file():
         return None
-    with path.open() as handle:
-        rows = [row for row in csv.DictReader(handle) if row["category"] == category]
+    excluded = ((run.results.get("categories") or {}).get(category) or {}).get("excluded_from_main_metrics") or {}
+    with path.open() as handle:  # the images of the main metrics (ELPV's uncertain cells have their own AUROCs)
+        rows = [row for row in csv.DictReader(handle) if row["category"] == category
+                and row.get("defect_type") not in excluded]
     if not rows:
         return None
     return (np.array([int(row["label"]) for row in rows]), np.array([float(row["image_score"]) for row in rows]))
