@@ -256,3 +256,25 @@ def test_printed_bounds_keep_their_side_of_zero_and_of_the_band(value: float, te
         shown = float(text)
         for edge in (0.0, 0.5, -0.5):
             assert np.sign(shown - edge) == np.sign(value - edge)
+
+
+def test_types_kept_out_of_the_main_metrics_are_kept_out_of_the_bootstrap(tmp_path) -> None:
+    """ELPV's uncertain cells are in scores.csv (label 1, their own type) but out of results.json's AUROC: the
+    bootstrap leaves them out by the run's own record, so it pairs (rather than falling back to seed level)."""
+    frames = []
+    for name, shift in (("baseline", 0.0), ("arm", 0.8)):
+        rows = []
+        for seed in (0, 1):
+            folder = tmp_path / name / str(seed)
+            labels, base, arm = _synthetic(np.random.default_rng(seed), 30, 40, shift)
+            scores = arm if name == "arm" else base
+            rows += _run(folder, seed, {"poly": (labels, scores)})
+            uncertain = np.random.default_rng(50 + seed).normal(size=12)  # would move the AUROC if counted
+            with (folder / "scores.csv").open("a", newline="") as handle:
+                csv.writer(handle).writerows(["poly", f"/d/poly/u{i}.png", "uncertain_1_3", 1, float(v)]
+                                             for i, v in enumerate(uncertain))
+            (folder / "results.json").write_text(json.dumps({"complete": True, "categories": {"poly": {
+                "excluded_from_main_metrics": {"uncertain_1_3": {"image_auroc": 0.5, "n_images": 12}}}}}))
+        frames.append(pd.DataFrame(rows))
+    diff = paired(frames[0], frames[1], "image_auroc", ["poly"])
+    assert diff["method"] == "bootstrap" and diff["pairing"].startswith("paired bootstrap over 70 test images")

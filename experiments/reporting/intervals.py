@@ -33,6 +33,7 @@ Pixel metrics and AU-PRO have no per-image scores in the run record: their diffe
 from __future__ import annotations
 
 import csv
+import json
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -61,23 +62,35 @@ class Paired:
 
 
 @lru_cache(maxsize=256)
-def _read(path: str, mtime: float) -> dict[str, dict[str, tuple[int, float]]]:
+def _read(path: str, mtime: float, excluded: tuple[tuple[str, str], ...]) -> dict[str, dict[str, tuple[int, float]]]:
     by_category: dict[str, dict[str, tuple[int, float]]] = {}
     with open(path, newline="") as handle:
         for row in csv.DictReader(handle):
             label = int(row["label"])
-            if label in (0, 1):  # anything else (e.g. graders' uncertain cells) is not in the image AUROC
+            if label in (0, 1) and (row["category"], row.get("defect_type", "")) not in excluded:
                 by_category.setdefault(row["category"], {})[row["path"]] = (label, float(row["image_score"]))
     return by_category
 
 
+def _excluded_types(run_dir: Path) -> tuple[tuple[str, str], ...]:
+    """(category, defect type) pairs the run kept out of its main metrics (results.json's
+    ``excluded_from_main_metrics``, e.g. ELPV's uncertain cells), so a recomputed AUROC leaves them out too."""
+    try:
+        categories = json.loads((run_dir / "results.json").read_text()).get("categories", {})
+        return tuple(sorted((category, defect) for category, entry in categories.items()
+                            for defect in (entry.get("excluded_from_main_metrics") or {})))
+    except (OSError, ValueError, AttributeError):
+        return ()
+
+
 def image_scores(run_dir: str | Path, category: str) -> dict[str, tuple[int, float]] | None:
-    """path -> (label, image score) of one category of a run's scores.csv; None without one (older runs)."""
+    """path -> (label, image score) of one category of a run's scores.csv, the images of the main metrics only;
+    None without one (older runs)."""
     path = Path(run_dir) / "scores.csv"
     if not path.is_file():
         return None
     try:
-        return _read(str(path), path.stat().st_mtime).get(category)
+        return _read(str(path), path.stat().st_mtime, _excluded_types(Path(run_dir))).get(category)
     except (OSError, KeyError, ValueError):
         return None
 
