@@ -58,9 +58,17 @@ def _weights(value) -> bool:  # null (spec-only) or {"file": a plain file name, 
                              and value["file"] == WEIGHTS_FILE and _spec(value["extractor"]))
 
 
+# Bounds of the embedder's numbers in a saved record, far beyond any real model (the widest embedding here is
+# a few thousand channels; the paper's neighbourhood is 3 x 3) and far below what a hostile record would need to
+# ask for a many-GB allocation at the first prediction.
+MAX_EMBED_DIM = 1 << 16
+MAX_PATCH_SIZE = 255
+
+
 def _embedder(value) -> bool:
     return (isinstance(value, dict) and (value.get("embed_dim") is None or (is_int(value["embed_dim"])
-            and value["embed_dim"] > 0)) and is_int(value.get("patch_size")) and value["patch_size"] > 0
+            and 0 < value["embed_dim"] <= MAX_EMBED_DIM)) and is_int(value.get("patch_size"))
+            and 0 < value["patch_size"] <= MAX_PATCH_SIZE
             and isinstance(value.get("aggregation", "channel_mean"), str) and "embed_dim" in value)
 
 
@@ -89,7 +97,8 @@ def metadata_node(value) -> bool:
 MODEL_SCHEMA: Schema = {
     "format_version": (True, is_int, "an integer"),
     "extractor": (True, _spec, "an object {\"target\": \"<module>.<Class>\", \"kwargs\": {...}}"),
-    "embedder": (True, _embedder, "an object {\"embed_dim\": int or null, \"patch_size\": int, \"aggregation\"}"),
+    "embedder": (True, _embedder, f"an object {{\"embed_dim\": int in [1, {MAX_EMBED_DIM}] or null, \"patch_size\": int in [1, "
+                 f"{MAX_PATCH_SIZE}], \"aggregation\"}}"),
     "scoring": (True, _node("scoring", required=True), f"an object with exactly the keys {sorted(NODES['scoring'])}"),
     "grid": (True, _size, f"[] or [h, w] (integers in [1, {MAX_SIDE}])"),
     "input_size": (True, _size, f"[] or [H, W] (integers in [1, {MAX_SIDE}] pixels)"),
