@@ -97,8 +97,8 @@ def metadata_node(value) -> bool:
 MODEL_SCHEMA: Schema = {
     "format_version": (True, is_int, "an integer"),
     "extractor": (True, _spec, "an object {\"target\": \"<module>.<Class>\", \"kwargs\": {...}}"),
-    "embedder": (True, _embedder, f"an object {{\"embed_dim\": int in [1, {MAX_EMBED_DIM}] or null, \"patch_size\": int in [1, "
-                 f"{MAX_PATCH_SIZE}], \"aggregation\"}}"),
+    "embedder": (True, _embedder, f"an object {{\"embed_dim\": int in [1, {MAX_EMBED_DIM}] or null, "
+                 f"\"patch_size\": int in [1, {MAX_PATCH_SIZE}], \"aggregation\"}}"),
     "scoring": (True, _node("scoring", required=True), f"an object with exactly the keys {sorted(NODES['scoring'])}"),
     "grid": (True, _size, f"[] or [h, w] (integers in [1, {MAX_SIDE}])"),
     "input_size": (True, _size, f"[] or [H, W] (integers in [1, {MAX_SIDE}] pixels)"),

@@ -215,7 +215,8 @@ def test_a_manifest_without_sizes_still_loads(saved) -> None:
     (setter("preprocessing.turbo", True), r"preprocessing=.* must be null or an object with keys among"),
     (setter("metadata.preprocessing.resize", -5), r"metadata\.preprocessing\.resize=-5 must be an integer in"),
     (setter("search.nlist", 0), r"search\.nlist=0 must be positive"),
-    (setter("embedder.embed_dim", 10**9), r"embedder=.* must be an object \{\"embed_dim\": int in \[1, 65536\] or null"),
+    (setter("embedder.embed_dim", 10**9), r"embedder=.* must be an object \{\"embed_dim\": int in \[1, 65536\] "
+                                          r"or null"),
     (setter("embedder.patch_size", 10**6), r"embedder=.*\"patch_size\": int in \[1, 255\]"),
 ])
 def test_numbers_out_of_range_are_refused_at_load(saved, hashed, change, message) -> None:
