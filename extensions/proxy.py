@@ -34,7 +34,7 @@ from core.data import Sample
 from core.features import PatchEmbedder
 from core.patchcore import PatchCore
 from extensions.monitors import check_collapse, distance_spread, effective_rank
-from extensions.synthetic import SYNTHETIC_KINDS, SyntheticSet, check_kinds
+from extensions.synthetic import SEVERITY, SYNTHETIC_KINDS, SyntheticSet, check_kinds
 
 log = logging.getLogger("finetune")
 
@@ -92,6 +92,7 @@ class ProxyValidator:
         self.anomalies = synthetic.normalised(synthetic.anomalies, mean, std)
         self.masks = synthetic.masks
         self.kinds = synthetic.kinds
+        self.severities = synthetic.severities
         self.device = torch.device(device)
 
     def sizes(self) -> dict[str, int]:
@@ -141,9 +142,26 @@ class ProxyValidator:
         nominal = nominal_scores.double().numpy()
         for kind in dict.fromkeys(self.kinds):
             picked = anomaly_scores[[i for i, k in enumerate(self.kinds) if k == kind]].double().numpy()
-            row[f"image_auroc_{kind}"] = float(roc_auc_score(np.r_[np.zeros(len(nominal)), np.ones(len(picked))],
-                                                             np.r_[nominal, picked]))
+            row[f"image_auroc_{kind}"] = _auroc(nominal, picked)
+        for band, picked in severity_bands(self.severities).items():
+            row[f"image_auroc_{band}"] = _auroc(nominal, anomaly_scores[picked].double().numpy()) if picked else None
         return row
+
+
+SEVERITY_BANDS = ("subtle", "medium", "obvious")  # thirds of the severity range (extensions/synthetic.py SEVERITY)
+
+
+def severity_bands(severities: Sequence[float]) -> dict[str, list[int]]:
+    """The anomalies (indices) in each third of the severity range: subtle, medium, obvious."""
+    lo, hi = SEVERITY
+    bands: dict[str, list[int]] = {band: [] for band in SEVERITY_BANDS}
+    for i, s in enumerate(severities):
+        bands[SEVERITY_BANDS[min(2, int(3 * (s - lo) / (hi - lo)))]].append(i)
+    return bands
+
+
+def _auroc(nominal: np.ndarray, anomalous: np.ndarray) -> float:
+    return float(roc_auc_score(np.r_[np.zeros(len(nominal)), np.ones(len(anomalous))], np.r_[nominal, anomalous]))
 
 
 class Selection:

@@ -83,7 +83,7 @@ def datasets(layout: MVTecLayout, category: str, preprocessing, proxy: ProxyConf
         return AnomalyDataset(samples, preprocessing), None
     train, held = split_holdout(samples, proxy.holdout, proxy.seed)
     dataset = AnomalyDataset(train, preprocessing)
-    synthetic = make_synthetic(held, preprocessing, proxy.kinds, proxy.seed, category)
+    synthetic = make_synthetic(held, preprocessing, proxy.kinds, proxy.seed)
     bank_images = torch.stack([dataset[i]["image"] for i in range(len(dataset))])
     return dataset, ProxyValidator(proxy, bank_images, synthetic, extractor.mean, extractor.std, device)
 
