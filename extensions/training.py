@@ -54,7 +54,7 @@ class TrainConfig:
     """A method's ``train:`` node (conf/method/train/default.yaml): the settings every method shares."""
 
     epochs: int = 10
-    max_steps: int | None = None  # overrides epochs when set; 0: no step (step 0 alone: the pretrained weights)
+    max_steps: int | None = 40  # the CPU step budget; null: epochs decide; 0: no step (the pretrained weights)
     batch_size: int = 8
     lr: float = 1e-4  # backbone
     head_lr: float = 1e-3

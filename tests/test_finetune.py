@@ -104,6 +104,14 @@ def test_zero_steps_keeps_the_pretrained_weights(tmp_path) -> None:
         TrainConfig(max_steps=-1)
 
 
+def test_the_cpu_default_is_a_step_budget_and_the_gpu_recipe_counts_epochs() -> None:
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cpu = compose("finetune", overrides=["method=rotation"]).method.train
+        gpu = compose("finetune", overrides=["method=cutmix_contrastive", "method/train=gpu"]).method.train
+    assert TrainConfig(**cpu).total_steps(steps_per_epoch=64) == 40 == TrainConfig(**cpu).total_steps(4)
+    assert TrainConfig(**gpu).total_steps(steps_per_epoch=9) == 270 and gpu.batch_size == 32 and gpu.lr == cpu.lr
+
+
 def test_switching_protections_off(tmp_path) -> None:
     extractor = resnet18()
     before = snapshot(extractor)

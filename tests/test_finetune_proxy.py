@@ -113,6 +113,22 @@ def test_holdout_split_is_seeded_and_disjoint(tmp_path) -> None:
         split_holdout(samples[:1], 0.2, seed=0)
 
 
+def test_holdout_and_bank_caps_keep_the_proxy_cost_flat(tmp_path) -> None:
+    from extensions.proxy import bank_indices
+
+    write_tiny_category(tmp_path, "widget", n_train=60, size=8)
+    samples = MVTecLayout("folder", tmp_path).train_samples("widget")
+    train, held = split_holdout(samples, 0.2, seed=0, cap=5)
+    assert len(held) == 5 and len(train) == 55
+    assert set(held) <= set(samples) and not set(train) & set(held)
+    assert len(split_holdout(samples, 0.2, seed=0, cap=None)[1]) == 12  # no cap: the fraction
+    picked = bank_indices(55, 10, seed=0)
+    assert len(picked) == 10 == len(set(picked)) and picked == sorted(picked) and max(picked) < 55
+    assert picked == bank_indices(55, 10, seed=0) and bank_indices(8, 10, seed=0) == list(range(8))
+    with pytest.raises(ValueError, match="proxy.max_bank_images=0"):
+        ProxyConfig(max_bank_images=0)
+
+
 def test_paste_box_by_hand() -> None:
     rng = np.random.default_rng(3)
     source = np.random.default_rng(0).integers(0, 256, (256, 256, 3), dtype=np.uint8)  # every box unique
