@@ -16,6 +16,7 @@ class Objective(nn.Module):
     """
 
     name = "objective"
+    chance_accuracy: float | None = None  # the ``accuracy`` stat of guessing, where it has one (sidecar)
 
     def __init__(self, extractor: FeatureExtractor) -> None:
         super().__init__()

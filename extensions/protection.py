@@ -4,8 +4,10 @@ PatchCore works because ImageNet features are generic: a nominal-only objective 
 specific (a new bias) or collapse them (lost expressivity). Four protections, each a config switch:
 
 - ``frozen_stages`` (mmdetection's convention): -1 trains everything, 0 freezes the stem, k freezes the
-  stem and stages 1..k. Stage k is the part of the network whose output has stride 2**(k+1), so stage
-  numbers mean the same on every backbone: ResNet/WRN ``layer1..layer3``; EfficientNet-Lite0 blocks
+  stem and stages 1..k; ``all_but_last`` freezes everything but the last stage PatchCore uses (the
+  stem and stages 1..2 on every backbone here: only ``layer3`` / EfficientNet blocks 5-10 train).
+  Stage k is the part of the network whose output has stride 2**(k+1), so stage numbers mean the same on
+  every backbone: ResNet/WRN ``layer1..layer3``; EfficientNet-Lite0 blocks
   1-2, 3-4 and 5-10 (block 0 still runs at stride 2 and belongs to the stem). PatchCore's layers end
   stages 2 and 3 on both (``layer2``/``layer3``, ``blocks.4``/``blocks.10``). Frozen modules are kept
   in eval mode and out of the optimiser.
@@ -28,6 +30,16 @@ from torch import nn
 from core.backbones import EfficientNetLite, FeatureExtractor
 
 _BATCHNORM = nn.modules.batchnorm._BatchNorm
+ALL_BUT_LAST = "all_but_last"
+
+
+def check_frozen_stages(value: int | str) -> int | str:
+    """The one check of ``method.train.frozen_stages``' form (its fit to a backbone: ``Protection``)."""
+    if value == ALL_BUT_LAST or (isinstance(value, int) and not isinstance(value, bool) and value >= -1):
+        return value
+    raise ValueError(f"method.train.frozen_stages={value!r}: use -1 (train the whole backbone), 0 (freeze the "
+                     f"stem), k >= 1 (the stem and stages 1..k) or {ALL_BUT_LAST} (train only the last stage "
+                     "PatchCore uses)")
 
 
 def stages(extractor: FeatureExtractor) -> list[list[nn.Module]]:
@@ -62,19 +74,20 @@ class Protection:
     def __init__(
         self,
         extractor: FeatureExtractor,
-        frozen_stages: int = 1,
+        frozen_stages: int | str = 1,
         freeze_bn: bool = True,
         train_bn_affine: bool = True,
         l2sp_weight: float = 0.0,
     ) -> None:
-        if frozen_stages < -1:
-            raise ValueError(f"method.train.frozen_stages={frozen_stages}: use -1 (train all), 0 (stem) or k >= 1")
+        check_frozen_stages(frozen_stages)
         if l2sp_weight < 0:
             raise ValueError(f"method.train.l2sp_weight={l2sp_weight} must be >= 0 (0 = off)")
         self.extractor = extractor
         self.freeze_bn = freeze_bn
         self.l2sp_weight = float(l2sp_weight)
-        groups = stages(extractor) if frozen_stages >= 0 else []
+        groups = stages(extractor) if frozen_stages != -1 else []
+        if frozen_stages == ALL_BUT_LAST:
+            frozen_stages = len(groups) - 2
         if frozen_stages >= 0 and frozen_stages + 1 >= len(groups):
             raise ValueError(
                 f"method.train.frozen_stages={frozen_stages} freezes every stage {extractor.name} computes "
@@ -91,6 +104,9 @@ class Protection:
         self.reference = {
             name: param.detach().clone() for name, param in extractor.named_parameters() if param.requires_grad
         }
+        # ||w0|| over every parameter of the extractor (PatchCore's layers and all below them, frozen ones too):
+        # the one denominator of weight_distance_rel, so arms that train different stages compare
+        self.start_norm = math.sqrt(sum(float(p.detach().double().pow(2).sum()) for p in extractor.parameters()))
 
     def parameters(self) -> list[nn.Parameter]:
         """The backbone parameters that are fine-tuned."""
@@ -117,13 +133,14 @@ class Protection:
 
     @torch.no_grad()
     def weight_distance(self) -> dict[str, float]:
-        """``||w - w0||_2`` over the trainable backbone weights (the L2-SP term's root, unweighted), and
-        relative to ``||w0||_2``: how far fine-tuning has moved from the pretrained solution."""
+        """``||w - w0||_2`` over the trainable backbone weights (the L2-SP term's root, unweighted; frozen ones do
+        not move), and relative to ``||w0||_2`` over every extractor parameter (frozen included): how far
+        fine-tuning has moved the weights PatchCore's features come from."""
         params = dict(self.extractor.named_parameters())
         moved = sum(float((params[name] - ref).double().pow(2).sum()) for name, ref in self.reference.items())
-        start = sum(float(ref.double().pow(2).sum()) for ref in self.reference.values())
         distance = moved**0.5
-        return {"weight_distance": distance, "weight_distance_rel": distance / start**0.5 if start > 0 else 0.0}
+        return {"weight_distance": distance,
+                "weight_distance_rel": distance / self.start_norm if self.start_norm > 0 else 0.0}
 
     def to(self, device: torch.device | str) -> Protection:
         self.reference = {name: ref.to(device) for name, ref in self.reference.items()}

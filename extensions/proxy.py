@@ -34,7 +34,7 @@ from core.data import Sample
 from core.features import PatchEmbedder
 from core.patchcore import PatchCore
 from extensions.monitors import check_collapse, distance_spread, effective_rank
-from extensions.synthetic import SYNTHETIC_KINDS, SyntheticSet, check_kinds
+from extensions.synthetic import SEVERITY, SYNTHETIC_KINDS, SyntheticSet, check_kinds
 
 log = logging.getLogger("finetune")
 
@@ -48,6 +48,8 @@ class ProxyConfig:
 
     enabled: bool = True  # false: train on every image, keep the last step's weights (no selection)
     holdout: float = 0.2  # fraction of train/good held out (never trained on) for the proxy
+    max_holdout: int | None = 30  # at most this many held out (null: no cap): the proxy's cost stays flat
+    max_bank_images: int | None = 60  # the proxy PatchCore's bank: a seeded subset of the training part (null: all)
     eval_every: int = 20  # steps between evaluations (plus step 0 and the last step)
     patience: int = 2  # evaluations without gain before stopping early
     metric: str = "mean_auroc"  # image_auroc | pixel_auroc | mean_auroc: what selection maximises
@@ -62,6 +64,10 @@ class ProxyConfig:
         self.kinds = check_kinds(list(self.kinds))
         if not 0 < self.holdout < 1:
             raise ValueError(f"proxy.holdout={self.holdout} must be a fraction in (0, 1)")
+        for key in ("max_holdout", "max_bank_images"):
+            value = getattr(self, key)
+            if value is not None and value < 1:
+                raise ValueError(f"proxy.{key}={value} must be at least 1, or null for no cap")
         if self.eval_every < 1 or self.patience < 1:
             raise ValueError(f"proxy.eval_every={self.eval_every} and proxy.patience={self.patience} must be >= 1")
         if self.metric not in METRICS:
@@ -70,15 +76,23 @@ class ProxyConfig:
             raise ValueError(f"proxy.collapse_fraction={self.collapse_fraction} must be in (0, 1]")
 
 
-def split_holdout(samples: Sequence[Sample], fraction: float, seed: int) -> tuple[list[Sample], list[Sample]]:
-    """(training part, held-out part): a seeded ``fraction`` of the samples (at least one) is held out."""
+def split_holdout(samples: Sequence[Sample], fraction: float, seed: int,
+                  cap: int | None = None) -> tuple[list[Sample], list[Sample]]:
+    """(training part, held-out part): a seeded ``fraction`` of the samples (at least one, at most ``cap``)."""
     n = len(samples)
-    held = max(1, round(fraction * n))
+    held = max(1, min(round(fraction * n), cap if cap is not None else n))
     if n - held < 1:
         raise ValueError(f"{n} training images cannot be split for the proxy (proxy.holdout={fraction}): "
                          "add images, or set proxy.enabled=false")
     chosen = set(np.random.default_rng(seed).permutation(n)[:held].tolist())
     return ([s for i, s in enumerate(samples) if i not in chosen], [s for i, s in enumerate(samples) if i in chosen])
+
+
+def bank_indices(n: int, cap: int | None, seed: int) -> list[int]:
+    """The training images the proxy's bank is fitted on: all, or a seeded sorted subset of ``cap``."""
+    if cap is None or n <= cap:
+        return list(range(n))
+    return sorted(np.random.default_rng([seed, 1]).permutation(n)[:cap].tolist())
 
 
 class ProxyValidator:
@@ -92,6 +106,7 @@ class ProxyValidator:
         self.anomalies = synthetic.normalised(synthetic.anomalies, mean, std)
         self.masks = synthetic.masks
         self.kinds = synthetic.kinds
+        self.severities = synthetic.severities
         self.device = torch.device(device)
 
     def sizes(self) -> dict[str, int]:
@@ -141,9 +156,26 @@ class ProxyValidator:
         nominal = nominal_scores.double().numpy()
         for kind in dict.fromkeys(self.kinds):
             picked = anomaly_scores[[i for i, k in enumerate(self.kinds) if k == kind]].double().numpy()
-            row[f"image_auroc_{kind}"] = float(roc_auc_score(np.r_[np.zeros(len(nominal)), np.ones(len(picked))],
-                                                             np.r_[nominal, picked]))
+            row[f"image_auroc_{kind}"] = _auroc(nominal, picked)
+        for band, picked in severity_bands(self.severities).items():
+            row[f"image_auroc_{band}"] = _auroc(nominal, anomaly_scores[picked].double().numpy()) if picked else None
         return row
+
+
+SEVERITY_BANDS = ("subtle", "medium", "obvious")  # thirds of the severity range (extensions/synthetic.py SEVERITY)
+
+
+def severity_bands(severities: Sequence[float]) -> dict[str, list[int]]:
+    """The anomalies (indices) in each third of the severity range: subtle, medium, obvious."""
+    lo, hi = SEVERITY
+    bands: dict[str, list[int]] = {band: [] for band in SEVERITY_BANDS}
+    for i, s in enumerate(severities):
+        bands[SEVERITY_BANDS[min(2, int(3 * (s - lo) / (hi - lo)))]].append(i)
+    return bands
+
+
+def _auroc(nominal: np.ndarray, anomalous: np.ndarray) -> float:
+    return float(roc_auc_score(np.r_[np.zeros(len(nominal)), np.ones(len(anomalous))], np.r_[nominal, anomalous]))
 
 
 class Selection:

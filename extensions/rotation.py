@@ -31,6 +31,7 @@ def rotate_batch(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 class RotationPrediction(Objective):
     name = "rotation"
+    chance_accuracy = 1 / ROTATIONS  # on direction-free textures the accuracy staying near this is a finding
 
     def __init__(self, extractor: FeatureExtractor, hidden_dim: int = 256, flip: bool = True) -> None:
         super().__init__(extractor)

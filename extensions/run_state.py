@@ -34,6 +34,8 @@ class EpochBatches(Sampler[list[int]]):
 def lr_lambdas(total: int, head_only_steps: int) -> tuple:
     """Cosine decay to zero over the run; the backbone's starts after ``head_only_steps`` (0 before)."""
 
+    total = max(1, total)  # a run of 0 steps never steps its schedule
+
     def head(step: int) -> float:
         return 0.5 * (1 + math.cos(math.pi * min(step, total) / total))
 

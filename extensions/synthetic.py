@@ -1,21 +1,28 @@
 """Synthetic anomalies made from held-out nominal images, with exact masks: the proxy validation set.
 
-CutPaste (Li et al., CVPR 2021) showed that synthetic local defects are a usable validation signal
-when no real defect may be looked at. Each held-out nominal image gets one anomaly of every kind in
-``SYNTHETIC_KINDS``:
+CutPaste (Li et al., CVPR 2021) and DRAEM (Zavrtanik et al., ICCV 2021) showed that synthetic local
+anomalies are a usable validation signal when no real defect may be looked at. The families here are
+disjoint from the generator of the embedded test set (core/data/defects.py: scratch, hole, colour
+tint, a foreign scikit-image photograph): this module never imports it, nor any scikit-image image
+(tests/test_proxy_leakage.py walks the import graph), so a checkpoint chosen by the proxy is not tuned
+to the test's defects. Each held-out nominal image gets one anomaly of every family in ``kinds``:
 
-- ``cutpaste``: a box of the image itself, brightness-jittered, pasted elsewhere in it (CutPaste);
-- ``cutmix``: a box from another held-out image pasted in (CutMix, Yun et al., ICCV 2019: the
-  negatives of extensions/cutmix_contrastive.py);
-- ``scratch``, ``hole``, ``color``, ``foreign``: the embedded dataset generator's own defect kinds
-  (core/data/defects.py), the foreign texture taken from scikit-image's texture photographs.
+- ``cutpaste``: a box of the image itself, brightness-jittered, blended in elsewhere (CutPaste);
+- ``cutmix``: a box of another held-out image blended in (CutMix, Yun et al., ICCV 2019);
+- ``draem``: a procedural texture (a sinusoidal grating or coloured fractal noise, never a photograph)
+  blended into a Perlin-noise-shaped region (DRAEM's anomaly source, with procedural textures instead of DTD);
+- ``perlin``: a Perlin-noise-shaped region darkened or brightened by a smooth fractal-noise profile.
 
-Every edit is drawn on a 256 x 256 canvas (the generator's size; its regions stay inside the central
-224 x 224 part, so they survive a centre crop of the same proportion) made from the image exactly as
-PatchCore sees it (resized and centre-cropped), then brought back to the crop size. The mask is
-exactly the pixels that differ from the nominal image: pixels outside it are the nominal image's
-own, and a pixel inside that the edit left unchanged is nudged by one grey level (the generator's
-rule). Everything is drawn from ``numpy`` generators seeded by ``(seed, image, kind)``.
+Every anomaly has a severity ``s`` drawn uniformly from ``SEVERITY``; its region's area (a fraction of the
+image, ``AREA``) and its strength (the blend factor, or for ``perlin`` the intensity change, ``STRENGTH``)
+both grow linearly with ``s``, so the set spans subtle to obvious and the proxy does not sit at its ceiling.
+``describe()`` is the record of these ranges that the checkpoint sidecar keeps; ``ANOMALY_VERSION`` changes
+whenever a drawing rule does (it is part of a checkpoint's identity).
+
+Everything is drawn on the image exactly as PatchCore sees it (resized, centre-cropped), from ``numpy``
+generators seeded by ``(seed, image, kind)``. The mask is exactly the pixels that differ from the nominal
+image: a pixel inside the region that the edit left unchanged (a faint blend, rounding) is nudged by one
+grey level.
 """
 
 from __future__ import annotations
@@ -26,20 +33,26 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from PIL import Image
 
-from core.data import Preprocessing, Sample, read_image
+from core.data.dataset import Sample
+from core.data.images import read_image
+from core.data.preprocessing import Preprocessing
 
-# The embedded test set's own defect code, so that the proxy's defects are drawn exactly as its defects are (its
-# canvas size and the central region its regions stay inside).
-from core.data.defects import CANVAS, CROP_HI, CROP_LO, DEFECT_KINDS, make_defect
-from core.data.textures import texture_photos
-
-PASTE_KINDS = ("cutpaste", "cutmix")
-SYNTHETIC_KINDS = (*PASTE_KINDS, *DEFECT_KINDS)
-_BOX_AREA = (0.01, 0.06)  # pasted box area, as a fraction of the canvas
-_BOX_RATIO = (0.3, 3.3)  # its aspect ratio w/h, log-uniform
-_DRAWS = 8  # tries at an anomaly whose mask survives the resize to crop size before giving up
+ANOMALY_VERSION = "proxy-anomalies 2"
+SYNTHETIC_KINDS = ("cutpaste", "cutmix", "draem", "perlin")
+PASTE_KINDS = ("cutpaste", "cutmix")  # regions that are boxes
+SEVERITY = (0.0, 1.0)  # drawn uniformly per anomaly
+AREA = (0.003, 0.08)  # region area as a fraction of the image, at severity 0 and 1
+STRENGTH = {  # at severity 0 and 1: blend factor of the new content (perlin: the largest intensity change)
+    "cutpaste": (0.2, 1.0),
+    "cutmix": (0.2, 1.0),
+    "draem": (0.15, 1.0),
+    "perlin": (0.08, 0.8),
+}
+BOX_RATIO = (0.3, 3.3)  # a box's aspect ratio w/h, log-uniform
+CUTPASTE_JITTER = (0.8, 1.2)  # brightness factor of the pasted copy of the image itself
+_BLOB_FILL = 0.45  # share of its window a noise-shaped region covers (sets the window's side)
+_BORDER = 1 / 16  # regions keep this fraction of the side away from the image's edges
 
 
 @dataclass
@@ -51,6 +64,7 @@ class SyntheticSet:
     masks: torch.Tensor  # [M, S, S] bool
     kinds: list[str]  # per anomaly
     sources: list[int]  # per anomaly: the index of its nominal image
+    severities: list[float]  # per anomaly, in SEVERITY
 
     def normalised(self, images: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
         """uint8 ``[n, S, S, 3]`` -> the float ``[n, 3, S, S]`` a backbone reads (the dataset's normalisation)."""
@@ -61,8 +75,19 @@ class SyntheticSet:
 def check_kinds(kinds: Sequence[str]) -> list[str]:
     unknown = [kind for kind in kinds if kind not in SYNTHETIC_KINDS]
     if unknown or not kinds:
-        raise ValueError(f"proxy.kinds={list(kinds)}: choose one or more of {list(SYNTHETIC_KINDS)}")
+        raise ValueError(f"proxy.kinds={list(kinds)}: choose one or more of {list(SYNTHETIC_KINDS)} (the test "
+                         "generator's scratch/hole/color/foreign are not proxy kinds: they would leak the test)")
     return list(kinds)
+
+
+def describe(kinds: Sequence[str] = SYNTHETIC_KINDS) -> dict:
+    """The families, severities and sizes of the proxy's anomalies: what a checkpoint's sidecar records."""
+    return {"version": ANOMALY_VERSION, "kinds": list(kinds), "per_image": "one of each kind",
+            "severity": list(SEVERITY), "severity_draw": "uniform per anomaly",
+            "area_fraction": list(AREA), "strength": {kind: list(STRENGTH[kind]) for kind in kinds},
+            "rule": "area and strength are linear in the severity (value at 0, value at 1)",
+            "box_ratio": list(BOX_RATIO), "cutpaste_jitter": list(CUTPASTE_JITTER),
+            "textures": "procedural (gratings, fractal Perlin noise); no photograph, no core/data/defects.py"}
 
 
 def crop_uint8(sample: Sample, preprocessing: Preprocessing) -> np.ndarray:
@@ -74,82 +99,157 @@ def crop_uint8(sample: Sample, preprocessing: Preprocessing) -> np.ndarray:
 
 
 def make_synthetic(samples: Sequence[Sample], preprocessing: Preprocessing, kinds: Sequence[str] = SYNTHETIC_KINDS,
-                   seed: int = 0, category: str | None = None) -> SyntheticSet:
+                   seed: int = 0) -> SyntheticSet:
     """One anomaly of every kind for each held-out nominal sample (see the module docstring)."""
     kinds = check_kinds(kinds)
     if not samples:
         raise ValueError("no held-out images to make synthetic anomalies from (raise proxy.holdout)")
     crops = [crop_uint8(sample, preprocessing) for sample in samples]
-    canvases = [_to_size(crop, CANVAS) for crop in crops]
-    photos = [photo for name, photo in texture_photos().items() if name != category]
-    anomalies, masks, kind_of, source_of = [], [], [], []
+    anomalies, masks, kind_of, source_of, severity_of = [], [], [], [], []
     for index, crop in enumerate(crops):
-        for kind_index, kind in enumerate(kinds):
-            rng = np.random.default_rng([seed, index, kind_index])
-            for _ in range(_DRAWS):
-                drawn = _draw(kind, index, canvases, photos, rng)
-                made = _back_to_crop(crop, *drawn)
-                if made is not None:
-                    anomalies.append(made[0])
-                    masks.append(made[1])
-                    kind_of.append(kind)
-                    source_of.append(index)
-                    break
+        for kind in kinds:
+            rng = np.random.default_rng([seed, index, SYNTHETIC_KINDS.index(kind)])
+            severity = float(rng.uniform(*SEVERITY))
+            edited, region = draw(kind, crop, [c for i, c in enumerate(crops) if i != index], severity, rng)
+            anomaly, mask = exact_mask(crop, edited, region)
+            anomalies.append(anomaly)
+            masks.append(mask)
+            kind_of.append(kind)
+            source_of.append(index)
+            severity_of.append(severity)
     return SyntheticSet(torch.from_numpy(np.stack(crops)), torch.from_numpy(np.stack(anomalies)),
-                        torch.from_numpy(np.stack(masks)), kind_of, source_of)
+                        torch.from_numpy(np.stack(masks)), kind_of, source_of, severity_of)
 
 
-def _draw(kind: str, index: int, canvases: list[np.ndarray], photos: list[np.ndarray],
-          rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """(edited canvas, bool region) on the 256 x 256 canvas of image ``index``."""
-    canvas = canvases[index]
-    if kind == "cutpaste":
-        return paste_box(canvas, canvas, rng, same_image=True)
-    if kind == "cutmix":
-        others = [i for i in range(len(canvases)) if i != index]
-        source = canvases[others[rng.integers(len(others))]] if others else canvas[::-1, ::-1]
-        return paste_box(canvas, np.ascontiguousarray(source), rng, same_image=False)
-    return make_defect(kind, canvas, rng, photos[rng.integers(len(photos))])
+def lerp(bounds: tuple[float, float], s: float) -> float:
+    return bounds[0] + (bounds[1] - bounds[0]) * s
 
 
-def paste_box(target: np.ndarray, source: np.ndarray, rng: np.random.Generator,
-              same_image: bool) -> tuple[np.ndarray, np.ndarray]:
-    """A box of ``source`` pasted into ``target``, both inside the canvas's central region; the box of the
-    same image is taken at least half a box away along one axis and brightness-jittered (CutPaste)."""
-    span = CROP_HI - CROP_LO
-    area = rng.uniform(*_BOX_AREA) * CANVAS * CANVAS
-    aspect = math.exp(rng.uniform(math.log(_BOX_RATIO[0]), math.log(_BOX_RATIO[1])))
-    h = int(min(span // 2, max(2, round(math.sqrt(area / aspect)))))
-    w = int(min(span // 2, max(2, round(math.sqrt(area * aspect)))))
-    y, x = (int(rng.integers(CROP_LO, CROP_HI - n + 1)) for n in (h, w))
+def draw(kind: str, image: np.ndarray, others: Sequence[np.ndarray], severity: float,
+         rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """(float edited image, bool region) of one anomaly of ``kind`` at ``severity`` on uint8 ``image``."""
+    size = image.shape[0]
+    area = lerp(AREA, severity) * size * size
+    strength = lerp(STRENGTH[kind], severity)
+    base = image.astype(np.float32)
+    if kind in PASTE_KINDS:
+        same = kind == "cutpaste" or not others
+        source = image if same else others[int(rng.integers(len(others)))]
+        if same and kind == "cutmix":  # a single held-out image: its mirror stands in for another one
+            source = np.ascontiguousarray(image[::-1, ::-1])
+        patch, (y, x) = paste_box(source, area, rng, avoid_self=kind == "cutpaste")
+        if kind == "cutpaste":
+            patch = patch * rng.uniform(*CUTPASTE_JITTER)
+        region = np.zeros(image.shape[:2], bool)
+        region[y : y + patch.shape[0], x : x + patch.shape[1]] = True
+        out = base.copy()
+        out[region] = (1 - strength) * base[region] + strength * patch.reshape(-1, 3)
+        return out, region
+    region = noise_region(size, area, rng)
+    if kind == "draem":
+        texture = procedural_texture(size, rng, grey=is_grey(image), like=base)
+        out = base.copy()
+        out[region] = (1 - strength) * base[region] + strength * texture[region]
+        return out, region
+    if kind == "perlin":
+        profile = 0.5 + 0.5 * normalise(fractal_noise(size, 2, 3, rng))  # smooth, in [0.5, 1]
+        change = (strength * profile)[..., None]
+        darker = rng.random() < 0.5
+        edited = base * (1 - change) if darker else base + (255 - base) * change
+        out = base.copy()
+        out[region] = edited[region]
+        return out, region
+    raise ValueError(f"unknown synthetic kind {kind!r}: choose one of {list(SYNTHETIC_KINDS)}")
+
+
+def paste_box(source: np.ndarray, area: float, rng: np.random.Generator,
+              avoid_self: bool) -> tuple[np.ndarray, tuple[int, int]]:
+    """(float box of ``source`` of about ``area`` pixels, the (y, x) where it goes), both inside the border;
+    with ``avoid_self`` the box is taken at least half a box away from where it goes along one axis."""
+    size = source.shape[0]
+    lo, hi = round(size * _BORDER), size - round(size * _BORDER)
+    aspect = math.exp(rng.uniform(math.log(BOX_RATIO[0]), math.log(BOX_RATIO[1])))
+    h = int(min((hi - lo) // 2, max(2, round(math.sqrt(area / aspect)))))
+    w = int(min((hi - lo) // 2, max(2, round(math.sqrt(area * aspect)))))
+    y, x = (int(rng.integers(lo, hi - n + 1)) for n in (h, w))
     while True:  # a box at most half the region wide always has a corner far enough away
-        sy, sx = (int(rng.integers(CROP_LO, CROP_HI - n + 1)) for n in (h, w))
-        if not same_image or abs(sy - y) * 2 >= h or abs(sx - x) * 2 >= w:
+        sy, sx = (int(rng.integers(lo, hi - n + 1)) for n in (h, w))
+        if not avoid_self or abs(sy - y) * 2 >= h or abs(sx - x) * 2 >= w:
             break
-    patch = source[sy : sy + h, sx : sx + w].astype(np.float32)
-    if same_image:
-        patch = patch * rng.uniform(0.8, 1.2)
-    out = target.copy()
-    out[y : y + h, x : x + w] = np.clip(patch, 0, 255).round().astype(np.uint8)
-    region = np.zeros(target.shape[:2], bool)
-    region[y : y + h, x : x + w] = True
-    return out, region
+    return source[sy : sy + h, sx : sx + w].astype(np.float32), (y, x)
 
 
-def _back_to_crop(crop: np.ndarray, edited: np.ndarray, region: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
-    """The crop with the edit brought to its size, and the exact mask of changed pixels (None: none survived)."""
-    size = crop.shape[0]
-    if size != CANVAS:
-        region = np.asarray(Image.fromarray(region).resize((size, size), Image.Resampling.NEAREST))
-        edited = _to_size(edited, size)
-    out = crop.copy()
-    out[region] = edited[region]
-    same = region & np.all(out == crop, axis=-1)
-    out[same] = np.where(crop[same] < 128, crop[same] + 1, crop[same] - 1)
-    return (out, region) if region.any() else None
+def noise_region(size: int, area: float, rng: np.random.Generator) -> np.ndarray:
+    """A Perlin-noise-shaped region of about ``area`` pixels: the top ``_BLOB_FILL`` of a noise window (its
+    side set by the area) placed inside the border; never empty."""
+    side = int(min(size - 2 * round(size * _BORDER), max(3, round(math.sqrt(area / _BLOB_FILL)))))
+    noise = fractal_noise(side, int(rng.integers(2, 4)), 2, rng)
+    ramp = np.minimum(np.arange(side), np.arange(side)[::-1]) / max(1, side / 4)  # fades towards the window's edge
+    noise = noise - (1 - np.minimum(1, np.minimum.outer(ramp, ramp)))
+    window = noise >= np.quantile(noise, 1 - _BLOB_FILL)
+    lo, hi = round(size * _BORDER), size - round(size * _BORDER)
+    y, x = (int(rng.integers(lo, hi - side + 1)) for _ in range(2))
+    region = np.zeros((size, size), bool)
+    region[y : y + side, x : x + side] = window
+    return region
 
 
-def _to_size(image: np.ndarray, size: int) -> np.ndarray:
-    if image.shape[0] == size and image.shape[1] == size:
-        return image
-    return np.asarray(Image.fromarray(image).resize((size, size), Image.Resampling.BICUBIC))
+def perlin(size: int, cells: int, rng: np.random.Generator) -> np.ndarray:
+    """2-D gradient (Perlin) noise on a ``size`` x ``size`` grid with ``cells`` lattice cells per side, about in
+    [-0.7, 0.7]: random unit gradients at the lattice points, quintic fade (Perlin, SIGGRAPH 2002)."""
+    angles = rng.uniform(0, 2 * np.pi, (cells + 1, cells + 1))
+    gradients = np.stack([np.cos(angles), np.sin(angles)], axis=-1)
+    t = np.arange(size) * cells / size
+    i, f = t.astype(int), t - t.astype(int)
+    fade = f * f * f * (f * (f * 6 - 15) + 10)
+
+    def corner(dy: int, dx: int) -> np.ndarray:
+        g = gradients[i[:, None] + dy, i[None, :] + dx]
+        return g[..., 0] * (f[:, None] - dy) + g[..., 1] * (f[None, :] - dx)
+
+    u, v = fade[None, :], fade[:, None]
+    top = corner(0, 0) * (1 - u) + corner(0, 1) * u
+    bottom = corner(1, 0) * (1 - u) + corner(1, 1) * u
+    return top * (1 - v) + bottom * v
+
+
+def fractal_noise(size: int, cells: int, octaves: int, rng: np.random.Generator) -> np.ndarray:
+    """Octaves of Perlin noise, each with twice the cells and half the amplitude of the one before."""
+    return sum(0.5**o * perlin(size, cells * 2**o, rng) for o in range(octaves))
+
+
+def normalise(x: np.ndarray) -> np.ndarray:
+    """``x`` scaled to [-1, 1] (a constant array -> zeros)."""
+    span = float(x.max() - x.min())
+    return (x - x.min()) * (2 / span) - 1 if span > 0 else np.zeros_like(x)
+
+
+def is_grey(image: np.ndarray) -> bool:
+    return bool((image[..., 0] == image[..., 1]).all() and (image[..., 1] == image[..., 2]).all())
+
+
+def procedural_texture(size: int, rng: np.random.Generator, grey: bool, like: np.ndarray) -> np.ndarray:
+    """A float ``[size, size, 3]`` texture: a sinusoidal grating (random orientation, 4-24 cycles across the
+    image) or coloured fractal noise, at the brightness mean +- 2 std of ``like``; grey when ``grey``."""
+    if rng.random() < 0.5:
+        angle, cycles = rng.uniform(0, np.pi), rng.uniform(4, 24)
+        yy, xx = np.mgrid[:size, :size] / size
+        pattern = np.sin(2 * np.pi * cycles * (xx * np.cos(angle) + yy * np.sin(angle)) + rng.uniform(0, 2 * np.pi))
+        channels = np.stack([pattern * rng.choice([-1, 1]) for _ in range(3)], axis=-1)
+    else:
+        channels = np.stack([normalise(fractal_noise(size, int(rng.integers(4, 12)), 3, rng)) for _ in range(3)],
+                            axis=-1)
+    if grey:
+        channels = np.repeat(channels[..., :1], 3, axis=-1)
+    mean, std = float(like.mean()), float(like.std()) + 8.0
+    return np.clip(mean + 2 * std * channels, 0, 255).astype(np.float32)
+
+
+def exact_mask(image: np.ndarray, edited: np.ndarray, region: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(uint8 anomaly, bool mask): the edit rounded into ``image`` inside ``region``; a pixel inside that is
+    unchanged after rounding is nudged by one grey level, so the mask is exactly the pixels that differ."""
+    out = image.copy()
+    out[region] = np.clip(edited[region], 0, 255).round().astype(np.uint8)
+    same = region & np.all(out == image, axis=-1)
+    out[same] = np.where(image[same] < 128, image[same] + 1, image[same] - 1)
+    return out, region.copy()

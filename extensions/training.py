@@ -41,9 +41,10 @@ from extensions.checkpoint import (
     write_sidecar,
 )
 from extensions.objective import Objective
-from extensions.protection import Protection
+from extensions.protection import Protection, check_frozen_stages
 from extensions.proxy import ProxyValidator, Selection
 from extensions.run_state import EpochBatches, LossLog, lr_lambdas, rng_state, set_rng_state
+from extensions.synthetic import describe
 
 log = logging.getLogger("finetune")
 
@@ -53,12 +54,12 @@ class TrainConfig:
     """A method's ``train:`` node (conf/method/train/default.yaml): the settings every method shares."""
 
     epochs: int = 10
-    max_steps: int | None = None  # overrides epochs when set
+    max_steps: int | None = 40  # the CPU step budget; null: epochs decide; 0: no step (the pretrained weights)
     batch_size: int = 8
     lr: float = 1e-4  # backbone
     head_lr: float = 1e-3
     weight_decay: float = 1e-4  # head only
-    frozen_stages: int = 1  # -1 none, 0 stem, k stem + stages 1..k
+    frozen_stages: int | str = 1  # -1 none, 0 stem, k stem + stages 1..k, all_but_last (extensions/protection.py)
     freeze_bn: bool = True
     train_bn_affine: bool = True
     l2sp_weight: float = 0.1
@@ -70,9 +71,10 @@ class TrainConfig:
             raise ValueError(f"method.train.batch_size={self.batch_size} must be at least 1")
         if self.max_steps is None and self.epochs < 1:
             raise ValueError(f"method.train.epochs={self.epochs} must be at least 1 (or set method.train.max_steps)")
-        if self.max_steps is not None and self.max_steps < 1:
-            raise ValueError(f"method.train.max_steps={self.max_steps} must be at least 1, "
-                             "or null to use method.train.epochs")
+        if self.max_steps is not None and self.max_steps < 0:
+            raise ValueError(f"method.train.max_steps={self.max_steps} must be at least 0 (0: the pretrained "
+                             "weights, scored by the proxy), or null to use method.train.epochs")
+        check_frozen_stages(self.frozen_stages)
         if self.lr < 0 or self.head_lr <= 0 or self.weight_decay < 0:
             raise ValueError("method.train.lr must be >= 0, method.train.head_lr > 0 and "
                              "method.train.weight_decay >= 0")
@@ -125,7 +127,7 @@ def fine_tune(
         raise ValueError(f"checkpoint_every={checkpoint_every} must be at least 1 (steps between resume files)")
     device = torch.device(device)
     schedule = _Schedule.of(len(dataset), config)
-    proxy_record = {"proxy": asdict(proxy.config)} if proxy is not None else {}
+    proxy_record = {} if proxy is None else {"proxy": asdict(proxy.config), "anomalies": describe(proxy.config.kinds)}
     key = _canonical({**identity, "train": asdict(config), **proxy_record})
     finished = _finished_sidecar(files, key) if resume else None
     if finished is not None:
@@ -144,6 +146,7 @@ def fine_tune(
     summary = logs.summary(schedule, stop)
     if proxy is not None:
         summary["proxy"] = {**asdict(proxy.config), **proxy.sizes()}
+        summary["anomalies"] = describe(proxy.config.kinds)
     return run.finish(identity, config, summary)
 
 
@@ -249,9 +252,11 @@ class _Logs:
     def summary(self, schedule: _Schedule, stop: str | None) -> dict:
         """The run's numbers for the sidecar (the last loss, and the mean over the last epoch's steps)."""
         rows = self.loss_log.rows
+        window = [row["accuracy"] for row in rows[-schedule.steps_per_epoch :] if "accuracy" in row]
         return {"n_train_images": schedule.n, "steps_per_epoch": schedule.steps_per_epoch, "stop_reason": stop,
                 "final_loss": self.last.get("loss", rows[-1]["loss"] if rows else None),
-                "final_loss_mean": sum(self.recent) / len(self.recent) if self.recent else None}
+                "final_loss_mean": sum(self.recent) / len(self.recent) if self.recent else None,
+                "final_accuracy_mean": sum(window) / len(window) if window else None}
 
 
 def _finished_sidecar(files: CheckpointFiles, key: str) -> dict | None:
@@ -385,6 +390,8 @@ class _Run:
             "n_train_images": summary["n_train_images"],
             "final_loss": summary["final_loss"],
             "final_loss_mean": summary["final_loss_mean"],
+            "final_accuracy_mean": summary["final_accuracy_mean"],
+            "chance_accuracy": getattr(self.objective, "chance_accuracy", None),
             "train_time_s": round(self.elapsed, 3),
             "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
             "torch": torch.__version__,
@@ -394,6 +401,7 @@ class _Run:
         }
         if self.selection is not None:
             record["selection"] = {**self.selection.summary(), "config": summary["proxy"],
+                                   "anomalies": summary["anomalies"],
                                    "eval_time_s": round(sum(r["eval_time_s"] for r in self.selection.rows), 3),
                                    "proxy_log": files.proxy_log.name}
         write_sidecar(files, record)

@@ -76,6 +76,42 @@ def test_one_step_trains_unfrozen_weights_only_and_keeps_bn_statistics(tmp_path)
     assert any(".bn" in name for name in changed)
 
 
+def test_all_but_last_trains_only_the_last_patchcore_stage_and_the_rest_stays_bit_identical(tmp_path) -> None:
+    for extractor, last in ((resnet18(), ("body.layer3.",)),
+                            (EfficientNetLite(pretrained=False), tuple(f"blocks.{i}." for i in range(5, 11)))):
+        before = snapshot(extractor)
+        record = train(tmp_path, RotationPrediction(extractor, hidden_dim=16), tiny_dataset(),
+                       name=extractor.name, steps=2, frozen_stages="all_but_last")
+        after = extractor.state_dict()
+        params = {name for name, _ in extractor.named_parameters()}
+        changed = {name for name in before if not torch.equal(before[name], after[name])}
+        assert changed == {name for name in params if name.startswith(last)}, extractor.name  # all of it moved
+        assert all(torch.equal(before[n], after[n]) for n in before if not n.startswith(last))  # bit-identical
+        assert record["steps"] == 2 and record["final_accuracy_mean"] is not None and record["chance_accuracy"] == 0.25
+        assert 0 <= record["final_accuracy_mean"] <= 1
+    with pytest.raises(ValueError, match="frozen_stages='last'.*all_but_last"):
+        TrainConfig(frozen_stages="last")
+
+
+def test_zero_steps_keeps_the_pretrained_weights(tmp_path) -> None:
+    extractor = resnet18()
+    before = snapshot(extractor)
+    record = train(tmp_path, RotationPrediction(extractor, hidden_dim=16), tiny_dataset(), steps=0)
+    assert record["steps"] == 0 and record["selected_step"] == 0 and record["final_loss"] is None
+    payload = torch.load(tmp_path / "ckpt" / "rotation" / "resnet18" / "run.pt", weights_only=True)
+    assert all(torch.equal(before[name], payload["state_dict"][name]) for name in before)
+    with pytest.raises(ValueError, match="max_steps=-1 must be at least 0"):
+        TrainConfig(max_steps=-1)
+
+
+def test_the_cpu_default_is_a_step_budget_and_the_gpu_recipe_counts_epochs() -> None:
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cpu = compose("finetune", overrides=["method=rotation"]).method.train
+        gpu = compose("finetune", overrides=["method=cutmix_contrastive", "method/train=gpu"]).method.train
+    assert TrainConfig(**cpu).total_steps(steps_per_epoch=64) == 40 == TrainConfig(**cpu).total_steps(4)
+    assert TrainConfig(**gpu).total_steps(steps_per_epoch=9) == 270 and gpu.batch_size == 32 and gpu.lr == cpu.lr
+
+
 def test_switching_protections_off(tmp_path) -> None:
     extractor = resnet18()
     before = snapshot(extractor)

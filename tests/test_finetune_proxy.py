@@ -84,7 +84,9 @@ def test_distance_spread_and_weight_distance_by_hand() -> None:
 
     extractor = resnet18()
     protection = Protection(extractor, frozen_stages=1)
-    norm0 = math.sqrt(sum(float(p.detach().double().pow(2).sum()) for p in protection.parameters()))
+    # relative to ||w0|| over every extractor parameter, frozen ones included (arms training different stages compare)
+    norm0 = math.sqrt(sum(float(p.detach().double().pow(2).sum()) for p in extractor.parameters()))
+    assert norm0 > math.sqrt(sum(float(p.detach().double().pow(2).sum()) for p in protection.parameters()))
     assert protection.weight_distance() == {"weight_distance": 0.0, "weight_distance_rel": 0.0}
     weight = extractor.get_parameter("body.layer2.0.conv1.weight")
     with torch.no_grad():
@@ -111,21 +113,34 @@ def test_holdout_split_is_seeded_and_disjoint(tmp_path) -> None:
         split_holdout(samples[:1], 0.2, seed=0)
 
 
+def test_holdout_and_bank_caps_keep_the_proxy_cost_flat(tmp_path) -> None:
+    from extensions.proxy import bank_indices
+
+    write_tiny_category(tmp_path, "widget", n_train=60, size=8)
+    samples = MVTecLayout("folder", tmp_path).train_samples("widget")
+    train, held = split_holdout(samples, 0.2, seed=0, cap=5)
+    assert len(held) == 5 and len(train) == 55
+    assert set(held) <= set(samples) and not set(train) & set(held)
+    assert len(split_holdout(samples, 0.2, seed=0, cap=None)[1]) == 12  # no cap: the fraction
+    picked = bank_indices(55, 10, seed=0)
+    assert len(picked) == 10 == len(set(picked)) and picked == sorted(picked) and max(picked) < 55
+    assert picked == bank_indices(55, 10, seed=0) and bank_indices(8, 10, seed=0) == list(range(8))
+    with pytest.raises(ValueError, match="proxy.max_bank_images=0"):
+        ProxyConfig(max_bank_images=0)
+
+
 def test_paste_box_by_hand() -> None:
     rng = np.random.default_rng(3)
-    target = np.zeros((256, 256, 3), np.uint8)
-    source = np.arange(256 * 256 * 3, dtype=np.int64).reshape(256, 256, 3).__mod__(251).astype(np.uint8)
-    out, region = paste_box(target, source, rng, same_image=False)
-    ys, xs = np.nonzero(region)
-    h, w = np.ptp(ys) + 1, np.ptp(xs) + 1
-    assert region.sum() == h * w  # a rectangle
-    assert 16 <= ys.min() and ys.max() < 240 and 16 <= xs.min() and xs.max() < 240  # inside the central crop
-    assert 0.01 * 0.8 <= h * w / 256**2 <= 0.06 * 1.2
-    assert not out[~region].any()  # nothing outside the box changed
-    box = out[ys.min() : ys.max() + 1, xs.min() : xs.max() + 1]
-    found = [(y, x) for y in range(256 - h + 1) for x in range(256 - w + 1)
-             if source[y, x, 0] == box[0, 0, 0] and np.array_equal(source[y : y + h, x : x + w], box)]
-    assert found  # the box is a verbatim copy of one box of the source (no jitter from another image)
+    source = np.random.default_rng(0).integers(0, 256, (256, 256, 3), dtype=np.uint8)  # every box unique
+    area = 0.03 * 256**2
+    patch, (y, x) = paste_box(source, area, rng, avoid_self=True)
+    h, w = patch.shape[:2]
+    assert 16 <= y and y + h <= 240 and 16 <= x and x + w <= 240  # inside the border (1/16 of the side)
+    assert 0.8 * area <= h * w <= 1.2 * area
+    found = [(sy, sx) for sy in range(256 - h + 1) for sx in range(256 - w + 1)
+             if source[sy, sx, 0] == patch[0, 0, 0] and np.array_equal(source[sy : sy + h, sx : sx + w], patch)]
+    assert len(found) == 1  # a verbatim copy of one box of the source
+    assert all(abs(sy - y) * 2 >= h or abs(sx - x) * 2 >= w for sy, sx in found)  # at least half a box away
 
 
 @pytest.mark.parametrize("resize,crop", [(64, 64), (80, 64)])
@@ -133,8 +148,8 @@ def test_synthetic_masks_are_exactly_the_changed_pixels(tmp_path, resize, crop) 
     write_tiny_category(tmp_path, "widget", n_train=3, size=96)
     samples = MVTecLayout("folder", tmp_path).train_samples("widget")
     preprocessing = Preprocessing(resize, crop)
-    made = make_synthetic(samples, preprocessing, seed=0, category="widget")
-    assert made.nominal.shape == (3, crop, crop, 3) and made.anomalies.shape == (18, crop, crop, 3)
+    made = make_synthetic(samples, preprocessing, seed=0)
+    assert made.nominal.shape == (3, crop, crop, 3) and made.anomalies.shape == (12, crop, crop, 3)
     assert made.kinds == list(SYNTHETIC_KINDS) * 3 and made.sources == [i for i in range(3) for _ in SYNTHETIC_KINDS]
     for anomaly, mask, source in zip(made.anomalies, made.masks, made.sources, strict=True):
         changed = (anomaly != made.nominal[source]).any(dim=-1)
@@ -146,7 +161,7 @@ def test_synthetic_masks_are_exactly_the_changed_pixels(tmp_path, resize, crop) 
     nominal = preprocessing.image(core.data.read_image(samples[0].path))  # the crop is the image PatchCore sees
     torch.testing.assert_close(made.normalised(made.nominal[:1], preprocessing.mean, preprocessing.std)[0], nominal,
                                atol=1e-5, rtol=0)
-    again = make_synthetic(samples, preprocessing, seed=0, category="widget")
+    again = make_synthetic(samples, preprocessing, seed=0)
     assert torch.equal(again.anomalies, made.anomalies) and torch.equal(again.masks, made.masks)
     assert not torch.equal(make_synthetic(samples, preprocessing, seed=1).anomalies, made.anomalies)
 
@@ -182,7 +197,8 @@ def test_proxy_never_reads_the_test_folder(tmp_path, monkeypatch) -> None:
                          "num_workers=0", "progress=false", "logger=none", "proxy.embed_dim=16", "proxy.eval_every=1",
                          f"checkpoint_dir={tmp_path / 'ckpt'}")
     record = finetune(cfg)["widget"]
-    assert record["selection"]["evaluations"] == 3 and record["selection"]["config"]["proxy_anomalies"] == 6
+    assert record["selection"]["evaluations"] == 3 and record["selection"]["config"]["proxy_anomalies"] == 4
+    assert record["selection"]["anomalies"] == extensions.synthetic.describe(list(SYNTHETIC_KINDS))  # recorded
     assert read and {p.parent for p in read} == {category / "train" / "good"}
     monkeypatch.undo()
     with pytest.raises(DatasetError):  # the sabotage is real: the test set cannot be read

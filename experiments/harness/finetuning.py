@@ -25,7 +25,7 @@ from experiments.harness.components import build, resolve_device
 from experiments.harness.finetune_tracking import FinetuneTracking
 from extensions.checkpoint import CheckpointFiles, hold_checkpoint, is_finetuned
 from extensions.objective import Objective
-from extensions.proxy import ProxyConfig, ProxyValidator, split_holdout
+from extensions.proxy import ProxyConfig, ProxyValidator, bank_indices, split_holdout
 from extensions.synthetic import make_synthetic
 from extensions.training import TrainConfig, fine_tune
 
@@ -81,10 +81,11 @@ def datasets(layout: MVTecLayout, category: str, preprocessing, proxy: ProxyConf
     samples = layout.train_samples(category, seed=seed)
     if not proxy.enabled:
         return AnomalyDataset(samples, preprocessing), None
-    train, held = split_holdout(samples, proxy.holdout, proxy.seed)
+    train, held = split_holdout(samples, proxy.holdout, proxy.seed, proxy.max_holdout)
     dataset = AnomalyDataset(train, preprocessing)
-    synthetic = make_synthetic(held, preprocessing, proxy.kinds, proxy.seed, category)
-    bank_images = torch.stack([dataset[i]["image"] for i in range(len(dataset))])
+    synthetic = make_synthetic(held, preprocessing, proxy.kinds, proxy.seed)
+    bank_images = torch.stack([dataset[i]["image"] for i in bank_indices(len(dataset), proxy.max_bank_images,
+                                                                           proxy.seed)])
     return dataset, ProxyValidator(proxy, bank_images, synthetic, extractor.mean, extractor.std, device)
 
 
@@ -109,7 +110,7 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, dict]:
     for category in categories:  # missing folders / images, or too few to hold some out, fail before any training
         samples = layout.train_samples(category, seed=train_config.seed)
         if proxy.enabled:
-            split_holdout(samples, proxy.holdout, proxy.seed)
+            split_holdout(samples, proxy.holdout, proxy.seed, proxy.max_holdout)
     config = {key: OmegaConf.to_container(cfg[key], resolve=True) for key in ("method", "backbone", "dataset")}
     with _hold_checkpoints(cfg.checkpoint_dir, method["name"], cfg.backbone.name, categories):
         log.info("fine-tuning %s with %s on %s (%s) on %s", cfg.backbone.name, method["name"], layout.name,
