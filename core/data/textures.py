@@ -38,7 +38,7 @@ TEXTURES_STAMP = ".textures_version"
 TEXTURE_SOURCES = {"brick": "brick", "grass": "grass", "gravel": "gravel", "tissue": "immunohistochemistry"}
 TEXTURE_DEFECTS = DEFECT_KINDS  # the test set's defect kinds: core/data/defects.py draws them
 # The contrast scale of each category's defects (core/data/defects.py, make_defect's strength), set so that
-# the EfficientNet-Lite0 baseline is far from 100 % on every category: calibration in docs/experiments.md.
+# the EfficientNet-Lite0 baseline is far from 100 % on every category: calibration in docs/textures.md.
 DEFECT_STRENGTH = {"brick": 0.25, "grass": 1.3, "gravel": 1.6, "tissue": 1.0}
 N_TRAIN, N_TEST_GOOD, N_PER_DEFECT = 100, 50, 25  # per category; the layout's and the generator's defaults
 SEVERITY_SIDECAR = "defects.csv"  # <category>/test/defects.csv: one row per defective test image
