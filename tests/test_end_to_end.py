@@ -1,11 +1,12 @@
 """End to end on the embedded textures set with real ImageNet features (EfficientNet-Lite0).
 
-Bars are set from measured values (`make demo`: default settings, official embedding, coreset 10%,
-seed 0): mean image AUROC 0.928 (brick 1.000, grass 0.828, gravel 0.883, tissue 1.000), mean pixel
-AUROC 0.986, mean AUPRO 0.958; the map maximum fell inside the mask for every hole and colour defect.
-``patchcore.embedder.aggregation=channel_mean`` (the suite's earlier embedding) must reproduce the earlier demo's
-numbers exactly: 0.96736 / 0.95075 / 0.98789 / 0.62516 / 0.96269 (image AUROC, image F1-max, pixel
-AUROC, pixel F1-max, AUPRO).
+Bars are set from measured values (`make demo` = ``experiment=demo``: 40 training and 48 test images per
+category, default settings, official embedding, coreset 10%, seed 0; textures-generator 2): mean image AUROC
+0.896 (brick 0.913, grass 0.830, gravel 0.936, tissue 0.905), mean pixel AUROC 0.971, mean AUPRO 0.918; the map
+maximum fell inside the mask for every obvious hole and colour defect of brick and tissue.
+``patchcore.embedder.aggregation=channel_mean`` (the suite's earlier embedding) must reproduce its demo
+numbers exactly: 0.90495 / 0.87929 / 0.97145 / 0.51262 / 0.89438 (image AUROC, image F1-max, pixel AUROC,
+pixel F1-max, AUPRO).
 """
 
 from __future__ import annotations
@@ -43,8 +44,8 @@ def test_channel_mean_reproduces_the_earlier_demo_exactly(tmp_path_factory, text
     run_dir = textures_results(tmp_path_factory, textures_root, "patchcore.embedder.aggregation=channel_mean",
                                "viz.n=0")
     mean = json.loads((run_dir / "results.json").read_text())["mean"]
-    expected = {"image_auroc": 0.96736, "image_f1_max": 0.95075, "pixel_auroc": 0.98789, "pixel_f1_max": 0.62516,
-                "aupro": 0.96269}
+    expected = {"image_auroc": 0.90495, "image_f1_max": 0.87929, "pixel_auroc": 0.97145, "pixel_f1_max": 0.51262,
+                "aupro": 0.89438}
     for metric, value in expected.items():
         assert mean[metric] == pytest.approx(value, abs=1e-5), metric
 
@@ -53,9 +54,9 @@ def test_detection_and_segmentation_quality(textures_run) -> None:
     results = json.loads((textures_run / "results.json").read_text())
     assert results["complete"] and set(results["categories"]) == {"brick", "grass", "gravel", "tissue"}
     assert results["config"]["patchcore"]["embedder"]["aggregation"] == "official"
-    assert results["mean"]["image_auroc"] >= 0.91
-    assert results["mean"]["pixel_auroc"] >= 0.97
-    assert results["mean"]["aupro"] >= 0.94
+    assert results["mean"]["image_auroc"] >= 0.87
+    assert results["mean"]["pixel_auroc"] >= 0.96
+    assert results["mean"]["aupro"] >= 0.89
     for name, entry in results["categories"].items():
         assert entry["image_auroc"] >= 0.80, name
         assert entry["n_train"] == 40 and entry["n_test"] == 48
