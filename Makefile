@@ -31,7 +31,7 @@ test-slow: $(STAMP)
 	$(PY) -m pytest -q -m slow || test $$? -eq 5
 
 demo: $(STAMP)
-	$(PY) experiments/main.py backbone=effnet_lite0 dataset=textures category=all
+	$(PY) experiments/main.py experiment=demo
 
 # make export MODEL_DIR=outputs/.../models/bottle FORMAT=onnx|openvino|torchscript OUT=exports/bottle
 FORMAT ?= onnx

@@ -1,9 +1,7 @@
-"""Tests of core.data: sample discovery, preprocessing, errors, configs and the embedded textures set."""
+"""Tests of core.data: sample discovery, preprocessing, errors and configs (embedded textures: test_textures.py)."""
 
 from __future__ import annotations
 
-import os
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -16,9 +14,6 @@ from PIL import Image
 from core.data import (
     IMAGENET_MEAN,
     IMAGENET_STD,
-    TEXTURE_DEFECTS,
-    TEXTURE_SOURCES,
-    TEXTURES_STAMP,
     AnomalyDataset,
     DatasetError,
     MVTecLayout,
@@ -26,10 +21,8 @@ from core.data import (
     Sample,
     TexturesLayout,
 )
-from core.data.defects import make_defect, photo_crop
 
 CONF = Path(__file__).resolve().parents[1] / "conf" / "dataset"
-SMALL = {"n_train": 2, "n_test_good": 1, "n_per_defect": 1}
 
 
 # --------------------------------------------------------------------------- tiny MVTec trees
@@ -309,130 +302,3 @@ def test_configs_instantiate(name, env, n_categories, good, monkeypatch, tmp_pat
     if name == "btad":
         assert ds.categories == ["01", "02", "03"]
     assert not (tmp_path / name).exists()  # instantiating touches no files
-
-
-# --------------------------------------------------------------------------- embedded textures
-
-
-@pytest.fixture(scope="module")
-def textures(tmp_path_factory) -> TexturesLayout:
-    ds = TexturesLayout(root=tmp_path_factory.mktemp("tx") / "textures")
-    ds.available_categories()  # nothing generated yet: categories are known without files
-    assert not ds.root.exists()
-    ds.train_samples("brick")
-    return ds
-
-
-def test_textures_layout_complete(textures):
-    assert textures.resolve_categories("all") == ["brick", "grass", "gravel", "tissue"]
-    for category in TEXTURE_SOURCES:
-        assert len(textures.train_samples(category)) == 40
-        test = textures.test_samples(category)
-        types = [s.defect_type for s in test]
-        assert types.count("good") == 15
-        assert all(types.count(k) == 6 for k in TEXTURE_DEFECTS)
-        assert all(s.mask_path.name == f"{s.path.stem}_mask.png" for s in test if s.label)
-    with Image.open(textures.train_samples("grass")[0].path) as img:
-        assert (img.mode, img.size) == ("RGB", (256, 256))
-
-
-def test_textures_masks_nonempty_binary_inside_crop(textures):
-    for category in TEXTURE_SOURCES:
-        for s in textures.test_samples(category):
-            if not s.label:
-                continue
-            mask = np.asarray(Image.open(s.mask_path))
-            assert mask.shape == (256, 256) and set(np.unique(mask)) == {0, 255}
-            inside = np.zeros_like(mask, bool)
-            inside[16:240, 16:240] = True
-            assert (mask[~inside] == 0).all()
-            assert 30 <= (mask > 0).sum() <= 60 * 60
-
-
-def test_textures_defects_survive_preprocessing(textures):
-    ds = textures.test_set("tissue", textures.preprocessing(IMAGENET_MEAN, IMAGENET_STD))
-    items = [ds[i] for i in range(len(ds))]
-    assert all(it["has_mask"] for it in items)
-    assert all((it["mask"].sum() > 0) == bool(it["label"]) for it in items)
-
-
-@pytest.mark.parametrize("kind", TEXTURE_DEFECTS)
-def test_defect_mask_is_exactly_the_changed_pixels(kind):
-    rng = np.random.default_rng(0)
-    photo = np.asarray(Image.new("RGB", (512, 512), (6, 6, 6)))  # a "hole" maps 6 to 6
-    foreign = np.asarray(Image.new("RGB", (512, 512), (6, 6, 6)))  # same as base: pasting changes nothing
-    for _ in range(3):
-        base = photo_crop(photo, rng)
-        image, mask = make_defect(kind, base, rng, foreign)
-        assert mask.any()
-        assert np.array_equal(np.any(image != base, axis=-1), mask)
-
-
-# The pixels of generate_textures(root, 2, 1, 1), every category: pinned when the defect code moved to
-# core/data/defects.py (the generator must make the same RNG draws in the same order; the full-size set was
-# compared file by file too). A change here regenerates everyone's data/textures: bump TEXTURES_VERSION then.
-PINNED_TEXTURES_PIXELS = "efc54f79d2da207d2a44b62a74b9ecb19a34f23b9af60d9dc7bed3c57e99b7b0"
-
-
-def test_generated_textures_pixels_are_pinned(tmp_path):
-    import hashlib
-
-    from core.data import generate_textures
-
-    generate_textures(tmp_path, n_train=2, n_test_good=1, n_per_defect=1)
-    digest = hashlib.sha256()
-    paths = sorted(tmp_path.rglob("*.png"))
-    assert len(paths) == len(TEXTURE_SOURCES) * (2 + 1 + 2 * len(TEXTURE_DEFECTS))
-    for path in paths:
-        digest.update(str(path.relative_to(tmp_path)).encode())
-        digest.update(np.asarray(Image.open(path)).tobytes())
-    assert digest.hexdigest() == PINNED_TEXTURES_PIXELS
-
-
-def test_textures_deterministic(tmp_path):
-    a = TexturesLayout(root=tmp_path / "a", categories=["gravel"], **SMALL)
-    b = TexturesLayout(root=tmp_path / "b", categories=["gravel"], **SMALL)
-    a.train_samples("gravel"), b.train_samples("gravel")
-    files = sorted(p.relative_to(a.root) for p in a.root.rglob("*") if p.is_file())
-    assert len(files) == 4 * (2 + 1 + 2 * len(TEXTURE_DEFECTS)) + 1
-    assert files == sorted(p.relative_to(b.root) for p in b.root.rglob("*") if p.is_file())
-    for rel in files:
-        assert (a.root / rel).read_bytes() == (b.root / rel).read_bytes(), rel
-    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary folders left
-
-
-def test_textures_reuses_current_copy(textures):
-    files = [textures.root / TEXTURES_STAMP, textures.train_samples("brick")[0].path]
-    before = [os.stat(p).st_mtime_ns for p in files]
-    again = TexturesLayout(root=textures.root)
-    assert len(again.test_samples("grass")) == 39
-    assert [os.stat(p).st_mtime_ns for p in files] == before
-
-
-def test_textures_refuses_foreign_folder(tmp_path):
-    root = tmp_path / "mine"
-    write_image(root / "precious.png")
-    with pytest.raises(DatasetError) as err:
-        TexturesLayout(root=root, **SMALL).train_samples("brick")
-    msg = str(err.value)
-    assert str(root) in msg and TEXTURES_STAMP in msg and "TEXTURES_ROOT" in msg
-    assert [p.name for p in root.iterdir()] == ["precious.png"]
-
-
-def test_textures_regenerates_old_or_other_size_copy(tmp_path):
-    root = tmp_path / "t"
-    TexturesLayout(root=root, **SMALL).train_samples("brick")
-    (root / TEXTURES_STAMP).write_text("textures-generator 0\n")
-    (root / "brick" / "leftover.txt").write_text("from an old version")
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        bigger = TexturesLayout(root=root, n_train=3, n_test_good=1, n_per_defect=1)
-        assert len(bigger.train_samples("brick")) == 3
-    assert not (root / "brick" / "leftover.txt").exists()
-    assert "n_train=3" in (root / TEXTURES_STAMP).read_text()
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["t"]
-
-
-def test_textures_unknown_category():
-    with pytest.raises(DatasetError, match="brick"):
-        TexturesLayout(root="unused", categories=["marble"])

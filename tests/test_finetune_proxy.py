@@ -461,7 +461,7 @@ def test_readme_commands_work_as_written_on_a_fresh_clone(tmp_path, monkeypatch,
             "dataset.image_size=64", "num_workers=0", "progress=false", "logger=none")
     records = finetune(compose_config("finetune", "method=rotation", *data, "method.train.max_steps=1",
                                       "method.objective.hidden_dim=8", "proxy.eval_every=1", "proxy.embed_dim=32"))
-    assert records["brick"]["selection"]["config"]["proxy_nominal"] == 8
+    assert records["brick"]["selection"]["config"]["proxy_nominal"] == 20  # 0.2 of the 100 training images
     assert (tmp_path / "checkpoints/rotation/effnet_lite0/brick.pt").is_file()
     results = patchcore(compose_config("config", "backbone=rotation", *data, "patchcore.embedder.embed_dim=32",
                                        "viz.n=0"), tmp_path / "run")

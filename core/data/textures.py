@@ -4,10 +4,17 @@ The generator makes an MVTec-layout tree from the photographs scikit-image ships
 gravel, tissue), with four synthetic defect kinds and exact masks (drawn by core/data/defects.py),
 so the demo and the tests run with no download. Generation is an explicit step,
 ``TexturesLayout.ensure()``, which the layout's sample listings call first.
+
+Sizes: per category ``N_TRAIN`` training images, ``N_TEST_GOOD`` nominal and ``N_PER_DEFECT`` of each
+defect kind in test, so that one image-AUROC step is 1 / (50 * 100) = 0.02 points. Each defect has a
+severity, stratified over [0, 1] within its kind (core/data/defects.py says what it sets), written with
+its level and area to ``<category>/test/defects.csv`` (``SEVERITY_SIDECAR``) so results can be broken
+down by severity.
 """
 
 from __future__ import annotations
 
+import csv
 import logging
 import os
 import shutil
@@ -20,16 +27,28 @@ import numpy as np
 from PIL import Image
 
 from core.data.dataset import Sample
-from core.data.defects import DEFECT_KINDS, make_defect, photo_crop
+from core.data.defects import DEFECT_KINDS, defect_contrast, make_defect, photo_crop
 from core.data.images import DatasetError
 from core.data.layouts import MVTecLayout
 
 log = logging.getLogger(__name__)
 
-TEXTURES_VERSION = "textures-generator 1"
+TEXTURES_VERSION = "textures-generator 2"  # 2: 100/50/4x25 images, graded severities, defects.csv
 TEXTURES_STAMP = ".textures_version"
 TEXTURE_SOURCES = {"brick": "brick", "grass": "grass", "gravel": "gravel", "tissue": "immunohistochemistry"}
 TEXTURE_DEFECTS = DEFECT_KINDS  # the test set's defect kinds: core/data/defects.py draws them
+# The contrast scale of each category's defects (core/data/defects.py, make_defect's strength), set so that
+# the EfficientNet-Lite0 baseline is far from 100 % on every category: calibration in docs/textures.md.
+DEFECT_STRENGTH = {"brick": 0.25, "grass": 1.3, "gravel": 1.6, "tissue": 1.0}
+N_TRAIN, N_TEST_GOOD, N_PER_DEFECT = 100, 50, 25  # per category; the layout's and the generator's defaults
+SEVERITY_SIDECAR = "defects.csv"  # <category>/test/defects.csv: one row per defective test image
+SEVERITY_COLUMNS = ("file", "defect_type", "severity", "level", "contrast", "area_px")
+SEVERITY_LEVELS = ("subtle", "medium", "obvious")  # severity in [0, 1/3), [1/3, 2/3), [2/3, 1]
+
+
+def severity_level(severity: float) -> str:
+    """The named third of [0, 1] that ``severity`` falls in."""
+    return SEVERITY_LEVELS[min(int(severity * len(SEVERITY_LEVELS)), len(SEVERITY_LEVELS) - 1)]
 
 
 class TexturesLayout(MVTecLayout):
@@ -43,9 +62,10 @@ class TexturesLayout(MVTecLayout):
         resize: int = 256,
         image_size: int = 224,
         train_limit: int | None = None,
-        n_train: int = 40,
-        n_test_good: int = 15,
-        n_per_defect: int = 6,
+        test_limit: int | None = None,
+        n_train: int = N_TRAIN,
+        n_test_good: int = N_TEST_GOOD,
+        n_per_defect: int = N_PER_DEFECT,
         skip_unreadable: bool = False,
         mask_resize: str = "nearest",
     ):
@@ -55,6 +75,12 @@ class TexturesLayout(MVTecLayout):
             raise DatasetError(f"unknown textures categories {unknown}: choose from {list(TEXTURE_SOURCES)}")
         super().__init__(name, root, categories, "good", resize, image_size, train_limit, skip_unreadable,
                          mask_resize)
+        if test_limit is not None and test_limit < 2:
+            raise DatasetError(
+                f"dataset.test_limit={test_limit} must be at least 2 test images (half nominal, half defective), "
+                "or null to use them all"
+            )
+        self.test_limit = test_limit
         self.counts = {"n_train": n_train, "n_test_good": n_test_good, "n_per_defect": n_per_defect}
         self._ready = False
 
@@ -70,12 +96,36 @@ class TexturesLayout(MVTecLayout):
         return super().train_samples(category, seed)
 
     def test_samples(self, category: str) -> list[Sample]:
+        """Every test image, or with ``test_limit`` a fixed (seed 0) subset of that many: half nominal, the
+        other half defective, spread evenly over the defect kinds (a quick run such as ``make demo``)."""
         self.ensure()
-        return super().test_samples(category)
+        samples = super().test_samples(category)
+        if self.test_limit is None or self.test_limit >= len(samples):
+            return samples
+        return balanced_subset(samples, self.test_limit)
+
+
+def balanced_subset(samples: list[Sample], limit: int) -> list[Sample]:
+    """At most ``limit`` samples: ``limit // 2`` nominal, the rest split evenly over the defect types (the
+    earlier types in name order take the remainder; a type with fewer gives what it has), each group drawn
+    without replacement by a fixed seed; returned in the order given."""
+    rng = np.random.default_rng(0)
+    groups: dict[str, list[int]] = {}
+    for i, s in enumerate(samples):
+        groups.setdefault(s.defect_type if s.label else "", []).append(i)
+    good = groups.pop("", [])
+    quotas = {"": min(len(good), limit // 2)}
+    kinds = sorted(groups)
+    for j, kind in enumerate(kinds):
+        share = (limit - quotas[""]) // len(kinds) + (j < (limit - quotas[""]) % len(kinds))
+        quotas[kind] = min(len(groups[kind]), share)
+    groups[""] = good
+    keep = {int(i) for kind, n in quotas.items() for i in rng.choice(groups[kind], n, replace=False)}
+    return [s for i, s in enumerate(samples) if i in keep]
 
 
 def ensure_textures(
-    root: str | Path, n_train: int = 40, n_test_good: int = 15, n_per_defect: int = 6
+    root: str | Path, n_train: int = N_TRAIN, n_test_good: int = N_TEST_GOOD, n_per_defect: int = N_PER_DEFECT
 ) -> Path:
     """Make `root` hold a complete, current copy of the textures set; never delete a folder not ours."""
     root = Path(root).expanduser()
@@ -142,8 +192,13 @@ def _move_into_place(tmp: Path, root: Path, stamp: str) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def generate_textures(out: Path, n_train: int = 40, n_test_good: int = 15, n_per_defect: int = 6) -> None:
-    """Write the MVTec-layout tree into `out`; a fixed seed per category makes the bytes reproducible."""
+def generate_textures(
+    out: Path, n_train: int = N_TRAIN, n_test_good: int = N_TEST_GOOD, n_per_defect: int = N_PER_DEFECT
+) -> None:
+    """Write the MVTec-layout tree into `out`; a fixed seed per category makes the bytes reproducible.
+
+    The i-th of a kind's ``n_per_defect`` defects has severity ``(i + u) / n_per_defect`` with u uniform in
+    [0, 1): stratified, so every kind spans subtle to obvious evenly whatever the count."""
     photos = texture_photos()
     for category in TEXTURE_SOURCES:
         rng = np.random.default_rng(zlib.crc32(category.encode()))
@@ -154,12 +209,20 @@ def generate_textures(out: Path, n_train: int = 40, n_test_good: int = 15, n_per
         for i in range(n_test_good):
             _save(cat / "test" / "good" / f"{i:03d}.png", photo_crop(photo, rng))
         others = [photos[c] for c in TEXTURE_SOURCES if c != category]
+        rows = []
         for kind in TEXTURE_DEFECTS:
             for i in range(n_per_defect):
+                severity = round((i + rng.random()) / n_per_defect, 4)  # as written in the sidecar
                 foreign = others[rng.integers(len(others))]
-                image, mask = make_defect(kind, photo_crop(photo, rng), rng, foreign)
+                image, mask = make_defect(kind, photo_crop(photo, rng), rng, foreign, severity,
+                                          DEFECT_STRENGTH[category])
                 _save(cat / "test" / kind / f"{i:03d}.png", image)
                 _save(cat / "ground_truth" / kind / f"{i:03d}_mask.png", mask.astype(np.uint8) * 255)
+                contrast = defect_contrast(kind, severity, DEFECT_STRENGTH[category])
+                rows.append((f"test/{kind}/{i:03d}.png", kind, f"{severity:.4f}", severity_level(severity),
+                             f"{contrast:.4f}", int(mask.sum())))
+        with open(cat / "test" / SEVERITY_SIDECAR, "w", newline="") as f:
+            csv.writer(f, lineterminator="\n").writerows([SEVERITY_COLUMNS, *rows])
 
 
 def texture_photos() -> dict[str, np.ndarray]:
