@@ -60,7 +60,7 @@ def photo_crop(photo: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 
 
 def make_defect(
-    kind: str, base: np.ndarray, rng: np.random.Generator, foreign: np.ndarray, severity: float = 1.0,
+    kind: str, base: np.ndarray, rng: np.random.Generator, foreign: np.ndarray, severity: float,
     strength: float = 1.0,
 ) -> tuple[np.ndarray, np.ndarray]:
     """(defect image, bool mask) where the mask is exactly the pixels that differ from ``base``; ``foreign`` is
