@@ -14,10 +14,11 @@ from experiments.studies.plan import StudyConfigError, build_plan, load_study, m
 from experiments.studies.runner import MANIFEST, estimate_left, run_plan
 
 CATEGORIES = ["brick", "grass"]
+ON = {"textures": CATEGORIES}
 
 
 def _config(**extra) -> dict:
-    config = {"name": "t", "dataset": "textures", "category": "[brick,grass]", "backbone": "effnet_lite0",
+    config = {"name": "t", "datasets": {"textures": {"category": "[brick,grass]"}}, "backbone": "effnet_lite0",
               "seeds": [0, 1], "save_model_seeds": [0], "common": ["viz.n=1"], "logger": "none",
               "comparisons": {
                   "extractors": {"extractors": ["wrn50", "clip"]},
@@ -33,71 +34,71 @@ def _config(**extra) -> dict:
 
 def _plan(tmp_path: Path, **extra):
     weights = {"wrn50": "weights not available: WeightsNotFoundError: no file", "clip": None}
-    return build_plan(_config(**extra), tmp_path, CATEGORIES, check=lambda name, dataset: weights[name])
+    return build_plan(_config(**extra), tmp_path, ON, check=lambda name, dataset: weights[name])
 
 
 def test_plan_jobs_and_skipped_arms(tmp_path) -> None:
     plan = _plan(tmp_path)
     ids = [job.id for job in plan.jobs]
-    assert ids == ["baseline/baseline_seed0", "baseline/baseline_seed1",
-                   "extractors/clip_seed0", "extractors/clip_seed1",
-                   "finetuning/finetune_rotation_seed0", "finetuning/finetune_rotation_seed1",
-                   "finetuning/rotation_seed0", "finetuning/rotation_seed1",
-                   "baselines/full_bank", "baselines/random_bank_seed0", "baselines/random_bank_seed1",
-                   "coreset_ratio/ratio_0.01_seed0", "coreset_ratio/ratio_0.01_seed1",
-                   "image_size/image_size_160_seed0", "image_size/image_size_160_seed1"]
-    assert plan.skipped == [{"comparison": "extractors", "arm": "wrn50",
+    assert ids == ["textures/" + i for i in [
+        "baseline/baseline_seed0", "baseline/baseline_seed1", "extractors/clip_seed0", "extractors/clip_seed1",
+        "finetuning/finetune_rotation_seed0", "finetuning/finetune_rotation_seed1",
+        "finetuning/rotation_seed0", "finetuning/rotation_seed1",
+        "baselines/full_bank", "baselines/random_bank_seed0", "baselines/random_bank_seed1",
+        "coreset_ratio/ratio_0.01_seed0", "coreset_ratio/ratio_0.01_seed1",
+        "image_size/image_size_160_seed0", "image_size/image_size_160_seed1"]]
+    assert plan.skipped == [{"dataset": "textures", "comparison": "extractors", "arm": "wrn50",
                              "reason": "weights not available: WeightsNotFoundError: no file"}]
-    jobs = {job.id: job for job in plan.jobs}
+    jobs = {job.id.removeprefix("textures/"): job for job in plan.jobs}
     seed0 = jobs["baseline/baseline_seed0"].command("python")
     assert seed0[:2] == ["python", "experiments/main.py"]
     assert {"seed=0", "save_model=true", "viz.n=1", "backbone=effnet_lite0", "category=[brick,grass]",
-            f"hydra.run.dir={tmp_path / 't' / 'baseline' / 'baseline_seed0'}"} <= set(seed0)
+            f"hydra.run.dir={tmp_path / 't' / 'textures' / 'baseline' / 'baseline_seed0'}"} <= set(seed0)
     assert "save_model=true" not in jobs["baseline/baseline_seed1"].overrides
     finetune = jobs["finetuning/finetune_rotation_seed1"]
     assert finetune.command("python")[1] == "experiments/finetune.py"
-    assert {"method=rotation", "method.train.seed=1", f"checkpoint_dir={tmp_path / 't' / 'checkpoints' / 'seed1'}"} \
+    checkpoints = tmp_path / "t" / "textures" / "checkpoints"
+    assert {"method=rotation", "method.train.seed=1", f"checkpoint_dir={checkpoints / 'seed1'}"} \
         <= set(finetune.overrides)
-    assert finetune.checkpoints == [tmp_path / "t" / "checkpoints" / "seed1" / "rotation" / "effnet_lite0" / f"{c}.pt"
+    assert finetune.checkpoints == [checkpoints / "seed1" / "rotation" / "effnet_lite0" / f"{c}.pt"
                                     for c in CATEGORIES]
     tuned = jobs["finetuning/rotation_seed1"]
-    assert tuned.needs == ["finetuning/finetune_rotation_seed1"]
+    assert tuned.needs == ["textures/finetuning/finetune_rotation_seed1"]
     assert {"backbone=finetuned", "backbone.method=rotation", "backbone.base=effnet_lite0"} <= set(tuned.overrides)
     assert "backbone=effnet_lite0" not in tuned.overrides
-    assert f"backbone.checkpoint={tmp_path}/t/checkpoints/seed1/rotation/effnet_lite0/${{category}}.pt" \
-        in tuned.overrides
+    assert f"backbone.checkpoint={checkpoints}/seed1/rotation/effnet_lite0/${{category}}.pt" in tuned.overrides
     assert {"dataset.image_size=160", "dataset.resize=183"} <= set(jobs["image_size/image_size_160_seed0"].overrides)
     # every comparison is measured against the same baseline runs
-    assert all(entry["jobs"][:2] == ["baseline/baseline_seed0", "baseline/baseline_seed1"]
+    assert all(entry["jobs"][:2] == ["textures/baseline/baseline_seed0", "textures/baseline/baseline_seed1"]
                for entry in plan.comparisons.values())
-    assert plan.comparisons["baselines"]["arms"] == ["baseline", "full bank", "random bank"]
+    assert plan.comparisons["textures/baselines"]["arms"] == ["baseline", "full bank", "random bank"]
 
 
 def test_identical_runs_are_shared_between_comparisons(tmp_path) -> None:
     config = _config()
     config["comparisons"] = {"a": {"arms": {"ratio": ["coreset.ratio=0.01"]}},
                              "b": {"sweep": "coreset.ratio", "values": [0.01]}}
-    plan = build_plan(config, tmp_path, CATEGORIES, check=lambda *_: None)
-    assert [job.id for job in plan.jobs] == ["baseline/baseline_seed0", "baseline/baseline_seed1",
-                                             "a/ratio_seed0", "a/ratio_seed1"]
-    assert plan.comparisons["b"]["jobs"] == plan.comparisons["a"]["jobs"]
+    plan = build_plan(config, tmp_path, ON, check=lambda *_: None)
+    assert [job.id for job in plan.jobs] == ["textures/baseline/baseline_seed0", "textures/baseline/baseline_seed1",
+                                             "textures/a/ratio_seed0", "textures/a/ratio_seed1"]
+    assert plan.comparisons["textures/b"]["jobs"] == plan.comparisons["textures/a"]["jobs"]
 
 
 def test_fine_tuning_settings_get_checkpoints_of_their_own(tmp_path) -> None:
     config = _config(seeds=[0])
     config["comparisons"] = {"ft": {"methods": {"rot (l2sp=0)": {"method": "rotation",
                                                                 "overrides": ["method.train.l2sp_weight=0.0"]}}}}
-    plan = build_plan(config, tmp_path, CATEGORIES, check=lambda *_: None)
+    plan = build_plan(config, tmp_path, ON, check=lambda *_: None)
     finetune, tuned = plan.jobs[1], plan.jobs[2]
-    root = tmp_path / "t" / "checkpoints" / "rot_l2sp_0" / "seed0"
-    assert finetune.id == "ft/finetune_rot_l2sp_0" and "method.train.l2sp_weight=0.0" in finetune.overrides
+    root = tmp_path / "t" / "textures" / "checkpoints" / "rot_l2sp_0" / "seed0"
+    assert finetune.id == "textures/ft/finetune_rot_l2sp_0" and "method.train.l2sp_weight=0.0" in finetune.overrides
     assert f"checkpoint_dir={root}" in finetune.overrides and finetune.checkpoints[0] == root / "rotation" / \
         "effnet_lite0" / "brick.pt"
     assert tuned.arm == "rot (l2sp=0)" and f"backbone.checkpoint={root}/rotation/effnet_lite0/${{category}}.pt" \
         in tuned.overrides and {"backbone=finetuned", "backbone.method=rotation"} <= set(tuned.overrides)
     config["comparisons"] = {"ft": {"methods": {"bad": ["method.train.lr=1"]}}}
     with pytest.raises(StudyConfigError, match="comparisons.ft.methods.bad"):
-        build_plan(config, tmp_path, CATEGORIES, check=lambda *_: None)
+        build_plan(config, tmp_path, ON, check=lambda *_: None)
 
 
 def test_merge_overrides_keeps_the_last_of_each_key() -> None:
@@ -106,29 +107,44 @@ def test_merge_overrides_keeps_the_last_of_each_key() -> None:
 
 def test_bad_configs_name_the_setting(tmp_path) -> None:
     with pytest.raises(StudyConfigError, match="seeds"):
-        build_plan({k: v for k, v in _config().items() if k != "seeds"}, tmp_path, CATEGORIES)
+        build_plan({k: v for k, v in _config().items() if k != "seeds"}, tmp_path, ON)
     bad = _config()
     bad["comparisons"] = {"x": {"values": [1]}}
     with pytest.raises(StudyConfigError, match="comparisons.x"):
-        build_plan(bad, tmp_path, CATEGORIES, check=lambda *_: None)
+        build_plan(bad, tmp_path, ON, check=lambda *_: None)
     with pytest.raises(StudyConfigError, match="known studies: .*default.*quick"):
         load_study("no_such_study")
+
+
+SHIPPED = {"textures": CATEGORIES, "elpv": ["mono", "poly"]}
 
 
 def test_the_shipped_studies_plan(tmp_path) -> None:
     for name in ("default", "quick"):
         config = load_study(name)
-        plan = build_plan(config, tmp_path, CATEGORIES, check=lambda *_: "absent")
+        plan = build_plan(config, tmp_path, SHIPPED, check=lambda *_: "absent")
         assert plan.jobs and all(job.folder.is_relative_to(tmp_path / name) for job in plan.jobs)
-        assert all(f"storage.cache_dir={tmp_path / name}/feature_cache" in job.overrides
+        # a feature cache per dataset
+        assert all(f"storage.cache_dir={tmp_path / name / job.dataset}/feature_cache" in job.overrides
                    for job in plan.jobs if job.kind == "patchcore")
-    default = build_plan(load_study("default"), tmp_path, CATEGORIES, check=lambda *_: "absent")
+        assert {job.dataset for job in plan.jobs} == {"textures", "elpv"}
+    default = build_plan(load_study("default"), tmp_path, SHIPPED, check=lambda *_: "absent")
     # >= 3 seeds for everything stochastic; the full bank (no selection) once
     seeds: dict[tuple, set] = {}
     for job in default.jobs:
-        seeds.setdefault((job.comparison, job.arm), set()).add(job.seed)
-    assert all(len(s) >= 3 for key, s in seeds.items() if key != ("baselines", "full bank"))
+        seeds.setdefault((job.dataset, job.comparison, job.arm), set()).add(job.seed)
+    assert all(len(s) >= 3 for key, s in seeds.items() if key != ("textures", "baselines", "full bank"))
     assert {row["arm"] for row in default.skipped} >= {"clip", "dinov2_vits14", "wrn50"}
+    # elpv runs a subset of the comparisons, with its own overrides; the training-length curve on both datasets
+    assert default.datasets["elpv"]["comparisons"] == ["finetuning", "training_length", "extractors"]
+    assert {key.split("/")[1] for key in default.comparisons if key.startswith("elpv/")} == \
+        {"finetuning", "training_length", "extractors"}
+    assert all("dataset.train_limit=200" in job.overrides for job in default.jobs if job.dataset == "elpv")
+    assert not any("dataset.train_limit=200" in job.overrides for job in default.jobs if job.dataset == "textures")
+    for dataset in ("textures", "elpv"):
+        curve = default.comparisons[f"{dataset}/training_length"]
+        assert curve["sweep"] == "method.train.max_steps" and curve["points"]["baseline"]["value"] == 0
+        assert sorted(p["value"] for p in curve["points"].values()) == [0, 40, 40, 200, 200, 1000, 1000]
 
 
 class FakeRunner:
@@ -163,16 +179,17 @@ def test_resume_skips_finished_jobs(tmp_path) -> None:
     lines: list[str] = []
     runner = FakeRunner(fail={"finetuning/finetune_rotation_seed1", "baselines/full_bank"})
     manifest = run_plan(plan, runner=runner, echo=lines.append)
-    status = {row["id"]: row["status"] for row in manifest["jobs"]}
+    status = {row["id"].removeprefix("textures/"): row["status"] for row in manifest["jobs"]}
     assert status["finetuning/finetune_rotation_seed1"] == "failed"
     assert status["finetuning/rotation_seed1"] == "blocked"  # never started without its checkpoints
     assert "finetuning/rotation_seed1" not in runner.calls
     assert status["baselines/full_bank"] == "failed"
     assert sum(s == "done" for s in status.values()) == len(plan.jobs) - 3
-    failed = next(row for row in manifest["jobs"] if row["id"] == "baselines/full_bank")
+    failed = next(row for row in manifest["jobs"] if row["id"] == "textures/baselines/full_bank")
     assert "exit status 1" in failed["error"] and "last line of the log" in failed["error"]
-    assert lines[0].startswith("skipped: extractors/wrn50: weights not available")
-    assert any(line.startswith("[3/15] extractors/clip_seed0: done in") and "left for" in line for line in lines)
+    assert lines[0].startswith("skipped: textures/extractors/wrn50: weights not available")
+    assert any(line.startswith("[3/15] textures/extractors/clip_seed0: done in") and "left for" in line
+               for line in lines)
     on_disk = json.loads((tmp_path / "t" / MANIFEST).read_text())
     assert on_disk["skipped"] == plan.skipped and on_disk["finished"] is not None
 
@@ -232,16 +249,164 @@ def test_a_new_kind_of_comparison_is_one_function_in_kinds(tmp_path, monkeypatch
     monkeypatch.setitem(comparison.KINDS, "ratios", ratios_and_seeds)
     config = _config()
     config["comparisons"] = {"odd": {"title": "Odd ratios", "ratios": [0.3, 0.7]}}
-    plan = build_plan(config, tmp_path, CATEGORIES, check=lambda *_: None)
-    assert [job.id for job in plan.jobs] == ["baseline/baseline_seed0", "baseline/baseline_seed1", "odd/r0.3",
-                                             "odd/r0.7"]
+    plan = build_plan(config, tmp_path, ON, check=lambda *_: None)
+    assert [job.id for job in plan.jobs] == ["textures/baseline/baseline_seed0", "textures/baseline/baseline_seed1",
+                                             "textures/odd/r0.3", "textures/odd/r0.7"]
     assert "coreset.ratio=0.7" in plan.jobs[3].overrides and "seed=1" in plan.jobs[3].overrides
-    assert plan.comparisons["odd"] == {"title": "Odd ratios", "kind": "ratios", "sweep": None,
-                                       "arms": ["baseline", "r0.3", "r0.7"], "jobs": [j.id for j in plan.jobs]}
+    assert plan.comparisons["textures/odd"] == {"dataset": "textures", "comparison": "odd", "title": "Odd ratios",
+                                                "kind": "ratios", "sweep": None, "arms": ["baseline", "r0.3", "r0.7"],
+                                                "jobs": [j.id for j in plan.jobs]}
 
 
 def test_old_setting_names_in_a_study_fail_when_it_is_planned(tmp_path) -> None:
     config = _config()
     config["comparisons"] = {"k": {"sweep": "patchcore.num_neighbors", "values": [3]}}
     with pytest.raises(StudyConfigError, match="patchcore.num_neighbors was renamed patchcore.scoring.num_neighbors"):
-        build_plan(config, tmp_path, CATEGORIES, check=lambda *_: None)
+        build_plan(config, tmp_path, ON, check=lambda *_: None)
+
+
+# --------------------------------------------------------------------------- several datasets
+
+TWO = {"textures": ["brick", "grass"], "elpv": ["poly", "grass"]}  # "grass" on both: checkpoints must not collide
+
+
+def _two(**extra) -> dict:
+    config = {"name": "two", "backbone": "effnet_lite0", "seeds": [0], "logger": "none",
+              "common": ["viz.n=1", "storage.cache_dir=${dataset_dir}/feature_cache"],
+              "finetune_overrides": ["method.train.max_steps=3"],
+              "datasets": {"textures": {"category": "[brick,grass]"},
+                           "elpv": {"category": "[poly,grass]", "overrides": ["dataset.train_limit=4"],
+                                    "finetune_overrides": ["dataset.train_limit=8"],
+                                    "comparisons": ["finetuning", "training_length"]}},
+              "comparisons": {"variants": {"arms": {"cosine": ["patchcore.scoring.distance=cosine"]}},
+                              "finetuning": {"methods": ["rotation"]},
+                              "training_length": {"methods": ["rotation", "cutmix_contrastive"], "steps": [40, 200]}}}
+    config.update(extra)
+    return config
+
+
+def test_a_study_on_two_datasets_plans_each_with_its_baseline(tmp_path) -> None:
+    plan = build_plan(_two(), tmp_path, TWO, check=lambda *_: None)
+    root = tmp_path / "two"
+    ids = [job.id for job in plan.jobs]
+    assert ids == ["textures/baseline/baseline", "textures/variants/cosine",
+                   "textures/finetuning/finetune_rotation", "textures/finetuning/rotation",
+                   *(f"textures/training_length/{job}" for job in (
+                       "finetune_rotation_40_steps", "finetune_rotation_200_steps",
+                       "finetune_cutmix_contrastive_40_steps", "finetune_cutmix_contrastive_200_steps",
+                       "rotation_40_steps", "rotation_200_steps", "cutmix_contrastive_40_steps",
+                       "cutmix_contrastive_200_steps")),
+                   # elpv: its own baseline, only the comparisons it names (no variants)
+                   "elpv/baseline/baseline", "elpv/finetuning/finetune_rotation", "elpv/finetuning/rotation",
+                   *(f"elpv/training_length/{job}" for job in (
+                       "finetune_rotation_40_steps", "finetune_rotation_200_steps",
+                       "finetune_cutmix_contrastive_40_steps", "finetune_cutmix_contrastive_200_steps",
+                       "rotation_40_steps", "rotation_200_steps", "cutmix_contrastive_40_steps",
+                       "cutmix_contrastive_200_steps"))]
+    jobs = {job.id: job for job in plan.jobs}
+    assert all(job.folder == root / job.id for job in plan.jobs)
+    # each dataset's comparisons start from its own baseline
+    assert [key for key in plan.comparisons] == ["textures/variants", "textures/finetuning", "textures/training_length",
+                                                 "elpv/finetuning", "elpv/training_length"]
+    for key, entry in plan.comparisons.items():
+        dataset = key.split("/")[0]
+        assert entry["dataset"] == dataset and entry["jobs"][0] == f"{dataset}/baseline/baseline"
+        assert all(job.startswith(f"{dataset}/") for job in entry["jobs"])
+    elpv_base = jobs["elpv/baseline/baseline"].overrides
+    assert {"dataset=elpv", "category=[poly,grass]", "dataset.train_limit=4",
+            f"storage.cache_dir={root / 'elpv'}/feature_cache"} <= set(elpv_base)
+    assert f"storage.cache_dir={root / 'textures'}/feature_cache" in jobs["textures/baseline/baseline"].overrides
+    assert not any(o.startswith("dataset.train_limit") for o in jobs["textures/baseline/baseline"].overrides)
+    # checkpoints per dataset: the category grass of both never shares a file
+    textures_ft, elpv_ft = jobs["textures/finetuning/finetune_rotation"], jobs["elpv/finetuning/finetune_rotation"]
+    assert textures_ft.checkpoints == [root / "textures" / "checkpoints" / "seed0" / "rotation" / "effnet_lite0" /
+                                       f"{c}.pt" for c in ("brick", "grass")]
+    assert elpv_ft.checkpoints == [root / "elpv" / "checkpoints" / "seed0" / "rotation" / "effnet_lite0" / f"{c}.pt"
+                                   for c in ("poly", "grass")]
+    assert {"dataset=elpv", "dataset.train_limit=8", "method.train.max_steps=3"} <= set(elpv_ft.overrides)
+    assert f"backbone.checkpoint={root}/elpv/checkpoints/seed0/rotation/effnet_lite0/${{category}}.pt" in \
+        jobs["elpv/finetuning/rotation"].overrides
+    every = [path for job in plan.jobs for path in job.checkpoints]
+    assert len(every) == len(set(every)) == 2 * 5 * 2  # 5 fine-tunings per dataset, 2 categories each
+
+
+def test_training_length_arms_sweep_the_fine_tuning_steps(tmp_path) -> None:
+    plan = build_plan(_two(), tmp_path, TWO, check=lambda *_: None)
+    curve = plan.comparisons["elpv/training_length"]
+    assert curve["kind"] == "methods" and curve["sweep"] == "method.train.max_steps"
+    assert curve["arms"] == ["baseline", "rotation 40 steps", "rotation 200 steps", "cutmix_contrastive 40 steps",
+                             "cutmix_contrastive 200 steps"]
+    assert curve["points"] == {"baseline": {"series": "baseline", "value": 0},
+                               "rotation 40 steps": {"series": "rotation", "value": 40},
+                               "rotation 200 steps": {"series": "rotation", "value": 200},
+                               "cutmix_contrastive 40 steps": {"series": "cutmix_contrastive", "value": 40},
+                               "cutmix_contrastive 200 steps": {"series": "cutmix_contrastive", "value": 200}}
+    jobs = {job.id: job for job in plan.jobs}
+    tuned = jobs["elpv/training_length/finetune_cutmix_contrastive_200_steps"]
+    # the arm's step count replaces the study's fine-tuning steps (one value per key: Hydra refuses repeats)
+    assert [o for o in tuned.overrides if o.startswith("method.train.max_steps")] == ["method.train.max_steps=200"]
+    assert "method=cutmix_contrastive" in tuned.overrides
+    root = tmp_path / "two" / "elpv" / "checkpoints" / "cutmix_contrastive_200_steps" / "seed0"
+    assert f"checkpoint_dir={root}" in tuned.overrides
+    assert jobs["elpv/training_length/cutmix_contrastive_200_steps"].needs == [tuned.id]
+    bad = _two()
+    bad["comparisons"]["training_length"]["steps"] = [40, 0]
+    with pytest.raises(StudyConfigError, match="comparisons.training_length.steps: .*step 0.*is the baseline"):
+        build_plan(bad, tmp_path, TWO, check=lambda *_: None)
+
+
+def test_the_same_fine_tuning_in_two_comparisons_runs_once(tmp_path) -> None:
+    config = _two(seeds=[0])
+    config["comparisons"]["again"] = {"methods": ["rotation"]}
+    config["datasets"] = {"textures": {"category": "brick"}}
+    plan = build_plan(config, tmp_path, {"textures": ["brick"]}, check=lambda *_: None)
+    finetunes = [job.id for job in plan.jobs if job.kind == "finetune"]
+    assert "textures/again/finetune_rotation" not in finetunes
+    assert plan.comparisons["textures/again"]["jobs"] == plan.comparisons["textures/finetuning"]["jobs"]
+
+
+def test_dataset_settings_are_checked_when_planned(tmp_path) -> None:
+    old = {"name": "old", "dataset": "textures", "category": "all", "backbone": "effnet_lite0", "seeds": [0],
+           "comparisons": {}}
+    with pytest.raises(StudyConfigError, match=r"dataset, category are of the old single-dataset form.*'datasets:'"):
+        build_plan(old, tmp_path, {"textures": ["brick"]})
+    config = _two()
+    config["datasets"]["elpv"]["comparisons"] = ["finetuning", "nonesuch"]
+    with pytest.raises(StudyConfigError, match=r"datasets.elpv.comparisons: .*nonesuch.*variants, finetuning"):
+        build_plan(config, tmp_path, TWO, check=lambda *_: None)
+    config = _two()
+    config["datasets"]["elpv"]["categories"] = ["poly"]
+    with pytest.raises(StudyConfigError, match=r"datasets.elpv: \['categories'\] not understood"):
+        build_plan(config, tmp_path, TWO, check=lambda *_: None)
+    config = _two()
+    config["datasets"]["elpv"]["overrides"] = ["patchcore.num_neighbors=3"]
+    with pytest.raises(StudyConfigError, match="renamed patchcore.scoring.num_neighbors"):
+        build_plan(config, tmp_path, TWO, check=lambda *_: None)
+
+
+def test_the_manifest_records_each_comparisons_dataset(tmp_path) -> None:
+    class Writes(FakeRunner):
+        def __call__(self, command: list[str], log_path: Path) -> int:
+            if command[1] == "experiments/finetune.py":  # this study's categories, not the module's
+                root = Path(next(a for a in command if a.startswith("checkpoint_dir=")).split("=", 1)[1])
+                method = next(a for a in command if a.startswith("method=")).split("=", 1)[1]
+                dataset = next(a for a in command if a.startswith("dataset=")).split("=", 1)[1]
+                for category in TWO[dataset]:
+                    path = root / method / "effnet_lite0" / f"{category}.pt"
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                    path.write_bytes(b"x")
+                    path.with_suffix(".json").write_text("{}")
+                log_path.parent.mkdir(parents=True, exist_ok=True)
+                return 0
+            return super().__call__(command, log_path)
+
+    plan = build_plan(_two(), tmp_path, TWO, check=lambda *_: None)
+    manifest = run_plan(plan, runner=Writes(), echo=lambda line: None)
+    on_disk = json.loads((tmp_path / "two" / MANIFEST).read_text())
+    assert on_disk["datasets"]["elpv"] == {"category": "[poly,grass]", "categories": ["poly", "grass"],
+                                           "overrides": ["dataset.train_limit=4"],
+                                           "finetune_overrides": ["dataset.train_limit=8"],
+                                           "comparisons": ["finetuning", "training_length"]}
+    assert on_disk["comparisons"]["elpv/finetuning"]["dataset"] == "elpv"
+    assert {row["dataset"] for row in manifest["jobs"]} == {"textures", "elpv"}
+    assert all(row["id"].startswith(row["dataset"] + "/") and row["status"] == "done" for row in manifest["jobs"])
