@@ -410,3 +410,138 @@ def test_the_manifest_records_each_comparisons_dataset(tmp_path) -> None:
     assert on_disk["comparisons"]["elpv/finetuning"]["dataset"] == "elpv"
     assert {row["dataset"] for row in manifest["jobs"]} == {"textures", "elpv"}
     assert all(row["id"].startswith(row["dataset"] + "/") and row["status"] == "done" for row in manifest["jobs"])
+
+
+# --------------------------------------------------------------------------- the report of a study on two datasets
+
+AUROCS = {("textures", "baseline"): {"brick": 0.90, "grass": 0.80}, ("textures", "cosine"): {"brick": 0.95, "grass": 0.85},
+          ("textures", "rotation"): {"brick": 0.92, "grass": 0.82},
+          ("textures", "rotation 40 steps"): {"brick": 0.91, "grass": 0.81},
+          ("textures", "rotation 200 steps"): {"brick": 0.93, "grass": 0.83},
+          ("textures", "cutmix_contrastive 40 steps"): {"brick": 0.90, "grass": 0.80},
+          ("textures", "cutmix_contrastive 200 steps"): {"brick": 0.89, "grass": 0.79},
+          ("elpv", "baseline"): {"poly": 0.70}, ("elpv", "rotation"): {"poly": 0.72},
+          ("elpv", "rotation 40 steps"): {"poly": 0.71}, ("elpv", "rotation 200 steps"): {"poly": 0.74},
+          ("elpv", "cutmix_contrastive 40 steps"): {"poly": 0.69}, ("elpv", "cutmix_contrastive 200 steps"): {"poly": 0.68}}
+NO_MASKS = "ELPV has image labels only (no defect masks)"
+
+
+class RecordWriter:
+    """Writes what the real CLIs would: results.json + scores.csv with chosen image AUROCs (elpv: pixel metrics
+    null with their note, as core/data/elpv.py runs record them), checkpoints for fine-tuning jobs."""
+
+    def __init__(self, plan) -> None:
+        self.jobs = {str(job.folder): job for job in plan.jobs}
+        self.categories = plan.categories
+
+    def __call__(self, command: list[str], log_path: Path) -> int:
+        from tests.test_report import write_run
+
+        folder = next(a for a in command if a.startswith("hydra.run.dir=")).split("=", 1)[1]
+        job = self.jobs[folder]
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        if job.kind == "finetune":
+            for path in job.checkpoints:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_bytes(b"x")
+                path.with_suffix(".json").write_text("{}")
+            return 0
+        overrides = tuple(o for o in command[2:] if not o.startswith("hydra."))
+        arm = job.arm
+        write_run(Path(folder), _compose, overrides, AUROCS[(job.dataset, arm)], images=10)
+        if job.dataset == "elpv":
+            record = json.loads((Path(folder) / "results.json").read_text())
+            for entry in [*record["categories"].values(), record["mean"]]:
+                entry.update(pixel_auroc=None, pixel_f1_max=None, aupro=None)
+            for entry in record["categories"].values():
+                entry["pixel_metrics_note"] = NO_MASKS
+            (Path(folder) / "results.json").write_text(json.dumps(record))
+        return 0
+
+
+def _compose(*overrides):
+    from hydra import compose, initialize_config_dir
+
+    from tests.conftest import CONF_DIR
+
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        return compose("config", overrides=list(overrides))
+
+
+@pytest.fixture(scope="module")
+def two_dataset_report(tmp_path_factory):
+    from experiments.report import main
+
+    root = tmp_path_factory.mktemp("studies")
+    config = _two()
+    config["datasets"]["elpv"]["category"] = "poly"
+    plan = build_plan(config, root, {"textures": ["brick", "grass"], "elpv": ["poly"]}, check=lambda *_: None)
+    run_plan(plan, runner=RecordWriter(plan), echo=lambda line: None)
+    out = tmp_path_factory.mktemp("report")
+    main([str(plan.folder), "--out", str(out), "--no-digest-pdf"])
+    return out, json.loads((out / "paper.json").read_text())
+
+
+def _table(path: Path) -> list[list[str]]:
+    import csv
+
+    with path.open() as handle:
+        return list(csv.reader(handle))
+
+
+def test_the_report_groups_comparisons_by_dataset(two_dataset_report) -> None:
+    out, paper = two_dataset_report
+    assert paper["datasets"] == ["textures", "elpv"] and not paper["excluded"]
+    assert list(paper["comparisons"]) == ["textures_variants", "textures_finetuning", "textures_training_length",
+                                          "elpv_finetuning", "elpv_training_length"]
+    assert paper["comparisons"]["elpv_finetuning"]["title"] == "finetuning (elpv)"
+    # each table's categories are its dataset's; each mean is over that dataset's categories only
+    textures = _table(out / "tables" / "paper_textures_variants_image_auroc.csv")
+    assert textures[0] == ["arm", "brick", "grass", "mean"]
+    assert [float(x) for x in textures[1][1:]] == pytest.approx([90.0, 80.0, 85.0])
+    assert [float(x) for x in textures[2][1:]] == pytest.approx([95.0, 85.0, 90.0])
+    elpv = _table(out / "tables" / "paper_elpv_finetuning_image_auroc.csv")
+    assert elpv[0] == ["arm", "poly", "mean"]
+    assert [float(x) for x in elpv[1][1:]] == pytest.approx([70.0, 70.0])
+    assert [float(x) for x in elpv[2][1:]] == pytest.approx([72.0, 72.0])
+    # the main table has one baseline per dataset, each the mean over its own categories
+    main = {row[0]: row for row in _table(out / "tables" / "paper_main.csv")}
+    assert float(main["baseline (textures)"][1]) == pytest.approx(85.0)
+    assert float(main["baseline (elpv)"][1]) == pytest.approx(70.0)
+    assert float(main["finetuning (elpv): rotation"][1]) == pytest.approx(72.0)
+    # headings and captions say the dataset
+    source = (out / "report.typ").read_text()
+    assert "== Results on ELPV" in source and "== Results on textures" in source
+    assert "finetuning (elpv): Image AUROC per category" in (out / "tables" / "paper_elpv_finetuning_image_auroc.md") \
+        .read_text()
+
+
+def test_missing_pixel_metrics_show_as_a_dash_with_the_note(two_dataset_report) -> None:
+    out, _ = two_dataset_report
+    summary = (out / "tables" / "paper_elpv_finetuning_summary.md").read_text().splitlines()
+    header = [c.strip() for c in summary[2].strip("|").split("|")]
+    baseline = [c.strip().strip("*") for c in summary[4].strip("|").split("|")]
+    cells = dict(zip(header, baseline))
+    assert cells["arm"] == "baseline" and cells["Pixel AUROC"] == "-" and cells["AUPRO"] == "-"
+    assert cells["Image AUROC"] == "70.0"
+    textures = (out / "tables" / "paper_textures_variants_summary.md").read_text()
+    assert "| baseline | 1 | 85.0 | 84.0 | 75.0 |" in textures  # textures keeps its pixel metrics
+    note = f"elpv: Pixel AUROC and AUPRO are shown as '-' (no pixel metrics: {NO_MASKS})."
+    assert note.replace("'", "&#x27;") in (out / "report.html").read_text()
+    assert note in (out / "digest.md").read_text()
+    assert "textures: Pixel AUROC" not in (out / "digest.md").read_text()
+
+
+def test_the_training_length_curve_is_drawn_and_ordered_by_steps(two_dataset_report) -> None:
+    from PIL import Image
+
+    out, paper = two_dataset_report
+    for dataset in ("textures", "elpv"):
+        name = f"figures/sweep_{dataset}_training_length.png"
+        assert name in paper["figures"]
+        with Image.open(out / name) as image:
+            image.verify()
+    rows = _table(out / "tables" / "paper_elpv_training_length_image_auroc.csv")
+    assert [row[0] for row in rows[1:]] == ["baseline", "rotation 40 steps", "rotation 200 steps",
+                                            "cutmix_contrastive 40 steps", "cutmix_contrastive 200 steps"]
+    assert [float(row[1]) for row in rows[1:]] == pytest.approx([70.0, 71.0, 74.0, 69.0, 68.0])
