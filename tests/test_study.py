@@ -414,7 +414,8 @@ def test_the_manifest_records_each_comparisons_dataset(tmp_path) -> None:
 
 # --------------------------------------------------------------------------- the report of a study on two datasets
 
-AUROCS = {("textures", "baseline"): {"brick": 0.90, "grass": 0.80}, ("textures", "cosine"): {"brick": 0.95, "grass": 0.85},
+AUROCS = {("textures", "baseline"): {"brick": 0.90, "grass": 0.80},
+          ("textures", "cosine"): {"brick": 0.95, "grass": 0.85},
           ("textures", "rotation"): {"brick": 0.92, "grass": 0.82},
           ("textures", "rotation 40 steps"): {"brick": 0.91, "grass": 0.81},
           ("textures", "rotation 200 steps"): {"brick": 0.93, "grass": 0.83},
@@ -422,7 +423,8 @@ AUROCS = {("textures", "baseline"): {"brick": 0.90, "grass": 0.80}, ("textures",
           ("textures", "cutmix_contrastive 200 steps"): {"brick": 0.89, "grass": 0.79},
           ("elpv", "baseline"): {"poly": 0.70}, ("elpv", "rotation"): {"poly": 0.72},
           ("elpv", "rotation 40 steps"): {"poly": 0.71}, ("elpv", "rotation 200 steps"): {"poly": 0.74},
-          ("elpv", "cutmix_contrastive 40 steps"): {"poly": 0.69}, ("elpv", "cutmix_contrastive 200 steps"): {"poly": 0.68}}
+          ("elpv", "cutmix_contrastive 40 steps"): {"poly": 0.69},
+          ("elpv", "cutmix_contrastive 200 steps"): {"poly": 0.68}}
 NO_MASKS = "ELPV has image labels only (no defect masks)"
 
 
