@@ -547,3 +547,18 @@ def test_the_training_length_curve_is_drawn_and_ordered_by_steps(two_dataset_rep
     assert [row[0] for row in rows[1:]] == ["baseline", "rotation 40 steps", "rotation 200 steps",
                                             "cutmix_contrastive 40 steps", "cutmix_contrastive 200 steps"]
     assert [float(row[1]) for row in rows[1:]] == pytest.approx([70.0, 71.0, 74.0, 69.0, 68.0])
+
+
+def test_a_comparison_may_run_on_fewer_seeds(tmp_path) -> None:
+    config = _two(seeds=[0, 1, 2])
+    config["comparisons"]["training_length"]["seeds"] = [0]
+    plan = build_plan(config, tmp_path, TWO, check=lambda *_: None)
+    curve = [job for job in plan.jobs if job.dataset == "elpv" and job.comparison == "training_length"]
+    assert {job.seed for job in curve} == {0} and len(curve) == 8  # 4 fine-tunings, 4 PatchCore runs
+    assert [job.id for job in curve if job.kind == "finetune"][0] == \
+        "elpv/training_length/finetune_rotation_40_steps_seed0"
+    assert {job.seed for job in plan.jobs if job.comparison == "baseline"} == {0, 1, 2}
+    assert {job.seed for job in plan.jobs if job.comparison == "finetuning"} == {0, 1, 2}
+    config["comparisons"]["training_length"]["seeds"] = "0"
+    with pytest.raises(StudyConfigError, match="comparisons.training_length.seeds: '0': give a list of seeds"):
+        build_plan(config, tmp_path, TWO, check=lambda *_: None)

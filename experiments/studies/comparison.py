@@ -16,13 +16,16 @@ the YAML into arms, so a new kind of comparison is one function here plus its YA
   ``{method, overrides}`` for fine-tuning settings (e.g. ``method.train.l2sp_weight``); with ``steps: [40, 200]``
   one arm per method and step count (``method.train.max_steps``), recorded as a sweep over it whose baseline is
   step 0 (the pretrained weights): the training-length curve.
+
+Any comparison may name its own ``seeds:`` (a subset of the study's, e.g. one seed for a costly curve); the
+baseline keeps the study's seeds.
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from omegaconf import OmegaConf
@@ -287,10 +290,18 @@ def _comparison(name: str, spec, context: _Context) -> Comparison:
     if kinds[0] == "methods" and "steps" in spec:  # the training-length curve: a sweep of the fine-tuning steps
         found = _training_length(str(name), spec, context)
         points = ((BASELINE, BASELINE, 0), *((arm.name, series, steps) for arm, series, steps in found))
-        return Comparison(str(name), title, "methods", tuple(arm for arm, _, _ in found), STEPS, (), points)
-    arms, skipped = KINDS[kinds[0]](str(name), spec, context)
-    return Comparison(str(name), title, kinds[0], tuple(arms),
-                      str(spec["sweep"]) if kinds[0] == "sweep" else None, tuple(skipped))
+        arms, sweep, skipped = [arm for arm, _, _ in found], STEPS, []
+    else:
+        points = ()
+        arms, skipped = KINDS[kinds[0]](str(name), spec, context)
+        sweep = str(spec["sweep"]) if kinds[0] == "sweep" else None
+    if "seeds" in spec:  # the comparison's own seeds (an arm's own seeds still win): a costly curve on fewer seeds
+        seeds = spec["seeds"]
+        if not isinstance(seeds, list) or not seeds or not all(isinstance(x, int) and not isinstance(x, bool)
+                                                               for x in seeds):
+            raise StudyConfigError(f"{context.source}: comparisons.{name}.seeds: {seeds!r}: give a list of seeds")
+        arms = [arm if arm.seeds is not None else replace(arm, seeds=tuple(seeds)) for arm in arms]
+    return Comparison(str(name), title, kinds[0], tuple(arms), sweep, tuple(skipped), points)
 
 
 def load_study(name_or_path: str) -> dict:

@@ -183,7 +183,7 @@ class _Planner:
             for comparison in dataset.comparisons:
                 ids = list(baseline)
                 tuned = {(arm.name, seed): self.finetune(dataset, comparison.name, arm, seed)  # fine-tuning first
-                         for arm in comparison.arms if arm.finetune is not None for seed in study.seeds}
+                         for arm in comparison.arms if arm.finetune is not None for seed in arm.seeds or study.seeds}
                 for arm in comparison.arms:
                     seeds = arm.seeds or study.seeds
                     multi = len(seeds) > 1 or (arm.finetune is not None and len(study.seeds) > 1)
