@@ -562,3 +562,16 @@ def test_a_comparison_may_run_on_fewer_seeds(tmp_path) -> None:
     config["comparisons"]["training_length"]["seeds"] = "0"
     with pytest.raises(StudyConfigError, match="comparisons.training_length.seeds: '0': give a list of seeds"):
         build_plan(config, tmp_path, TWO, check=lambda *_: None)
+
+
+def test_the_command_line_picks_one_dataset_of_a_study(capsys) -> None:
+    from experiments.study import main
+
+    with pytest.raises(SystemExit, match=r"--category brick: the study runs on textures, elpv; name the dataset too"):
+        main(["--study", "quick", "--category", "brick", "--dry-run"])
+    main(["--study", "quick", "--dataset", "elpv", "--out", "/nonexistent/studies", "--dry-run"])
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("study quick_elpv on elpv (poly): 3 jobs in 1 comparisons")
+    # the study's own entry for elpv: its categories, overrides and comparison subset
+    assert all("/nonexistent/studies/quick_elpv/elpv/" in line and "category=poly" in line for line in lines[1:])
+    assert sum("dataset.image_size=112" in line for line in lines[1:]) == 3  # fine-tuning included

@@ -227,8 +227,10 @@ def from_manifest(manifest: dict, runs: list[Run], frame: pd.DataFrame,
     datasets = study_datasets if datasets is None else datasets
     comparisons = []
     for key, entry in (manifest.get("comparisons") or {}).items():
-        dataset, name = entry.get("dataset") or manifest.get("dataset"), entry.get("comparison") or key
-        if dataset not in datasets:
+        # a manifest that names no dataset: the report's (its runs were selected on it)
+        dataset = entry.get("dataset") or manifest.get("dataset") or (datasets[0] if len(datasets) == 1 else None)
+        name = entry.get("comparison") or key
+        if dataset is not None and dataset not in datasets:
             continue
         members: dict[str, list[Run]] = {}
         problems: dict[str, list[str]] = {}
