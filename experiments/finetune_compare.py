@@ -36,11 +36,13 @@ PROXY, TEST, DIGITS = ("proxy_image", "proxy_pixel"), ("image_auroc", "pixel_aur
 
 def arms_of(root: Path) -> tuple[dict[str, list[Run]], pd.DataFrame]:
     """(arm -> its runs, the report's tidy rows) of a study or of a `make finetune-compare` folder."""
-    inputs, found = load([root]), {}
+    inputs, found, seen = load([root]), {}, set()
     for comparison in inputs.comparisons if inputs.manifest else []:
         tuned = [arm for arm in comparison.others if is_finetuned(arm.runs[0].config.get("backbone") or {})]
         for name, arm in ([(IMAGENET, comparison.baseline)] if tuned else []) + [(a.name, a) for a in tuned]:
-            found.setdefault(name, arm.runs)
+            if (comparison.dataset, name) not in seen:  # an arm's first comparison on each dataset of a study
+                seen.add((comparison.dataset, name))
+                found.setdefault(name, []).extend(arm.runs)
     for run in [] if inputs.manifest else inputs.runs:
         backbone = run.config.get("backbone") or {}
         found.setdefault(str(backbone.get("method")) if is_finetuned(backbone) else IMAGENET, []).append(run)

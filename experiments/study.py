@@ -1,10 +1,10 @@
 """The comparative study in one command: ``python experiments/study.py [--study quick] [--dataset mvtec] ...``.
 
-Runs conf/study/<name>.yaml (``default``: the whole comparison on the embedded textures set; ``quick``: a
-smoke run of a few minutes) by calling ``experiments/main.py`` and ``experiments/finetune.py`` once per job,
-into ``studies/<name>/<comparison>/<arm>[_seed<s>]/``. Re-running the same command resumes it: finished
-jobs are skipped. ``studies/<name>/study.json`` records what ran, what was skipped and why, and how long
-each job took; ``python experiments/report.py studies/<name>`` (``make report``) turns it into the paper.
+Runs conf/study/<name>.yaml (``default``: the whole comparison on the embedded textures set and on ELPV's solar
+cells; ``quick``: a smoke run of a few minutes) by calling ``experiments/main.py`` and ``experiments/finetune.py``
+once per job, into ``studies/<name>/<dataset>/<comparison>/<arm>[_seed<s>]/``. Re-running the same command
+resumes it: finished jobs are skipped. ``studies/<name>/study.json`` records what ran, what was skipped and why,
+and how long each job took; ``python experiments/report.py studies/<name>`` (``make report``) turns it into the paper.
 The plan: experiments/studies/plan.py; running it: experiments/studies/runner.py.
 """
 
@@ -36,8 +36,12 @@ def resolve_categories(dataset: str, category) -> list[str]:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--study", default="default", help="conf/study/<name>.yaml or a YAML path (default: default)")
-    parser.add_argument("--dataset", default=None, help="dataset config (conf/dataset/); category becomes all")
-    parser.add_argument("--category", default=None, help="one category, or a list as [a,b] (default: the study's)")
+    parser.add_argument("--dataset", default=None,
+                        help="run on this dataset only (conf/dataset/): the study's entry for it (its categories, "
+                             "overrides, comparisons), else all its categories and every comparison; the study folder "
+                             "becomes <name>_<dataset>")
+    parser.add_argument("--category", default=None, help="one category, or a list as [a,b] (default: the study's); "
+                                                         "with a study of several datasets, name one with --dataset")
     parser.add_argument("--backbones", default=None,
                         help="comma list: the baseline backbone first, then the extractors compared with it")
     parser.add_argument("--name", default=None, help="study folder name (default: the study's name)")
@@ -48,11 +52,16 @@ def main(argv: list[str] | None = None) -> None:
     try:
         config = load_study(args.study)
         if args.dataset:
-            config["dataset"], config["category"] = args.dataset, "all"
-            if args.name is None and config["dataset"] != "textures":
-                config["name"] = f"{config['name']}_{args.dataset}"
+            datasets = config.get("datasets") if isinstance(config.get("datasets"), dict) else {}
+            config["datasets"] = {args.dataset: datasets.get(args.dataset) or {"category": "all"}}
+            config["name"] = f"{config['name']}_{args.dataset}"
         if args.category:
-            config["category"] = args.category
+            datasets = config.get("datasets") or {}
+            if len(datasets) != 1:
+                raise StudyConfigError(f"--category {args.category}: the study runs on {', '.join(datasets)}; "
+                                       "name the dataset too (--dataset <name>)")
+            name = next(iter(datasets))
+            config["datasets"][name] = {**(datasets[name] or {}), "category": args.category}
         if args.backbones:
             names = [b.strip() for b in args.backbones.split(",") if b.strip()]
             config["backbone"] = names[0]
@@ -63,12 +72,15 @@ def main(argv: list[str] | None = None) -> None:
             config["name"] = args.name
         if args.extra:
             config["common"] = [*(config.get("common") or []), *args.extra.split()]
-        categories = resolve_categories(config["dataset"], config.get("category", "all"))
+        datasets = config.get("datasets") if isinstance(config.get("datasets"), dict) else {}
+        categories = {name: resolve_categories(name, (entry or {}).get("category", "all"))
+                      for name, entry in datasets.items()}
         plan = build_plan(config, Path(args.out), categories)
     except (StudyConfigError, ValueError, FileNotFoundError) as error:
         raise SystemExit(f"error: {error}") from None
-    print(f"study {plan.name} on {plan.dataset} ({', '.join(categories)}): {len(plan.jobs)} jobs in "
-          f"{len(plan.comparisons)} comparisons, {len(plan.skipped)} arms skipped -> {plan.folder}")
+    on = "; ".join(f"{name} ({', '.join(names)})" for name, names in categories.items())
+    print(f"study {plan.name} on {on}: {len(plan.jobs)} jobs in {len(plan.comparisons)} comparisons, "
+          f"{len(plan.skipped)} arms skipped -> {plan.folder}")
     if args.dry_run:
         for job in plan.jobs:
             print(" ".join(job.command("python")))

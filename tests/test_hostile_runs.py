@@ -337,12 +337,13 @@ def test_study_paths_are_the_callers_wherever_the_package_is(tmp_path, monkeypat
     caller.mkdir()
     monkeypatch.setattr(runner, "PACKAGE_ROOT", package)
     monkeypatch.chdir(caller)
-    config = {"name": "q", "dataset": "folder", "category": "widget", "backbone": "resnet18", "seeds": [0],
-              "common": ["storage.cache_dir=${study_dir}/feature_cache"], "logger": "none", "comparisons": {}}
-    plan = build_plan(config, Path("studies"), ["widget"], check=lambda *_: None)
+    config = {"name": "q", "datasets": {"folder": {"category": "widget"}}, "backbone": "resnet18", "seeds": [0],
+              "common": ["storage.cache_dir=${dataset_dir}/feature_cache"], "logger": "none", "comparisons": {}}
+    plan = build_plan(config, Path("studies"), {"folder": ["widget"]}, check=lambda *_: None)
     [job] = plan.jobs
-    assert plan.folder == caller / "studies" / "q" and job.folder == caller / "studies" / "q" / "baseline" / "baseline"
-    assert f"storage.cache_dir={caller}/studies/q/feature_cache" in job.overrides
+    assert plan.folder == caller / "studies" / "q"
+    assert job.folder == caller / "studies" / "q" / "folder" / "baseline" / "baseline"
+    assert f"storage.cache_dir={caller}/studies/q/folder/feature_cache" in job.overrides
     manifest = runner.run_plan(plan, echo=lambda line: None)
     assert [row["status"] for row in manifest["jobs"]] == ["done"]
     written = json.loads((job.folder / "results.json").read_text())
@@ -358,7 +359,7 @@ def test_a_real_study_runs_from_another_folder(tmp_path) -> None:
     study = caller / "tiny.yaml"
     common = [o for o in TINY if not o.startswith(("dataset=", "backbone=", "logger=", "progress="))]
     name = f"tiny_{uuid.uuid4().hex[:8]}"  # the old runner wrote studies/<name> into the repository
-    study.write_text(json.dumps({"name": name, "dataset": "folder", "category": "widget", "backbone": "resnet18",
+    study.write_text(json.dumps({"name": name, "datasets": {"folder": {"category": "widget"}}, "backbone": "resnet18",
                                  "seeds": [0], "save_model_seeds": [], "logger": "none", "comparisons": {},
                                  "common": common}))
     done = subprocess.run([sys.executable, str(REPO / "experiments" / "study.py"), "--study", str(study),
@@ -366,7 +367,7 @@ def test_a_real_study_runs_from_another_folder(tmp_path) -> None:
                           env={**os.environ, "PYTHONPATH": str(REPO), "FOLDER_ROOT": "data"})
     assert done.returncode == 0, done.stdout + done.stderr
     manifest = json.loads((caller / "studies" / name / "study.json").read_text())
-    assert [(row["id"], row["status"]) for row in manifest["jobs"]] == [("baseline/baseline", "done")]
-    results = json.loads((caller / "studies" / name / "baseline" / "baseline" / "results.json").read_text())
+    assert [(row["id"], row["status"]) for row in manifest["jobs"]] == [("folder/baseline/baseline", "done")]
+    results = json.loads((caller / "studies" / name / "folder" / "baseline" / "baseline" / "results.json").read_text())
     assert results["complete"] is True and results["categories"]["widget"]["n_train"] == 3
     assert not (REPO / "studies" / name).exists()

@@ -1,8 +1,10 @@
 """Runs in, comparisons out: the first stage of the report (runs -> comparisons -> document -> renderers).
 
-A comparison is a baseline arm and the arms measured against it. A study's comparisons, titles and order are
-its manifest's (``study.json``, from conf/study/*.yaml, the one place a comparison is declared); arms that could
-not run (no weights, a failed or unfinished job) are kept with the reason. Other runs (a plain sweep) are
+A comparison is a baseline arm and the arms measured against it, on one dataset. A study's comparisons, titles,
+datasets and order are its manifest's (``study.json``, from conf/study/*.yaml, the one place a comparison is
+declared; a study on several datasets has each comparison once per dataset that runs it, against that dataset's
+baseline, titled with the dataset); arms that could not run (no weights, a failed or unfinished job) are kept
+with the reason. Other runs (a plain sweep) are
 compared generically: the baseline is the most common backbone's variant without deviations, and every other
 variant joins the comparison of the settings it deviates in, titled by them (a fine-tuned backbone is its own).
 
@@ -141,6 +143,9 @@ class Comparison:
     arms: list[Arm]                                       # the baseline first
     missing: list[tuple[str, str]] = field(default_factory=list)  # (arm, why it is not in the comparison)
     sweep: str | None = None                              # the swept setting of a sweep
+    dataset: str | None = None                            # the dataset its runs are on
+    # a sweep whose values the runs' configs do not hold (fine-tuning steps): arm -> (series, value), from study.json
+    points: dict[str, tuple[str, object]] = field(default_factory=dict)
 
     @property
     def baseline(self) -> Arm:
@@ -154,19 +159,28 @@ class Comparison:
 @dataclass
 class Inputs:
     """What both documents are made from: the runs read once, their tidy rows, the runs left out (and why),
-    the report's dataset, the study manifest (None for plain runs) and the comparisons."""
+    the report's datasets, the study manifest (None for plain runs) and the comparisons."""
 
     run_dirs: list[str]
     runs: list[Run]
     frame: pd.DataFrame
     left_out: list[dict]
-    dataset: str | None
+    datasets: list[str]
     manifest: dict | None
     comparisons: list[Comparison]
 
     @property
+    def dataset(self) -> str | None:
+        """The report's dataset, or its datasets joined with "and" (None without runs)."""
+        return " and ".join(self.datasets) if self.datasets else None
+
+    @property
     def baseline(self) -> Arm | None:
         return next((c.baseline for c in self.comparisons if c.arms), None)
+
+    def on(self, dataset: str) -> list[Comparison]:
+        """The comparisons on ``dataset``."""
+        return [c for c in self.comparisons if c.dataset == dataset]
 
     @property
     def present(self) -> list[Comparison]:
@@ -179,7 +193,10 @@ def load(run_dirs: list[str | Path], dataset: str | None = None) -> Inputs:
     ``run_dirs``, and find their comparisons."""
     run_dirs = [str(d) for d in run_dirs]
     runs, broken = discover([Path(d) for d in run_dirs])
-    included, excluded, dataset = select(runs, dataset)
+    # the study manifest of the first run folder that is a study
+    manifest = next((read_results(Path(d) / "study.json") for d in run_dirs if (Path(d) / "study.json").is_file()),
+                    None)
+    included, excluded, datasets = select(runs, dataset, manifest_datasets(manifest) if manifest else None)
     label_variants(included)
     left_out = [{"run_dir": str(run.folder), "reason": why} for run, why in excluded]
     left_out += [{"run_dir": str(folder), "reason": why} for folder, why in broken]
@@ -187,21 +204,34 @@ def load(run_dirs: list[str | Path], dataset: str | None = None) -> Inputs:
     left_out += repeats
     if not frame.empty:
         included = [run for run in included if str(run.folder) in set(frame["run_dir"])]
-    # the study manifest of the first run folder that is a study
-    manifest = next((read_results(Path(d) / "study.json") for d in run_dirs if (Path(d) / "study.json").is_file()),
-                    None)
-    comparisons = (from_manifest(manifest, included, frame) if manifest else infer(included, frame)) if included \
-        else []
-    return Inputs(run_dirs, included, frame, left_out, dataset, manifest, comparisons)
+    comparisons = (from_manifest(manifest, included, frame, datasets) if manifest else infer(included, frame)) \
+        if included else []
+    return Inputs(run_dirs, included, frame, left_out, datasets, manifest, comparisons)
 
 
-def from_manifest(manifest: dict, runs: list[Run], frame: pd.DataFrame) -> list[Comparison]:
-    """The study's comparisons over the runs the report includes (missing arms kept with the reason)."""
+def manifest_datasets(manifest: dict) -> list[str]:
+    """A study's datasets, in its order (``datasets``; a manifest of the single-dataset form: its ``dataset``)."""
+    if isinstance(manifest.get("datasets"), dict):
+        return list(manifest["datasets"])
+    return [str(manifest["dataset"])] if manifest.get("dataset") else []
+
+
+def from_manifest(manifest: dict, runs: list[Run], frame: pd.DataFrame,
+                  datasets: list[str] | None = None) -> list[Comparison]:
+    """The study's comparisons on ``datasets`` (default: all of the study's) over the runs the report includes
+    (missing arms kept with the reason); with several datasets each title says its dataset."""
     by_folder = {run.folder.resolve(): run for run in runs}
     jobs = {row["id"]: row for row in manifest.get("jobs", [])}
     specs = (manifest.get("config") or {}).get("comparisons") or {}
+    study_datasets = manifest_datasets(manifest)
+    datasets = study_datasets if datasets is None else datasets
     comparisons = []
-    for name, entry in (manifest.get("comparisons") or {}).items():
+    for key, entry in (manifest.get("comparisons") or {}).items():
+        # a manifest that names no dataset: the report's (its runs were selected on it)
+        dataset = entry.get("dataset") or manifest.get("dataset") or (datasets[0] if len(datasets) == 1 else None)
+        name = entry.get("comparison") or key
+        if dataset is not None and dataset not in datasets:
+            continue
         members: dict[str, list[Run]] = {}
         problems: dict[str, list[str]] = {}
         for job_id in entry.get("jobs", []):
@@ -217,13 +247,16 @@ def from_manifest(manifest: dict, runs: list[Run], frame: pd.DataFrame) -> list[
                 members.setdefault(job["arm"], []).append(run)
         arms = [Arm.of(arm, members[arm], frame) for arm in entry.get("arms", []) if arm in members]
         missing = [(arm, "; ".join(why)) for arm, why in problems.items()]
-        missing += [(row["arm"], row["reason"]) for row in manifest.get("skipped", []) if row["comparison"] == name]
+        missing += [(row["arm"], row["reason"]) for row in manifest.get("skipped", [])
+                    if row["comparison"] == name and row.get("dataset", dataset) == dataset]
         if not arms or arms[0].name != BASELINE:
             missing.insert(0, (BASELINE, "the baseline has no complete run"))
             arms = []
         spec = specs.get(name) or {}
-        comparisons.append(Comparison(name, entry.get("title", name), arms, missing,
-                                      spec.get("sweep") if isinstance(spec, dict) else None))
+        sweep = entry["sweep"] if "sweep" in entry else spec.get("sweep") if isinstance(spec, dict) else None
+        title = entry.get("title", name) + (f" ({dataset})" if len(study_datasets) > 1 else "")
+        points = {arm: (point["series"], point["value"]) for arm, point in (entry.get("points") or {}).items()}
+        comparisons.append(Comparison(key.replace("/", "_"), title, arms, missing, sweep, dataset, points))
     return comparisons
 
 
@@ -256,7 +289,7 @@ def infer(runs: list[Run], frame: pd.DataFrame) -> list[Comparison]:
         title = ", ".join(keys)
         sweep = keys[0] if len(keys) == 1 and _is_sweep(arms, keys[0]) else None
         name = "_".join(keys).replace(".", "_").replace(" ", "_").replace("-", "_")
-        comparisons.append(Comparison(name, title, arms, sweep=sweep))
+        comparisons.append(Comparison(name, title, arms, sweep=sweep, dataset=runs[0].dataset))
     return comparisons
 
 

@@ -1,9 +1,9 @@
 """The report's input: every run found, which ones go in, and one tidy row per (run, category).
 
 A run is a folder with ``results.json`` (the schema of ``experiments/harness/results.py``). Runs go into the
-report when they are complete and on the report's dataset (the one most complete runs used, or
-``--dataset``); the others are listed with the reason, never mixed in. Two runs with the same config
-hash are one run: the newest counts, the older is listed as a duplicate. Variant labels:
+report when they are complete and on the report's datasets (a study's, from its manifest; else the one most
+complete runs used; or ``--dataset``); the others are listed with the reason, never mixed in. Two runs with the
+same config hash are one run: the newest counts, the older is listed as a duplicate. Variant labels:
 ``comparisons.label_variants``.
 """
 
@@ -145,9 +145,11 @@ def discover(folders: list[Path]) -> tuple[list[Run], list[tuple[Path, str]]]:
     return runs, broken
 
 
-def select(runs: list[Run], dataset: str | None = None) -> tuple[list[Run], list[tuple[Run, str]], str | None]:
-    """(included runs, excluded runs with the reason, the report's dataset); label them next
-    (``comparisons.label_variants``)."""
+def select(runs: list[Run], dataset: str | None = None,
+           datasets: list[str] | None = None) -> tuple[list[Run], list[tuple[Run, str]], list[str]]:
+    """(included runs, excluded runs with the reason, the report's datasets); label them next
+    (``comparisons.label_variants``). ``dataset``: report on this one only; else on ``datasets`` (a study's, in
+    its order); else on the one most complete runs used."""
     excluded: list[tuple[Run, str]] = []
     complete = []
     for run in runs:
@@ -158,13 +160,15 @@ def select(runs: list[Run], dataset: str | None = None) -> tuple[list[Run], list
             excluded.append((run, f"incomplete ({why}; {len(results.get('categories') or {})} categories done)"))
         else:
             complete.append(run)
-    if dataset is None:
+    if dataset is not None:
+        datasets = [dataset]
+    elif not datasets:
         counts = Counter(run.dataset for run in complete)
-        dataset = min(counts, key=lambda name: (-counts[name], name)) if counts else None
+        datasets = [min(counts, key=lambda name: (-counts[name], name))] if counts else []
     on_dataset = []
     for run in complete:
-        if run.dataset != dataset:
-            excluded.append((run, f"dataset {run.dataset} (this report is on {dataset})"))
+        if run.dataset not in datasets:
+            excluded.append((run, f"dataset {run.dataset} (this report is on {' and '.join(datasets)})"))
         else:
             on_dataset.append(run)
     newest: dict[str, Run] = {}
@@ -173,7 +177,7 @@ def select(runs: list[Run], dataset: str | None = None) -> tuple[list[Run], list
             excluded.append((newest[run.key], f"duplicate of {run.folder} (same config hash {run.key}, older)"))
         newest[run.key] = run
     included = sorted(newest.values(), key=lambda r: str(r.folder))
-    return included, excluded, dataset
+    return included, excluded, list(datasets)
 
 
 def tidy(runs: list[Run]) -> pd.DataFrame:
@@ -191,6 +195,7 @@ def tidy(runs: list[Run]) -> pd.DataFrame:
                 "train_limit": (config.get("dataset") or {}).get("train_limit"),
                 "pretrained": (config.get("backbone") or {}).get("pretrained", True),
                 **{metric: entry.get(metric) for metric in METRICS},
+                "pixel_metrics_note": entry.get("pixel_metrics_note"),
                 "n_train": entry.get("n_train"), "n_test": entry.get("n_test"), "bank_size": entry.get("bank_size"),
                 **{f"{stage}_s": timings.get(stage) for stage in TIMINGS},
                 "peak_rss_mb": run.results.get("peak_rss_mb"), "total_time_s": run.results.get("total_time_s"),
@@ -214,10 +219,11 @@ def drop_repeats(frame: pd.DataFrame) -> tuple[pd.DataFrame, list[dict]]:
     if frame.empty:
         return frame, []
     frame = frame.sort_values(["finished", "run_dir"])
-    repeated = frame.duplicated(["variant", "seed", "category"], keep="last")
-    newest = frame[~repeated].set_index(["variant", "seed", "category"])["run_dir"]
+    keys = ["dataset", "variant", "seed", "category"]  # the same variant on two datasets is no repeat
+    repeated = frame.duplicated(keys, keep="last")
+    newest = frame[~repeated].set_index(keys)["run_dir"]
     notes = [{"run_dir": row.run_dir,
-              "reason": f"{row.category}: repeat of {newest[(row.variant, row.seed, row.category)]} "
+              "reason": f"{row.category}: repeat of {newest[(row.dataset, row.variant, row.seed, row.category)]} "
                         f"(same variant, seed and category, older)"}
              for row in frame[repeated].itertuples()]
     return frame[~repeated].sort_index(), notes

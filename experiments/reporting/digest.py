@@ -21,7 +21,14 @@ from experiments.reporting.comparisons import Inputs, load, variant_order
 from experiments.reporting.data import Run, flatten, sort_value, sweep_commands
 from experiments.reporting.document import Block, Bullets, Code, Document, FigureBlock, Heading, Paragraph, Span
 from experiments.reporting.markdown_out import to_markdown
-from experiments.reporting.paper_sections import DATASET_TITLES, DATASETS, categories_sentence, figure_blocks, software
+from experiments.reporting.paper_sections import (
+    DATASETS,
+    categories_sentence,
+    dataset_title,
+    figure_blocks,
+    pixel_note,
+    software,
+)
 from experiments.reporting.tables import (
     TABLE_METRICS,
     category_paired_table,
@@ -84,8 +91,9 @@ def setup(inputs: Inputs, variants: dict[str, list[Run]]) -> list[Block]:
     roots = sorted({str((run.config.get("dataset") or {}).get("root")) for run in runs})
     blocks: list[Block] = [
         Heading("Setup"),
-        said(f"Dataset: {inputs.dataset}, {DATASETS.get(inputs.dataset, 'a dataset in MVTec AD layout.')} "
-             f"Read from {', '.join(roots)}."),
+        *(said(f"Dataset: {dataset}, {DATASETS.get(dataset, 'a dataset in MVTec AD layout.')}")
+          for dataset in inputs.datasets),
+        said(f"Read from {', '.join(roots)}."),
         said(categories_sentence(inputs.frame)),
         said(f"Variants ({len(variants)}): the backbone plus the settings that vary between the runs, where they "
              "differ from the backbone's defaults in conf/; runs that differ only in seed are repeats of one variant "
@@ -133,7 +141,8 @@ def results(inputs: Inputs, variants: dict[str, list[Run]], out: Path) -> list[B
     sweeps = [figure for comparison in inputs.comparisons for figure in figures.sweep_figure(comparison)]
     built = figure_blocks([*sweeps, *figures.roc_figure(groups, categories), *figures.map_figures(groups, categories)],
                           out)
-    return [*blocks, *setup(inputs, variants), Heading("Results"), *tables, *differences(inputs),
+    notes = [note for note in (pixel_note(frame, dataset) for dataset in inputs.datasets) if note is not None]
+    return [*blocks, *setup(inputs, variants), Heading("Results"), *notes, *tables, *differences(inputs),
             *([Heading("Figures")] if built else []), *built]
 
 
@@ -153,8 +162,7 @@ def build_digest(run_dirs: list[str | Path], out: str | Path = "reports", datase
     (out / "tables").mkdir(parents=True, exist_ok=True)
     write_text_atomic(out / "tables" / "excluded.csv",
                       pd.DataFrame(inputs.left_out, columns=["run_dir", "reason"]).to_csv(index=False))
-    title = "PatchCore experiment report: " + (DATASET_TITLES.get(inputs.dataset, inputs.dataset) if inputs.dataset
-                                               else "no runs")
+    title = "PatchCore experiment report: " + (dataset_title(inputs.datasets) if inputs.datasets else "no runs")
     subtitle = (f"Generated {dt.datetime.now().strftime('%Y-%m-%d %H:%M')} by experiments/report.py from "
                 f"{len(inputs.runs)} complete run(s) on {inputs.dataset} found under {', '.join(inputs.run_dirs)}; "
                 f"{len(inputs.left_out)} left out (listed at the end).")

@@ -228,10 +228,52 @@ def _map_grid(category: str, paths: list[str], per_group: dict[str, dict[str, di
     return fig
 
 
+def curves_figure(comparison: Comparison) -> list[Figure]:
+    """A sweep whose values come from study.json (``Comparison.points``: fine-tuning steps): one curve per series
+    (method) through the baseline at its value (step 0), the mean over categories against the value; error bars:
+    std over seeds."""
+    key, categories = comparison.sweep, categories_of(comparison)
+    by_name = {arm.name: arm for arm in comparison.arms}
+    series: dict[str, list[tuple[float, object]]] = {}
+    for name, (label, value) in comparison.points.items():
+        if name != comparison.baseline.name and name in by_name:
+            series.setdefault(label, []).append((float(value), by_name[name]))
+    base_x = float(comparison.points.get(comparison.baseline.name, (None, 0))[1])
+    xs = sorted({base_x, *(x for points in series.values() for x, _ in points)})
+    fig, axes = plt.subplots(1, len(CURVES) + 1, figsize=(PAGE_WIDTH, 2.4), constrained_layout=True)
+    for ax, panel in zip(axes, [*CURVES, "fit_s"]):
+        scale = 1 if panel == "fit_s" else 100
+        for label, points in series.items():
+            drawn = [(x, *mean_std([scale * m for m in seed_means(arm.rows, panel, categories)]))
+                     for x, arm in sorted([(base_x, comparison.baseline), *points], key=lambda p: p[0])]
+            drawn = [(x, mean, 0.0 if math.isnan(std) else std) for x, mean, std, n in drawn if n]
+            if drawn:
+                ax.errorbar([d[0] for d in drawn], [d[1] for d in drawn], yerr=[d[2] for d in drawn], marker="o",
+                            ms=3, capsize=2, lw=1, label=label)
+        base = mean_std([scale * m for m in seed_means(comparison.baseline.rows, panel, categories)])
+        if base[2]:
+            ax.plot([base_x], [base[0]], marker="*", ms=9, color="tab:red", ls="none", label="baseline")
+        if len(xs) > 2 and min(x for x in xs if x > 0) * 8 <= max(xs):
+            ax.set_xscale("symlog", linthresh=min(x for x in xs if x > 0))
+            ax.minorticks_off()
+        ax.set_xticks(xs, [f"{x:g}" for x in xs], fontsize=6, rotation=45)
+        ax.set_title("fit time (s / category)" if panel == "fit_s" else f"{METRIC_TITLES[panel]} (%)", fontsize=8)
+        ax.tick_params(axis="y", labelsize=6)
+        ax.grid(alpha=0.3)
+    axes[0].set_xlabel(key, fontsize=7)
+    _legend(fig, axes.flat[0], ncols=4)
+    caption = (f"{comparison.title}: the mean over categories against {key}, one curve per method through the "
+               "baseline (the red star: no fine-tuning); error bars: sample std over seeds; a panel without a curve "
+               "has no values (no pixel metrics on this dataset).")
+    return [Figure(f"sweep_{comparison.name}", fig, caption)]
+
+
 def sweep_figure(comparison: Comparison) -> list[Figure]:
     """Mean over categories (each seed's first) against the swept value; error bars: std over seeds."""
     if not comparison.sweep or not comparison.others:
         return []
+    if comparison.points:
+        return curves_figure(comparison)
     key, categories, points = comparison.sweep, categories_of(comparison), []  # (x value, its label, arm)
     for arm in comparison.arms:
         value = setting(arm.runs[0].config, key)
@@ -307,5 +349,5 @@ def finetune_figure(comparison: Comparison) -> list[Figure]:
             if fig is not None:
                 caption = (f"Fine-tuning of {arm.name} (first seed), per category against the step: {what} "
                            f"(<category>.{suffix}).")
-                built.append(Figure(f"finetune_{kind}_{arm.name}", fig, caption))
+                built.append(Figure(f"finetune_{kind}_{comparison.name}_{arm.name}", fig, caption))
     return built

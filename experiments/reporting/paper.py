@@ -27,7 +27,7 @@ from experiments.reporting.document import (
 )
 from experiments.reporting.html_out import to_html
 from experiments.reporting.intervals import REPLICATES
-from experiments.reporting.paper_sections import DATASET_TITLES
+from experiments.reporting.paper_sections import dataset_title
 from experiments.reporting.stats import EQUIVALENCE, EQUIVALENT, cell_stats, signed
 from experiments.reporting.tables import sources_rows, write_tables
 from experiments.reporting.typst_out import write_pdf
@@ -61,9 +61,13 @@ def values(ctx: ps.Context) -> dict[str, str]:
         else "no other arm (these runs hold the baseline only)"
     found = [f"{arm} ({comparison.title.lower()}: {signed(diff['mean'])} points)"
              for comparison, arm, diff in ps.image_changes(present, "higher", "lower")]
-    abstract = (f"The baseline reaches a mean image AUROC of "
-                f"{cell_stats(base.rows, 'image_auroc', None, categories_of(present[0]))[0]:.1f}%. "
-                if base and present else "")
+    reached = []
+    for dataset in ctx.datasets:  # each dataset's baseline, over its categories
+        first = next((c for c in present if c.dataset == dataset), None)
+        if first is not None:
+            mean = cell_stats(first.baseline.rows, 'image_auroc', None, categories_of(first))[0]
+            reached.append(f"{mean:.1f}%" + (f" on {dataset}" if len(ctx.datasets) > 1 else ""))
+    abstract = f"The baseline reaches a mean image AUROC of {', '.join(reached)}. " if base and reached else ""
     abstract += (f"Changes of mean image AUROC whose 95% interval excludes zero: {'; '.join(found)}." if found
                  else "No compared arm's 95% interval of the mean image-AUROC difference excludes zero.")
     same = [arm for _, arm, _ in ps.image_changes(present, EQUIVALENT)]
@@ -71,7 +75,7 @@ def values(ctx: ps.Context) -> dict[str, str]:
     said = discussed_effects(present)
     effect = ("Measured here: " + " ".join(said)) if said else \
         "Their effect was not measured in these runs (no arm changes the aggregation or the distance)."
-    return {"dataset_title": DATASET_TITLES.get(ctx.dataset, ctx.dataset), "compared_list": compared,
+    return {"dataset_title": dataset_title(ctx.datasets), "compared_list": compared,
             "abstract_results": abstract, "n_runs": str(len(ctx.runs)), "n_results": str(len(ctx.frame)),
             "n_seeds": str(ctx.frame["seed"].nunique()), **ps.baseline_settings(ctx),
             "differences_effect": effect, "replicates": str(REPLICATES), "equivalence": f"{EQUIVALENCE:g}"}
@@ -95,7 +99,7 @@ def compose(ctx: ps.Context) -> list[Block]:
 
 def title(ctx: ps.Context) -> str:
     manifest = ctx.manifest or {}
-    title = f"PatchCore under cold start: a comparative study on {DATASET_TITLES.get(ctx.dataset, ctx.dataset)}"
+    title = f"PatchCore under cold start: a comparative study on {dataset_title(ctx.datasets)}"
     if str(manifest.get("study", "")).startswith("quick"):
         title = f"[QUICK SMOKE STUDY, not results] {title}"
     jobs = manifest.get("jobs") or []
@@ -128,7 +132,8 @@ def build_paper(run_dirs: list[str | Path], out: str | Path = "reports", dataset
     write_text_atomic(out / "report.html", to_html(doc))
     described = {c.name: {"title": c.title, "arms": [a.name for a in c.arms], "missing": [list(m) for m in c.missing]}
                  for c in inputs.comparisons}
-    record = {"dataset": inputs.dataset, "study": manifest.get("study"), "runs": [str(r.folder) for r in ctx.runs],
+    record = {"dataset": inputs.dataset, "datasets": inputs.datasets, "study": manifest.get("study"),
+              "runs": [str(r.folder) for r in ctx.runs],
               "excluded": inputs.left_out, "comparisons": described, "sections": list(SECTION_TITLES) if full else [],
               "tables": [t.name for t in tables], "figures": [b.path for b in doc.blocks if isinstance(b, FigureBlock)],
               "cells": cells, "pages_overflowing": overflowing}

@@ -41,9 +41,30 @@ DATASETS = {
     "btad": "BTAD (beanTech Anomaly Detection): 3 industrial products.",
     "visa": "VisA (Zou et al., ECCV 2022) after its own 1cls split: 12 categories.",
     "folder": "a user dataset in MVTec AD layout.",
+    "elpv": "ELPV (Buerhop-Lutz et al. 2018; Deitsch et al. 2019), electroluminescence images of solar cells "
+            "(monocrystalline and polycrystalline) with real defects graded by experts, from the elpv-dataset package "
+            "(CC BY-NC-SA 4.0): nominal cells split into train and test by a seeded fraction, defective cells "
+            "(probability 1) in the test; the uncertain cells (1/3, 2/3) are kept out of the main metrics. Image "
+            "labels only: no pixel metrics (docs/datasets.md).",
 }
 DATASET_TITLES = {"textures": "textures (embedded set, synthetic defects; not MVTec AD)", "mvtec": "MVTec AD",
-                  "btad": "BTAD", "visa": "VisA", "folder": "own data (folder)"}
+                  "btad": "BTAD", "visa": "VisA", "folder": "own data (folder)",
+                  "elpv": "ELPV (real solar-cell defects, image level)"}
+
+
+def dataset_title(datasets: list[str]) -> str:
+    """The datasets' titles, joined with "and"."""
+    return " and ".join(DATASET_TITLES.get(d, d) for d in datasets) or "no data"
+
+
+def pixel_note(frame: pd.DataFrame, dataset: str) -> Note | None:
+    """Where a dataset's runs have no pixel metrics (no masks: ELPV), why, as the runs recorded it; None where
+    they have them."""
+    rows = frame[frame["dataset"] == dataset]
+    if rows.empty or rows["pixel_auroc"].notna().any():
+        return None
+    why = "; ".join(sorted({str(n) for n in rows["pixel_metrics_note"].dropna()})) or "not recorded"
+    return Note(f"{dataset}: Pixel AUROC and AUPRO are shown as '-' (no pixel metrics: {why}).")
 
 
 @dataclass
@@ -76,9 +97,11 @@ BASELINE_SENTENCE = (
     "category: {train_limit}.")
 
 
-def baseline_settings(ctx: Context) -> dict[str, str]:
-    """BASELINE_KEYS' values in the baseline's config, as variant labels write them ("?" when absent)."""
-    config = ctx.baseline.runs[0].config if ctx.baseline else {}
+def baseline_settings(ctx: Context, baseline=None) -> dict[str, str]:
+    """BASELINE_KEYS' values in the baseline's config (``baseline``, default the first comparison's), as variant
+    labels write them ("?" when absent)."""
+    baseline = baseline or ctx.baseline
+    config = baseline.runs[0].config if baseline else {}
     shown = {}
     for name, key in BASELINE_KEYS.items():
         value = setting(config, key)
@@ -98,10 +121,19 @@ def categories_sentence(frame: pd.DataFrame) -> str:
 
 def setup_blocks(ctx: Context) -> list[Block]:
     frame = ctx.frame
-    blocks: list[Block] = [text(f"*Data.* {ctx.dataset}: {DATASETS.get(ctx.dataset, 'a dataset in MVTec AD layout.')}")]
-    blocks.append(text(categories_sentence(frame)))
-    if ctx.baseline is not None:
-        blocks.append(text(BASELINE_SENTENCE.format(**baseline_settings(ctx))))
+    blocks: list[Block] = []
+    for dataset in ctx.datasets:
+        blocks.append(text(f"*Data.* {dataset}: {DATASETS.get(dataset, 'a dataset in MVTec AD layout.')}"))
+        blocks.append(text(categories_sentence(frame[frame["dataset"] == dataset])))
+    if len(ctx.datasets) > 1:
+        blocks.append(text("Each dataset has its own baseline (the same settings on its data) and its comparisons "
+                           "are measured against it; a mean over categories is over that dataset's categories."))
+    for dataset in ctx.datasets:
+        first = next((c for c in ctx.on(dataset) if c.arms), None)
+        if first is not None:
+            sentence = BASELINE_SENTENCE.format(**baseline_settings(ctx, first.baseline))
+            blocks.append(text(sentence.replace("*Baseline.*", f"*Baseline on {dataset}.*")
+                               if len(ctx.datasets) > 1 else sentence))
     seeds = sorted(frame["seed"].dropna().unique().tolist())
     blocks.append(text(f"*Seeds.* {len(seeds)} ({', '.join(map(str, seeds))}): each seed sets the coreset's "
                        "projection and start points, the training subset of the cold start, the fine-tuning run and "
@@ -154,9 +186,29 @@ def difference_sentence(arm: str, metric: str, diff: dict) -> str:
 
 
 def results_blocks(ctx: Context) -> list[Block]:
+    """The main table, then per dataset (a heading each when there are several) its comparisons."""
     blocks: list[Block] = [main_table(ctx.present)]
-    for comparison in ctx.comparisons:
-        blocks.append(Heading(comparison.title, 2))
+    several = len(ctx.datasets) > 1
+    for dataset in ctx.datasets:
+        if several:
+            blocks.append(Heading(f"Results on {DATASET_TITLES.get(dataset, dataset)}", 2))
+        blocks.append(pixel_note(ctx.frame, dataset))
+        blocks += comparison_blocks(ctx, ctx.on(dataset), 3 if several else 2)
+    blocks = [block for block in blocks if block is not None]  # tables with nothing to show
+    gallery = gallery_items(ctx)
+    if gallery:
+        blocks += [Heading("Anomaly-map gallery", 2),
+                   text("The HTML version of this report holds every saved anomaly map of the first seed of each arm "
+                        "(test image, ground truth, map), browsable by comparison, category and arm."),
+                   Gallery(gallery)]
+    return blocks
+
+
+def comparison_blocks(ctx: Context, comparisons: list[Comparison], level: int) -> list[Block | None]:
+    """Each comparison's sentences, tables and figures (a note where it has no runs)."""
+    blocks: list[Block | None] = []
+    for comparison in comparisons:
+        blocks.append(Heading(comparison.title, level))
         if comparison not in ctx.present:
             why = "; ".join(f"{arm}: {reason}" for arm, reason in comparison.missing) or "no runs"
             blocks.append(Note(f"Not in these runs: {comparison.title.lower()} ({why})."))
@@ -175,13 +227,6 @@ def results_blocks(ctx: Context) -> list[Block]:
         blocks += figure_blocks(built, ctx.out)
         if any(is_finetuned(a.runs[0].config.get("backbone") or {}) for a in comparison.others):
             blocks += [selection_table(comparison), *figure_blocks(pf.finetune_figure(comparison), ctx.out)]
-    blocks = [block for block in blocks if block is not None]  # tables with nothing to show
-    gallery = gallery_items(ctx)
-    if gallery:
-        blocks += [Heading("Anomaly-map gallery", 2),
-                   text("The HTML version of this report holds every saved anomaly map of the first seed of each arm "
-                        "(test image, ground truth, map), browsable by comparison, category and arm."),
-                   Gallery(gallery)]
     return blocks
 
 
@@ -237,7 +282,7 @@ def discussion_blocks(ctx: Context) -> list[Block]:
 
 def limitations_blocks(ctx: Context) -> list[Block]:
     items = []
-    if ctx.dataset == "textures":
+    if "textures" in ctx.datasets:
         items.append("The embedded textures set has synthetic defects (scratches, holes, colour changes, foreign "
                      "texture) on photographs of four textures: it shows how settings compare on such defects, not "
                      "what they reach on real industrial images such as MVTec AD @mvtec.")
@@ -271,7 +316,8 @@ def conclusion_blocks(ctx: Context) -> list[Block]:
     up, down, same = ([f"{arm} ({interval(diff)})" for _, arm, diff in image_changes(ctx.present, word)]
                       for word in ("higher", "lower", EQUIVALENT))
     n = len(ctx.present)
-    lines = [f"Over {n} comparison(s) on {ctx.dataset} against one baseline:"]
+    against = "one baseline" if len(ctx.datasets) < 2 else "the baseline of its dataset"
+    lines = [f"Over {n} comparison(s) on {ctx.dataset}, each against {against}:"]
     lines.append(f"higher mean image AUROC (95% interval above 0): {', '.join(up)}." if up else
                  "no arm's 95% interval shows a higher mean image AUROC than the baseline's.")
     if down:

@@ -164,18 +164,21 @@ def category_paired_table(comparison: Comparison) -> TableBlock | None:
 
 def main_table(comparisons: list[Comparison]) -> TableBlock | None:
     """Every arm of every comparison once (the baseline first): the report's main table, also logged to W&B."""
-    rows: dict[str, list[Cell]] = {}  # the baseline once
+    rows: dict[tuple, list[Cell]] = {}  # each dataset's baseline once
+    several = len({comparison.dataset for comparison in comparisons}) > 1
     for comparison in comparisons:
         for arm in comparison.arms:
-            key, label = (arm.name, arm.name) if arm is comparison.baseline else \
-                (f"{comparison.name}/{arm.name}", f"{comparison.title}: {arm.name}")
+            key, label = ((comparison.dataset, arm.name), f"{arm.name} ({comparison.dataset})" if several
+                          else arm.name) if arm is comparison.baseline else \
+                ((comparison.name, arm.name), f"{comparison.title}: {arm.name}")
             rows.setdefault(key, [Cell(label), *_means(arm, PAIRED_METRICS, categories_of(comparison)),
                                   _count(len(arm.seeds))])
     if not rows:
         return None
     _bold_columns(list(rows.values()), range(1, 1 + len(PAIRED_METRICS)))
     header = ["arm", *(METRIC_TITLES[m] for m in PAIRED_METRICS), "seeds"]
-    return TableBlock("main", f"Every arm of the study: mean over categories (%, {SPREAD}; best in bold).",
+    over = "its dataset's" if several else "the"
+    return TableBlock("main", f"Every arm of the study: mean over {over} categories (%, {SPREAD}; best in bold).",
                       header, list(rows.values()))
 
 
@@ -185,7 +188,8 @@ def _number(value, digits: int) -> str:
 
 def selection_table(comparison: Comparison) -> TableBlock | None:
     """Per fine-tuned arm and category (first seed): selected step of the steps run, proxy score and effective
-    rank at step 0 and at the selected step, collapse warnings (from the checkpoints' sidecars, docs/finetuning.md).
+    rank at step 0 and at the selected step, the weights' relative change at the selected step, collapse warnings
+    (from the checkpoints' sidecars, docs/finetuning.md).
     None when no checkpoint has a selection record."""
     rows = []
     for arm in comparison.others:
@@ -197,7 +201,7 @@ def selection_table(comparison: Comparison) -> TableBlock | None:
             start, chosen, monitors = selection.get("start") or {}, selection.get("proxy") or {}, \
                 selection.get("monitors") or {}
             numbers = [(start.get("score"), 3), (chosen.get("score"), 3), (start.get("effective_rank"), 1),
-                       (monitors.get("effective_rank"), 1)]
+                       (monitors.get("effective_rank"), 1), (monitors.get("weight_distance_rel"), 4)]
             rows.append([Cell(f"{arm.name} / {category}"), Cell(f"{record.get('selected_step')} of "
                                                                 f"{record.get('steps')}", record.get("selected_step"),
                                                                 sources=source),
@@ -206,7 +210,7 @@ def selection_table(comparison: Comparison) -> TableBlock | None:
     if not rows:
         return None
     header = ["arm / category", "selected step", "proxy at 0", "proxy selected", "eff. rank at 0",
-              "eff. rank selected", "collapse warnings"]
+              "eff. rank selected", "||w-w0|| / ||w0|| selected", "collapse warnings"]
     return TableBlock(f"{comparison.name}_selection", f"{comparison.title}: the checkpoint the proxy selected "
                       "(first seed; from each checkpoint's sidecar JSON, docs/finetuning.md).", header, rows)
 

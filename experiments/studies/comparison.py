@@ -2,8 +2,10 @@
 (its arms, sweeps, titles, order), and everything else (the planner, the runner's manifest, the report's
 sections, W&B grouping, the fine-tuning tables) reads it through ``Study`` and ``Comparison``.
 
-A comparison is a baseline (the study's backbone with conf/ defaults, shared by every comparison) and the
-arms measured against it. Its YAML names one *kind*; ``KINDS`` maps each kind to the function that turns
+A study runs on one or more datasets (``datasets:``: each with its categories, the overrides its runs add and,
+optionally, the subset of the comparisons it runs). On each dataset, a comparison is that dataset's baseline
+(the study's backbone with conf/ defaults and the dataset's overrides, shared by the dataset's comparisons) and
+the arms measured against it. Its YAML names one *kind*; ``KINDS`` maps each kind to the function that turns
 the YAML into arms, so a new kind of comparison is one function here plus its YAML:
 
 - ``arms``: arm name -> overrides, or ``{overrides: [...], seeds: [...]}``;
@@ -11,14 +13,19 @@ the YAML into arms, so a new kind of comparison is one function here plus its YA
 - ``extractors``: other backbones, only those whose pretrained weights are on this machine (the others
   are kept as skipped, with the reason);
 - ``methods``: fine-tuned baseline backbones, a conf/method name each, or arm name ->
-  ``{method, overrides}`` for fine-tuning settings (e.g. ``method.train.l2sp_weight``).
+  ``{method, overrides}`` for fine-tuning settings (e.g. ``method.train.l2sp_weight``); with ``steps: [40, 200]``
+  one arm per method and step count (``method.train.max_steps``), recorded as a sweep over it whose baseline is
+  step 0 (the pretrained weights): the training-length curve.
+
+Any comparison may name its own ``seeds:`` (a subset of the study's, e.g. one seed for a costly curve); the
+baseline keeps the study's seeds.
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from omegaconf import OmegaConf
@@ -58,23 +65,44 @@ class Comparison:
     arms: tuple[Arm, ...]                             # without the baseline
     sweep: str | None = None                          # the swept setting of a sweep
     skipped: tuple[tuple[str, str], ...] = ()         # (arm, why it cannot run here)
+    # a sweep whose values are not in the PatchCore runs' configs (fine-tuning steps): arm -> (series, value),
+    # the baseline's value included; the report draws one curve per series through the baseline
+    points: tuple[tuple[str, str, object], ...] = ()
 
-    def record(self) -> dict:
-        """What the manifest keeps of it (the report reads comparisons back from there)."""
-        return {"title": self.title, "kind": self.kind, "sweep": self.sweep,
-                "arms": [BASELINE, *(arm.name for arm in self.arms)]}
+    def record(self, dataset: str) -> dict:
+        """What the manifest keeps of it on ``dataset`` (the report reads comparisons back from there)."""
+        record = {"dataset": dataset, "comparison": self.name, "title": self.title, "kind": self.kind,
+                  "sweep": self.sweep, "arms": [BASELINE, *(arm.name for arm in self.arms)]}
+        if self.points:
+            record["points"] = {arm: {"series": series, "value": value} for arm, series, value in self.points}
+        return record
+
+
+@dataclass(frozen=True)
+class StudyDataset:
+    """One dataset of a study: its categories, what its runs add to the study's overrides, and the comparisons
+    it runs (all of the study's unless its ``comparisons:`` names a subset; the baseline always runs)."""
+
+    name: str                              # a conf/dataset name
+    category: object                       # a name, a list or "all"
+    comparisons: tuple[Comparison, ...]
+    overrides: tuple[str, ...] = ()        # every PatchCore run on it (after the study's common)
+    finetune_overrides: tuple[str, ...] = ()  # every fine-tuning run on it (after the study's)
+
+
+DATASET_KEYS = ("category", "overrides", "finetune_overrides", "comparisons")
+OLD_FORM = ("dataset", "category")  # the single-dataset form's keys, replaced by ``datasets:``
 
 
 @dataclass(frozen=True)
 class Study:
     name: str
-    dataset: str
-    category: object                       # a name, a list or "all"
     backbone: str                          # the baseline backbone (and the base of the fine-tuned ones)
     seeds: tuple[int, ...]
-    comparisons: tuple[Comparison, ...]
+    datasets: tuple[StudyDataset, ...]
     save_model_seeds: frozenset[int] = frozenset()
-    common: tuple[str, ...] = ()           # overrides of every PatchCore run (${study_dir}: the study folder)
+    common: tuple[str, ...] = ()           # overrides of every PatchCore run (${study_dir}: the study folder,
+                                           # ${dataset_dir}: the run's dataset's folder in it)
     finetune_overrides: tuple[str, ...] = ()
     logger: str = "none"
     source: str = "study config"
@@ -83,16 +111,33 @@ class Study:
     @classmethod
     def from_config(cls, config: dict, check: WeightsCheck) -> Study:
         source = config.get("source", "study config")
-        for key in ("name", "dataset", "backbone", "seeds", "comparisons"):
+        old = [key for key in OLD_FORM if key in config]
+        if old:
+            raise StudyConfigError(
+                f"{source}: the key(s) {', '.join(old)} are of the old single-dataset form: list the datasets under "
+                "'datasets:' instead, e.g. datasets: {textures: {category: all}, elpv: {category: [mono, poly], "
+                "overrides: [dataset.train_limit=200], comparisons: [finetuning]}} (docs/experiments.md, the study)")
+        for key in ("name", "datasets", "backbone", "seeds", "comparisons"):
             if key not in config:
                 raise StudyConfigError(f"{source}: the key {key!r} is missing")
         seeds = tuple(int(s) for s in config["seeds"])
         if not seeds:
             raise StudyConfigError(f"{source}: seeds is empty: give at least one seed")
-        context = _Context(source, str(config["backbone"]), str(config["dataset"]), check)
-        comparisons = tuple(_comparison(name, spec, context) for name, spec in (config["comparisons"] or {}).items())
-        study = cls(str(config["name"]), context.dataset, config.get("category", "all"), context.backbone, seeds,
-                    comparisons, frozenset(int(s) for s in config.get("save_model_seeds") or []),
+        specs = config["comparisons"] or {}
+        if not isinstance(config["datasets"], dict) or not config["datasets"]:
+            raise StudyConfigError(f"{source}: datasets: give at least one dataset as <conf/dataset name>: "
+                                   "{category: ..., overrides: [...], comparisons: [...]}")
+        checked: dict[tuple[str, str], str | None] = {}  # each backbone's weights looked up once per dataset
+
+        def cached(backbone: str, dataset: str) -> str | None:
+            if (backbone, dataset) not in checked:
+                checked[backbone, dataset] = check(backbone, dataset)
+            return checked[backbone, dataset]
+
+        datasets = tuple(_dataset(str(name), entry, specs, source, str(config["backbone"]), cached)
+                         for name, entry in config["datasets"].items())
+        study = cls(str(config["name"]), str(config["backbone"]), seeds, datasets,
+                    frozenset(int(s) for s in config.get("save_model_seeds") or []),
                     tuple(map(str, config.get("common") or [])),
                     tuple(map(str, config.get("finetune_overrides") or [])),
                     str(config.get("logger", "none")), source, config)
@@ -102,12 +147,34 @@ class Study:
     def check_names(self) -> None:
         """Settings that changed name fail here, when the study is planned, not in its 40th job."""
         overrides = [*self.common, *self.finetune_overrides]
-        for comparison in self.comparisons:
-            for arm in comparison.arms:
-                overrides += [*arm.overrides, *(arm.finetune.overrides if arm.finetune else ())]
+        for dataset in self.datasets:
+            overrides += [*dataset.overrides, *dataset.finetune_overrides]
+            for comparison in dataset.comparisons:
+                for arm in comparison.arms:
+                    overrides += [*arm.overrides, *(arm.finetune.overrides if arm.finetune else ())]
         messages = renamed_overrides(overrides)
         if messages:
             raise StudyConfigError(f"{self.source}: " + "; ".join(sorted(set(messages))))
+
+
+def _dataset(name: str, entry, specs: dict, source: str, backbone: str, check: WeightsCheck) -> StudyDataset:
+    """One ``datasets:`` entry, its comparisons typed (the extractors' weights checked for it)."""
+    where = f"{source}: datasets.{name}"
+    entry = {} if entry is None else entry
+    if not isinstance(entry, dict) or set(entry) - set(DATASET_KEYS):
+        unknown = sorted(set(entry) - set(DATASET_KEYS)) if isinstance(entry, dict) else entry
+        raise StudyConfigError(f"{where}: {unknown!r} not understood: give a mapping of {', '.join(DATASET_KEYS)}")
+    names = entry.get("comparisons")
+    if names is None:
+        names = list(specs)
+    elif not isinstance(names, list) or any(n not in specs for n in names):
+        raise StudyConfigError(f"{where}.comparisons: {names!r}: give a list of the study's comparisons "
+                               f"({', '.join(specs)}); leave it out to run them all")
+    context = _Context(source, backbone, name, check)
+    return StudyDataset(name, entry.get("category", "all"),
+                        tuple(_comparison(str(n), specs[n], context) for n in names),
+                        tuple(map(str, entry.get("overrides") or [])),
+                        tuple(map(str, entry.get("finetune_overrides") or [])))
 
 
 @dataclass(frozen=True)
@@ -169,6 +236,9 @@ def _extractors(name: str, spec: dict, context: _Context) -> tuple[list[Arm], li
     return arms, skipped
 
 
+STEPS = "method.train.max_steps"  # the setting a ``methods`` comparison with ``steps:`` sweeps
+
+
 def _methods(name: str, spec: dict, context: _Context) -> tuple[list[Arm], list[tuple[str, str]]]:
     methods = spec["methods"]
     entries = ([(str(m), {"method": str(m)}) for m in methods] if isinstance(methods, list)
@@ -183,6 +253,27 @@ def _methods(name: str, spec: dict, context: _Context) -> tuple[list[Arm], list[
     return arms, []
 
 
+def steps_of(name: str, spec: dict, source: str) -> list[int]:
+    """The step counts of a ``methods`` comparison with ``steps:`` (positive integers, each once)."""
+    steps = spec["steps"]
+    if (not isinstance(steps, list) or not steps or len(set(steps)) != len(steps)
+            or not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in steps)):
+        raise StudyConfigError(f"{source}: comparisons.{name}.steps: {steps!r}: give distinct positive step counts, "
+                               "e.g. [40, 200, 1000] (step 0, the pretrained weights, is the baseline)")
+    return steps
+
+
+def _training_length(name: str, spec: dict, context: _Context) -> list[tuple[Arm, str, int]]:
+    """(arm, its method arm's name, steps): each method arm once per step count, ``<arm> <steps> steps``,
+    fine-tuned with method.train.max_steps=<steps>."""
+    found = []
+    for arm in _methods(name, spec, context)[0]:
+        for steps in steps_of(name, spec, context.source):
+            finetune = FineTune(arm.finetune.method, (*arm.finetune.overrides, f"{STEPS}={steps}"))
+            found.append((Arm(f"{arm.name} {steps} steps", finetune=finetune), arm.name, steps))
+    return found
+
+
 # kind (the key that names it in the YAML) -> (comparison name, its YAML, context) -> (arms, skipped arms)
 KINDS: dict[str, Callable[[str, dict, _Context], tuple[list[Arm], list[tuple[str, str]]]]] = {
     "arms": _arms, "sweep": _sweep, "extractors": _extractors, "methods": _methods,
@@ -193,9 +284,24 @@ def _comparison(name: str, spec, context: _Context) -> Comparison:
     kinds = [kind for kind in KINDS if isinstance(spec, dict) and kind in spec]
     if len(kinds) != 1:
         raise StudyConfigError(f"{context.source}: comparisons.{name}: give one of {', '.join(KINDS)}")
-    arms, skipped = KINDS[kinds[0]](str(name), spec, context)
-    return Comparison(str(name), str(spec.get("title", name)), kinds[0], tuple(arms),
-                      str(spec["sweep"]) if kinds[0] == "sweep" else None, tuple(skipped))
+    if "steps" in spec and kinds[0] != "methods":
+        raise StudyConfigError(f"{context.source}: comparisons.{name}.steps: only a methods comparison takes steps")
+    title = str(spec.get("title", name))
+    if kinds[0] == "methods" and "steps" in spec:  # the training-length curve: a sweep of the fine-tuning steps
+        found = _training_length(str(name), spec, context)
+        points = ((BASELINE, BASELINE, 0), *((arm.name, series, steps) for arm, series, steps in found))
+        arms, sweep, skipped = [arm for arm, _, _ in found], STEPS, []
+    else:
+        points = ()
+        arms, skipped = KINDS[kinds[0]](str(name), spec, context)
+        sweep = str(spec["sweep"]) if kinds[0] == "sweep" else None
+    if "seeds" in spec:  # the comparison's own seeds (an arm's own seeds still win): a costly curve on fewer seeds
+        seeds = spec["seeds"]
+        if not isinstance(seeds, list) or not seeds or not all(isinstance(x, int) and not isinstance(x, bool)
+                                                               for x in seeds):
+            raise StudyConfigError(f"{context.source}: comparisons.{name}.seeds: {seeds!r}: give a list of seeds")
+        arms = [arm if arm.seeds is not None else replace(arm, seeds=tuple(seeds)) for arm in arms]
+    return Comparison(str(name), title, kinds[0], tuple(arms), sweep, tuple(skipped), points)
 
 
 def load_study(name_or_path: str) -> dict:

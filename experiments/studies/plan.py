@@ -1,9 +1,12 @@
 """The study's plan: a ``Study`` (experiments/studies/comparison.py) -> the list of runs, each a typed
-``RunSpec`` with its command line and folder, in run order (the baseline, then each comparison).
+``RunSpec`` with its command line and folder, in run order (per dataset: its baseline, then each of its
+comparisons), into ``<study>/<dataset>/<comparison>/<arm>[_seed<s>]/``.
 
-The baseline arm runs once per seed and is the reference of every comparison. Identical runs (the same
-overrides) are run once and shared between comparisons. An arm with a fine-tuned backbone gets a
-``finetune.py`` run per seed first, with checkpoints of its own when it changes fine-tuning settings.
+On each dataset the baseline arm runs once per seed and is the reference of that dataset's comparisons.
+Identical runs (the same overrides) are run once and shared between comparisons. An arm with a fine-tuned
+backbone gets a ``finetune.py`` run per seed first, its checkpoints under ``<study>/<dataset>/checkpoints/``
+(so categories of two datasets never share a file), in a folder of their own when it changes fine-tuning
+settings; the same fine-tuning run asked for by two comparisons runs once.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from experiments.studies.comparison import (
     Arm,
     Study,
     StudyConfigError,
+    StudyDataset,
     WeightsCheck,
     load_study,
     slug,
@@ -31,8 +35,9 @@ class RunSpec:
     """One run of the study: PatchCore (``main.py``) or fine-tuning (``finetune.py``); the runner, the
     manifest and the report know a run by this."""
 
-    id: str                       # <comparison>/<arm>[_seed<s>], unique in the study
+    id: str                       # <dataset>/<comparison>/<arm>[_seed<s>], unique in the study
     kind: str                     # "patchcore" | "finetune"
+    dataset: str
     comparison: str
     arm: str
     seed: int
@@ -50,17 +55,20 @@ class RunSpec:
 class Plan:
     study: Study
     folder: Path
-    categories: list[str]
+    categories: dict[str, list[str]]  # dataset -> its categories
     jobs: list[RunSpec]
-    comparisons: dict[str, dict]  # name -> Comparison.record() + {"jobs": [ids, the baseline's first]}
+    comparisons: dict[str, dict]  # <dataset>/<comparison> -> Comparison.record() + {"jobs": [the baseline's first]}
 
     @property
     def name(self) -> str:
         return self.study.name
 
     @property
-    def dataset(self) -> str:
-        return self.study.dataset
+    def datasets(self) -> dict[str, dict]:
+        """What the manifest says of each dataset: its categories, overrides and comparisons."""
+        return {d.name: {"category": d.category, "categories": self.categories[d.name], "overrides": list(d.overrides),
+                         "finetune_overrides": list(d.finetune_overrides),
+                         "comparisons": [c.name for c in d.comparisons]} for d in self.study.datasets}
 
     @property
     def config(self) -> dict:
@@ -69,8 +77,8 @@ class Plan:
     @property
     def skipped(self) -> list[dict]:
         """The arms that cannot run here, with the reason (listed in the manifest and the paper, never dropped)."""
-        return [{"comparison": c.name, "arm": arm, "reason": reason}
-                for c in self.study.comparisons for arm, reason in c.skipped]
+        return [{"dataset": d.name, "comparison": c.name, "arm": arm, "reason": reason}
+                for d in self.study.datasets for c in d.comparisons for arm, reason in c.skipped]
 
 
 def override_key(override: str) -> str:
@@ -110,73 +118,91 @@ def check_extractor(name: str, dataset: str) -> str | None:
 class _Planner:
     """Turns a study into runs, sharing identical ones."""
 
-    def __init__(self, study: Study, folder: Path, categories: list[str]) -> None:
+    def __init__(self, study: Study, folder: Path, categories: dict[str, list[str]]) -> None:
         self.study, self.folder, self.categories = study, folder, categories
-        self.category = value_text(study.category)
-        self.common = [o.replace("${study_dir}", str(folder)) for o in study.common]
-        self.base = [f"dataset={study.dataset}", f"category={self.category}", f"backbone={study.backbone}",
-                     "force=true", f"logger={study.logger}", "progress=false"]
         self.jobs: dict[str, RunSpec] = {}
         self.by_overrides: dict[tuple, str] = {}
+        self.roots: dict[Path, tuple] = {}  # checkpoint root -> the fine-tuning overrides that write it
 
-    def patchcore(self, comparison: str, arm: str, overrides: list[str] | tuple[str, ...], seed: int,
-                  multi_seed: bool, needs: list[str] | None = None) -> str:
-        arm_overrides = merge_overrides(self.base, self.common, overrides, [f"seed={seed}"])
+    def patchcore(self, dataset: StudyDataset, comparison: str, arm: str, overrides: list[str] | tuple[str, ...],
+                  seed: int, multi_seed: bool, needs: list[str] | None = None) -> str:
+        study, where = self.study, self.folder / dataset.name
+        base = [f"dataset={dataset.name}", f"category={value_text(dataset.category)}", f"backbone={study.backbone}",
+                "force=true", f"logger={study.logger}", "progress=false"]
+        common = [o.replace("${study_dir}", str(self.folder)).replace("${dataset_dir}", str(where))
+                  for o in (*study.common, *dataset.overrides)]
+        arm_overrides = merge_overrides(base, common, overrides, [f"seed={seed}"])
         key = tuple(sorted(arm_overrides))
         if key in self.by_overrides:  # the same run in another comparison: run once, share it
             return self.by_overrides[key]
-        job_id = f"{comparison}/{slug(arm)}" + (f"_seed{seed}" if multi_seed else "")
-        name = self.study.name
+        job_id = f"{dataset.name}/{comparison}/{slug(arm)}" + (f"_seed{seed}" if multi_seed else "")
+        name = study.name
         tracking = [f"logger.group={name}", f"logger.job_type={comparison}",  # W&B: grouped by study, comparison
-                    f"logger.tags=[study:{name},{slug(comparison)},{slug(arm)}]"]
-        tracking = tracking if self.study.logger == "wandb" else []
-        save = ["save_model=true"] if seed in self.study.save_model_seeds else []
-        self.jobs[job_id] = RunSpec(job_id, "patchcore", comparison, arm, seed,
+                    f"logger.tags=[study:{name},{slug(dataset.name)},{slug(comparison)},{slug(arm)}]"]
+        tracking = tracking if study.logger == "wandb" else []
+        save = ["save_model=true"] if seed in study.save_model_seeds else []
+        self.jobs[job_id] = RunSpec(job_id, "patchcore", dataset.name, comparison, arm, seed,
                                     merge_overrides(arm_overrides, save, tracking), self.folder / job_id,
                                     list(needs or []))
         self.by_overrides[key] = job_id
         return job_id
 
-    def finetune(self, comparison: str, arm: Arm, seed: int) -> tuple[str, list[str]]:
-        """The fine-tuning run of ``arm`` for ``seed`` and the overrides that use its checkpoints."""
+    def finetune(self, dataset: StudyDataset, comparison: str, arm: Arm, seed: int) -> tuple[str, list[str]]:
+        """The fine-tuning run of ``arm`` for ``seed`` on ``dataset`` and the overrides that use its checkpoints."""
         study, method, extra = self.study, arm.finetune.method, list(arm.finetune.overrides)
-        # a method with its defaults: checkpoints/seed<s>; a fine-tuning setting: a folder of its own
-        root = self.folder / "checkpoints" / (slug(arm.name) if extra else "") / f"seed{seed}"
-        job_id = f"{comparison}/finetune_{slug(arm.name)}" + (f"_seed{seed}" if len(study.seeds) > 1 else "")
+        category = value_text(dataset.category)
+        settings = merge_overrides(study.finetune_overrides, dataset.finetune_overrides, extra)
+        # a method with its defaults: <dataset>/checkpoints/seed<s>; a fine-tuning setting: a folder of its own
+        # (named by the arm; by comparison and arm when another arm of that name fine-tunes otherwise)
+        checkpoints = self.folder / dataset.name / "checkpoints"
+        root = checkpoints / (slug(arm.name) if extra else "") / f"seed{seed}"
+        claim = (method, tuple(sorted(settings)))
+        if self.roots.setdefault(root, claim) != claim:
+            root = checkpoints / f"{slug(comparison)}_{slug(arm.name)}" / f"seed{seed}"
+            self.roots.setdefault(root, claim)
         overrides = merge_overrides(
-            [f"method={method}", f"backbone={study.backbone}", f"dataset={study.dataset}", f"category={self.category}",
-             f"checkpoint_dir={root}", f"method.train.seed={seed}", "progress=false"],
-            study.finetune_overrides, extra)
-        files = [root / method / study.backbone / f"{c}.pt" for c in self.categories]
-        self.jobs[job_id] = RunSpec(job_id, "finetune", comparison, f"{arm.name} (fine-tuning)", seed, overrides,
-                                    self.folder / job_id, checkpoints=files)
-        checkpoint = root / method / study.backbone / "${category}.pt"
-        return job_id, ["backbone=finetuned", f"backbone.method={method}", f"backbone.base={study.backbone}",
-                        f"backbone.checkpoint={checkpoint}"]
+            [f"method={method}", f"backbone={study.backbone}", f"dataset={dataset.name}", f"category={category}",
+             f"checkpoint_dir={root}", f"method.train.seed={seed}", "progress=false"], settings)
+        use = ["backbone=finetuned", f"backbone.method={method}", f"backbone.base={study.backbone}",
+               f"backbone.checkpoint={root / method / study.backbone / '${category}.pt'}"]
+        key = ("finetune", *sorted(overrides))
+        if key in self.by_overrides:  # the same fine-tuning asked for by another comparison: run once
+            return self.by_overrides[key], use
+        job_id = f"{dataset.name}/{comparison}/finetune_{slug(arm.name)}" + \
+            (f"_seed{seed}" if len(study.seeds) > 1 else "")
+        files = [root / method / study.backbone / f"{c}.pt" for c in self.categories[dataset.name]]
+        self.jobs[job_id] = RunSpec(job_id, "finetune", dataset.name, comparison, f"{arm.name} (fine-tuning)", seed,
+                                    overrides, self.folder / job_id, checkpoints=files)
+        self.by_overrides[key] = job_id
+        return job_id, use
 
     def plan(self) -> Plan:
-        study = self.study
-        baseline = [self.patchcore(BASELINE, BASELINE, [], s, len(study.seeds) > 1) for s in study.seeds]
-        comparisons = {}
-        for comparison in study.comparisons:
-            ids = list(baseline)
-            tuned = {(arm.name, seed): self.finetune(comparison.name, arm, seed)  # fine-tuning runs first
-                     for arm in comparison.arms if arm.finetune is not None for seed in study.seeds}
-            for arm in comparison.arms:
-                seeds = arm.seeds or study.seeds
-                multi = len(seeds) > 1 or (arm.finetune is not None and len(study.seeds) > 1)
-                for seed in seeds:
-                    need, overrides = tuned.get((arm.name, seed), (None, list(arm.overrides)))
-                    ids.append(self.patchcore(comparison.name, arm.name, overrides, seed, multi,
-                                              [need] if need else []))
-            comparisons[comparison.name] = {**comparison.record(), "jobs": ids}
+        study, comparisons = self.study, {}
+        for dataset in study.datasets:
+            baseline = [self.patchcore(dataset, BASELINE, BASELINE, [], s, len(study.seeds) > 1) for s in study.seeds]
+            for comparison in dataset.comparisons:
+                ids = list(baseline)
+                tuned = {(arm.name, seed): self.finetune(dataset, comparison.name, arm, seed)  # fine-tuning first
+                         for arm in comparison.arms if arm.finetune is not None for seed in arm.seeds or study.seeds}
+                for arm in comparison.arms:
+                    seeds = arm.seeds or study.seeds
+                    multi = len(seeds) > 1 or (arm.finetune is not None and len(study.seeds) > 1)
+                    for seed in seeds:
+                        need, overrides = tuned.get((arm.name, seed), (None, list(arm.overrides)))
+                        ids.append(self.patchcore(dataset, comparison.name, arm.name, overrides, seed, multi,
+                                                  [need] if need else []))
+                comparisons[f"{dataset.name}/{comparison.name}"] = {**comparison.record(dataset.name), "jobs": ids}
         return Plan(study, self.folder, self.categories, list(self.jobs.values()), comparisons)
 
 
-def build_plan(config: dict | Study, out_root: Path, categories: list[str],
+def build_plan(config: dict | Study, out_root: Path, categories: dict[str, list[str]],
                check: WeightsCheck = check_extractor) -> Plan:
-    """Every run of the study (in run order: baseline, then each comparison) and the skipped arms."""
+    """Every run of the study (in run order, per dataset: baseline, then each comparison) and the skipped arms;
+    ``categories``: each dataset's category names (experiments/study.py resolves them)."""
     study = config if isinstance(config, Study) else Study.from_config(config, check)
+    missing = [d.name for d in study.datasets if d.name not in categories]
+    if missing:
+        raise StudyConfigError(f"{study.source}: no categories resolved for dataset(s) {', '.join(missing)}")
     # absolute once, from the caller's working directory: every job's folder, cache and checkpoints mean the
     # same place to the runner and to the jobs, wherever they run
     return _Planner(study, Path(os.path.abspath(out_root)) / study.name, categories).plan()

@@ -127,11 +127,12 @@ def _previous_durations(manifest_path: Path) -> dict[str, dict]:
 
 def _new_manifest(plan: Plan, previous: dict[str, dict]) -> dict:
     manifest = {"study": plan.name, "source": plan.config.get("source"), "config": plan.config,
-                "dataset": plan.dataset, "categories": plan.categories, "folder": str(plan.folder),
+                "datasets": plan.datasets, "folder": str(plan.folder),
                 "started": dt.datetime.now().isoformat(timespec="seconds"), "finished": None,
                 "command": " ".join(["python experiments/study.py", *sys.argv[1:]]),
                 "machine": machine(), "comparisons": plan.comparisons, "skipped": plan.skipped}
-    manifest["jobs"] = [{"id": job.id, "kind": job.kind, "comparison": job.comparison, "arm": job.arm,
+    manifest["jobs"] = [{"id": job.id, "kind": job.kind, "dataset": job.dataset, "comparison": job.comparison,
+                         "arm": job.arm,
                          "seed": job.seed, "folder": str(job.folder), "command": " ".join(job.command("python")),
                          "needs": job.needs, "status": "pending",
                          "duration_s": previous.get(job.id, {}).get("duration_s")} for job in plan.jobs]
@@ -176,7 +177,7 @@ def run_plan(plan: Plan, runner: Runner = subprocess_runner, python: str = sys.e
     manifest = _new_manifest(plan, _previous_durations(manifest_path))
     rows = {row["id"]: row for row in manifest["jobs"]}
     for row in plan.skipped:
-        echo(f"skipped: {row['comparison']}/{row['arm']}: {row['reason']}")
+        echo(f"skipped: {row['dataset']}/{row['comparison']}/{row['arm']}: {row['reason']}")
     durations: dict[str, list[float]] = {}
     total = len(plan.jobs)
     for index, job in enumerate(plan.jobs, 1):
