@@ -120,7 +120,7 @@ SHIPPED = {"textures": CATEGORIES, "elpv": ["mono", "poly"]}
 
 
 def test_the_shipped_studies_plan(tmp_path) -> None:
-    for name in ("default", "quick"):
+    for name in ("default", "full", "quick"):
         config = load_study(name)
         plan = build_plan(config, tmp_path, SHIPPED, check=lambda *_: "absent")
         assert plan.jobs and all(job.folder.is_relative_to(tmp_path / name) for job in plan.jobs)
@@ -128,23 +128,37 @@ def test_the_shipped_studies_plan(tmp_path) -> None:
         assert all(f"storage.cache_dir={tmp_path / name / job.dataset}/feature_cache" in job.overrides
                    for job in plan.jobs if job.kind == "patchcore")
         assert {job.dataset for job in plan.jobs} == {"textures", "elpv"}
-    default = build_plan(load_study("default"), tmp_path, SHIPPED, check=lambda *_: "absent")
+    full = build_plan(load_study("full"), tmp_path, SHIPPED, check=lambda *_: "absent")
     # >= 3 seeds for everything stochastic; the full bank (no selection) once
     seeds: dict[tuple, set] = {}
-    for job in default.jobs:
+    for job in full.jobs:
         seeds.setdefault((job.dataset, job.comparison, job.arm), set()).add(job.seed)
     assert all(len(s) >= 3 for key, s in seeds.items() if key != ("textures", "baselines", "full bank"))
-    assert {row["arm"] for row in default.skipped} >= {"clip", "dinov2_vits14", "wrn50"}
+    assert {row["arm"] for row in full.skipped} >= {"clip", "dinov2_vits14", "wrn50"}
     # elpv runs a subset of the comparisons, with its own overrides; the training-length curve on both datasets
-    assert default.datasets["elpv"]["comparisons"] == ["finetuning", "training_length", "extractors"]
-    assert {key.split("/")[1] for key in default.comparisons if key.startswith("elpv/")} == \
+    assert full.datasets["elpv"]["comparisons"] == ["finetuning", "training_length", "extractors"]
+    assert {key.split("/")[1] for key in full.comparisons if key.startswith("elpv/")} == \
         {"finetuning", "training_length", "extractors"}
-    assert all("dataset.train_limit=200" in job.overrides for job in default.jobs if job.dataset == "elpv")
-    assert not any("dataset.train_limit=200" in job.overrides for job in default.jobs if job.dataset == "textures")
+    assert all("dataset.train_limit=200" in job.overrides for job in full.jobs if job.dataset == "elpv")
+    assert not any("dataset.train_limit=200" in job.overrides for job in full.jobs if job.dataset == "textures")
     for dataset in ("textures", "elpv"):
-        curve = default.comparisons[f"{dataset}/training_length"]
+        curve = full.comparisons[f"{dataset}/training_length"]
         assert curve["sweep"] == "method.train.max_steps" and curve["points"]["baseline"]["value"] == 0
         assert sorted(p["value"] for p in curve["points"].values()) == [0, 40, 40, 200, 200, 1000, 1000]
+    # the CPU study: the fine-tuning question on both datasets, 3 seeds except the one-seed curve and the full bank
+    default = build_plan(load_study("default"), tmp_path, SHIPPED, check=lambda *_: "absent")
+    assert set(default.comparisons) == {"textures/finetuning", "textures/baselines", "textures/variants",
+                                        "elpv/finetuning", "elpv/training_length"}
+    seeds = {}
+    for job in default.jobs:
+        seeds.setdefault((job.dataset, job.comparison, job.arm), set()).add(job.seed)
+    assert {key for key, s in seeds.items() if len(s) < 3} == {
+        ("textures", "baselines", "full bank"), *(("elpv", "training_length", f"{method} {steps} steps{job}")
+                                                  for method in ("rotation", "cutmix_contrastive")
+                                                  for steps in (40, 200) for job in ("", " (fine-tuning)"))}
+    curve = default.comparisons["elpv/training_length"]
+    assert sorted(p["value"] for p in curve["points"].values()) == [0, 40, 40, 200, 200]
+    assert {job.dataset for job in default.jobs if "category=[poly]" in job.overrides} == {"elpv"}
 
 
 class FakeRunner:
