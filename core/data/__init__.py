@@ -5,7 +5,7 @@
     preprocessing.py  Preprocessing: resize, centre crop, normalise
     dataset.py        Sample, AnomalyDataset (files are read only when an item is requested)
     layouts.py        MVTecLayout: the samples of any dataset in MVTec AD layout
-    defects.py        synthetic local defects with exact masks, graded by severity (the embedded test set's only: never the proxy's)
+    defects.py        synthetic local defects with exact masks, graded by severity (the test set's; never the proxy's)
     textures.py       TexturesLayout and its deterministic generator (no download)
     elpv.py           ElpvLayout: the ELPV solar cells of the elpv-dataset package (real defects, no masks)
 """
