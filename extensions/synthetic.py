@@ -87,6 +87,8 @@ def describe(kinds: Sequence[str] = SYNTHETIC_KINDS) -> dict:
             "severity": list(SEVERITY), "severity_draw": "uniform per anomaly",
             "area_fraction": list(AREA), "strength": {kind: list(STRENGTH[kind]) for kind in kinds},
             "rule": "area and strength are linear in the severity (value at 0, value at 1)",
+            "perlin_change": "0.5-1 x the strength at every pixel of the region (a smooth profile), exactly the "
+                             "strength at its peak",
             "box_ratio": list(BOX_RATIO), "cutpaste_jitter": list(CUTPASTE_JITTER),
             "textures": "procedural (gratings, fractal Perlin noise); no photograph, no core/data/defects.py"}
 
