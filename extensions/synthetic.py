@@ -11,7 +11,8 @@ to the test's defects. Each held-out nominal image gets one anomaly of every fam
 - ``cutmix``: a box of another held-out image blended in (CutMix, Yun et al., ICCV 2019);
 - ``draem``: a procedural texture (a sinusoidal grating or coloured fractal noise, never a photograph)
   blended into a Perlin-noise-shaped region (DRAEM's anomaly source, with procedural textures instead of DTD);
-- ``perlin``: a Perlin-noise-shaped region darkened or brightened by a smooth fractal-noise profile.
+- ``perlin``: a Perlin-noise-shaped region darkened or brightened by a smooth fractal-noise profile (relative
+  change 0.5-1 x the strength at every pixel of the region, exactly the strength at its peak).
 
 Every anomaly has a severity ``s`` drawn uniformly from ``SEVERITY``; its region's area (a fraction of the
 image, ``AREA``) and its strength (the blend factor, or for ``perlin`` the intensity change, ``STRENGTH``)
@@ -38,7 +39,7 @@ from core.data.dataset import Sample
 from core.data.images import read_image
 from core.data.preprocessing import Preprocessing
 
-ANOMALY_VERSION = "proxy-anomalies 2"
+ANOMALY_VERSION = "proxy-anomalies 3"
 SYNTHETIC_KINDS = ("cutpaste", "cutmix", "draem", "perlin")
 PASTE_KINDS = ("cutpaste", "cutmix")  # regions that are boxes
 SEVERITY = (0.0, 1.0)  # drawn uniformly per anomaly
@@ -86,6 +87,8 @@ def describe(kinds: Sequence[str] = SYNTHETIC_KINDS) -> dict:
             "severity": list(SEVERITY), "severity_draw": "uniform per anomaly",
             "area_fraction": list(AREA), "strength": {kind: list(STRENGTH[kind]) for kind in kinds},
             "rule": "area and strength are linear in the severity (value at 0, value at 1)",
+            "perlin_change": "0.5-1 x the strength at every pixel of the region (a smooth profile), exactly the "
+                             "strength at its peak",
             "box_ratio": list(BOX_RATIO), "cutpaste_jitter": list(CUTPASTE_JITTER),
             "textures": "procedural (gratings, fractal Perlin noise); no photograph, no core/data/defects.py"}
 
@@ -152,12 +155,14 @@ def draw(kind: str, image: np.ndarray, others: Sequence[np.ndarray], severity: f
         out[region] = (1 - strength) * base[region] + strength * texture[region]
         return out, region
     if kind == "perlin":
-        profile = 0.5 + 0.5 * normalise(fractal_noise(size, 2, 3, rng))  # smooth, in [0.5, 1]
-        change = (strength * profile)[..., None]
+        # Smooth, scaled over the region itself (not the whole image, whose noise range a small region only
+        # samples a slice of): every pixel changes by 0.5-1 x strength, the peak by exactly strength.
+        profile = 0.75 + 0.25 * normalise(fractal_noise(size, 2, 3, rng)[region])
+        change = (strength * profile)[:, None]
         darker = rng.random() < 0.5
-        edited = base * (1 - change) if darker else base + (255 - base) * change
+        inside = base[region]
         out = base.copy()
-        out[region] = edited[region]
+        out[region] = inside * (1 - change) if darker else inside + (255 - inside) * change
         return out, region
     raise ValueError(f"unknown synthetic kind {kind!r}: choose one of {list(SYNTHETIC_KINDS)}")
 
