@@ -95,6 +95,54 @@ def bank_indices(n: int, cap: int | None, seed: int) -> list[int]:
     return sorted(np.random.default_rng([seed, 1]).permutation(n)[:cap].tolist())
 
 
+class ProxySet:
+    """The held-out nominal images and their synthetic anomalies, normalised for a backbone, and how any fitted
+    PatchCore is scored on them: the one proxy score of checkpoint selection (``ProxyValidator``) and of
+    configuration selection (experiments/harness/selection.py)."""
+
+    def __init__(self, synthetic: SyntheticSet, mean: Sequence[float], std: Sequence[float], metric: str) -> None:
+        if metric not in METRICS:
+            raise ValueError(f"proxy metric {metric!r}: choose one of {METRICS}")
+        self.metric = metric
+        self.nominal = synthetic.normalised(synthetic.nominal, mean, std)
+        self.anomalies = synthetic.normalised(synthetic.anomalies, mean, std)
+        self.masks = synthetic.masks
+        self.kinds = synthetic.kinds
+        self.severities = synthetic.severities
+
+    def score_model(self, model: PatchCore) -> tuple[dict, torch.Tensor, torch.Tensor]:
+        """(metrics row, nominal image scores, anomaly image scores) of a fitted model; the row is empty
+        (``score`` None) when a score is not finite."""
+        nominal_scores, nominal_maps = self._score(model, self.nominal)
+        anomaly_scores, anomaly_maps = self._score(model, self.anomalies)
+        if not (torch.isfinite(nominal_scores).all() and torch.isfinite(anomaly_scores).all()):
+            return {"image_auroc": None, "pixel_auroc": None, "score": None}, nominal_scores, anomaly_scores
+        return self._metrics(nominal_scores, anomaly_scores, nominal_maps, anomaly_maps), nominal_scores, \
+            anomaly_scores
+
+    @staticmethod
+    def _score(model: PatchCore, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        parts = [model.score(images[i : i + _CHUNK]) for i in range(0, len(images), _CHUNK)]
+        return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+
+    def _metrics(self, nominal_scores, anomaly_scores, nominal_maps, anomaly_maps) -> dict:
+        labels = np.r_[np.zeros(len(nominal_scores)), np.ones(len(anomaly_scores))]
+        scores = torch.cat([nominal_scores, anomaly_scores]).double().numpy()
+        image = float(roc_auc_score(labels, scores))
+        pixel_labels = torch.cat([torch.zeros_like(nominal_maps, dtype=torch.bool), self.masks]).flatten().numpy()
+        pixel = float(roc_auc_score(pixel_labels, torch.cat([nominal_maps, anomaly_maps]).flatten().numpy()))
+        row = {"image_auroc": image, "pixel_auroc": pixel}
+        row["score"] = {"image_auroc": image, "pixel_auroc": pixel, "mean_auroc": (image + pixel) / 2}[
+            self.metric]
+        nominal = nominal_scores.double().numpy()
+        for kind in dict.fromkeys(self.kinds):
+            picked = anomaly_scores[[i for i, k in enumerate(self.kinds) if k == kind]].double().numpy()
+            row[f"image_auroc_{kind}"] = _auroc(nominal, picked)
+        for band, picked in severity_bands(self.severities).items():
+            row[f"image_auroc_{band}"] = _auroc(nominal, anomaly_scores[picked].double().numpy()) if picked else None
+        return row
+
+
 class ProxyValidator:
     """Scores an extractor's current weights on the proxy set (see the module docstring)."""
 
@@ -102,11 +150,9 @@ class ProxyValidator:
                  mean: Sequence[float], std: Sequence[float], device: str | torch.device = "cpu") -> None:
         self.config = config
         self.train_images = train_images  # [n, 3, S, S], normalised: the bank's images
-        self.nominal = synthetic.normalised(synthetic.nominal, mean, std)
-        self.anomalies = synthetic.normalised(synthetic.anomalies, mean, std)
-        self.masks = synthetic.masks
-        self.kinds = synthetic.kinds
-        self.severities = synthetic.severities
+        self.proxy_set = ProxySet(synthetic, mean, std, config.metric)
+        self.nominal, self.anomalies = self.proxy_set.nominal, self.proxy_set.anomalies
+        self.masks, self.kinds, self.severities = self.proxy_set.masks, self.proxy_set.kinds, self.proxy_set.severities
         self.device = torch.device(device)
 
     def sizes(self) -> dict[str, int]:
@@ -125,40 +171,16 @@ class ProxyValidator:
             model.fit([self.train_images[i : i + _CHUNK] for i in range(0, len(self.train_images), _CHUNK)])
             features, _ = model.embed(self.nominal)
             features = features.reshape(-1, features.shape[-1])
-            nominal_scores, nominal_maps = self._score(model, self.nominal)
-            anomaly_scores, anomaly_maps = self._score(model, self.anomalies)
-            finite = bool(torch.isfinite(features).all() and torch.isfinite(nominal_scores).all()
-                          and torch.isfinite(anomaly_scores).all())
+            metrics, _, _ = self.proxy_set.score_model(model)
             row: dict = {"step": step}
-            if finite:
+            if metrics["score"] is not None and bool(torch.isfinite(features).all()):
                 distances, _ = model.bank.search(features, k=1)
-                row |= self._metrics(nominal_scores, anomaly_scores, nominal_maps, anomaly_maps)
+                row |= metrics
                 row |= {"effective_rank": effective_rank(features), **distance_spread(distances)}
             else:  # diverged weights: nothing to score; never selected, counts as collapsed
                 row |= {"image_auroc": None, "pixel_auroc": None, "score": None, "effective_rank": 0.0}
         row["bank_size"] = len(model.bank)
         row["eval_time_s"] = round(time.perf_counter() - started, 3)
-        return row
-
-    def _score(self, model: PatchCore, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        parts = [model.score(images[i : i + _CHUNK]) for i in range(0, len(images), _CHUNK)]
-        return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
-
-    def _metrics(self, nominal_scores, anomaly_scores, nominal_maps, anomaly_maps) -> dict:
-        labels = np.r_[np.zeros(len(nominal_scores)), np.ones(len(anomaly_scores))]
-        scores = torch.cat([nominal_scores, anomaly_scores]).double().numpy()
-        image = float(roc_auc_score(labels, scores))
-        pixel_labels = torch.cat([torch.zeros_like(nominal_maps, dtype=torch.bool), self.masks]).flatten().numpy()
-        pixel = float(roc_auc_score(pixel_labels, torch.cat([nominal_maps, anomaly_maps]).flatten().numpy()))
-        row = {"image_auroc": image, "pixel_auroc": pixel}
-        row["score"] = {"image_auroc": image, "pixel_auroc": pixel, "mean_auroc": (image + pixel) / 2}[
-            self.config.metric]
-        nominal = nominal_scores.double().numpy()
-        for kind in dict.fromkeys(self.kinds):
-            picked = anomaly_scores[[i for i, k in enumerate(self.kinds) if k == kind]].double().numpy()
-            row[f"image_auroc_{kind}"] = _auroc(nominal, picked)
-        for band, picked in severity_bands(self.severities).items():
-            row[f"image_auroc_{band}"] = _auroc(nominal, anomaly_scores[picked].double().numpy()) if picked else None
         return row
 
 

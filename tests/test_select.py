@@ -1,0 +1,194 @@
+"""Label-free configuration selection (experiments/select.py, experiments/harness/selection.py): never reads
+test/, finds a winner known by construction, resumes without refitting, is deterministic for a seed, and
+``main.py selection=`` composes the very config of typing the chosen overrides by hand."""
+
+from __future__ import annotations
+
+import builtins
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import open_dict
+from PIL import Image
+
+from core.patchcore import PatchCore
+from experiments.harness import selection as sel
+from experiments.harness.results import config_record
+from experiments.harness.selection_file import apply_selection, read_selection
+
+CONF = str(Path(__file__).resolve().parents[1] / "conf")
+BASE = ["dataset=folder", "dataset.resize=48", "dataset.image_size=48", "backbone=resnet18",
+        "backbone.pretrained=false", "progress=false", "logger=none",
+        "batch_size=4", "patchcore.embedder.embed_dim=64"]
+
+
+def _stripes(root: Path, n_train: int = 8) -> Path:
+    """A category of vertical stripes (random phase); test/ holds images too, which must never be opened."""
+    rng = np.random.default_rng(0)
+    for split, n in (("train/good", n_train), ("test/good", 2), ("test/bad", 2)):
+        folder = root / "stripes" / split
+        folder.mkdir(parents=True)
+        for i in range(n):
+            row = (((np.arange(48) + rng.integers(0, 8)) // 4) % 2 * 160 + 40).astype(np.uint8)
+            Image.fromarray(np.stack([np.tile(row, (48, 1))] * 3, -1)).save(folder / f"{i:03d}.png")
+    return root
+
+
+@pytest.fixture
+def data(tmp_path) -> Path:
+    return _stripes(tmp_path / "data")
+
+
+@pytest.fixture
+def no_test_reads(monkeypatch, data):
+    """Any open of a path under test/ fails from here on (chmod cannot stop root); ``data`` is written first."""
+    real_open, real_image_open = builtins.open, Image.open
+
+    def guard(path) -> None:
+        if "/test/" in str(path).replace("\\", "/"):
+            raise AssertionError(f"opened a test image: {path}")
+
+    monkeypatch.setattr(builtins, "open", lambda file, *a, **k: (guard(file), real_open(file, *a, **k))[1])
+    monkeypatch.setattr(Image, "open", lambda fp, *a, **k: (guard(fp), real_image_open(fp, *a, **k))[1])
+
+
+def _run(root: Path, run_dir: Path, space: dict, extra: tuple[str, ...] = ()) -> dict:
+    task = [*BASE, f"dataset.root={root}", *extra]
+    with initialize_config_dir(CONF, version_base="1.3"):
+        cfg = compose("select", overrides=task)
+        with open_dict(cfg):
+            cfg.select.space = space
+            cfg.select.holdout = 0.25
+        return sel.run_selection(cfg, run_dir, task, lambda o: compose("config", overrides=o), "test")
+
+
+SPACE = {"combine": "one_at_a_time", "axes": {"neighbourhood": [["patchcore.embedder.patch_size=1"]]},
+         "layers": {"resnet18": [["backbone.layers=[layer1]"]]}}
+LAYERS = {"combine": "grid", "axes": {}, "layers": {"resnet18": [["backbone.layers=[layer3]"],
+                                                                  ["backbone.layers=[layer1]"]]}}
+
+
+def test_finds_the_layer_that_sees_the_texture_and_never_reads_test(tmp_path, data, no_test_reads):
+    # Stripes 4 px wide: layer1 (stride 4) resolves them; layer3 (stride 16) sees a 3x3 grid of 48 px crops in
+    # which the small synthetic anomalies are averaged away. The deep candidate is listed first, so only a
+    # higher proxy score (not the tie rule) can choose layer1.
+    record = _run(data, tmp_path / "run", LAYERS)
+    node = record["categories"]["stripes"]
+    scores = {e["name"]: e["score"] for e in node["candidates"]}
+    assert node["chosen"] == "backbone.layers=[layer1]"
+    assert scores["backbone.layers=[layer1]"] > scores["backbone.layers=[layer3]"] + 0.2
+    assert record["chosen"]["stripes"][-1] == "backbone.layers=[layer1]"
+    assert record["complete"] and record["metric"] == "mean_auroc" and record["seed"] == 0
+    on_disk = read_selection(tmp_path / "run" / "selection.json")
+    assert on_disk["chosen"] == record["chosen"]
+    assert all(e["n_fit"] == 6 and e["n_held_out"] == 2 for e in node["candidates"])  # 8 train/good: 2 held out
+
+
+def _without_times(value):
+    if isinstance(value, dict):
+        return {k: _without_times(v) for k, v in value.items() if not k.endswith("_s")}
+    if isinstance(value, list):
+        return [_without_times(v) for v in value]
+    return value
+
+
+def test_resume_after_an_interrupt_refits_nothing_already_scored_and_is_deterministic(tmp_path, monkeypatch, data,
+                                                                                       no_test_reads):
+    root = data
+    fits: list[int] = []
+    interrupt = [True]
+    real_fit = PatchCore.fit
+
+    def counted(self, *args, **kwargs):
+        fits.append(1)
+        if len(fits) == 2 and interrupt and interrupt.pop():
+            raise KeyboardInterrupt  # Ctrl-C while the second candidate fits
+        return real_fit(self, *args, **kwargs)
+
+    monkeypatch.setattr(PatchCore, "fit", counted)
+    with pytest.raises(KeyboardInterrupt):
+        _run(root, tmp_path / "run", LAYERS)
+    partial = json.loads((tmp_path / "run" / "selection.json").read_text())
+    assert partial["complete"] is False and len(partial["categories"]["stripes"]["candidates"]) == 1
+    with pytest.raises(ValueError, match="unfinished"):
+        read_selection(tmp_path / "run" / "selection.json")
+    fits.clear()
+    resumed = _run(root, tmp_path / "run", LAYERS)
+    assert len(fits) == 1  # only the interrupted candidate is fitted again
+    assert [e.get("resumed", False) for e in resumed["categories"]["stripes"]["candidates"]] == [True, False]
+    fits.clear()
+    fresh = _run(root, tmp_path / "fresh", LAYERS)
+    assert len(fits) == 2
+    for entry in resumed["categories"]["stripes"]["candidates"]:
+        entry.pop("resumed", None)
+    assert fresh.pop("commands") != resumed.pop("commands")  # they name their own folder
+    assert _without_times(fresh) == _without_times(resumed)  # same seed, same selection (times aside)
+
+
+def test_main_with_selection_composes_the_config_of_the_overrides_by_hand(tmp_path):
+    chosen = ["dataset=folder", f"dataset.root={tmp_path}", "backbone=resnet18", "backbone.layers=[layer1]",
+              "patchcore.scoring.num_neighbors=3", "coreset.ratio=0.01"]
+    path = tmp_path / "selection.json"
+    path.write_text(json.dumps({"format": "patchcore-selection", "version": 1, "complete": True,
+                                "chosen": {"a": chosen, "b": chosen}}))
+    argv = apply_selection([f"selection={path}", "category=a", "seed=3"])
+    assert argv == [*chosen, "category=a", "seed=3"]
+    with initialize_config_dir(CONF, version_base="1.3"):
+        applied = config_record(compose("config", overrides=argv))
+        by_hand = config_record(compose("config", overrides=[*chosen, "category=a", "seed=3"]))
+    assert json.dumps(applied, sort_keys=True) == json.dumps(by_hand, sort_keys=True)
+    assert applied["backbone"]["layers"] == ["layer1"] and applied["coreset"]["ratio"] == 0.01
+    # an override typed on the command line replaces the selection's one for the same key
+    assert apply_selection([f"selection={path}", "category=b", "coreset.ratio=0.1"])[-1] == "coreset.ratio=0.1"
+
+
+def test_selection_file_errors_name_the_fix(tmp_path):
+    path = tmp_path / "selection.json"
+    with pytest.raises(ValueError, match="no such file"):
+        apply_selection([f"selection={path}"])
+    path.write_text(json.dumps({"format": "patchcore-selection", "version": 1, "complete": True,
+                                "chosen": {"a": ["coreset.ratio=0.01"], "b": ["coreset.ratio=0.1"]}}))
+    with pytest.raises(ValueError, match="run each category on its own.*category=a.*category=b"):
+        apply_selection([f"selection={path}"])  # category=all, chosen differently
+    with pytest.raises(ValueError, match="no choice for category c"):
+        apply_selection([f"selection={path}", "category=c"])
+    assert apply_selection([f"selection={path}", "category=[a]"]) == ["coreset.ratio=0.01", "category=[a]"]
+    for bad, message in ((["hydra.run.dir=x"], "may not set"), (["num_neighbors"], "not a main.py override"),
+                         (["patchcore.num_neighbors=3"], "renamed patchcore.scoring.num_neighbors")):
+        path.write_text(json.dumps({"format": "patchcore-selection", "version": 1, "complete": True,
+                                    "chosen": {"a": bad}}))
+        with pytest.raises(ValueError, match=message):
+            apply_selection([f"selection={path}", "category=a"])
+    path.write_text(json.dumps({"format": "other"}))
+    with pytest.raises(ValueError, match="not a selection file"):
+        apply_selection([f"selection={path}"])
+
+
+def test_score_run_scores_a_finished_runs_config_and_leaves_it_untouched(tmp_path, data, no_test_reads):
+    root = data
+    run = tmp_path / "finished"
+    (run / ".hydra").mkdir(parents=True)
+    overrides = [*BASE, f"dataset.root={root}", "backbone.layers=[layer1]", "category=stripes"]
+    (run / ".hydra" / "overrides.yaml").write_text("".join(f"- {o}\n" for o in overrides))
+    with initialize_config_dir(CONF, version_base="1.3"):
+        from experiments.harness.run_key import config_hash
+
+        results = {"config_hash": config_hash(compose("config", overrides=overrides)),
+                   "categories": {"stripes": {}}}
+        (run / "results.json").write_text(json.dumps(results))
+        cfg = compose("select", overrides=[])
+        with open_dict(cfg):
+            cfg.select.holdout = 0.25
+        record = sel.score_run(cfg, run, tmp_path / "select", lambda o: compose("config", overrides=o))
+    selected = _run(root, tmp_path / "sel", LAYERS)
+    scored = record["categories"]["stripes"]
+    same = next(e for e in selected["categories"]["stripes"]["candidates"] if e["name"] == "backbone.layers=[layer1]")
+    assert scored["score"] == pytest.approx(same["score"], abs=1e-9)  # the same proxy, the same number
+    assert json.loads((run / "results.json").read_text()) == results
+    assert json.loads((tmp_path / "select" / "score_run.json").read_text())["mean_score"] == scored["score"]
+    (run / ".hydra" / "overrides.yaml").write_text("- patchcore._target_=os.system\n")
+    with pytest.raises(ValueError, match="may not set"):
+        sel.run_overrides(run)
