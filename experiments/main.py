@@ -2,7 +2,7 @@
 
 The work is experiments/harness/fit_and_evaluate.py's; this entry point only refuses old setting names
 first, so that mistake costs no torch import, and puts a selection's chosen overrides (``selection=<path to
-selection.json>``, written by experiments/select.py) on the command line before Hydra composes.
+selection.json>``, written by experiments/selection.py) on the command line before Hydra composes.
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ import ast
 from pathlib import Path
 
 EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
-ENTRY_POINTS = {"main", "finetune", "predict", "report", "bench", "export", "study", "finetune_compare"}
+ENTRY_POINTS = {"main", "finetune", "predict", "report", "bench", "export", "study", "finetune_compare", "selection"}
 
 
 def _imported_modules(path: Path) -> set[str]:

@@ -1,4 +1,4 @@
-"""Label-free configuration selection (experiments/select.py, experiments/harness/selection.py): never reads
+"""Label-free configuration selection (experiments/selection.py, experiments/harness/selection.py): never reads
 test/, finds a winner known by construction, resumes without refitting, is deterministic for a seed, and
 ``main.py selection=`` composes the very config of typing the chosen overrides by hand."""
 
@@ -192,3 +192,12 @@ def test_score_run_scores_a_finished_runs_config_and_leaves_it_untouched(tmp_pat
     (run / ".hydra" / "overrides.yaml").write_text("- patchcore._target_=os.system\n")
     with pytest.raises(ValueError, match="may not set"):
         sel.run_overrides(run)
+
+
+def test_no_entry_point_shadows_the_standard_library():
+    # `python experiments/<x>.py` puts experiments/ first on sys.path: an experiments/select.py broke every entry
+    # point (logging imports the standard library's select), hence experiments/selection.py
+    import sys
+
+    scripts = {path.stem for path in (Path(__file__).resolve().parents[1] / "experiments").glob("*.py")}
+    assert "selection" in scripts and not scripts & set(sys.stdlib_module_names)

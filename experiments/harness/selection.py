@@ -1,4 +1,4 @@
-"""Label-free configuration selection (the work of ``experiments/select.py``; docs/selection.md).
+"""Label-free configuration selection (the work of ``experiments/selection.py``; docs/selection.md).
 
 Per category, from ``train/good`` only: a seeded part is held out (extensions/proxy.py ``split_holdout``),
 each candidate configuration of the space (conf/select/space/) is fitted on the rest, and scored on the
@@ -43,7 +43,7 @@ log = logging.getLogger("select")
 Compose = Callable[[list[str]], DictConfig]  # main.py overrides -> main.py's composed config
 SELECTION_FILE = "selection.json"
 SCORE_RUN_FILE = "score_run.json"
-OWN_KEYS = ("select.", "select/", "score_run", "hydra.", "category")  # select.py's keys, not main.py's
+OWN_KEYS = ("select.", "select/", "score_run", "hydra.", "category")  # selection.py's own keys, not main.py's
 
 
 def proxy_settings(node: Mapping) -> ProxyConfig:

@@ -1,4 +1,4 @@
-"""selection.json: what ``experiments/select.py`` writes, and how ``main.py selection=<path>`` applies it.
+"""selection.json: what ``experiments/selection.py`` writes, and how ``main.py selection=<path>`` applies it.
 
 The file's ``chosen`` maps each category to the main.py overrides of its chosen configuration (the select
 run's own overrides, then the candidate's). ``main.py selection=<path> category=<name>`` puts them on the
@@ -37,7 +37,7 @@ def read_selection(path: str | Path) -> dict:
     """A complete, well-formed selection.json, or a ValueError that names the file and what to fix."""
     path = Path(path)
     if not path.is_file():
-        raise ValueError(f"selection={path}: no such file; give the selection.json that experiments/select.py "
+        raise ValueError(f"selection={path}: no such file; give the selection.json that experiments/selection.py "
                          "wrote into its run folder")
     try:
         record = json.loads(read_record_text(path))
@@ -47,10 +47,10 @@ def read_selection(path: str | Path) -> dict:
         raise ValueError(f"selection={path} is not a selection file (its 'format' is not {FORMAT!r})")
     if record.get("version") != VERSION:
         raise ValueError(f"selection={path} has version {record.get('version')!r}; this code reads version "
-                         f"{VERSION}: run experiments/select.py again")
+                         f"{VERSION}: run experiments/selection.py again")
     if record.get("complete") is not True:
         raise ValueError(f"selection={path} is unfinished (the select run was interrupted): run the same "
-                         "experiments/select.py command again to finish it")
+                         "experiments/selection.py command again to finish it")
     chosen = record.get("chosen")
     if not isinstance(chosen, dict) or not chosen:
         raise ValueError(f"selection={path} has no 'chosen' overrides per category")

@@ -1,14 +1,16 @@
-"""Choose PatchCore's configuration without defect labels: ``python experiments/select.py [overrides]``.
+"""Choose PatchCore's configuration without defect labels: ``python experiments/selection.py [overrides]``.
 
-    python experiments/select.py dataset=textures category=brick
-    python experiments/select.py dataset=elpv backbone=resnet18 select/space=default select.seed=1
-    python experiments/select.py score_run=outputs/<date>/<time>_textures_effnet_lite0
+    python experiments/selection.py dataset=textures category=brick
+    python experiments/selection.py dataset=elpv backbone=resnet18 select/space=default select.seed=1
+    python experiments/selection.py score_run=outputs/<date>/<time>_textures_effnet_lite0
 
 Per category, from train/good only, every candidate of the space (conf/select/space/) is fitted on a seeded
 part and scored on the held-out rest and synthetic anomalies made from it (the proxy of extensions/proxy.py);
 the best is written to ``selection.json`` in the run folder, which ``python experiments/main.py
 selection=<path> category=<name>`` applies. ``score_run=<run folder>`` scores a finished main.py run's
 configuration with the same proxy instead. The work is experiments/harness/selection.py's; docs/selection.md.
+Not named select.py: Python puts a script's folder first on sys.path, and an experiments/select.py would then
+shadow the standard library's ``select`` module (imported by logging) for every script in experiments/.
 """
 
 from __future__ import annotations
@@ -16,16 +18,12 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-if __name__ == "__main__":  # run as a script, its folder comes first on sys.path, where this file would shadow
-    _here = Path(__file__).resolve().parent  # the standard library's `select` (imported by logging, asyncio...)
-    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _here]
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig
 
-import hydra  # noqa: E402
-from hydra.core.hydra_config import HydraConfig  # noqa: E402
-from omegaconf import DictConfig  # noqa: E402
-
-from experiments.harness.interrupts import exit_on_interrupt  # noqa: E402
-from experiments.harness.overrides import refuse_bad_overrides  # noqa: E402
+from experiments.harness.interrupts import exit_on_interrupt
+from experiments.harness.overrides import refuse_bad_overrides
 
 
 @exit_on_interrupt("the candidates already scored are kept in selection.json (complete: false);\n"
