@@ -132,7 +132,7 @@ def test_a_method_added_by_the_recipe_runs_through_a_study_and_its_report(tree, 
     finetune -> PatchCore -> study manifest -> report, where it is an arm of the fine-tuning comparison."""
     name = yaml.safe_load(block(recipe(), "yaml"))["name"]
     data = ["dataset.resize=72", "dataset.image_size=64", "dataset.train_limit=6", "num_workers=0"]
-    study = {"name": "toy", "dataset": "textures", "category": "brick", "backbone": "effnet_lite0", "seeds": [0],
+    study = {"name": "toy", "datasets": {"textures": {"category": "brick"}}, "backbone": "effnet_lite0", "seeds": [0],
              "logger": "none", "common": [*data, "patchcore.embedder.embed_dim=32", "viz.n=0"],
              "finetune_overrides": [*data, f"method.train.max_steps={STEPS}", "method.train.batch_size=2",
                                     "proxy.enabled=false"],
@@ -143,9 +143,10 @@ def test_a_method_added_by_the_recipe_runs_through_a_study_and_its_report(tree, 
     run_env([sys.executable, "experiments/study.py", "--study", "toy", "--out", "studies"], tree, env_root)
     manifest = json.loads((tree / "studies" / "toy" / "study.json").read_text())
     assert [(job["id"], job["status"]) for job in manifest["jobs"]] == [
-        ("baseline/baseline", "done"), (f"tuned/finetune_{name}", "done"), (f"tuned/{name}", "done")]
-    assert manifest["comparisons"]["tuned"]["arms"] == ["baseline", name]
-    tuned = json.loads((tree / "studies" / "toy" / "tuned" / name / "results.json").read_text())
+        ("textures/baseline/baseline", "done"), (f"textures/tuned/finetune_{name}", "done"),
+        (f"textures/tuned/{name}", "done")]
+    assert manifest["comparisons"]["textures/tuned"]["arms"] == ["baseline", name]
+    tuned = json.loads((tree / "studies" / "toy" / "textures" / "tuned" / name / "results.json").read_text())
     assert tuned["config"]["backbone"]["method"] == name
     run_env([sys.executable, "experiments/report.py", "studies/toy", "--out", "report", "--no-digest-pdf"], tree,
             env_root)
