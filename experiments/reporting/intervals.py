@@ -72,11 +72,13 @@ def _read(path: str, mtime: float, excluded: tuple[tuple[str, str], ...]) -> dic
     return by_category
 
 
-def _excluded_types(run_dir: Path) -> tuple[tuple[str, str], ...]:
-    """(category, defect type) pairs the run kept out of its main metrics (results.json's
-    ``excluded_from_main_metrics``, e.g. ELPV's uncertain cells), so a recomputed AUROC leaves them out too."""
+@lru_cache(maxsize=256)
+def _excluded_types(results: str, mtime: float) -> tuple[tuple[str, str], ...]:
+    """(category, defect type) pairs a run kept out of its main metrics (results.json's
+    ``excluded_from_main_metrics``, e.g. ELPV's uncertain cells), so a recomputed AUROC leaves them out too; read
+    once per file version, as scores.csv is."""
     try:
-        categories = json.loads((run_dir / "results.json").read_text()).get("categories", {})
+        categories = json.loads(Path(results).read_text()).get("categories", {})
         return tuple(sorted((category, defect) for category, entry in categories.items()
                             for defect in (entry.get("excluded_from_main_metrics") or {})))
     except (OSError, ValueError, AttributeError):
@@ -90,7 +92,9 @@ def image_scores(run_dir: str | Path, category: str) -> dict[str, tuple[int, flo
     if not path.is_file():
         return None
     try:
-        return _read(str(path), path.stat().st_mtime, _excluded_types(Path(run_dir))).get(category)
+        results = Path(run_dir) / "results.json"
+        excluded = _excluded_types(str(results), results.stat().st_mtime) if results.is_file() else ()
+        return _read(str(path), path.stat().st_mtime, excluded).get(category)
     except (OSError, KeyError, ValueError):
         return None
 
