@@ -7,7 +7,6 @@ logs). A builder returns nothing when there is nothing to draw.
 
 from __future__ import annotations
 
-import csv
 import math
 import textwrap
 from dataclasses import dataclass
@@ -24,6 +23,7 @@ from experiments.harness.anomaly_maps import MAPS_DIR, colorize, denormalise, lo
 from experiments.harness.results import METRIC_TITLES  # noqa: E402
 from experiments.reporting.comparisons import Comparison, categories_of, format_value  # noqa: E402
 from experiments.reporting.data import Run, first_run, read_log, seed_means, setting, sidecars  # noqa: E402
+from experiments.reporting.intervals import image_scores  # noqa: E402
 from experiments.reporting.stats import mean_std  # noqa: E402
 
 PAGE_WIDTH = 6.3  # inches: the A4 text width of the Typst layout
@@ -87,16 +87,13 @@ def _legend(fig, ax, ncols: int = 3) -> None:
 
 
 def _read_scores(run: Run, category: str) -> tuple[np.ndarray, np.ndarray] | None:
-    path = run.folder / "scores.csv"
-    if not path.is_file():
+    """(labels, image scores) of the images of the main metrics, read as the intervals read them (ELPV's
+    uncertain cells have their own AUROCs), so a curve matches its reported AUROC."""
+    scores = image_scores(run.folder, category)
+    if not scores:
         return None
-    excluded = ((run.results.get("categories") or {}).get(category) or {}).get("excluded_from_main_metrics") or {}
-    with path.open() as handle:  # the images of the main metrics (ELPV's uncertain cells have their own AUROCs)
-        rows = [row for row in csv.DictReader(handle) if row["category"] == category
-                and row.get("defect_type") not in excluded]
-    if not rows:
-        return None
-    return (np.array([int(row["label"]) for row in rows]), np.array([float(row["image_score"]) for row in rows]))
+    labels, values = zip(*scores.values())
+    return np.array(labels), np.array(values)
 
 
 def roc_figure(groups: Groups, categories: list[str], name: str = "roc", title: str = "") -> list[Figure]:
