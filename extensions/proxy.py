@@ -51,7 +51,7 @@ class ProxyConfig:
     max_holdout: int | None = 30  # at most this many held out (null: no cap): the proxy's cost stays flat
     max_bank_images: int | None = 60  # the proxy PatchCore's bank: a seeded subset of the training part (null: all)
     eval_every: int = 20  # steps between evaluations (plus step 0 and the last step)
-    patience: int = 2  # evaluations without gain before stopping early
+    patience: int | None = 2  # evaluations without gain before stopping early (null: never stop early)
     metric: str = "mean_auroc"  # image_auroc | pixel_auroc | mean_auroc: what selection maximises
     kinds: list[str] = field(default_factory=lambda: list(SYNTHETIC_KINDS))
     coreset_ratio: float = 0.1  # the proxy PatchCore's coreset
@@ -68,8 +68,9 @@ class ProxyConfig:
             value = getattr(self, key)
             if value is not None and value < 1:
                 raise ValueError(f"proxy.{key}={value} must be at least 1, or null for no cap")
-        if self.eval_every < 1 or self.patience < 1:
-            raise ValueError(f"proxy.eval_every={self.eval_every} and proxy.patience={self.patience} must be >= 1")
+        if self.eval_every < 1 or (self.patience is not None and self.patience < 1):
+            raise ValueError(f"proxy.eval_every={self.eval_every} and proxy.patience={self.patience} must be >= 1 "
+                             "(proxy.patience=null: never stop early)")
         if self.metric not in METRICS:
             raise ValueError(f"proxy.metric={self.metric!r}: choose one of {METRICS}")
         if not 0 < self.collapse_fraction <= 1:
@@ -203,7 +204,7 @@ def _auroc(nominal: np.ndarray, anomalous: np.ndarray) -> float:
 class Selection:
     """The best evaluation so far (its weights kept on the CPU), early stopping, the collapse warning."""
 
-    def __init__(self, patience: int, collapse_fraction: float) -> None:
+    def __init__(self, patience: int | None, collapse_fraction: float) -> None:
         self.patience, self.collapse_fraction = patience, collapse_fraction
         self.rows: list[dict] = []
         self.best_index: int | None = None
@@ -216,8 +217,9 @@ class Selection:
 
     @property
     def exhausted(self) -> bool:
-        """``patience`` evaluations in a row without gain: stop early."""
-        return self.best_index is not None and self.since_best >= self.patience
+        """``patience`` evaluations in a row without gain: stop early (never when ``patience`` is None: a
+        training-length curve must run its whole length)."""
+        return self.patience is not None and self.best_index is not None and self.since_best >= self.patience
 
     def update(self, row: dict, extractor: FeatureExtractor) -> bool:
         """Record an evaluation row (adds ``collapse_warning``); keep the weights when it is the best so far."""

@@ -280,6 +280,16 @@ def test_early_stop_keeps_the_best_step_and_ties_keep_the_earlier(tmp_path) -> N
     assert not same_weights(proxy.seen[1], proxy.seen[3])
 
 
+def test_patience_null_runs_the_whole_length_and_still_selects(tmp_path) -> None:
+    """The training-length curve's setting: the same scores that stop a patience-2 run at step 3 run to step 6
+    with patience null, and selection still returns the best evaluation (step 5), not the last."""
+    proxy = ScriptedProxy({0: 0.5, 1: 0.7, 2: 0.7, 3: 0.6, 4: 0.65, 5: 0.9, 6: 0.8}, patience=None)
+    objective = RotationPrediction(resnet18(), hidden_dim=8)
+    record = train(tmp_path, objective, tensors(), proxy, steps=6)
+    assert record["steps"] == 6 and record["selected_step"] == 5 and record["stop_reason"] is None
+    assert set(proxy.seen) == set(range(7))
+
+
 def test_a_diverging_run_ends_with_the_selected_weights(tmp_path) -> None:
     proxy = ScriptedProxy({0: 0.5, 1: 0.6, 2: 0.55}, patience=5)
     objective = RotationPrediction(resnet18(), hidden_dim=8)

@@ -145,19 +145,26 @@ def test_the_shipped_studies_plan(tmp_path) -> None:
         curve = full.comparisons[f"{dataset}/training_length"]
         assert curve["sweep"] == "method.train.max_steps" and curve["points"]["baseline"]["value"] == 0
         assert sorted(p["value"] for p in curve["points"].values()) == [0, 40, 40, 200, 200, 1000, 1000]
-    # the CPU study: the fine-tuning question on both datasets, 3 seeds except the one-seed curve and the full bank
+    # the CPU study: the fine-tuning question on both datasets, 3 seeds everywhere but the full bank
     default = build_plan(load_study("default"), tmp_path, SHIPPED, check=lambda *_: "absent")
     assert set(default.comparisons) == {"textures/finetuning", "textures/baselines", "textures/variants",
                                         "elpv/finetuning", "elpv/training_length"}
     seeds = {}
     for job in default.jobs:
         seeds.setdefault((job.dataset, job.comparison, job.arm), set()).add(job.seed)
-    assert {key for key, s in seeds.items() if len(s) < 3} == {
-        ("textures", "baselines", "full bank"), *(("elpv", "training_length", f"{method} {steps} steps{job}")
-                                                  for method in ("rotation", "cutmix_contrastive")
-                                                  for steps in (40, 200) for job in ("", " (fine-tuning)"))}
+    assert {key for key, s in seeds.items() if len(s) < 3} == {("textures", "baselines", "full bank")}
     curve = default.comparisons["elpv/training_length"]
     assert sorted(p["value"] for p in curve["points"].values()) == [0, 40, 40, 200, 200]
+    # the curve's 40-step points are the finetuning comparison's runs (the default length), shared, not re-run
+    assert {f"elpv/finetuning/{m}_seed{s}" for m in ("rotation", "cutmix_contrastive") for s in (0, 1, 2)} <= \
+        set(curve["jobs"])
+    assert not any(job.id.startswith("elpv/training_length/") and "40_steps" in job.id for job in default.jobs)
+    # every method with its defaults shares a seed's folder: <root>/<method>/ keeps them apart
+    by_id = {job.id: job for job in default.jobs}
+    for method in ("rotation", "cutmix_contrastive"):
+        assert f"checkpoint_dir={tmp_path / 'default' / 'elpv' / 'checkpoints' / 'seed1'}" in \
+            by_id[f"elpv/finetuning/finetune_{method}_seed1"].overrides
+    assert "proxy.patience=null" in by_id["elpv/training_length/finetune_rotation_200_steps_seed2"].overrides
     assert {job.dataset for job in default.jobs if "category=[poly]" in job.overrides} == {"elpv"}
 
 

@@ -263,13 +263,23 @@ def steps_of(name: str, spec: dict, source: str) -> list[int]:
     return steps
 
 
+# the fine-tuning length of conf/method/train/default.yaml: the planner treats a curve point of this length as
+# the method's default run (shared with a ``methods`` comparison of the same study: run once)
+DEFAULT_STEPS = OmegaConf.load(CONF_STUDY.parent / "method" / "train" / "default.yaml").max_steps
+# a curve point longer than the default runs its whole length (the proxy still selects within the run): early
+# stopping would cut every point whose first evaluations bring no gain back to about the default's length
+WHOLE_LENGTH = "proxy.patience=null"
+
+
 def _training_length(name: str, spec: dict, context: _Context) -> list[tuple[Arm, str, int]]:
     """(arm, its method arm's name, steps): each method arm once per step count, ``<arm> <steps> steps``,
-    fine-tuned with method.train.max_steps=<steps>."""
+    fine-tuned with method.train.max_steps=<steps>, without early stopping beyond the default length (at the
+    default length with the default proxy.eval_every and patience, no evaluation but the last can stop it)."""
     found = []
     for arm in _methods(name, spec, context)[0]:
         for steps in steps_of(name, spec, context.source):
-            finetune = FineTune(arm.finetune.method, (*arm.finetune.overrides, f"{STEPS}={steps}"))
+            length = (f"{STEPS}={steps}",) + ((WHOLE_LENGTH,) if steps > DEFAULT_STEPS else ())
+            finetune = FineTune(arm.finetune.method, (*arm.finetune.overrides, *length))
             found.append((Arm(f"{arm.name} {steps} steps", finetune=finetune), arm.name, steps))
     return found
 

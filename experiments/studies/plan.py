@@ -17,6 +17,8 @@ from pathlib import Path
 
 from experiments.studies.comparison import (
     BASELINE,
+    DEFAULT_STEPS,
+    STEPS,
     Arm,
     Study,
     StudyConfigError,
@@ -96,6 +98,12 @@ def merge_overrides(*groups: list[str] | tuple[str, ...]) -> list[str]:
     return list(merged.values())
 
 
+def at_default_length(overrides: list[str] | tuple[str, ...]) -> list[str]:
+    """``overrides`` without a ``method.train.max_steps`` equal to the default (conf/method/train/default.yaml):
+    after ``merge_overrides`` it is the only one of its key, so dropping it leaves the same length."""
+    return [o for o in overrides if o != f"{STEPS}={DEFAULT_STEPS}"]
+
+
 def check_extractor(name: str, dataset: str) -> str | None:
     """None when backbone ``name`` has pretrained weights on this machine, else why not (built here, once)."""
     from hydra import compose, initialize_config_dir
@@ -123,6 +131,7 @@ class _Planner:
         self.jobs: dict[str, RunSpec] = {}
         self.by_overrides: dict[tuple, str] = {}
         self.roots: dict[Path, tuple] = {}  # checkpoint root -> the fine-tuning overrides that write it
+        self.finetunes: dict[tuple, tuple[str, list[str]]] = {}  # fine-tuning identity -> (job, its use)
 
     def patchcore(self, dataset: StudyDataset, comparison: str, arm: str, overrides: list[str] | tuple[str, ...],
                   seed: int, multi_seed: bool, needs: list[str] | None = None) -> str:
@@ -148,32 +157,36 @@ class _Planner:
         return job_id
 
     def finetune(self, dataset: StudyDataset, comparison: str, arm: Arm, seed: int) -> tuple[str, list[str]]:
-        """The fine-tuning run of ``arm`` for ``seed`` on ``dataset`` and the overrides that use its checkpoints."""
-        study, method, extra = self.study, arm.finetune.method, list(arm.finetune.overrides)
-        category = value_text(dataset.category)
-        settings = merge_overrides(study.finetune_overrides, dataset.finetune_overrides, extra)
+        """The fine-tuning run of ``arm`` for ``seed`` on ``dataset`` and the overrides that use its checkpoints;
+        the same fine-tuning asked for twice (by two comparisons, or a curve point of the default length and
+        the method's defaults) is one run."""
+        study, method = self.study, arm.finetune.method
+        extra = at_default_length(arm.finetune.overrides)  # names the checkpoint folder: not the default's
+        settings = at_default_length(merge_overrides(study.finetune_overrides, dataset.finetune_overrides,
+                                                     arm.finetune.overrides))
+        key = ("finetune", dataset.name, method, seed, *sorted(settings))
+        if key in self.finetunes:
+            return self.finetunes[key]
         # a method with its defaults: <dataset>/checkpoints/seed<s>; a fine-tuning setting: a folder of its own
         # (named by the arm; by comparison and arm when another arm of that name fine-tunes otherwise)
         checkpoints = self.folder / dataset.name / "checkpoints"
         root = checkpoints / (slug(arm.name) if extra else "") / f"seed{seed}"
-        claim = (method, tuple(sorted(settings)))
+        claim = tuple(sorted(settings))  # methods write apart (<root>/<method>/): a root is claimed by settings
         if self.roots.setdefault(root, claim) != claim:
             root = checkpoints / f"{slug(comparison)}_{slug(arm.name)}" / f"seed{seed}"
             self.roots.setdefault(root, claim)
         overrides = merge_overrides(
-            [f"method={method}", f"backbone={study.backbone}", f"dataset={dataset.name}", f"category={category}",
-             f"checkpoint_dir={root}", f"method.train.seed={seed}", "progress=false"], settings)
+            [f"method={method}", f"backbone={study.backbone}", f"dataset={dataset.name}",
+             f"category={value_text(dataset.category)}", f"checkpoint_dir={root}", f"method.train.seed={seed}",
+             "progress=false"], settings)
         use = ["backbone=finetuned", f"backbone.method={method}", f"backbone.base={study.backbone}",
                f"backbone.checkpoint={root / method / study.backbone / '${category}.pt'}"]
-        key = ("finetune", *sorted(overrides))
-        if key in self.by_overrides:  # the same fine-tuning asked for by another comparison: run once
-            return self.by_overrides[key], use
         job_id = f"{dataset.name}/{comparison}/finetune_{slug(arm.name)}" + \
             (f"_seed{seed}" if len(study.seeds) > 1 else "")
         files = [root / method / study.backbone / f"{c}.pt" for c in self.categories[dataset.name]]
         self.jobs[job_id] = RunSpec(job_id, "finetune", dataset.name, comparison, f"{arm.name} (fine-tuning)", seed,
                                     overrides, self.folder / job_id, checkpoints=files)
-        self.by_overrides[key] = job_id
+        self.finetunes[key] = (job_id, use)
         return job_id, use
 
     def plan(self) -> Plan:
