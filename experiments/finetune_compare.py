@@ -25,6 +25,7 @@ import pandas as pd
 from experiments.reporting.comparisons import load
 from experiments.reporting.data import Run, read_sidecar, sidecars
 from experiments.reporting.document import Cell, TableBlock
+from experiments.reporting.finetune_evidence import same_sign
 from experiments.reporting.markdown_out import table as markdown_table
 from experiments.reporting.stats import SPREAD, cell_stats, interval, mean_std, paired, verdict
 from experiments.reporting.tables import VERDICT_RULE, stat_cell, sweep_table
@@ -116,8 +117,8 @@ def agreement(tests: pd.DataFrame, proxies: pd.DataFrame, proxy: str = "proxy_im
                        tests.groupby(["category", "arm"])["image_auroc"].mean()], axis=1)
     changes = [(row - means.loc[(category, IMAGENET)]).to_numpy() for (category, arm), row in means.iterrows()
                if arm != IMAGENET and (category, IMAGENET) in means.index]
-    signs = [(d > 1e-9).astype(int) - (d < -1e-9).astype(int) for d in changes if not pd.isna(d).any()]
-    return sum(int(s[0] == s[1]) for s in signs), len(signs)
+    pairs = [(float(d[0]), float(d[1])) for d in changes if not pd.isna(d).any()]
+    return same_sign(pairs), len(pairs)
 
 
 def markdown(tests: pd.DataFrame, proxies: pd.DataFrame) -> str:

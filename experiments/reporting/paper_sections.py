@@ -18,6 +18,7 @@ from experiments.reporting import figures as pf
 from experiments.reporting.comparisons import Comparison, Inputs, categories_of, format_value
 from experiments.reporting.data import Run, first_run, setting
 from experiments.reporting.document import Block, Bullets, Code, FigureBlock, Gallery, Heading, Note, text
+from experiments.reporting.finetune_evidence import agreement_table, curve_table, units_table
 from experiments.reporting.stats import EQUIVALENCE, EQUIVALENT, cell_stats, interval, signed, verdict
 from experiments.reporting.tables import (
     category_paired_table,
@@ -194,6 +195,13 @@ def results_blocks(ctx: Context) -> list[Block]:
             blocks.append(Heading(f"Results on {DATASET_TITLES.get(dataset, dataset)}", 2))
         blocks.append(pixel_note(ctx.frame, dataset))
         blocks += comparison_blocks(ctx, ctx.on(dataset), 3 if several else 2)
+    agreement = agreement_table(ctx.present)
+    if agreement is not None:
+        blocks += [Heading("Does the checkpoint-selection proxy agree with the test set?", 2),
+                   text("Fine-tuning keeps the checkpoint that the label-free proxy scores best (synthetic anomalies "
+                        "of families disjoint from the test set's defects). Here its gain over step 0 is set against "
+                        "the test's gain over the baseline, per fine-tuned arm and category."),
+                   agreement, units_table(ctx.present)]
     blocks = [block for block in blocks if block is not None]  # tables with nothing to show
     gallery = gallery_items(ctx)
     if gallery:
@@ -226,7 +234,8 @@ def comparison_blocks(ctx: Context, comparisons: list[Comparison], level: int) -
             *pf.map_figures(arms, categories[:1], f"maps_{comparison.name}", comparison.title, 3)]
         blocks += figure_blocks(built, ctx.out)
         if any(is_finetuned(a.runs[0].config.get("backbone") or {}) for a in comparison.others):
-            blocks += [selection_table(comparison), *figure_blocks(pf.finetune_figure(comparison), ctx.out)]
+            blocks += [selection_table(comparison), curve_table(comparison),
+                       *figure_blocks(pf.finetune_figure(comparison), ctx.out)]
     return blocks
 
 
