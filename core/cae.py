@@ -27,7 +27,16 @@ from core.blur import MAX_BLUR_SIGMA, gaussian_blur
 from core.detector import FitReport, Predictions, collect_predictions
 from core.io import write_json_atomic
 from core.model_files import ModelFilesError, read_tensors, versions, write_folder, write_tensors
-from core.records import RecordError, Schema, check_schema, check_threshold, is_finite, is_int
+from core.records import (
+    RecordError,
+    Schema,
+    check_schema,
+    check_threshold,
+    is_finite,
+    is_int,
+    setting_integer,
+    setting_number,
+)
 from core.saved_model import metadata_node, read_saved_record
 
 log = logging.getLogger(__name__)
@@ -230,14 +239,11 @@ class CAE:
 
 
 def _integer(key: str, value: object, minimum: int, maximum: int | None = None, note: str = "") -> None:
-    bounds = f">= {minimum}" if maximum is None else f"in [{minimum}, {maximum}]"
-    if not is_int(value) or value < minimum or (maximum is not None and value > maximum):
-        raise ValueError(f"cae.{key}={value!r} must be an integer {bounds}{note}")
+    setting_integer(f"cae.{key}", value, minimum, maximum, note)
 
 
 def _number(key: str, value: object, valid, what: str) -> None:
-    if not is_finite(value) or not valid(value):
-        raise ValueError(f"cae.{key}={value!r} must be a finite number {what}")
+    setting_number(f"cae.{key}", value, valid, what)
 
 
 # 2: safetensors weights (cae.safetensors), a manifest, model.json with this schema; 1 (cae.pt, pickled

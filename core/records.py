@@ -54,6 +54,24 @@ def is_finite(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
+def setting_integer(key: str, value: object, minimum: int, maximum: int | None = None, note: str = "") -> int:
+    """A constructor's integer setting, checked; the message names the user-facing ``key`` (e.g.
+    ``patchcore.scoring.num_neighbors``): the one wording for every core class's integer settings."""
+    bounds = f">= {minimum}" if maximum is None else f"in [{minimum}, {maximum}]"
+    if not is_int(value) or value < minimum or (maximum is not None and value > maximum):
+        raise ValueError(f"{key}={value!r} must be an integer {bounds}{note}")
+    return int(value)
+
+
+def setting_number(key: str, value: object, valid, what: str) -> float:
+    """A constructor's real-valued setting, finite and ``valid``; ``what`` says the valid range."""
+    if not is_finite(value):
+        raise ValueError(f"{key}={value!r} must be a finite number {what}")
+    if not valid(value):
+        raise ValueError(f"{key}={value!r} must be {what}")
+    return float(value)
+
+
 def is_side(value) -> bool:
     return is_int(value) and 1 <= value <= MAX_SIDE
 

@@ -10,14 +10,13 @@ distances it L2-normalises, once, the bank's rows and every query.
 
 from __future__ import annotations
 
-import math
-import numbers
 from typing import Protocol
 
 import torch
 import torch.nn.functional as F
 
 from core.blur import MAX_BLUR_SIGMA, gaussian_blur
+from core.records import setting_integer, setting_number
 
 DISTANCES = ("euclidean", "squared", "cosine")
 IMAGE_SCORES = ("max", "top_percent")
@@ -37,19 +36,11 @@ class NeighbourSearch(Protocol):
 
 
 def _integer(key: str, value: object, minimum: int, note: str = "") -> int:
-    if not isinstance(value, numbers.Integral) or isinstance(value, bool):
-        raise ValueError(f"{_KEY}{key}={value!r} must be an integer >= {minimum}{note}")
-    if value < minimum:
-        raise ValueError(f"{_KEY}{key}={value!r} must be >= {minimum}{note}")
-    return int(value)
+    return setting_integer(f"{_KEY}{key}", value, minimum, note=note)
 
 
 def _number(key: str, value: object, valid, what: str) -> float:
-    if not isinstance(value, numbers.Real) or isinstance(value, bool) or not math.isfinite(value):
-        raise ValueError(f"{_KEY}{key}={value!r} must be a finite number {what}")
-    if not valid(value):
-        raise ValueError(f"{_KEY}{key}={value!r} must be {what}")
-    return float(value)
+    return setting_number(f"{_KEY}{key}", value, valid, what)
 
 
 def _choice(key: str, value: object, choices: tuple[str, ...]) -> str:

@@ -22,11 +22,11 @@ from core.search import MemoryBank, ReferenceSearch
 
 
 @pytest.mark.parametrize(("settings", "message"), [
-    ({"num_neighbors": 0}, r"patchcore\.scoring\.num_neighbors=0 must be >= 1"),
+    ({"num_neighbors": 0}, r"patchcore\.scoring\.num_neighbors=0 must be an integer >= 1"),
     ({"num_neighbors": "three"}, r"patchcore\.scoring\.num_neighbors='three' must be an integer >= 1"),
     ({"num_neighbors": True}, r"patchcore\.scoring\.num_neighbors=True must be an integer >= 1"),
     ({"num_neighbors": 2.0}, r"patchcore\.scoring\.num_neighbors=2\.0 must be an integer >= 1"),
-    ({"reweight_neighbors": 0}, r"patchcore\.scoring\.reweight_neighbors=0 must be >= 1, or null for off"),
+    ({"reweight_neighbors": 0}, r"patchcore\.scoring\.reweight_neighbors=0 must be an integer >= 1, or null for off"),
     ({"reweight_neighbors": "3"}, r"patchcore\.scoring\.reweight_neighbors='3' must be an integer >= 1"),
     ({"distance": "manhattan"}, r"patchcore\.scoring\.distance='manhattan': choose one of \('euclidean'"),
     ({"distance": 1}, r"patchcore\.scoring\.distance=1: choose one of"),
