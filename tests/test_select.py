@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import open_dict
 from PIL import Image
@@ -25,11 +26,11 @@ BASE = ["dataset=folder", "dataset.resize=48", "dataset.image_size=48", "backbon
         "batch_size=4", "patchcore.embedder.embed_dim=64"]
 
 
-def _stripes(root: Path, n_train: int = 8) -> Path:
+def _stripes(root: Path, n_train: int = 8, name: str = "stripes") -> Path:
     """A category of vertical stripes (random phase); test/ holds images too, which must never be opened."""
     rng = np.random.default_rng(0)
     for split, n in (("train/good", n_train), ("test/good", 2), ("test/bad", 2)):
-        folder = root / "stripes" / split
+        folder = root / name / split
         folder.mkdir(parents=True)
         for i in range(n):
             row = (((np.arange(48) + rng.integers(0, 8)) // 4) % 2 * 160 + 40).astype(np.uint8)
@@ -201,3 +202,76 @@ def test_no_entry_point_shadows_the_standard_library():
 
     scripts = {path.stem for path in (Path(__file__).resolve().parents[1] / "experiments").glob("*.py")}
     assert "selection" in scripts and not scripts & set(sys.stdlib_module_names)
+
+
+# ------------------------------------------------------------------ one model build shared with main.py
+
+
+def _compose_main(overrides: list[str]):
+    with initialize_config_dir(CONF, version_base="1.3"):
+        return compose("config", overrides=overrides)
+
+
+def test_a_fixed_input_size_backbone_gets_its_crop_in_selection_as_in_main(tmp_path, monkeypatch, data):
+    # A backbone with fixed position embeddings (CLIP ViT @336) dictates the crop; a resnet18 told it has a fixed
+    # 64 px input stands in for one. main.py's Harness and selection's proxy score share the build, so both fit
+    # 64 px crops (resize round(64 * 256 / 224) = 73), not the dataset's 48.
+    from core.backbones import TorchvisionCNN
+    from experiments.harness.fit_and_evaluate import Harness
+    from experiments.harness.selection_scoring import proxy_score, proxy_settings
+
+    monkeypatch.setattr(TorchvisionCNN, "input_size", 64, raising=False)
+    shapes: list[tuple] = []
+    real_fit = PatchCore.fit
+    monkeypatch.setattr(PatchCore, "fit", lambda self, batches, *a, **k: (
+        shapes.append(tuple(next(iter(batches))["image"].shape[-2:])), real_fit(self, batches, *a, **k))[1])
+    cfg = _compose_main([*BASE, f"dataset.root={data}", "category=stripes"])
+    harness = Harness(cfg, tmp_path / "main")
+    assert (harness.layout.image_size, harness.layout.resize) == (64, 73)
+    with initialize_config_dir(CONF, version_base="1.3"):
+        proxy = proxy_settings({**compose("select").select, "holdout": 0.25})
+    row = proxy_score(cfg, "stripes", proxy, None)
+    assert row["image_size"] == 64 and shapes == [(64, 64)] and (row["n_fit"], row["n_held_out"]) == (6, 2)
+
+
+def _checkpoint(path: Path, seed: int, category: str, layers: tuple[str, ...] = ("layer1",)) -> Path:
+    """A fine-tuned checkpoint as extensions/training.py writes it (its payload), with seeded random weights."""
+    from core.backbones import TorchvisionCNN
+    from extensions.checkpoint import FORMAT_VERSION, save_torch
+
+    torch.manual_seed(seed)
+    extractor = TorchvisionCNN("resnet18", list(layers), pretrained=False, name="resnet18")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return save_torch(path, {"format_version": FORMAT_VERSION, "method": "rotation", "category": category,
+                             "base": {"name": extractor.name, **extractor.spec()}, "step": 0,
+                             "state_dict": extractor.state_dict()})
+
+
+FINETUNED = ["backbone=finetuned", "backbone.method=rotation", "backbone.base=resnet18"]
+
+
+def test_a_per_category_checkpoint_resolves_per_category_in_selection(tmp_path, monkeypatch, data):
+    from extensions.checkpoint import FineTunedBackbone
+
+    _stripes(data, name="stripes2")
+    for seed, category in enumerate(("stripes", "stripes2")):
+        _checkpoint(tmp_path / "ckpt" / f"{category}.pt", seed, category)
+    loaded: list[str] = []
+    real_init = FineTunedBackbone.__init__
+
+    def spy(self, *args, **kwargs):
+        real_init(self, *args, **kwargs)
+        loaded.append(self.checkpoint.name)
+
+    monkeypatch.setattr(FineTunedBackbone, "__init__", spy)
+    space = {"combine": "one_at_a_time", "axes": {"k": [["patchcore.scoring.num_neighbors=3"]]}}
+    base = [o for o in BASE if o != "backbone=resnet18" and not o.startswith("backbone.pretrained")]
+    task = [*base, f"dataset.root={data}", *FINETUNED, f"backbone.checkpoint={tmp_path}/ckpt/${{category}}.pt"]
+    with initialize_config_dir(CONF, version_base="1.3"):
+        cfg = compose("select", overrides=task)
+        with open_dict(cfg):
+            cfg.select.space, cfg.select.holdout = space, 0.25
+        record = sel.run_selection(cfg, tmp_path / "run", task, lambda o: compose("config", overrides=o), "test")
+    assert loaded == ["stripes.pt", "stripes.pt", "stripes2.pt", "stripes2.pt"]  # 2 candidates per category
+    assert sorted(record["categories"]) == ["stripes", "stripes2"]
+    assert all(e["score"] is not None for c in record["categories"].values() for e in c["candidates"])

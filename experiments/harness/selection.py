@@ -13,7 +13,6 @@ candidate is fitted on the whole training part (no successive halving yet).
 
 from __future__ import annotations
 
-import hashlib
 import itertools
 import json
 import logging
@@ -21,22 +20,16 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
-import torch
 from omegaconf import DictConfig, OmegaConf
-from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from core.backbones.base import check_input_size
-from core.data import AnomalyDataset
 from core.io import read_record_text, write_json_atomic
-from core.patchcore import PatchCore
-from experiments.harness.components import build, resolve_device
+from experiments.harness.components import build
 from experiments.harness.overrides import renamed_overrides
 from experiments.harness.run_key import config_hash
-from experiments.harness.run_settings import validate
 from experiments.harness.selection_file import FORMAT, VERSION, check_override
-from extensions.proxy import ProxyConfig, ProxySet, split_holdout
-from extensions.synthetic import make_synthetic
+from experiments.harness.selection_scoring import proxy_record, proxy_score, proxy_settings, score_key
+from extensions.proxy import split_holdout
 
 log = logging.getLogger("select")
 
@@ -44,15 +37,6 @@ Compose = Callable[[list[str]], DictConfig]  # main.py overrides -> main.py's co
 SELECTION_FILE = "selection.json"
 SCORE_RUN_FILE = "score_run.json"
 OWN_KEYS = ("select.", "select/", "score_run", "hydra.", "category")  # selection.py's own keys, not main.py's
-
-
-def proxy_settings(node: Mapping) -> ProxyConfig:
-    """The ``select`` node as a ProxyConfig: its checks (holdout range, metric, kinds) are the proxy's own."""
-    try:
-        return ProxyConfig(holdout=node["holdout"], max_holdout=node["max_holdout"], metric=node["metric"],
-                           kinds=list(node["kinds"]), seed=node["seed"])
-    except ValueError as error:
-        raise ValueError(str(error).replace("proxy.", "select.")) from None
 
 
 def main_overrides(task: Sequence[str]) -> list[str]:
@@ -89,41 +73,6 @@ def check_base(base: Sequence[str], found: Sequence[tuple[str, list[str]]]) -> N
     if clash:
         raise ValueError(f"{', '.join(clash)} is varied by the candidate space: drop it from the command, or "
                          "choose a space without it (select/space=<name>, conf/select/space/)")
-
-
-def proxy_score(cfg: DictConfig, category: str, proxy: ProxyConfig, cache_dir: Path | None) -> dict:
-    """Fit ``cfg``'s PatchCore on the category's training part and score the proxy set (train/good only)."""
-    settings = validate(cfg)
-    torch.manual_seed(settings.seed)
-    if "extractor" not in cfg.model:
-        raise ValueError("selection scores PatchCore configurations: model=patchcore")
-    if cache_dir is not None and cfg.storage.cache_dir is None:  # shared backbone passes are not repeated
-        cfg = cfg.copy()
-        cfg.storage.cache_dir = str(cache_dir)
-    device = resolve_device(settings.device)
-    layout = build(cfg.dataset)
-    extractor = build(cfg.backbone)
-    model = build(cfg.model, device=str(device), extractor=extractor)
-    if not isinstance(model, PatchCore):
-        raise ValueError(f"selection scores PatchCore configurations, not {type(model).__name__}")
-    check_input_size(extractor, layout.image_size, model.embedder.patch_size)
-    preprocessing = layout.preprocessing(model.mean, model.std, model.interpolation)
-    train, held = split_holdout(layout.train_samples(category, seed=settings.seed), proxy.holdout, proxy.seed,
-                                proxy.max_holdout)
-    proxy_set = ProxySet(make_synthetic(held, preprocessing, proxy.kinds, proxy.seed), model.mean, model.std,
-                         proxy.metric)
-    started = time.perf_counter()
-    fit = model.fit(DataLoader(AnomalyDataset(train, preprocessing), batch_size=settings.batch_size))
-    metrics, _, _ = proxy_set.score_model(model)
-    return {**metrics, "n_fit": len(train), "n_held_out": len(held), "bank_size": fit.bank_size,
-            "fit_time_s": round(time.perf_counter() - started, 3)}
-
-
-def _key(cfg: DictConfig, category: str, proxy: ProxyConfig) -> str:
-    """What a score depends on: the composed config (its hash and seed), the category, the proxy settings."""
-    text = json.dumps([config_hash(cfg), int(cfg.seed), category, proxy.holdout, proxy.max_holdout, proxy.metric,
-                       proxy.kinds, proxy.seed])
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def _previous(path: Path) -> dict[str, dict]:
@@ -166,15 +115,14 @@ def run_selection(cfg: DictConfig, run_dir: Path, task: Sequence[str], compose: 
                       proxy.max_holdout)
     record = {"format": FORMAT, "version": VERSION, "complete": False, "dataset": str(cfg.dataset.name),
               "space": space_name, "base_overrides": base, "metric": proxy.metric,
-              "proxy": {"seed": proxy.seed, "holdout": proxy.holdout, "max_holdout": proxy.max_holdout,
-                        "kinds": proxy.kinds, "metric": proxy.metric},
+              "proxy": proxy_record(proxy),
               "seed": int(cfg.seed), "categories": {}, "chosen": {}, "commands": {}, "time_s": None}
     jobs = [(category, name, overrides, candidate) for category in categories
             for name, overrides, candidate in configs]
     bar = tqdm(jobs, desc="select", unit="fit", disable=not cfg.progress)  # ETA: tqdm's time left
     for category, name, overrides, candidate in bar:
         bar.set_postfix_str(f"{category} {name}"[:60])
-        key = _key(candidate, category, proxy)
+        key = score_key(candidate, category, proxy)
         entries = record["categories"].setdefault(category, {"candidates": [], "chosen": None})["candidates"]
         if any(entry["key"] == key for entry in entries):  # equal to an earlier candidate: scored once
             continue
@@ -232,8 +180,7 @@ def score_run(cfg: DictConfig, run: Path, run_dir: Path, compose: Compose) -> di
     categories = sorted(results.get("categories") or {}) or build(run_cfg.dataset).resolve_categories(
         run_cfg.category)
     record = {"run": str(run), "config_hash": config_hash(run_cfg), "metric": proxy.metric,
-              "proxy": {"seed": proxy.seed, "holdout": proxy.holdout, "max_holdout": proxy.max_holdout,
-                        "kinds": proxy.kinds, "metric": proxy.metric}, "categories": {}}
+              "proxy": proxy_record(proxy), "categories": {}}
     for category in tqdm(categories, desc="score_run", disable=not cfg.progress):
         record["categories"][category] = proxy_score(run_cfg, category, proxy, run_dir / "feature_cache")
     scores = [c["score"] for c in record["categories"].values() if c.get("score") is not None]
