@@ -56,13 +56,16 @@ def no_test_reads(monkeypatch, data):
     monkeypatch.setattr(Image, "open", lambda fp, *a, **k: (guard(fp), real_image_open(fp, *a, **k))[1])
 
 
-def _run(root: Path, run_dir: Path, space: dict, extra: tuple[str, ...] = ()) -> dict:
-    task = [*BASE, f"dataset.root={root}", *extra]
+def _run(root: Path, run_dir: Path, space: dict, extra: tuple[str, ...] = (), halving: dict | None | str = "default",
+         base: tuple[str, ...] | list[str] = tuple(BASE)) -> dict:
+    task = [*base, f"dataset.root={root}", *extra]
     with initialize_config_dir(CONF, version_base="1.3"):
         cfg = compose("select", overrides=task)
         with open_dict(cfg):
             cfg.select.space = space
             cfg.select.holdout = 0.25
+            if halving != "default":
+                cfg.select.halving = halving
         return sel.run_selection(cfg, run_dir, task, lambda o: compose("config", overrides=o), "test")
 
 
@@ -275,3 +278,89 @@ def test_a_per_category_checkpoint_resolves_per_category_in_selection(tmp_path, 
     assert loaded == ["stripes.pt", "stripes.pt", "stripes2.pt", "stripes2.pt"]  # 2 candidates per category
     assert sorted(record["categories"]) == ["stripes", "stripes2"]
     assert all(e["score"] is not None for c in record["categories"].values() for e in c["candidates"])
+
+
+# ------------------------------------------------------------------ successive halving
+
+from experiments.harness.selection_halving import Halving, rung_sizes, survivors  # noqa: E402
+
+
+def test_rung_sizes_and_survivors_by_hand():
+    h = Halving(eta=3, min_train_images=8)
+    assert rung_sizes(9, 30, h) == [10, None]  # 9 -> 3 on 30 // 3 images, then 3 on all 30
+    assert rung_sizes(10, 30, h) == [8, 10, None]  # 10 -> 4 -> 2: 30 // 9 = 3 raised to 8, 30 // 3, all
+    assert rung_sizes(3, 30, h) == [None] and rung_sizes(9, 30, None) == [None]  # 3 <= eta: the grid
+    assert rung_sizes(9, 8, h) == [None, None]  # too few images for a subset: both rungs on all (scored once)
+    assert survivors([0, 1, 2, 3], {0: 0.5, 1: 0.9, 2: 0.5, 3: 0.7}, 3) == [1, 3]  # ceil(4 / 3) = 2, in order
+    assert survivors([0, 1, 2, 3], {0: 0.5, 1: 0.9, 2: 0.5, 3: None}, 3) == [0, 1]  # tie 0 / 2: the earlier
+    assert survivors([4, 6, 7], {4: None, 6: None, 7: 0.1}, 2) == [7]  # no finite score: never goes on
+    for bad in ({"eta": 1}, {"eta": 3, "min_train_images": 0}, {"eta": 2.5}, {"rate": 3}, 3):
+        with pytest.raises(ValueError, match="select.halving"):
+            Halving.from_node(bad)
+    assert Halving.from_node(None) is None and Halving.from_node(False) is None
+
+
+HALVING = {"eta": 3, "min_train_images": 2}
+FOUR = {"combine": "one_at_a_time", "axes": {"k": [["patchcore.scoring.num_neighbors=3"]]},
+        "layers": {"resnet18": [["backbone.layers=[layer3]"], ["backbone.layers=[layer1]"]]}}  # 4 candidates
+
+
+def _fit_sizes(monkeypatch, interrupt_at: int | None = None) -> list[int]:
+    """The training images of every PatchCore fit from here on; Ctrl-C at fit number ``interrupt_at``."""
+    sizes: list[int] = []
+    real_fit = PatchCore.fit
+
+    def counted(self, batches, *args, **kwargs):
+        sizes.append(len(batches.dataset))
+        if len(sizes) == interrupt_at:
+            raise KeyboardInterrupt
+        return real_fit(self, batches, *args, **kwargs)
+
+    monkeypatch.setattr(PatchCore, "fit", counted)
+    return sizes
+
+
+def test_halving_finds_the_known_best_on_fewer_images_than_the_grid(tmp_path, monkeypatch, data, no_test_reads):
+    # 8 train/good, 2 held out: a training part of 6. 4 candidates, eta 3: rung 0 fits all 4 on 6 // 3 = 2 images
+    # and keeps ceil(4 / 3) = 2; rung 1 fits those 2 on all 6. 4*2 + 2*6 = 20 candidate-images against the
+    # grid's 4*6 = 24.
+    sizes = _fit_sizes(monkeypatch)
+    grid = _run(data, tmp_path / "grid", FOUR, halving=None)
+    assert sizes == [6, 6, 6, 6]  # halving=null: the plain grid, every candidate on the whole training part
+    sizes.clear()
+    halved = _run(data, tmp_path / "halved", FOUR, halving=HALVING)
+    assert sizes == [2, 2, 2, 2, 6, 6] and halved["planned_fit_images"] == sum(sizes) == 20
+    assert grid["planned_fit_images"] == 24
+    node, grid_node = halved["categories"]["stripes"], grid["categories"]["stripes"]
+    assert node["rungs"] == [{"candidates": 4, "n_fit": 2}, {"candidates": 2, "n_fit": 6}]
+    assert node["chosen"] == grid_node["chosen"] == "layers:backbone.layers=[layer1]"
+    assert halved["chosen"] == grid["chosen"] and halved["halving"] == HALVING and grid["halving"] is None
+    entries = {e["name"]: e for e in node["candidates"]}
+    first = sorted(entries, key=lambda n: -entries[n]["rungs"][0]["score"])[:2]  # the best 2 of rung 0 go on
+    assert {n for n, e in entries.items() if e["rung"] == 1} == set(first)
+    for name, entry in entries.items():
+        assert [r["n_fit"] for r in entry["rungs"]] == ([2, 6] if name in first else [2])
+        last = entry["rungs"][-1]
+        assert (entry["score"], entry["image_auroc"], entry["n_fit"], entry["key"]) == (
+            last["score"], last["image_auroc"], last["n_fit"], last["key"])  # the entry is its last rung
+    for entry in grid_node["candidates"]:  # grid: one rung on the whole part, the same score halving's last has
+        assert entry["rung"] == 0 and [r["n_fit"] for r in entry["rungs"]] == [6]
+        if entry["name"] in first:
+            assert entries[entry["name"]]["score"] == pytest.approx(entry["score"], abs=1e-9)
+            assert entries[entry["name"]]["key"] == entry["key"]  # a whole-part score has one key, either way
+
+
+def test_an_interrupted_halving_run_resumes_without_refitting(tmp_path, monkeypatch, data, no_test_reads):
+    sizes = _fit_sizes(monkeypatch, interrupt_at=5)  # Ctrl-C at the first fit of rung 1
+    with pytest.raises(KeyboardInterrupt):
+        _run(data, tmp_path / "run", FOUR, halving=HALVING)
+    partial = json.loads((tmp_path / "run" / "selection.json").read_text())
+    assert partial["complete"] is False
+    assert [e["rung"] for e in partial["categories"]["stripes"]["candidates"]] == [0, 0, 0, 0]
+    sizes.clear()
+    resumed = _run(data, tmp_path / "run", FOUR, halving=HALVING)
+    assert sizes == [6, 6]  # rung 0 taken over; only rung 1's two fits
+    node = resumed["categories"]["stripes"]
+    assert node["chosen"] == "layers:backbone.layers=[layer1]" and resumed["complete"]
+    before = {e["name"]: e["rungs"][0] for e in partial["categories"]["stripes"]["candidates"]}
+    assert all(e["rungs"][0] == before[e["name"]] and e["resumed"] for e in node["candidates"])
