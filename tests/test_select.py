@@ -364,3 +364,55 @@ def test_an_interrupted_halving_run_resumes_without_refitting(tmp_path, monkeypa
     assert node["chosen"] == "layers:backbone.layers=[layer1]" and resumed["complete"]
     before = {e["name"]: e["rungs"][0] for e in partial["categories"]["stripes"]["candidates"]}
     assert all(e["rungs"][0] == before[e["name"]] and e["resumed"] for e in node["candidates"])
+
+
+# ------------------------------------------------------------------ backbones and fine-tuned checkpoints
+
+
+def test_layers_options_apply_per_candidate_backbone():
+    from experiments.harness.selection_space import candidates
+
+    tuned = ("backbone=finetuned", "backbone.method=rotation", "backbone.checkpoint=c/${category}.pt")
+    space = {"axes": {"k": [["patchcore.scoring.num_neighbors=1"], ["patchcore.scoring.num_neighbors=3"]]},
+             "layers": {"resnet18": [["backbone.layers=[layer1]"]],
+                        "wrn50": [["backbone.layers=[layer2]"], ["backbone.layers=[layer3]"]]},
+             "backbones": [[], ["backbone=wrn50"], list(tuned)]}
+    keys = {(): "resnet18", ("backbone=wrn50",): "wrn50", tuned: None}  # a fine-tuned one: its checkpoint's layers
+    grid = candidates({**space, "combine": "grid"}, keys)
+    by_backbone = {b: [c.overrides[len(b):] for c in grid if c.backbone == b] for b in keys}
+    assert by_backbone[()] == [["patchcore.scoring.num_neighbors=1", "backbone.layers=[layer1]"],
+                               ["patchcore.scoring.num_neighbors=3", "backbone.layers=[layer1]"]]
+    assert len(by_backbone[("backbone=wrn50",)]) == 4 and len(by_backbone[tuned]) == 2 and len(grid) == 8
+    assert ["patchcore.scoring.num_neighbors=3", "backbone.layers=[layer2]"] in by_backbone[("backbone=wrn50",)]
+    one = candidates({**space, "combine": "one_at_a_time"}, keys)  # each backbone option at its own layers
+    assert [c.name for c in one] == ["base", "k:patchcore.scoring.num_neighbors=1",
+                                     "k:patchcore.scoring.num_neighbors=3", "layers:backbone.layers=[layer1]",
+                                     "backbone:backbone=wrn50", f"backbone:{' '.join(tuned)}"]
+    with pytest.raises(ValueError, match=r"must choose one: backbone=<name>"):
+        candidates({"backbones": [["backbone.layers=[layer1]"]]}, {})
+
+
+def test_a_missing_checkpoint_is_skipped_with_its_reason_and_a_present_one_is_scored(tmp_path, data, caplog,
+                                                                                     no_test_reads):
+    _checkpoint(tmp_path / "ckpt" / "stripes.pt", 0, "stripes")
+    present = [*FINETUNED, f"backbone.checkpoint={tmp_path}/ckpt/${{category}}.pt"]
+    missing = [*FINETUNED, f"backbone.checkpoint={tmp_path}/nowhere/${{category}}.pt"]
+    space = {"combine": "one_at_a_time", "axes": {}, "backbones": [present, missing]}
+    with caplog.at_level("WARNING", logger="select"):
+        record = _run(data, tmp_path / "run", space)
+    node = record["categories"]["stripes"]
+    assert [e["name"] for e in node["candidates"]] == ["base", f"backbone:{' '.join(present)}"]
+    assert all(e["score"] is not None and e["n_fit"] == 6 for e in node["candidates"])
+    [skipped] = node["skipped"]
+    assert skipped["name"] == f"backbone:{' '.join(missing)}"
+    assert skipped["reason"].startswith("weights not available: MissingCheckpointError: no rotation checkpoint "
+                                        "for category 'stripes'")
+    assert f"{tmp_path}/nowhere/stripes.pt does not exist" in skipped["reason"]  # ${category} resolved per category
+    assert f"skipped backbone option {' '.join(missing)}" in caplog.text
+    assert node["candidates"][1]["overrides"] == present
+    # what main.py runs for it: the command's overrides less its backbone (backbone=resnet18,
+    # backbone.pretrained=false), then the option's; ${category} left for main.py to resolve
+    from experiments.harness.selection_space import Candidate, with_base
+
+    whole = with_base([*BASE, f"dataset.root={data}"], Candidate("x", present, tuple(present)))
+    assert whole == [o for o in [*BASE, f"dataset.root={data}"] if not o.startswith("backbone")] + present

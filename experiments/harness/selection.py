@@ -146,10 +146,11 @@ def run_selection(cfg: DictConfig, run_dir: Path, task: Sequence[str], compose: 
                   space_name: str = "default") -> dict:
     """Score the candidates for every category, by successive halving or the plain grid (resuming from
     ``run_dir/selection.json``); choose; record. Everything that can fail before a fit fails first."""
-    halving = Halving.from_node(OmegaConf.to_container(cfg.select, resolve=True).get("halving"))
+    node = cfg.select.get("halving")
+    halving = Halving.from_node(OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node)
     run = _Selection(cfg, run_dir, main_overrides(task), space_name, halving)
     base, proxy = run.record["base_overrides"], run.proxy
-    space = OmegaConf.to_container(cfg.select.space, resolve=True)
+    space = OmegaConf.to_container(cfg.select.space, resolve=False)  # ${category} stays for main.py
     layout = build(cfg.dataset)
     categories = layout.resolve_categories(cfg.category)
     per_category_backbones(cfg, categories)  # the command's own fine-tuned checkpoints: all there, or said now
