@@ -294,7 +294,8 @@ def test_rung_sizes_and_survivors_by_hand():
     assert survivors([0, 1, 2, 3], {0: 0.5, 1: 0.9, 2: 0.5, 3: 0.7}, 3) == [1, 3]  # ceil(4 / 3) = 2, in order
     assert survivors([0, 1, 2, 3], {0: 0.5, 1: 0.9, 2: 0.5, 3: None}, 3) == [0, 1]  # tie 0 / 2: the earlier
     assert survivors([4, 6, 7], {4: None, 6: None, 7: 0.1}, 2) == [7]  # no finite score: never goes on
-    for bad in ({"eta": 1}, {"eta": 3, "min_train_images": 0}, {"eta": 2.5}, {"rate": 3}, 3):
+    for bad in ({"eta": 1, "min_train_images": 8}, {"eta": 3, "min_train_images": 0},
+                {"eta": 2.5, "min_train_images": 8}, {"rate": 3}, {"eta": 3}, 3):
         with pytest.raises(ValueError, match="select.halving"):
             Halving.from_node(bad)
     assert Halving.from_node(None) is None and Halving.from_node(False) is None
@@ -390,6 +391,29 @@ def test_layers_options_apply_per_candidate_backbone():
                                      "backbone:backbone=wrn50", f"backbone:{' '.join(tuned)}"]
     with pytest.raises(ValueError, match=r"must choose one: backbone=<name>"):
         candidates({"backbones": [["backbone.layers=[layer1]"]]}, {})
+
+
+def test_the_shipped_default_space_lists_13_distinct_candidates_for_effnet_lite0():
+    from omegaconf import OmegaConf
+
+    from experiments.harness.selection_halving import planned
+    from experiments.harness.selection_space import backbone_options, candidates
+
+    space = OmegaConf.to_container(OmegaConf.load(Path(CONF) / "select" / "space" / "default.yaml"), resolve=False)
+    options = backbone_options(space)
+    assert options[3][-1] == "backbone.checkpoint=checkpoints/rotation/effnet_lite0/${category}.pt"  # kept as typed
+    keys = {(): "effnet_lite0", options[0]: "effnet_lite0", options[1]: "resnet18", options[2]: "wrn50",
+            options[3]: None, options[4]: None}
+    found = candidates(space, keys)
+    # base, 2 image sizes, num_neighbors, patch_size, 2 coreset ratios, 2 layer choices, 5 backbones; the
+    # backbone=effnet_lite0 option composes the base config again (scored once): 13 distinct
+    assert len(found) == 14 and found[-5].overrides == ["backbone=effnet_lite0"]
+    shipped = Halving.from_node(OmegaConf.to_container(OmegaConf.load(Path(CONF) / "select.yaml").select.halving))
+    assert shipped == Halving(eta=3, min_train_images=8)
+    sizes = rung_sizes(13, 200, shipped)
+    assert sizes == [22, 66, None]  # 13 -> 5 -> 2: 200 // 9, 200 // 3, all 200
+    cost = sum(r["candidates"] * r["n_fit"] for r in planned(13, sizes, 200, 3))
+    assert cost == 13 * 22 + 5 * 66 + 2 * 200 == 1016  # about 5 whole-part fits instead of 13
 
 
 def test_a_missing_checkpoint_is_skipped_with_its_reason_and_a_present_one_is_scored(tmp_path, data, caplog,

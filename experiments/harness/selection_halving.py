@@ -18,17 +18,20 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class Halving:
-    eta: int = 3  # 1 / eta of a rung's candidates go on, on eta times more images
-    min_train_images: int = 8  # no rung fits on fewer (a PatchCore bank of a handful of images ranks noisily)
+    """``select.halving`` (its defaults live in conf/select.yaml)."""
+
+    eta: int  # 1 / eta of a rung's candidates go on, on eta times more images
+    min_train_images: int  # no rung fits on fewer (a PatchCore bank of a handful of images ranks noisily)
 
     @classmethod
     def from_node(cls, node: Mapping | bool | None) -> Halving | None:
         """``select.halving``: null or false for the plain grid, else ``{eta, min_train_images}``, checked."""
         if node is None or node is False:
             return None
-        if not isinstance(node, Mapping) or set(node) - {"eta", "min_train_images"}:
-            raise ValueError(f"select.halving={node!r}: give {{eta: 3, min_train_images: 8}}, or null for the "
-                             "plain grid (every candidate on the whole training part)")
+        if not isinstance(node, Mapping) or set(node) != {"eta", "min_train_images"}:
+            raise ValueError(f"select.halving={node!r}: give both eta and min_train_images (conf/select.yaml: "
+                             "{eta: 3, min_train_images: 8}), or null for the plain grid (every candidate on the "
+                             "whole training part)")
         halving = cls(**node)
         for key, least in (("eta", 2), ("min_train_images", 1)):
             value = getattr(halving, key)
