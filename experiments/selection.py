@@ -62,6 +62,8 @@ def _hydra_main(cfg: DictConfig) -> None:
         print(f"{category:>16}: chose {node['chosen']} (proxy {record['metric']} {best['score']:.4f} of "
               f"{len(node['candidates'])} candidates)")
         print(f"{'':>16}  {record['commands'][category]}")
+        for skipped in node.get("skipped", []):
+            print(f"{'':>16}  skipped {skipped['name']}: {skipped['reason']}")
     print(f"selection: {run_dir / 'selection.json'} ({record['time_s']:.1f}s)")
 
 

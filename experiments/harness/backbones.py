@@ -19,6 +19,24 @@ from extensions.checkpoint import MissingCheckpointError, finetune_command, is_f
 _DATASET_NOTE = "add DATASET=<dataset> unless the category is from MVTec AD or the embedded textures"
 
 
+def backbone_problem(node: Mapping) -> str | None:
+    """None when this backbone config builds on this machine (its pretrained weights or fine-tuned checkpoint
+    found and loaded), else why not, in a line: the one weights check of the study planner and of selection."""
+    from experiments.harness.components import build
+
+    try:
+        build(node)
+    except Exception as error:  # missing weights, offline hub, missing checkpoint, unknown config: the message
+        return unavailable(error)
+    return None
+
+
+def unavailable(error: Exception) -> str:
+    """Why a backbone cannot be built here, in a line (its error's first line)."""
+    first = str(error).strip().splitlines()[0] if str(error).strip() else ""
+    return f"weights not available: {type(error).__name__}: {first}"[:400]
+
+
 def make_command(method: str, base: str, category: str) -> str:
     """The make command that produces the checkpoint of (method, base backbone, category): one generic target
     for every conf/method/<name>.yaml, so no list of methods is kept here."""

@@ -23,14 +23,12 @@ from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 
 from core.backbones import FeatureExtractor
-from core.backbones.base import check_input_size
 from core.data import AnomalyDataset, DatasetError, MVTecLayout, UnreadableFilesError
 from core.detector import Detector
 from core.io import remove_dead_temporaries, write_json_atomic
 from core.metrics import METRIC_DEFINITIONS
 from core.thresholds import ThresholdRule
 from experiments.harness.anomaly_maps import MAPS_DIR, save_maps
-from experiments.harness.backbones import per_category_backbones
 from experiments.harness.components import build, resolve_device
 from experiments.harness.evaluation import (
     apply_threshold,
@@ -41,6 +39,7 @@ from experiments.harness.evaluation import (
     without_types,
 )
 from experiments.harness.interrupts import Interrupted
+from experiments.harness.model_build import ModelBuilder
 from experiments.harness.results import (
     SCHEMA_VERSION,
     config_record,
@@ -76,16 +75,9 @@ class Harness:
         self.layout: MVTecLayout = build(cfg.dataset)
         self.categories = self.layout.resolve_categories(cfg.category)
         self.rule: ThresholdRule | None = build(cfg.threshold) if "_target_" in cfg.threshold else None
-        self.uses_extractor = "extractor" in cfg.model  # the CAE has no backbone
-        self.per_category = per_category_backbones(cfg, self.categories) if self.uses_extractor else None
-        self.extractor: FeatureExtractor | None = None
-        if self.uses_extractor:
-            self.extractor = self._extractor(self.categories[0])
-            self._fit_input_size(self.extractor)
-        self._first: Detector | None = self._build_model()  # every model setting checked here
-        if self.extractor is not None:  # a crop too small for the backbone: named now, not mid-fit
-            embedder = getattr(self._first, "embedder", None)
-            check_input_size(self.extractor, self.layout.image_size, getattr(embedder, "patch_size", 1))
+        self.builder = ModelBuilder(cfg, self.layout, self.device, self.categories)  # shared with selection
+        self._first: Detector | None = self.builder.model(self.categories[0])  # every model setting checked here
+        self.extractor: FeatureExtractor | None = self.builder.extractor
         log.info("model %s: %s; dataset %s, categories %s, on %s", cfg.model._target_,
                  f"backbone {self.extractor.name} (layers {self.extractor.layers})" if self.extractor else
                  "no backbone", self.layout.name, self.categories, self.device)
@@ -102,30 +94,14 @@ class Harness:
         if len(self.unusable) == len(self.categories):
             raise DatasetError("\n".join(self.unusable.values()))
 
-    def _build_model(self) -> Detector:
-        """``instantiate(cfg.model)``, handing over the extractor already built (its weights loaded once)."""
-        parts = {"extractor": self.extractor} if self.uses_extractor else {}
-        return build(self.cfg.model, device=str(self.device), **parts)
-
-    def _extractor(self, category: str) -> FeatureExtractor:
-        return build(self.per_category[category] if self.per_category else self.cfg.backbone)
-
-    def _fit_input_size(self, extractor: FeatureExtractor) -> None:
-        """Models with fixed position embeddings (CLIP ViTs, the @336 models) dictate the crop size."""
-        input_size = getattr(extractor, "input_size", None)
-        if input_size and input_size != self.layout.image_size:
-            self.layout.image_size, self.layout.resize = input_size, round(input_size * 256 / 224)
-            log.info("%s expects %d px inputs: using resize %d, crop %d", extractor.name, input_size,
-                     self.layout.resize, self.layout.image_size)
-
     def new_model(self, category: str) -> Detector:
         """The model for ``category``: the start-up build for the first one, a fresh build for the others."""
         if self._first is not None:
             model, self._first = self._first, None
             return model
-        if self.per_category:
-            self.extractor = self._extractor(category)
-        return self._build_model()
+        model = self.builder.model(category)
+        self.extractor = self.builder.extractor
+        return model
 
     def loader(self, dataset: AnomalyDataset) -> DataLoader:
         return DataLoader(dataset, batch_size=self.settings.batch_size, num_workers=self.settings.num_workers,

@@ -1,133 +1,58 @@
 """Label-free configuration selection (the work of ``experiments/selection.py``; docs/selection.md).
 
 Per category, from ``train/good`` only: a seeded part is held out (extensions/proxy.py ``split_holdout``),
-each candidate configuration of the space (conf/select/space/) is fitted on the rest, and scored on the
-held-out nominal images and the synthetic anomalies made from them (extensions/proxy.py ``ProxySet``: the
-same proxy as fine-tuning's checkpoint selection). The best ``select.metric`` wins (ties: the earlier
-candidate, the run's own configuration first). A candidate is the main.py config composed from the run's
-overrides plus its own, so what ``main.py selection=...`` runs is exactly what was scored. Test images are
-never read. Every scored candidate is written to selection.json at once (``complete: false`` until the end):
-a re-run in the same folder takes them over instead of fitting them again. A plain grid for now: every
-candidate is fitted on the whole training part (no successive halving yet).
-"""
+the candidate configurations of the space (conf/select/space/, selection_space.py) are fitted on the rest, and
+scored on the held-out nominal images and the synthetic anomalies made from them (selection_scoring.py: the
+proxy of fine-tuning's checkpoint selection). Successive halving (selection_halving.py, ``select.halving``)
+fits every candidate on a seeded subset first and only the best on more, the last rung on the whole training
+part; ``select.halving=null`` fits every candidate on the whole part. The best ``select.metric`` of the last
+rung wins (ties: the earlier candidate, the run's own configuration first). A candidate is the main.py config
+composed from the run's overrides plus its own, so what ``main.py selection=...`` runs is exactly what was
+scored. A backbone option whose weights are not on this machine is skipped with its reason, before any fit.
+Test images are never read. Every score is written to selection.json at once (``complete: false`` until the
+end), keyed by config, category, proxy and training subset: a re-run in the same folder takes them over
+instead of fitting them again."""
 
 from __future__ import annotations
 
-import hashlib
-import itertools
 import json
 import logging
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
-import torch
 from omegaconf import DictConfig, OmegaConf
-from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from core.backbones.base import check_input_size
-from core.data import AnomalyDataset
 from core.io import read_record_text, write_json_atomic
-from core.patchcore import PatchCore
-from experiments.harness.components import build, resolve_device
-from experiments.harness.overrides import renamed_overrides
+from experiments.harness.backbones import backbone_problem, per_category_backbones
+from experiments.harness.components import build
 from experiments.harness.run_key import config_hash
-from experiments.harness.run_settings import validate
-from experiments.harness.selection_file import FORMAT, VERSION, check_override
-from extensions.proxy import ProxyConfig, ProxySet, split_holdout
-from extensions.synthetic import make_synthetic
+from experiments.harness.selection_file import FORMAT, VERSION
+from experiments.harness.selection_halving import Halving, planned, rung_sizes, survivors
+from experiments.harness.selection_scoring import proxy_record, proxy_score, proxy_settings, score_key
+from experiments.harness.selection_space import (
+    Candidate,
+    backbone_options,
+    candidates,
+    check_base,
+    main_overrides,
+    with_base,
+)
+from extensions.checkpoint import is_finetuned
+from extensions.proxy import split_holdout
 
 log = logging.getLogger("select")
 
 Compose = Callable[[list[str]], DictConfig]  # main.py overrides -> main.py's composed config
 SELECTION_FILE = "selection.json"
 SCORE_RUN_FILE = "score_run.json"
-OWN_KEYS = ("select.", "select/", "score_run", "hydra.", "category")  # selection.py's own keys, not main.py's
-
-
-def proxy_settings(node: Mapping) -> ProxyConfig:
-    """The ``select`` node as a ProxyConfig: its checks (holdout range, metric, kinds) are the proxy's own."""
-    try:
-        return ProxyConfig(holdout=node["holdout"], max_holdout=node["max_holdout"], metric=node["metric"],
-                           kinds=list(node["kinds"]), seed=node["seed"])
-    except ValueError as error:
-        raise ValueError(str(error).replace("proxy.", "select.")) from None
-
-
-def main_overrides(task: Sequence[str]) -> list[str]:
-    """The select command's overrides that are main.py's (the base every candidate starts from)."""
-    return [o for o in task if not any(o.lstrip("+~").startswith(k) for k in OWN_KEYS)]
-
-
-def candidates(space: Mapping, backbone: str) -> list[tuple[str, list[str]]]:
-    """(name, overrides) of every candidate of the space (conf/select/space/default.yaml says the format)."""
-    axes = {name: [list(option) for option in options] for name, options in (space.get("axes") or {}).items()}
-    layers = (space.get("layers") or {}).get(backbone)
-    if layers:
-        axes["layers"] = [list(option) for option in layers]
-    combine = space.get("combine", "one_at_a_time")
-    if combine == "one_at_a_time":
-        found = [("base", [])] + [(f"{axis}:{' '.join(o)}", o) for axis, options in axes.items() for o in options]
-    elif combine == "grid":
-        found = [(" ".join(o for part in combo for o in part) or "base", [o for part in combo for o in part])
-                 for combo in itertools.product(*(options or [[]] for options in axes.values()))]
-    else:
-        raise ValueError(f"select/space combine={combine!r}: choose one_at_a_time or grid")
-    for name, overrides in found:
-        for override in overrides:
-            check_override(override, f"select/space candidate {name!r}")
-    return found
-
-
-def check_base(base: Sequence[str], found: Sequence[tuple[str, list[str]]]) -> None:
-    """The command may not set a key the space varies (which one would win is ambiguous): named now."""
-    if problems := renamed_overrides(base):
-        raise ValueError("; ".join(problems))
-    varied = {o.split("=", 1)[0] for _, overrides in found for o in overrides}
-    clash = sorted(varied & {o.split("=", 1)[0].lstrip("+~") for o in base})
-    if clash:
-        raise ValueError(f"{', '.join(clash)} is varied by the candidate space: drop it from the command, or "
-                         "choose a space without it (select/space=<name>, conf/select/space/)")
-
-
-def proxy_score(cfg: DictConfig, category: str, proxy: ProxyConfig, cache_dir: Path | None) -> dict:
-    """Fit ``cfg``'s PatchCore on the category's training part and score the proxy set (train/good only)."""
-    settings = validate(cfg)
-    torch.manual_seed(settings.seed)
-    if "extractor" not in cfg.model:
-        raise ValueError("selection scores PatchCore configurations: model=patchcore")
-    if cache_dir is not None and cfg.storage.cache_dir is None:  # shared backbone passes are not repeated
-        cfg = cfg.copy()
-        cfg.storage.cache_dir = str(cache_dir)
-    device = resolve_device(settings.device)
-    layout = build(cfg.dataset)
-    extractor = build(cfg.backbone)
-    model = build(cfg.model, device=str(device), extractor=extractor)
-    if not isinstance(model, PatchCore):
-        raise ValueError(f"selection scores PatchCore configurations, not {type(model).__name__}")
-    check_input_size(extractor, layout.image_size, model.embedder.patch_size)
-    preprocessing = layout.preprocessing(model.mean, model.std, model.interpolation)
-    train, held = split_holdout(layout.train_samples(category, seed=settings.seed), proxy.holdout, proxy.seed,
-                                proxy.max_holdout)
-    proxy_set = ProxySet(make_synthetic(held, preprocessing, proxy.kinds, proxy.seed), model.mean, model.std,
-                         proxy.metric)
-    started = time.perf_counter()
-    fit = model.fit(DataLoader(AnomalyDataset(train, preprocessing), batch_size=settings.batch_size))
-    metrics, _, _ = proxy_set.score_model(model)
-    return {**metrics, "n_fit": len(train), "n_held_out": len(held), "bank_size": fit.bank_size,
-            "fit_time_s": round(time.perf_counter() - started, 3)}
-
-
-def _key(cfg: DictConfig, category: str, proxy: ProxyConfig) -> str:
-    """What a score depends on: the composed config (its hash and seed), the category, the proxy settings."""
-    text = json.dumps([config_hash(cfg), int(cfg.seed), category, proxy.holdout, proxy.max_holdout, proxy.metric,
-                       proxy.kinds, proxy.seed])
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
+ENTRY_KEYS = ("name", "overrides", "config_hash", "rung", "rungs", "resumed")  # a candidate's, not a rung's
 
 
 def _previous(path: Path) -> dict[str, dict]:
-    """Scored candidates of an earlier (interrupted or finished) run in this folder, by key."""
+    """Scores of an earlier (interrupted or finished) run in this folder, by key: every rung of every candidate
+    (an entry without ``rungs`` is one whole-part score)."""
     if not path.is_file():
         return {}
     try:
@@ -137,9 +62,11 @@ def _previous(path: Path) -> dict[str, dict]:
         return {}
     if not isinstance(record, dict) or record.get("format") != FORMAT or record.get("version") != VERSION:
         return {}
-    return {entry["key"]: entry for cat in (record.get("categories") or {}).values()
-            for entry in cat.get("candidates", []) if isinstance(entry, dict) and entry.get("score", 0) is not None
-            and "key" in entry}
+    entries = [entry for cat in (record.get("categories") or {}).values() if isinstance(cat, dict)
+               for entry in cat.get("candidates", []) if isinstance(entry, dict)]
+    rows = [row for entry in entries for row in (entry.get("rungs") or [entry]) if isinstance(row, dict)]
+    return {row["key"]: {k: v for k, v in row.items() if k not in ENTRY_KEYS} for row in rows
+            if isinstance(row.get("key"), str) and row.get("score", 0) is not None}
 
 
 def command(chosen: Sequence[str], path: Path, category: str) -> str:
@@ -148,58 +75,124 @@ def command(chosen: Sequence[str], path: Path, category: str) -> str:
     return f"python experiments/main.py selection={path} category={category}"
 
 
+class _Selection:
+    """One select run: its record (written after every fit), the scores it may take over, the progress bar."""
+
+    def __init__(self, cfg: DictConfig, run_dir: Path, base: list[str], space_name: str,
+                 halving: Halving | None) -> None:
+        self.proxy, self.halving, self.started = proxy_settings(cfg.select), halving, time.perf_counter()
+        self.path, self.cache = run_dir / SELECTION_FILE, run_dir / "feature_cache"
+        self.done = _previous(self.path)
+        self.record = {"format": FORMAT, "version": VERSION, "complete": False, "dataset": str(cfg.dataset.name),
+                       "space": space_name, "base_overrides": base, "metric": self.proxy.metric,
+                       "proxy": proxy_record(self.proxy), "halving": halving.record() if halving else None,
+                       "seed": int(cfg.seed), "planned_fit_images": 0, "categories": {}, "chosen": {},
+                       "commands": {}, "time_s": None}
+        self.bar = tqdm(total=0, desc="select", unit="img", disable=not cfg.progress)  # ETA: tqdm's time left
+
+    def write(self) -> None:
+        self.record["time_s"] = round(time.perf_counter() - self.started, 3)
+        write_json_atomic(self.path, self.record)  # a kill loses at most the candidate being fitted
+
+    def score(self, category: str, name: str, config: DictConfig, size: int | None) -> tuple[dict, bool]:
+        """(the rung's row, whether it was taken over from the earlier run)."""
+        key = score_key(config, category, self.proxy, size)
+        if key in self.done:
+            return {"key": key, **self.done[key]}, True
+        self.bar.set_postfix_str(f"{category} {name}"[:60])
+        row = {"key": key, **proxy_score(config, category, self.proxy, self.cache, size)}
+        log.info("[%s] %s on %d images: proxy %s %.4f (image %.4f, pixel %.4f)", category, name, row["n_fit"],
+                 self.proxy.metric, row["score"] or float("nan"), row["image_auroc"] or float("nan"),
+                 row["pixel_auroc"] or float("nan"))
+        return row, False
+
+    def category(self, category: str, found: list[tuple[Candidate, list[str], DictConfig]], n_full: int,
+                 node: dict) -> None:
+        """Successive halving (or the plain grid) over the category's candidates; the winner into ``node``."""
+        sizes = rung_sizes(len(found), n_full, self.halving)
+        eta = self.halving.eta if self.halving else 1
+        entries: dict[int, dict] = {}
+        alive = list(range(len(found)))
+        for rung, size in enumerate(sizes):
+            for i in alive:
+                candidate, overrides, config = found[i]
+                row, resumed = self.score(category, candidate.name, config, size)
+                old = entries.get(i)
+                rows = [*(old["rungs"] if old else []), row]
+                entry = {"name": candidate.name, "overrides": candidate.overrides, "config_hash": config_hash(config),
+                         "rung": rung, "rungs": rows, **row}
+                if resumed or (old and old.get("resumed")):
+                    entry["resumed"] = True
+                if old is None:
+                    node["candidates"].append(entry)
+                else:
+                    node["candidates"][node["candidates"].index(old)] = entry
+                entries[i] = entry
+                self.bar.update(row["n_fit"])
+                self.write()
+            if rung < len(sizes) - 1:
+                alive = survivors(alive, {i: entries[i]["score"] for i in alive}, eta)
+                log.info("[%s] rung %d: %s go on", category, rung, ", ".join(found[i][0].name for i in alive))
+        last = [i for i in alive if entries[i]["rung"] == len(sizes) - 1 and entries[i]["score"] is not None]
+        if not last:
+            raise ValueError(f"[{category}] no candidate could be scored (every proxy score was not finite)")
+        best = max(last, key=lambda i: entries[i]["score"])  # max keeps the first (earlier) of equal scores
+        node["chosen"] = entries[best]["name"]
+        self.record["chosen"][category] = found[best][1]
+        self.record["commands"][category] = command(self.record["chosen"][category], self.path, category)
+
+
 def run_selection(cfg: DictConfig, run_dir: Path, task: Sequence[str], compose: Compose,
                   space_name: str = "default") -> dict:
-    """Score every candidate for every category (resuming from ``run_dir/selection.json``); choose; record."""
-    started = time.perf_counter()
-    proxy = proxy_settings(cfg.select)
-    base = main_overrides(task)
-    found = candidates(OmegaConf.to_container(cfg.select.space, resolve=True), str(cfg.backbone.name))
-    check_base(base, found)
+    """Score the candidates for every category, by successive halving or the plain grid (resuming from
+    ``run_dir/selection.json``); choose; record. Everything that can fail before a fit fails first."""
+    node = cfg.select.get("halving")
+    halving = Halving.from_node(OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node)
+    run = _Selection(cfg, run_dir, main_overrides(task), space_name, halving)
+    base, proxy = run.record["base_overrides"], run.proxy
+    space = OmegaConf.to_container(cfg.select.space, resolve=False)  # ${category} stays for main.py
     layout = build(cfg.dataset)
     categories = layout.resolve_categories(cfg.category)
-    path = run_dir / SELECTION_FILE
-    done = _previous(path)
-    configs = [(name, overrides, compose([*base, *overrides])) for name, overrides in found]
-    for category in categories:  # too few images to hold some out: said before any fit
-        split_holdout(layout.train_samples(category, seed=int(cfg.seed)), proxy.holdout, proxy.seed,
-                      proxy.max_holdout)
-    record = {"format": FORMAT, "version": VERSION, "complete": False, "dataset": str(cfg.dataset.name),
-              "space": space_name, "base_overrides": base, "metric": proxy.metric,
-              "proxy": {"seed": proxy.seed, "holdout": proxy.holdout, "max_holdout": proxy.max_holdout,
-                        "kinds": proxy.kinds, "metric": proxy.metric},
-              "seed": int(cfg.seed), "categories": {}, "chosen": {}, "commands": {}, "time_s": None}
-    jobs = [(category, name, overrides, candidate) for category in categories
-            for name, overrides, candidate in configs]
-    bar = tqdm(jobs, desc="select", unit="fit", disable=not cfg.progress)  # ETA: tqdm's time left
-    for category, name, overrides, candidate in bar:
-        bar.set_postfix_str(f"{category} {name}"[:60])
-        key = _key(candidate, category, proxy)
-        entries = record["categories"].setdefault(category, {"candidates": [], "chosen": None})["candidates"]
-        if any(entry["key"] == key for entry in entries):  # equal to an earlier candidate: scored once
-            continue
-        if key in done:
-            entry = {**done[key], "name": name, "overrides": overrides, "resumed": True}
-        else:
-            entry = {"name": name, "overrides": overrides, "key": key, "config_hash": config_hash(candidate),
-                     **proxy_score(candidate, category, proxy, run_dir / "feature_cache")}
-            log.info("[%s] %s: proxy %s %.4f (image %.4f, pixel %.4f)", category, name, proxy.metric,
-                     entry["score"] or float("nan"), entry["image_auroc"] or float("nan"),
-                     entry["pixel_auroc"] or float("nan"))
-        entries.append(entry)
-        record["time_s"] = round(time.perf_counter() - started, 3)
-        write_json_atomic(path, record)  # a kill loses at most the candidate being fitted
-    for category, node in record["categories"].items():
-        scored = [e for e in node["candidates"] if e.get("score") is not None]
-        if not scored:
-            raise ValueError(f"[{category}] no candidate could be scored (every proxy score was not finite)")
-        best = max(scored, key=lambda e: e["score"])  # max keeps the first of equal scores
-        node["chosen"] = best["name"]
-        record["chosen"][category] = [*base, *best["overrides"]]
-        record["commands"][category] = command(record["chosen"][category], path, category)
-    record["complete"], record["time_s"] = True, round(time.perf_counter() - started, 3)
-    write_json_atomic(path, record)
-    return record
+    per_category_backbones(cfg, categories)  # the command's own fine-tuned checkpoints: all there, or said now
+    options = {option: compose(with_base(base, Candidate("", list(option), option)))
+               for option in backbone_options(space) if option}
+    layer_keys = {(): None if is_finetuned(cfg.backbone) else str(cfg.backbone.name),
+                  **{o: None if is_finetuned(c.backbone) else str(c.backbone.name) for o, c in options.items()}}
+    found = candidates(space, layer_keys)
+    check_base(base, found)
+    configs = [(c, with_base(base, c), compose(with_base(base, c))) for c in found]
+    plans, problems = {}, {}
+    for category in categories:  # too few images to hold some out, missing weights: said before any fit
+        train, _ = split_holdout(layout.train_samples(category, seed=int(cfg.seed)), proxy.holdout, proxy.seed,
+                                 proxy.max_holdout)
+        for option, config in options.items():  # a fine-tuned backbone: its checkpoint per category
+            where = (option, category if is_finetuned(config.backbone) else None)
+            if where not in problems:
+                problems[where] = backbone_problem(OmegaConf.merge(config, {"category": category}).backbone)
+        skipped = {o: why for o, c in options.items()
+                   if (why := problems[(o, category if is_finetuned(c.backbone) else None)])}
+        for option, why in skipped.items():
+            log.warning("[%s] skipped backbone option %s: %s", category, " ".join(option), why)
+        unique, keys = [], set()
+        for candidate, overrides, config in configs:  # candidates composing the same config: scored once
+            key = score_key(config, category, proxy)
+            if candidate.backbone not in skipped and key not in keys:
+                unique.append((candidate, overrides, config))
+                keys.add(key)
+        rungs = planned(len(unique), rung_sizes(len(unique), len(train), halving), len(train),
+                        halving.eta if halving else 1)
+        run.record["planned_fit_images"] += sum(r["candidates"] * r["n_fit"] for r in rungs)
+        run.record["categories"][category] = {
+            "candidates": [], "chosen": None, "rungs": rungs,
+            "skipped": [{"name": f"backbone:{' '.join(o)}", "reason": why} for o, why in skipped.items()]}
+        plans[category] = (unique, len(train))
+    run.bar.total = run.record["planned_fit_images"]
+    for category, (unique, n_full) in plans.items():
+        run.category(category, unique, n_full, run.record["categories"][category])
+    run.bar.close()
+    run.record["complete"] = True
+    run.write()
+    return run.record
 
 
 def run_overrides(run: Path) -> list[str]:
@@ -232,8 +225,7 @@ def score_run(cfg: DictConfig, run: Path, run_dir: Path, compose: Compose) -> di
     categories = sorted(results.get("categories") or {}) or build(run_cfg.dataset).resolve_categories(
         run_cfg.category)
     record = {"run": str(run), "config_hash": config_hash(run_cfg), "metric": proxy.metric,
-              "proxy": {"seed": proxy.seed, "holdout": proxy.holdout, "max_holdout": proxy.max_holdout,
-                        "kinds": proxy.kinds, "metric": proxy.metric}, "categories": {}}
+              "proxy": proxy_record(proxy), "categories": {}}
     for category in tqdm(categories, desc="score_run", disable=not cfg.progress):
         record["categories"][category] = proxy_score(run_cfg, category, proxy, run_dir / "feature_cache")
     scores = [c["score"] for c in record["categories"].values() if c.get("score") is not None]

@@ -108,19 +108,17 @@ def check_extractor(name: str, dataset: str) -> str | None:
     """None when backbone ``name`` has pretrained weights on this machine, else why not (built here, once)."""
     from hydra import compose, initialize_config_dir
 
-    from experiments.harness.components import build
+    from experiments.harness.backbones import backbone_problem, unavailable
     from experiments.studies.comparison import CONF_STUDY
 
     try:
         with initialize_config_dir(config_dir=str(CONF_STUDY.parent), version_base="1.3"):
             cfg = compose("config", overrides=[f"backbone={name}", f"dataset={dataset}"])
-        if cfg.backbone.get("pretrained", True) in (None, False):
-            return "its config has random weights (backbone.pretrained): never part of a comparison"
-        build(cfg.backbone)
-    except Exception as error:  # missing weights, offline hub, unknown config: the reason is the message
-        first = str(error).strip().splitlines()[0] if str(error).strip() else ""
-        return f"weights not available: {type(error).__name__}: {first}"[:400]
-    return None
+    except Exception as error:  # an unknown config: the reason is the message
+        return unavailable(error)
+    if cfg.backbone.get("pretrained", True) in (None, False):
+        return "its config has random weights (backbone.pretrained): never part of a comparison"
+    return backbone_problem(cfg.backbone)
 
 
 class _Planner:
