@@ -234,17 +234,19 @@ def from_manifest(manifest: dict, runs: list[Run], frame: pd.DataFrame,
             continue
         members: dict[str, list[Run]] = {}
         problems: dict[str, list[str]] = {}
+        job_arms = entry.get("job_arms") or {}  # a run shared with another comparison: its arm in this one
         for job_id in entry.get("jobs", []):
             job = jobs.get(job_id)
             if job is None or job["kind"] != "patchcore":
                 continue
+            arm = job_arms.get(job_id, job["arm"])
             run = by_folder.get(Path(job["folder"]).resolve())
             if run is None:
                 why = job.get("status", "not run")
                 why = {"pending": "not run yet", "running": "interrupted"}.get(why, why)
-                problems.setdefault(job["arm"], []).append(f"seed {job['seed']}: {why}")
+                problems.setdefault(arm, []).append(f"seed {job['seed']}: {why}")
             else:
-                members.setdefault(job["arm"], []).append(run)
+                members.setdefault(arm, []).append(run)
         arms = [Arm.of(arm, members[arm], frame) for arm in entry.get("arms", []) if arm in members]
         missing = [(arm, "; ".join(why)) for arm, why in problems.items()]
         missing += [(row["arm"], row["reason"]) for row in manifest.get("skipped", [])
