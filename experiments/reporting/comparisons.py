@@ -146,6 +146,9 @@ class Comparison:
     dataset: str | None = None                            # the dataset its runs are on
     # a sweep whose values the runs' configs do not hold (fine-tuning steps): arm -> (series, value), from study.json
     points: dict[str, tuple[str, object]] = field(default_factory=dict)
+    # a ``selection`` comparison (experiments/studies/selection_kind.py): study.json's record of it (space,
+    # candidates: candidate name -> arm) and ``files``: seed -> its select job's selection.json
+    selection: dict | None = None
 
     @property
     def baseline(self) -> Arm:
@@ -258,7 +261,10 @@ def from_manifest(manifest: dict, runs: list[Run], frame: pd.DataFrame,
         sweep = entry["sweep"] if "sweep" in entry else spec.get("sweep") if isinstance(spec, dict) else None
         title = entry.get("title", name) + (f" ({dataset})" if len(study_datasets) > 1 else "")
         points = {arm: (point["series"], point["value"]) for arm, point in (entry.get("points") or {}).items()}
-        comparisons.append(Comparison(key.replace("/", "_"), title, arms, missing, sweep, dataset, points))
+        selection = {**entry["selection"], "files": {
+            jobs[j]["seed"]: Path(jobs[j]["folder"]) / "selection.json" for j in entry.get("jobs", [])
+            if j in jobs and jobs[j]["kind"] == "select"}} if entry.get("selection") else None
+        comparisons.append(Comparison(key.replace("/", "_"), title, arms, missing, sweep, dataset, points, selection))
     return comparisons
 
 
