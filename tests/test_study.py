@@ -276,7 +276,8 @@ def test_a_new_kind_of_comparison_is_one_function_in_kinds(tmp_path, monkeypatch
     assert "coreset.ratio=0.7" in plan.jobs[3].overrides and "seed=1" in plan.jobs[3].overrides
     assert plan.comparisons["textures/odd"] == {"dataset": "textures", "comparison": "odd", "title": "Odd ratios",
                                                 "kind": "ratios", "sweep": None, "arms": ["baseline", "r0.3", "r0.7"],
-                                                "jobs": [j.id for j in plan.jobs]}
+                                                "jobs": [j.id for j in plan.jobs],
+                                                "job_arms": {j.id: j.arm for j in plan.jobs}}
 
 
 def test_old_setting_names_in_a_study_fail_when_it_is_planned(tmp_path) -> None:

@@ -146,6 +146,9 @@ class Comparison:
     dataset: str | None = None                            # the dataset its runs are on
     # a sweep whose values the runs' configs do not hold (fine-tuning steps): arm -> (series, value), from study.json
     points: dict[str, tuple[str, object]] = field(default_factory=dict)
+    # a ``selection`` comparison (experiments/studies/selection_kind.py): study.json's record of it (space,
+    # candidates: candidate name -> arm) and ``files``: seed -> its select job's selection.json
+    selection: dict | None = None
 
     @property
     def baseline(self) -> Arm:
@@ -234,17 +237,19 @@ def from_manifest(manifest: dict, runs: list[Run], frame: pd.DataFrame,
             continue
         members: dict[str, list[Run]] = {}
         problems: dict[str, list[str]] = {}
+        job_arms = entry.get("job_arms") or {}  # a run shared with another comparison: its arm in this one
         for job_id in entry.get("jobs", []):
             job = jobs.get(job_id)
             if job is None or job["kind"] != "patchcore":
                 continue
+            arm = job_arms.get(job_id, job["arm"])
             run = by_folder.get(Path(job["folder"]).resolve())
             if run is None:
                 why = job.get("status", "not run")
                 why = {"pending": "not run yet", "running": "interrupted"}.get(why, why)
-                problems.setdefault(job["arm"], []).append(f"seed {job['seed']}: {why}")
+                problems.setdefault(arm, []).append(f"seed {job['seed']}: {why}")
             else:
-                members.setdefault(job["arm"], []).append(run)
+                members.setdefault(arm, []).append(run)
         arms = [Arm.of(arm, members[arm], frame) for arm in entry.get("arms", []) if arm in members]
         missing = [(arm, "; ".join(why)) for arm, why in problems.items()]
         missing += [(row["arm"], row["reason"]) for row in manifest.get("skipped", [])
@@ -256,7 +261,10 @@ def from_manifest(manifest: dict, runs: list[Run], frame: pd.DataFrame,
         sweep = entry["sweep"] if "sweep" in entry else spec.get("sweep") if isinstance(spec, dict) else None
         title = entry.get("title", name) + (f" ({dataset})" if len(study_datasets) > 1 else "")
         points = {arm: (point["series"], point["value"]) for arm, point in (entry.get("points") or {}).items()}
-        comparisons.append(Comparison(key.replace("/", "_"), title, arms, missing, sweep, dataset, points))
+        selection = {**entry["selection"], "files": {
+            jobs[j]["seed"]: Path(jobs[j]["folder"]) / "selection.json" for j in entry.get("jobs", [])
+            if j in jobs and jobs[j]["kind"] == "select"}} if entry.get("selection") else None
+        comparisons.append(Comparison(key.replace("/", "_"), title, arms, missing, sweep, dataset, points, selection))
     return comparisons
 
 

@@ -29,6 +29,7 @@ from experiments.reporting.paper_sections import (
     pixel_note,
     software,
 )
+from experiments.reporting.selection_tables import selection_numbers, selection_tables
 from experiments.reporting.tables import (
     TABLE_METRICS,
     category_paired_table,
@@ -148,9 +149,11 @@ def results(inputs: Inputs, variants: dict[str, list[Run]], out: Path) -> list[B
 
 def differences(inputs: Inputs) -> list[Block]:
     """Each comparison's differences to its baseline, the paper's tables (stats.paired: the same intervals and
-    verdicts as the paper states)."""
+    verdicts as the paper states), and a selection comparison's choice, oracle and rank-agreement tables."""
     found = [table for comparison in inputs.present
              for table in (paired_table(comparison), category_paired_table(comparison)) if table is not None]
+    found += [table for comparison in inputs.present for numbers in [selection_numbers(comparison)]
+              if numbers is not None for table in selection_tables(numbers)]
     return [Heading("Differences to the baseline"), *found] if found else []
 
 

@@ -15,6 +15,7 @@ import pandas as pd
 from experiments.harness.anomaly_maps import MAPS_DIR
 from experiments.harness.results import METRIC_TITLES
 from experiments.reporting import figures as pf
+from experiments.reporting import selection_tables as st
 from experiments.reporting.comparisons import Comparison, Inputs, categories_of, format_value
 from experiments.reporting.data import Run, first_run, setting
 from experiments.reporting.document import Block, Bullets, Code, FigureBlock, Gallery, Heading, Note, text
@@ -236,7 +237,20 @@ def comparison_blocks(ctx: Context, comparisons: list[Comparison], level: int) -
         if any(is_finetuned(a.runs[0].config.get("backbone") or {}) for a in comparison.others):
             blocks += [selection_table(comparison), curve_table(comparison),
                        *figure_blocks(pf.finetune_figure(comparison), ctx.out)]
+        blocks += selection_blocks(comparison)
     return blocks
+
+
+def selection_blocks(comparison: Comparison) -> list[Block]:
+    """A selection comparison's result in words (the choice and the oracle against the defaults, the rank
+    agreement) and its tables (selection_tables.py); nothing for other comparisons."""
+    found = st.selection_numbers(comparison)
+    if found is None:
+        return []
+    said = [difference_sentence(name, "image_auroc", diff) for name, diff in
+            ((st.CHOICE, found.choice_diff), (st.ORACLE, found.oracle_diff)) if diff is not None]
+    notes = [Note("Not in the selection's numbers: " + "; ".join(found.notes))] if found.notes else []
+    return [text(" ".join([*said, st.spearman_sentence(found)])), *notes, *st.selection_tables(found)]
 
 
 def gallery_items(ctx: Context) -> list[tuple[str, str, str, str]]:

@@ -15,7 +15,10 @@ the YAML into arms, so a new kind of comparison is one function here plus its YA
 - ``methods``: fine-tuned baseline backbones, a conf/method name each, or arm name ->
   ``{method, overrides}`` for fine-tuning settings (e.g. ``method.train.l2sp_weight``); with ``steps: [40, 200]``
   one arm per method and step count (``method.train.max_steps``), recorded as a sweep over it whose baseline is
-  step 0 (the pretrained weights): the training-length curve.
+  step 0 (the pretrained weights): the training-length curve;
+- ``selection``: ``{space: <conf/select/space name>, overrides: [select.* settings]}``: the label-free choice of
+  experiments/selection.py against the defaults and the test-set oracle (experiments/studies/selection_kind.py);
+  its arms are the space's candidates, the ``base`` candidate being the baseline.
 
 Any comparison may name its own ``seeds:`` (a subset of the study's, e.g. one seed for a costly curve); the
 baseline keeps the study's seeds.
@@ -31,6 +34,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from experiments.harness.overrides import renamed_overrides
+from experiments.studies.selection_kind import Selection, selection_of
 
 CONF_STUDY = Path(__file__).resolve().parents[2] / "conf" / "study"
 BASELINE = "baseline"
@@ -68,6 +72,7 @@ class Comparison:
     # a sweep whose values are not in the PatchCore runs' configs (fine-tuning steps): arm -> (series, value),
     # the baseline's value included; the report draws one curve per series through the baseline
     points: tuple[tuple[str, str, object], ...] = ()
+    selection: Selection | None = None                # a ``selection`` comparison's space and candidates
 
     def record(self, dataset: str) -> dict:
         """What the manifest keeps of it on ``dataset`` (the report reads comparisons back from there)."""
@@ -75,6 +80,8 @@ class Comparison:
                   "sweep": self.sweep, "arms": [BASELINE, *(arm.name for arm in self.arms)]}
         if self.points:
             record["points"] = {arm: {"series": series, "value": value} for arm, series, value in self.points}
+        if self.selection is not None:
+            record["selection"] = self.selection.record()
         return record
 
 
@@ -134,7 +141,8 @@ class Study:
                 checked[backbone, dataset] = check(backbone, dataset)
             return checked[backbone, dataset]
 
-        datasets = tuple(_dataset(str(name), entry, specs, source, str(config["backbone"]), cached)
+        common = tuple(map(str, config.get("common") or []))
+        datasets = tuple(_dataset(str(name), entry, specs, source, str(config["backbone"]), cached, common)
                          for name, entry in config["datasets"].items())
         study = cls(str(config["name"]), str(config["backbone"]), seeds, datasets,
                     frozenset(int(s) for s in config.get("save_model_seeds") or []),
@@ -157,7 +165,8 @@ class Study:
             raise StudyConfigError(f"{self.source}: " + "; ".join(sorted(set(messages))))
 
 
-def _dataset(name: str, entry, specs: dict, source: str, backbone: str, check: WeightsCheck) -> StudyDataset:
+def _dataset(name: str, entry, specs: dict, source: str, backbone: str, check: WeightsCheck,
+             common: tuple[str, ...] = ()) -> StudyDataset:
     """One ``datasets:`` entry, its comparisons typed (the extractors' weights checked for it)."""
     where = f"{source}: datasets.{name}"
     entry = {} if entry is None else entry
@@ -170,10 +179,11 @@ def _dataset(name: str, entry, specs: dict, source: str, backbone: str, check: W
     elif not isinstance(names, list) or any(n not in specs for n in names):
         raise StudyConfigError(f"{where}.comparisons: {names!r}: give a list of the study's comparisons "
                                f"({', '.join(specs)}); leave it out to run them all")
-    context = _Context(source, backbone, name, check)
+    overrides = tuple(map(str, entry.get("overrides") or []))
+    fixed = frozenset(o.split("=", 1)[0].lstrip("+~") for o in (*common, *overrides))
+    context = _Context(source, backbone, name, check, fixed)
     return StudyDataset(name, entry.get("category", "all"),
-                        tuple(_comparison(str(n), specs[n], context) for n in names),
-                        tuple(map(str, entry.get("overrides") or [])),
+                        tuple(_comparison(str(n), specs[n], context) for n in names), overrides,
                         tuple(map(str, entry.get("finetune_overrides") or [])))
 
 
@@ -183,6 +193,7 @@ class _Context:
     backbone: str
     dataset: str
     check: WeightsCheck
+    fixed: frozenset[str] = frozenset()   # the keys the study's common and the dataset's overrides set
 
 
 def slug(text: str) -> str:
@@ -284,9 +295,25 @@ def _training_length(name: str, spec: dict, context: _Context) -> list[tuple[Arm
     return found
 
 
+def _selection_of(name: str, spec: dict, context: _Context) -> Selection:
+    try:
+        return selection_of(name, spec["selection"], context.source, context.backbone, set(context.fixed))
+    except StudyConfigError:
+        raise
+    except ValueError as error:
+        raise StudyConfigError(str(error)) from None
+
+
+def _selection(name: str, spec: dict, context: _Context) -> tuple[list[Arm], list[tuple[str, str]]]:
+    """One arm per candidate of the space but the base (the baseline itself)."""
+    selection = _selection_of(name, spec, context)
+    return [Arm(candidate, overrides) for candidate, overrides in selection.candidates
+            if selection.arm(candidate) != BASELINE], []
+
+
 # kind (the key that names it in the YAML) -> (comparison name, its YAML, context) -> (arms, skipped arms)
 KINDS: dict[str, Callable[[str, dict, _Context], tuple[list[Arm], list[tuple[str, str]]]]] = {
-    "arms": _arms, "sweep": _sweep, "extractors": _extractors, "methods": _methods,
+    "arms": _arms, "sweep": _sweep, "extractors": _extractors, "methods": _methods, "selection": _selection,
 }
 
 
@@ -305,13 +332,14 @@ def _comparison(name: str, spec, context: _Context) -> Comparison:
         points = ()
         arms, skipped = KINDS[kinds[0]](str(name), spec, context)
         sweep = str(spec["sweep"]) if kinds[0] == "sweep" else None
+    selection = _selection_of(str(name), spec, context) if kinds[0] == "selection" else None
     if "seeds" in spec:  # the comparison's own seeds (an arm's own seeds still win): a costly curve on fewer seeds
         seeds = spec["seeds"]
         if not isinstance(seeds, list) or not seeds or not all(isinstance(x, int) and not isinstance(x, bool)
                                                                for x in seeds):
             raise StudyConfigError(f"{context.source}: comparisons.{name}.seeds: {seeds!r}: give a list of seeds")
         arms = [arm if arm.seeds is not None else replace(arm, seeds=tuple(seeds)) for arm in arms]
-    return Comparison(str(name), title, kinds[0], tuple(arms), sweep, tuple(skipped), points)
+    return Comparison(str(name), title, kinds[0], tuple(arms), sweep, tuple(skipped), points, selection)
 
 
 def load_study(name_or_path: str) -> dict:

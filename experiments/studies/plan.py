@@ -6,7 +6,10 @@ On each dataset the baseline arm runs once per seed and is the reference of that
 Identical runs (the same overrides) are run once and shared between comparisons. An arm with a fine-tuned
 backbone gets a ``finetune.py`` run per seed first, its checkpoints under ``<study>/<dataset>/checkpoints/``
 (so categories of two datasets never share a file), in a folder of their own when it changes fine-tuning
-settings; the same fine-tuning run asked for by two comparisons runs once.
+settings; the same fine-tuning run asked for by two comparisons runs once. A ``selection`` comparison gets one
+``selection.py`` job per seed (``select``, experiments/studies/selection_kind.py) besides its candidates' runs,
+which do not wait for it. Each comparison's record names the arm of each of its jobs (``job_arms``): a run shared
+with another comparison keeps its own arm name in each.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from experiments.studies.comparison import (
     DEFAULT_STEPS,
     STEPS,
     Arm,
+    Comparison,
     Study,
     StudyConfigError,
     StudyDataset,
@@ -38,7 +42,7 @@ class RunSpec:
     manifest and the report know a run by this."""
 
     id: str                       # <dataset>/<comparison>/<arm>[_seed<s>], unique in the study
-    kind: str                     # "patchcore" | "finetune"
+    kind: str                     # "patchcore" | "finetune" | "select"
     dataset: str
     comparison: str
     arm: str
@@ -49,8 +53,11 @@ class RunSpec:
     checkpoints: list[Path] = field(default_factory=list)  # finetune: the files it produces
 
     def command(self, python: str = "python") -> list[str]:
-        script = "experiments/main.py" if self.kind == "patchcore" else "experiments/finetune.py"
-        return [python, script, *self.overrides, f"hydra.run.dir={self.folder}"]
+        return [python, SCRIPTS[self.kind], *self.overrides, f"hydra.run.dir={self.folder}"]
+
+
+SCRIPTS = {"patchcore": "experiments/main.py", "finetune": "experiments/finetune.py",
+           "select": "experiments/selection.py"}
 
 
 @dataclass
@@ -59,7 +66,8 @@ class Plan:
     folder: Path
     categories: dict[str, list[str]]  # dataset -> its categories
     jobs: list[RunSpec]
-    comparisons: dict[str, dict]  # <dataset>/<comparison> -> Comparison.record() + {"jobs": [the baseline's first]}
+    # <dataset>/<comparison> -> Comparison.record() + {"jobs": [the baseline's first], "job_arms": {job: arm}}
+    comparisons: dict[str, dict]
 
     @property
     def name(self) -> str:
@@ -131,14 +139,18 @@ class _Planner:
         self.roots: dict[Path, tuple] = {}  # checkpoint root -> the fine-tuning overrides that write it
         self.finetunes: dict[tuple, tuple[str, list[str]]] = {}  # fine-tuning identity -> (job, its use)
 
+    def common(self, dataset: StudyDataset) -> list[str]:
+        """The study's and the dataset's overrides of every PatchCore run on ``dataset``, paths filled in."""
+        where = self.folder / dataset.name
+        return [o.replace("${study_dir}", str(self.folder)).replace("${dataset_dir}", str(where))
+                for o in (*self.study.common, *dataset.overrides)]
+
     def patchcore(self, dataset: StudyDataset, comparison: str, arm: str, overrides: list[str] | tuple[str, ...],
                   seed: int, multi_seed: bool, needs: list[str] | None = None) -> str:
-        study, where = self.study, self.folder / dataset.name
+        study = self.study
         base = [f"dataset={dataset.name}", f"category={value_text(dataset.category)}", f"backbone={study.backbone}",
                 "force=true", f"logger={study.logger}", "progress=false"]
-        common = [o.replace("${study_dir}", str(self.folder)).replace("${dataset_dir}", str(where))
-                  for o in (*study.common, *dataset.overrides)]
-        arm_overrides = merge_overrides(base, common, overrides, [f"seed={seed}"])
+        arm_overrides = merge_overrides(base, self.common(dataset), overrides, [f"seed={seed}"])
         key = tuple(sorted(arm_overrides))
         if key in self.by_overrides:  # the same run in another comparison: run once, share it
             return self.by_overrides[key]
@@ -187,12 +199,34 @@ class _Planner:
         self.finetunes[key] = (job_id, use)
         return job_id, use
 
+    def select(self, dataset: StudyDataset, comparison: Comparison, seed: int, multi_seed: bool) -> str:
+        """The ``selection.py`` job of a selection comparison for ``seed``: the PatchCore runs' study and dataset
+        overrides as its base (the candidates' own base), the space less what the dataset fixes."""
+        selection = comparison.selection
+        overrides = merge_overrides(
+            [f"dataset={dataset.name}", f"category={value_text(dataset.category)}",
+             f"backbone={self.study.backbone}", "progress=false"], self.common(dataset),
+            [f"select/space={selection.space}", *selection.dropped, *selection.overrides],
+            [f"seed={seed}", f"select.seed={seed}"])
+        key = ("select", *sorted(overrides))
+        if key in self.by_overrides:  # the same selection asked for by another comparison: run once
+            return self.by_overrides[key]
+        job_id = f"{dataset.name}/{comparison.name}/select" + (f"_seed{seed}" if multi_seed else "")
+        self.jobs[job_id] = RunSpec(job_id, "select", dataset.name, comparison.name, "selection", seed, overrides,
+                                    self.folder / job_id)
+        self.by_overrides[key] = job_id
+        return job_id
+
     def plan(self) -> Plan:
         study, comparisons = self.study, {}
         for dataset in study.datasets:
             baseline = [self.patchcore(dataset, BASELINE, BASELINE, [], s, len(study.seeds) > 1) for s in study.seeds]
             for comparison in dataset.comparisons:
                 ids = list(baseline)
+                arms = dict.fromkeys(baseline, BASELINE)  # job -> its arm here (the first arm that asked for it)
+                if comparison.selection is not None:
+                    seeds = (comparison.arms[0].seeds if comparison.arms else None) or study.seeds
+                    ids += [self.select(dataset, comparison, seed, len(seeds) > 1) for seed in seeds]
                 tuned = {(arm.name, seed): self.finetune(dataset, comparison.name, arm, seed)  # fine-tuning first
                          for arm in comparison.arms if arm.finetune is not None for seed in arm.seeds or study.seeds}
                 for arm in comparison.arms:
@@ -202,7 +236,9 @@ class _Planner:
                         need, overrides = tuned.get((arm.name, seed), (None, list(arm.overrides)))
                         ids.append(self.patchcore(dataset, comparison.name, arm.name, overrides, seed, multi,
                                                   [need] if need else []))
-                comparisons[f"{dataset.name}/{comparison.name}"] = {**comparison.record(dataset.name), "jobs": ids}
+                        arms.setdefault(ids[-1], arm.name)
+                comparisons[f"{dataset.name}/{comparison.name}"] = {**comparison.record(dataset.name), "jobs": ids,
+                                                                    "job_arms": arms}
         return Plan(study, self.folder, self.categories, list(self.jobs.values()), comparisons)
 
 

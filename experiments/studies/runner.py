@@ -2,8 +2,9 @@
 line per job with the time left, and the study manifest (``study.json``) rewritten after every job.
 
 A PatchCore job is done when its folder holds a complete ``results.json``; a fine-tuning job when every
-checkpoint it makes exists with its sidecar. A job that fails is recorded with the tail of its log and the
-study goes on; the jobs that need it are recorded as blocked. Nothing is ever silently dropped: the
+checkpoint it makes exists with its sidecar; a select job (experiments/selection.py) when its ``selection.json``
+is complete. A job that fails is recorded with the tail of its log and the study goes on; the jobs that need it
+are recorded as blocked. Nothing is ever silently dropped: the
 manifest lists every job (done, skipped because done before, failed, blocked) and every arm that could
 not run here (``skipped``), and the report reads it.
 """
@@ -74,7 +75,7 @@ def _die_with_parent() -> Callable[[], None] | None:
 def is_done(job: RunSpec) -> bool:
     if job.kind == "finetune":
         return bool(job.checkpoints) and all(p.is_file() and p.with_suffix(".json").is_file() for p in job.checkpoints)
-    path = job.folder / "results.json"
+    path = job.folder / ("selection.json" if job.kind == "select" else "results.json")
     try:
         return json.loads(path.read_text()).get("complete") is True
     except (OSError, ValueError, AttributeError):

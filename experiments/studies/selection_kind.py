@@ -1,0 +1,92 @@
+"""The study's ``selection`` comparison (docs/selection.md, "How far it can be trusted"): how far the label-free
+choice of experiments/selection.py can be trusted, measured on the test set.
+
+YAML: ``selection: {space: default, overrides: [...]}`` (``overrides``: the select job's own settings, e.g.
+``select.metric=image_auroc``). Per seed the planner runs one ``experiments/selection.py`` job (the study's
+and the dataset's main.py overrides as its base, ``seed`` and ``select.seed`` the study seed) and one
+PatchCore run per candidate of the space (its overrides on the same base), so every candidate has its proxy
+score (selection.json) and its test metrics (results.json) at every seed; the ``base`` candidate is the
+baseline run itself. The report (experiments/reporting/selection_tables.py) compares the choice with the
+defaults and with the best candidate on the test set (the oracle), and correlates proxy and test ranks.
+
+An axis of the space whose keys the study or the dataset already sets (ELPV's ``coreset.ratio=0.05``) is
+dropped from the space on that dataset (``~select.space.axes.<axis>`` on the select job): selection.py refuses
+a base that sets a key the space varies, and the fixed value is the study's choice (the time budget), which the
+candidates keep. The candidates are experiments/harness/selection.py's own ``candidates``, so the planner and
+the select job enumerate the same ones.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+SPACES = Path(__file__).resolve().parents[2] / "conf" / "select" / "space"
+BASE_CANDIDATE = "base"  # the name experiments/harness/selection.py gives the run's own configuration
+
+
+@dataclass(frozen=True)
+class Selection:
+    """What a ``selection`` comparison runs on one dataset."""
+
+    space: str                                      # a conf/select/space name
+    overrides: tuple[str, ...] = ()                 # the select job's own (select.* settings)
+    dropped: tuple[str, ...] = ()                   # the space's parts the dataset fixes, as Hydra deletions
+    candidates: tuple[tuple[str, tuple[str, ...]], ...] = ()  # (name, main.py overrides), the base first
+
+    def arm(self, candidate: str) -> str:
+        """The comparison's arm of a candidate: the base candidate is the baseline."""
+        from experiments.studies.comparison import BASELINE
+
+        return BASELINE if candidate == BASE_CANDIDATE else candidate
+
+    def record(self) -> dict:
+        return {"space": self.space, "overrides": list(self.overrides), "dropped": list(self.dropped),
+                "candidates": {name: self.arm(name) for name, _ in self.candidates}}
+
+
+def _key(override: str) -> str:
+    return override.split("=", 1)[0].lstrip("+~")
+
+
+def fix_space(space: dict, fixed: set[str], backbone: str) -> tuple[dict, list[str]]:
+    """``space`` without the axes (and the per-backbone layers) whose keys are in ``fixed``, and the Hydra
+    deletions that drop the same parts from the select job's space."""
+    space, dropped = {**space, "axes": dict(space.get("axes") or {})}, []
+    for axis, options in list(space["axes"].items()):
+        if any(_key(o) in fixed for option in options or [] for o in option):
+            del space["axes"][axis]
+            dropped.append(f"~select.space.axes.{axis}")
+    layers = space.get("layers") or {}
+    if "backbone.layers" in fixed and layers.get(backbone):
+        space["layers"] = {name: options for name, options in layers.items() if name != backbone}
+        dropped.append(f"~select.space.layers.{backbone}")
+    return space, dropped
+
+
+def selection_of(name: str, spec: dict, source: str, backbone: str, fixed: set[str]) -> Selection:
+    """The typed ``selection:`` of comparison ``name`` on a dataset whose runs set the keys ``fixed``."""
+    from experiments.harness.selection import candidates
+
+    where = f"{source}: comparisons.{name}.selection"
+    if not isinstance(spec, dict) or set(spec) - {"space", "overrides"}:
+        raise ValueError(f"{where}: {spec!r}: give {{space: <conf/select/space name>, overrides: [...]}}")
+    space_name = str(spec.get("space", "default"))
+    path = SPACES / f"{space_name}.yaml"
+    if not path.is_file():
+        known = ", ".join(sorted(p.stem for p in SPACES.glob("*.yaml")))
+        raise ValueError(f"{where}.space: {space_name!r}: no file {path} (known spaces: {known})")
+    overrides = spec.get("overrides") or []
+    if not isinstance(overrides, list) or not all(isinstance(o, str) and _key(o).startswith("select.")
+                                                  for o in overrides):
+        raise ValueError(f"{where}.overrides: {overrides!r}: give a list of select.* settings of the select job "
+                         "(main.py settings belong in the study's common or the dataset's overrides)")
+    space, dropped = fix_space(OmegaConf.to_container(OmegaConf.load(path), resolve=True), fixed, backbone)
+    found = candidates(space, backbone)
+    if len(found) < 2:
+        raise ValueError(f"{where}: the space {space_name!r} leaves no candidate besides the base on this dataset "
+                         f"(its axes set keys the study fixes: {', '.join(dropped) or 'none'})")
+    return Selection(space_name, tuple(overrides), tuple(dropped),
+                     tuple((candidate, tuple(o)) for candidate, o in found))
