@@ -90,7 +90,7 @@ def test_the_select_jobs_of_the_selection_study_compose_with_the_real_conf(tmp_p
     candidates are the ones the select job's composed space makes."""
     from omegaconf import OmegaConf
 
-    from experiments.harness.selection import candidates, check_base, main_overrides
+    from experiments.harness.selection_space import candidates, check_base, main_overrides
 
     plan = build_plan(load_study("selection"), tmp_path, {"textures": ["brick", "grass", "gravel", "tissue"],
                                                           "elpv": ["mono", "poly"]}, check=lambda *_: None)
@@ -103,8 +103,15 @@ def test_the_select_jobs_of_the_selection_study_compose_with_the_real_conf(tmp_p
         overrides = selects[2].overrides
         cfg = _compose("select", overrides)
         assert (cfg.seed, cfg.select.seed, cfg.dataset.name, cfg.backbone.name) == (2, 2, dataset, "effnet_lite0")
-        found = candidates(OmegaConf.to_container(cfg.select.space, resolve=True), str(cfg.backbone.name))
-        assert [name for name, _ in found] == list(entry["selection"]["candidates"])
+        space = OmegaConf.to_container(cfg.select.space, resolve=False)
+        options = [tuple(o) for o in space.get("backbones") or []]
+        # the study keeps the plain backbones its check accepts (here: all) and leaves fine-tuned options out
+        assert options == [("backbone=effnet_lite0",), ("backbone=resnet18",), ("backbone=wrn50",)]
+        layer_keys = {(): "effnet_lite0", **{o: o[0].split("=")[1] for o in options}}
+        found = candidates(space, layer_keys)
+        # the option equal to the run's own backbone is the base again (selection.py scores it once)
+        assert [c.name for c in found if c.overrides != ["backbone=effnet_lite0"]] == \
+            list(entry["selection"]["candidates"])
         check_base(main_overrides(overrides), found)  # what selection.py checks before any fit: no clash
         # the base candidate is the baseline run's config: the same overrides but bookkeeping (and the category,
         # which the select job takes as its own key)
@@ -116,7 +123,8 @@ def test_the_select_jobs_of_the_selection_study_compose_with_the_real_conf(tmp_p
     elpv = _compose("select", next(j for j in plan.jobs if j.id == "elpv/selection/select_seed0").overrides)
     assert elpv.coreset.ratio == 0.05 and elpv.dataset.train_limit == 200 and "coreset_ratio" not in \
         elpv.select.space.axes
-    assert len(plan.comparisons["elpv/selection"]["selection"]["candidates"]) == 7  # 9 less the two ratios
+    # 9 less the two ratios, plus resnet18 and wrn50 (weights accepted by this test's check)
+    assert len(plan.comparisons["elpv/selection"]["selection"]["candidates"]) == 9
 
 
 @pytest.mark.parametrize("spec, message", [
@@ -287,3 +295,17 @@ def test_the_report_has_the_selection_tables(study, tmp_path) -> None:
     assert "Spearman rank correlation of +0.38 on average" in report
     digest = (out / "digest.md").read_text()
     assert "oracle (test set)" in digest and "0: +0.50, 1: +1.00" in digest
+
+
+def test_backbone_options_without_weights_are_left_out_of_both_the_plan_and_the_select_job(tmp_path) -> None:
+    """The study's weights check decides once: an option it refuses (wrn50 here) and every fine-tuned option (its
+    checkpoint is outside the study) are neither planned nor scored: the select job's space lists the rest."""
+    plan = build_plan(load_study("selection"), tmp_path, {"textures": ["brick"], "elpv": ["poly"]},
+                      check=lambda name, dataset: "weights not available" if name == "wrn50" else None)
+    names = list(plan.comparisons["textures/selection"]["selection"]["candidates"])
+    assert "backbone:backbone=resnet18" in names and not any("wrn50" in n or "finetuned" in n for n in names)
+    select = next(job for job in plan.jobs if job.id == "textures/selection/select_seed0")
+    cfg = _compose("select", select.overrides)
+    assert [list(o) for o in cfg.select.space.backbones] == [["backbone=effnet_lite0"], ["backbone=resnet18"]]
+    arms = {job.arm for job in plan.jobs if job.comparison == "selection" and job.kind == "patchcore"}
+    assert "backbone:backbone=resnet18" in arms and not any("wrn50" in arm for arm in arms)

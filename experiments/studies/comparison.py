@@ -297,7 +297,8 @@ def _training_length(name: str, spec: dict, context: _Context) -> list[tuple[Arm
 
 def _selection_of(name: str, spec: dict, context: _Context) -> Selection:
     try:
-        return selection_of(name, spec["selection"], context.source, context.backbone, set(context.fixed))
+        return selection_of(name, spec["selection"], context.source, context.backbone, set(context.fixed),
+                            context.check, context.dataset)
     except StudyConfigError:
         raise
     except ValueError as error:

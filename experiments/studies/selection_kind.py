@@ -66,9 +66,35 @@ def fix_space(space: dict, fixed: set[str], backbone: str) -> tuple[dict, list[s
     return space, dropped
 
 
-def selection_of(name: str, spec: dict, source: str, backbone: str, fixed: set[str]) -> Selection:
-    """The typed ``selection:`` of comparison ``name`` on a dataset whose runs set the keys ``fixed``."""
-    from experiments.harness.selection import candidates
+def backbone_options(space: dict, check, dataset: str) -> tuple[dict, list[str], list[tuple[str, str]]]:
+    """``space`` with only the ``backbones:`` options a study can run: a plain backbone whose weights are on this
+    machine (the study's own check, ``check(name, dataset)``); a fine-tuned option is left out (its checkpoint
+    path is the user's `make finetune` folder, not the study's: the study's own fine-tuned backbones are its
+    ``methods`` comparisons). Returns the space, the select job's override that keeps the same options, and
+    the options left out with why."""
+    from experiments.harness.selection_space import backbone_options as listed
+    from experiments.harness.selection_space import key_of
+
+    options = listed(space)
+    if not options:
+        return space, [], []
+    kept, left = [], []
+    for option in options:
+        name = next((o.split("=", 1)[1] for o in option if key_of(o) == "backbone"), "")
+        why = ("a fine-tuned checkpoint outside the study" if name == "finetuned" else check(name, dataset))
+        (left.append((" ".join(option), why)) if why else kept.append(list(option)))
+    if not left:
+        return space, [], []
+    listed_text = ",".join("[" + ",".join(f"'{o}'" for o in option) + "]" for option in kept)
+    override = f"select.space.backbones=[{listed_text}]" if kept else "~select.space.backbones"
+    return {**space, "backbones": kept}, [override], left
+
+
+def selection_of(name: str, spec: dict, source: str, backbone: str, fixed: set[str], check=None,
+                 dataset: str = "") -> Selection:
+    """The typed ``selection:`` of comparison ``name`` on a dataset whose runs set the keys ``fixed``;
+    ``check(backbone, dataset)``: why a backbone option cannot run here (None: it can)."""
+    from experiments.harness.selection_space import candidates
 
     where = f"{source}: comparisons.{name}.selection"
     if not isinstance(spec, dict) or set(spec) - {"space", "overrides"}:
@@ -83,10 +109,14 @@ def selection_of(name: str, spec: dict, source: str, backbone: str, fixed: set[s
                                                   for o in overrides):
         raise ValueError(f"{where}.overrides: {overrides!r}: give a list of select.* settings of the select job "
                          "(main.py settings belong in the study's common or the dataset's overrides)")
-    space, dropped = fix_space(OmegaConf.to_container(OmegaConf.load(path), resolve=True), fixed, backbone)
-    found = candidates(space, backbone)
+    space, dropped = fix_space(OmegaConf.to_container(OmegaConf.load(path), resolve=False), fixed, backbone)
+    space, kept_backbones, _ = backbone_options(space, check or (lambda *_: None), dataset)
+    options = [tuple(o) for o in space.get("backbones") or []]
+    layer_keys = {(): backbone, **{o: next(x.split("=", 1)[1] for x in o if _key(x) == "backbone")
+                                   for o in options if o}}
+    found = [c for c in candidates(space, layer_keys) if not (c.backbone and c.overrides == [f"backbone={backbone}"])]
     if len(found) < 2:
         raise ValueError(f"{where}: the space {space_name!r} leaves no candidate besides the base on this dataset "
                          f"(its axes set keys the study fixes: {', '.join(dropped) or 'none'})")
-    return Selection(space_name, tuple(overrides), tuple(dropped),
-                     tuple((candidate, tuple(o)) for candidate, o in found))
+    return Selection(space_name, tuple([*overrides, *kept_backbones]), tuple(dropped),
+                     tuple((c.name, tuple(c.overrides)) for c in found))
