@@ -28,9 +28,10 @@ import argparse
 from pathlib import Path
 
 from experiments.harness.run_key import DEFAULT_ROOTS
+from experiments.reporting.claims import ClaimError
 from experiments.reporting.comparisons import load
 from experiments.reporting.digest import build_digest
-from experiments.reporting.paper import build_paper
+from experiments.reporting.paper import WRITTEN, build_paper
 
 STUDIES = Path("studies")
 
@@ -51,12 +52,21 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", default="reports", help="output folder (default: reports)")
     parser.add_argument("--dataset", default=None, help="report on this dataset (default: the one most runs used)")
     parser.add_argument("--no-digest-pdf", action="store_true", help="write the digest as Markdown only")
+    parser.add_argument("--mark-failed-claims", action="store_true",
+                        help="render a claim of the written text that the runs do not support visibly marked, "
+                             "instead of failing (reports/paper/written/<study>/, docs/experiments.md)")
+    parser.add_argument("--written", default=None,
+                        help="folder of the studies' written text (default: reports/paper/written)")
     args = parser.parse_args(argv)
     run_dirs = args.run_dirs or default_run_dirs()
     out = Path(args.out)
     inputs = load(run_dirs, args.dataset)  # read once, for both documents
+    written = Path(args.written) if args.written else WRITTEN
+    try:  # the paper first: a claim the runs no longer support stops the build before anything is written
+        paper = build_paper(run_dirs, out, inputs=inputs, written=written, mark_claims=args.mark_failed_claims)
+    except ClaimError as error:
+        raise SystemExit(f"error: {error}") from None
     digest = build_digest(run_dirs, out, inputs=inputs, pdf=not args.no_digest_pdf)
-    paper = build_paper(run_dirs, out, inputs=inputs)
     print(f"{len(digest['runs'])} runs on {digest['dataset']}, {len(digest['excluded'])} left out")
     print(f"paper: {out / 'report.pdf'}, {out / 'report.html'} ({len(paper['comparisons'])} comparisons, "
           f"{len(paper['tables'])} tables, {len(paper['figures'])} figures)")

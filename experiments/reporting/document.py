@@ -173,6 +173,8 @@ def parse_source(source: str, values: dict[str, str], blocks: dict[str, list[Blo
         elif chunk.startswith("#"):
             level = len(chunk) - len(chunk.lstrip("#"))
             out.append(Heading(chunk[level:].strip(), level))
+        elif chunk.startswith("> "):  # a marked stub: text the authors of a study write (claims.py)
+            out.append(Note(" ".join(chunk[2:].split())))
         elif chunk.startswith("- "):
             items = re.split(r"\n- ", chunk[2:])
             out.append(Bullets([inline(" ".join(item.split())) for item in items]))

@@ -13,16 +13,19 @@ import yaml
 
 from core.io import write_json_atomic, write_text_atomic
 from experiments.reporting import paper_sections as ps
+from experiments.reporting.claims import Claim, Quantities, failure, resolve
 from experiments.reporting.comparisons import Comparison, Inputs, categories_of, load
 from experiments.reporting.data import setting
 from experiments.reporting.document import (
     Bibliography,
     Block,
+    Cell,
     Document,
     FigureBlock,
     Heading,
     Note,
     PageBreak,
+    TableBlock,
     parse_source,
 )
 from experiments.reporting.html_out import to_html
@@ -33,6 +36,7 @@ from experiments.reporting.tables import sources_rows, write_tables
 from experiments.reporting.typst_out import write_pdf
 
 SOURCES = Path(__file__).resolve().parents[2] / "reports" / "paper"
+WRITTEN = SOURCES / "written"  # <study>/<section>.md: a study's text written by people (claims.py)
 SECTIONS = {"abstract": "Abstract", "introduction": "Introduction", "related_work": "Related work",
             "method": "Method", "setup": "Experimental setup", "results": "Results", "discussion": "Discussion",
             "limitations": "Limitations", "conclusion": "Conclusion", "appendix": "Reproducibility"}
@@ -81,20 +85,45 @@ def values(ctx: ps.Context) -> dict[str, str]:
             "differences_effect": effect, "replicates": str(REPLICATES), "equivalence": f"{EQUIVALENCE:g}"}
 
 
-def compose(ctx: ps.Context) -> list[Block]:
-    """The sections' text with the values and the generated blocks filled in."""
+def section_source(section: str, study: str | None, written: Path | None) -> Path:
+    """The section's text: the study's written one (``<written>/<study>/<section>.md``, by people, its numbers
+    and claims checked: claims.py) where there is one, else the generated draft's (``reports/paper/``)."""
+    if written is not None and study and (written / study / f"{section}.md").is_file():
+        return written / study / f"{section}.md"
+    return SOURCES / f"{section}.md"
+
+
+def compose(ctx: ps.Context, written: Path | None = None, mark: bool = False,
+            claims: list[Claim] | None = None) -> list[Block]:
+    """The sections' text with the values and the generated blocks filled in; the written text's numbers
+    filled and its claims evaluated (into ``claims``; a failing one marked in the text when ``mark``)."""
     generated = {"setup_blocks": ps.setup_blocks(ctx), "results_blocks": ps.results_blocks(ctx),
                  "discussion_blocks": ps.discussion_blocks(ctx), "limitations_blocks": ps.limitations_blocks(ctx),
                  "conclusion_blocks": ps.conclusion_blocks(ctx), "appendix_blocks": ps.appendix_blocks(ctx)}
-    filled, blocks = values(ctx), []
+    filled, blocks, quantities = values(ctx), [], Quantities(ctx.present)
+    claims = [] if claims is None else claims
     for section in SECTIONS:
-        path = SOURCES / f"{section}.md"
+        path = section_source(section, (ctx.manifest or {}).get("study"), written)
         blocks += [Bibliography(), PageBreak()] if section == "appendix" else []
-        parsed = parse_source(path.read_text(), filled, generated, str(path))
+        text, found = resolve(path.read_text(), str(path), quantities, mark)
+        claims += found
+        parsed = parse_source(text, filled, generated, str(path))
         if section == "abstract" and parsed and isinstance(parsed[0], Heading):
             parsed[0].numbered = False
         blocks += parsed
+    if claims:
+        blocks += [Heading("Claims of the written text, checked against the runs", 2), claims_table(claims)]
     return blocks
+
+
+def claims_table(claims: list[Claim]) -> TableBlock:
+    """Every claim the written text makes, the number behind it and whether it holds (the build failed otherwise,
+    unless run with --mark-failed-claims)."""
+    rows = [[Cell(c.source.rsplit("/", 1)[-1]), Cell(c.condition), Cell(c.value), Cell("yes" if c.holds else "NO")]
+            for c in claims]
+    return TableBlock("claims", "Claims of the written text: each sentence's condition on the results, its value in "
+                      "these runs, and whether it holds (make report fails when one does not).",
+                      ["file:line", "claim", "value", "holds"], rows)
 
 
 def title(ctx: ps.Context) -> str:
@@ -108,17 +137,22 @@ def title(ctx: ps.Context) -> str:
 
 
 def build_paper(run_dirs: list[str | Path], out: str | Path = "reports", dataset: str | None = None,
-                inputs: Inputs | None = None) -> dict:
+                inputs: Inputs | None = None, written: Path | None = WRITTEN, mark_claims: bool = False) -> dict:
     """Write the paper (PDF, HTML, Typst source, tables, sources); returns its manifest (also paper.json).
-    ``inputs``: the runs already read (experiments/report.py reads them once for both documents)."""
+    ``inputs``: the runs already read (experiments/report.py reads them once for both documents); ``written``:
+    the folder of the studies' written text (claims.py). A claim of the written text that the runs do not support
+    raises ClaimError before anything is written, unless ``mark_claims`` (then it is marked in the text)."""
     out, inputs = Path(out), inputs or load(run_dirs, dataset)
-    ctx = ps.Context(**vars(inputs), out=out)
+    ctx, claims = ps.Context(**vars(inputs), out=out), []
     run_dirs, manifest, full = inputs.run_dirs, inputs.manifest or {}, bool(inputs.runs and inputs.comparisons)
     references = yaml.safe_load((SOURCES / "references.yml").read_text())
     if full:
         study = f"study {manifest.get('study')}, " if manifest else ""
         doc = Document(title(ctx), f"Generated {dt.datetime.now().strftime('%Y-%m-%d %H:%M')} by experiments/"
-                       f"report.py from {len(ctx.runs)} runs ({study}{', '.join(run_dirs)})", compose(ctx), references)
+                       f"report.py from {len(ctx.runs)} runs ({study}{', '.join(run_dirs)})",
+                       compose(ctx, written, mark_claims, claims), references)
+        if (error := failure(claims)) is not None and not mark_claims:
+            raise error
     else:
         why = f"; {len(inputs.left_out)} left out (see tables/excluded.csv)" if inputs.left_out else ""
         doc = Document("PatchCore comparative study: no runs", f"experiments/report.py {' '.join(run_dirs)}",
@@ -136,7 +170,7 @@ def build_paper(run_dirs: list[str | Path], out: str | Path = "reports", dataset
               "runs": [str(r.folder) for r in ctx.runs],
               "excluded": inputs.left_out, "comparisons": described, "sections": list(SECTION_TITLES) if full else [],
               "tables": [t.name for t in tables], "figures": [b.path for b in doc.blocks if isinstance(b, FigureBlock)],
-              "cells": cells, "pages_overflowing": overflowing}
+              "cells": cells, "pages_overflowing": overflowing, "claims": [c.record() for c in claims]}
     write_json_atomic(out / "paper.json", record)
     if (manifest.get("config") or {}).get("logger") == "wandb":
         from experiments.reporting.paper_wandb import log_main_table
