@@ -99,10 +99,10 @@ def test_the_select_jobs_of_the_selection_study_compose_with_the_real_conf(tmp_p
         entry = plan.comparisons[f"{dataset}/selection"]
         assert entry["selection"]["dropped"] == dropped
         selects = [job for job in plan.jobs if job.kind == "select" and job.dataset == dataset]
-        assert [job.seed for job in selects] == [0, 1, 2]
-        overrides = selects[2].overrides
+        assert [job.seed for job in selects] == [0]
+        overrides = selects[0].overrides
         cfg = _compose("select", overrides)
-        assert (cfg.seed, cfg.select.seed, cfg.dataset.name, cfg.backbone.name) == (2, 2, dataset, "effnet_lite0")
+        assert (cfg.seed, cfg.select.seed, cfg.dataset.name, cfg.backbone.name) == (0, 0, dataset, "effnet_lite0")
         space = OmegaConf.to_container(cfg.select.space, resolve=False)
         options = [tuple(o) for o in space.get("backbones") or []]
         # the study keeps the plain backbones its check accepts (here: all) and leaves fine-tuned options out
@@ -116,11 +116,11 @@ def test_the_select_jobs_of_the_selection_study_compose_with_the_real_conf(tmp_p
         # the base candidate is the baseline run's config: the same overrides but bookkeeping (and the category,
         # which the select job takes as its own key)
         base = main_overrides(overrides)
-        baseline = next(job for job in plan.jobs if job.id == f"{dataset}/baseline/baseline_seed2").overrides
+        baseline = next(job for job in plan.jobs if job.id == f"{dataset}/baseline/baseline").overrides
         category = "all" if dataset == "textures" else "[mono,poly]"
         assert set(base) < set(baseline)
         assert set(baseline) - set(base) == {f"category={category}", "force=true", "logger=none"}
-    elpv = _compose("select", next(j for j in plan.jobs if j.id == "elpv/selection/select_seed0").overrides)
+    elpv = _compose("select", next(j for j in plan.jobs if j.id == "elpv/selection/select").overrides)
     assert elpv.coreset.ratio == 0.05 and elpv.dataset.train_limit == 200 and "coreset_ratio" not in \
         elpv.select.space.axes
     # 9 less the two ratios, plus resnet18 and wrn50 (weights accepted by this test's check)
@@ -304,7 +304,7 @@ def test_backbone_options_without_weights_are_left_out_of_both_the_plan_and_the_
                       check=lambda name, dataset: "weights not available" if name == "wrn50" else None)
     names = list(plan.comparisons["textures/selection"]["selection"]["candidates"])
     assert "backbone:backbone=resnet18" in names and not any("wrn50" in n or "finetuned" in n for n in names)
-    select = next(job for job in plan.jobs if job.id == "textures/selection/select_seed0")
+    select = next(job for job in plan.jobs if job.id == "textures/selection/select")
     cfg = _compose("select", select.overrides)
     assert [list(o) for o in cfg.select.space.backbones] == [["backbone=effnet_lite0"], ["backbone=resnet18"]]
     arms = {job.arm for job in plan.jobs if job.comparison == "selection" and job.kind == "patchcore"}

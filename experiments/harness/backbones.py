@@ -34,7 +34,7 @@ def backbone_problem(node: Mapping) -> str | None:
 def unavailable(error: Exception) -> str:
     """Why a backbone cannot be built here, in a line (its error's first line)."""
     first = str(error).strip().splitlines()[0] if str(error).strip() else ""
-    return f"weights not available: {type(error).__name__}: {first}"[:400]
+    return f"weights not available: {type(error).__name__}: {first}"  # whole: a cut reason loses its fix
 
 
 def make_command(method: str, base: str, category: str) -> str:
