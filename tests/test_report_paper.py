@@ -77,7 +77,9 @@ def paper(tmp_path_factory) -> tuple[Path, dict, str]:
     record = build_paper([study], out)
     from pypdf import PdfReader
 
-    pdf_text = " ".join(" ".join((page.extract_text() or "").split()) for page in PdfReader(out / "report.pdf").pages)
+    pages = [" ".join((page.extract_text() or "").split()) for page in PdfReader(out / "report.pdf").pages]
+    # each page's number (its footer, extracted last) left out, so a sentence across a page break reads whole
+    pdf_text = " ".join(re.sub(rf"\s*\b{n}$", "", page) for n, page in enumerate(pages, 1))
     return out, record, pdf_text
 
 
