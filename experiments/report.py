@@ -31,7 +31,7 @@ from experiments.harness.run_key import DEFAULT_ROOTS
 from experiments.reporting.claims import ClaimError
 from experiments.reporting.comparisons import load
 from experiments.reporting.digest import build_digest
-from experiments.reporting.paper import WRITTEN, build_paper
+from experiments.reporting.paper import WRITTEN, FrontMatter, build_paper
 
 STUDIES = Path("studies")
 
@@ -57,13 +57,22 @@ def main(argv: list[str] | None = None) -> None:
                              "instead of failing (reports/paper/written/<study>/, docs/experiments.md)")
     parser.add_argument("--written", default=None,
                         help="folder of the studies' written text (default: reports/paper/written)")
+    for key, default in (("title", "from what the runs compare"), ("authors", FrontMatter.authors),
+                         ("affiliation", "none")):
+        parser.add_argument(f"--{key}", default=None, help=f"the paper's {key} (else the study YAML's report.{key}, "
+                                                           f"else: {default})")
     args = parser.parse_args(argv)
     run_dirs = args.run_dirs or default_run_dirs()
     out = Path(args.out)
     inputs = load(run_dirs, args.dataset)  # read once, for both documents
     written = Path(args.written) if args.written else WRITTEN
+    try:  # the settings are checked before any document is written
+        front = FrontMatter.of(inputs.manifest, title=args.title, authors=args.authors, affiliation=args.affiliation)
+    except ValueError as error:
+        parser.error(str(error))
     try:  # the paper first: a claim the runs no longer support stops the build before anything is written
-        paper = build_paper(run_dirs, out, inputs=inputs, written=written, mark_claims=args.mark_failed_claims)
+        paper = build_paper(run_dirs, out, inputs=inputs, front=front, written=written,
+                            mark_claims=args.mark_failed_claims)
     except ClaimError as error:
         raise SystemExit(f"error: {error}") from None
     digest = build_digest(run_dirs, out, inputs=inputs, pdf=not args.no_digest_pdf)
@@ -71,13 +80,13 @@ def main(argv: list[str] | None = None) -> None:
     print(f"paper: {out / 'report.pdf'}, {out / 'report.html'} ({len(paper['comparisons'])} comparisons, "
           f"{len(paper['tables'])} tables, {len(paper['figures'])} figures)")
     if paper["pages_overflowing"]:
-        print(f"warning: content runs into the side margins on page(s) {paper['pages_overflowing']} of "
+        print(f"warning: content runs into the side margins on pages {paper['pages_overflowing']} of "
               f"{out / 'report.pdf'} (a table or code line too wide): look at them, e.g. typst compile "
               f"{out / 'report.typ'} 'page-{{p}}.png'")
     pdf = "" if args.no_digest_pdf else f"{out / 'digest.pdf'} ({digest['pages']} pages), "
     print(f"digest: {pdf}{out / 'digest.md'}; tables in {out / 'tables'}")
     if digest["pages_overflowing"]:
-        print(f"warning: content runs into the side margins on page(s) {digest['pages_overflowing']} of "
+        print(f"warning: content runs into the side margins on pages {digest['pages_overflowing']} of "
               f"{out / 'digest.pdf'}")
     for row in digest["excluded"]:
         print(f"  left out: {row['run_dir']}: {row['reason']}")

@@ -24,6 +24,7 @@ import pandas as pd
 
 from experiments.harness.run_key import BOOKKEEPING, IDENTITY, PLACEMENT, is_ignored, read_results
 from experiments.reporting.data import Run, discover, drop_repeats, flatten, select, setting, sort_value, tidy
+from experiments.reporting.wording import natural_key
 from extensions.checkpoint import is_finetuned
 
 BASELINE = "baseline"
@@ -293,7 +294,9 @@ def infer(runs: list[Run], frame: pd.DataFrame) -> list[Comparison]:
         groups.setdefault(keys, {}).setdefault(run.variant, []).append(run)
     comparisons = []
     for keys, variants in sorted(groups.items()):
-        arms = [Arm.of(BASELINE, plain, frame), *(Arm.of(v, members, frame) for v, members in sorted(variants.items()))]
+        # numbers in names by value (train_limit=1, 2, 16), never as text (1, 16, 2)
+        arms = [Arm.of(BASELINE, plain, frame),
+                *(Arm.of(v, variants[v], frame) for v in sorted(variants, key=natural_key))]
         title = ", ".join(keys)
         sweep = keys[0] if len(keys) == 1 and _is_sweep(arms, keys[0]) else None
         name = "_".join(keys).replace(".", "_").replace(" ", "_").replace("-", "_")

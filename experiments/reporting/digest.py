@@ -21,14 +21,8 @@ from experiments.reporting.comparisons import Inputs, load, variant_order
 from experiments.reporting.data import Run, flatten, sort_value, sweep_commands
 from experiments.reporting.document import Block, Bullets, Code, Document, FigureBlock, Heading, Paragraph, Span
 from experiments.reporting.markdown_out import to_markdown
-from experiments.reporting.paper_sections import (
-    DATASETS,
-    categories_sentence,
-    dataset_title,
-    figure_blocks,
-    pixel_note,
-    software,
-)
+from experiments.reporting.paper_sections import figure_blocks, pixel_note, software
+from experiments.reporting.paper_setup import DATASETS, categories_sentence, dataset_title
 from experiments.reporting.selection_tables import selection_numbers, selection_tables
 from experiments.reporting.tables import (
     TABLE_METRICS,
@@ -39,6 +33,7 @@ from experiments.reporting.tables import (
     write_tables,
 )
 from experiments.reporting.typst_out import write_pdf
+from experiments.reporting.wording import noun, plural
 
 SETUP_SKIP = (*BOOKKEEPING, *IDENTITY)  # not listed as settings: bookkeeping, and what each run is of
 
@@ -82,7 +77,8 @@ def _variant_line(variant: str, members: list[Run]) -> str:
     seeds = sorted({str(run.config.get("seed")) for run in members})
     weights = "ImageNet weights" if backbone.get("pretrained", True) else "RANDOM weights"
     return (f"{variant}: {backbone.get('arch') or backbone.get('model') or backbone.get('_target_')}, layers "
-            f"{_value(backbone.get('layers'))}, {weights}; {len(members)} run(s), seed(s) {', '.join(seeds)}")
+            f"{_value(backbone.get('layers'))}, {weights}; "
+            f"{plural(len(members), 'run')}, {noun(len(seeds), 'seed')} {', '.join(seeds)}")
 
 
 def setup(inputs: Inputs, variants: dict[str, list[Run]]) -> list[Block]:
@@ -136,8 +132,9 @@ def results(inputs: Inputs, variants: dict[str, list[Run]], out: Path) -> list[B
     frame, names = inputs.frame, list(variants)
     tables = [*(metric_table(frame, metric, names) for metric in TABLE_METRICS), timing_table(frame, names)]
     best = pd.Series({v: c.value for v, c in zip(names, tables[0].rows[-1][1:])}, dtype=float).dropna()
-    blocks: list[Block] = [said(f"Best mean image AUROC: {best.idxmax()} ({best.max():.1f}%) among {len(names)} "
-                                f"variant(s) over {frame['category'].nunique()} categories.")] if len(best) else []
+    blocks: list[Block] = [said(f"Best mean image AUROC: {best.idxmax()} ({best.max():.1f}%) among "
+                                f"{plural(len(names), 'variant')} over "
+                                f"{plural(frame['category'].nunique(), 'category')}.")] if len(best) else []
     groups, categories = list(variants.items()), sorted(frame["category"].unique())
     sweeps = [figure for comparison in inputs.comparisons for figure in figures.sweep_figure(comparison)]
     built = figure_blocks([*sweeps, *figures.roc_figure(groups, categories), *figures.map_figures(groups, categories)],
@@ -167,7 +164,8 @@ def build_digest(run_dirs: list[str | Path], out: str | Path = "reports", datase
                       pd.DataFrame(inputs.left_out, columns=["run_dir", "reason"]).to_csv(index=False))
     title = "PatchCore experiment report: " + (dataset_title(inputs.datasets) if inputs.datasets else "no runs")
     subtitle = (f"Generated {dt.datetime.now().strftime('%Y-%m-%d %H:%M')} by experiments/report.py from "
-                f"{len(inputs.runs)} complete run(s) on {inputs.dataset} found under {', '.join(inputs.run_dirs)}; "
+                f"{plural(len(inputs.runs), 'complete run')} on {inputs.dataset} found under "
+                f"{', '.join(inputs.run_dirs)}; "
                 f"{len(inputs.left_out)} left out (listed at the end).")
     variants = {v: [run for run in inputs.runs if run.variant == v] for v in variant_order(inputs.runs)}
     if inputs.runs:

@@ -10,6 +10,7 @@ import html
 import re
 
 from experiments.reporting.document import Document, Span, TableBlock, citation_order, render
+from experiments.reporting.wording import natural_key
 
 STYLE = """
 body{font-family:Georgia,serif;max-width:60rem;margin:2rem auto;padding:0 1rem;line-height:1.45;color:#222}
@@ -110,7 +111,7 @@ class _Renderer:
     def gallery(self, block) -> str:
         controls = []
         for name, index in (("comparison", 0), ("category", 2), ("arm", 1)):
-            values = sorted({item[index] for item in block.items})
+            values = sorted({item[index] for item in block.items}, key=natural_key)
             options = "".join(f'<option value="{html.escape(v)}">{html.escape(v)}</option>' for v in values)
             controls.append(f'<label>{name} <select name="{name}"><option value="">all</option>{options}</select>'
                             "</label>")

@@ -7,6 +7,7 @@ re-run leaves no stale number behind.
 from __future__ import annotations
 
 import datetime as dt
+from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
@@ -30,10 +31,12 @@ from experiments.reporting.document import (
 )
 from experiments.reporting.html_out import to_html
 from experiments.reporting.intervals import REPLICATES
-from experiments.reporting.paper_sections import dataset_title
+from experiments.reporting.paper_setup import baseline_settings, dataset_title, finetune_values, setup_blocks
 from experiments.reporting.stats import EQUIVALENCE, EQUIVALENT, cell_stats, signed
 from experiments.reporting.tables import sources_rows, write_tables
 from experiments.reporting.typst_out import write_pdf
+from experiments.reporting.wording import listing, lower_first, pluralise_template
+from extensions.checkpoint import is_finetuned
 
 SOURCES = Path(__file__).resolve().parents[2] / "reports" / "paper"
 WRITTEN = SOURCES / "written"  # <study>/<section>.md: a study's text written by people (claims.py)
@@ -60,10 +63,8 @@ def discussed_effects(comparisons: list[Comparison]) -> list[str]:
 def values(ctx: ps.Context) -> dict[str, str]:
     """Every placeholder of the text sources."""
     present, base = ctx.present, ctx.baseline
-    titles = [c.title.lower() for c in present]
-    compared = (", ".join(titles[:-1]) + (" and " if len(titles) > 1 else "") + titles[-1]) if titles \
-        else "no other arm (these runs hold the baseline only)"
-    found = [f"{arm} ({comparison.title.lower()}: {signed(diff['mean'])} points)"
+    compared = listing([lower_first(c.title) for c in present], "no other arm (these runs hold the baseline only)")
+    found = [f"{arm} ({lower_first(comparison.title)}: {signed(diff['mean'])} points)"
              for comparison, arm, diff in ps.image_changes(present, "higher", "lower")]
     reached = []
     for dataset in ctx.datasets:  # each dataset's baseline, over its categories
@@ -81,7 +82,7 @@ def values(ctx: ps.Context) -> dict[str, str]:
         "Their effect was not measured in these runs (no arm changes the aggregation or the distance)."
     return {"dataset_title": dataset_title(ctx.datasets), "compared_list": compared,
             "abstract_results": abstract, "n_runs": str(len(ctx.runs)), "n_results": str(len(ctx.frame)),
-            "n_seeds": str(ctx.frame["seed"].nunique()), **ps.baseline_settings(ctx),
+            "n_seeds": str(ctx.frame["seed"].nunique()), **baseline_settings(ctx), **finetune_values(ctx),
             "differences_effect": effect, "replicates": str(REPLICATES), "equivalence": f"{EQUIVALENCE:g}"}
 
 
@@ -97,7 +98,7 @@ def compose(ctx: ps.Context, written: Path | None = None, mark: bool = False,
             claims: list[Claim] | None = None) -> list[Block]:
     """The sections' text with the values and the generated blocks filled in; the written text's numbers
     filled and its claims evaluated (into ``claims``; a failing one marked in the text when ``mark``)."""
-    generated = {"setup_blocks": ps.setup_blocks(ctx), "results_blocks": ps.results_blocks(ctx),
+    generated = {"setup_blocks": setup_blocks(ctx), "results_blocks": ps.results_blocks(ctx),
                  "discussion_blocks": ps.discussion_blocks(ctx), "limitations_blocks": ps.limitations_blocks(ctx),
                  "conclusion_blocks": ps.conclusion_blocks(ctx), "appendix_blocks": ps.appendix_blocks(ctx)}
     filled, blocks, quantities = values(ctx), [], Quantities(ctx.present)
@@ -105,7 +106,7 @@ def compose(ctx: ps.Context, written: Path | None = None, mark: bool = False,
     for section in SECTIONS:
         path = section_source(section, (ctx.manifest or {}).get("study"), written)
         blocks += [Bibliography(), PageBreak()] if section == "appendix" else []
-        text, found = resolve(path.read_text(), str(path), quantities, mark)
+        text, found = resolve(pluralise_template(path.read_text(), filled), str(path), quantities, mark)
         claims += found
         parsed = parse_source(text, filled, generated, str(path))
         if section == "abstract" and parsed and isinstance(parsed[0], Heading):
@@ -126,9 +127,65 @@ def claims_table(claims: list[Claim]) -> TableBlock:
                       ["file:line", "claim", "value", "holds"], rows)
 
 
-def title(ctx: ps.Context) -> str:
+@dataclass
+class FrontMatter:
+    """The paper's title, authors and affiliation (``report.*``): given on the command line (experiments/report.py
+    --title/--authors/--affiliation), else in the study's YAML under ``report:``, else these defaults (the title
+    from what the runs compare)."""
+
+    title: str | None = None
+    authors: str = "The PatchCore suite authors"
+    affiliation: str = ""
+
+    @classmethod
+    def of(cls, manifest: dict | None, **given: str | None) -> FrontMatter:
+        """The settings: ``given`` (None: not given) over the study's ``report:`` node over the defaults; a value
+        that is not text is refused, naming the study and the key."""
+        node = ((manifest or {}).get("config") or {}).get("report") or {}
+        source = (manifest or {}).get("source", "the study config")
+        if not isinstance(node, dict):
+            raise ValueError(f"{source}: report: must be a mapping with title, authors, affiliation (got {node!r})")
+        unknown = set(node) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise ValueError(f"{source}: report.{sorted(unknown)[0]} is not a setting: use report.title, "
+                             "report.authors or report.affiliation")
+        values = {}
+        for key in cls.__dataclass_fields__:
+            value = given.get(key) if given.get(key) is not None else node.get(key)
+            if value is not None and not isinstance(value, str):
+                raise ValueError(f"{source}: report.{key}={value!r} must be text (quote it in the YAML)")
+            if value is not None:
+                values[key] = value
+        return cls(**values)
+
+    def byline(self) -> str:
+        return ", ".join(filter(None, [self.authors, self.affiliation]))
+
+
+def default_title(ctx: ps.Context) -> str:
+    """A title that says what the runs compare: feature extractors, fine-tuning, label-free selection (cold
+    start), other settings."""
+    present = ctx.present
+    arms = [arm for c in present for arm in c.others]
+    tuned = [arm for arm in arms if is_finetuned(arm.runs[0].config.get("backbone") or {})]
+    subjects = []
+    if any(arm.runs[0].model == "patchcore" and arm.runs[0].backbone != c.baseline.runs[0].backbone
+           and arm not in tuned for c in present for arm in c.others):
+        subjects.append("feature extractors")
+    if tuned:
+        subjects.append("fine-tuning")
+    if any(c.selection for c in present):
+        subjects.append("label-free model selection under cold start")
+    if any(arm.runs[0].backbone == c.baseline.runs[0].backbone and arm not in tuned and not c.selection
+           for c in present for arm in c.others):
+        subjects.append("settings")
+    return f"A comparative study of PatchCore {listing(subjects, '')} on {dataset_title(ctx.datasets)}".replace(
+        "PatchCore  on", "PatchCore on")
+
+
+def title(ctx: ps.Context, front: FrontMatter | None = None) -> str:
     manifest = ctx.manifest or {}
-    title = f"PatchCore under cold start: a comparative study on {dataset_title(ctx.datasets)}"
+    title = (front.title if front and front.title else None) or default_title(ctx)
     if str(manifest.get("study", "")).startswith("quick"):
         title = f"[QUICK SMOKE STUDY, not results] {title}"
     jobs = manifest.get("jobs") or []
@@ -137,19 +194,23 @@ def title(ctx: ps.Context) -> str:
 
 
 def build_paper(run_dirs: list[str | Path], out: str | Path = "reports", dataset: str | None = None,
-                inputs: Inputs | None = None, written: Path | None = WRITTEN, mark_claims: bool = False) -> dict:
+                inputs: Inputs | None = None, front: FrontMatter | None = None, written: Path | None = WRITTEN,
+                mark_claims: bool = False) -> dict:
     """Write the paper (PDF, HTML, Typst source, tables, sources); returns its manifest (also paper.json).
-    ``inputs``: the runs already read (experiments/report.py reads them once for both documents); ``written``:
-    the folder of the studies' written text (claims.py). A claim of the written text that the runs do not support
-    raises ClaimError before anything is written, unless ``mark_claims`` (then it is marked in the text)."""
+    ``inputs``: the runs already read (experiments/report.py reads them once for both documents); ``front``: the
+    title, authors and affiliation (default: FrontMatter.of the study manifest); ``written``: the folder of the
+    studies' written text (claims.py). A claim of the written text that the runs do not support raises
+    ClaimError before anything is written, unless ``mark_claims`` (then it is marked in the text)."""
     out, inputs = Path(out), inputs or load(run_dirs, dataset)
+    front = front or FrontMatter.of(inputs.manifest)
     ctx, claims = ps.Context(**vars(inputs), out=out), []
     run_dirs, manifest, full = inputs.run_dirs, inputs.manifest or {}, bool(inputs.runs and inputs.comparisons)
     references = yaml.safe_load((SOURCES / "references.yml").read_text())
     if full:
         study = f"study {manifest.get('study')}, " if manifest else ""
-        doc = Document(title(ctx), f"Generated {dt.datetime.now().strftime('%Y-%m-%d %H:%M')} by experiments/"
-                       f"report.py from {len(ctx.runs)} runs ({study}{', '.join(run_dirs)})",
+        doc = Document(title(ctx, front), f"{front.byline()}. " * bool(front.byline()) + f"Generated "
+                       f"{dt.datetime.now().strftime('%Y-%m-%d %H:%M')} by experiments/report.py from "
+                       f"{len(ctx.runs)} runs ({study}{', '.join(run_dirs)})",
                        compose(ctx, written, mark_claims, claims), references)
         if (error := failure(claims)) is not None and not mark_claims:
             raise error
@@ -166,7 +227,8 @@ def build_paper(run_dirs: list[str | Path], out: str | Path = "reports", dataset
     write_text_atomic(out / "report.html", to_html(doc))
     described = {c.name: {"title": c.title, "arms": [a.name for a in c.arms], "missing": [list(m) for m in c.missing]}
                  for c in inputs.comparisons}
-    record = {"dataset": inputs.dataset, "datasets": inputs.datasets, "study": manifest.get("study"),
+    record = {"title": doc.title, "authors": front.authors, "affiliation": front.affiliation,
+              "dataset": inputs.dataset, "datasets": inputs.datasets, "study": manifest.get("study"),
               "runs": [str(r.folder) for r in ctx.runs],
               "excluded": inputs.left_out, "comparisons": described, "sections": list(SECTION_TITLES) if full else [],
               "tables": [t.name for t in tables], "figures": [b.path for b in doc.blocks if isinstance(b, FigureBlock)],

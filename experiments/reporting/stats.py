@@ -24,6 +24,7 @@ from scipy import stats
 
 from experiments.reporting.data import seed_means
 from experiments.reporting.intervals import AGREEMENT, REPLICATES, Paired, auroc, bootstrap, image_scores
+from experiments.reporting.wording import plural
 
 SPREAD = "mean ± sample std over seeds (ddof=1)"  # the convention, as each table's caption states it
 
@@ -128,7 +129,7 @@ def _positions(base: dict, arm: dict, categories: list[str]) -> tuple[list[str],
         return shared, [(arm_seeds[0], s) for s in base_seeds], \
             f"the arm's one run against each of {len(base_seeds)} baseline seeds"
     common = [s for s in arm_seeds if s in base_seeds]
-    return (shared, [(s, s) for s in common], f"same seed, {len(common)} seed(s)") if common else None
+    return (shared, [(s, s) for s in common], f"same seed, {plural(len(common), 'seed')}") if common else None
 
 
 def _image_pairs(base: pd.DataFrame, arm: pd.DataFrame, categories: list[str]) -> tuple[dict | None, str]:
@@ -195,7 +196,7 @@ def paired(base: pd.DataFrame, arm: pd.DataFrame, metric: str, categories: list[
             return {**{k: v for k, v in result.items() if k != "replicates"}, "n": result["n_seeds"],
                     "method": "bootstrap", "how": BOOTSTRAP_WORDS,
                     "pairing": f"paired bootstrap over {images} test images (nominal and defective resampled "
-                               f"separately) and {result['n_seeds']} seed(s), {REPLICATES} replicates; {said}"}
+                               f"separately) and {plural(result['n_seeds'], 'seed')}, {REPLICATES} replicates; {said}"}
     return _seed_level(base, arm, metric, categories, why)
 
 

@@ -30,6 +30,7 @@ from experiments.reporting.stats import (
     sources_of,
     verdict,
 )
+from experiments.reporting.wording import plural
 
 SUMMARY_METRICS = ("image_auroc", "pixel_auroc", "aupro", "image_f1_max")
 PAIRED_METRICS = ("image_auroc", "pixel_auroc", "aupro")
@@ -80,14 +81,19 @@ def _means(arm, metrics: tuple[str, ...], categories: list[str]) -> list[Cell]:
 
 
 def summary_table(comparison: Comparison) -> TableBlock:
-    """Arms x (each metric's mean over categories, mean ± std over seeds; fit time per category)."""
+    """Arms x (each metric's mean over categories, mean ± std over seeds; fit time per category, fine-tuning
+    included, and the fine-tuning's part)."""
     categories = categories_of(comparison)
-    header = ["arm", "seeds", *(METRIC_TITLES[m] for m in SUMMARY_METRICS), "fit s / category"]
+    header = ["arm", "seeds", *(METRIC_TITLES[m] for m in SUMMARY_METRICS), "fit s / category",
+              "of which fine-tuning"]
     rows = [[Cell(arm.name), _count(len(arm.seeds)), *_means(arm, SUMMARY_METRICS, categories),
-             _plain(arm.rows["fit_s"].mean(), 1, sources_of(arm.rows))] for arm in comparison.arms]
+             _plain(arm.rows["fit_s"].mean(), 1, sources_of(arm.rows)),
+             _plain(arm.rows["finetune_s"].fillna(0).mean(), 1, sources_of(arm.rows))] for arm in comparison.arms]
     _bold_columns(rows, range(2, 2 + len(SUMMARY_METRICS)))
-    return TableBlock(f"{comparison.name}_summary", f"{comparison.title}: mean over the {len(categories)} categories "
-                      f"(%, {SPREAD}; best in bold) and fit time.", header, rows)
+    return TableBlock(f"{comparison.name}_summary", f"{comparison.title}: mean over the "
+                      f"{plural(len(categories), 'category')} (%, {SPREAD}; best in bold) and fit time per category "
+                      "(feature extraction + coreset, or a model's training, plus a fine-tuned backbone's fine-tuning "
+                      "on that category: its training and proxy evaluations).", header, rows)
 
 
 def category_table(comparison: Comparison, metric: str) -> TableBlock:
@@ -206,7 +212,7 @@ def selection_table(comparison: Comparison) -> TableBlock | None:
                                                                 f"{record.get('steps')}", record.get("selected_step"),
                                                                 sources=source),
                          *(Cell(_number(value, digits), value, sources=source) for value, digits in numbers),
-                         Cell(str(len(selection.get("collapse_warnings") or [])))])
+                         _count(len(selection.get("collapse_warnings") or []))])
     if not rows:
         return None
     header = ["arm / category", "selected step", "proxy at 0", "proxy selected", "eff. rank at 0",
@@ -277,7 +283,8 @@ def timing_table(frame: pd.DataFrame, variants: list[str]) -> TableBlock:
                    used["peak_rss_mb"].max()]
         rows.append([Cell(variant), *(_plain(x, digits, sources_of(used)) for x, digits in zip(numbers, DIGITS))])
     return TableBlock("timing", "Time and memory: seconds, means over categories and seeds; fit = feature extraction "
-                      "+ coreset selection; throughput = test images / prediction time; peak RSS = the largest of the "
+                      "+ coreset selection (a model's training), plus a fine-tuned backbone's fine-tuning; "
+                      "throughput = test images / prediction time; peak RSS = the largest of the "
                       "runs' peak resident memory.", ["variant", *TIMING_COLUMNS], rows)
 
 
