@@ -27,6 +27,7 @@ from experiments.reporting.document import (
 )
 from experiments.reporting.html_out import to_html
 from experiments.reporting.intervals import REPLICATES
+from experiments.reporting.paper_appendix import diagnostics_blocks
 from experiments.reporting.paper_sections import dataset_title
 from experiments.reporting.stats import EQUIVALENCE, EQUIVALENT, cell_stats, signed
 from experiments.reporting.tables import sources_rows, write_tables
@@ -85,7 +86,8 @@ def compose(ctx: ps.Context) -> list[Block]:
     """The sections' text with the values and the generated blocks filled in."""
     generated = {"setup_blocks": ps.setup_blocks(ctx), "results_blocks": ps.results_blocks(ctx),
                  "discussion_blocks": ps.discussion_blocks(ctx), "limitations_blocks": ps.limitations_blocks(ctx),
-                 "conclusion_blocks": ps.conclusion_blocks(ctx), "appendix_blocks": ps.appendix_blocks(ctx)}
+                 "conclusion_blocks": ps.conclusion_blocks(ctx), "appendix_blocks": ps.appendix_blocks(ctx),
+                 "diagnostics_blocks": diagnostics_blocks(ctx, ps.figure_blocks)}
     filled, blocks = values(ctx), []
     for section in SECTIONS:
         path = SOURCES / f"{section}.md"
@@ -128,7 +130,7 @@ def build_paper(run_dirs: list[str | Path], out: str | Path = "reports", dataset
     cells = sources_rows(tables)
     write_text_atomic(out / "tables" / "sources.csv", "table,row,column,value,sources\n" + "".join(
         f"{c['table']},\"{c['row']}\",\"{c['column']}\",{c['value']:.6g},{';'.join(c['sources'])}\n" for c in cells))
-    _, overflowing, _ = write_pdf(doc, out, SOURCES / "references.yml")
+    _, overflowing, _ = write_pdf(doc, out, SOURCES / "references.yml", floats=True)
     write_text_atomic(out / "report.html", to_html(doc))
     described = {c.name: {"title": c.title, "arms": [a.name for a in c.arms], "missing": [list(m) for m in c.missing]}
                  for c in inputs.comparisons}
