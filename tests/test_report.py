@@ -206,9 +206,10 @@ def test_pdf_has_the_expected_pages(report) -> None:
     assert data.startswith(b"%PDF") and data.rstrip().endswith(b"%%EOF")
     pages = len(re.findall(rb"/Type\s*/Page\b", data))
     # typeset by Typst from digest.typ: title and setup fill page 1, the shared settings and the 5 tables page 2,
-    # each comparison's differences to its baseline (4 tables) page 3 with the first figure; the other 5 figures
-    # pages 4-5; the commands and the runs left out page 6
-    assert pages == manifest["pages"] == 6
+    # each comparison's differences to its baseline (4 tables) page 3 with the first two figures; the other 4
+    # figures (the map grids sized to their columns, not the text width) pages 4-5, then the commands and the runs
+    # left out on page 5
+    assert pages == manifest["pages"] == 5
     assert manifest["pages_overflowing"] == []  # nothing runs into the side margins (typst_out.pages_with_margin_ink)
     if shutil.which("pdfinfo"):
         info = subprocess.run(["pdfinfo", str(out / "digest.pdf")], capture_output=True, text=True).stdout

@@ -22,6 +22,7 @@ from experiments.reporting.paper import SECTION_TITLES, build_paper
 from experiments.reporting.stats import signed, verdict
 from tests.conftest import CONF_DIR
 from tests.test_report import write_run
+from tests.test_report_figures import filled
 
 BASE = {0: {"bottle": 0.90, "screw": 0.80}, 1: {"bottle": 0.92, "screw": 0.82}}
 COSINE = {0: {"bottle": 0.95, "screw": 0.85}, 1: {"bottle": 0.93, "screw": 0.83}}   # +5, +5, +1, +1
@@ -204,6 +205,34 @@ def test_no_page_runs_into_the_margins(paper, tmp_path) -> None:
     source.write_text(PREAMBLE.format(title='"t"') + "fits\n#pagebreak()\n#raw(block: true, \"" + "x" * 200 + "\")\n")
     pages = render_pages(typst.Compiler(str(source), root=str(tmp_path)), ppi=40)
     assert pages_with_margin_ink(pages, MARGIN_X_CM, PAGE_WIDTH_CM) == [2]
+
+
+def test_no_page_is_left_half_empty(paper) -> None:
+    """Figures float (typst_out._figure): a figure that does not fit moves to the next page while the text fills
+    this one. Only the page before the appendix's page break and the last page may end early."""
+    import typst
+    from pypdf import PdfReader
+
+    from experiments.reporting.typst_out import render_pages
+
+    out, _, _ = paper
+    assert "placement: auto" in (out / "report.typ").read_text()
+    pages = render_pages(typst.Compiler(str(out / "report.typ"), root=str(out)), ppi=30)
+    texts = [page.extract_text() or "" for page in PdfReader(out / "report.pdf").pages]
+    appendix = next(i for i, t in enumerate(texts) if re.match(r"\s*\d+\s+Reproducibility", t))
+    short = [number for number, png in enumerate(pages[:-1], 1) if filled(png) < 0.5 and number != appendix]
+    assert short == []
+
+
+def test_commands_once_per_job_kind_with_the_manifest(paper) -> None:
+    """Not every job's command line: the study's, one job of each kind (all 6 done jobs here are patchcore
+    runs; the failed one too) with study.json, which lists them all, and the report's."""
+    out, record, pdf = paper
+    source = (out / "report.typ").read_text()
+    commands = [line for line in source.replace("\\n", "\n").splitlines() if line.startswith("python experiments/")]
+    assert [c.split()[1] for c in commands] == ["experiments/study.py", "experiments/main.py",
+                                                "experiments/report.py"]
+    assert "patchcore: 7 jobs" in pdf and "study.json" in pdf
 
 
 def test_arm_names_with_brackets_make_valid_labels(tmp_path) -> None:

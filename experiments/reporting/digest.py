@@ -16,7 +16,7 @@ import pandas as pd
 
 from core.io import write_json_atomic, write_text_atomic
 from experiments.harness.run_key import BOOKKEEPING, IDENTITY, is_ignored
-from experiments.reporting import figures
+from experiments.reporting import figures, map_figures
 from experiments.reporting.comparisons import Inputs, load, variant_order
 from experiments.reporting.data import Run, flatten, sort_value, sweep_commands
 from experiments.reporting.document import Block, Bullets, Code, Document, FigureBlock, Heading, Paragraph, Span
@@ -137,8 +137,8 @@ def results(inputs: Inputs, variants: dict[str, list[Run]], out: Path) -> list[B
                                 f"{plural(frame['category'].nunique(), 'category')}.")] if len(best) else []
     groups, categories = list(variants.items()), sorted(frame["category"].unique())
     sweeps = [figure for comparison in inputs.comparisons for figure in figures.sweep_figure(comparison)]
-    built = figure_blocks([*sweeps, *figures.roc_figure(groups, categories), *figures.map_figures(groups, categories)],
-                          out)
+    maps = map_figures.map_figures(groups, categories)
+    built = figure_blocks([*sweeps, *figures.roc_figure(groups, categories), *maps], out)
     notes = [note for note in (pixel_note(frame, dataset) for dataset in inputs.datasets) if note is not None]
     return [*blocks, *setup(inputs, variants), Heading("Results"), *notes, *tables, *differences(inputs),
             *([Heading("Figures")] if built else []), *built]

@@ -1,14 +1,13 @@
 """The report's figures (matplotlib, saved as PNG and PDF), each drawn over groups of runs (a comparison's
-arms, or the run digest's variants): ROC curves and anomaly-map grids of the same test images under each group,
-sweep curves (metric against the swept value, the baseline at its own value) and fine-tuning curves (per step:
-loss, task accuracy and every other monitored quantity in the checkpoints' ``.loss.jsonl`` / ``.proxy.jsonl``
-logs). A builder returns nothing when there is nothing to draw.
+arms, or the run digest's variants): ROC curves and sweep curves (metric against the swept value, the baseline at
+its own value); the anomaly-map grids are map_figures.py's, the fine-tuning logs finetune_figures.py's. A builder
+returns nothing when there is nothing to draw. Axes are labelled in words (``SETTING_WORDS``), never with
+config keys.
 """
 
 from __future__ import annotations
 
 import math
-import textwrap
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,19 +16,27 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
 
-from experiments.harness.anomaly_maps import MAPS_DIR, colorize, denormalise, load_maps, pick_indices  # noqa: E402
 from experiments.harness.results import METRIC_TITLES  # noqa: E402
 from experiments.reporting.comparisons import Comparison, categories_of, format_value  # noqa: E402
-from experiments.reporting.data import Run, first_run, read_log, seed_means, setting, sidecars  # noqa: E402
+from experiments.reporting.data import Run, first_run, seed_means, setting  # noqa: E402
 from experiments.reporting.intervals import image_scores  # noqa: E402
 from experiments.reporting.stats import mean_std  # noqa: E402
 
 PAGE_WIDTH = 6.3  # inches: the A4 text width of the Typst layout
 CURVES = ("image_auroc", "pixel_auroc", "aupro")
 MAX_CURVES = 6
-LOG_SKIP = {"step", "epoch", "time_s", "lr_backbone", "lr_head"}
+# How an axis names a swept setting (a key not listed: its last part, underscores as spaces).
+SETTING_WORDS = {"dataset.train_limit": "training images per category", "coreset.ratio": "coreset ratio",
+                 "patchcore.scoring.num_neighbors": "nearest neighbours k",
+                 "patchcore.embedder.patch_size": "neighbourhood size (patches)", "backbone.layers": "feature layers",
+                 "dataset.image_size": "image size (px)", "dataset.resize": "resized image size (px)",
+                 "patchcore.embedder.aggregation": "aggregation", "patchcore.embedder.embed_dim": "feature dimensions",
+                 "patchcore.scoring.blur_sigma": "map blur sigma", "patchcore.scoring.distance": "distance",
+                 "patchcore.scoring.image_score": "image score", "method.train.max_steps": "fine-tuning steps",
+                 "coreset._target_": "memory-bank sampler", "backbone.name": "backbone"}
+# Line styles that tell arms apart where their curves coincide: colour, dash pattern and marker all differ.
+STYLES = [("-", "o"), ("--", "s"), ("-.", "^"), (":", "D"), ((0, (5, 1)), "v"), ((0, (3, 1, 1, 1, 1, 1)), "P")]
 Groups = list[tuple[str, list[Run]]]  # (label, its runs): a comparison's arms or the digest's variants
 
 
@@ -38,6 +45,7 @@ class Figure:
     name: str        # file stem
     figure: object   # matplotlib Figure
     caption: str
+    width: float = 1.0  # its share of the text width on the page (a narrow map grid need not span it)
 
 
 def save(figure: Figure, folder: Path, dpi: int = 130) -> str:
@@ -48,6 +56,19 @@ def save(figure: Figure, folder: Path, dpi: int = 130) -> str:
     figure.figure.savefig(folder / f"{figure.name}.pdf")
     plt.close(figure.figure)
     return f"{folder.name}/{png.name}"
+
+
+def words(key: str) -> str:
+    """A setting's name on an axis or in a caption: SETTING_WORDS, else its key's last part in words."""
+    return SETTING_WORDS.get(key) or key.rsplit(".", 1)[-1].replace("_", " ")
+
+
+def style(k: int) -> dict:
+    """The k-th group's line: its own colour, dash pattern and marker (markers offset so they do not overlap)."""
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    dash, marker = STYLES[k % len(STYLES)]
+    return {"color": colors[k % len(colors)], "ls": dash, "marker": marker, "ms": 3.5, "mfc": "none",
+            "markevery": (0.03 + 0.025 * k, 0.15)}
 
 
 def arms(comparison: Comparison) -> Groups:
@@ -66,9 +87,10 @@ def _on(runs: list[Run], category: str) -> Run | None:
     return first_run(found) if found else None
 
 
-def _grid(n: int, height: float, pad: float) -> tuple:
-    """A figure of ``n`` panels, four to a row, ``height`` inches per row (+ ``pad``); unused panels blank."""
-    ncols, nrows = min(4, n), math.ceil(n / min(4, n))
+def _grid(n: int, height: float, pad: float, columns: int = 4) -> tuple:
+    """A figure of ``n`` panels, ``columns`` to a row, ``height`` inches per row (+ ``pad``); unused panels
+    blank."""
+    ncols, nrows = min(columns, n), math.ceil(n / min(columns, n))
     fig, axes = plt.subplots(nrows, ncols, figsize=(PAGE_WIDTH, height * nrows + pad), squeeze=False,
                              constrained_layout=True)
     for ax in list(axes.flat)[n:]:
@@ -97,27 +119,33 @@ def _read_scores(run: Run, category: str) -> tuple[np.ndarray, np.ndarray] | Non
 
 
 def roc_figure(groups: Groups, categories: list[str], name: str = "roc", title: str = "") -> list[Figure]:
-    """Image-level ROC curves per category from each group's first seed's scores.csv."""
-    from sklearn.metrics import roc_curve
+    """Image-level ROC curves per category from each group's first seed's scores.csv; each group has its own
+    colour, dash pattern and marker, and each panel lists the groups' AUROCs, so curves that coincide (a
+    category every arm separates perfectly) stay readable."""
+    from sklearn.metrics import roc_auc_score, roc_curve
 
     shown = pick(groups)
     if not categories or not shown:
         return []
     fig, axes = _grid(len(categories), 2.0, 0.8)
-    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     drawn = False
     for ax, category in zip(axes.flat, categories):
+        aurocs = []
         for k, (label, runs) in enumerate(shown):
             run = _on(runs, category)
             scores = _read_scores(run, category) if run else None
             if scores is None or len(set(scores[0])) < 2:
                 continue
             fpr, tpr, _ = roc_curve(*scores)
-            ax.plot(fpr, tpr, color=colors[k % len(colors)], lw=1.2, label=label)
+            ax.plot(fpr, tpr, lw=1.1, label=label, clip_on=False, zorder=3 + k, **style(k))
+            aurocs.append((k, roc_auc_score(*scores)))
             drawn = True
+        for row, (k, auroc) in enumerate(aurocs):  # bottom right, where an ROC curve seldom passes
+            ax.text(0.97, 0.04 + 0.085 * (len(aurocs) - 1 - row), f"{100 * auroc:.1f}", color=style(k)["color"],
+                    fontsize=5.5, ha="right", transform=ax.transAxes)
         ax.plot([0, 1], [0, 1], color="0.7", lw=0.6, ls="--")
         ax.set_title(category, fontsize=9)
-        ax.set_xlim(0, 1)
+        ax.set_xlim(-0.02, 1)  # a curve along the axes (AUROC 100 %) stays visible beside the spine
         ax.set_ylim(0, 1.02)
         ax.tick_params(labelsize=6)
     if not drawn:
@@ -129,100 +157,17 @@ def roc_figure(groups: Groups, categories: list[str], name: str = "roc", title: 
         ax.set_ylabel("true positive rate", fontsize=7)
     _legend(fig, axes.flat[0])
     caption = ("mage-level ROC curves per category from scores.csv (first seed of each variant"
-               + (f"; the {len(shown)} variants closest to their defaults" if len(shown) < len(groups) else "") + ").")
+               + (f"; the {len(shown)} variants closest to their defaults" if len(shown) < len(groups) else "")
+               + "); the numbers in each panel: each variant's image AUROC (%), in its colour.")
     return [Figure(name, fig, f"{title}: i{caption}" if title else f"I{caption}")]
 
 
-def _maps_for(run: Run, category: str, paths: list[str] | None) -> list[dict]:
-    """Saved maps of one run and category, or (no maps, a saved model) maps made by re-running the model."""
-    records = load_maps(run.folder / MAPS_DIR / category)
-    if records or not (run.folder / "models" / category / "model.json").is_file():
-        return records
-    return rerun_saved_model(run, category, paths)
-
-
-def rerun_saved_model(run: Run, category: str, paths: list[str] | None, n: int = 4) -> list[dict]:
-    """Anomaly maps of a few test images from ``models/<category>`` (when the run saved no maps)."""
-    import warnings
-
-    from hydra.utils import instantiate
-    from torch.utils.data import DataLoader, Subset
-
-    from core.data import Preprocessing
-    from core.patchcore import PatchCore
-
-    try:
-        model = PatchCore.load(run.folder / "models" / category, progress=False)
-        preprocessing = Preprocessing(**model.metadata["preprocessing"])
-        dataset = instantiate(run.config["dataset"]).test_set(category, preprocessing)
-    except Exception as error:  # weights or data not on this machine: the grid goes without this run
-        warnings.warn(f"could not re-run the saved model of {run.folder} / {category}: {error}", stacklevel=2)
-        return []
-    samples = dataset.samples
-    all_paths = [str(s.path) for s in samples]
-    if paths:
-        indices = [all_paths.index(p) for p in paths if p in all_paths]
-    else:
-        indices = pick_indices([s.label for s in samples], [s.defect_type for s in samples], all_paths, n)
-    predictions = model.predict(DataLoader(Subset(dataset, indices), batch_size=4))
-    records = []
-    for k, i in enumerate(indices):
-        records.append({"image": denormalise(dataset[i]["image"], preprocessing.mean, preprocessing.std),
-                        "map": predictions.maps[k], "mask": predictions.masks[k].astype(np.uint8),
-                        "label": int(predictions.labels[k]), "score": float(predictions.image_scores[k]),
-                        "path": predictions.paths[k], "defect_type": predictions.defect_types[k],
-                        "vmin": float(predictions.maps.min()), "vmax": float(predictions.maps.max())})
-    return records
-
-
-def map_figures(groups: Groups, categories: list[str], prefix: str = "maps", title: str = "",
-                max_images: int = 4) -> list[Figure]:
-    """Per category: a few test images, their ground truth and each group's anomaly map (first seed)."""
-    figures = []
-    for category in categories:
-        per_group: dict[str, dict[str, dict]] = {}
-        paths: list[str] | None = None
-        for label, runs in pick(groups):
-            run = _on(runs, category)
-            records = _maps_for(run, category, paths) if run else []
-            if records:
-                per_group[label] = {r["path"]: r for r in records}
-                paths = paths or [r["path"] for r in records][:max_images]
-        if per_group and paths:
-            caption = (f"{category}: test images, ground truth and each variant's anomaly map (inferno; each map "
-                       "scaled to the range of its run's maps over the whole test set, so colours compare within a "
-                       "column); below each map its image score.")
-            figures.append(Figure(f"{prefix}_{category}", _map_grid(category, paths, per_group),
-                                  f"{title}: {caption}" if title else caption))
-    return figures
-
-
-def _map_grid(category: str, paths: list[str], per_group: dict[str, dict[str, dict]]):
-    columns = ["image", "ground truth", *per_group]
-    fig, axes = plt.subplots(len(paths), len(columns), squeeze=False, constrained_layout=True,
-                             figsize=(PAGE_WIDTH, PAGE_WIDTH / len(columns) * len(paths) + 0.6))
-    for i, path in enumerate(paths):
-        base = next((v[path] for v in per_group.values() if path in v), None)
-        for j, column in enumerate(columns):
-            ax = axes[i, j]
-            ax.set_xticks([])
-            ax.set_yticks([])
-            if i == 0:
-                width = max(12, int(90 / len(columns)))
-                ax.set_title(textwrap.fill(column, width, break_long_words=False), fontsize=6)
-            if column == "image":
-                ax.imshow(base["image"])
-                ax.set_ylabel(f"{base['defect_type']}\n{Path(path).stem}", fontsize=6)
-            elif column == "ground truth":
-                ax.imshow(base["mask"], cmap="gray", vmin=0, vmax=1)
-            elif path in per_group[column]:
-                record = per_group[column][path]
-                ax.imshow(colorize(record["map"], record["vmin"], record["vmax"]))
-                ax.set_xlabel(f"score {record['score']:.2f}", fontsize=6)
-            else:
-                ax.axis("off")
-    fig.suptitle(f"Anomaly maps: {category}", fontsize=10)
-    return fig
+def _label_panel(ax, panel: str, xlabel: str) -> None:
+    """A sweep panel's title (its metric), x label (the setting in words: on every panel) and grid."""
+    ax.set_title("fit time (s / category)" if panel == "fit_s" else f"{METRIC_TITLES[panel]} (%)", fontsize=8)
+    ax.set_xlabel(xlabel, fontsize=7)
+    ax.tick_params(axis="y", labelsize=6)
+    ax.grid(alpha=0.3)
 
 
 def curves_figure(comparison: Comparison) -> list[Figure]:
@@ -240,13 +185,14 @@ def curves_figure(comparison: Comparison) -> list[Figure]:
     fig, axes = plt.subplots(1, len(CURVES) + 1, figsize=(PAGE_WIDTH, 2.4), constrained_layout=True)
     for ax, panel in zip(axes, [*CURVES, "fit_s"]):
         scale = 1 if panel == "fit_s" else 100
-        for label, points in series.items():
+        for k, (label, points) in enumerate(series.items()):
             drawn = [(x, *mean_std([scale * m for m in seed_means(arm.rows, panel, categories)]))
                      for x, arm in sorted([(base_x, comparison.baseline), *points], key=lambda p: p[0])]
             drawn = [(x, mean, 0.0 if math.isnan(std) else std) for x, mean, std, n in drawn if n]
             if drawn:
-                ax.errorbar([d[0] for d in drawn], [d[1] for d in drawn], yerr=[d[2] for d in drawn], marker="o",
-                            ms=3, capsize=2, lw=1, label=label)
+                line = {key: value for key, value in style(k).items() if key != "markevery"}
+                ax.errorbar([d[0] for d in drawn], [d[1] for d in drawn], yerr=[d[2] for d in drawn], capsize=2,
+                            lw=1, label=label, **line)
         base = mean_std([scale * m for m in seed_means(comparison.baseline.rows, panel, categories)])
         if base[2]:
             ax.plot([base_x], [base[0]], marker="*", ms=9, color="tab:red", ls="none", label="baseline")
@@ -254,14 +200,11 @@ def curves_figure(comparison: Comparison) -> list[Figure]:
             ax.set_xscale("symlog", linthresh=min(x for x in xs if x > 0))
             ax.minorticks_off()
         ax.set_xticks(xs, [f"{x:g}" for x in xs], fontsize=6, rotation=45)
-        ax.set_title("fit time (s / category)" if panel == "fit_s" else f"{METRIC_TITLES[panel]} (%)", fontsize=8)
-        ax.tick_params(axis="y", labelsize=6)
-        ax.grid(alpha=0.3)
-    axes[0].set_xlabel(key, fontsize=7)
+        _label_panel(ax, panel, words(key))
     _legend(fig, axes.flat[0], ncols=4)
-    caption = (f"{comparison.title}: the mean over categories against {key}, one curve per method through the "
-               "baseline (the red star: no fine-tuning); error bars: sample std over seeds; a panel without a curve "
-               "has no values (no pixel metrics on this dataset).")
+    caption = (f"{comparison.title}: the mean over categories against the {words(key)}, one curve per method "
+               "through the baseline (the red star: no fine-tuning); error bars: sample std over seeds; a panel "
+               "without a curve has no values (no pixel metrics on this dataset).")
     return [Figure(f"sweep_{comparison.name}", fig, caption)]
 
 
@@ -288,8 +231,9 @@ def sweep_figure(comparison: Comparison) -> list[Figure]:
         drawn = [(x, *mean_std([(1 if panel == "fit_s" else 100) * m for m in seed_means(arm.rows, panel, categories)]),
                   arm) for x, (_, _, arm) in zip(xs, points)]
         drawn = [(x, mean, 0.0 if math.isnan(std) else std, arm) for x, mean, std, n, arm in drawn if n]
+        # a numeric setting: a curve; a categorical one (layer sets, aggregations): points, no line between them
         ax.errorbar([d[0] for d in drawn], [d[1] for d in drawn], yerr=[d[2] for d in drawn], marker="o", ms=3,
-                    capsize=2, lw=1)
+                    capsize=2, lw=1, ls="-" if numeric else "none")
         for x, mean, _, arm in drawn:
             if arm is comparison.baseline:
                 ax.plot([x], [mean], marker="*", ms=9, color="tab:red", ls="none", label="baseline")
@@ -297,54 +241,10 @@ def sweep_figure(comparison: Comparison) -> list[Figure]:
             ax.set_xscale("log", base=2 if key == "dataset.train_limit" else 10)
             ax.minorticks_off()
         ax.set_xticks(xs, [p[1] for p in points], fontsize=6, rotation=45, **({} if numeric else {"ha": "right"}))
-        ax.set_title("fit time (s / category)" if panel == "fit_s" else f"{METRIC_TITLES[panel]} (%)", fontsize=8)
-        ax.tick_params(axis="y", labelsize=6)
-        ax.grid(alpha=0.3)
-    axes[0].set_xlabel(key, fontsize=7)
-    caption = (f"{comparison.title}: the mean over categories against {key} (the red star: the baseline); "
-               "error bars: sample std over seeds; fit time = feature extraction + coreset selection.")
+        if not numeric:
+            ax.set_xlim(-0.5, len(xs) - 0.5)
+        _label_panel(ax, panel, words(key))
+    caption = (f"{comparison.title}: the mean over categories against the {words(key)} (the red star: the baseline)"
+               f"{'' if numeric else '; one point per setting, no order between them'}; error bars: sample std over "
+               "seeds; fit time = feature extraction + coreset selection.")
     return [Figure(f"sweep_{comparison.name}", fig, caption)]
-
-
-LOGS = {"loss": ("loss.jsonl", "every training step's loss, task loss, L2-SP term and accuracy"),
-        "proxy": ("proxy.jsonl", "every proxy evaluation (held-out nominal images with synthetic anomalies): the "
-                                 "proxy score and AUROCs that select the checkpoint, and the collapse monitors "
-                                 "(effective rank, nearest-neighbour distances, weight distance)")}
-
-
-def _step_panels(frames: dict[str, pd.DataFrame]):
-    """A grid with one panel per numeric logged quantity against the step, one line per category."""
-    keys = [k for k in dict.fromkeys(k for f in frames.values() for k in f.columns)
-            if k not in LOG_SKIP and not k.endswith("_time_s")
-            and all(pd.api.types.is_numeric_dtype(f[k]) and not pd.api.types.is_bool_dtype(f[k])
-                    for f in frames.values() if k in f)]
-    if not keys:
-        return None
-    fig, axes = _grid(len(keys), 1.7, 0.5)
-    for ax, key in zip(axes.flat, keys):
-        for category, log in frames.items():
-            if key in log and "step" in log:
-                ax.plot(log["step"], log[key], lw=1, marker="." if len(log) < 20 else None, label=category)
-        ax.set_title(key, fontsize=7)
-        ax.tick_params(labelsize=6)
-        ax.grid(alpha=0.3)
-    for ax in axes[-1]:
-        ax.set_xlabel("step", fontsize=7)
-    _legend(fig, axes.flat[0], ncols=4)
-    return fig
-
-
-def finetune_figure(comparison: Comparison) -> list[Figure]:
-    """Per fine-tuned arm: the training log, then the proxy-selection log (when its first seed's checkpoints
-    have them)."""
-    built = []
-    for kind, (suffix, what) in LOGS.items():
-        for arm in comparison.others:
-            logs = {category: sidecar.with_suffix(f".{suffix}") for category, sidecar in sidecars(first_run(arm.runs))}
-            fig = _step_panels({category: pd.DataFrame(read_log(path)) for category, path in logs.items()
-                                if path.is_file()})
-            if fig is not None:
-                caption = (f"Fine-tuning of {arm.name} (first seed), per category against the step: {what} "
-                           f"(<category>.{suffix}).")
-                built.append(Figure(f"finetune_{kind}_{comparison.name}_{arm.name}", fig, caption))
-    return built

@@ -31,6 +31,7 @@ from experiments.reporting.document import (
 )
 from experiments.reporting.html_out import to_html
 from experiments.reporting.intervals import REPLICATES
+from experiments.reporting.paper_appendix import diagnostics_blocks
 from experiments.reporting.paper_setup import baseline_settings, dataset_title, finetune_values, setup_blocks
 from experiments.reporting.stats import EQUIVALENCE, EQUIVALENT, cell_stats, signed
 from experiments.reporting.tables import sources_rows, write_tables
@@ -100,7 +101,8 @@ def compose(ctx: ps.Context, written: Path | None = None, mark: bool = False,
     filled and its claims evaluated (into ``claims``; a failing one marked in the text when ``mark``)."""
     generated = {"setup_blocks": setup_blocks(ctx), "results_blocks": ps.results_blocks(ctx),
                  "discussion_blocks": ps.discussion_blocks(ctx), "limitations_blocks": ps.limitations_blocks(ctx),
-                 "conclusion_blocks": ps.conclusion_blocks(ctx), "appendix_blocks": ps.appendix_blocks(ctx)}
+                 "conclusion_blocks": ps.conclusion_blocks(ctx), "appendix_blocks": ps.appendix_blocks(ctx),
+                 "diagnostics_blocks": diagnostics_blocks(ctx, ps.figure_blocks)}
     filled, blocks, quantities = values(ctx), [], Quantities(ctx.present)
     claims = [] if claims is None else claims
     for section in SECTIONS:
@@ -223,7 +225,7 @@ def build_paper(run_dirs: list[str | Path], out: str | Path = "reports", dataset
     cells = sources_rows(tables)
     write_text_atomic(out / "tables" / "sources.csv", "table,row,column,value,sources\n" + "".join(
         f"{c['table']},\"{c['row']}\",\"{c['column']}\",{c['value']:.6g},{';'.join(c['sources'])}\n" for c in cells))
-    _, overflowing, _ = write_pdf(doc, out, SOURCES / "references.yml")
+    _, overflowing, _ = write_pdf(doc, out, SOURCES / "references.yml", floats=True)
     write_text_atomic(out / "report.html", to_html(doc))
     described = {c.name: {"title": c.title, "arms": [a.name for a in c.arms], "missing": [list(m) for m in c.missing]}
                  for c in inputs.comparisons}

@@ -15,11 +15,13 @@ import pandas as pd
 from experiments.harness.anomaly_maps import MAPS_DIR
 from experiments.harness.results import METRIC_TITLES
 from experiments.reporting import figures as pf
+from experiments.reporting import map_figures as mf
 from experiments.reporting import selection_tables as st
 from experiments.reporting.comparisons import Comparison, Inputs, categories_of
 from experiments.reporting.data import Run, first_run
 from experiments.reporting.document import Block, Bullets, Code, FigureBlock, Gallery, Heading, Note, text
 from experiments.reporting.finetune_evidence import agreement_table, curve_table, units_table
+from experiments.reporting.paper_appendix import DIAGNOSTICS, commands_blocks, finetuned
 from experiments.reporting.paper_setup import DATASET_TITLES, commit_blocks
 from experiments.reporting.stats import EQUIVALENCE, EQUIVALENT, cell_stats, interval, signed, verdict
 from experiments.reporting.tables import (
@@ -33,7 +35,6 @@ from experiments.reporting.tables import (
     summary_table,
 )
 from experiments.reporting.wording import listing, lower_first, plural, short_reason
-from extensions.checkpoint import is_finetuned
 
 
 def pixel_note(frame: pd.DataFrame, dataset: str) -> Note | None:
@@ -55,7 +56,8 @@ class Context(Inputs):
 
 def figure_blocks(built: list, out: Path) -> list[FigureBlock]:
     """The figures saved to ``out``/figures, as blocks of the document."""
-    return [FigureBlock(figure.name, pf.save(figure, out / "figures"), figure.caption) for figure in built]
+    return [FigureBlock(figure.name, pf.save(figure, out / "figures"), figure.caption, figure.width)
+            for figure in built]
 
 
 def _mean(comparison: Comparison, arm, metric: str) -> float:
@@ -122,15 +124,25 @@ def comparison_blocks(ctx: Context, comparisons: list[Comparison], level: int) -
         blocks += [summary_table(comparison), paired_table(comparison), category_table(comparison, "image_auroc"),
                    category_paired_table(comparison)]
         arms, categories = pf.arms(comparison), categories_of(comparison)
-        built = pf.sweep_figure(comparison) if comparison.sweep else [
-            *pf.roc_figure(arms, categories, f"roc_{comparison.name}", comparison.title),
-            *pf.map_figures(arms, categories[:1], f"maps_{comparison.name}", comparison.title, 3)]
+        built = pf.sweep_figure(comparison) if comparison.sweep else \
+            pf.roc_figure(arms, categories, f"roc_{comparison.name}", comparison.title)
+        if shows_maps(comparison, comparisons):
+            built += mf.gallery_figure(comparison, arms, f"maps_{comparison.name}")
         blocks += figure_blocks(built, ctx.out)
-        if any(is_finetuned(a.runs[0].config.get("backbone") or {}) for a in comparison.others):
+        if finetuned(comparison):
             blocks += [selection_table(comparison), curve_table(comparison),
-                       *figure_blocks(pf.finetune_figure(comparison), ctx.out)]
+                       text(f"Each fine-tuning's logs (loss, proxy, collapse monitors): appendix, *{DIAGNOSTICS}*.")]
         blocks += selection_blocks(comparison)
     return blocks
+
+
+def shows_maps(comparison: Comparison, comparisons: list[Comparison]) -> bool:
+    """A comparison of arms gets an anomaly-map grid; a sweep only when every comparison of its dataset is a
+    sweep, and then only the first (each dataset shows its maps at least once: ELPV's training length)."""
+    if not comparison.sweep:
+        return True
+    mine = [c for c in comparisons if c.dataset == comparison.dataset and c.arms and c.others]
+    return all(c.sweep for c in mine) and mine[0] is comparison
 
 
 def selection_blocks(comparison: Comparison) -> list[Block]:
@@ -255,27 +267,13 @@ def software(runs: list[Run]) -> tuple[list[str], list[str]]:
 
 
 def appendix_blocks(ctx: Context) -> list[Block]:
-    manifest = ctx.manifest or {}
-    blocks: list[Block] = []
-    commands = []
-    if manifest:
-        commands.append(f"# the study ({manifest.get('study')}); re-running it resumes\n{manifest.get('command')}")
-    commands.append("# this report\npython experiments/report.py " + " ".join(ctx.run_dirs))
-    blocks += [text("*Commands.*"), Code("\n".join(commands))]
+    blocks: list[Block] = commands_blocks(ctx)
     commits, versions = software(ctx.runs)
     blocks += [text(f"*Versions.* The runs ran from {plural(len(commits), 'git commit')} (a -dirty suffix: with "
                     "uncommitted changes) with these packages:"), Code("\n".join([*commits, *versions])),
                *commit_blocks(ctx)]
-    blocks.append(text("*Where each number comes from.* Every run below is one results.json (config hash in it); "
-                       "tables/sources.csv lists, for every number in every table, the results.json files it is "
-                       "computed from, and the HTML version shows them on each cell."))
-    lines = []
-    jobs = {Path(row["folder"]).resolve(): row for row in manifest.get("jobs", [])}
-    for run in sorted(ctx.runs, key=lambda r: str(r.folder)):
-        job = jobs.get(run.folder.resolve())
-        name = job["id"] if job else run.variant
-        lines.append(f"{name}  seed={run.config.get('seed')}  hash={run.key}  {run.folder / 'results.json'}")
-        if job:
-            lines.append(f"    {job['command']}")
-    blocks.append(Code("\n".join(lines)))
+    blocks.append(text("*Where each number comes from.* Every run is one results.json (config hash in it); "
+                       "paper.json lists the runs' folders, tables/sources.csv names, for every number in every "
+                       "table, the results.json files it is computed from, and the HTML version shows them on each "
+                       "cell."))
     return blocks

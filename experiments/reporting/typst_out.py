@@ -82,9 +82,13 @@ def _heading(item) -> str:
     return "=" * item.level + " " + escape(item.text)
 
 
-def _figure(item) -> str:
-    return (f"#figure(image({string(item.path)}, width: {round(100 * item.width)}%), caption: [{escape(item.caption)}])"
-            f" {label('fig', item.name)}")
+def _figure(item, floats: bool = False) -> str:
+    """A figure; ``floats``: at the top or bottom of a page (Typst's ``placement: auto``), so one that does not
+    fit the rest of the page moves to the next page's top while the text goes on filling this one, and no page
+    is left half empty in front of a tall figure (the paper, whose figures follow their text)."""
+    place = "placement: auto, " if floats else ""
+    return (f"#figure(image({string(item.path)}, width: {round(100 * item.width)}%), {place}"
+            f"caption: [{escape(item.caption)}]) {label('fig', item.name)}")
 
 
 FORMS = {"Heading": _heading, "Paragraph": lambda b: spans(b.spans),
@@ -101,22 +105,24 @@ def block(item) -> str:
     return render([item], FORMS, "", "Typst")
 
 
-def to_typst(doc: Document) -> str:
+def to_typst(doc: Document, floats: bool = False) -> str:
+    """The document's Typst source; ``floats``: figures float (``_figure``)."""
     head = PREAMBLE.format(title=string(doc.title))
     title = (f"#align(center)[#text(size: 16pt, weight: \"bold\")[{escape(doc.title)}]\\\n"
              f"#text(size: 9pt)[{escape(doc.subtitle)}]]\n")
-    return head + title + render(doc.blocks, FORMS, "\n\n", "Typst") + "\n"
+    forms = {**FORMS, "FigureBlock": lambda item: _figure(item, floats)}
+    return head + title + render(doc.blocks, forms, "\n\n", "Typst") + "\n"
 
 
-def write_pdf(doc: Document, out: Path, references: Path | None = None,
-              stem: str = "report") -> tuple[Path, list[int], int]:
+def write_pdf(doc: Document, out: Path, references: Path | None = None, stem: str = "report",
+              floats: bool = False) -> tuple[Path, list[int], int]:
     """``<stem>.typ`` (kept: users can edit and recompile it with ``typst compile``) and ``<stem>.pdf``; also the
     numbers of the pages whose content runs into the side margins (overflowing text or tables), and the
-    number of pages."""
+    number of pages. ``floats``: figures float to the top or bottom of a page (``_figure``)."""
     import typst
 
     source = out / f"{stem}.typ"
-    source.write_text(to_typst(doc))
+    source.write_text(to_typst(doc, floats))
     if references is not None:
         shutil.copyfile(references, out / "references.yml")
     pdf = out / f"{stem}.pdf"
