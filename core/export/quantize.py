@@ -88,8 +88,8 @@ def quantize_features(float_onnx: Path, out: Path, crops: np.ndarray, input_name
 def _relative(changed: torch.Tensor, reference: torch.Tensor) -> dict:
     """Max and median of ``|changed - reference|`` over every value, relative to the largest ``|reference|``."""
     scale = float(reference.abs().max()) or 1.0
-    change = (changed.double() - reference.double()).abs().flatten() / scale
-    return {"max_rel_change": float(change.max()), "median_rel_change": float(change.median())}
+    change = ((changed.double() - reference.double()).abs().flatten() / scale).numpy()
+    return {"max_rel_change": float(change.max()), "median_rel_change": float(np.median(change))}
 
 
 def drift_record(float32, int8, crops: np.ndarray, method: dict, calibration: Calibration) -> dict:
