@@ -39,7 +39,7 @@ class ExportedModel:
 
     ``form``: ``fast`` | ``graph`` (None: fast where the folder has it, else graph); ``threads``: Python threads
     a batch is split over, each running the graph on one intra-op thread (None: ``core.threads.thread_budget``
-    when the model is opened)."""
+    at each run)."""
 
     def __init__(self, folder: str | Path, precision: str = "f32", threads: int | None = None,
                  form: str | None = None) -> None:
@@ -59,15 +59,16 @@ class ExportedModel:
         self.preprocessing = (None if self.record.get("preprocessing") is None
                               else Preprocessing(**self.record["preprocessing"]))
         self.threshold = self.record.get("threshold")
-        if threads is not None and (not isinstance(threads, int) or threads < 1):
+        if threads is not None and (not isinstance(threads, int) or isinstance(threads, bool) or threads < 1):
             raise ExportedModelError(f"threads={threads!r}: a positive number of threads, or None for the budget")
-        self.threads = thread_budget() if threads is None else threads
+        self.threads = threads  # None: the budget when run is called, as the PyTorch path reads it
         self.form = self._form(form)
+        streams = thread_budget() if threads is None else threads  # OpenVINO's, fixed when compiled
         if self.form == "graph":
-            runner = open_runner(self.file, self.format, precision, self.threads)
+            runner = open_runner(self.file, self.format, precision, streams)
         else:
             self.fast = FastForm(self.folder, self.record, open_runner(self.folder / self.record["fast"]["file"],
-                                                                       self.format, precision, self.threads))
+                                                                       self.format, precision, streams))
             runner = self.fast.run
         self._run = lambda batch: _joined(in_pieces(runner, batch, self.threads))
 
