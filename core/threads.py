@@ -16,6 +16,9 @@ Who may nest inside whom (outermost first):
    nothing parallelises around it.
 3. ``core.search.pruned`` (blocks of queries on threads) - the outermost layer when the bank is
    searched directly (a benchmark, ``PatchCore.score`` called on its own or with one worker).
+4. ``core.export`` (``ExportedModel.run``: pieces of the batch through ``in_pieces``, each piece's
+   ONNX Runtime / OpenVINO run on one intra-op thread, the fast form's search and scoring head
+   inside the same single-threaded scope) - the outermost layer of an exported model.
 
 On a CPU shared with other jobs, torch's second OpenMP thread can make every small operation
 wait for a descheduled core; that is why these layers use Python threads instead.
@@ -23,7 +26,8 @@ wait for a descheduled core; that is why these layers use Python threads instead
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 
 import torch
@@ -39,3 +43,23 @@ def single_threaded_torch() -> Iterator[int]:
         yield threads
     finally:
         torch.set_num_threads(threads)
+
+
+def thread_budget() -> int:
+    """The budget the outermost layer spends (see above): torch's thread count, set by the entry point."""
+    return torch.get_num_threads()
+
+
+def in_pieces(work: Callable, batch, threads: int | None = None) -> list[Sequence]:
+    """``work(piece)`` over ``threads`` (default: the budget) near-equal pieces of ``batch`` (split along its
+    first axis), each on its own Python thread with torch single-threaded, in order; returns each piece's
+    result. A batch smaller than the budget runs one image per thread; one thread (or one image) runs
+    ``work(batch)`` as it is, on the caller's thread."""
+    threads = thread_budget() if threads is None else threads
+    count = min(max(1, threads), len(batch))
+    if count <= 1:
+        return [work(batch)]
+    size = -(-len(batch) // count)  # ceil: the last piece is the short one
+    pieces = [batch[start : start + size] for start in range(0, len(batch), size)]
+    with single_threaded_torch(), ThreadPoolExecutor(len(pieces)) as pool:
+        return list(pool.map(work, pieces))

@@ -8,7 +8,8 @@ EfficientNet-Lite0 features, 1024-d, at 224 px) plus its test set, on first use,
 aggregations (``official`` with squared distances, the default; ``channel_mean`` with Euclidean
 ones), next to the official-style and anomalib-style starting points; WRN50 (random seeded
 weights) prediction is measured against its backbone alone; the official model's prediction also through its
-exported graph under ONNX Runtime and OpenVINO (experiments/benchmarks/export_bench.py; ``--skip export``).
+exported model under ONNX Runtime and OpenVINO, single graph and fast form, float32 and INT8 feature graph, for
+EfficientNet-Lite0 and WRN50 (experiments/benchmarks/export_speed.py; ``--skip export``).
 Every measurement is one JSON line on
 stdout with the keys ``stage`` (extract, coreset, coreset_reference, search, predict, fit,
 fit_warm_cache, backbone_only), ``n``, ``dim``, ``ratio``, ``seconds``, ``items_per_s``,
@@ -34,7 +35,7 @@ import torch
 
 from core.backbones import EfficientNetLite
 from experiments.benchmarks.coresets import coreset_alone, radius_comparison, reference_timing
-from experiments.benchmarks.export_bench import bench_exported
+from experiments.benchmarks.export_speed import bench_exported
 from experiments.benchmarks.fitting import bench_backbone, bench_fit, large_fit
 from experiments.benchmarks.prediction import bench_predictions, bench_wrn50
 from experiments.benchmarks.recording import Recorder
@@ -92,7 +93,7 @@ def bench_aggregation(rec: Recorder, work: Workload, extractor, train, test, agg
     bench_predictions(rec, work, model, extractor, test, bank_features, aggregation)
     if "export" not in work.skip and work.on_cpu and aggregation == "official":  # ONNX Runtime, OpenVINO
         model.bank = bank_with(bank_features)
-        bench_exported(rec, model, test, **tag)
+        bench_exported(rec, model, test, [sample.path for sample in train.dataset.samples], **tag)
 
 
 def finish(rec: Recorder, root: Path) -> None:

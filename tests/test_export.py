@@ -2,6 +2,8 @@
 ``PatchCore.score``'s scores and maps (EfficientNet-Lite0 with its real weights on the embedded textures,
 WRN50 with random weights at 64 px), ``ExportedModel.predict_images`` gives ``PatchCore.predict_images``'s
 result, the graph's memory does not grow with bank x patches, bad inputs and failed exports are handled.
+Issue 29 item 3: each of these parity checks runs both forms of an export, the fast one (the feature graph, then
+the suite's search and scoring head: ``ExportedModel``'s default) and the single graph.
 
 Tolerance: 1e-5 of the largest value (scores, maps), float32 rounding of a different summation order
 (measured: ~4e-7); decisions and masks equal.
@@ -83,12 +85,14 @@ def effnet(textures_root, tmp_path_factory):
     return model, paths, root
 
 
-def test_onnx_and_openvino_give_pytorchs_scores_and_maps_effnet(effnet) -> None:
+@pytest.mark.parametrize("form", ["fast", "graph"])
+def test_onnx_and_openvino_give_pytorchs_scores_and_maps_effnet(effnet, form) -> None:
     model, paths, root = effnet
     crops, _ = prepare_images_uint8(paths, model)
     scores, maps = model.score(normalize(crops, model.preprocessing))
     for fmt in ("onnx", "openvino"):
-        exported = ExportedModel(root / fmt)
+        exported = ExportedModel(root / fmt, form=form)
+        assert exported.form == form and ExportedModel(root / fmt).form == "fast"  # fast: the default
         outputs = exported.run(crops.numpy())
         assert exported.record["exporter" if fmt == "onnx" else "format"] in ("dynamo", "openvino")
         assert _close(outputs["image_scores"], scores) < TOLERANCE, fmt
@@ -100,12 +104,13 @@ def test_onnx_and_openvino_give_pytorchs_scores_and_maps_effnet(effnet) -> None:
         assert _close(one["image_scores"], scores[:1]) < TOLERANCE
 
 
-def test_exported_predict_images_is_patchcores(effnet) -> None:
+@pytest.mark.parametrize("form", ["fast", "graph"])
+def test_exported_predict_images_is_patchcores(effnet, form) -> None:
     model, paths, root = effnet
     images = [str(paths[0]), np.asarray(__import__("PIL.Image").Image.open(paths[1]).convert("L")), paths[2]]
     expected = model.predict_images(images)
     for fmt in ("onnx", "openvino"):
-        result = ExportedModel(root / fmt).predict_images(images, batch_size=2)
+        result = ExportedModel(root / fmt, form=form).predict_images(images, batch_size=2)
         assert _close(result.scores, expected.scores) < TOLERANCE
         for got, want in zip(result.maps, expected.maps):
             assert got.shape == want.shape and _close(got, want) < TOLERANCE
@@ -124,9 +129,10 @@ def test_wrn50_random_weights_onnx_and_openvino(textures_root, tmp_path) -> None
     export_model(model, tmp_path / "onnx", "onnx", chunk=50)
     onnx_to_openvino(tmp_path / "onnx", tmp_path / "openvino")
     for fmt in ("onnx", "openvino"):
-        outputs = ExportedModel(tmp_path / fmt).run(crops.numpy())
-        assert _close(outputs["image_scores"], scores) < TOLERANCE, fmt
-        assert _close(outputs["anomaly_maps"], maps) < TOLERANCE, fmt
+        for form in ("fast", "graph"):
+            outputs = ExportedModel(tmp_path / fmt, form=form).run(crops.numpy())
+            assert _close(outputs["image_scores"], scores) < TOLERANCE, (fmt, form)
+            assert _close(outputs["anomaly_maps"], maps) < TOLERANCE, (fmt, form)
 
 
 @pytest.mark.parametrize("fmt", ["onnx", pytest.param("openvino", marks=pytest.mark.slow), "torchscript"])
@@ -143,12 +149,13 @@ def test_every_format_with_eq7_k2_cosine_and_float_input(tmp_path, fmt) -> None:
     out = export_model(model, tmp_path / fmt, fmt, chunk=128, input_dtype="float32")
     if fmt == "torchscript":
         traced = torch.jit.load(out / "model.pt")
-        outputs = dict(zip(["image_scores", "anomaly_maps"], [t.numpy() for t in traced(floats)]))
+        runs = {"graph": dict(zip(["image_scores", "anomaly_maps"], [t.numpy() for t in traced(floats)]))}
     else:
-        outputs = ExportedModel(out).run(floats.numpy())
-    assert set(outputs) == {"image_scores", "anomaly_maps"}  # no thresholds: no decisions
-    assert _close(outputs["image_scores"], scores) < TOLERANCE
-    assert _close(outputs["anomaly_maps"], maps) < TOLERANCE
+        runs = {form: ExportedModel(out, form=form).run(floats.numpy()) for form in ("fast", "graph")}
+    for form, outputs in runs.items():
+        assert set(outputs) == {"image_scores", "anomaly_maps"}, form  # no thresholds: no decisions
+        assert _close(outputs["image_scores"], scores) < TOLERANCE, form
+        assert _close(outputs["anomaly_maps"], maps) < TOLERANCE, form
 
 
 def test_wrong_channel_count_is_a_clear_error(effnet) -> None:

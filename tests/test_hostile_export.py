@@ -19,7 +19,7 @@ from core.backbones import TorchvisionCNN
 from core.data import Preprocessing
 from core.export import ExportablePatchCore, ExportedModel, ExportedModelError, export_model
 from core.features import PatchEmbedder
-from core.model_files import ModelFilesError
+from core.model_files import ModelFilesError, write_manifest, write_tensors
 from core.scoring import ScoringHead
 from experiments.benchmarks.export_bench import random_bank_model
 from tests.test_hostile_load import edit, setter, within
@@ -131,6 +131,17 @@ def test_a_non_finite_threshold_is_not_exported(model, tmp_path) -> None:
     (setter("seconds", math.nan), r"seconds=nan must be a finite number >= 0"),
     (setter("surprise", 1), r"unknown keys \['surprise'\]"),
     (lambda record: record.pop("threshold"), r"the key 'threshold' is missing"),
+    # the fast form's node (issue 29 item 3): fixed file names, the precision with its drift record, the settings
+    (setter("fast.file", "../onnx/features.onnx"), r"fast=.* must be an object \{\"file\": one of"),
+    (setter("fast.file", "features.xml"), r"fast\.file='features\.xml' but a onnx export's feature graph is "
+                                          r"'features\.onnx'"),
+    (setter("fast.bank", "/etc/passwd"), r"fast=.* must be an object"),
+    (setter("fast.precision", "int8"), r"fast=.* must be an object .*'int8_drift\.json' with int8"),
+    (setter("fast.search.backend", "annoy"), r"its scoring or search settings are refused \(search\.backend="
+                                             r"'annoy'"),
+    (setter("fast.search.nprobe", 0), r"its scoring or search settings are refused \(search\.nprobe=0"),
+    (setter("model.scoring.blur_sigma", -1.0), r"its scoring or search settings are refused "
+                                              r"\(patchcore\.scoring\.blur_sigma=-1\.0"),
 ])
 def test_export_json_is_checked_by_key(export_copy, change, message) -> None:
     edit(export_copy, change)
@@ -151,6 +162,32 @@ def test_the_graph_file_cannot_come_from_elsewhere(export_copy, tmp_path) -> Non
     os.symlink("/dev/zero", data)
     with within(10), pytest.raises(ModelFilesError, match=rf"{data} is a symbolic link, not a regular file"):
         ExportedModel(export_copy)
+
+
+@pytest.mark.parametrize("name", ["features.onnx", "features.onnx.data", "bank.safetensors"])
+def test_a_modified_fast_form_file_is_refused(export_copy, name) -> None:
+    """The fast form's files are listed in the manifest like the graph's: a changed byte is refused by name."""
+    with open(export_copy / name, "r+b") as handle:
+        handle.seek(max(0, (export_copy / name).stat().st_size // 2))
+        handle.write(b"\x00\x01\x02\x03")
+    with pytest.raises(ModelFilesError, match=rf"{export_copy / name} was modified"):
+        ExportedModel(export_copy)
+
+
+@pytest.mark.parametrize(("features", "message"), [
+    (torch.full((300, 64), math.nan), r"memory bank .*bank\.safetensors has 300 rows with NaN or infinite values"),
+    (torch.zeros(299, 64), r"bank\.safetensors holds \(299, 64\) features, export\.json says bank_size x "
+                           r"embed_dim = \(300, 64\)"),
+    (torch.zeros(300, 63), r"holds \(300, 63\) features"),
+])
+def test_a_rehashed_hostile_bank_is_refused(export_copy, features, message) -> None:
+    """A bank replaced and the manifest re-hashed (as an attacker would): read as a saved model's bank (finite,
+    safetensors, no pickle) and of the shape export.json records; the graph form does not read it."""
+    write_tensors(export_copy / "bank.safetensors", {"features": features})
+    write_manifest(export_copy)
+    with pytest.raises(ModelFilesError, match=message):
+        ExportedModel(export_copy)
+    assert ExportedModel(export_copy, form="graph").form == "graph"
 
 
 def test_an_untampered_export_still_loads_and_converts(exported, tmp_path) -> None:

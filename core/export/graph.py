@@ -14,6 +14,9 @@ graph can hold. This module re-expresses the same computation with plain dense o
   model's own scoring head (``core.scoring.ScoringHead``), run over ``ChunkedNearest`` instead of the
   memory bank: the same code, not a copy.
 
+``ExportableFeatures`` is the graph up to the patch features (the fast form's graph: ``core.export.fast``
+runs the suite's own search and scoring head after it); ``ExportablePatchCore`` the whole of it.
+
 tests/test_export.py checks its outputs against ``PatchCore.score`` in torch, ONNX Runtime and OpenVINO.
 """
 
@@ -193,16 +196,14 @@ class ChunkedNearest(nn.Module):
         return torch.linalg.vector_norm(self._centred_rows(indices) - self._centred(queries)[:, None], dim=-1)
 
 
-class ExportablePatchCore(nn.Module):
-    """``images [N, 3, H, W]`` (uint8 0-255 or float 0-1, already resized and cropped to the model's input
-    size) ``-> (image_scores [N], anomaly_maps [N, H, W])``, plus ``(image_decisions [N], masks [N, H, W])``
-    (bool) when ``thresholds = (image, pixel)`` are given: what ``PatchCore.score`` gives for the same
-    images normalised with the model's mean and std."""
+class ExportableFeatures(nn.Module):
+    """``images [N, 3, H, W]`` (uint8 0-255 or float 0-1, resized and cropped to the model's input size) ``->
+    patch_features [N, h*w, D]``: normalisation, extractor, dense embedding; what ``PatchCore.embed`` gives for
+    the same images normalised with the model's mean and std. The fast form's graph (the search and the scoring
+    head then run in Python: ``core.export.fast``), and the first half of ``ExportablePatchCore``."""
 
-    def __init__(self, model, chunk: int = DEFAULT_CHUNK, input_dtype: str = "uint8",
-                 thresholds: tuple[float, float | None] | None = None) -> None:
+    def __init__(self, model, input_dtype: str = "uint8") -> None:
         super().__init__()
-        check_exportable(model)
         if input_dtype not in INPUT_DTYPES:
             raise ValueError(f"export input_dtype={input_dtype!r}: choose one of {INPUT_DTYPES}")
         self.input_dtype = input_dtype
@@ -213,12 +214,47 @@ class ExportablePatchCore(nn.Module):
         with torch.no_grad():
             maps = self.extractor(torch.zeros(1, 3, *self.input_size))
         self.embedding = ExportEmbedding(model.embedder, maps)
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        return self.embedding.grid
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = images.float() * (1.0 / 255) if self.input_dtype == "uint8" else images.float()
+        x = (x - self.mean) / self.std
+        return self.embedding(self.extractor(x))  # [N, h*w, D]
+
+
+class ExportablePatchCore(nn.Module):
+    """``images [N, 3, H, W]`` (uint8 0-255 or float 0-1, already resized and cropped to the model's input
+    size) ``-> (image_scores [N], anomaly_maps [N, H, W])``, plus ``(image_decisions [N], masks [N, H, W])``
+    (bool) when ``thresholds = (image, pixel)`` are given: what ``PatchCore.score`` gives for the same
+    images normalised with the model's mean and std. The single self-contained graph: ``ExportableFeatures``,
+    then the chunked search and the model's scoring head."""
+
+    def __init__(self, model, chunk: int = DEFAULT_CHUNK, input_dtype: str = "uint8",
+                 thresholds: tuple[float, float | None] | None = None) -> None:
+        super().__init__()
+        check_exportable(model)
+        self.features = ExportableFeatures(model, input_dtype)
         self.search = ChunkedNearest(model.bank.features, chunk, model.bank.metric)
         self.scoring: ScoringHead = model.scoring
         if thresholds is not None:  # the saved record's check: finite numbers (pixel: or None)
             check_threshold({"image_threshold": thresholds[0], "pixel_threshold": thresholds[1]}, "threshold")
         self.thresholds = None if thresholds is None else (float(thresholds[0]),
                                                            None if thresholds[1] is None else float(thresholds[1]))
+
+    @property
+    def input_dtype(self) -> str:
+        return self.features.input_dtype
+
+    @property
+    def input_size(self) -> tuple[int, int]:
+        return self.features.input_size
+
+    @property
+    def embedding(self) -> ExportEmbedding:
+        return self.features.embedding
 
     @property
     def output_names(self) -> list[str]:
@@ -230,10 +266,8 @@ class ExportablePatchCore(nn.Module):
         return names
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        x = images.float() * (1.0 / 255) if self.input_dtype == "uint8" else images.float()
-        x = (x - self.mean) / self.std
-        features = self.embedding(self.extractor(x))  # [N, h*w, D]
-        image_scores, maps = self.scoring.score(features, self.search, self.embedding.grid, self.input_size)
+        features = self.features(images)  # [N, h*w, D]
+        image_scores, maps = self.scoring.score(features, self.search, self.features.grid, self.input_size)
         outputs = (image_scores, maps)
         if self.thresholds is not None:  # a NaN or infinite score or pixel is anomalous, never nominal
             outputs += (self.scoring.anomalous(image_scores, self.thresholds[0]),)

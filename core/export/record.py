@@ -6,6 +6,10 @@ An export may come from anywhere, and its manifest can be re-hashed by whoever e
 checked at load for type and range: ``file`` must be the format's own graph file inside the folder (an
 absolute or ``../`` path would run a graph from elsewhere), ``outputs`` exactly the names the graph returns
 in its order (a reordered list would label the maps as scores), the thresholds finite.
+
+The fast form (``fast``: the feature graph, the bank, the search settings, the precision and, for INT8, the
+drift record) is checked the same way: fixed file names per format, the precision and its drift record
+together; the bank file and the settings are then read by ``core.export.fast`` through their own checks.
 """
 
 from __future__ import annotations
@@ -25,6 +29,8 @@ from core.records import (
     is_side,
     read_json_object,
 )
+from core.saved_model import BANK_FILE
+from core.search.options import SearchOptions
 
 FORMATS = ("onnx", "openvino", "torchscript")
 GRAPH_FILES = {"onnx": "model.onnx", "openvino": "model.xml", "torchscript": "model.pt"}
@@ -35,6 +41,13 @@ INPUT_NAME = "images"
 # threshold too, its masks.
 OUTPUTS = ("image_scores", "anomaly_maps", "image_decisions", "anomaly_masks")
 RANGES = {"uint8": "0-255", "float32": "0-1"}
+# The fast form: the graph up to the patch features (per format), its output, the bank (as a saved model's), the
+# feature graph's precision, and the INT8 drift record (core.export.quantize).
+FEATURE_FILES = {"onnx": "features.onnx", "openvino": "features.xml"}
+FEATURES_OUTPUT = "patch_features"
+EXPORT_PRECISIONS = ("float32", "int8")
+DRIFT_FILE = "int8_drift.json"
+_SEARCH_KEYS = frozenset(SearchOptions.__dataclass_fields__)
 
 
 class ExportedModelError(ValueError):
@@ -55,6 +68,18 @@ def _positive(value) -> bool:
     return is_int(value) and value > 0
 
 
+def _fast(value) -> bool:
+    """``{"file", "output", "bank", "search", "precision", "drift"}``: fixed names, the search node's keys
+    ``SearchOptions``' (whose constructor checks the values at load), the drift record with INT8 only."""
+    if not (isinstance(value, dict) and set(value) == {"file", "output", "bank", "search", "precision", "drift"}):
+        return False
+    search = value["search"]
+    return (value["file"] in FEATURE_FILES.values() and value["output"] == FEATURES_OUTPUT
+            and value["bank"] == BANK_FILE and isinstance(search, dict) and set(search) <= _SEARCH_KEYS
+            and value["precision"] in EXPORT_PRECISIONS
+            and value["drift"] == (DRIFT_FILE if value["precision"] == "int8" else None))
+
+
 EXPORT_SCHEMA: Schema = {
     "format_version": (True, is_int, "an integer"),
     "format": (True, lambda v: v in FORMATS, f"one of {list(FORMATS)}"),
@@ -67,6 +92,9 @@ EXPORT_SCHEMA: Schema = {
     "outputs": (True, lambda v: isinstance(v, list) and 2 <= len(v) <= 4 and tuple(v) == OUTPUTS[:len(v)],
                 f"the graph's output names in its order: {list(OUTPUTS[:2])}, then 'image_decisions' and "
                 f"'anomaly_masks' with thresholds"),
+    "fast": (False, _fast, f"an object {{\"file\": one of {sorted(FEATURE_FILES.values())}, \"output\": "
+             f"{FEATURES_OUTPUT!r}, \"bank\": {BANK_FILE!r}, \"search\": the search settings, \"precision\": one of "
+             f"{list(EXPORT_PRECISIONS)}, \"drift\": {DRIFT_FILE!r} with int8, else null}}"),
     "chunk": (True, _positive, "a positive integer"),
     "bank_size": (True, _positive, "a positive integer"),
     "embed_dim": (True, _positive, "a positive integer"),
@@ -87,6 +115,10 @@ def check_export_record(record: dict) -> None:
     if record["file"] != GRAPH_FILES[record["format"]]:
         raise RecordError(f"file={record['file']!r} but a {record['format']} export's graph is "
                           f"{GRAPH_FILES[record['format']]!r}")
+    fast = record.get("fast")
+    if fast is not None and fast["file"] != FEATURE_FILES.get(record["format"]):
+        raise RecordError(f"fast.file={fast['file']!r} but a {record['format']} export's feature graph is "
+                          f"{FEATURE_FILES.get(record['format'])!r}")
     check_preprocessing(record["preprocessing"], "preprocessing", record["input"]["shape"][2:])
     threshold = record["threshold"] or {}
     expected = 2 + (threshold.get("image_threshold") is not None) + (threshold.get("pixel_threshold") is not None)

@@ -3,10 +3,15 @@ model needed: ``ExportedModel(folder).predict_images(["a.png", array, pil_image]
 ``core.api.ImagePredictions`` as ``PatchCore.predict_images``, through the same preprocessing code
 (``core.api.prepare_images_uint8``) and the same way back to each input's resolution.
 
+Two forms of the same model sit in an export folder (``form``): ``fast`` (the default where the folder has it:
+the feature graph, then the suite's exact search and scoring head in Python, ``core.export.fast``) and
+``graph`` (the single self-contained graph, images to scores, for C++ and other runtimes; the only form of
+exports written before the fast one). Both are guarded by the same manifest.
+
 The folder's manifest is checked first (a modified or half-copied file is refused by name). OpenVINO is
 compiled with ``INFERENCE_PRECISION_HINT=f32``: on CPUs with bfloat16 units its default would compute in
 bfloat16, which moves the scores by ~0.1% (measured: docs/deployment.md); ``precision="bf16"`` asks for
-that explicitly.
+that explicitly. Threads: the PyTorch path's rule (``core.threads``; ``core.export.sessions``).
 """
 
 from __future__ import annotations
@@ -18,17 +23,26 @@ import numpy as np
 
 from core.api import ImageInput, ImagePredictions, model_preprocessing, prepare_images_uint8
 from core.data import Preprocessing
+from core.export.fast import FastForm
 from core.export.record import RECORD, ExportedModelError, read_export_record
+from core.export.sessions import open_runner
+from core.threads import in_pieces, thread_budget
 
 RUNTIMES = ("onnx", "openvino")
 PRECISIONS = ("f32", "bf16", "f16")
+FORMS = ("fast", "graph")
 
 
 class ExportedModel:
     """An exported PatchCore: ``run(batch)`` on preprocessed uint8 (or 0-1 float) crops, ``predict_images`` on
-    images as a user has them."""
+    images as a user has them.
 
-    def __init__(self, folder: str | Path, precision: str = "f32", threads: int | None = None) -> None:
+    ``form``: ``fast`` | ``graph`` (None: fast where the folder has it, else graph); ``threads``: Python threads
+    a batch is split over, each running the graph on one intra-op thread (None: ``core.threads.thread_budget``
+    at each run)."""
+
+    def __init__(self, folder: str | Path, precision: str = "f32", threads: int | None = None,
+                 form: str | None = None) -> None:
         self.folder = Path(folder)
         self.record = read_export_record(self.folder)  # the files, then every key of export.json
         self.format = self.record["format"]
@@ -45,8 +59,28 @@ class ExportedModel:
         self.preprocessing = (None if self.record.get("preprocessing") is None
                               else Preprocessing(**self.record["preprocessing"]))
         self.threshold = self.record.get("threshold")
-        self._run = _onnx_runner(self.file, threads) if self.format == "onnx" else \
-            _openvino_runner(self.file, precision, threads)
+        if threads is not None and (not isinstance(threads, int) or isinstance(threads, bool) or threads < 1):
+            raise ExportedModelError(f"threads={threads!r}: a positive number of threads, or None for the budget")
+        self.threads = threads  # None: the budget when run is called, as the PyTorch path reads it
+        self.form = self._form(form)
+        streams = thread_budget() if threads is None else threads  # OpenVINO's, fixed when compiled
+        if self.form == "graph":
+            runner = open_runner(self.file, self.format, precision, streams)
+        else:
+            self.fast = FastForm(self.folder, self.record, open_runner(self.folder / self.record["fast"]["file"],
+                                                                       self.format, precision, streams))
+            runner = self.fast.run
+        self._run = lambda batch: _joined(in_pieces(runner, batch, self.threads))
+
+    def _form(self, form: str | None) -> str:
+        if form is None:
+            return "fast" if self.record.get("fast") else "graph"
+        if form not in FORMS:
+            raise ExportedModelError(f"form={form!r}: choose one of {FORMS} (or None: fast where the export has it)")
+        if form == "fast" and not self.record.get("fast"):
+            raise ExportedModelError(f"{self.folder} holds no fast form (exported before it existed): export the "
+                                     f"model again with this code, or run form='graph'")
+        return form
 
     def run(self, batch) -> dict[str, np.ndarray]:
         """The graph's outputs (``image_scores``, ``anomaly_maps``, and ``image_decisions``/``anomaly_masks``
@@ -103,31 +137,6 @@ class ExportedModel:
         return ImagePredictions.from_crops(scores, np.concatenate(maps), sizes, preprocessing, self.threshold)
 
 
-def _onnx_runner(path: Path, threads: int | None):
-    import onnxruntime
-
-    options = onnxruntime.SessionOptions()
-    # ORT keeps a prepacked copy of every matrix-product constant, i.e. the whole bank a second time; the
-    # speed is the same within noise without it (docs/deployment.md, Export)
-    options.add_session_config_entry("session.disable_prepacking", "1")
-    if threads:
-        options.intra_op_num_threads = threads
-    session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    name = session.get_inputs()[0].name
-    return lambda batch: session.run(None, {name: batch})
-
-
-def _openvino_runner(path: Path, precision: str, threads: int | None):
-    import openvino
-
-    config = {"INFERENCE_PRECISION_HINT": precision}
-    if threads:
-        config["INFERENCE_NUM_THREADS"] = threads
-    compiled = openvino.Core().compile_model(str(path), "CPU", config)
-    request = compiled.create_infer_request()
-
-    def run(batch: np.ndarray) -> list[np.ndarray]:
-        result = request.infer({0: batch})
-        return [np.array(result[output]) for output in compiled.outputs]
-
-    return run
+def _joined(pieces: list) -> list[np.ndarray]:
+    """Each output's pieces, concatenated in order."""
+    return [np.concatenate(parts) for parts in zip(*pieces)]

@@ -9,6 +9,10 @@ writes, into a temporary sibling of ``out`` that is renamed into place only when
 - ``export.json``: the input (name, dtype, shape), the outputs, the preprocessing and thresholds of the
   source model (what ``core.export.runtime.ExportedModel`` needs to take raw images), the chunk size, which
   exporter produced the graph, the versions;
+- the fast form (ONNX and OpenVINO): ``features.onnx`` (+ ``.data``) or ``features.xml`` + ``.bin``, the graph
+  up to the patch features (``ExportableFeatures``; INT8 with ``precision="int8"``, ``core.export.quantize``,
+  whose drift record ``int8_drift.json`` comes with it), and ``bank.safetensors`` (the bank as a saved model
+  holds it), searched and scored by the suite's own code (``core.export.fast``);
 - ``manifest.json``: the SHA-256 of each file (``core.model_files``), checked by ``ExportedModel``.
 
 ONNX goes through ``torch.onnx.export(dynamo=True)``; should that exporter fail on some backbone, the
@@ -19,15 +23,22 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import time
 import warnings
 from pathlib import Path
 
+import numpy as np
 import torch
 
-from core.export.graph import DEFAULT_CHUNK, ExportablePatchCore
+from core.export.graph import DEFAULT_CHUNK, ExportableFeatures, ExportablePatchCore
+from core.export.quantize import Calibration
 from core.export.record import (
+    DRIFT_FILE,
     EXPORT_FORMAT_VERSION,
+    EXPORT_PRECISIONS,
+    FEATURE_FILES,
+    FEATURES_OUTPUT,
     FORMATS,
     GRAPH_FILES,
     INPUT_NAME,
@@ -36,7 +47,8 @@ from core.export.record import (
     read_export_record,
 )
 from core.io import write_json_atomic
-from core.model_files import write_sealed_folder
+from core.model_files import write_sealed_folder, write_tensors
+from core.saved_model import BANK_FILE
 
 log = logging.getLogger(__name__)
 
@@ -48,17 +60,22 @@ class ExportError(RuntimeError):
 
 
 def export_model(model, out: str | Path, format: str = "onnx", chunk: int = DEFAULT_CHUNK,
-                 input_dtype: str = "uint8", opset: int = DEFAULT_OPSET, overwrite: bool = False) -> Path:
+                 input_dtype: str = "uint8", opset: int = DEFAULT_OPSET, overwrite: bool = False,
+                 precision: str = "float32", calibration: Calibration | None = None) -> Path:
     """Export ``model`` (a fitted ``PatchCore``) to the folder ``out``; returns ``out``. An existing export
-    there is replaced only with ``overwrite``; any other existing, non-empty folder is refused."""
+    there is replaced only with ``overwrite``; any other existing, non-empty folder is refused. ONNX and
+    OpenVINO exports hold both forms (the single graph, and the fast form's feature graph and bank);
+    ``precision="int8"`` quantizes the feature graph, calibrated and checked on ``calibration``'s images."""
     if format not in FORMATS:
         raise ValueError(f"export format={format!r}: choose one of {FORMATS}")
+    _check_precision(format, precision, calibration)
     out = Path(out)
     _check_target(out, overwrite)
     threshold = getattr(model, "threshold", None) or {}
     pair = None if threshold.get("image_threshold") is None else (threshold["image_threshold"],
                                                                      threshold.get("pixel_threshold"))
     graph = ExportablePatchCore(model, chunk=chunk, input_dtype=input_dtype, thresholds=pair).eval()
+    crops = None if calibration is None else _calibration_crops(model, calibration, input_dtype)  # reads them now
     start = time.perf_counter()
 
     def write(folder: Path) -> dict:
@@ -72,9 +89,69 @@ def export_model(model, out: str | Path, format: str = "onnx", chunk: int = DEFA
 
     def write_all(folder: Path) -> None:
         details = write(folder)
-        write_json_atomic(folder / RECORD, _record(model, graph, format, details, time.perf_counter() - start))
+        record = _record(model, graph, format, details, 0.0)
+        if format != "torchscript":
+            record["fast"] = _write_fast(model, graph.features, folder, format, opset, precision, crops, record)
+        record["seconds"] = round(time.perf_counter() - start, 2)
+        write_json_atomic(folder / RECORD, record)
 
     return write_sealed_folder(out, write_all)
+
+
+def _check_precision(format: str, precision: str, calibration: Calibration | None) -> None:
+    if precision not in EXPORT_PRECISIONS:
+        raise ValueError(f"export precision={precision!r}: choose one of {EXPORT_PRECISIONS}")
+    if precision == "int8" and format == "torchscript":
+        raise ValueError("export precision=int8 quantizes the fast form's feature graph, which format=torchscript "
+                         "does not have: export format=onnx or openvino")
+    if precision == "int8" and calibration is None:
+        raise ValueError("export precision=int8 needs nominal images of the model's training set to calibrate on "
+                         "(calibration.images; the export CLI finds them from the saved model's metadata)")
+
+
+def _calibration_crops(model, calibration: Calibration, input_dtype: str) -> tuple:
+    """The calibration and held-out crops as the graph takes them (uint8, or float 0-1)."""
+    from core.api import prepare_images_uint8
+
+    def crops(images) -> np.ndarray:
+        batch = prepare_images_uint8(images, model)[0].numpy()
+        return batch if input_dtype == "uint8" else batch.astype("float32") / 255
+
+    calibrating, heldout = calibration.split()
+    return crops(calibrating), crops(heldout), calibration
+
+
+def _write_fast(model, features: ExportableFeatures, folder: Path, format: str, opset: int, precision: str,
+                crops: tuple | None, record: dict) -> dict:
+    """The fast form's files in ``folder``; returns its ``export.json`` node."""
+    write_tensors(folder / BANK_FILE, {"features": model.bank.features.float()})
+    node = {"file": FEATURE_FILES[format], "output": FEATURES_OUTPUT, "bank": BANK_FILE,
+            "search": model.search.record(), "precision": precision, "drift": None}
+    onnx_file = folder / FEATURE_FILES["onnx"]
+    if precision == "float32":
+        _write_onnx(features, onnx_file, opset, [FEATURES_OUTPUT])
+    else:
+        scratch = folder / "float32"  # removed below: the manifest lists the folder's files only
+        scratch.mkdir()
+        _write_onnx(features, scratch / onnx_file.name, opset, [FEATURES_OUTPUT])
+        _write_int8(scratch / onnx_file.name, onnx_file, crops, {**record, "fast": node}, folder)
+        shutil.rmtree(scratch)
+        node["drift"] = DRIFT_FILE
+    if format == "openvino":
+        _write_openvino(onnx_file, folder / FEATURE_FILES["openvino"])
+    return node
+
+
+def _write_int8(float_onnx: Path, onnx_file: Path, crops: tuple, record: dict, folder: Path) -> None:
+    """The INT8 feature graph at ``onnx_file`` and its drift record against ``float_onnx``."""
+    from core.export.fast import FastForm
+    from core.export.quantize import drift_record, quantize_features
+    from core.export.sessions import onnx_runner
+
+    calibrating, heldout, calibration = crops
+    method = quantize_features(float_onnx, onnx_file, calibrating, INPUT_NAME)
+    float32, int8 = (FastForm(folder, record, onnx_runner(path)) for path in (float_onnx, onnx_file))
+    write_json_atomic(folder / DRIFT_FILE, drift_record(float32, int8, heldout, method, calibration))
 
 
 def onnx_to_openvino(onnx_export: str | Path, out: str | Path, overwrite: bool = False) -> Path:
@@ -89,9 +166,16 @@ def onnx_to_openvino(onnx_export: str | Path, out: str | Path, overwrite: bool =
 
     def write(folder: Path) -> None:
         _convert_openvino(onnx_export / record["file"], folder / GRAPH_FILES["openvino"])
-        seconds = round(record.get("seconds", 0) + time.perf_counter() - start, 2)
-        write_json_atomic(folder / RECORD, {**record, "format": "openvino", "file": GRAPH_FILES["openvino"],
-                                            "seconds": seconds})
+        converted = {**record, "format": "openvino", "file": GRAPH_FILES["openvino"]}
+        fast = record.get("fast")
+        if fast is not None:  # the fast form: its feature graph converted, the bank (and drift record) copied
+            _convert_openvino(onnx_export / fast["file"], folder / FEATURE_FILES["openvino"])
+            for name in (fast["bank"], fast["drift"]):
+                if name is not None:
+                    shutil.copyfile(onnx_export / name, folder / name)
+            converted["fast"] = {**fast, "file": FEATURE_FILES["openvino"]}
+        converted["seconds"] = round(record.get("seconds", 0) + time.perf_counter() - start, 2)
+        write_json_atomic(folder / RECORD, converted)
 
     return write_sealed_folder(out, write)
 
@@ -108,15 +192,16 @@ def _check_target(out: Path, overwrite: bool) -> None:
                       f"its files; choose another out folder")
 
 
-def _example(graph: ExportablePatchCore) -> torch.Tensor:
+def _example(graph: ExportablePatchCore | ExportableFeatures) -> torch.Tensor:
     """Two images (one would let the exporters fix the batch size at 1)."""
     dtype = torch.uint8 if graph.input_dtype == "uint8" else torch.float32
     return torch.zeros(2, 3, *graph.input_size, dtype=dtype)
 
 
-def _write_onnx(graph: ExportablePatchCore, path: Path, opset: int) -> str:
-    """``torch.onnx.export``, the dynamo exporter first; returns the exporter's name."""
-    names = graph.output_names
+def _write_onnx(graph: torch.nn.Module, path: Path, opset: int, names: list[str] | None = None) -> str:
+    """``torch.onnx.export``, the dynamo exporter first; returns the exporter's name. ``names``: the outputs
+    (default: the graph's ``output_names``)."""
+    names = names or graph.output_names
     try:
         batch = torch.export.Dim("batch", min=1, max=65536)
         torch.onnx.export(graph, (_example(graph),), str(path), input_names=[INPUT_NAME], output_names=names,

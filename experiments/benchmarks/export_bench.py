@@ -1,7 +1,7 @@
-"""Exported models (core/export): CPU prediction images/s and peak RSS of ONNX Runtime and OpenVINO next to
-PyTorch on the bench workload, and the peak memory of the exported ONNX graph for large random banks.
+"""Exported models (core/export): the peak memory of the exported ONNX graph for large random banks, and
+(``predict``) the prediction lines of ``experiments.benchmarks.export_speed`` on the bench workload alone.
 
-``make bench`` runs ``bench_exported`` (``--skip export`` leaves it out). The memory figures of
+``make bench`` runs ``export_speed.bench_exported`` (``--skip export`` leaves it out). The memory figures of
 docs/deployment.md come from ``python -m experiments.benchmarks.export_bench memory`` (32k and 320k rows):
 every measurement runs in a fresh subprocess, whose ``ru_maxrss`` is the peak.
 """
@@ -13,22 +13,18 @@ import json
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-import numpy as np
 import torch
-from torch.utils.data import DataLoader
 
-from core.api import crop_uint8
 from core.backbones import EfficientNetLite
-from core.detector import collect_predictions
-from core.export import ExportedModel, export_model, onnx_to_openvino
+from core.export import export_model
 from core.export.graph import DEFAULT_CHUNK
 from core.features import PatchEmbedder
 from core.patchcore import PatchCore
 from core.search import MemoryBank, ReferenceSearch
-from experiments.benchmarks.recording import Recorder, measured
+from experiments.benchmarks.export_speed import bench_exported
+from experiments.benchmarks.recording import Recorder
 
 # One measurement in a fresh interpreter: session (or compiled model) creation, then one run; prints JSON.
 _MEASURE = r"""
@@ -111,48 +107,6 @@ def memory(bank_sizes: tuple[int, ...] = (32768, 327680), chunk: int = DEFAULT_C
     return lines
 
 
-def _crops(test: DataLoader) -> np.ndarray:
-    """The test set's uint8 crops, as ``prepare_images_uint8`` makes them, preloaded (decoding not timed)."""
-    dataset = test.dataset
-    preprocessing = dataset.preprocessing
-    from core.data import read_image
-
-    return torch.stack([crop_uint8(read_image(sample.path), preprocessing) for sample in dataset.samples]).numpy()
-
-
-def bench_exported(rec: Recorder, model: PatchCore, test: DataLoader, batch_size: int = 8, **tag) -> None:
-    """``predict`` lines for ONNX Runtime and OpenVINO (f32, and OpenVINO's bf16 default where the CPU has it)
-    next to PyTorch's ``score`` on the same preloaded crops; every score checked against PyTorch's."""
-    from core.api import normalize
-
-    crops = _crops(test)
-    batches = [crops[start : start + batch_size] for start in range(0, len(crops), batch_size)]
-    normalised = [{"image": normalize(torch.from_numpy(batch), model.preprocessing)} for batch in batches]
-    workers = torch.get_num_threads()
-    collect_predictions(model.score, normalised[:1], progress=False, workers=workers)  # warm-up
-    with measured() as m:  # as PatchCore.predict runs it: pieces of the batches on the threads
-        reference = collect_predictions(model.score, normalised, progress=False, workers=workers).image_scores
-    base = {"variant": "PyTorch PatchCore.score as predict runs it (preloaded crops)", "bank_size": len(model.bank),
-            **tag}
-    rec.emit("predict", len(crops), model.bank.dim, None, m["seconds"], len(crops), m["peak_rss_mb"], **base)
-    with tempfile.TemporaryDirectory(prefix="export-bench-") as tmp:
-        start = time.perf_counter()
-        export_model(model, Path(tmp) / "onnx", "onnx")
-        export_s = time.perf_counter() - start
-        onnx_to_openvino(Path(tmp) / "onnx", Path(tmp) / "openvino")
-        for fmt, precision in (("onnx", "f32"), ("openvino", "f32"), ("openvino", "bf16")):
-            folder = Path(tmp) / fmt
-            exported = ExportedModel(folder, precision=precision)
-            exported.run(batches[0])  # warm-up
-            with measured() as m:
-                scores = np.concatenate([exported.run(batch)["image_scores"] for batch in batches])
-            diff = float(np.abs(scores - reference).max() / np.abs(reference).max())
-            runtime = "ONNX Runtime" if fmt == "onnx" else f"OpenVINO {precision}"
-            rec.emit("predict", len(crops), model.bank.dim, None, m["seconds"], len(crops), m["peak_rss_mb"],
-                     **{**base, "variant": f"exported, {runtime} (preloaded crops)", "max_rel_score_diff": diff,
-                        "onnx_export_s": round(export_s, 1)})
-
-
 def predict_alone(root: Path, images: int) -> None:
     """``bench_exported`` on the bench workload's default model (official aggregation, squared distances,
     10% coreset of ``images`` training images) without the rest of ``make bench``."""
@@ -163,7 +117,8 @@ def predict_alone(root: Path, images: int) -> None:
     train, test = loaders(dataset, extractor)
     model = new_model(extractor, RATIO, None, "official")
     model.fit(train)
-    bench_exported(Recorder(root / "export"), model, test, aggregation="official")
+    bench_exported(Recorder(root / "export"), model, test, [sample.path for sample in train.dataset.samples],
+                   aggregation="official")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -117,3 +117,7 @@ def bench_wrn50(rec: Recorder, work: Workload) -> None:
     repeats = 1 if len(train.dataset) < 10 else 3
     predict_line(rec, model, test, f"WRN50 {DEFAULT}", repeats=repeats, strategy=model.bank.strategy.name,
                  backbone_images_per_s=line["items_per_s"], **tag)
+    if "export" not in work.skip and work.on_cpu:  # float32 and INT8 exports of WRN50 (issue 29)
+        from experiments.benchmarks.export_speed import bench_exported
+
+        bench_exported(rec, model, test, [sample.path for sample in train.dataset.samples], **tag)

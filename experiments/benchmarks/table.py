@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from experiments.benchmarks.export_speed import FAST_F32_ORT, PYTORCH
 from experiments.benchmarks.prediction import OFFICIAL_STYLE
 from experiments.benchmarks.searches import DEFAULT
 
@@ -60,11 +61,19 @@ def goals(lines: list[dict]) -> list[dict]:
                           "ratio": round(now["items_per_s"] / official["items_per_s"], 2),
                           "notes": f"{now['items_per_s']} vs {official['items_per_s']} images/s, "
                                    + ", ".join(f"{key}={_short(now.get(key))}" for key in IDENTITY)})
-    wrn = next((line for line in lines if line["stage"] == "predict" and line.get("study") == "wrn50"), None)
+    wrn = next((line for line in lines if line["stage"] == "predict" and line.get("study") == "wrn50"
+                and "backbone_images_per_s" in line), None)  # the default's line, not the exported ones
     if wrn:
         found.append({"goal": "WRN50 prediction vs backbone-only throughput", "aggregation": "official",
                       "target": 0.8, "ratio": round(wrn["items_per_s"] / wrn["backbone_images_per_s"], 3),
                       "notes": f"{wrn['items_per_s']} vs {wrn['backbone_images_per_s']} images/s"})
+    for study in (None, "wrn50"):  # issue 29: the fast form at least at PyTorch's speed, same run, same crops
+        fast, torch_line = (_find(lines, "predict", variant, study=study) for variant in (FAST_F32_ORT, PYTORCH))
+        if fast and torch_line:
+            found.append({"goal": f"exported fast form (ONNX Runtime, float32) vs PyTorch{', WRN50' if study else ''}",
+                          "aggregation": "official", "target": 1.0,
+                          "ratio": round(fast["items_per_s"] / torch_line["items_per_s"], 2),
+                          "notes": f"{fast['items_per_s']} vs {torch_line['items_per_s']} images/s"})
     for goal in found:
         goal["met"] = goal["ratio"] >= goal["target"]
     return found
