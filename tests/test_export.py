@@ -12,6 +12,7 @@ Tolerance: 1e-5 of the largest value (scores, maps), float32 rounding of a diffe
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
 from pathlib import Path
 
@@ -234,3 +235,36 @@ def test_graph_memory_does_not_grow_with_bank_times_patches(tmp_path) -> None:
         extra[rows] = figures["run_peak_mb"] - figures["loaded_peak_mb"]
     assert extra[4096] < budget_mb < extra[bank], extra
     assert json.loads((tmp_path / "4096" / "export.json").read_text())["chunk"] == 4096
+
+
+def test_openvino_in_both_forms_then_child_processes_do_not_crash_the_process(effnet) -> None:
+    """Regression: with two OpenVINO ``Core`` objects (one per model: the graph and the fast form of one export)
+    a DataLoader worker forked afterwards died (and the test session itself died of a segmentation fault when a
+    subprocess exited next). Run in a child interpreter, so a crash fails this test, not the session."""
+    _, _, root = effnet
+    script = f"""
+import subprocess, sys
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+from core.export import ExportedModel
+
+class Failing(Dataset):
+    def __len__(self):
+        return 1
+    def __getitem__(self, i):
+        raise OSError("unreadable")
+
+graph = ExportedModel({str(root / 'openvino')!r}, form="graph")
+graph.run(np.zeros((1, 3, *graph.input_size), dtype=graph.input_dtype))
+assert ExportedModel({str(root / 'openvino')!r}).form == "fast"
+del graph
+try:
+    next(iter(DataLoader(Failing(), num_workers=1)))
+except OSError:
+    pass
+subprocess.run([sys.executable, "-c", "pass"], check=True)
+print("survived")
+"""
+    done = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and "survived" in done.stdout, (done.returncode, done.stderr[-2000:])

@@ -3,6 +3,7 @@ what must happen (the file is not created, the message names the file or setting
 
 from __future__ import annotations
 
+import gc
 import json
 import pickle
 import re
@@ -500,11 +501,16 @@ def test_dataloader_worker_error_is_unwrapped_to_the_datasets_message() -> None:
     from core.data import DatasetError
     from experiments.harness.results import failure_message
 
+    # a spawned worker: this test process has loaded threaded native runtimes by now (ONNX Runtime, OpenVINO in
+    # the export tests), and a forked child of such a process crashed it (a run never loads them before its loader)
+    batches = iter(DataLoader(_Unreadable(), num_workers=1, multiprocessing_context="spawn"))
     with pytest.raises(DatasetError) as raised:
-        next(iter(DataLoader(_Unreadable(), num_workers=1)))
-    assert "Original Traceback" in str(raised.value)  # what torch hands over
-    assert failure_message(raised.value) == ("DatasetError: cannot read image /data/0.png: truncated. "
-                                             "Replace or delete the file.")
+        next(batches)
+    handed_over, message = str(raised.value), failure_message(raised.value)
+    del raised, batches  # the failed iterator's worker is shut down now, not at a later garbage collection
+    gc.collect()
+    assert "Original Traceback" in handed_over  # what torch hands over
+    assert message == "DatasetError: cannot read image /data/0.png: truncated. Replace or delete the file."
 
 
 def test_orphan_cache_temporaries_of_dead_processes_are_removed(tmp_path) -> None:

@@ -282,7 +282,7 @@ def test_a_per_category_checkpoint_resolves_per_category_in_selection(tmp_path, 
 
 # ------------------------------------------------------------------ successive halving
 
-from experiments.harness.selection_halving import Halving, rung_sizes, survivors  # noqa: E402
+from experiments.harness.selection_halving import Halving, planned, rung_sizes, survivors  # noqa: E402
 
 
 def test_rung_sizes_and_survivors_by_hand():
@@ -294,6 +294,9 @@ def test_rung_sizes_and_survivors_by_hand():
     assert survivors([0, 1, 2, 3], {0: 0.5, 1: 0.9, 2: 0.5, 3: 0.7}, 3) == [1, 3]  # ceil(4 / 3) = 2, in order
     assert survivors([0, 1, 2, 3], {0: 0.5, 1: 0.9, 2: 0.5, 3: None}, 3) == [0, 1]  # tie 0 / 2: the earlier
     assert survivors([4, 6, 7], {4: None, 6: None, 7: 0.1}, 2) == [7]  # no finite score: never goes on
+    assert survivors([0, 1, 2, 3], {0: 0.1, 1: 0.9, 2: 0.5, 3: 0.7}, 3, keep=0) == [0, 1, 3]  # the base goes on
+    assert survivors([0, 1, 2, 3], {0: 0.95, 1: 0.9, 2: 0.5, 3: 0.7}, 3, keep=0) == [0, 1]  # among the best anyway
+    assert survivors([0, 1], {0: None, 1: 0.9}, 3, keep=0) == [1]  # a base without a score does not
     for bad in ({"eta": 1, "min_train_images": 8}, {"eta": 3, "min_train_images": 0},
                 {"eta": 2.5, "min_train_images": 8}, {"rate": 3}, {"eta": 3}, 3):
         with pytest.raises(ValueError, match="select.halving"):
@@ -321,34 +324,50 @@ def _fit_sizes(monkeypatch, interrupt_at: int | None = None) -> list[int]:
     return sizes
 
 
-def test_halving_finds_the_known_best_on_fewer_images_than_the_grid(tmp_path, monkeypatch, data, no_test_reads):
+def test_halving_finds_the_known_best_and_carries_the_base_to_the_whole_part(tmp_path, monkeypatch, data,
+                                                                            no_test_reads):
     # 8 train/good, 2 held out: a training part of 6. 4 candidates, eta 3: rung 0 fits all 4 on 6 // 3 = 2 images
-    # and keeps ceil(4 / 3) = 2; rung 1 fits those 2 on all 6. 4*2 + 2*6 = 20 candidate-images against the
-    # grid's 4*6 = 24.
+    # and keeps ceil(4 / 3) = 2, plus the base (the run's own configuration), which is not among them here: rung 1
+    # fits 3 on all 6. 4*2 + 3*6 = 26 candidate-images (the grid: 4*6 = 24; halving saves on real spaces, see
+    # test_halving_budget_of_the_default_space_by_hand).
     sizes = _fit_sizes(monkeypatch)
     grid = _run(data, tmp_path / "grid", FOUR, halving=None)
     assert sizes == [6, 6, 6, 6]  # halving=null: the plain grid, every candidate on the whole training part
     sizes.clear()
     halved = _run(data, tmp_path / "halved", FOUR, halving=HALVING)
-    assert sizes == [2, 2, 2, 2, 6, 6] and halved["planned_fit_images"] == sum(sizes) == 20
+    assert sizes == [2, 2, 2, 2, 6, 6, 6] and halved["planned_fit_images"] == sum(sizes) == 26
     assert grid["planned_fit_images"] == 24
     node, grid_node = halved["categories"]["stripes"], grid["categories"]["stripes"]
-    assert node["rungs"] == [{"candidates": 4, "n_fit": 2}, {"candidates": 2, "n_fit": 6}]
+    assert node["rungs"] == [{"candidates": 4, "n_fit": 2}, {"candidates": 3, "n_fit": 6}]
     assert node["chosen"] == grid_node["chosen"] == "layers:backbone.layers=[layer1]"
     assert halved["chosen"] == grid["chosen"] and halved["halving"] == HALVING and grid["halving"] is None
     entries = {e["name"]: e for e in node["candidates"]}
     first = sorted(entries, key=lambda n: -entries[n]["rungs"][0]["score"])[:2]  # the best 2 of rung 0 go on
-    assert {n for n, e in entries.items() if e["rung"] == 1} == set(first)
+    assert "base" not in first
+    going_on = {*first, "base"}
+    assert {n for n, e in entries.items() if e["rung"] == 1} == going_on
     for name, entry in entries.items():
-        assert [r["n_fit"] for r in entry["rungs"]] == ([2, 6] if name in first else [2])
+        assert [r["n_fit"] for r in entry["rungs"]] == ([2, 6] if name in going_on else [2])
         last = entry["rungs"][-1]
         assert (entry["score"], entry["image_auroc"], entry["n_fit"], entry["key"]) == (
             last["score"], last["image_auroc"], last["n_fit"], last["key"])  # the entry is its last rung
     for entry in grid_node["candidates"]:  # grid: one rung on the whole part, the same score halving's last has
         assert entry["rung"] == 0 and [r["n_fit"] for r in entry["rungs"]] == [6]
-        if entry["name"] in first:
+        if entry["name"] in going_on:
             assert entries[entry["name"]]["score"] == pytest.approx(entry["score"], abs=1e-9)
             assert entries[entry["name"]]["key"] == entry["key"]  # a whole-part score has one key, either way
+
+
+def test_halving_budget_of_the_default_space_by_hand() -> None:
+    """13 candidates, 80 training images, eta 3: rungs of 80 // 9 = 8, 80 // 3 = 26 and 80 images; 13, then
+    ceil(13 / 3) + the base = 6, then ceil(6 / 3) + the base = 3 candidates: 104 + 156 + 240 = 500 candidate-images,
+    against the grid's 13 * 80 = 1040."""
+    halving = Halving(eta=3, min_train_images=8)
+    sizes = rung_sizes(13, 80, halving)
+    assert sizes == [8, 26, None]
+    rungs = planned(13, sizes, 80, 3, keep=True)
+    assert rungs == [{"candidates": 13, "n_fit": 8}, {"candidates": 6, "n_fit": 26}, {"candidates": 3, "n_fit": 80}]
+    assert sum(r["candidates"] * r["n_fit"] for r in rungs) == 500
 
 
 def test_an_interrupted_halving_run_resumes_without_refitting(tmp_path, monkeypatch, data, no_test_reads):
@@ -360,7 +379,7 @@ def test_an_interrupted_halving_run_resumes_without_refitting(tmp_path, monkeypa
     assert [e["rung"] for e in partial["categories"]["stripes"]["candidates"]] == [0, 0, 0, 0]
     sizes.clear()
     resumed = _run(data, tmp_path / "run", FOUR, halving=HALVING)
-    assert sizes == [6, 6]  # rung 0 taken over; only rung 1's two fits
+    assert sizes == [6, 6, 6]  # rung 0 taken over; only rung 1's three fits (its best two and the base)
     node = resumed["categories"]["stripes"]
     assert node["chosen"] == "layers:backbone.layers=[layer1]" and resumed["complete"]
     before = {e["name"]: e["rungs"][0] for e in partial["categories"]["stripes"]["candidates"]}

@@ -4,7 +4,7 @@ The thread rule is the PyTorch path's (``core.threads``): the budget is ``torch.
 ``ExportedModel.run`` splits a batch into that many pieces (``core.threads.in_pieces``) and each piece runs
 on its own Python thread with one intra-op thread, so runtime threads never multiply with Python ones.
 ONNX Runtime's ``InferenceSession.run`` may be called from several threads at once; OpenVINO gets one
-stream per thread (``NUM_STREAMS``) and one infer request per thread.
+stream per thread (``NUM_STREAMS``) and as many infer requests, owned by the runner.
 
 ONNX Runtime runs with ``session.disable_prepacking=1``: by default it keeps a prepacked copy of every
 matrix-product constant, i.e. the whole bank of the single graph a second time, at the same speed within
@@ -14,7 +14,8 @@ otherwise: on CPUs with bfloat16 units its default would compute in bfloat16 (~0
 
 from __future__ import annotations
 
-import threading
+import functools
+import queue
 from collections.abc import Callable
 from pathlib import Path
 
@@ -36,21 +37,33 @@ def onnx_runner(path: Path) -> Runner:
     return lambda batch: session.run(None, {name: batch})
 
 
-def openvino_runner(path: Path, precision: str, threads: int) -> Runner:
-    """``run(batch) -> outputs`` of the OpenVINO IR at ``path``: ``threads`` streams of one thread each, an
-    infer request per calling thread."""
+@functools.cache
+def _openvino_core():
+    """One OpenVINO ``Core`` for the process, as OpenVINO advises: a process that made one per model (the graph
+    and the fast form of one export) and dropped them crashed later, when a child process exited."""
     import openvino
 
+    return openvino.Core()
+
+
+def openvino_runner(path: Path, precision: str, threads: int) -> Runner:
+    """``run(batch) -> outputs`` of the OpenVINO IR at ``path``: ``threads`` streams of one thread each and as
+    many infer requests, made once and lent to the calling threads: they live as long as the runner, whatever
+    the lifetime of the short-lived worker threads of ``in_pieces``."""
     config = {"INFERENCE_PRECISION_HINT": precision, "NUM_STREAMS": max(1, threads),
               "INFERENCE_NUM_THREADS": max(1, threads)}
-    compiled = openvino.Core().compile_model(str(path), "CPU", config)
-    local = threading.local()
+    compiled = _openvino_core().compile_model(str(path), "CPU", config)
+    requests: queue.SimpleQueue = queue.SimpleQueue()
+    for _ in range(max(1, threads)):
+        requests.put(compiled.create_infer_request())
 
     def run(batch: np.ndarray) -> list[np.ndarray]:
-        if not hasattr(local, "request"):
-            local.request = compiled.create_infer_request()
-        result = local.request.infer({0: batch})
-        return [np.array(result[output]) for output in compiled.outputs]
+        request = requests.get()  # blocks while every request is in use (more calling threads than requests)
+        try:
+            result = request.infer({0: batch})
+            return [np.array(result[output]) for output in compiled.outputs]
+        finally:
+            requests.put(request)
 
     return run
 

@@ -32,6 +32,7 @@ from experiments.harness.selection_file import FORMAT, VERSION
 from experiments.harness.selection_halving import Halving, planned, rung_sizes, survivors
 from experiments.harness.selection_scoring import proxy_record, proxy_score, proxy_settings, score_key
 from experiments.harness.selection_space import (
+    BASE,
     Candidate,
     backbone_options,
     candidates,
@@ -106,6 +107,14 @@ class _Selection:
                  row["pixel_auroc"] or float("nan"))
         return row, False
 
+    def replan(self, rung: dict, candidates: int) -> None:
+        """The next rung's plan (made with the base carried) when fewer go on: the time-left total follows."""
+        spare = (rung["candidates"] - candidates) * rung["n_fit"]
+        rung["candidates"] = candidates
+        self.record["planned_fit_images"] -= spare
+        self.bar.total -= spare
+        self.bar.refresh()
+
     def category(self, category: str, found: list[tuple[Candidate, list[str], DictConfig]], n_full: int,
                  node: dict) -> None:
         """Successive halving (or the plain grid) over the category's candidates; the winner into ``node``."""
@@ -131,8 +140,10 @@ class _Selection:
                 self.bar.update(row["n_fit"])
                 self.write()
             if rung < len(sizes) - 1:
-                alive = survivors(alive, {i: entries[i]["score"] for i in alive}, eta)
+                base = next((i for i in alive if found[i][0].name == BASE), None)
+                alive = survivors(alive, {i: entries[i]["score"] for i in alive}, eta, keep=base)
                 log.info("[%s] rung %d: %s go on", category, rung, ", ".join(found[i][0].name for i in alive))
+                self.replan(node["rungs"][rung + 1], len(alive))
         last = [i for i in alive if entries[i]["rung"] == len(sizes) - 1 and entries[i]["score"] is not None]
         if not last:
             raise ValueError(f"[{category}] no candidate could be scored (every proxy score was not finite)")
@@ -180,7 +191,7 @@ def run_selection(cfg: DictConfig, run_dir: Path, task: Sequence[str], compose: 
                 unique.append((candidate, overrides, config))
                 keys.add(key)
         rungs = planned(len(unique), rung_sizes(len(unique), len(train), halving), len(train),
-                        halving.eta if halving else 1)
+                        halving.eta if halving else 1, keep=any(c.name == BASE for c, _, _ in unique))
         run.record["planned_fit_images"] += sum(r["candidates"] * r["n_fit"] for r in rungs)
         run.record["categories"][category] = {
             "candidates": [], "chosen": None, "rungs": rungs,

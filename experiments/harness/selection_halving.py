@@ -3,7 +3,8 @@ the training-subset size of each rung and who goes on to the next.
 
 With ``n`` candidates and ``eta``, rung 0 fits every candidate on a seeded subset of the training part, keeps
 the best ceil(n / eta) (ties: the earlier candidate) for rung 1 on an ``eta`` times larger subset, and so on;
-the last rung fits its 2..eta survivors on the whole training part and the best of them wins. Rung r of R
+the last rung fits its 2..eta survivors (plus the run's own configuration, carried to every rung) on the whole
+training part and the best of them wins. Rung r of R
 fits on ``n_full // eta**(R - r)`` images (at least ``min_train_images``); the subsets are nested
 (selection_scoring.fit_subset) and a score is keyed by its subset, so a rung whose subset equals the next
 one's is not fitted twice.
@@ -57,18 +58,24 @@ def rung_sizes(n_candidates: int, n_full: int, halving: Halving | None) -> list[
     return [*sizes, None]
 
 
-def survivors(alive: Sequence[int], scores: Mapping[int, float | None], eta: int) -> list[int]:
+def survivors(alive: Sequence[int], scores: Mapping[int, float | None], eta: int, keep: int | None = None) -> list[int]:
     """The best ceil(len(alive) / eta) of ``alive`` (candidate indices) by score, in candidate order; ties keep
-    the earlier candidate; a candidate without a finite score never goes on."""
+    the earlier candidate; a candidate without a finite score never goes on. ``keep`` (the run's own
+    configuration) goes on whatever its rank, so the winner is compared with it on the whole training part: the
+    choice is never worse than the defaults by the proxy at full size (as checkpoint selection keeps step 0)."""
     ranked = sorted((i for i in alive if scores.get(i) is not None), key=lambda i: -scores[i])  # stable: ties
-    return sorted(ranked[: math.ceil(len(alive) / eta)])
+    chosen = ranked[: math.ceil(len(alive) / eta)]
+    if keep is not None and keep in ranked and keep not in chosen:
+        chosen.append(keep)
+    return sorted(chosen)
 
 
-def planned(n_candidates: int, sizes: Sequence[int | None], n_full: int, eta: int) -> list[dict]:
-    """Each rung's candidates and training images (the budget, before any fit; the time-left estimate's total)."""
+def planned(n_candidates: int, sizes: Sequence[int | None], n_full: int, eta: int, keep: bool = False) -> list[dict]:
+    """Each rung's candidates and training images (the budget, before any fit; the time-left estimate's total):
+    at most, with ``keep`` (the base carried to every rung when it is not among the best)."""
     rungs, alive = [], n_candidates
     for rung, size in enumerate(sizes):
         rungs.append({"candidates": alive, "n_fit": size or n_full})
         if rung < len(sizes) - 1:
-            alive = math.ceil(alive / eta)
+            alive = min(alive, math.ceil(alive / eta) + int(keep))
     return rungs

@@ -17,6 +17,7 @@ from typing import NamedTuple
 from experiments.harness.overrides import renamed_overrides
 from experiments.harness.selection_file import check_override
 
+BASE = "base"  # the candidate that is the run's own configuration (always first)
 OWN_KEYS = ("select.", "select/", "score_run", "hydra.", "category")  # selection.py's own keys, not main.py's
 
 
@@ -63,7 +64,7 @@ def candidates(space: Mapping, layer_keys: Mapping[tuple[str, ...], str | None])
     combine = space.get("combine", "one_at_a_time")
     options = backbone_options(space)
     if combine == "one_at_a_time":
-        found = [Candidate("base", [])]
+        found = [Candidate(BASE, [])]
         found += [Candidate(f"{axis}:{' '.join(o)}", o) for axis, choices in axes.items() for o in choices]
         found += [Candidate(f"layers:{' '.join(o)}", o) for o in layers(())]
         found += [Candidate(f"backbone:{' '.join(b)}", list(b), b) for b in options if b]
@@ -73,7 +74,7 @@ def candidates(space: Mapping, layer_keys: Mapping[tuple[str, ...], str | None])
             parts = [*(choices or [[]] for choices in axes.values()), layers(backbone) or [[]]]
             for combo in itertools.product(*parts):
                 overrides = [*backbone, *(o for part in combo for o in part)]
-                found.append(Candidate(" ".join(overrides) or "base", overrides, backbone))
+                found.append(Candidate(" ".join(overrides) or BASE, overrides, backbone))
     else:
         raise ValueError(f"select/space combine={combine!r}: choose one_at_a_time or grid")
     for candidate in found:

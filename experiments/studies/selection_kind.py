@@ -23,8 +23,9 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
+from experiments.harness.selection_space import BASE as BASE_CANDIDATE  # the run's own configuration
+
 SPACES = Path(__file__).resolve().parents[2] / "conf" / "select" / "space"
-BASE_CANDIDATE = "base"  # the name experiments/harness/selection.py gives the run's own configuration
 
 
 @dataclass(frozen=True)
