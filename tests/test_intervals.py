@@ -200,7 +200,7 @@ def test_paired_bootstraps_image_auroc_and_labels_the_seed_level_metrics(tmp_pat
     per_seed = (arm.set_index(["seed", "category"])["image_auroc"] - base.set_index(["seed", "category"])[
         "image_auroc"]) * 100
     assert diff["mean"] == pytest.approx(per_seed.mean(), abs=1e-9)  # the point estimate is results.json's
-    assert diff["pairing"].startswith("paired bootstrap over 140 test images") and "same seed, 3 seed(s)" in \
+    assert diff["pairing"].startswith("paired bootstrap over 140 test images") and "same seed, 3 seeds" in \
         diff["pairing"]
     assert diff["low"] > 0 and verdict(diff) == "higher"
     assert set(diff["categories"]) == {"bottle", "screw"}

@@ -169,16 +169,17 @@ def default_title(ctx: ps.Context) -> str:
     start), other settings."""
     present = ctx.present
     arms = [arm for c in present for arm in c.others]
-    tuned = [arm for arm in arms if is_finetuned(arm.runs[0].config.get("backbone") or {})]
+    # by identity: arms hold data frames, whose == is element-wise
+    tuned = {id(arm) for arm in arms if is_finetuned(arm.runs[0].config.get("backbone") or {})}
     subjects = []
     if any(arm.runs[0].model == "patchcore" and arm.runs[0].backbone != c.baseline.runs[0].backbone
-           and arm not in tuned for c in present for arm in c.others):
+           and id(arm) not in tuned for c in present for arm in c.others):
         subjects.append("feature extractors")
     if tuned:
         subjects.append("fine-tuning")
     if any(c.selection for c in present):
         subjects.append("label-free model selection under cold start")
-    if any(arm.runs[0].backbone == c.baseline.runs[0].backbone and arm not in tuned and not c.selection
+    if any(arm.runs[0].backbone == c.baseline.runs[0].backbone and id(arm) not in tuned and not c.selection
            for c in present for arm in c.others):
         subjects.append("settings")
     return f"A comparative study of PatchCore {listing(subjects, '')} on {dataset_title(ctx.datasets)}".replace(
