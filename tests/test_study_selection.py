@@ -309,3 +309,7 @@ def test_backbone_options_without_weights_are_left_out_of_both_the_plan_and_the_
     assert [list(o) for o in cfg.select.space.backbones] == [["backbone=effnet_lite0"], ["backbone=resnet18"]]
     arms = {job.arm for job in plan.jobs if job.comparison == "selection" and job.kind == "patchcore"}
     assert "backbone:backbone=resnet18" in arms and not any("wrn50" in arm for arm in arms)
+    # the options left out are the comparison's skipped arms, with why (the report's "not run" table)
+    skipped = {(row["arm"], row["reason"]) for row in plan.skipped if row["comparison"] == "selection"}
+    assert ("backbone:backbone=wrn50", "weights not available") in skipped
+    assert any(arm.startswith("backbone:backbone=finetuned") and "outside the study" in why for arm, why in skipped)

@@ -31,9 +31,14 @@ RENAMED: dict[str, str] = {
 }
 
 
+def override_key(override: str) -> str:
+    """The key an override sets (``+key=v`` adds it, ``~key`` deletes it: the same key)."""
+    return override.split("=", 1)[0].lstrip("+~")
+
+
 def renamed(override: str) -> str | None:
     """The message for an override that uses an old name, else None."""
-    key = override.split("=", 1)[0].lstrip("+~")
+    key = override_key(override)
     for old, new in RENAMED.items():
         if key == old or (old.endswith(".") and key.startswith(old)):
             fixed = new + key[len(old):]

@@ -13,7 +13,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from core.io import read_record_text
-from experiments.harness.overrides import renamed
+from experiments.harness.overrides import override_key, renamed
 
 FORMAT = "patchcore-selection"
 VERSION = 1
@@ -25,7 +25,7 @@ def check_override(override: object, where: str) -> str:
     """One ``key=value`` override of a selection, or a ValueError naming it."""
     if not isinstance(override, str) or "=" not in override or override.startswith("-"):
         raise ValueError(f"{where}: {override!r} is not a main.py override (key=value)")
-    key = override.split("=", 1)[0].lstrip("+~")
+    key = override_key(override)
     if not key or any(key == r.rstrip("./") or key.startswith(r) for r in RESERVED):
         raise ValueError(f"{where}: {override!r} sets {key!r}, which a selection may not set")
     if message := renamed(override):
@@ -105,8 +105,8 @@ def apply_selection(argv: Iterable[str]) -> list[str]:
     record = read_selection(path)
     rest = [arg for arg in argv if arg is not paths[0]]
     chosen = selection_overrides(record, path, _value(rest, "category"))
-    typed = {arg.split("=", 1)[0].lstrip("+~") for arg in rest if "=" in arg and not arg.startswith("-")}
-    kept = [o for o in chosen if o.split("=", 1)[0].lstrip("+~") not in typed]
+    typed = {override_key(arg) for arg in rest if "=" in arg and not arg.startswith("-")}
+    kept = [o for o in chosen if override_key(o) not in typed]
     if len(kept) < len(chosen):
         import sys
 

@@ -14,6 +14,7 @@ import itertools
 from collections.abc import Mapping, Sequence
 from typing import NamedTuple
 
+from experiments.harness.overrides import override_key as key_of
 from experiments.harness.overrides import renamed_overrides
 from experiments.harness.selection_file import check_override
 
@@ -27,8 +28,9 @@ class Candidate(NamedTuple):
     backbone: tuple[str, ...] = ()  # its backbone option's overrides; () for the command's own backbone
 
 
-def key_of(override: str) -> str:
-    return override.split("=", 1)[0].lstrip("+~")
+def backbone_name(option: Sequence[str]) -> str:
+    """The conf/backbone name a ``backbones:`` option chooses (its ``backbone=<name>``; "" if none)."""
+    return next((o.split("=", 1)[1] for o in option if key_of(o) == "backbone"), "")
 
 
 def is_backbone_key(key: str) -> bool:

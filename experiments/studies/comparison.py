@@ -33,7 +33,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from experiments.harness.overrides import renamed_overrides
+from experiments.harness.overrides import override_key, renamed_overrides
 from experiments.studies.selection_kind import Selection, selection_of
 
 CONF_STUDY = Path(__file__).resolve().parents[2] / "conf" / "study"
@@ -180,7 +180,7 @@ def _dataset(name: str, entry, specs: dict, source: str, backbone: str, check: W
         raise StudyConfigError(f"{where}.comparisons: {names!r}: give a list of the study's comparisons "
                                f"({', '.join(specs)}); leave it out to run them all")
     overrides = tuple(map(str, entry.get("overrides") or []))
-    fixed = frozenset(o.split("=", 1)[0].lstrip("+~") for o in (*common, *overrides))
+    fixed = frozenset(override_key(o) for o in (*common, *overrides))
     context = _Context(source, backbone, name, check, fixed)
     return StudyDataset(name, entry.get("category", "all"),
                         tuple(_comparison(str(n), specs[n], context) for n in names), overrides,
@@ -306,10 +306,11 @@ def _selection_of(name: str, spec: dict, context: _Context) -> Selection:
 
 
 def _selection(name: str, spec: dict, context: _Context) -> tuple[list[Arm], list[tuple[str, str]]]:
-    """One arm per candidate of the space but the base (the baseline itself)."""
+    """One arm per candidate of the space but the base (the baseline itself); the backbone options the study
+    cannot run are skipped arms, with why (as an extractor without weights is)."""
     selection = _selection_of(name, spec, context)
     return [Arm(candidate, overrides) for candidate, overrides in selection.candidates
-            if selection.arm(candidate) != BASELINE], []
+            if selection.arm(candidate) != BASELINE], list(selection.left_out)
 
 
 # kind (the key that names it in the YAML) -> (comparison name, its YAML, context) -> (arms, skipped arms)

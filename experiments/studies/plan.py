@@ -18,6 +18,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from experiments.harness.overrides import override_key
 from experiments.studies.comparison import (
     BASELINE,
     DEFAULT_STEPS,
@@ -89,10 +90,6 @@ class Plan:
         """The arms that cannot run here, with the reason (listed in the manifest and the paper, never dropped)."""
         return [{"dataset": d.name, "comparison": c.name, "arm": arm, "reason": reason}
                 for d in self.study.datasets for c in d.comparisons for arm, reason in c.skipped]
-
-
-def override_key(override: str) -> str:
-    return override.split("=", 1)[0].lstrip("+~")
 
 
 def merge_overrides(*groups: list[str] | tuple[str, ...]) -> list[str]:

@@ -23,7 +23,10 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
+from experiments.harness.overrides import override_key
 from experiments.harness.selection_space import BASE as BASE_CANDIDATE  # the run's own configuration
+from experiments.harness.selection_space import backbone_name, candidates
+from experiments.harness.selection_space import backbone_options as listed
 
 SPACES = Path(__file__).resolve().parents[2] / "conf" / "select" / "space"
 
@@ -36,6 +39,7 @@ class Selection:
     overrides: tuple[str, ...] = ()                 # the select job's own (select.* settings)
     dropped: tuple[str, ...] = ()                   # the space's parts the dataset fixes, as Hydra deletions
     candidates: tuple[tuple[str, tuple[str, ...]], ...] = ()  # (name, main.py overrides), the base first
+    left_out: tuple[tuple[str, str], ...] = ()      # (candidate name, why): backbone options the study cannot run
 
     def arm(self, candidate: str) -> str:
         """The comparison's arm of a candidate: the base candidate is the baseline."""
@@ -48,16 +52,12 @@ class Selection:
                 "candidates": {name: self.arm(name) for name, _ in self.candidates}}
 
 
-def _key(override: str) -> str:
-    return override.split("=", 1)[0].lstrip("+~")
-
-
 def fix_space(space: dict, fixed: set[str], backbone: str) -> tuple[dict, list[str]]:
     """``space`` without the axes (and the per-backbone layers) whose keys are in ``fixed``, and the Hydra
     deletions that drop the same parts from the select job's space."""
     space, dropped = {**space, "axes": dict(space.get("axes") or {})}, []
     for axis, options in list(space["axes"].items()):
-        if any(_key(o) in fixed for option in options or [] for o in option):
+        if any(override_key(o) in fixed for option in options or [] for o in option):
             del space["axes"][axis]
             dropped.append(f"~select.space.axes.{axis}")
     layers = space.get("layers") or {}
@@ -73,17 +73,14 @@ def backbone_options(space: dict, check, dataset: str) -> tuple[dict, list[str],
     path is the user's `make finetune` folder, not the study's: the study's own fine-tuned backbones are its
     ``methods`` comparisons). Returns the space, the select job's override that keeps the same options, and
     the options left out with why."""
-    from experiments.harness.selection_space import backbone_options as listed
-    from experiments.harness.selection_space import key_of
-
     options = listed(space)
     if not options:
         return space, [], []
     kept, left = [], []
     for option in options:
-        name = next((o.split("=", 1)[1] for o in option if key_of(o) == "backbone"), "")
+        name = backbone_name(option)
         why = ("a fine-tuned checkpoint outside the study" if name == "finetuned" else check(name, dataset))
-        (left.append((" ".join(option), why)) if why else kept.append(list(option)))
+        (left.append((f"backbone:{' '.join(option)}", why)) if why else kept.append(list(option)))
     if not left:
         return space, [], []
     listed_text = ",".join("[" + ",".join(f"'{o}'" for o in option) + "]" for option in kept)
@@ -95,8 +92,6 @@ def selection_of(name: str, spec: dict, source: str, backbone: str, fixed: set[s
                  dataset: str = "") -> Selection:
     """The typed ``selection:`` of comparison ``name`` on a dataset whose runs set the keys ``fixed``;
     ``check(backbone, dataset)``: why a backbone option cannot run here (None: it can)."""
-    from experiments.harness.selection_space import candidates
-
     where = f"{source}: comparisons.{name}.selection"
     if not isinstance(spec, dict) or set(spec) - {"space", "overrides"}:
         raise ValueError(f"{where}: {spec!r}: give {{space: <conf/select/space name>, overrides: [...]}}")
@@ -106,18 +101,18 @@ def selection_of(name: str, spec: dict, source: str, backbone: str, fixed: set[s
         known = ", ".join(sorted(p.stem for p in SPACES.glob("*.yaml")))
         raise ValueError(f"{where}.space: {space_name!r}: no file {path} (known spaces: {known})")
     overrides = spec.get("overrides") or []
-    if not isinstance(overrides, list) or not all(isinstance(o, str) and _key(o).startswith("select.")
+    if not isinstance(overrides, list) or not all(isinstance(o, str) and override_key(o).startswith("select.")
                                                   for o in overrides):
         raise ValueError(f"{where}.overrides: {overrides!r}: give a list of select.* settings of the select job "
                          "(main.py settings belong in the study's common or the dataset's overrides)")
     space, dropped = fix_space(OmegaConf.to_container(OmegaConf.load(path), resolve=False), fixed, backbone)
-    space, kept_backbones, _ = backbone_options(space, check or (lambda *_: None), dataset)
+    space, kept_backbones, left_out = backbone_options(space, check or (lambda *_: None), dataset)
     options = [tuple(o) for o in space.get("backbones") or []]
-    layer_keys = {(): backbone, **{o: next(x.split("=", 1)[1] for x in o if _key(x) == "backbone")
-                                   for o in options if o}}
+    layer_keys = {(): backbone, **{o: backbone_name(o) for o in options if o}}
     found = [c for c in candidates(space, layer_keys) if not (c.backbone and c.overrides == [f"backbone={backbone}"])]
     if len(found) < 2:
         raise ValueError(f"{where}: the space {space_name!r} leaves no candidate besides the base on this dataset "
                          f"(its axes set keys the study fixes: {', '.join(dropped) or 'none'})")
-    return Selection(space_name, tuple([*overrides, *kept_backbones]), tuple(dropped),
+    return Selection(space_name, tuple([*overrides, *kept_backbones]), tuple(dropped), left_out=tuple(left_out),
+                     candidates=
                      tuple((c.name, tuple(c.overrides)) for c in found))
