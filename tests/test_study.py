@@ -147,12 +147,17 @@ def test_the_shipped_studies_plan(tmp_path) -> None:
         assert sorted(p["value"] for p in curve["points"].values()) == [0, 40, 40, 200, 200, 1000, 1000]
     # the CPU study: the fine-tuning question on both datasets, 3 seeds everywhere but the full bank
     default = build_plan(load_study("default"), tmp_path, SHIPPED, check=lambda *_: "absent")
+    ablations = {"coreset_ratio", "num_neighbors", "patch_size", "layers"}
     assert set(default.comparisons) == {"textures/finetuning", "textures/baselines", "textures/variants",
-                                        "elpv/finetuning", "elpv/training_length"}
+                                        "elpv/finetuning", "elpv/training_length"} | \
+        {f"textures/{name}" for name in ablations}
     seeds = {}
     for job in default.jobs:
         seeds.setdefault((job.dataset, job.comparison, job.arm), set()).add(job.seed)
-    assert {key for key, s in seeds.items() if len(s) < 3} == {("textures", "baselines", "full bank")}
+    # the paper's ablations on one seed (the replication section's trends), everything else on 3 but the full bank
+    assert {key for key, s in seeds.items() if len(s) < 3} == \
+        {("textures", "baselines", "full bank")} | {key for key in seeds if key[1] in ablations}
+    assert all(seeds[key] == {0} for key in seeds if key[1] in ablations)
     curve = default.comparisons["elpv/training_length"]
     assert sorted(p["value"] for p in curve["points"].values()) == [0, 40, 40, 200, 200]
     # the curve's 40-step points are the finetuning comparison's runs (the default length), shared, not re-run
