@@ -57,6 +57,9 @@ def main(argv: list[str] | None = None) -> None:
                              "instead of failing (reports/paper/written/<study>/, docs/experiments.md)")
     parser.add_argument("--written", default=None,
                         help="folder of the studies' written text (default: reports/paper/written)")
+    parser.add_argument("--bench", default=None,
+                        help="make bench's results.jsonl (e.g. outputs/bench/results.jsonl): the replication "
+                             "section prints its speed ratios against the official-style and anomalib-style pipelines")
     for key, default in (("title", "from what the runs compare"), ("authors", FrontMatter.authors),
                          ("affiliation", "none")):
         parser.add_argument(f"--{key}", default=None, help=f"the paper's {key} (else the study YAML's report.{key}, "
@@ -72,7 +75,7 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(str(error))
     try:  # the paper first: a claim the runs no longer support stops the build before anything is written
         paper = build_paper(run_dirs, out, inputs=inputs, front=front, written=written,
-                            mark_claims=args.mark_failed_claims)
+                            mark_claims=args.mark_failed_claims, bench=Path(args.bench) if args.bench else None)
     except ClaimError as error:
         raise SystemExit(f"error: {error}") from None
     digest = build_digest(run_dirs, out, inputs=inputs, pdf=not args.no_digest_pdf)

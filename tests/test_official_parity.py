@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from core.features import PatchEmbedder
+from experiments.reporting.parity import fit_and_score, measure
 
 FIXTURES = Path(__file__).parent / "fixtures" / "official_parity"
 CASES = ("wrn50_like", "effnet_lite0_like", "resnet18_d256", "vit_like_same_grid")
@@ -52,14 +53,6 @@ def scoring_case() -> dict:
         return {key: data[key] for key in data.files}
 
 
-def _preprocess(images: np.ndarray, mean: tuple, std: tuple) -> torch.Tensor:
-    """The fixture's images are 256x256, so the official ``Resize(256)`` is a no-op: centre crop 224
-    (PIL's offset round((256 - 224) / 2) = 16) and normalise."""
-    x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255
-    x = x[:, :, 16:240, 16:240]
-    return (x - torch.tensor(mean)[:, None, None]) / torch.tensor(std)[:, None, None]
-
-
 @pytest.fixture(scope="module")
 def effnet_lite0():
     from core.backbones import EfficientNetLite, WeightsNotFoundError
@@ -68,18 +61,6 @@ def effnet_lite0():
         return EfficientNetLite(layers=["blocks.4", "blocks.10"], pretrained=True)
     except WeightsNotFoundError as error:  # pragma: no cover - the weights ship with a pip package
         pytest.skip(f"EfficientNet-Lite0 weights unavailable: {error}")
-
-
-def _fit_and_score(extractor, case: dict, distance: str) -> tuple[torch.Tensor, torch.Tensor]:
-    from core.coreset import AllPatchesSampler
-    from core.patchcore import PatchCore
-    from core.scoring import ScoringHead
-
-    model = PatchCore(extractor, embedder=PatchEmbedder(1024, 3, "official"), sampler=AllPatchesSampler(),
-                      scoring=ScoringHead(num_neighbors=1, distance=distance), progress=False)
-    train = _preprocess(case["train_images"], extractor.mean, extractor.std)
-    model.fit([train[:4], train[4:]])
-    return model.score(_preprocess(case["test_images"], extractor.mean, extractor.std))
 
 
 def test_scores_and_maps_equal_official_outputs(effnet_lite0, scoring_case: dict) -> None:
@@ -92,13 +73,28 @@ def test_scores_and_maps_equal_official_outputs(effnet_lite0, scoring_case: dict
     (1.3e-5 relative, on the smallest values). Any real difference
     (Euclidean instead of squared, another embedding, preprocessing off by a pixel) is >= 1e-2 relative.
     """
-    scores, maps = _fit_and_score(effnet_lite0, scoring_case, "squared")
+    scores, maps = fit_and_score(effnet_lite0, scoring_case, "squared")
     torch.testing.assert_close(scores, torch.from_numpy(scoring_case["official_image_scores"]), rtol=1e-4, atol=0.0)
     torch.testing.assert_close(maps, torch.from_numpy(scoring_case["official_maps"]), rtol=1e-4, atol=0.05)
 
 
 def test_euclidean_distance_is_the_square_root_of_the_official_scores(effnet_lite0, scoring_case: dict) -> None:
     """``distance="euclidean"`` ranks images the same but its scores are the square roots."""
-    scores, _ = _fit_and_score(effnet_lite0, scoring_case, "euclidean")
+    scores, _ = fit_and_score(effnet_lite0, scoring_case, "euclidean")
     expected = torch.from_numpy(scoring_case["official_image_scores"]).sqrt()
     torch.testing.assert_close(scores, expected, rtol=1e-4, atol=0.0)
+
+
+def test_the_papers_parity_rows_measure_the_same_differences(effnet_lite0) -> None:
+    """The replication section's parity table (parity.measure, run at build time) holds every golden output, and
+    its differences are the ones the tests above bound: an independent read of the fixtures gives the same."""
+    rows = measure(FIXTURES)
+    assert [row.what for row in rows][-2:] == ["image scores", "anomaly maps (224x224)"] and len(rows) == 6
+    with np.load(FIXTURES / "embedding_parity.npz") as data:
+        case = {key: data[key] for key in data.files}
+    layers = [torch.from_numpy(case[f"wrn50_like__layer_{x}"]) for x in ("a", "b")]
+    ours = PatchEmbedder(1024, 3, "official")(layers)[0][0]
+    expected = torch.from_numpy(case["wrn50_like__official_features"])
+    assert rows[0].max_abs == pytest.approx(float((ours - expected).abs().max()), abs=1e-9)
+    assert all(row.max_abs <= 0.05 and row.max_rel <= 1e-4 for row in rows[4:])
+    assert all(row.max_abs <= 1e-6 for row in rows[:4])

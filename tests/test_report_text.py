@@ -249,3 +249,21 @@ def test_title_authors_and_affiliation(paper, tmp_path) -> None:
     plain = build_paper([_with_tuned_arm(tmp_path / "s")], tmp_path / "out", front=FrontMatter())
     assert plain["title"].endswith("A comparative study of PatchCore fine-tuning and settings on MVTec AD")
     assert "cold start" not in plain["title"]
+
+
+def test_punctuation_after_a_citation_survives_and_words_align_left(paper) -> None:
+    """Typst ends an embedded expression (a citation, code) at a ";" and drops it: the text escapes it. Table
+    columns of words align left, of numbers right (document.TableBlock.numeric_columns), in both documents."""
+    from experiments.reporting.document import Span
+    from experiments.reporting.typst_out import spans
+
+    assert spans([Span("text", "as in "), Span("cite", "wrn"), Span("text", "; then")]) == \
+        r"as in #cite(<wrn>)\; then"
+    out, _, _, html_text = paper
+    source = (out / "report.typ").read_text()
+    trends = source.split("Ablation trends", 1)[1]
+    assert "align: (left, left, left, left, left)" in trends.split("#figure", 2)[1]
+    numbers = source.split("Published numbers", 1)[1].split("#figure", 2)[1]
+    assert "align: (left, left, left, right, right, right)" in numbers
+    page = (out / "report.html").read_text()
+    assert '<th class="w">published</th>' in page and '<th>Image AUROC</th>' in page

@@ -79,6 +79,13 @@ class TableBlock:
     rows: list[list[Cell]]
     rule_before: int | None = None    # a line above this row (the mean row)
 
+    def numeric_columns(self) -> list[bool]:
+        """Per column: whether it holds numbers (at least one, every other cell empty or "-"): numbers align
+        right, words left (the first column is the rows' names)."""
+        return [i > 0 and any(row[i].value is not None for row in self.rows)
+                and all(row[i].value is not None or row[i].text.strip() in ("", "-") for row in self.rows)
+                for i in range(len(self.header))]
+
 
 @dataclass
 class FigureBlock:

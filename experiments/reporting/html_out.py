@@ -17,7 +17,8 @@ body{font-family:Georgia,serif;max-width:60rem;margin:2rem auto;padding:0 1rem;l
 h1.title{text-align:center;margin-bottom:.2rem} p.subtitle{text-align:center;color:#555;margin-top:0}
 table{border-collapse:collapse;margin:.5rem 0 1.2rem;font-size:.85rem} caption{caption-side:top;text-align:left;
 font-size:.85rem;color:#333;padding-bottom:.3rem} th,td{padding:.15rem .5rem;text-align:right}
-th:first-child,td:first-child{text-align:left} thead th{border-bottom:1px solid #444;cursor:pointer;user-select:none}
+th:first-child,td:first-child,th.w,td.w{text-align:left}
+thead th{border-bottom:1px solid #444;cursor:pointer;user-select:none}
 thead th.sorted-asc::after{content:" \\25B2"} thead th.sorted-desc::after{content:" \\25BC"}
 tr.rule td{border-top:1px solid #999} figure{margin:1rem 0} figure img{max-width:100%}
 figcaption{font-size:.85rem;color:#333} .note{background:#f2f2f2;padding:.4rem .6rem;font-style:italic}
@@ -89,7 +90,8 @@ class _Renderer:
         return "".join(out)
 
     def table(self, block: TableBlock) -> str:
-        head = "".join(f"<th>{html.escape(h)}</th>" for h in block.header)
+        words = [' class="w"' if not numeric else "" for numeric in block.numeric_columns()]  # left-aligned
+        head = "".join(f"<th{w}>{html.escape(h)}</th>" for h, w in zip(block.header, words))
         rows = []
         for i, row in enumerate(block.rows):
             classes = []
@@ -98,11 +100,11 @@ class _Renderer:
             if block.rule_before is not None and i == block.rule_before:
                 classes.append("rule")
             cells = []
-            for cell in row:
+            for cell, w in zip(row, words):
                 value = "" if cell.value is None else f"{cell.value:.6g}"
                 shown = f"<strong>{html.escape(cell.text)}</strong>" if cell.bold else html.escape(cell.text)
                 title = f' title="{html.escape("; ".join(cell.sources))}"' if cell.sources else ""
-                cells.append(f'<td data-value="{value}"{title}>{shown}</td>')
+                cells.append(f'<td{w} data-value="{value}"{title}>{shown}</td>')
             cls = f' class="{" ".join(classes)}"' if classes else ""
             rows.append(f"<tr{cls}>{''.join(cells)}</tr>")
         return (f'<table class="sortable" id="tab-{block.name}"><caption>{html.escape(block.caption)}</caption>'

@@ -33,6 +33,7 @@ from experiments.reporting.html_out import to_html
 from experiments.reporting.intervals import REPLICATES
 from experiments.reporting.paper_appendix import diagnostics_blocks
 from experiments.reporting.paper_setup import baseline_settings, dataset_title, finetune_values, setup_blocks
+from experiments.reporting.replication import replication_blocks
 from experiments.reporting.stats import EQUIVALENCE, EQUIVALENT, cell_stats, signed
 from experiments.reporting.tables import sources_rows, write_tables
 from experiments.reporting.typst_out import write_pdf
@@ -42,7 +43,8 @@ from extensions.checkpoint import is_finetuned
 SOURCES = Path(__file__).resolve().parents[2] / "reports" / "paper"
 WRITTEN = SOURCES / "written"  # <study>/<section>.md: a study's text written by people (claims.py)
 SECTIONS = {"abstract": "Abstract", "introduction": "Introduction", "related_work": "Related work",
-            "method": "Method", "setup": "Experimental setup", "results": "Results", "discussion": "Discussion",
+            "method": "Method", "setup": "Experimental setup", "results": "Results", "replication": "Replication",
+            "discussion": "Discussion",
             "limitations": "Limitations", "conclusion": "Conclusion", "appendix": "Reproducibility"}
 SECTION_TITLES = tuple(SECTIONS.values())
 # The settings method.md's paragraph on the differences to the official code discusses ({{differences_effect}}):
@@ -96,10 +98,12 @@ def section_source(section: str, study: str | None, written: Path | None) -> Pat
 
 
 def compose(ctx: ps.Context, written: Path | None = None, mark: bool = False,
-            claims: list[Claim] | None = None) -> list[Block]:
+            claims: list[Claim] | None = None, bench: Path | None = None) -> list[Block]:
     """The sections' text with the values and the generated blocks filled in; the written text's numbers
-    filled and its claims evaluated (into ``claims``; a failing one marked in the text when ``mark``)."""
-    generated = {"setup_blocks": setup_blocks(ctx), "results_blocks": ps.results_blocks(ctx),
+    filled and its claims evaluated (into ``claims``; a failing one marked in the text when ``mark``); ``bench``:
+    make bench's results.jsonl for the replication section's speed ratios."""
+    generated = {"replication_blocks": replication_blocks(ctx.present, ctx.datasets, bench),
+                 "setup_blocks": setup_blocks(ctx), "results_blocks": ps.results_blocks(ctx),
                  "discussion_blocks": ps.discussion_blocks(ctx), "limitations_blocks": ps.limitations_blocks(ctx),
                  "conclusion_blocks": ps.conclusion_blocks(ctx), "appendix_blocks": ps.appendix_blocks(ctx),
                  "diagnostics_blocks": diagnostics_blocks(ctx, ps.figure_blocks)}
@@ -198,12 +202,13 @@ def title(ctx: ps.Context, front: FrontMatter | None = None) -> str:
 
 def build_paper(run_dirs: list[str | Path], out: str | Path = "reports", dataset: str | None = None,
                 inputs: Inputs | None = None, front: FrontMatter | None = None, written: Path | None = WRITTEN,
-                mark_claims: bool = False) -> dict:
+                mark_claims: bool = False, bench: Path | None = None) -> dict:
     """Write the paper (PDF, HTML, Typst source, tables, sources); returns its manifest (also paper.json).
     ``inputs``: the runs already read (experiments/report.py reads them once for both documents); ``front``: the
     title, authors and affiliation (default: FrontMatter.of the study manifest); ``written``: the folder of the
     studies' written text (claims.py). A claim of the written text that the runs do not support raises
-    ClaimError before anything is written, unless ``mark_claims`` (then it is marked in the text)."""
+    ClaimError before anything is written, unless ``mark_claims`` (then it is marked in the text); ``bench``: make
+    bench's results.jsonl, whose speed ratios the replication section prints."""
     out, inputs = Path(out), inputs or load(run_dirs, dataset)
     front = front or FrontMatter.of(inputs.manifest)
     ctx, claims = ps.Context(**vars(inputs), out=out), []
@@ -214,7 +219,7 @@ def build_paper(run_dirs: list[str | Path], out: str | Path = "reports", dataset
         doc = Document(title(ctx, front), f"{front.byline()}. " * bool(front.byline()) + f"Generated "
                        f"{dt.datetime.now().strftime('%Y-%m-%d %H:%M')} by experiments/report.py from "
                        f"{len(ctx.runs)} runs ({study}{', '.join(run_dirs)})",
-                       compose(ctx, written, mark_claims, claims), references)
+                       compose(ctx, written, mark_claims, claims, bench), references)
         if (error := failure(claims)) is not None and not mark_claims:
             raise error
     else:

@@ -18,7 +18,8 @@ from PIL import Image
 
 from experiments.reporting.document import Document, Span, TableBlock, render
 
-_SPECIAL = re.compile(r"([\\#$*_`@<>\[\]~/=+\-])")
+# ";" too: right after an embedded expression (a citation, code) Typst takes it as the expression's end and drops it
+_SPECIAL = re.compile(r"([\\#$*_`@<>\[\]~/=+\-;])")
 PAGE_WIDTH_CM, MARGIN_X_CM = 21.0, 2.0  # A4 and its side margins: the preamble and the layout check read them
 INK = 200              # grey level (0 black, 255 white) below which a pixel is ink
 TOLERANCE_CM = 0.1     # anti-aliased glyph edges may touch the text column's border by this much
@@ -68,7 +69,7 @@ def _table(block: TableBlock) -> str:
         shown = [f"[#strong[{escape(c.text)}]]" if c.bold else f"[{escape(c.text)}]" for c in row]
         lines.append(", ".join(shown))
     lines.append("table.hline(stroke: 0.8pt)")
-    align = "(" + ", ".join(["left", *["right"] * (columns - 1)]) + ")"
+    align = "(" + ", ".join("right" if numeric else "left" for numeric in block.numeric_columns()) + ")"
     size = "8pt" if columns <= 7 else "6.5pt"
     body = ",\n    ".join(lines)
     return (f"#[#set text(size: {size})\n#figure(kind: table, caption: [{escape(block.caption)}],\n"
