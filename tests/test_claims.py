@@ -108,3 +108,33 @@ def test_an_altered_result_fails_the_build_on_the_claim_that_depended_on_it(stud
 def test_a_study_without_written_text_gets_the_draft(study, tmp_path) -> None:
     record = build_paper([study], tmp_path / "paper", written=tmp_path / "none")
     assert record["claims"] == []
+
+
+def test_the_shipped_written_text_is_well_formed() -> None:
+    """Every written section of the shipped studies (reports/paper/written/<study>/) is a section of the paper,
+    prints only known quantities, states its claims as conditions, and cites only known references; whether the
+    claims hold is checked when its study is reported (make report)."""
+    import re
+
+    import yaml
+
+    from experiments.reporting.claims import CALL, CONDITION, MARKUP
+    from experiments.reporting.paper import SECTIONS, SOURCES, WRITTEN
+
+    names = set(Quantities([]).names)
+    references = set(yaml.safe_load((SOURCES / "references.yml").read_text()))
+    files = sorted(WRITTEN.glob("*/*.md"))
+    assert files, "no written text shipped"
+    for path in files:
+        assert path.stem in SECTIONS, path
+        source = path.read_text()
+        for match in MARKUP.finditer(source):
+            text = " ".join((match.group("number") or match.group("claim")).split())
+            if match.group("claim"):
+                found = CONDITION.match(text)
+                assert found, f"{path}: {text}"
+                text = found.group("quantity")
+            call = CALL.match(text)
+            assert call and call.group(1) in names, f"{path}: {text}"
+        cited = set(re.findall(r"(?<![\w`])@([a-z_0-9]+)", source))
+        assert cited <= references, f"{path}: {cited - references}"
