@@ -106,3 +106,17 @@ def test_curve_table_reports_weight_change_and_rank_per_step_count(tmp_path) -> 
     table = curve_table(curve)
     assert [cell.text for cell in table.rows[0]] == [
         "rotation / a", "200", "120/200", "0.0120", "0.0200", "100 / 90 / 80", "0.30 (0.25)", "-0.40", "2"]
+
+
+def test_written_text_quotes_the_same_agreement_per_dataset(comparisons) -> None:
+    """claims.Quantities' proxy quantities are the agreement above (rho 0.8, 3 of 4 signs, 4 points, step 0 kept
+    once), on the dataset and pooled; a dataset without fine-tuned arms is a LookupError (a claim that fails)."""
+    from experiments.reporting.claims import Quantities
+
+    quantities = Quantities(comparisons)
+    for dataset in ("textures", "all"):
+        assert quantities.value(f"proxy_spearman({dataset})") == pytest.approx(0.8)
+        assert [quantities.value(f"{name}({dataset})") for name in ("proxy_same_sign", "proxy_points",
+                                                                    "proxy_kept")] == [3, 4, 1]
+    with pytest.raises(LookupError, match="no fine-tuned arm with a checkpoint record on 'elpv'"):
+        quantities.value("proxy_points(elpv)")

@@ -63,6 +63,8 @@ class Quantities:
 
     def __init__(self, comparisons: list[Comparison]) -> None:
         self.comparisons = {f"{c.dataset}/{c.name}": c for c in comparisons}
+        self._paired: dict[tuple, dict] = {}   # a bootstrap per difference, however often the text quotes it
+        self._units: list | None = None        # the fine-tuned units, their sidecars read once
         self.names: dict[str, Callable[..., object]] = {
             "mean": self.mean, "diff": lambda *a: self.paired(*a)["mean"], "low": lambda *a: self.paired(*a)["low"],
             "high": lambda *a: self.paired(*a)["high"], "interval": lambda *a: interval(self.paired(*a)),
@@ -98,18 +100,21 @@ class Quantities:
         return cell_stats(found.rows, metric, category, categories)[0]
 
     def paired(self, key: str, arm: str, metric: str, category: str | None = None) -> dict:
-        comparison, found = self.arm(key, arm)
-        diff = paired(comparison.baseline.rows, found.rows, metric, self._categories(comparison, category))
-        if diff is None:
-            raise LookupError(f"{arm} shares no seed and category with the baseline of {key}")
-        return diff
+        if (key, arm, metric, category) not in self._paired:
+            comparison, found = self.arm(key, arm)
+            diff = paired(comparison.baseline.rows, found.rows, metric, self._categories(comparison, category))
+            if diff is None:
+                raise LookupError(f"{arm} shares no seed and category with the baseline of {key}")
+            self._paired[key, arm, metric, category] = diff
+        return self._paired[key, arm, metric, category]
 
     def seeds(self, key: str, arm: str) -> int:
         return len(self.arm(key, arm)[1].seeds)
 
     def proxy(self, dataset: str) -> dict:
-        found = units([p for c in self.comparisons.values() for p in tuned_points(c)])
-        found = found if dataset == "all" else [u for u in found if u.dataset == dataset]
+        if self._units is None:
+            self._units = units([p for c in self.comparisons.values() for p in tuned_points(c)])
+        found = self._units if dataset == "all" else [u for u in self._units if u.dataset == dataset]
         if not found:
             raise LookupError(f"no fine-tuned arm with a checkpoint record on {dataset!r}")
         return agreement(found)
