@@ -106,6 +106,36 @@ def results_blocks(ctx: Context) -> list[Block]:
     return blocks
 
 
+SATURATED = 99.95  # image AUROC (%) at which a category leaves no room to differ
+
+
+def result_sentences(comparison: Comparison) -> list[str]:
+    """What the tables below cannot say at a glance: each difference the interval resolves (image or pixel AUROC)
+    in full, the arms whose image-AUROC interval resolves nothing in one sentence, and the categories every arm
+    saturates, on which no difference can show."""
+    found = [(arm, metric, diff) for arm, metric, diff in paired_rows(comparison)
+             if diff is not None and metric in ("image_auroc", "pixel_auroc")]
+    said = [difference_sentence(arm, metric, diff) for arm, metric, diff in found
+            if verdict(diff) in ("higher", "lower")]
+    open_ = [arm for arm, metric, diff in found if metric == "image_auroc" and verdict(diff) == "not resolved"]
+    same = [arm for arm, metric, diff in found if metric == "image_auroc" and verdict(diff) == EQUIVALENT]
+    if same:
+        said.append(f"Equivalent to the baseline in image AUROC (95% interval within ±{EQUIVALENCE:g} points): "
+                    f"{listing([f'*{a}*' for a in same], '')}.")
+    if open_:
+        said.append(f"Not resolved in image AUROC (the 95% interval holds 0 and reaches beyond ±{EQUIVALENCE:g} "
+                    f"points): {listing([f'*{a}*' for a in open_], '')}.")
+    categories = categories_of(comparison)
+    full = [c for c in categories if all(cell_stats(arm.rows, "image_auroc", c, categories)[0] >= SATURATED
+                                         for arm in comparison.arms)]
+    if full and len(full) < len(categories):
+        rest = [c for c in categories if c not in full]
+        named = listing(full, "")
+        said.append(f"{named[0].upper()}{named[1:]} {'is' if len(full) == 1 else 'are'} at 100% image AUROC "
+                    f"under every arm, so the image-AUROC differences rest on {listing(rest, '')}.")
+    return said
+
+
 def comparison_blocks(ctx: Context, comparisons: list[Comparison], level: int) -> list[Block | None]:
     """Each comparison's sentences, tables and figures (a note where it has no runs)."""
     blocks: list[Block | None] = []
@@ -118,8 +148,7 @@ def comparison_blocks(ctx: Context, comparisons: list[Comparison], level: int) -
         if comparison.missing:
             blocks.append(Note("Left out of this comparison: " + "; ".join(f"{a}: {short_reason(r)}"
                                                                            for a, r in comparison.missing)))
-        sentences = [difference_sentence(arm, metric, diff) for arm, metric, diff in paired_rows(comparison)
-                     if diff is not None and metric in ("image_auroc", "pixel_auroc")]
+        sentences = result_sentences(comparison)
         blocks += [text(" ".join(sentences))] if sentences else []
         blocks += [summary_table(comparison), paired_table(comparison), category_table(comparison, "image_auroc"),
                    category_paired_table(comparison)]
