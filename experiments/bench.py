@@ -34,10 +34,12 @@ from pathlib import Path
 import torch
 
 from core.backbones import EfficientNetLite
+from core.data import DatasetError
 from experiments.benchmarks.coresets import coreset_alone, radius_comparison, reference_timing
 from experiments.benchmarks.export_speed import bench_exported
 from experiments.benchmarks.fitting import bench_backbone, bench_fit, large_fit
 from experiments.benchmarks.prediction import bench_predictions, bench_wrn50
+from experiments.benchmarks.real_images import RealWorkloadError, bench_real, real_dataset
 from experiments.benchmarks.recording import Recorder
 from experiments.benchmarks.scaling import scaling
 from experiments.benchmarks.searches import bench_search
@@ -65,7 +67,16 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's)")
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="where the models run")
     parser.add_argument("--root", type=Path, default=REPO / "outputs" / "bench", help="data, cache and results")
-    parser.add_argument("--skip", nargs="*", default=[], help="parts to skip: scaling reference search wrn50 export")
+    parser.add_argument("--skip", nargs="*", default=[],
+                        help="parts to skip: textures (the whole textures workload), scaling, reference, search, "
+                             "wrn50, export")
+    parser.add_argument("--real", nargs="*", default=[],
+                        help="real-image workloads beside textures: elpv:mono, elpv:poly or <folder>:<category> "
+                             "(MVTec AD layout); the default prediction against the official-style pipeline on them")
+    parser.add_argument("--real-ratio", type=float, default=None,
+                        help="the real workloads' coreset ratio (default: 0.1 for elpv:mono, 0.01 for elpv:poly)")
+    parser.add_argument("--real-train-limit", type=int, default=None,
+                        help="at most this many training images of each real workload (default: all)")
     parser.add_argument("--extra", nargs="*", default=[],
                         help="'all': also block sizes, ivf nprobe=4 and 64 predict; 'large': a 5,000-image fit "
                              "with the float32 buffer in memory (needs ~19 GiB free, ~3 min)")
@@ -118,6 +129,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
+    for spec in args.real:  # a bad --real fails now, not after the textures part
+        try:
+            real_dataset(spec, args.real_train_limit)
+        except (RealWorkloadError, DatasetError) as error:
+            print(f"bench: {error}", file=sys.stderr)
+            return 2
     work = Workload(args.root, plan, torch.device(args.device), args.skip, args.extra)
     rec = Recorder(args.root)
     gpu = torch.cuda.get_device_name() if work.device.type == "cuda" else None
@@ -127,16 +144,19 @@ def main(argv: list[str] | None = None) -> int:
     shutil.rmtree(args.root / "cache", ignore_errors=True)
 
     extractor = EfficientNetLite().eval().to(work.device)
-    dataset = textures(args.root, plan["images"])
-    train, test = loaders(dataset, extractor)
-    bench_backbone(rec, extractor, preloaded(dataset, extractor), work.device)
-    for aggregation in AGGREGATIONS:
-        bench_aggregation(rec, work, extractor, train, test, aggregation)
-    if "scaling" not in args.skip and work.on_cpu:
-        scaling(rec, extractor, args.root, args.root / "cache" / "scaling", plan)
+    if "textures" not in args.skip:
+        dataset = textures(args.root, plan["images"])
+        train, test = loaders(dataset, extractor)
+        bench_backbone(rec, extractor, preloaded(dataset, extractor), work.device)
+        for aggregation in AGGREGATIONS:
+            bench_aggregation(rec, work, extractor, train, test, aggregation)
+        if "scaling" not in args.skip and work.on_cpu:
+            scaling(rec, extractor, args.root, args.root / "cache" / "scaling", plan)
+    for spec in args.real:
+        bench_real(rec, work, spec, args.real_ratio, args.real_train_limit)
     if "wrn50" not in args.skip:
         bench_wrn50(rec, work)
-    if "large" in args.extra:
+    if "large" in args.extra and "textures" not in args.skip:
         large_fit(rec, extractor, args.root, plan)
     finish(rec, args.root)
     return 0

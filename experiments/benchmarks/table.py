@@ -54,10 +54,18 @@ def goals(lines: list[dict]) -> list[dict]:
             found.append({"goal": "fit vs official-style (eager backbone + embedding + plain coreset loop)",
                           **tag, "target": 10.0, "ratio": round(starting / fit["seconds"], 2),
                           "notes": f"{starting:.1f} s vs {fit['seconds']:.1f} s"})
-        now = _find(lines, "predict", DEFAULT, threads=threads, **tag)
-        official = _find(lines, "predict", OFFICIAL_STYLE, **tag)
+        now = _find(lines, "predict", DEFAULT, threads=threads, study=None, **tag)
+        official = _find(lines, "predict", OFFICIAL_STYLE, study=None, **tag)
         if now and official:
             found.append({"goal": "prediction vs official-style pipeline", **tag, "target": 3.0,
+                          "ratio": round(now["items_per_s"] / official["items_per_s"], 2),
+                          "notes": f"{now['items_per_s']} vs {official['items_per_s']} images/s, "
+                                   + ", ".join(f"{key}={_short(now.get(key))}" for key in IDENTITY)})
+    for study in dict.fromkeys(line["study"] for line in lines if str(line.get("study", "")).startswith("real:")):
+        now, official = (_find(lines, "predict", variant, study=study) for variant in (DEFAULT, OFFICIAL_STYLE))
+        if now and official:  # issue 29: real images, the same run, images and weights
+            found.append({"goal": f"prediction vs official-style pipeline, real images ({study[5:]}, "
+                                  f"{now['bank_size']} bank patches)", "aggregation": "official", "target": 2.5,
                           "ratio": round(now["items_per_s"] / official["items_per_s"], 2),
                           "notes": f"{now['items_per_s']} vs {official['items_per_s']} images/s, "
                                    + ", ".join(f"{key}={_short(now.get(key))}" for key in IDENTITY)})

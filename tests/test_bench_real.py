@@ -1,0 +1,61 @@
+"""``make bench BENCH_ARGS="--real ..."`` (issue 29): a real-image workload whose default prediction is measured
+against the official-style pipeline on the same images and weights, the scores checked equal; its goal is the ratio
+of its own two lines, apart from the textures workload's."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from core.data import ElpvLayout
+from experiments.benchmarks.prediction import OFFICIAL_STYLE
+from experiments.benchmarks.real_images import RealWorkloadError, bench_real, real_dataset
+from experiments.benchmarks.recording import Recorder
+from experiments.benchmarks.searches import DEFAULT
+from experiments.benchmarks.table import goals
+from experiments.benchmarks.workload import Workload
+from tests.conftest import write_tiny_category
+
+
+def _line(variant: str, items_per_s: float, **extra) -> dict:
+    return {"stage": "predict", "variant": variant, "items_per_s": items_per_s, "threads": 2, "n": 39,
+            "aggregation": "official", "bank_size": 100, **extra}
+
+
+def test_real_image_goals_are_kept_apart_from_the_textures_goal() -> None:
+    lines = [_line(OFFICIAL_STYLE, 4.0, study="real:elpv:mono"), _line(DEFAULT, 9.0, study="real:elpv:mono"),
+             _line(OFFICIAL_STYLE, 10.0), _line(DEFAULT, 43.0),
+             _line(OFFICIAL_STYLE, 5.0, study="real:elpv:poly"), _line(DEFAULT, 15.0, study="real:elpv:poly")]
+    found = {goal["goal"]: goal for goal in goals(lines)}
+    assert found["prediction vs official-style pipeline"]["ratio"] == 4.3  # the textures lines only
+    mono = found["prediction vs official-style pipeline, real images (elpv:mono, 100 bank patches)"]
+    poly = found["prediction vs official-style pipeline, real images (elpv:poly, 100 bank patches)"]
+    assert (mono["ratio"], mono["target"], mono["met"]) == (2.25, 2.5, False)
+    assert (poly["ratio"], poly["met"]) == (3.0, True)
+
+
+def test_a_bad_real_workload_is_refused_with_the_fix(tmp_path) -> None:
+    with pytest.raises(RealWorkloadError, match="give elpv:mono, elpv:poly or <folder>:<category>"):
+        real_dataset(f"{tmp_path}:bottle", None)
+    dataset, category = real_dataset("elpv:poly", 20)
+    assert isinstance(dataset, ElpvLayout) and category == "poly"
+    write_tiny_category(tmp_path, "bottle")
+    dataset, category = real_dataset(f"{tmp_path}:bottle", None)
+    assert category == "bottle" and len(dataset.train_set(category, None)) == 3
+
+
+def test_real_workload_measures_both_pipelines_at_equal_scores(tmp_path) -> None:
+    """A tiny MVTec-layout folder: both lines present, the default's image AUROC and scores those of the
+    official-style pipeline (every distance in all dimensions) to float rounding."""
+    write_tiny_category(tmp_path / "data", "bottle", n_train=4, n_good=3, n_bad=3)
+    rec = Recorder(tmp_path / "out")
+    torch.manual_seed(0)
+    bench_real(rec, Workload(tmp_path, {}, torch.device("cpu")), f"{tmp_path / 'data'}:bottle", ratio=0.5)
+    lines = {line["variant"]: line for line in rec.lines}
+    official, default = lines[OFFICIAL_STYLE], lines[DEFAULT]
+    assert official["study"] == default["study"] == f"real:{tmp_path / 'data'}:bottle"
+    assert official["n"] == default["n"] == 6 and default["train_images"] == 4
+    assert default["auroc_diff"] == 0.0 and default["max_rel_map_diff"] < 1e-4
+    # squared distances of ~6e4: the scores agree to float32 rounding relative to the largest map value
+    largest = default["max_abs_map_diff"] / default["max_rel_map_diff"]
+    assert largest > 1e3 and default["max_abs_score_diff"] <= 1e-6 * largest
