@@ -31,7 +31,8 @@ from experiments.harness.run_key import DEFAULT_ROOTS
 from experiments.reporting.claims import ClaimError
 from experiments.reporting.comparisons import load
 from experiments.reporting.digest import build_digest
-from experiments.reporting.paper import WRITTEN, FrontMatter, build_paper
+from experiments.reporting.front_matter import FrontMatter
+from experiments.reporting.paper import WRITTEN, build_paper
 
 STUDIES = Path("studies")
 

@@ -16,7 +16,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from experiments.reporting.paper import FrontMatter, build_paper
+from experiments.reporting.front_matter import FrontMatter
+from experiments.reporting.paper import build_paper
 from experiments.reporting.paper_sections import difference_sentence
 from experiments.reporting.stats import EQUIVALENCE, signed, verdict
 from experiments.reporting.wording import lower_first, natural_key, noun, plural, pluralise_template, short_reason
