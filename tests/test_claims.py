@@ -138,3 +138,27 @@ def test_the_shipped_written_text_is_well_formed() -> None:
             assert call and call.group(1) in names, f"{path}: {text}"
         cited = set(re.findall(r"(?<![\w`])@([a-z_0-9]+)", source))
         assert cited <= references, f"{path}: {cited - references}"
+
+
+def test_a_study_of_several_datasets_is_quoted_by_dataset_and_comparison(tmp_path) -> None:
+    """In a study of several datasets the comparisons' unique names are ``<dataset>_<comparison>`` (table and
+    figure files), but written text and the replication's trends name them as study.json does:
+    ``<dataset>/<comparison>``, ``comparison``."""
+    import json
+
+    from experiments.reporting.replication import Trend, trend_rows
+
+    copy = _study(tmp_path)  # its own folder: study.json names its runs' folders
+    manifest = json.loads((copy / "study.json").read_text())
+    manifest["datasets"] = {"mvtec": {"categories": ["bottle", "screw"]}, "elpv": {"categories": ["poly"]}}
+    manifest["comparisons"] = {f"mvtec/{name}": {**entry, "dataset": "mvtec", "comparison": name}
+                               for name, entry in manifest["comparisons"].items()}
+    (copy / "study.json").write_text(json.dumps(manifest))
+    inputs = load([copy])
+    variants = next(c for c in inputs.present if c.short_name == "variants")
+    assert (variants.name, variants.key) == ("mvtec_variants", "mvtec/variants")
+    quantities = Quantities(inputs.present)
+    assert printed(quantities.value("diff(mvtec/variants | channel_mean | image_auroc | screw)"), "diff") == "-10.0"
+    rows = trend_rows([Trend("Aggregation", "-", "variants", "lower", arm="channel_mean")], inputs.present,
+                      inputs.datasets)
+    assert rows[0][2].text == "mvtec" and rows[0][3].text.startswith("channel_mean: -10.0")

@@ -62,7 +62,7 @@ class Quantities:
     """The named quantities of the runs that written text may print or claim."""
 
     def __init__(self, comparisons: list[Comparison]) -> None:
-        self.comparisons = {f"{c.dataset}/{c.name}": c for c in comparisons}
+        self.comparisons = {c.key: c for c in comparisons}
         self._paired: dict[tuple, dict] = {}   # a bootstrap per difference, however often the text quotes it
         self._units: list | None = None        # the fine-tuned units, their sidecars read once
         self.names: dict[str, Callable[..., object]] = {
@@ -90,7 +90,7 @@ class Quantities:
     def _categories(self, comparison: Comparison, category: str | None) -> list[str]:
         known = categories_of(comparison)
         if category is not None and category not in known:
-            raise LookupError(f"no category {category!r} in {comparison.dataset}/{comparison.name} "
+            raise LookupError(f"no category {category!r} in {comparison.key} "
                               f"(categories: {', '.join(known)})")
         return [category] if category else known
 

@@ -150,6 +150,18 @@ class Comparison:
     # a ``selection`` comparison (experiments/studies/selection_kind.py): study.json's record of it (space,
     # candidates: candidate name -> arm) and ``files``: seed -> its select job's selection.json
     selection: dict | None = None
+    # its name in the study (``name`` is unique across datasets: ``<dataset>_<comparison>`` in a study of several)
+    study_name: str | None = None
+
+    @property
+    def short_name(self) -> str:
+        """The comparison's own name (``finetuning``), whatever its dataset."""
+        return self.study_name or self.name
+
+    @property
+    def key(self) -> str:
+        """``<dataset>/<comparison>``: how written text and study.json name it."""
+        return f"{self.dataset}/{self.short_name}"
 
     @property
     def baseline(self) -> Arm:
@@ -265,7 +277,8 @@ def from_manifest(manifest: dict, runs: list[Run], frame: pd.DataFrame,
         selection = {**entry["selection"], "files": {
             jobs[j]["seed"]: Path(jobs[j]["folder"]) / "selection.json" for j in entry.get("jobs", [])
             if j in jobs and jobs[j]["kind"] == "select"}} if entry.get("selection") else None
-        comparisons.append(Comparison(key.replace("/", "_"), title, arms, missing, sweep, dataset, points, selection))
+        comparisons.append(Comparison(key.replace("/", "_"), title, arms, missing, sweep, dataset, points, selection,
+                                      name))
     return comparisons
 
 

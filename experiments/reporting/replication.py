@@ -73,7 +73,7 @@ def trend_rows(trends: list[Trend], comparisons: list[Comparison], datasets: lis
     interval) and the outcome; a trend whose comparison the study does not have says so."""
     rows = []
     for trend in trends:
-        found = [c for c in comparisons if c.name == trend.comparison and c.dataset in datasets]
+        found = [c for c in comparisons if c.short_name == trend.comparison and c.dataset in datasets]
         if not found:
             rows.append([Cell(trend.ablation), Cell(trend.published), Cell("-"),
                          Cell(f"not in this study (comparison {trend.comparison})"), Cell("not run")])
