@@ -120,3 +120,17 @@ def test_written_text_quotes_the_same_agreement_per_dataset(comparisons) -> None
                                                                     "proxy_kept")] == [3, 4, 1]
     with pytest.raises(LookupError, match="no fine-tuned arm with a checkpoint record on 'elpv'"):
         quantities.value("proxy_points(elpv)")
+
+
+def test_written_text_quotes_the_checkpoint_records(comparisons) -> None:
+    """The fine-tuned arms' records by hand: rotation has 4 checkpoints (2 seeds x a, b), three kept step 0
+    (b in both seeds, a in seed 0); CutMix's weights moved by 0.6 % at the last evaluation; accuracy 0.3."""
+    from experiments.reporting.claims import Quantities, printed
+
+    quantities = Quantities(comparisons)
+    assert quantities.value("checkpoints(textures/finetuning | rotation)") == 4
+    assert quantities.value("kept_pretrained(textures/finetuning | rotation)") == 3
+    assert quantities.value("weight_change(textures/finetuning | cutmix)") == pytest.approx(0.6)
+    assert printed(quantities.value("train_accuracy(textures/finetuning | rotation)"), "train_accuracy(x)") == "0.30"
+    with pytest.raises(LookupError, match="no fine-tuned checkpoint"):
+        quantities.value("checkpoints(textures/finetuning | baseline)")

@@ -18,8 +18,11 @@ may hold commas); nothing in a source is evaluated as code.
 Quantities (``cmp`` is ``<dataset>/<comparison>``; ``category`` optional, else the mean over the categories):
 ``mean(cmp | arm | metric [| category])`` in %, ``diff``/``low``/``high``/``interval``/``verdict(cmp | arm |
 metric [| category])`` the paired difference to the baseline in points (stats.paired, as the tables print it),
-``seeds(cmp | arm)``, and the proxy's agreement with the test (finetune_evidence): ``proxy_spearman``,
-``proxy_same_sign``, ``proxy_points``, ``proxy_kept(dataset or all)``.
+``seeds(cmp | arm)``, the proxy's agreement with the test (finetune_evidence): ``proxy_spearman``,
+``proxy_same_sign``, ``proxy_points``, ``proxy_kept(dataset or all)``, and a fine-tuned arm's checkpoint records:
+``checkpoints(cmp | arm)`` (category x seed), ``kept_pretrained(cmp | arm)`` (how many kept the pretrained weights),
+``weight_change(cmp | arm)`` (the largest ||w - w0|| / ||w0|| at the last evaluation, %), ``train_accuracy(cmp |
+arm)`` (the task's mean training accuracy at the end).
 """
 
 from __future__ import annotations
@@ -28,6 +31,8 @@ import math
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
+
+import numpy as np
 
 from experiments.reporting.comparisons import Comparison, categories_of
 from experiments.reporting.finetune_evidence import agreement, tuned_points, units
@@ -73,6 +78,10 @@ class Quantities:
             "proxy_same_sign": lambda d="all": self.proxy(d)["same_sign"],
             "proxy_points": lambda d="all": self.proxy(d)["n"],
             "proxy_kept": lambda d="all": self.proxy(d)["kept_start"],
+            "checkpoints": lambda key, arm: len(self.tuned(key, arm)),
+            "kept_pretrained": lambda key, arm: sum(p.selected_step == 0 for p in self.tuned(key, arm)),
+            "weight_change": lambda key, arm: 100 * max(p.weight_change_last for p in self.tuned(key, arm)),
+            "train_accuracy": lambda key, arm: float(np.mean([p.accuracy for p in self.tuned(key, arm)])),
         }
 
     def comparison(self, key: str) -> Comparison:
@@ -119,6 +128,14 @@ class Quantities:
             raise LookupError(f"no fine-tuned arm with a checkpoint record on {dataset!r}")
         return agreement(found)
 
+    def tuned(self, key: str, arm: str) -> list:
+        """The arm's fine-tuned checkpoints (finetune_evidence.TunedPoint) whose sidecars hold the records."""
+        comparison, _ = self.arm(key, arm)
+        points = [p for p in tuned_points(comparison) if p.arm == arm]
+        if not points or any(None in (p.weight_change_last, p.accuracy) for p in points):
+            raise LookupError(f"{arm} in {key} has no fine-tuned checkpoint with a complete record")
+        return points
+
     def value(self, text: str) -> object:
         """The value of ``name(arg | arg ...)``."""
         call = CALL.match(text.strip())
@@ -145,7 +162,7 @@ def printed(value: object, quantity: str) -> str:
             return "-"
         if name in ("diff", "low", "high"):
             return signed(value)
-        return f"{value:.2f}" if name == "proxy_spearman" else f"{value:.1f}"
+        return f"{value:.2f}" if name in ("proxy_spearman", "weight_change", "train_accuracy") else f"{value:.1f}"
     return str(value)
 
 
