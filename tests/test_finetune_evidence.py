@@ -132,5 +132,6 @@ def test_written_text_quotes_the_checkpoint_records(comparisons) -> None:
     assert quantities.value("kept_pretrained(textures/finetuning | rotation)") == 3
     assert quantities.value("weight_change(textures/finetuning | cutmix)") == pytest.approx(0.6)
     assert printed(quantities.value("train_accuracy(textures/finetuning | rotation)"), "train_accuracy(x)") == "0.30"
+    assert quantities.value("chance_accuracy(textures/finetuning | rotation)") == pytest.approx(0.25)
     with pytest.raises(LookupError, match="no fine-tuned checkpoint"):
         quantities.value("checkpoints(textures/finetuning | baseline)")

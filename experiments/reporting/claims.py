@@ -22,7 +22,7 @@ metric [| category])`` the paired difference to the baseline in points (stats.pa
 ``proxy_same_sign``, ``proxy_points``, ``proxy_kept(dataset or all)``, and a fine-tuned arm's checkpoint records:
 ``checkpoints(cmp | arm)`` (category x seed), ``kept_pretrained(cmp | arm)`` (how many kept the pretrained weights),
 ``weight_change(cmp | arm)`` (the largest ||w - w0|| / ||w0|| at the last evaluation, %), ``train_accuracy(cmp |
-arm)`` (the task's mean training accuracy at the end).
+arm)`` (the task's mean training accuracy at the end) and ``chance_accuracy(cmp | arm)`` (its chance level).
 """
 
 from __future__ import annotations
@@ -82,6 +82,7 @@ class Quantities:
             "kept_pretrained": lambda key, arm: sum(p.selected_step == 0 for p in self.tuned(key, arm)),
             "weight_change": lambda key, arm: 100 * max(p.weight_change_last for p in self.tuned(key, arm)),
             "train_accuracy": lambda key, arm: float(np.mean([p.accuracy for p in self.tuned(key, arm)])),
+            "chance_accuracy": lambda key, arm: float(np.mean([p.chance for p in self.tuned(key, arm)])),
         }
 
     def comparison(self, key: str) -> Comparison:
@@ -132,7 +133,7 @@ class Quantities:
         """The arm's fine-tuned checkpoints (finetune_evidence.TunedPoint) whose sidecars hold the records."""
         comparison, _ = self.arm(key, arm)
         points = [p for p in tuned_points(comparison) if p.arm == arm]
-        if not points or any(None in (p.weight_change_last, p.accuracy) for p in points):
+        if not points or any(None in (p.weight_change_last, p.accuracy, p.chance) for p in points):
             raise LookupError(f"{arm} in {key} has no fine-tuned checkpoint with a complete record")
         return points
 
@@ -162,7 +163,8 @@ def printed(value: object, quantity: str) -> str:
             return "-"
         if name in ("diff", "low", "high"):
             return signed(value)
-        return f"{value:.2f}" if name in ("proxy_spearman", "weight_change", "train_accuracy") else f"{value:.1f}"
+        two = ("proxy_spearman", "weight_change", "train_accuracy", "chance_accuracy")
+        return f"{value:.2f}" if name in two else f"{value:.1f}"
     return str(value)
 
 
