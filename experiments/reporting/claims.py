@@ -78,11 +78,13 @@ class Quantities:
             "proxy_same_sign": lambda d="all": self.proxy(d)["same_sign"],
             "proxy_points": lambda d="all": self.proxy(d)["n"],
             "proxy_kept": lambda d="all": self.proxy(d)["kept_start"],
-            "checkpoints": lambda key, arm: len(self.tuned(key, arm)),
-            "kept_pretrained": lambda key, arm: sum(p.selected_step == 0 for p in self.tuned(key, arm)),
-            "weight_change": lambda key, arm: 100 * max(p.weight_change_last for p in self.tuned(key, arm)),
-            "train_accuracy": lambda key, arm: float(np.mean([p.accuracy for p in self.tuned(key, arm)])),
-            "chance_accuracy": lambda key, arm: float(np.mean([p.chance for p in self.tuned(key, arm)])),
+            "checkpoints": lambda key, arm: len(self.tuned(key, arm, "selected_step")),
+            "kept_pretrained": lambda key, arm: sum(p.selected_step == 0 for p in self.tuned(key, arm,
+                                                                                           "selected_step")),
+            "weight_change": lambda key, arm: 100 * max(p.weight_change_last for p in self.tuned(
+                key, arm, "weight_change_last")),
+            "train_accuracy": lambda key, arm: float(np.mean([p.accuracy for p in self.tuned(key, arm, "accuracy")])),
+            "chance_accuracy": lambda key, arm: float(np.mean([p.chance for p in self.tuned(key, arm, "chance")])),
         }
 
     def comparison(self, key: str) -> Comparison:
@@ -129,12 +131,12 @@ class Quantities:
             raise LookupError(f"no fine-tuned arm with a checkpoint record on {dataset!r}")
         return agreement(found)
 
-    def tuned(self, key: str, arm: str) -> list:
-        """The arm's fine-tuned checkpoints (finetune_evidence.TunedPoint) whose sidecars hold the records."""
+    def tuned(self, key: str, arm: str, record: str) -> list:
+        """The arm's fine-tuned checkpoints (finetune_evidence.TunedPoint), every one holding ``record``."""
         comparison, _ = self.arm(key, arm)
         points = [p for p in tuned_points(comparison) if p.arm == arm]
-        if not points or any(None in (p.weight_change_last, p.accuracy, p.chance) for p in points):
-            raise LookupError(f"{arm} in {key} has no fine-tuned checkpoint with a complete record")
+        if not points or any(getattr(p, record) is None for p in points):
+            raise LookupError(f"{arm} in {key} has no fine-tuned checkpoint with a complete record ({record})")
         return points
 
     def value(self, text: str) -> object:
