@@ -38,7 +38,7 @@ def onnx_runner(path: Path) -> Runner:
 
 
 @functools.cache
-def _openvino_core():
+def openvino_core():
     """One OpenVINO ``Core`` for the process, as OpenVINO advises: a process that made one per model (the graph
     and the fast form of one export) and dropped them crashed later, when a child process exited."""
     import openvino
@@ -52,7 +52,7 @@ def openvino_runner(path: Path, precision: str, threads: int) -> Runner:
     the lifetime of the short-lived worker threads of ``in_pieces``."""
     config = {"INFERENCE_PRECISION_HINT": precision, "NUM_STREAMS": max(1, threads),
               "INFERENCE_NUM_THREADS": max(1, threads)}
-    compiled = _openvino_core().compile_model(str(path), "CPU", config)
+    compiled = openvino_core().compile_model(str(path), "CPU", config)
     requests: queue.SimpleQueue = queue.SimpleQueue()
     for _ in range(max(1, threads)):
         requests.put(compiled.create_infer_request())

@@ -245,11 +245,15 @@ def _write_openvino(onnx_file: Path, xml_file: Path) -> None:
 
 
 def _convert_openvino(onnx_file: Path, xml_file: Path) -> None:
-    """OpenVINO IR from the ONNX graph; weights kept in float32 (``save_model`` would halve them to float16)."""
+    """OpenVINO IR from the ONNX graph, read by the runtime's ONNX frontend; weights kept in float32 (``save_model``
+    would halve them to float16). Not ``openvino.convert_model``: that tool sends usage telemetry from a forked
+    process, which without network hung the exporting process (a fork of a process running torch's and numba's
+    threads) and which a factory's offline machine should not attempt at all."""
     import openvino
 
-    ov_model = openvino.convert_model(str(onnx_file))
-    openvino.save_model(ov_model, str(xml_file), compress_to_fp16=False)
+    from core.export.sessions import openvino_core
+
+    openvino.save_model(openvino_core().read_model(str(onnx_file)), str(xml_file), compress_to_fp16=False)
 
 
 def _write_torchscript(graph: ExportablePatchCore, path: Path) -> dict:
