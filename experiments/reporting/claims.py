@@ -69,7 +69,8 @@ class Quantities:
     def __init__(self, comparisons: list[Comparison]) -> None:
         self.comparisons = {c.key: c for c in comparisons}
         self._paired: dict[tuple, dict] = {}   # a bootstrap per difference, however often the text quotes it
-        self._units: list | None = None        # the fine-tuned units, their sidecars read once
+        self._points: dict[str, list] = {}      # each comparison's fine-tuned checkpoints, their sidecars read once
+        self._units: list | None = None
         self.names: dict[str, Callable[..., object]] = {
             "mean": self.mean, "diff": lambda *a: self.paired(*a)["mean"], "low": lambda *a: self.paired(*a)["low"],
             "high": lambda *a: self.paired(*a)["high"], "interval": lambda *a: interval(self.paired(*a)),
@@ -125,16 +126,22 @@ class Quantities:
 
     def proxy(self, dataset: str) -> dict:
         if self._units is None:
-            self._units = units([p for c in self.comparisons.values() for p in tuned_points(c)])
+            self._units = units([p for key in self.comparisons for p in self.points(key)])
         found = self._units if dataset == "all" else [u for u in self._units if u.dataset == dataset]
         if not found:
             raise LookupError(f"no fine-tuned arm with a checkpoint record on {dataset!r}")
         return agreement(found)
 
+    def points(self, key: str) -> list:
+        """The comparison's fine-tuned checkpoints (finetune_evidence.TunedPoint), read once."""
+        if key not in self._points:
+            self._points[key] = tuned_points(self.comparison(key))
+        return self._points[key]
+
     def tuned(self, key: str, arm: str, record: str) -> list:
-        """The arm's fine-tuned checkpoints (finetune_evidence.TunedPoint), every one holding ``record``."""
-        comparison, _ = self.arm(key, arm)
-        points = [p for p in tuned_points(comparison) if p.arm == arm]
+        """The arm's fine-tuned checkpoints, every one holding ``record``."""
+        self.arm(key, arm)  # an unknown arm is named as such
+        points = [p for p in self.points(key) if p.arm == arm]
         if not points or any(getattr(p, record) is None for p in points):
             raise LookupError(f"{arm} in {key} has no fine-tuned checkpoint with a complete record ({record})")
         return points
