@@ -33,6 +33,7 @@ from experiments.reporting.comparisons import load
 from experiments.reporting.digest import build_digest
 from experiments.reporting.front_matter import FrontMatter
 from experiments.reporting.paper import WRITTEN, build_paper
+from experiments.reporting.replication import BenchFileError
 
 STUDIES = Path("studies")
 
@@ -70,14 +71,15 @@ def main(argv: list[str] | None = None) -> None:
     out = Path(args.out)
     inputs = load(run_dirs, args.dataset)  # read once, for both documents
     written = Path(args.written) if args.written else WRITTEN
+    bench = Path(args.bench) if args.bench else None
     try:  # the settings are checked before any document is written
         front = FrontMatter.of(inputs.manifest, title=args.title, authors=args.authors, affiliation=args.affiliation)
     except ValueError as error:
         parser.error(str(error))
     try:  # the paper first: a claim the runs no longer support stops the build before anything is written
         paper = build_paper(run_dirs, out, inputs=inputs, front=front, written=written,
-                            mark_claims=args.mark_failed_claims, bench=Path(args.bench) if args.bench else None)
-    except ClaimError as error:
+                            mark_claims=args.mark_failed_claims, bench=bench)
+    except (ClaimError, BenchFileError) as error:  # raised before anything is written
         raise SystemExit(f"error: {error}") from None
     digest = build_digest(run_dirs, out, inputs=inputs, pdf=not args.no_digest_pdf)
     print(f"{len(digest['runs'])} runs on {digest['dataset']}, {len(digest['excluded'])} left out")

@@ -57,3 +57,28 @@ def test_published_data_names_comparisons_the_shipped_studies_run() -> None:
         config = yaml.safe_load((Path(CONF_DIR) / "study" / f"{study}.yaml").read_text())
         assert {t.comparison for t in published["trends"]} <= set(config["comparisons"]), study
     assert PUBLISHED.name == "published.yml"
+
+
+def test_bench_results_are_checked_and_their_ratios_printed(tmp_path) -> None:
+    """--bench: a missing file, a line that is not JSON, not a measurement, or with a rate that is not a finite
+    positive number is refused naming the file and line; a good file's prediction goal is printed as make bench
+    computes it (experiments/benchmarks/table.goals)."""
+    import json
+
+    from experiments.benchmarks.prediction import OFFICIAL_STYLE
+    from experiments.benchmarks.searches import DEFAULT
+    from experiments.reporting.replication import BenchFileError, read_bench, speed_blocks
+
+    with pytest.raises(BenchFileError, match="no such file"):
+        read_bench(tmp_path / "absent.jsonl")
+    for bad, why in (("{oops", "not a JSON line"), ("[1, 2]", "not a make bench measurement"),
+                     ('{"stage": "predict", "items_per_s": NaN}', "not a make bench measurement"),
+                     ('{"items_per_s": 3.0}', "not a make bench measurement")):
+        (tmp_path / "bad.jsonl").write_text('{"stage": "fit", "items_per_s": 2.0}\n' + bad + "\n")
+        with pytest.raises(BenchFileError, match=f"bad.jsonl:2: {why}"):
+            read_bench(tmp_path / "bad.jsonl")
+    lines = [{"stage": "predict", "variant": variant, "items_per_s": rate, "threads": 2, "aggregation": "official"}
+             for variant, rate in ((OFFICIAL_STYLE, 10.0), (DEFAULT, 43.0))]
+    (tmp_path / "results.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    table = speed_blocks([{"setting": "coreset 1 %", "seconds_per_image": 0.17}], tmp_path / "results.jsonl")[-1]
+    assert [cell.text for cell in table.rows[0]][:3] == ["prediction vs official-style pipeline", "official", "4.3"]

@@ -34,7 +34,6 @@ class Trend:
     comparison: str
     expect: str                     # lower | equivalent | none
     arm: str | None = None          # one arm of the comparison (default: every arm)
-    metric: str = "image_auroc"
 
     def __post_init__(self) -> None:
         if self.expect not in (*EXPECTATIONS, "none"):
@@ -79,7 +78,7 @@ def trend_rows(trends: list[Trend], comparisons: list[Comparison], datasets: lis
                          Cell(f"not in this study (comparison {trend.comparison})"), Cell("not run")])
         for comparison in found:
             arms = [a for a in comparison.others if trend.arm is None or a.name == trend.arm]
-            diffs = [(arm.name, paired(comparison.baseline.rows, arm.rows, trend.metric, categories_of(comparison)))
+            diffs = [(arm.name, paired(comparison.baseline.rows, arm.rows, "image_auroc", categories_of(comparison)))
                      for arm in arms]
             diffs = [(name, diff) for name, diff in diffs if diff is not None]
             shown = "; ".join(_arm_text(name, diff) for name, diff in diffs) or "no arm shares a seed with the baseline"
@@ -131,18 +130,45 @@ def parity_table(rows) -> TableBlock:
                       [[Cell(r.what), Cell(r.note or r.compared), small(r.max_abs), small(r.max_rel)] for r in rows])
 
 
+class BenchFileError(ValueError):
+    """A ``--bench`` file that is not make bench's results.jsonl."""
+
+
+def read_bench(path: Path) -> list[dict]:
+    """make bench's measurement lines, each checked: a JSON object with a stage and finite, positive rates."""
+    if not path.is_file():
+        raise BenchFileError(f"--bench {path}: no such file; give make bench's results.jsonl "
+                             "(outputs/bench/results.jsonl after make bench)")
+    lines = []
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise BenchFileError(f"{path}:{number}: not a JSON line ({error}); give make bench's "
+                                 "results.jsonl") from None
+        rate = record.get("items_per_s") if isinstance(record, dict) else None
+        if not isinstance(record, dict) or "stage" not in record or (rate is not None and not (
+                isinstance(rate, (int, float)) and math.isfinite(rate) and rate > 0)):
+            raise BenchFileError(f"{path}:{number}: not a make bench measurement (a JSON object with a stage and a "
+                                 f"finite, positive items_per_s): {line[:80]}")
+        lines.append(record)
+    return lines
+
+
 def speed_blocks(published: list[dict], bench: Path | None) -> list[Block]:
     """Table 5's GPU times, then the bench's measured ratios on this machine (given its results.jsonl)."""
     said = "; ".join(f"{e['setting']} {e['seconds_per_image']:g} s" for e in published)
     blocks: list[Block] = [text(f"*Speed.* The paper's Table 5 gives per-image times on a GPU, backbone included: "
                                 f"{said}. No GPU was available here, so those times were not re-measured.")]
-    if bench is None or not bench.is_file():
+    if bench is None:
         return blocks + [Note("No bench results were given (experiments/report.py --bench "
                               "outputs/bench/results.jsonl after make bench): the speed ratios against the "
                               "official-style and anomalib-style pipelines are in docs/performance.md.")]
     from experiments.benchmarks.table import goals
 
-    lines = [json.loads(line) for line in bench.read_text().splitlines() if line.strip()]
+    lines = read_bench(bench)
     rows = [[Cell(g["goal"]), Cell(g.get("aggregation", "")), Cell(f"{g['ratio']:g}", float(g["ratio"])),
              Cell(g["notes"])] for g in goals(lines)]
     threads = lines[0].get("threads") if lines else None
