@@ -40,21 +40,28 @@ def real_dataset(spec: str, train_limit: int | None) -> tuple[MVTecLayout, str]:
     return MVTecLayout("folder", root, [category], "good", 256, 224, train_limit), category
 
 
+def fitted_default(spec: str, train_limit: int | None, ratio: float, device="cpu") -> tuple:
+    """The default model (official embedding, squared distances, greedy coreset) fitted on the workload's training
+    images: the model, its extractor, the number of training images and the test set."""
+    dataset, category = real_dataset(spec, train_limit)
+    extractor = EfficientNetLite().eval().to(device)
+    preprocessing = dataset.preprocessing(extractor.mean, extractor.std, extractor.interpolation)
+    train = dataset.train_set(category, preprocessing)
+    model = new_model(extractor, ratio, None, "official", device)
+    model.fit(DataLoader(train, batch_size=8, num_workers=0))
+    return model, extractor, len(train), dataset.test_set(category, preprocessing)
+
+
 def bench_real(rec: Recorder, work: Workload, spec: str, ratio: float | None = None,
                train_limit: int | None = None) -> None:
-    """Fit the default model (official embedding, squared distances, greedy coreset) on the real training images,
-    then predict the test images the official-style way (eager backbone, every distance in all dimensions, one
-    batch at a time) and the default way; the default's scores are checked against the official-style ones."""
+    """Fit the default model on the real training images, then predict the test images the official-style way
+    (eager backbone, every distance in all dimensions, one batch at a time) and the default way; the default's
+    scores are checked against the official-style ones."""
     ratio = RATIOS.get(spec, 0.1) if ratio is None else ratio
-    dataset, category = real_dataset(spec, train_limit)
-    extractor = EfficientNetLite().eval().to(work.device)
-    preprocessing = dataset.preprocessing(extractor.mean, extractor.std, extractor.interpolation)
-    train = DataLoader(dataset.train_set(category, preprocessing), batch_size=8, num_workers=0)
-    test = DataLoader(dataset.test_set(category, preprocessing), batch_size=8, num_workers=0)
-    model = new_model(extractor, ratio, None, "official", work.device)
-    model.fit(train)
+    model, extractor, train_images, test_set = fitted_default(spec, train_limit, ratio, work.device)
+    test = DataLoader(test_set, batch_size=8, num_workers=0)
     features = model.bank.features.clone()
-    tag = {"study": f"real:{spec}", "aggregation": "official", "train_images": len(train.dataset)}
+    tag = {"study": f"real:{spec}", "aggregation": "official", "train_images": train_images}
     with starting_point_pipeline(model, extractor):
         model.bank = bank_with(features, ReferenceSearch())
         reference = predict_line(rec, model, test, OFFICIAL_STYLE, ratio=ratio, workers=1, **tag)

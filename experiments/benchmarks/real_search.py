@@ -21,24 +21,13 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Subset
 
-from core.backbones import EfficientNetLite
 from core.linalg import TOL
 from core.search import ReferenceSearch, pruned
 from experiments.benchmarks.prediction import starting_point_pipeline
-from experiments.benchmarks.real_images import real_dataset
-from experiments.benchmarks.workload import bank_with, new_model
+from experiments.benchmarks.real_images import fitted_default
+from experiments.benchmarks.workload import bank_with
 
 QUERY_IMAGES = 24
-
-
-def fitted(spec: str, train_limit: int | None, ratio: float):
-    """The default model fitted on the workload, its extractor and the test set."""
-    dataset, category = real_dataset(spec, train_limit)
-    extractor = EfficientNetLite().eval()
-    preprocessing = dataset.preprocessing(extractor.mean, extractor.std, extractor.interpolation)
-    model = new_model(extractor, ratio, None, "official")
-    model.fit(DataLoader(dataset.train_set(category, preprocessing), batch_size=8))
-    return model, extractor, dataset.test_set(category, preprocessing)
 
 
 def stage_seconds(model, batches: list[torch.Tensor]) -> dict:
@@ -146,7 +135,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--ratio", type=float, default=0.1)
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
-    model, extractor, test = fitted(args.spec, args.train_limit or None, args.ratio)
+    model, extractor, _, test = fitted_default(args.spec, args.train_limit or None, args.ratio)
     stages(model, extractor, test)
     strategy, queries, coords = workload(model, test)
     bank = strategy.frame.coords

@@ -37,6 +37,14 @@ def _find(lines: list[dict], stage: str, variant: str, **keys) -> dict | None:
     return None
 
 
+def _prediction_goal(goal: str, aggregation: str, target: float, now: dict, official: dict) -> dict:
+    """The default's prediction line against the official-style one, with the default's identity figures."""
+    return {"goal": goal, "aggregation": aggregation, "target": target,
+            "ratio": round(now["items_per_s"] / official["items_per_s"], 2),
+            "notes": f"{now['items_per_s']} vs {official['items_per_s']} images/s, "
+                     + ", ".join(f"{key}={_short(now.get(key))}" for key in IDENTITY)}
+
+
 def goals(lines: list[dict]) -> list[dict]:
     """The issue's goals, each a ratio of two lines measured side by side in this run (absent lines: skipped).
 
@@ -57,18 +65,12 @@ def goals(lines: list[dict]) -> list[dict]:
         now = _find(lines, "predict", DEFAULT, threads=threads, study=None, **tag)
         official = _find(lines, "predict", OFFICIAL_STYLE, study=None, **tag)
         if now and official:
-            found.append({"goal": "prediction vs official-style pipeline", **tag, "target": 3.0,
-                          "ratio": round(now["items_per_s"] / official["items_per_s"], 2),
-                          "notes": f"{now['items_per_s']} vs {official['items_per_s']} images/s, "
-                                   + ", ".join(f"{key}={_short(now.get(key))}" for key in IDENTITY)})
+            found.append(_prediction_goal("prediction vs official-style pipeline", aggregation, 3.0, now, official))
     for study in dict.fromkeys(line["study"] for line in lines if str(line.get("study", "")).startswith("real:")):
         now, official = (_find(lines, "predict", variant, study=study) for variant in (DEFAULT, OFFICIAL_STYLE))
         if now and official:  # issue 29: real images, the same run, images and weights
-            found.append({"goal": f"prediction vs official-style pipeline, real images ({study[5:]}, "
-                                  f"{now['bank_size']} bank patches)", "aggregation": "official", "target": 2.5,
-                          "ratio": round(now["items_per_s"] / official["items_per_s"], 2),
-                          "notes": f"{now['items_per_s']} vs {official['items_per_s']} images/s, "
-                                   + ", ".join(f"{key}={_short(now.get(key))}" for key in IDENTITY)})
+            found.append(_prediction_goal(f"prediction vs official-style pipeline, real images ({study[5:]}, "
+                                          f"{now['bank_size']} bank patches)", "official", 2.5, now, official))
     wrn = next((line for line in lines if line["stage"] == "predict" and line.get("study") == "wrn50"
                 and "backbone_images_per_s" in line), None)  # the default's line, not the exported ones
     if wrn:
