@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from core.features import PatchEmbedder
-from experiments.reporting.parity import fit_and_score, measure
+from experiments.reporting.parity import case_embedding, fit_and_score, load, measure
 
 FIXTURES = Path(__file__).parent / "fixtures" / "official_parity"
 CASES = ("wrn50_like", "effnet_lite0_like", "resnet18_d256", "vit_like_same_grid")
@@ -21,8 +21,7 @@ CASES = ("wrn50_like", "effnet_lite0_like", "resnet18_d256", "vit_like_same_grid
 
 @pytest.fixture(scope="module")
 def embedding_cases() -> dict:
-    with np.load(FIXTURES / "embedding_parity.npz") as data:
-        return {key: data[key] for key in data.files}
+    return load(FIXTURES / "embedding_parity.npz")
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -30,27 +29,23 @@ def test_embedding_equals_official_features(embedding_cases: dict, case: str) ->
     """Float32 tolerance: the official code interpolates before pooling, this suite pools first (the same
     linear map in another order), so values agree to rounding — measured max |diff| <= 2.4e-7 on values
     of magnitude ~1-3; rtol 1e-5 / atol 1e-6 leaves headroom yet catches any change of arithmetic."""
-    layers = [torch.from_numpy(embedding_cases[f"{case}__layer_{name}"]) for name in ("a", "b")]
-    embed_dim = int(embedding_cases[f"{case}__embed_dim"])
-    features, grid = PatchEmbedder(embed_dim, 3, "official")(layers)
+    features, grid = case_embedding(embedding_cases, case)
     assert grid == tuple(embedding_cases[f"{case}__grid"].tolist())
     expected = torch.from_numpy(embedding_cases[f"{case}__official_features"])
-    torch.testing.assert_close(features[0], expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(features, expected, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("case", CASES)
 def test_channel_mean_is_a_different_embedding(embedding_cases: dict, case: str) -> None:
     """The variant really differs from the official embedding (relative L2 0.25-0.90 on these maps)."""
-    layers = [torch.from_numpy(embedding_cases[f"{case}__layer_{name}"]) for name in ("a", "b")]
-    features, _ = PatchEmbedder(int(embedding_cases[f"{case}__embed_dim"]), 3, "channel_mean")(layers)
+    features, _ = case_embedding(embedding_cases, case, "channel_mean")
     expected = torch.from_numpy(embedding_cases[f"{case}__official_features"])
-    assert (features[0] - expected).norm() / expected.norm() > 0.2
+    assert (features - expected).norm() / expected.norm() > 0.2
 
 
 @pytest.fixture(scope="module")
 def scoring_case() -> dict:
-    with np.load(FIXTURES / "scoring_parity.npz") as data:
-        return {key: data[key] for key in data.files}
+    return load(FIXTURES / "scoring_parity.npz")
 
 
 @pytest.fixture(scope="module")

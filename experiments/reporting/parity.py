@@ -8,6 +8,7 @@ it, not a sentence.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,7 +21,7 @@ FIXTURES = Path(__file__).resolve().parents[2] / "tests" / "fixtures" / "officia
 EMBEDDING_CASES = ("wrn50_like", "effnet_lite0_like", "resnet18_d256", "vit_like_same_grid")
 
 
-@dataclass
+@dataclass(frozen=True)
 class ParityRow:
     """One output compared with the official code's: the largest absolute and relative difference."""
 
@@ -31,8 +32,8 @@ class ParityRow:
     note: str = ""        # why it was not measured
 
 
-def official_embedding(case: dict, name: str, aggregation: str = "official") -> tuple[torch.Tensor, tuple]:
-    """The suite's patch features of one embedding case's two layer maps."""
+def case_embedding(case: dict, name: str, aggregation: str = "official") -> tuple[torch.Tensor, tuple]:
+    """The suite's patch features of one embedding case's two layer maps, and their grid."""
     layers = [torch.from_numpy(case[f"{name}__layer_{layer}"]) for layer in ("a", "b")]
     features, grid = PatchEmbedder(int(case[f"{name}__embed_dim"]), 3, aggregation)(layers)
     return features[0], grid
@@ -69,17 +70,18 @@ def load(path: Path) -> dict:
         return {key: data[key] for key in data.files}
 
 
-def measure(fixtures: Path = FIXTURES) -> list[ParityRow]:
+@functools.cache  # the same code and fixtures for the whole process: one measurement, however many papers it builds
+def measure(fixtures: Path = FIXTURES) -> tuple[ParityRow, ...]:
     """Every golden output against this suite's: the four embedding cases, then the end-to-end image scores and
     anomaly maps with EfficientNet-Lite0's real weights (a row with a note where those weights or the fixtures are
     missing)."""
     rows = []
     if not (fixtures / "embedding_parity.npz").is_file() or not (fixtures / "scoring_parity.npz").is_file():
-        return [ParityRow("golden outputs", "-", float("nan"), float("nan"),
-                          f"not measured: {fixtures} is not in this tree (a copy without tests/)")]
+        return (ParityRow("golden outputs", "-", float("nan"), float("nan"),
+                          f"not measured: {fixtures} is not in this tree (a copy without tests/)"),)
     embedding = load(fixtures / "embedding_parity.npz")
     for name in EMBEDDING_CASES:
-        ours, _ = official_embedding(embedding, name)
+        ours, _ = case_embedding(embedding, name)
         official = torch.from_numpy(embedding[f"{name}__official_features"])
         a, b = (embedding[f"{name}__layer_{layer}"].shape for layer in ("a", "b"))
         rows.append(ParityRow(f"patch features ({name.replace('_', ' ')})",
@@ -92,12 +94,12 @@ def measure(fixtures: Path = FIXTURES) -> list[ParityRow]:
         extractor = EfficientNetLite(layers=["blocks.4", "blocks.10"], pretrained=True)
     except WeightsNotFoundError as error:
         why = f"not measured: {str(error).splitlines()[0]}"
-        return rows + [ParityRow(what, compared, float("nan"), float("nan"), why)
-                       for what in ("image scores", "anomaly maps")]
+        return (*rows, *(ParityRow(what, compared, float("nan"), float("nan"), why)
+                         for what in ("image scores", "anomaly maps")))
     scoring = load(fixtures / "scoring_parity.npz")
     scores, maps = fit_and_score(extractor, scoring, "squared")
     rows.append(ParityRow("image scores", compared, *_differences(scores, torch.from_numpy(
         scoring["official_image_scores"]))))
     rows.append(ParityRow("anomaly maps (224x224)", compared, *_differences(maps, torch.from_numpy(
         scoring["official_maps"]))))
-    return rows
+    return tuple(rows)

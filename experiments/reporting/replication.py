@@ -179,7 +179,7 @@ def speed_blocks(published: list[dict], bench: Path | None) -> list[Block]:
 
 
 def replication_blocks(comparisons: list[Comparison], datasets: list[str], bench: Path | None = None,
-                       published: dict | None = None, parity_rows: list | None = None) -> list[Block]:
+                       published: dict | None = None, parity_rows: tuple | None = None) -> list[Block]:
     """The section's generated part: published numbers, parity, trends, speed, and what was not run."""
     from experiments.reporting.parity import measure
 
