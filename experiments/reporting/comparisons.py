@@ -152,6 +152,8 @@ class Comparison:
     selection: dict | None = None
     # its name in the study (``name`` is unique across datasets: ``<dataset>_<comparison>`` in a study of several)
     study_name: str | None = None
+    # tables.paired_rows, bootstrapped once: every section and table of a build reads the same differences
+    paired_cache: list | None = field(default=None, init=False, repr=False, compare=False)
 
     @property
     def short_name(self) -> str:

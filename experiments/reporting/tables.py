@@ -107,10 +107,13 @@ def category_table(comparison: Comparison, metric: str) -> TableBlock:
 
 
 def paired_rows(comparison: Comparison) -> list[tuple[str, str, dict | None]]:
-    """(arm, metric, its paired difference to the baseline: stats.paired) per arm and PAIRED_METRICS."""
-    categories = categories_of(comparison)
-    return [(arm.name, metric, paired(comparison.baseline.rows, arm.rows, metric, categories))
-            for arm in comparison.others for metric in PAIRED_METRICS]
+    """(arm, metric, its paired difference to the baseline: stats.paired) per arm and PAIRED_METRICS; computed once
+    per comparison (the bootstrap is seeded, so a second computation would give the same numbers)."""
+    if comparison.paired_cache is None:
+        categories = categories_of(comparison)
+        comparison.paired_cache = [(arm.name, metric, paired(comparison.baseline.rows, arm.rows, metric, categories))
+                                   for arm in comparison.others for metric in PAIRED_METRICS]
+    return comparison.paired_cache
 
 
 def intervals_caption(diffs: list[tuple[str, dict]]) -> str:
