@@ -37,6 +37,7 @@ import numpy as np
 from experiments.reporting.comparisons import Comparison, categories_of
 from experiments.reporting.finetune_evidence import agreement, tuned_points, units
 from experiments.reporting.stats import cell_stats, interval, paired, signed, verdict
+from experiments.reporting.tables import PAIRED_METRICS, paired_rows
 
 # ``{{= quantity}}`` or `` [[claim: condition]]`` (the space before a claim goes with it)
 MARKUP = re.compile(r"\{\{=\s*(?P<number>.+?)\s*\}\}|\s*\[\[claim:\s*(?P<claim>.+?)\s*\]\]", re.S)
@@ -115,7 +116,11 @@ class Quantities:
     def paired(self, key: str, arm: str, metric: str, category: str | None = None) -> dict:
         if (key, arm, metric, category) not in self._paired:
             comparison, found = self.arm(key, arm)
-            diff = paired(comparison.baseline.rows, found.rows, metric, self._categories(comparison, category))
+            if category is None and metric in PAIRED_METRICS and found is not comparison.baseline:
+                # the tables' own difference, bootstrapped once
+                diff = next(d for name, m, d in paired_rows(comparison) if name == arm and m == metric)
+            else:
+                diff = paired(comparison.baseline.rows, found.rows, metric, self._categories(comparison, category))
             if diff is None:
                 raise LookupError(f"{arm} shares no seed and category with the baseline of {key}")
             self._paired[key, arm, metric, category] = diff
