@@ -149,17 +149,27 @@ def test_the_shipped_studies_plan(tmp_path) -> None:
     default = build_plan(load_study("default"), tmp_path, SHIPPED, check=lambda *_: "absent")
     ablations = {"coreset_ratio", "num_neighbors", "patch_size", "layers"}
     assert set(default.comparisons) == {"textures/finetuning", "textures/baselines", "textures/variants",
-                                        "elpv/finetuning", "elpv/training_length"} | \
-        {f"textures/{name}" for name in ablations}
+                                        "elpv/finetuning", "elpv/training_length", "textures/selection",
+                                        "elpv/selection"} | {f"textures/{name}" for name in ablations}
     seeds = {}
     for job in default.jobs:
         seeds.setdefault((job.dataset, job.comparison, job.arm), set()).add(job.seed)
-    # the paper's ablations on one seed (the replication section's trends), everything else on 3 but the full bank
-    # (nothing stochastic) and the CAE (9 min of training per category)
+    # the paper's ablations and the selection on one seed (the intervals resample the test images), everything
+    # else on 3 but the full bank (nothing stochastic) and the CAE (9 min of training per category)
+    one_seed = ablations | {"selection"}
     assert {key for key, s in seeds.items() if len(s) < 3} == \
         {("textures", "baselines", "full bank"), ("textures", "baselines", "CAE")} | \
-        {key for key in seeds if key[1] in ablations}
-    assert all(seeds[key] == {0} for key in seeds if key[1] in ablations)
+        {key for key in seeds if key[1] in one_seed}
+    assert all(seeds[key] == {0} for key in seeds if key[1] in one_seed)
+    # one select job per dataset; a candidate equal to an ablation's run shares that run (textures: k = 3,
+    # neighbourhood 5, coreset 1 % and 25 %), ELPV's coreset axis is dropped (the dataset fixes coreset.ratio)
+    selects = [job for job in default.jobs if job.kind == "select"]
+    assert sorted(job.dataset for job in selects) == ["elpv", "textures"]
+    textures = default.comparisons["textures/selection"]["jobs"]
+    assert {"textures/num_neighbors/num_neighbors_3", "textures/patch_size/patch_size_5",
+            "textures/coreset_ratio/ratio_0.01", "textures/coreset_ratio/ratio_0.25"} <= set(textures)
+    assert not any("coreset.ratio=0.01" in job.overrides for job in default.jobs
+                   if job.dataset == "elpv" and job.comparison == "selection")
     curve = default.comparisons["elpv/training_length"]
     assert sorted(p["value"] for p in curve["points"].values()) == [0, 40, 40, 200, 200]
     # the curve's 40-step points are the finetuning comparison's runs (the default length), shared, not re-run

@@ -249,6 +249,30 @@ def test_the_choice_the_oracle_and_the_rank_correlation(study) -> None:
     assert found.counts == {"brick": {0: 3, 1: 4}, "grass": {0: 4, 1: 4}}
 
 
+def test_written_text_quotes_the_selection_as_the_tables_do(study) -> None:
+    """The claims' selection quantities are the tables' numbers (the hand-computed ones above)."""
+    from experiments.reporting.claims import Quantities, check, printed
+    from experiments.reporting.comparisons import load
+
+    q = Quantities(load([study.folder]).comparisons)
+    key = "textures/selection"
+    assert q.value(f"diff({key} | label-free choice | image_auroc | brick)") == pytest.approx(3.0)
+    assert q.value(f"diff({key} | oracle (test set) | image_auroc)") == pytest.approx(6.75)
+    assert q.value(f"diff({key} | label-free choice | image_auroc)") == pytest.approx(0.0, abs=1e-9)
+    assert q.value(f"mean({key} | oracle (test set) | image_auroc | grass)") == pytest.approx(76.0)
+    assert q.value(f"mean({key} | label-free choice | image_auroc)") == pytest.approx(75.75)
+    assert q.value(f"selection_spearman({key} | brick)") == pytest.approx(0.75)
+    assert q.value(f"selection_spearman({key})") == pytest.approx(0.375)
+    assert printed(q.value(f"selection_spearman({key})"), "selection_spearman(x)") == "+0.38"
+    assert q.value(f"chosen({key} | brick)") == f"seed 0: baseline; seed 1: {K3}"
+    assert q.value(f"oracle({key} | grass)") == IMAGE
+    # the verdict the paired table prints (10 test images: too few to resolve 6.75 points)
+    assert q.value(f"verdict({key} | oracle (test set) | image_auroc)") == "not resolved"
+    assert check(f"high({key} | oracle (test set) | image_auroc) > 6.75", q, "t").holds
+    assert not check(f"selection_spearman({key} | mould) > 0", q, "t").holds  # an unknown category
+    assert not check("selection_spearman(textures/coreset_ratio) > 0", q, "t").holds  # not a selection
+
+
 def test_rank_correlation_needs_three_candidates_and_no_constant() -> None:
     import math
 

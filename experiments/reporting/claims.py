@@ -23,6 +23,10 @@ metric [| category])`` the paired difference to the baseline in points (stats.pa
 ``checkpoints(cmp | arm)`` (category x seed), ``kept_pretrained(cmp | arm)`` (how many kept the pretrained weights),
 ``weight_change(cmp | arm)`` (the largest ||w - w0|| / ||w0|| at the last evaluation, %), ``train_accuracy(cmp |
 arm)`` (the task's mean training accuracy at the end) and ``chance_accuracy(cmp | arm)`` (its chance level).
+A selection comparison (selection_tables) has two more arms for ``mean``/``diff``/...: ``label-free choice`` and
+``oracle (test set)`` (image AUROC), and ``selection_spearman(cmp [| category])`` (the proxy's rank agreement with
+the test: a category's mean over seeds, else the mean over categories), ``chosen(cmp | category)`` and
+``oracle(cmp | category)`` (the candidates, as words).
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ import numpy as np
 
 from experiments.reporting.comparisons import Comparison, categories_of
 from experiments.reporting.finetune_evidence import agreement, tuned_points, units
+from experiments.reporting.selection_tables import CHOICE, ORACLE, SelectionNumbers, category_rho, selection_numbers
 from experiments.reporting.stats import cell_stats, interval, paired, signed, verdict
 from experiments.reporting.tables import PAIRED_METRICS, paired_rows
 
@@ -72,6 +77,7 @@ class Quantities:
         self._paired: dict[tuple, dict] = {}   # a bootstrap per difference, however often the text quotes it
         self._points: dict[str, list] = {}      # each comparison's fine-tuned checkpoints, their sidecars read once
         self._units: list | None = None
+        self._selections: dict[str, SelectionNumbers] = {}
         self.names: dict[str, Callable[..., object]] = {
             "mean": self.mean, "diff": lambda *a: self.paired(*a)["mean"], "low": lambda *a: self.paired(*a)["low"],
             "high": lambda *a: self.paired(*a)["high"], "interval": lambda *a: interval(self.paired(*a)),
@@ -87,6 +93,11 @@ class Quantities:
                 key, arm, "weight_change_last")),
             "train_accuracy": lambda key, arm: float(np.mean([p.accuracy for p in self.tuned(key, arm, "accuracy")])),
             "chance_accuracy": lambda key, arm: float(np.mean([p.chance for p in self.tuned(key, arm, "chance")])),
+            "selection_spearman": lambda key, category=None: category_rho(
+                self.selection(key), category and self._categories(self.comparison(key), category)[0]),
+            "chosen": self.chosen,
+            "oracle": lambda key, category: self.selection(key).oracle.get(
+                self._categories(self.comparison(key), category)[0], "-"),
         }
 
     def comparison(self, key: str) -> Comparison:
@@ -101,6 +112,33 @@ class Quantities:
             raise LookupError(f"no arm {name!r} in {key} (arms: {', '.join(a.name for a in comparison.arms)})")
         return comparison, found
 
+    def selection(self, key: str) -> SelectionNumbers:
+        """A selection comparison's numbers (the tables'), computed once."""
+        if key not in self._selections:
+            found = selection_numbers(self.comparison(key))
+            if found is None:
+                raise LookupError(f"{key} is not a selection comparison with a baseline")
+            self._selections[key] = found
+        return self._selections[key]
+
+    def rows(self, key: str, name: str) -> tuple[Comparison, object]:
+        """(the comparison, the arm's tidy rows): an arm's, or a selection's label-free choice or oracle."""
+        comparison = self.comparison(key)
+        if name in (CHOICE, ORACLE) and comparison.selection is not None:
+            found = self.selection(key)
+            return comparison, found.choice if name == CHOICE else found.oracle_rows
+        return comparison, self.arm(key, name)[1].rows
+
+    def chosen(self, key: str, category: str) -> str:
+        """The candidate the label-free selection chose for a category (per seed where the seeds differ)."""
+        category = self._categories(self.comparison(key), category)[0]
+        picks = {seed: arm for (seed, cat), arm in sorted(self.selection(key).chosen.items()) if cat == category}
+        if not picks:
+            raise LookupError(f"no label-free choice for {category} in {key}")
+        if len(set(picks.values())) == 1:
+            return next(iter(picks.values()))
+        return "; ".join(f"seed {seed}: {arm}" for seed, arm in picks.items())
+
     def _categories(self, comparison: Comparison, category: str | None) -> list[str]:
         known = categories_of(comparison)
         if category is not None and category not in known:
@@ -109,18 +147,23 @@ class Quantities:
         return [category] if category else known
 
     def mean(self, key: str, arm: str, metric: str, category: str | None = None) -> float:
-        comparison, found = self.arm(key, arm)
+        comparison, rows = self.rows(key, arm)
         categories = self._categories(comparison, category)
-        return cell_stats(found.rows, metric, category, categories)[0]
+        return cell_stats(rows, metric, category, categories)[0]
 
     def paired(self, key: str, arm: str, metric: str, category: str | None = None) -> dict:
         if (key, arm, metric, category) not in self._paired:
-            comparison, found = self.arm(key, arm)
-            if category is None and metric in PAIRED_METRICS and found is not comparison.baseline:
+            comparison, rows = self.rows(key, arm)
+            pooled = category is None and metric == "image_auroc" and comparison.selection is not None
+            if pooled and arm in (CHOICE, ORACLE):
+                # the selection tables' own differences
+                found = self.selection(key)
+                diff = found.choice_diff if arm == CHOICE else found.oracle_diff
+            elif category is None and metric in PAIRED_METRICS and arm != comparison.baseline.name:
                 # the tables' own difference, bootstrapped once
                 diff = next(d for name, m, d in paired_rows(comparison) if name == arm and m == metric)
             else:
-                diff = paired(comparison.baseline.rows, found.rows, metric, self._categories(comparison, category))
+                diff = paired(comparison.baseline.rows, rows, metric, self._categories(comparison, category))
             if diff is None:
                 raise LookupError(f"{arm} shares no seed and category with the baseline of {key}")
             self._paired[key, arm, metric, category] = diff
@@ -177,6 +220,8 @@ def printed(value: object, quantity: str) -> str:
             return "-"
         if name in ("diff", "low", "high"):
             return signed(value)
+        if name == "selection_spearman":
+            return f"{value:+.2f}"
         two = ("proxy_spearman", "weight_change", "train_accuracy", "chance_accuracy")
         return f"{value:.2f}" if name in two else f"{value:.1f}"
     return str(value)

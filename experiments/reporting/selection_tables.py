@@ -154,6 +154,15 @@ def mean_rho(by_seed: dict[int, float]) -> float:
     return float(np.mean(values)) if values else math.nan
 
 
+def category_rho(found: SelectionNumbers, category: str | None = None) -> float:
+    """A category's Spearman rho (its mean over seeds); without a category the mean over the categories that
+    have one (nan when none has)."""
+    if category is not None:
+        return mean_rho(found.spearman.get(category, {}))
+    means = [m for m in (mean_rho(found.spearman.get(c, {})) for c in found.categories) if not math.isnan(m)]
+    return float(np.mean(means)) if means else math.nan
+
+
 def choice_table(found: SelectionNumbers) -> TableBlock:
     """Per category (+ the mean): the test image AUROC of the defaults, the label-free choice and the oracle (test
     set), and which candidates they were."""
@@ -208,10 +217,7 @@ def spearman_table(found: SelectionNumbers) -> TableBlock:
         rows.append([Cell(category), Cell(_rho(mean), None if math.isnan(mean) else mean, sources=sources),
                      Cell(", ".join(f"{seed}: {_rho(v)}" for seed, v in sorted(by_seed.items())) or "-"),
                      Cell(", ".join(str(n) for _, n in sorted(found.counts.get(category, {}).items())) or "-")])
-    seeds = _seed_means(found.spearman)
-    means = [mean_rho(found.spearman.get(category, {})) for category in found.categories]
-    pooled = float(np.mean([m for m in means if not math.isnan(m)])) if any(not math.isnan(m) for m in means) \
-        else math.nan
+    seeds, pooled = _seed_means(found.spearman), category_rho(found)
     rows.append([Cell(f"{MEAN_ROW} over categories"),
                  Cell(_rho(pooled), None if math.isnan(pooled) else pooled, sources=sources),
                  Cell(", ".join(f"{seed}: {_rho(v)}" for seed, v in sorted(seeds.items())) or "-"), Cell("")])
@@ -229,11 +235,11 @@ def selection_tables(found: SelectionNumbers) -> list[TableBlock]:
 
 def spearman_sentence(found: SelectionNumbers) -> str:
     """The rank agreement in words: the mean over categories and each category's mean over seeds."""
-    means = {category: mean_rho(found.spearman.get(category, {})) for category in found.categories}
+    means = {category: category_rho(found, category) for category in found.categories}
     shown = {c: m for c, m in means.items() if not math.isnan(m)}
     if not shown:
         return "The proxy's rank correlation with the test Image AUROC could not be computed (too few candidates)."
     return (f"Over the candidates, the proxy score and the test Image AUROC have a Spearman rank correlation of "
-            f"{np.mean(list(shown.values())):+.2f} on average over categories and seeds (per category: "
+            f"{category_rho(found):+.2f} on average over categories and seeds (per category: "
             + ", ".join(f"{c} {m:+.2f}" for c, m in shown.items()) + ").")
 
