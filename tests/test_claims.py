@@ -80,6 +80,10 @@ def test_the_build_passes_its_claims_and_lists_them(study, tmp_path) -> None:
     record = build_paper([study], tmp_path / "paper", written=_written(tmp_path / "written"))
     assert [c["holds"] for c in record["claims"]] == [True, True]
     assert "discussion.md:4" in record["claims"][0]["source"]
+    # the written section as printed (a quote elsewhere, the README's, is checked against it); the others drafts
+    assert list(record["written"]) == ["discussion"]
+    assert "loses -10.0 points on screw." in record["written"]["discussion"]
+    assert "[[claim" not in record["written"]["discussion"] and "{{=" not in record["written"]["discussion"]
     html = (tmp_path / "paper" / "report.html").read_text()
     assert "[[claim" not in html and "Claims of the written text" in html
 

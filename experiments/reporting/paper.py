@@ -98,10 +98,12 @@ def section_source(section: str, study: str | None, written: Path | None) -> Pat
 
 
 def compose(ctx: ps.Context, written: Path | None = None, mark: bool = False,
-            claims: list[Claim] | None = None, bench: Path | None = None) -> list[Block]:
+            claims: list[Claim] | None = None, bench: Path | None = None,
+            texts: dict[str, str] | None = None) -> list[Block]:
     """The sections' text with the values and the generated blocks filled in; the written text's numbers
     filled and its claims evaluated (into ``claims``; a failing one marked in the text when ``mark``); ``bench``:
-    make bench's results.jsonl for the replication section's speed ratios."""
+    make bench's results.jsonl for the replication section's speed ratios; ``texts``: receives each written
+    section's text as printed (paper.json keeps it, so that a quote elsewhere, the README's, can be checked)."""
     generated = {"replication_blocks": replication_blocks(ctx.present, ctx.datasets, bench),
                  "setup_blocks": setup_blocks(ctx), "results_blocks": ps.results_blocks(ctx),
                  "discussion_blocks": ps.discussion_blocks(ctx), "limitations_blocks": ps.limitations_blocks(ctx),
@@ -114,6 +116,8 @@ def compose(ctx: ps.Context, written: Path | None = None, mark: bool = False,
         blocks += [Bibliography(), PageBreak()] if section == "appendix" else []
         text, found = resolve(pluralise_template(path.read_text(), filled), str(path), quantities, mark)
         claims += found
+        if texts is not None and path.parent != SOURCES:
+            texts[section] = text
         parsed = parse_source(text, filled, generated, str(path))
         if section == "abstract" and parsed and isinstance(parsed[0], Heading):
             parsed[0].numbered = False
@@ -176,7 +180,7 @@ def build_paper(run_dirs: list[str | Path], out: str | Path = "reports", dataset
     bench's results.jsonl, whose speed ratios the replication section prints."""
     out, inputs = Path(out), inputs or load(run_dirs, dataset)
     front = front or FrontMatter.of(inputs.manifest)
-    ctx, claims = ps.Context(**vars(inputs), out=out), []
+    ctx, claims, texts = ps.Context(**vars(inputs), out=out), [], {}
     run_dirs, manifest, full = inputs.run_dirs, inputs.manifest or {}, bool(inputs.runs and inputs.comparisons)
     references = yaml.safe_load((SOURCES / "references.yml").read_text())
     if full:
@@ -184,7 +188,7 @@ def build_paper(run_dirs: list[str | Path], out: str | Path = "reports", dataset
         doc = Document(title(ctx, front), f"{front.byline()}. " * bool(front.byline()) + f"Generated "
                        f"{dt.datetime.now().strftime('%Y-%m-%d %H:%M')} by experiments/report.py from "
                        f"{len(ctx.runs)} runs ({study}{', '.join(run_dirs)})",
-                       compose(ctx, written, mark_claims, claims, bench), references)
+                       compose(ctx, written, mark_claims, claims, bench, texts), references)
         if (error := failure(claims)) is not None and not mark_claims:
             raise error
     else:
@@ -205,7 +209,8 @@ def build_paper(run_dirs: list[str | Path], out: str | Path = "reports", dataset
               "runs": [str(r.folder) for r in ctx.runs],
               "excluded": inputs.left_out, "comparisons": described, "sections": list(SECTION_TITLES) if full else [],
               "tables": [t.name for t in tables], "figures": [b.path for b in doc.blocks if isinstance(b, FigureBlock)],
-              "cells": cells, "pages_overflowing": overflowing, "claims": [c.record() for c in claims]}
+              "cells": cells, "pages_overflowing": overflowing, "claims": [c.record() for c in claims],
+              "written": texts}
     write_json_atomic(out / "paper.json", record)
     if (manifest.get("config") or {}).get("logger") == "wandb":
         from experiments.reporting.paper_wandb import log_main_table
