@@ -169,10 +169,17 @@ def _check(low: str | None, high: str | None, said: str) -> None:
 
 def test_every_result_sentence_matches_the_interval_it_prints(paper) -> None:
     out, record, pdf, page = paper
-    found = SENTENCE.findall(page)
-    assert found  # the resolved differences are said in full (channel_mean's pixel AUROC, -10 on every seed)
-    for _, _, low, high, said in found:
+    for _, _, low, high, said in SENTENCE.findall(page):  # an arm's difference in full (method, selection)
         _check(low or None, high or None, said)
+    # the results' resolved differences, grouped by direction and metric: "arm mean [low, high]"
+    grouped = re.findall(r"(Higher|Lower) than the baseline \(95% interval (above|below) 0\), (.+?) points\.", page)
+    assert grouped  # channel_mean's pixel AUROC, -10 on every seed
+    for word, side, body in grouped:
+        assert (word, side) in (("Higher", "above"), ("Lower", "below"))
+        bounds = re.findall(r"\[(\S+), (\S+)\]", body)
+        assert bounds and all(re.match(r"in (Image AUROC|Pixel AUROC): ", part) for part in body.split("; "))
+        for low, high in bounds:
+            _check(low, high, word.lower())
     # the unresolved ones only named: each such image-AUROC interval holds 0 and reaches beyond ±0.5
     listed = re.findall(r"Not resolved in image AUROC \(the 95% interval holds 0 and reaches beyond ±0\.5 points\): "
                         r"([^.]+)\.", page)

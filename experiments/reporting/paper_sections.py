@@ -109,14 +109,29 @@ def results_blocks(ctx: Context) -> list[Block]:
 SATURATED = 99.95  # image AUROC (%) at which a category leaves no room to differ
 
 
+RESOLVED = {"higher": "Higher than the baseline (95% interval above 0)",
+            "lower": "Lower than the baseline (95% interval below 0)"}
+
+
+def resolved_sentence(word: str, found: list[tuple[str, str, dict]]) -> str | None:
+    """The differences of one verdict (higher / lower), per metric: "arm mean [low, high]" in the comparison's
+    order; how the intervals were made is the paired table's caption, not repeated here."""
+    parts = []
+    for metric in ("image_auroc", "pixel_auroc"):
+        items = [f"*{arm}* {signed(diff['mean'])} [{signed(diff['low'])}, {signed(diff['high'])}]"
+                 for arm, m, diff in found if m == metric and verdict(diff) == word]
+        if items:
+            parts.append(f"in {METRIC_TITLES[metric]}: {listing(items, '')}")
+    return f"{RESOLVED[word]}, {'; '.join(parts)} points." if parts else None
+
+
 def result_sentences(comparison: Comparison) -> list[str]:
-    """What the tables below cannot say at a glance: each difference the interval resolves (image or pixel AUROC)
-    in full, the arms whose image-AUROC interval resolves nothing in one sentence, and the categories every arm
-    saturates, on which no difference can show."""
+    """What the tables below cannot say at a glance: the differences the intervals resolve (image or pixel
+    AUROC) grouped by direction, the arms whose image-AUROC interval resolves nothing in one sentence, and the
+    categories every arm saturates, on which no difference can show."""
     found = [(arm, metric, diff) for arm, metric, diff in paired_rows(comparison)
              if diff is not None and metric in ("image_auroc", "pixel_auroc")]
-    said = [difference_sentence(arm, metric, diff) for arm, metric, diff in found
-            if verdict(diff) in ("higher", "lower")]
+    said = [s for s in (resolved_sentence(word, found) for word in RESOLVED) if s]
     open_ = [arm for arm, metric, diff in found if metric == "image_auroc" and verdict(diff) == "not resolved"]
     same = [arm for arm, metric, diff in found if metric == "image_auroc" and verdict(diff) == EQUIVALENT]
     if same:
