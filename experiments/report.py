@@ -62,6 +62,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--bench", default=None,
                         help="make bench's results.jsonl (e.g. outputs/bench/results.jsonl): the replication "
                              "section prints its speed ratios against the official-style and anomalib-style pipelines")
+    parser.add_argument("--no-gallery", action="store_true",
+                        help="leave the HTML's anomaly-map gallery out (its PNGs are copied next to the report: "
+                             "tens of MB for a study; reports/reference/ is built this way)")
     for key, default in (("title", "from what the runs compare"), ("authors", FrontMatter.authors),
                          ("affiliation", "none")):
         parser.add_argument(f"--{key}", default=None, help=f"the paper's {key} (else the study YAML's report.{key}, "
@@ -78,7 +81,7 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(str(error))
     try:  # the paper first: a claim the runs no longer support stops the build before anything is written
         paper = build_paper(run_dirs, out, inputs=inputs, front=front, written=written,
-                            mark_claims=args.mark_failed_claims, bench=bench)
+                            mark_claims=args.mark_failed_claims, bench=bench, gallery=not args.no_gallery)
     except (ClaimError, BenchFileError) as error:  # raised before anything is written
         raise SystemExit(f"error: {error}") from None
     digest = build_digest(run_dirs, out, inputs=inputs, pdf=not args.no_digest_pdf)

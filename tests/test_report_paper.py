@@ -335,3 +335,15 @@ def test_html_in_headless_chromium(paper) -> None:
     assert all((out / href).is_file() for href in check["linked"])
     # sorted by the bottle column, ascending: channel_mean 81, baseline 91, cosine 94; the mean row stays last
     assert check["sorted"] == ["channel_mean", "baseline", "cosine distance"]
+
+
+def test_a_paper_without_the_gallery_copies_no_maps(paper, tmp_path) -> None:
+    """--no-gallery (reports/reference/ is built so): the HTML has no map gallery and nothing is copied for it;
+    the figures stay."""
+    out, _, _ = paper
+    assert "Anomaly-map gallery" in (out / "report.html").read_text() and (out / "gallery").is_dir()
+    small = tmp_path / "small"
+    record = build_paper([_study(tmp_path / "studies")], small, gallery=False)
+    html = (small / "report.html").read_text()
+    assert "Anomaly-map gallery" not in html and "gallery/" not in html and not (small / "gallery").exists()
+    assert record["figures"] and all((small / path).is_file() for path in record["figures"])

@@ -171,16 +171,17 @@ def title(ctx: ps.Context, front: FrontMatter | None = None) -> str:
 
 def build_paper(run_dirs: list[str | Path], out: str | Path = "reports", dataset: str | None = None,
                 inputs: Inputs | None = None, front: FrontMatter | None = None, written: Path | None = WRITTEN,
-                mark_claims: bool = False, bench: Path | None = None) -> dict:
+                mark_claims: bool = False, bench: Path | None = None, gallery: bool = True) -> dict:
     """Write the paper (PDF, HTML, Typst source, tables, sources); returns its manifest (also paper.json).
     ``inputs``: the runs already read (experiments/report.py reads them once for both documents); ``front``: the
     title, authors and affiliation (default: FrontMatter.of the study manifest); ``written``: the folder of the
     studies' written text (claims.py). A claim of the written text that the runs do not support raises
     ClaimError before anything is written, unless ``mark_claims`` (then it is marked in the text); ``bench``: make
-    bench's results.jsonl, whose speed ratios the replication section prints."""
+    bench's results.jsonl, whose speed ratios the replication section prints; ``gallery``: False leaves the HTML's
+    anomaly-map gallery out (a copy that must stay small: reports/reference/)."""
     out, inputs = Path(out), inputs or load(run_dirs, dataset)
     front = front or FrontMatter.of(inputs.manifest)
-    ctx, claims, texts = ps.Context(**vars(inputs), out=out), [], {}
+    ctx, claims, texts = ps.Context(**vars(inputs), out=out, gallery=gallery), [], {}
     run_dirs, manifest, full = inputs.run_dirs, inputs.manifest or {}, bool(inputs.runs and inputs.comparisons)
     references = yaml.safe_load((SOURCES / "references.yml").read_text())
     if full:

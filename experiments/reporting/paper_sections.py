@@ -52,6 +52,7 @@ class Context(Inputs):
     """What the sections share: the inputs (runs, rows, comparisons, study manifest) and the output folder."""
 
     out: Path = Path("reports")
+    gallery: bool = True   # the HTML's anomaly-map gallery (its PNGs copied next to the report)
 
 
 def figure_blocks(built: list, out: Path) -> list[FigureBlock]:
@@ -97,7 +98,7 @@ def results_blocks(ctx: Context) -> list[Block]:
                         "the test's gain over the baseline, per fine-tuned arm and category."),
                    agreement, units_table(ctx.present)]
     blocks = [block for block in blocks if block is not None]  # tables with nothing to show
-    gallery = gallery_items(ctx)
+    gallery = gallery_items(ctx) if ctx.gallery else []
     if gallery:
         blocks += [Heading("Anomaly-map gallery", 2),
                    text("The HTML version of this report holds every saved anomaly map of the first seed of each arm "
