@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
 from experiments.harness.selection_file import FORMAT, VERSION
@@ -247,6 +248,29 @@ def test_the_choice_the_oracle_and_the_rank_correlation(study) -> None:
     assert found.spearman == {"brick": {0: pytest.approx(0.5), 1: pytest.approx(1.0)},
                               "grass": {0: pytest.approx(1.0), 1: pytest.approx(-1.0)}}
     assert found.counts == {"brick": {0: 3, 1: 4}, "grass": {0: 4, 1: 4}}
+
+
+def test_a_baseline_with_more_seeds_than_the_selection_does_not_win_the_oracle_by_default(study) -> None:
+    """The default study runs its baseline on 3 seeds and the selection on 1: the candidates still compete for the
+    oracle (each with its mean over its runs), and the baseline with its mean over all of its seeds."""
+    from dataclasses import replace
+
+    from experiments.reporting.comparisons import load
+    from experiments.reporting.selection_tables import selection_numbers
+
+    comparison = next(c for c in load([study.folder]).comparisons if c.name == "textures_selection")
+    base = comparison.baseline
+    extra = base.rows[base.rows["seed"] == 0].assign(seed=5)  # a third seed that scores as seed 0
+    found = selection_numbers(replace(comparison, arms=[replace(base, rows=pd.concat([base.rows, extra])),
+                                                        *comparison.arms[1:]]))
+    assert found.oracle == {"brick": K3, "grass": IMAGE}  # as without the extra seed
+    # ... and a baseline whose mean is the best is the oracle: three more seeds at 99 % lift its brick mean from
+    # 81 % to (2 x 81 + 3 x 99) / 5 = 91.8 %, above k = 3's 89 %
+    seed0 = base.rows[base.rows["seed"] == 0]
+    better = pd.concat([seed0.assign(seed=seed, image_auroc=0.99) for seed in (5, 6, 7)])
+    found = selection_numbers(replace(comparison, arms=[replace(base, rows=pd.concat([base.rows, better])),
+                                                        *comparison.arms[1:]]))
+    assert found.oracle["brick"] == "baseline"
 
 
 def test_written_text_quotes_the_selection_as_the_tables_do(study) -> None:

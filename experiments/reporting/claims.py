@@ -24,9 +24,10 @@ metric [| category])`` the paired difference to the baseline in points (stats.pa
 ``weight_change(cmp | arm)`` (the largest ||w - w0|| / ||w0|| at the last evaluation, %), ``train_accuracy(cmp |
 arm)`` (the task's mean training accuracy at the end) and ``chance_accuracy(cmp | arm)`` (its chance level).
 A selection comparison (selection_tables) has two more arms for ``mean``/``diff``/...: ``label-free choice`` and
-``oracle (test set)`` (image AUROC), and ``selection_spearman(cmp [| category])`` (the proxy's rank agreement with
-the test: a category's mean over seeds, else the mean over categories), ``chosen(cmp | category)`` and
-``oracle(cmp | category)`` (the candidates, as words).
+``oracle (test set)`` (image AUROC; the baseline is the defaults), and
+``selection_spearman(cmp [| category])`` (the proxy's rank agreement with the test: a category's mean over seeds,
+else the mean over categories), ``chosen(cmp | category)`` and ``oracle(cmp | category)`` (the candidates, as
+words).
 """
 
 from __future__ import annotations

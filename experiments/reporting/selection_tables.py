@@ -6,9 +6,11 @@
   for that category. Its rows are assembled from several runs, one per (seed, category), and stats.paired pairs
   them with the baseline's as it pairs any arm (it looks a run up per (seed, category); intervals.py resamples
   each pair's test images), so the choice gets the same bootstrap, intervals and verdicts as every arm.
-- The oracle (test set): per category, the candidate with the highest test image AUROC (mean over seeds; ties:
-  the earlier candidate, the base first). It reads the test labels: it bounds what any choice within this space
-  could reach and is no method; it is named "oracle (test set)" wherever it appears.
+- The oracle (test set): per category, the candidate with the highest mean test image AUROC over its runs (the
+  mean the tables print), among those that ran the selection's seeds (a baseline with more seeds competes with
+  its mean over all of them; ties: the earlier candidate, the base first). It reads the test labels: it bounds
+  what any choice within this space could reach and is no method; it is named "oracle (test set)" wherever it
+  appears.
 - Spearman: per seed and category, between the candidates' proxy scores (that seed's selection.json) and their
   test image AUROCs at that seed (their results.json); averaged over seeds, each seed shown, and over categories.
   With fewer than MIN_CANDIDATES candidates, or a constant score or AUROC, there is no rank correlation ("-").
@@ -113,12 +115,14 @@ def selection_numbers(comparison: Comparison) -> SelectionNumbers | None:
             spearman.setdefault(category, {})[seed] = rank_correlation([p[0] for p in pairs], [p[1] for p in pairs])
             counts.setdefault(category, {})[seed] = len(pairs)
     choice = pd.concat(pieces) if pieces else comparison.baseline.rows.iloc[0:0]
+    # a candidate runs the selection's seeds; the baseline may have run more (a study whose selection comparison
+    # has one seed): every arm that ran the selection's seeds competes, each with its mean over its own runs, the
+    # mean the tables print (requiring the baseline's seeds would leave the baseline as the only candidate)
+    seeds = set(records)
     oracle, oracle_pieces = {}, []
-    base_seeds = set(comparison.baseline.rows["seed"])
     for category in categories:
         means = {arm.name: arm.rows.loc[arm.rows["category"] == category, "image_auroc"].mean()
-                 for arm in comparison.arms
-                 if set(arm.rows.loc[arm.rows["category"] == category, "seed"]) >= base_seeds}
+                 for arm in comparison.arms if set(arm.rows.loc[arm.rows["category"] == category, "seed"]) >= seeds}
         means = {name: mean for name, mean in means.items() if not math.isnan(mean)}
         if means:
             oracle[category] = max(means, key=means.get)  # max keeps the first of equal means: the base first
@@ -174,7 +178,8 @@ def choice_table(found: SelectionNumbers) -> TableBlock:
                      _stat(found.choice, category, cats), _stat(found.oracle_rows, category, cats),
                      Cell(picks or "-"), Cell(found.oracle.get(category, "-") if category else "-")])
     return TableBlock(f"{c.name}_choice", f"{c.title}: Image AUROC of the {DEFAULTS} (the baseline), the "
-                      f"{CHOICE} (per seed, the candidate that seed's selection.json chose from training images only) "
+                      f"{CHOICE} (per seed, the candidate that seed's selection.json chose "
+                      "from training images only) "
                       f"and the {ORACLE}, per category the candidate with the best mean test Image AUROC (it uses "
                       f"the test labels: a bound, not a method); %, {SPREAD}.",
                       ["category", DEFAULTS, CHOICE, ORACLE, "chosen (seed: candidate)", f"{ORACLE}: candidate"],
