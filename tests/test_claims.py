@@ -76,6 +76,14 @@ def test_resolve_fills_numbers_and_removes_the_claim_markers(study) -> None:
     assert [(c.source, c.holds) for c in claims] == [("discussion.md:4", True), ("discussion.md:6", True)]
 
 
+def test_a_claim_may_end_in_a_bracket(study) -> None:
+    """A value such as a list of layers ends in "]": the marker closes at the last bracket of "]]]"."""
+    text, claims = resolve("Layers. [[claim: verdict(mvtec/variants | cosine distance | image_auroc) is [x]]] End.",
+                           "d.md", Quantities(load([study]).present), mark=False)
+    assert text == "Layers. End." and [c.condition for c in claims] == \
+        ["verdict(mvtec/variants | cosine distance | image_auroc) is [x]"]
+
+
 def test_the_build_passes_its_claims_and_lists_them(study, tmp_path) -> None:
     record = build_paper([study], tmp_path / "paper", written=_written(tmp_path / "written"))
     assert [c["holds"] for c in record["claims"]] == [True, True]

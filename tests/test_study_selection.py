@@ -285,6 +285,7 @@ def test_written_text_quotes_the_selection_as_the_tables_do(study) -> None:
     assert q.value(f"diff({key} | label-free choice | image_auroc)") == pytest.approx(0.0, abs=1e-9)
     assert q.value(f"mean({key} | oracle (test set) | image_auroc | grass)") == pytest.approx(76.0)
     assert q.value(f"mean({key} | label-free choice | image_auroc)") == pytest.approx(75.75)
+    assert q.value(f"gap({key} | label-free choice | oracle (test set) | image_auroc)") == pytest.approx(82.5 - 75.75)
     assert q.value(f"selection_spearman({key} | brick)") == pytest.approx(0.75)
     assert q.value(f"selection_spearman({key})") == pytest.approx(0.375)
     assert printed(q.value(f"selection_spearman({key})"), "selection_spearman(x)") == "+0.38"

@@ -23,11 +23,12 @@ metric [| category])`` the paired difference to the baseline in points (stats.pa
 ``checkpoints(cmp | arm)`` (category x seed), ``kept_pretrained(cmp | arm)`` (how many kept the pretrained weights),
 ``weight_change(cmp | arm)`` (the largest ||w - w0|| / ||w0|| at the last evaluation, %), ``train_accuracy(cmp |
 arm)`` (the task's mean training accuracy at the end) and ``chance_accuracy(cmp | arm)`` (its chance level).
-A selection comparison (selection_tables) has two more arms for ``mean``/``diff``/...: ``label-free choice`` and
-``oracle (test set)`` (image AUROC; the baseline is the defaults), and
-``selection_spearman(cmp [| category])`` (the proxy's rank agreement with the test: a category's mean over seeds,
-else the mean over categories), ``chosen(cmp | category)`` and ``oracle(cmp | category)`` (the candidates, as
-words).
+``gap(cmp | arm | other | metric [| category])`` is ``mean`` of ``other`` minus ``mean`` of ``arm`` in points (no
+interval: for "within a tenth of a point of" between two arms). A selection comparison (selection_tables) has
+two more arms for ``mean``/``diff``/``gap``/...: ``label-free choice`` and ``oracle (test set)`` (image AUROC; the
+baseline is the defaults), and ``selection_spearman(cmp [| category])`` (the proxy's rank agreement with the test:
+a category's mean over seeds, else the mean over categories), ``chosen(cmp | category)`` and ``oracle(cmp |
+category)`` (the candidates, as words).
 """
 
 from __future__ import annotations
@@ -46,7 +47,8 @@ from experiments.reporting.stats import cell_stats, interval, paired, signed, ve
 from experiments.reporting.tables import PAIRED_METRICS, paired_rows
 
 # ``{{= quantity}}`` or `` [[claim: condition]]`` (the space before a claim goes with it)
-MARKUP = re.compile(r"\{\{=\s*(?P<number>.+?)\s*\}\}|\s*\[\[claim:\s*(?P<claim>.+?)\s*\]\]", re.S)
+# (a claim may end in "]", e.g. a list of layers: its marker closes at the last of "]]]")
+MARKUP = re.compile(r"\{\{=\s*(?P<number>.+?)\s*\}\}|\s*\[\[claim:\s*(?P<claim>.+?)\s*\]\](?!\])", re.S)
 CALL = re.compile(r"^([a-z_]+)\((.*)\)$", re.S)
 OPS = ("<=", ">=", "<", ">", "within", "is not", "is")
 CONDITION = re.compile(r"^(?P<quantity>[a-z_]+\(.*\))\s+(?P<op>" + "|".join(re.escape(o) for o in OPS)
@@ -96,6 +98,8 @@ class Quantities:
             "chance_accuracy": lambda key, arm: float(np.mean([p.chance for p in self.tuned(key, arm, "chance")])),
             "selection_spearman": lambda key, category=None: category_rho(
                 self.selection(key), category and self._categories(self.comparison(key), category)[0]),
+            "gap": lambda key, arm, other, metric, category=None: (
+                self.mean(key, other, metric, category) - self.mean(key, arm, metric, category)),
             "chosen": self.chosen,
             "oracle": lambda key, category: self.selection(key).oracle.get(
                 self._categories(self.comparison(key), category)[0], "-"),
@@ -219,7 +223,7 @@ def printed(value: object, quantity: str) -> str:
         name = quantity.split("(", 1)[0]
         if math.isnan(value):
             return "-"
-        if name in ("diff", "low", "high"):
+        if name in ("diff", "low", "high", "gap"):
             return signed(value)
         if name == "selection_spearman":
             return f"{value:+.2f}"
