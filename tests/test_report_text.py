@@ -287,3 +287,16 @@ def test_punctuation_after_a_citation_survives_and_words_align_left(paper) -> No
     assert "align: (left, left, left, right, right, right)" in numbers
     page = (out / "report.html").read_text()
     assert '<th class="w">published</th>' in page and '<th>Image AUROC</th>' in page
+
+
+def test_dollar_signs_in_arm_names_are_text_and_maths_stays_maths() -> None:
+    """An arm's overrides may hold an interpolation (backbone.checkpoint=.../${category}.pt): "${" opens no maths
+    (Typst failed on such a paper with "expected expression"), while $k = 1$ stays maths; the text is escaped."""
+    from experiments.reporting.document import Span, inline
+    from experiments.reporting.typst_out import spans
+
+    names = "a/${category}.pt; b/${category}.pt"
+    assert inline(names) == [Span("text", names)]
+    assert "$" not in spans(inline(names)).replace("\\$", "")
+    assert inline("with $k = 1$ here") == [Span("text", "with "), Span("math", "k = 1"), Span("text", " here")]
+    assert inline("costs $ 5 and $ 6") == [Span("text", "costs $ 5 and $ 6")]

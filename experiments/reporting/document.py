@@ -16,7 +16,10 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-INLINE = re.compile(r"(\*\*[^*]+\*\*|\*[^*\s][^*]*\*|`[^`]+`|\$[^$]+\$|@[a-z][a-z0-9_]*|\{\{[a-z0-9_]+\}\})")
+# math as in TeX's inline rule: no space after the opening $ or before the closing one, and never "${" (a config
+# interpolation such as ${category} in an arm's overrides is text)
+INLINE = re.compile(r"(\*\*[^*]+\*\*|\*[^*\s][^*]*\*|`[^`]+`|\$(?![\s{])[^$]+(?<!\s)\$|@[a-z][a-z0-9_]*"
+                    r"|\{\{[a-z0-9_]+\}\})")
 PLACEHOLDER = re.compile(r"\{\{([a-z0-9_]+)\}\}")
 
 

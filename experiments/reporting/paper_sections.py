@@ -263,9 +263,10 @@ def limitations_blocks(ctx: Context) -> list[Block]:
         items.append("The embedded textures set has synthetic defects (scratches, holes, colour changes, foreign "
                      "texture) on photographs of four textures: it shows how settings compare on such defects, not "
                      "what they reach on real industrial images such as MVTec AD @mvtec.")
-    skipped = [f"{lower_first(c.title)} / {a}" for c in ctx.comparisons for a, _ in c.missing]
+    skipped = {lower_first(c.title): len(c.missing) for c in ctx.comparisons if c.missing}
     if skipped:
-        items.append(f"{plural(len(skipped), 'arm')} could not be run here ({'; '.join(skipped)}; the reasons are "
+        where = "; ".join(f"{title}: {plural(n, 'arm')}" for title, n in skipped.items())
+        items.append(f"{plural(sum(skipped.values()), 'arm')} could not be run here ({where}; each with its reason "
                      "in the setup's table of arms not run).")
     seeds = ctx.frame["seed"].nunique()
     if seeds < 3:
