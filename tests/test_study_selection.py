@@ -178,7 +178,10 @@ class FakeJobs:
         if job.kind == "select":
             _selection_json(Path(folder), job.seed)
             return 0
-        index = CANDIDATES.index(self.candidates[self.arms[job.id]])
+        # a run the selection does not share (another seed's): the baseline, or the coreset sweep's 1 %
+        name = self.candidates[self.arms[job.id]] if job.id in self.arms else \
+            "base" if job.comparison == "baseline" else RATIO
+        index = CANDIDATES.index(name)
         aurocs = {category: AUROCS[job.seed, category][index] for category in ON["textures"]}
         write_run(Path(folder), lambda *o: _compose("config", list(o)),
                   tuple(o for o in command[2:] if not o.startswith("hydra.")), aurocs, images=10)
@@ -271,6 +274,28 @@ def test_a_baseline_with_more_seeds_than_the_selection_does_not_win_the_oracle_b
     found = selection_numbers(replace(comparison, arms=[replace(base, rows=pd.concat([base.rows, better])),
                                                         *comparison.arms[1:]]))
     assert found.oracle["brick"] == "baseline"
+
+
+def test_a_selection_with_fewer_seeds_than_the_baseline_pairs_seed_with_seed(tmp_path) -> None:
+    """The default study runs its baseline on 3 seeds and its selection on 1: the selection comparison's defaults
+    are the baseline at the selection's seeds (every table of it pairs same seed with same seed); other
+    comparisons keep every baseline seed."""
+    from experiments.reporting.comparisons import load
+    from experiments.reporting.selection_tables import selection_numbers
+
+    config = _config()
+    config["comparisons"]["selection"]["seeds"] = [1]
+    plan = _plan(tmp_path, config)
+    run_plan(plan, runner=FakeJobs(plan), echo=lambda line: None)
+    comparisons = {c.name: c for c in load([plan.folder]).comparisons}
+    selection, sweep = comparisons["textures_selection"], comparisons["textures_coreset_ratio"]
+    assert selection.baseline.seeds == [1] and sweep.baseline.seeds == [0, 1]
+    found = selection_numbers(selection)
+    # seed 1 chose k = 3 on both categories: brick 0.88 - 0.82, grass 0.60 - 0.71; pooled (6 - 11) / 2
+    assert found.chosen == {(1, "brick"): K3, (1, "grass"): K3}
+    assert found.choice_diff["categories"]["brick"]["mean"] == pytest.approx(6.0)
+    assert found.choice_diff["mean"] == pytest.approx(-2.5)
+    assert "same seed, 1 seed" in found.choice_diff["pairing"]
 
 
 def test_written_text_quotes_the_selection_as_the_tables_do(study) -> None:

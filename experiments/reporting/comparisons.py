@@ -265,7 +265,13 @@ def from_manifest(manifest: dict, runs: list[Run], frame: pd.DataFrame,
                 problems.setdefault(arm, []).append(f"seed {job['seed']}: {why}")
             else:
                 members.setdefault(arm, []).append(run)
-        arms = [Arm.of(arm, members[arm], frame) for arm in entry.get("arms", []) if arm in members]
+        select_seeds = {jobs[j]["seed"] for j in entry.get("jobs", []) if j in jobs and jobs[j]["kind"] == "select"}
+        if select_seeds and BASELINE in members:
+            # a selection chooses per seed among candidates run at that seed: its defaults are the baseline's runs
+            # at the same seeds (same training subset and coreset seed), so every table of the comparison pairs
+            # seed with seed, however many more seeds the study's baseline ran
+            members[BASELINE] = [run for run in members[BASELINE] if run.config.get("seed") in select_seeds]
+        arms = [Arm.of(arm, members[arm], frame) for arm in entry.get("arms", []) if arm in members and members[arm]]
         missing = [(arm, "; ".join(why)) for arm, why in problems.items()]
         missing += [(row["arm"], row["reason"]) for row in manifest.get("skipped", [])
                     if row["comparison"] == name and row.get("dataset", dataset) == dataset]
