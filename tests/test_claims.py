@@ -53,6 +53,12 @@ def test_quantities_are_the_tables_numbers(study) -> None:
     ("mean(mvtec/variants | baseline | image_auroc | bottle) >= 91", True),
     ("seeds(mvtec/variants | channel_mean) is 2", True),
     ("seeds(mvtec/variants | channel_mean) is not 2", False),
+    # "is not resolved" names the verdict (it held for any other verdict when read as "is not" + "resolved")
+    ("verdict(mvtec/variants | channel_mean | pixel_auroc) is not resolved", False),  # -10 on every seed
+    ("verdict(mvtec/variants | channel_mean | pixel_auroc) is lower", True),
+    ("verdict(mvtec/variants | channel_mean | pixel_auroc) is not higher", True),
+    ("verdict(mvtec/variants | channel_mean | pixel_auroc) is not lower", False),
+    ("verdict(mvtec/variants | channel_mean | image_auroc | screw) is not resolved", True),  # -10 [-30, 0]
 ])
 def test_claims_are_conditions_on_the_results(study, condition, holds) -> None:
     assert check(condition, Quantities(load([study]).present), "x.md:1").holds is holds

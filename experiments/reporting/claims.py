@@ -43,13 +43,14 @@ import numpy as np
 from experiments.reporting.comparisons import Comparison, categories_of
 from experiments.reporting.finetune_evidence import agreement, tuned_points, units
 from experiments.reporting.selection_tables import CHOICE, ORACLE, SelectionNumbers, category_rho, selection_numbers
-from experiments.reporting.stats import cell_stats, interval, paired, signed, verdict
+from experiments.reporting.stats import EQUIVALENT, cell_stats, interval, paired, signed, verdict
 from experiments.reporting.tables import PAIRED_METRICS, paired_rows
 
 # ``{{= quantity}}`` or `` [[claim: condition]]`` (the space before a claim goes with it)
 # (a claim may end in "]", e.g. a list of layers: its marker closes at the last of "]]]")
 MARKUP = re.compile(r"\{\{=\s*(?P<number>.+?)\s*\}\}|\s*\[\[claim:\s*(?P<claim>.+?)\s*\]\](?!\])", re.S)
 CALL = re.compile(r"^([a-z_]+)\((.*)\)$", re.S)
+VERDICTS = ("higher", "lower", EQUIVALENT, "not resolved")  # the words verdict(...) takes (stats.verdict)
 OPS = ("<=", ">=", "<", ">", "within", "is not", "is")
 CONDITION = re.compile(r"^(?P<quantity>[a-z_]+\(.*\))\s+(?P<op>" + "|".join(re.escape(o) for o in OPS)
                        + r")\s+(?P<value>.+)$", re.S)
@@ -251,6 +252,8 @@ def check(condition: str, quantities: Quantities, source: str) -> Claim:
     if match is None:
         return Claim(source, condition, "-", False, f"not a claim: write quantity op value, op one of {OPS}")
     quantity, op, expected = match.group("quantity"), match.group("op"), match.group("value").strip()
+    if op == "is not" and f"not {expected}" in VERDICTS:
+        op, expected = "is", f"not {expected}"  # "is not resolved" is the verdict, not a negation of "resolved"
     try:
         value = quantities.value(quantity)
         return Claim(source, condition, printed(value, quantity), _holds(value, op, expected))
