@@ -114,6 +114,13 @@ def test_arms_not_run_get_a_one_line_reason_never_the_error_text(paper) -> None:
     assert ["clip_b16", RAW] in record["comparisons"]["extractors"]["missing"]  # the full text kept
     assert short_reason(RAW) == "pretrained weights not on this machine"
     assert short_reason("seed 0: failed; seed 1: failed") == "job failed (seeds 0 and 1)"
+    # a weights message names the cache's .../hub/checkpoints/ folder: still the pretrained weights
+    assert short_reason("weights not available: WeightsNotFoundError: Pretrained weights for resnet18 not found: "
+                        "looked for /root/.cache/torch/hub/checkpoints/resnet18-f37072fd.pth") == \
+        "pretrained weights not on this machine"
+    assert short_reason("MissingCheckpointError: no rotation checkpoint for category 'mono'") == \
+        "fine-tuned checkpoint missing on this machine"
+    assert short_reason("a fine-tuned checkpoint outside the study").startswith("a fine-tuned checkpoint from outside")
     assert short_reason("seed 2: not run yet") == "not run yet (seed 2)"
     assert short_reason("weights not available: FileNotFoundError: fine-tuned checkpoint /x.pt missing") == \
         "fine-tuned checkpoint missing on this machine"

@@ -176,6 +176,8 @@ def main_table(comparisons: list[Comparison]) -> TableBlock | None:
     rows: dict[tuple, list[Cell]] = {}  # each dataset's baseline once
     several = len({comparison.dataset for comparison in comparisons}) > 1
     for comparison in comparisons:
+        if comparison.selection is not None:
+            continue  # its candidates are the selection's own tables (the choice, the oracle, the agreement)
         for arm in comparison.arms:
             key, label = ((comparison.dataset, arm.name), f"{arm.name} ({comparison.dataset})" if several
                           else arm.name) if arm is comparison.baseline else \
@@ -187,7 +189,8 @@ def main_table(comparisons: list[Comparison]) -> TableBlock | None:
     _bold_columns(list(rows.values()), range(1, 1 + len(PAIRED_METRICS)))
     header = ["arm", *(METRIC_TITLES[m] for m in PAIRED_METRICS), "seeds"]
     over = "its dataset's" if several else "the"
-    return TableBlock("main", f"Every arm of the study: mean over {over} categories (%, {SPREAD}; best in bold).",
+    return TableBlock("main", f"Every arm of the study but the selection's candidates (their own tables): mean "
+                      f"over {over} categories (%, {SPREAD}; best in bold).",
                       header, list(rows.values()))
 
 

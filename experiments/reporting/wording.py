@@ -69,9 +69,13 @@ def natural_key(name: str) -> list:
 
 # Raw reason (study.json, a job's status) -> the line the paper prints: the first pattern that matches.
 REASONS = (
+    # the weights' message names the cache folder .../hub/checkpoints/: it is matched before "checkpoint"
+    (r"WeightsNotFoundError|pretrained weights", "pretrained weights not on this machine"),
+    (r"checkpoint outside the study", "a fine-tuned checkpoint from outside the study (the study's own are its "
+                                      "fine-tuning comparisons)"),
     (r"checkpoint", "fine-tuned checkpoint missing on this machine"),
     (r"random weights", "its config has random weights"),
-    (r"weights not available|WeightsNotFoundError|weights", "pretrained weights not on this machine"),
+    (r"weights not available|weights", "pretrained weights not on this machine"),
     (r"baseline has no complete run", "the baseline has no complete run"),
     (r"not run yet|pending", "not run yet"),
     (r"interrupted|running", "interrupted"),
