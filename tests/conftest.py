@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from pathlib import Path
 
@@ -14,6 +15,19 @@ from PIL import Image
 from core.data import ensure_textures
 
 CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
+
+
+@pytest.fixture(autouse=True)
+def _no_leaked_log_files():
+    """An entry point called in-process (a Hydra main stopped by Ctrl-C) leaves Hydra's FileHandler to its run
+    folder on the root logger; pytest removes a passing test's tmp_path, and every later log line would then fail
+    on the missing file. Close and remove file handlers a test added (a real process ends with its run)."""
+    root = logging.getLogger()
+    before = set(root.handlers)
+    yield
+    for handler in [h for h in root.handlers if isinstance(h, logging.FileHandler) and h not in before]:
+        root.removeHandler(handler)
+        handler.close()
 
 
 @pytest.fixture(scope="session")

@@ -187,8 +187,9 @@ def map_grid(rows: list[tuple[str, str]], per_group: dict[str, dict[str, dict]],
             ax.set_xticks([])
             ax.set_yticks([])
             if i == 0:
-                ax.set_title(textwrap.fill(column, max(12, int(90 / len(columns))), break_long_words=False),
-                             fontsize=6)
+                # a selection candidate's name has few spaces: give it some, and break what is still too long
+                shown = column.replace(":", ": ", 1).replace(",", ", ")
+                ax.set_title(textwrap.fill(shown, max(12, int(90 / len(columns)))), fontsize=6)
             if column == "image":
                 ax.imshow(base["image"])
                 ax.set_ylabel(f"{category}\n{base['defect_type']}\n{Path(path).stem}", fontsize=5.5)
