@@ -22,6 +22,7 @@ from experiments.reporting.comparisons import Comparison, categories_of
 from experiments.reporting.data import Run, seed_means
 from experiments.reporting.figures import PAGE_WIDTH, Figure, Groups, _on, pick, plt  # (Agg set there)
 from experiments.reporting.intervals import image_scores
+from experiments.reporting.wording import breakable
 
 CMAP = "inferno"
 PANEL = 1.1  # inches: the largest side of one image in a grid (a grid of few columns stays short)
@@ -187,9 +188,8 @@ def map_grid(rows: list[tuple[str, str]], per_group: dict[str, dict[str, dict]],
             ax.set_xticks([])
             ax.set_yticks([])
             if i == 0:
-                # a selection candidate's name has few spaces: give it some, and break what is still too long
-                shown = column.replace(":", ": ", 1).replace(",", ", ")
-                ax.set_title(textwrap.fill(shown, max(12, int(90 / len(columns)))), fontsize=6)
+                # break what is still too long once a candidate's name has its spaces
+                ax.set_title(textwrap.fill(breakable(column), max(12, int(90 / len(columns)))), fontsize=6)
             if column == "image":
                 ax.imshow(base["image"])
                 ax.set_ylabel(f"{category}\n{base['defect_type']}\n{Path(path).stem}", fontsize=5.5)

@@ -31,6 +31,7 @@ from experiments.reporting.comparisons import Comparison, categories_of
 from experiments.reporting.document import Cell, TableBlock
 from experiments.reporting.stats import SPREAD, cell_stats, interval, paired, sources_of, verdict
 from experiments.reporting.tables import VERDICT_RULE, stat_cell
+from experiments.reporting.wording import breakable
 
 CHOICE = "label-free choice"
 DEFAULTS = "defaults"
@@ -167,22 +168,17 @@ def category_rho(found: SelectionNumbers, category: str | None = None) -> float:
     return float(np.mean(means)) if means else math.nan
 
 
-def _shown(arm: str) -> str:
-    """A candidate's name with room to break a table line: "layers: backbone.layers=[blocks.2, blocks.4]"."""
-    return arm.replace(":", ": ", 1).replace(",", ", ")
-
-
 def choice_table(found: SelectionNumbers) -> TableBlock:
     """Per category (+ the mean): the test image AUROC of the defaults, the label-free choice and the oracle (test
     set), and which candidates they were."""
     c, cats = found.comparison, found.categories
     rows = []
     for category in [*cats, None]:
-        picks = "; ".join(f"{seed}: {_shown(arm)}" for (seed, cat), arm in sorted(found.chosen.items())
+        picks = "; ".join(f"{seed}: {breakable(arm)}" for (seed, cat), arm in sorted(found.chosen.items())
                           if cat == category)
         rows.append([Cell(category or MEAN_ROW), _stat(c.baseline.rows, category, cats),
                      _stat(found.choice, category, cats), _stat(found.oracle_rows, category, cats),
-                     Cell(picks or "-"), Cell(_shown(found.oracle.get(category, "-")) if category else "-")])
+                     Cell(picks or "-"), Cell(breakable(found.oracle.get(category, "-")) if category else "-")])
     return TableBlock(f"{c.name}_choice", f"{c.title}: Image AUROC of the {DEFAULTS} (the baseline), the "
                       f"{CHOICE} (per seed, the candidate that seed's selection.json chose "
                       "from training images only) "

@@ -61,6 +61,12 @@ def listing(items: list[str], empty: str = "none") -> str:
     return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
 
 
+def breakable(name: str) -> str:
+    """An arm's name with room to break a line (a table cell, a figure title): a selection candidate has few
+    spaces, "layers:backbone.layers=[blocks.2,blocks.4]" -> "layers: backbone.layers=[blocks.2, blocks.4]"."""
+    return name.replace(":", ": ", 1).replace(",", ", ")
+
+
 def natural_key(name: str) -> list:
     """Sort key that orders the numbers inside names by value: train_limit=1, train_limit=2, train_limit=16."""
     return [(0, float(part), "") if re.fullmatch(r"\d+(\.\d+)?", part) else (1, 0.0, part.lower())
