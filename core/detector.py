@@ -10,9 +10,7 @@ Who spends the CPU threads while predictions are collected: ``core/threads.py``.
 
 from __future__ import annotations
 
-from collections import deque
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol, runtime_checkable
@@ -21,11 +19,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from core.threads import single_threaded_torch
-
-# Images per scoring task when batches are scored on threads: small enough to keep every thread busy
-# to the last image, large enough for the search's matrix products.
-SCORE_PIECE = 4
+from core.threads import pipelined
 
 
 @dataclass
@@ -81,35 +75,13 @@ def images_of(batch: dict | torch.Tensor) -> torch.Tensor:
 
 
 def _scored_batches(score: Callable, loader: Iterable, workers: int) -> Iterator[tuple[dict | torch.Tensor, tuple]]:
-    """``(batch, score(images))`` in loader order. With ``workers > 1``, pieces of ``SCORE_PIECE``
-    images are scored at once on that many threads, each single-threaded: on a CPU this scales better than
-    splitting every operation of one batch across the cores (small convolutions and the search's scans
-    do not split well), pieces smaller than a batch keep every thread busy to the last image, and the
-    loader reads the next images meanwhile. Backpressure: a batch is collected once enough pieces are
-    queued behind it to keep every worker busy."""
-    if workers <= 1:
-        for batch in loader:
-            yield batch, score(images_of(batch))
-        return
-    pending: deque = deque()
-    queued = 0  # pieces submitted and not yet collected
-    with single_threaded_torch(), ThreadPoolExecutor(workers) as pool:
-        for batch in loader:
-            futures = [pool.submit(score, piece) for piece in images_of(batch).split(SCORE_PIECE)]
-            pending.append((batch, futures))
-            queued += len(futures)
-            while queued - len(pending[0][1]) >= workers:
-                batch, futures = pending.popleft()
-                queued -= len(futures)
-                yield batch, _joined(futures)
-        while pending:
-            batch, futures = pending.popleft()
-            yield batch, _joined(futures)
-
-
-def _joined(futures: list) -> tuple[torch.Tensor, torch.Tensor]:
-    scores, maps = zip(*(future.result() for future in futures))
-    return torch.cat(scores), torch.cat(maps)
+    """``(batch, score(images))`` in loader order. With ``workers > 1``, pieces of the batches are scored at
+    once on that many threads, each single-threaded (``core.threads.pipelined``): on a CPU this scales better
+    than splitting every operation of one batch across the cores (small convolutions and the search's scans
+    do not split well), and the loader reads the next images meanwhile."""
+    for batch, parts in pipelined(score, ((batch, images_of(batch)) for batch in loader), workers):
+        scores, maps = zip(*parts)
+        yield batch, (torch.cat(scores), torch.cat(maps))
 
 
 def collect_predictions(score: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]], loader: Iterable,

@@ -12,6 +12,7 @@ import json
 import shutil
 import sys
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +27,7 @@ from core.export import ExportedModel, ExportedModelError, export_model, onnx_to
 from core.export.quantize import Calibration
 from core.features import PatchEmbedder
 from core.model_files import ModelFilesError, write_manifest
-from core.threads import in_pieces
+from core.threads import PIECE, in_pieces, pipelined
 from experiments import export as export_cli
 from experiments.benchmarks.export_bench import random_bank_model
 
@@ -155,6 +156,54 @@ def test_in_pieces_splits_the_batch_over_the_budget_in_order() -> None:
     assert sorted(size for _, _, size in seen) == [1, 3, 3] and {t for _, t, _ in seen} == {1}  # single-threaded
     seen.clear()
     assert in_pieces(work, batch, threads=1)[0].tolist() == (batch * 10).tolist() and len(seen) == 1
+
+
+def test_pipelined_hands_back_every_batch_in_order_with_its_pieces() -> None:
+    """Pieces of ``PIECE`` images on single-threaded workers, batches handed back in order whatever finishes
+    first (the first piece sleeps longest), never more than the workers' worth of pieces queued behind the
+    batch handed back; one worker scores each batch whole on the caller's thread."""
+    seen, read = [], []
+
+    def work(piece):
+        time.sleep(0.02 if piece[0] == 0 else 0.0)
+        seen.append((threading.get_ident(), torch.get_num_threads(), len(piece)))
+        return piece * 10
+
+    def batches():
+        for start in range(0, 23, 6):
+            read.append(start)
+            yield start, np.arange(start, min(start + 6, 23))
+
+    out = []
+    for batch, parts in pipelined(work, batches(), workers=2):
+        out.append((batch, np.concatenate(parts).tolist()))
+        assert len(read) - len(out) <= 2  # backpressure: batches read ahead keep the two workers busy, no more
+    assert [batch for batch, _ in out] == [0, 6, 12, 18]
+    assert sum((values for _, values in out), []) == [value * 10 for value in range(23)]
+    assert sorted(size for _, _, size in seen) == sorted([PIECE, 2] * 3 + [PIECE, 1])
+    assert {threads for _, threads, _ in seen} == {1} and threading.get_ident() not in {t for t, _, _ in seen}
+    seen.clear()
+    whole = [(batch, parts[0].tolist()) for batch, parts in pipelined(work, batches(), workers=1)]
+    assert [len(values) for _, values in whole] == [6, 6, 6, 5] and {t for t, _, _ in seen} == {threading.get_ident()}
+
+
+def test_run_batches_equals_run_of_each_batch(tmp_path) -> None:
+    """``run_batches`` (what ``predict_images`` uses) gives each batch's ``run`` outputs, both forms, one and two
+    threads; a bad batch is refused with ``run``'s message."""
+    model = _model()
+    out = export_model(model, tmp_path / "onnx", "onnx", chunk=128)
+    crops = prepare_images_uint8(_images(11), model)[0].numpy()
+    batches = [crops[:3], crops[3:8], crops[8:]]
+    for form in ("fast", "graph"):
+        for threads in (1, 2):
+            exported = ExportedModel(out, form=form, threads=threads)
+            for streamed, batch in zip(exported.run_batches(batches), batches, strict=True):
+                single = exported.run(batch)
+                assert streamed.keys() == single.keys()
+                for key in single:
+                    np.testing.assert_allclose(streamed[key], single[key], rtol=1e-6, atol=1e-6)
+    with pytest.raises(ExportedModelError, match="takes RGB images as"):
+        list(ExportedModel(out).run_batches([crops[:, :1]]))
 
 
 def test_threads_do_not_change_the_outputs(tmp_path) -> None:

@@ -74,8 +74,8 @@ def test_a_nan_crop_is_anomalous_in_torch_and_onnx(model, exported) -> None:
 
 def test_run_overrides_a_graph_that_would_call_nan_nominal(exported) -> None:
     """A graph exported before the rule (``score >= t``: False for NaN) is corrected by ``run`` itself."""
-    model = ExportedModel(exported)
-    model._run = lambda batch: [np.array([math.nan, 1.0], np.float32), np.full((2, 32, 32), math.nan, np.float32),
+    model = ExportedModel(exported, threads=1)  # the whole batch in one runner call
+    model._runner = lambda batch: [np.array([math.nan, 1.0], np.float32), np.full((2, 32, 32), math.nan, np.float32),
                                 np.array([False, False]), np.zeros((2, 32, 32), bool)]
     outputs = model.run(np.zeros((2, 3, 32, 32), np.float32))
     assert outputs["image_decisions"].tolist() == [True, False] and outputs["anomaly_masks"].all()
@@ -88,7 +88,7 @@ def test_predict_images_refuses_nan_scores_instead_of_deciding(model, exported, 
     with pytest.raises(ValueError, match=r"image scores of inputs \[0\] are NaN or infinite"):
         model.predict_images([image])
     runtime = ExportedModel(exported)
-    runtime._run = lambda batch: [np.full(len(batch), math.inf, np.float32), np.zeros((len(batch), 32, 32),
+    runtime._runner = lambda batch: [np.full(len(batch), math.inf, np.float32), np.zeros((len(batch), 32, 32),
                                   np.float32), np.ones(len(batch), bool), np.zeros((len(batch), 32, 32), bool)]
     with pytest.raises(ValueError, match=r"image scores of inputs \[0\] are NaN or infinite"):
         runtime.predict_images([image])

@@ -16,7 +16,7 @@ that explicitly. Threads: the PyTorch path's rule (``core.threads``; ``core.expo
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +26,7 @@ from core.data import Preprocessing
 from core.export.fast import FastForm
 from core.export.record import RECORD, ExportedModelError, read_export_record
 from core.export.sessions import open_runner
-from core.threads import in_pieces, thread_budget
+from core.threads import in_pieces, pipelined, thread_budget
 
 RUNTIMES = ("onnx", "openvino")
 PRECISIONS = ("f32", "bf16", "f16")
@@ -70,7 +70,7 @@ class ExportedModel:
             self.fast = FastForm(self.folder, self.record, open_runner(self.folder / self.record["fast"]["file"],
                                                                        self.format, precision, streams))
             runner = self.fast.run
-        self._run = lambda batch: _joined(in_pieces(runner, batch, self.threads))
+        self._runner = runner
 
     def _form(self, form: str | None) -> str:
         if form is None:
@@ -85,6 +85,19 @@ class ExportedModel:
     def run(self, batch) -> dict[str, np.ndarray]:
         """The graph's outputs (``image_scores``, ``anomaly_maps``, and ``image_decisions``/``anomaly_masks``
         when it has thresholds) for ``batch [N, 3, H, W]`` at the export's input size and dtype."""
+        batch = self._checked(batch)
+        return self._outputs(in_pieces(self._runner, batch, self.threads))
+
+    def run_batches(self, batches: Iterable) -> Iterator[dict[str, np.ndarray]]:
+        """``run`` of each batch, in order, with the pieces of every batch on the threads at once
+        (``core.threads.pipelined``, as ``PatchCore.predict`` scores a loader): no thread waits at the end of a
+        batch, and the next batch is read while the threads work."""
+        checked = ((None, self._checked(batch)) for batch in batches)
+        for _, parts in pipelined(self._runner, checked, self.threads):
+            yield self._outputs(parts)
+
+    def _checked(self, batch) -> np.ndarray:
+        """``batch`` as a contiguous array, or an error that says what the graph takes."""
         batch = np.asarray(batch)
         expected = (3, *self.input_size)
         if batch.ndim != 4 or batch.shape[1] != 3:
@@ -103,9 +116,13 @@ class ExportedModel:
         if batch.dtype != dtype:
             raise ExportedModelError(f"the exported model {self.file} takes {self.input_dtype} images "
                                      f"({self.record['input']['range']}); got {batch.dtype}")
-        outputs = dict(zip(self.outputs, self._run(np.ascontiguousarray(batch))))
-        # a NaN or infinite score or pixel is anomalous, never nominal: as the graph itself decides
-        # (core.scoring.ScoringHead.anomalous), enforced here too for graphs exported before it did
+        return np.ascontiguousarray(batch)
+
+    def _outputs(self, pieces: list) -> dict[str, np.ndarray]:
+        """The pieces' outputs joined and named; a NaN or infinite score or pixel is anomalous, never nominal: as
+        the graph itself decides (core.scoring.ScoringHead.anomalous), enforced here too for graphs exported
+        before it did."""
+        outputs = dict(zip(self.outputs, _joined(pieces)))
         if "image_decisions" in outputs:
             outputs["image_decisions"] = outputs["image_decisions"] | ~np.isfinite(outputs["image_scores"])
         if "anomaly_masks" in outputs:
@@ -119,16 +136,18 @@ class ExportedModel:
         images = [images] if not isinstance(images, (list, tuple)) else list(images)
         if not images:
             raise ValueError("predict_images got no images: pass a list of paths, numpy arrays or PIL images")
-        scores, maps, sizes = [], [], []
-        for start in range(0, len(images), batch_size):
-            batch, batch_sizes = prepare_images_uint8(images[start : start + batch_size], self)
-            batch = batch.numpy()
-            if self.input_dtype != "uint8":
-                batch = batch.astype(np.float32) * np.float32(1.0 / 255)
-            outputs = self.run(batch)
-            scores.append(outputs["image_scores"])
-            maps.append(outputs["anomaly_maps"])
-            sizes += batch_sizes
+        sizes: list = []
+
+        def prepared() -> Iterator[np.ndarray]:  # read while the threads score the batches before
+            for start in range(0, len(images), batch_size):
+                batch, batch_sizes = prepare_images_uint8(images[start : start + batch_size], self)
+                sizes.extend(batch_sizes)
+                batch = batch.numpy()
+                yield batch if self.input_dtype == "uint8" else batch.astype(np.float32) * np.float32(1.0 / 255)
+
+        outputs = list(self.run_batches(prepared()))
+        scores = [output["image_scores"] for output in outputs]
+        maps = [output["anomaly_maps"] for output in outputs]
         scores = np.concatenate(scores)
         bad = [i for i, finite in enumerate(np.isfinite(scores).tolist()) if not finite]
         if bad:

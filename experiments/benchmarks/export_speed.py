@@ -1,11 +1,12 @@
 """Exported models' prediction speed and quality next to PyTorch's (``make bench``; ``--skip export``).
 
 On the same preloaded uint8 crops: PyTorch ``PatchCore.score`` as ``predict`` runs it, then ONNX Runtime and
-OpenVINO, each in both forms of an export (the single graph; the fast form: feature graph + the suite's search
-and scoring head) with a float32 feature graph and an INT8 one (``precision=int8``, calibrated on nominal
-training images), and OpenVINO's bf16 single graph. Every line carries its largest score and map difference to
-PyTorch and its image / pixel AUROC and their change against PyTorch's. Then the fast form under ONNX Runtime
-with 1 and 2 threads and batches of 1, 4 and 8 (docs/performance.md, Exported runtimes: threads and batch).
+OpenVINO as ``predict_images`` runs them (``ExportedModel.run_batches``), each in both forms of an export (the
+single graph; the fast form: feature graph + the suite's search and scoring head) with a float32 feature graph
+and an INT8 one (``precision=int8``, calibrated on nominal training images), and OpenVINO's bf16 single graph.
+Every line carries its largest score and map difference to PyTorch and its image / pixel AUROC and their change
+against PyTorch's. Then the fast form under ONNX Runtime with 1 and 2 threads and batches of 1, 4 and 8
+(docs/performance.md, Exported runtimes: threads and batch).
 """
 
 from __future__ import annotations
@@ -109,7 +110,7 @@ def bench_exported(rec: Recorder, model: PatchCore, test: DataLoader, train_path
             exported = ExportedModel(root / folder, precision=hint, form=form)
             exported.run(batches[0])  # warm-up
             with measured() as m:
-                outputs = [exported.run(batch) for batch in batches]
+                outputs = list(exported.run_batches(batches))  # as predict_images runs it
             scores = np.concatenate([o["image_scores"] for o in outputs])
             maps = np.concatenate([o["anomaly_maps"] for o in outputs])
             extra = {"export_s": export_s[folder.replace("openvino", "onnx")]}
@@ -124,15 +125,15 @@ def bench_exported(rec: Recorder, model: PatchCore, test: DataLoader, train_path
 
 def threads_and_batches(rec: Recorder, folder: Path, crops: np.ndarray, base: dict) -> None:
     """The fast form under ONNX Runtime with ``THREADS`` x ``BATCHES`` (threads: Python threads over pieces of
-    a batch, one intra-op thread each: ``core.threads.in_pieces``)."""
+    the batches, one intra-op thread each, as ``predict_images`` runs it: ``core.threads.pipelined``)."""
     for threads in THREADS:
         exported = ExportedModel(folder, form="fast", threads=threads)
         for batch in BATCHES:
             pieces = [crops[start : start + batch] for start in range(0, len(crops), batch)]
             exported.run(pieces[0])  # warm-up
             with measured() as m:
-                for piece in pieces:
-                    exported.run(piece)
+                for _ in exported.run_batches(pieces):
+                    pass
             rec.emit("predict", len(crops), None, None, m["seconds"], len(crops), m["peak_rss_mb"],
                      variant=f"exported fast form, ONNX Runtime float32, {threads} thread(s), batches of {batch}",
                      **{**base, "batch": batch, "runtime_threads": threads})
