@@ -146,14 +146,13 @@ class ExportedModel:
                 yield batch if self.input_dtype == "uint8" else batch.astype(np.float32) * np.float32(1.0 / 255)
 
         outputs = list(self.run_batches(prepared()))
-        scores = [output["image_scores"] for output in outputs]
-        maps = [output["anomaly_maps"] for output in outputs]
-        scores = np.concatenate(scores)
+        scores = np.concatenate([output["image_scores"] for output in outputs])
+        maps = np.concatenate([output["anomaly_maps"] for output in outputs])
         bad = [i for i, finite in enumerate(np.isfinite(scores).tolist()) if not finite]
         if bad:
             raise ValueError(f"the image scores of inputs {bad} are NaN or infinite: the exported model or the "
                              f"inputs are broken (check them, or export again)")
-        return ImagePredictions.from_crops(scores, np.concatenate(maps), sizes, preprocessing, self.threshold)
+        return ImagePredictions.from_crops(scores, maps, sizes, preprocessing, self.threshold)
 
 
 def _joined(pieces: list) -> list[np.ndarray]:
