@@ -12,7 +12,7 @@ exported model under ONNX Runtime and OpenVINO, single graph and fast form, floa
 EfficientNet-Lite0 and WRN50 (experiments/benchmarks/export_speed.py; ``--skip export``).
 Every measurement is one JSON line on
 stdout with the keys ``stage`` (extract, coreset, coreset_reference, search, predict, fit,
-fit_warm_cache, backbone_only), ``n``, ``dim``, ``ratio``, ``seconds``, ``items_per_s``,
+fit_warm_cache, backbone_only, evaluate: the pixel metrics of the textures test maps), ``n``, ``dim``, ``ratio``, ``seconds``, ``items_per_s``,
 ``peak_rss_mb`` and, where they apply, ``variant``, ``aggregation``, ``threads``, quality figures
 (recall, max_abs_diff, image_auroc, ...), ``study`` for the scaling runs and ``peak_gpu_mb`` on a
 GPU. A markdown table of the same lines, then the issue's goal ratios, goes to stderr and to

@@ -59,3 +59,25 @@ def test_real_workload_measures_both_pipelines_at_equal_scores(tmp_path) -> None
     # squared distances of ~6e4: the scores agree to float32 rounding relative to the largest map value
     largest = default["max_abs_map_diff"] / default["max_rel_map_diff"]
     assert largest > 1e3 and default["max_abs_score_diff"] <= 1e-6 * largest
+
+
+def test_bench_metrics_times_one_ranking_against_one_sort_each_on_the_same_maps() -> None:
+    """Two ``evaluate`` lines of the same maps; a disagreement between the two ways would stop the bench."""
+    import numpy as np
+
+    from core.detector import Predictions
+    from experiments.benchmarks.evaluation import ONE_RANKING, ONE_SORT_EACH, REPEATS, bench_metrics
+
+    rng = np.random.default_rng(0)
+    masks = np.zeros((4, 16, 16), bool)
+    masks[2, 3:7, 3:9] = masks[3, 10:15, 1:4] = True
+    maps = (rng.random(masks.shape) + 0.3 * masks).astype(np.float32)
+    predictions = Predictions(maps.reshape(4, -1).max(axis=1), maps, np.array([0, 0, 1, 1]), masks,
+                              np.ones(4, bool))
+    rec = Recorder(None)
+    bench_metrics(rec, predictions, aggregation="official")
+    assert [line["variant"] for line in rec.lines] == [ONE_RANKING, ONE_SORT_EACH]
+    for line in rec.lines:
+        assert line["stage"] == "evaluate" and line["n"] == 4 and line["pixels"] == 4 * 16 * 16
+        assert len(line["seconds_runs"]) == REPEATS and line["seconds"] == pytest.approx(
+            float(np.median(line["seconds_runs"])), abs=1e-3)

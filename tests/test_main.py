@@ -36,7 +36,7 @@ def test_tiny_run_writes_the_results_schema(tmp_path, make_config) -> None:
     entry = on_disk["categories"]["widget"]
     assert (entry["n_train"], entry["n_test"]) == (3, 4)
     assert entry["bank_size"] == int(3 * 8 * 8 * 0.5)  # resnet18 layer2 grid at 64 px is 8x8
-    assert set(entry["timings_s"]) == {"extract", "coreset", "predict"}
+    assert set(entry["timings_s"]) == {"extract", "coreset", "predict", "evaluate"}
     for metric in ("image_auroc", "image_f1_max", "pixel_auroc", "aupro"):
         assert 0.0 <= entry[metric] <= 1.0
         assert on_disk["mean"][metric] == entry[metric]
@@ -166,6 +166,6 @@ def test_cae_runs_through_the_same_harness(tmp_path, make_config) -> None:
                             "cae.epochs=1", "cae.latent_dim=8", "save_model=true"))
     results = run(cfg, tmp_path / "run")
     entry = results["categories"]["widget"]
-    assert set(entry["timings_s"]) == {"train", "predict"} and entry["bank_size"] is None
+    assert set(entry["timings_s"]) == {"train", "predict", "evaluate"} and entry["bank_size"] is None
     assert (entry["n_train"], entry["n_test"]) == (3, 4) and 0.0 <= entry["image_auroc"] <= 1.0
     assert (tmp_path / "run" / "models" / "widget" / "cae.safetensors").is_file()

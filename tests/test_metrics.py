@@ -288,6 +288,7 @@ def test_compute_metrics_without_masks() -> None:
         "pixel_auroc": None,
         "pixel_f1_max": None,
         "aupro": None,
+        "aupro_defect_images": None,
     }
 
 
@@ -296,7 +297,7 @@ def test_compute_metrics_with_masks() -> None:
     masks[1] = _single_image_mask()[0]
     maps = masks.astype(float)
     result = compute_metrics(np.array([0, 1]), np.array([0.1, 0.9]), maps, masks)
-    assert set(result) == {"image_auroc", "image_f1_max", "pixel_auroc", "pixel_f1_max", "aupro"}
+    assert set(result) == {"image_auroc", "image_f1_max", "pixel_auroc", "pixel_f1_max", "aupro", "aupro_defect_images"}
     assert all(type(v) is float and v == pytest.approx(1.0) for v in result.values())
 
 
@@ -304,7 +305,7 @@ def test_compute_metrics_masks_without_positives_give_none() -> None:
     masks = np.zeros((2, 4, 4), dtype=bool)
     maps = np.random.default_rng(3).random(masks.shape)
     result = compute_metrics(np.array([0, 1]), np.array([0.1, 0.9]), maps, masks)
-    assert result["pixel_auroc"] is None and result["pixel_f1_max"] is None and result["aupro"] is None
+    assert all(result[key] is None for key in ("pixel_auroc", "pixel_f1_max", "aupro", "aupro_defect_images"))
     assert result["image_auroc"] == pytest.approx(1.0)
 
 
@@ -332,3 +333,50 @@ def test_aupro_over_defect_images_ignores_nominal_images() -> None:
     assert aupro_defect_images(masks, maps) == pytest.approx(aupro(masks[2:], maps[2:]))
     assert aupro_defect_images(masks, maps) >= aupro(masks, maps)
     assert aupro_defect_images(np.zeros((2, 4, 4), bool), np.zeros((2, 4, 4))) is None
+
+
+# --------------------------------------------------------------------------- pixel_metrics: one sort, same values
+
+
+def _maps_and_masks(seed: int, ties: bool, dtype=np.float64) -> tuple[np.ndarray, np.ndarray]:
+    """Six 20x20 maps: two nominal, four with one or two regions (one touching another diagonally)."""
+    rng = np.random.default_rng(seed)
+    masks = np.zeros((6, 20, 20), bool)
+    masks[2, 3:9, 4:7] = True
+    masks[3, 10:14, 10:16] = masks[3, 14:16, 16:18] = True   # diagonal touch: one 8-connected region
+    masks[4, 0:2, 0:20] = masks[4, 15:19, 2:5] = True
+    masks[5, 12:20, 12:20] = True
+    maps = rng.integers(0, 6, masks.shape) if ties else rng.random(masks.shape)
+    maps = (maps + masks * (1 if ties else 0.25)).astype(dtype)   # defects score higher, not perfectly
+    return masks, maps
+
+
+@pytest.mark.parametrize(("seed", "ties", "dtype"), [(0, False, np.float64), (1, True, np.float64),
+                                                       (2, False, np.float32), (3, True, np.float32)])
+def test_pixel_metrics_equal_the_one_metric_references(seed, ties, dtype) -> None:
+    """pixel_metrics sorts once; each value equals its reference (sklearn, MVTec's AU-PRO) within rounding."""
+    from core.metrics import aupro_defect_images, pixel_metrics
+
+    masks, maps = _maps_and_masks(seed, ties, dtype)
+    found = pixel_metrics(masks, maps)
+    expected = {"pixel_auroc": pixel_auroc(masks, maps), "pixel_f1_max": pixel_f1_max(masks, maps),
+                "aupro": aupro(masks, maps), "aupro_defect_images": aupro_defect_images(masks, maps)}
+    assert expected["aupro"] != expected["aupro_defect_images"]      # the nominal maps' pixels count in one
+    for key, value in expected.items():
+        assert type(found[key]) is float and found[key] == pytest.approx(value, abs=1e-12), key
+    assert found["pixel_auroc"] == pytest.approx(roc_auc_score(masks.ravel(), maps.ravel()), abs=1e-12)
+
+
+def test_pixel_metrics_at_another_fpr_limit_and_its_none_cases() -> None:
+    from core.metrics import aupro_defect_images, pixel_metrics
+
+    masks, maps = _maps_and_masks(4, False)
+    found = pixel_metrics(masks, maps, fpr_limit=0.05)
+    assert found["aupro"] == pytest.approx(aupro(masks, maps, fpr_limit=0.05), abs=1e-12)
+    assert found["aupro_defect_images"] == pytest.approx(aupro_defect_images(masks, maps, 0.05), abs=1e-12)
+    assert pixel_metrics(np.zeros((2, 4, 4), bool), maps[:2, :4, :4]) == dict.fromkeys(found)
+    every_pixel_defect = pixel_metrics(np.ones((1, 3, 3), bool), maps[:1, :3, :3])
+    assert every_pixel_defect == {"pixel_auroc": None, "pixel_f1_max": 1.0, "aupro": None,
+                                  "aupro_defect_images": None}
+    with pytest.raises(ValueError, match="fpr_limit"):
+        pixel_metrics(masks, maps, fpr_limit=1.5)

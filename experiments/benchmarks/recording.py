@@ -12,7 +12,8 @@ import torch
 
 from experiments.harness.results import peak_rss_mb
 
-STAGES = ("extract", "coreset", "coreset_reference", "search", "predict", "fit", "fit_warm_cache", "backbone_only")
+STAGES = ("extract", "coreset", "coreset_reference", "search", "predict", "fit", "fit_warm_cache", "backbone_only",
+          "evaluate")
 
 
 class Recorder:

@@ -9,7 +9,7 @@ import numpy as np
 
 from core.data import Sample
 from core.detector import Predictions
-from core.metrics import aupro_defect_images, compute_metrics, image_auroc
+from core.metrics import PIXEL_METRICS, compute_metrics, image_auroc
 from core.thresholds import ThresholdRule, decide
 
 
@@ -91,15 +91,11 @@ def evaluate(predictions: Predictions, excluded: tuple[str, ...] = ()) -> tuple[
     labels, scores = predictions.labels, predictions.image_scores
     metrics = {**compute_metrics(labels, scores, None, None), "image_metrics_note": image_metrics_note(labels)}
     if masks is None:
-        return {**metrics, "aupro_defect_images": None}, "no ground-truth masks: pixel metrics not computed"
+        return metrics, "no ground-truth masks: pixel metrics not computed"
     known = predictions.has_mask
     pixel = compute_metrics(labels[known], scores[known], maps, masks)
     metrics.update({key: pixel[key] for key in PIXEL_METRICS})
-    metrics["aupro_defect_images"] = aupro_defect_images(masks, maps)
     return metrics, _left_out_note(predictions)
-
-
-PIXEL_METRICS = ("pixel_auroc", "pixel_f1_max", "aupro")
 
 
 def _left_out_note(predictions: Predictions) -> str | None:

@@ -124,7 +124,9 @@ class Harness:
         predictions = model.predict(test_loader)
         predict_s = time.perf_counter() - start
         excluded = self.layout.excluded_from_main_metrics  # e.g. ELPV's uncertain cells: their own AUROCs
+        start = time.perf_counter()
         metrics, note = evaluate(predictions, excluded)
+        evaluate_s = time.perf_counter() - start
         for warning in (note, metrics["image_metrics_note"]):
             if warning:
                 log.warning("[%s] %s", category, warning)
@@ -151,7 +153,7 @@ class Harness:
             log.info("[%s] model saved to %s", category, saved)
         entry = {**metrics, "n_train": fit.n_images, "n_test": len(predictions.image_scores),
                  "bank_size": fit.bank_size, "pixel_metrics_note": note,
-                 "timings_s": {**fit.timings_s, "predict": predict_s}}
+                 "timings_s": {**fit.timings_s, "predict": predict_s, "evaluate": evaluate_s}}
         if threshold is not None:
             entry["threshold"] = threshold
         if self.layout.unreadable.get(category):

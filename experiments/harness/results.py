@@ -11,7 +11,8 @@ Schema (a contract: the report and sweeps read it)::
                                "image_metrics_note" (why the image metrics are null: no nominal or no defect
                                test images; null when they were computed),
                                "resumed_from" (only when taken over from an interrupted run),
-                               "timings_s": {"train" | "extract", "coreset", "predict"},
+                               "timings_s": {"train" | "extract", "coreset", "predict", "evaluate" (the metrics;
+                                             from 2026-12-06)},
                                "threshold": {...}  (only with a threshold rule),
                                "excluded_from_main_metrics": {"<defect type>": {"image_auroc", "n_images",
                                    "n_nominal"}}  (only for datasets that declare such types, e.g. ELPV's
@@ -54,7 +55,7 @@ EXTRA_METRICS = ("aupro_defect_images",)
 SCHEMA_VERSION = 3
 # Fit stages named for what they measure (train: models fitted by training, e.g. the CAE; extract + coreset:
 # PatchCore), then prediction; a category records the ones its model has.
-TIMINGS = ("train", "extract", "coreset", "predict")
+TIMINGS = ("train", "extract", "coreset", "predict", "evaluate")
 REPO_ROOT = Path(__file__).resolve().parents[1]
 _PACKAGES = ("torch", "torchvision", "numpy", "scikit-learn", "scipy", "hydra-core", "patchcore-suite")
 
