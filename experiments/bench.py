@@ -12,7 +12,8 @@ exported model under ONNX Runtime and OpenVINO, single graph and fast form, floa
 EfficientNet-Lite0 and WRN50 (experiments/benchmarks/export_speed.py; ``--skip export``).
 Every measurement is one JSON line on
 stdout with the keys ``stage`` (extract, coreset, coreset_reference, search, predict, fit,
-fit_warm_cache, backbone_only, evaluate: the pixel metrics of the textures test maps), ``n``, ``dim``, ``ratio``, ``seconds``, ``items_per_s``,
+fit_warm_cache, backbone_only, evaluate: the pixel metrics of the textures test maps), ``n``, ``dim``, ``ratio``,
+``seconds``, ``items_per_s``,
 ``peak_rss_mb`` and, where they apply, ``variant``, ``aggregation``, ``threads``, quality figures
 (recall, max_abs_diff, image_auroc, ...), ``study`` for the scaling runs and ``peak_gpu_mb`` on a
 GPU. A markdown table of the same lines, then the issue's goal ratios, goes to stderr and to
@@ -72,9 +73,11 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
                              "wrn50, export")
     parser.add_argument("--real", nargs="*", default=[],
                         help="real-image workloads beside textures: elpv:mono, elpv:poly or <folder>:<category> "
-                             "(MVTec AD layout); the default prediction against the official-style pipeline on them")
+                             "(MVTec AD layout), each optionally ending in @<coreset ratio> (elpv:poly@0.01); the "
+                             "default prediction against the official-style pipeline on them")
     parser.add_argument("--real-ratio", type=float, default=None,
-                        help="the real workloads' coreset ratio (default: 0.1 for elpv:mono, 0.01 for elpv:poly)")
+                        help="the coreset ratio of real workloads without @<ratio> (default: 0.1, the default "
+                             "settings')")
     parser.add_argument("--real-train-limit", type=int, default=None,
                         help="at most this many training images of each real workload (default: all)")
     parser.add_argument("--extra", nargs="*", default=[],

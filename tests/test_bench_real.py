@@ -4,8 +4,11 @@ of its own two lines, apart from the textures workload's."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
+import yaml
 
 from core.data import ElpvLayout
 from experiments.benchmarks.prediction import OFFICIAL_STYLE
@@ -23,15 +26,31 @@ def _line(variant: str, items_per_s: float, **extra) -> dict:
 
 
 def test_real_image_goals_are_kept_apart_from_the_textures_goal() -> None:
-    lines = [_line(OFFICIAL_STYLE, 4.0, study="real:elpv:mono"), _line(DEFAULT, 9.0, study="real:elpv:mono"),
+    lines = [_line(OFFICIAL_STYLE, 4.0, study="real:elpv:mono", ratio=0.1),
+             _line(DEFAULT, 9.0, study="real:elpv:mono", ratio=0.1),
              _line(OFFICIAL_STYLE, 10.0), _line(DEFAULT, 43.0),
-             _line(OFFICIAL_STYLE, 5.0, study="real:elpv:poly"), _line(DEFAULT, 15.0, study="real:elpv:poly")]
+             _line(OFFICIAL_STYLE, 5.0, study="real:elpv:poly@0.01", ratio=0.01),
+             _line(DEFAULT, 15.0, study="real:elpv:poly@0.01", ratio=0.01)]
     found = {goal["goal"]: goal for goal in goals(lines)}
     assert found["prediction vs official-style pipeline"]["ratio"] == 4.3  # the textures lines only
-    mono = found["prediction vs official-style pipeline, real images (elpv:mono, 100 bank patches)"]
-    poly = found["prediction vs official-style pipeline, real images (elpv:poly, 100 bank patches)"]
+    mono = found["prediction vs official-style pipeline, real images (elpv:mono, coreset ratio 0.1, 100 bank "
+                 "patches)"]
+    poly = found["prediction vs official-style pipeline, real images (elpv:poly@0.01, coreset ratio 0.01, not the "
+                 "default settings, 100 bank patches)"]
     assert (mono["ratio"], mono["target"], mono["met"]) == (2.25, 2.5, False)
     assert (poly["ratio"], poly["met"]) == (3.0, True)
+
+
+def test_a_real_workload_may_name_its_bank_ratio() -> None:
+    from experiments.benchmarks.real_images import DEFAULT_RATIO, bank_ratio
+
+    assert bank_ratio("elpv:poly@0.01") == ("elpv:poly", 0.01)
+    assert bank_ratio("/data/mvtec:bottle") == ("/data/mvtec:bottle", None)
+    greedy = Path(__file__).resolve().parents[1] / "conf" / "coreset" / "greedy.yaml"
+    assert DEFAULT_RATIO == yaml.safe_load(greedy.read_text())["ratio"]  # the default settings
+    for bad in ("elpv:poly@", "elpv:poly@ten", "elpv:poly@0", "elpv:poly@1.5"):
+        with pytest.raises(RealWorkloadError, match=r"coreset ratio, a number in \(0, 1\]"):
+            real_dataset(bad, None)
 
 
 def test_a_bad_real_workload_is_refused_with_the_fix(tmp_path) -> None:

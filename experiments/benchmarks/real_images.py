@@ -3,8 +3,9 @@ against the official-style pipeline on the same images and weights, so the predi
 images as well as for the textures workload (issue 29: the ratio was 4.3x on textures, 1.6-1.7x on ELPV).
 
 ``--real elpv:mono`` / ``elpv:poly`` (the installed ELPV cells) or ``--real <folder>:<category>`` (MVTec AD
-layout: ``<folder>/<category>/train/good``, ``test/<defect type>``). The bank ratio defaults to what the issue
-measured: 10 % for mono, 1 % for poly, 10 % otherwise (``--real-ratio``).
+layout: ``<folder>/<category>/train/good``, ``test/<defect type>``), each optionally ending in ``@<ratio>``, the
+bank's coreset ratio (``elpv:poly@0.01``: the 1 % bank the issue measured poly with). Without it: ``--real-ratio``,
+else the default settings' 10 % (conf/coreset/greedy.yaml), the setting the issue's goal is about.
 """
 
 from __future__ import annotations
@@ -21,15 +22,31 @@ from experiments.benchmarks.recording import Recorder
 from experiments.benchmarks.searches import DEFAULT
 from experiments.benchmarks.workload import Workload, bank_with, new_model
 
-RATIOS = {"elpv:mono": 0.1, "elpv:poly": 0.01}
+DEFAULT_RATIO = 0.1  # conf/coreset/greedy.yaml's ratio
 
 
 class RealWorkloadError(ValueError):
     """A ``--real`` value that names no dataset this bench can open."""
 
 
+def bank_ratio(spec: str) -> tuple[str, float | None]:
+    """``spec`` without its ``@<ratio>`` ending, and that ratio (None without one)."""
+    name, at, ratio = spec.rpartition("@")
+    if not at:
+        return spec, None
+    try:
+        value = float(ratio)
+    except ValueError:
+        value = -1.0
+    if not 0 < value <= 1:
+        raise RealWorkloadError(f"--real {spec!r}: the part after '@' is the bank's coreset ratio, a number in "
+                                f"(0, 1] such as {name}@0.01")
+    return name, value
+
+
 def real_dataset(spec: str, train_limit: int | None) -> tuple[MVTecLayout, str]:
     """The dataset and category ``spec`` names (module docstring)."""
+    spec = bank_ratio(spec)[0]
     if spec.startswith("elpv:"):
         category = spec.split(":", 1)[1]
         return ElpvLayout(categories=[category], train_limit=train_limit), category
@@ -57,7 +74,7 @@ def bench_real(rec: Recorder, work: Workload, spec: str, ratio: float | None = N
     """Fit the default model on the real training images, then predict the test images the official-style way
     (eager backbone, every distance in all dimensions, one batch at a time) and the default way; the default's
     scores are checked against the official-style ones."""
-    ratio = RATIOS.get(spec, 0.1) if ratio is None else ratio
+    ratio = bank_ratio(spec)[1] or (DEFAULT_RATIO if ratio is None else ratio)
     model, extractor, train_images, test_set = fitted_default(spec, train_limit, ratio, work.device)
     test = DataLoader(test_set, batch_size=8, num_workers=0)
     features = model.bank.features.clone()

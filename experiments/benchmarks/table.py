@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from experiments.benchmarks.export_speed import FAST_F32_ORT, PYTORCH
 from experiments.benchmarks.prediction import OFFICIAL_STYLE
+from experiments.benchmarks.real_images import DEFAULT_RATIO
 from experiments.benchmarks.searches import DEFAULT
 
 SKIP = {"stage", "variant", "n", "ratio", "seconds", "items_per_s", "peak_rss_mb", "dim", "study", "seconds_runs"}
@@ -69,8 +70,10 @@ def goals(lines: list[dict]) -> list[dict]:
     for study in dict.fromkeys(line["study"] for line in lines if str(line.get("study", "")).startswith("real:")):
         now, official = (_find(lines, "predict", variant, study=study) for variant in (DEFAULT, OFFICIAL_STYLE))
         if now and official:  # issue 29: real images, the same run, images and weights
+            settings = "" if now.get("ratio") == DEFAULT_RATIO else ", not the default settings"
             found.append(_prediction_goal(f"prediction vs official-style pipeline, real images ({study[5:]}, "
-                                          f"{now['bank_size']} bank patches)", "official", 2.5, now, official))
+                                          f"coreset ratio {now.get('ratio')}{settings}, {now['bank_size']} bank "
+                                          "patches)", "official", 2.5, now, official))
     wrn = next((line for line in lines if line["stage"] == "predict" and line.get("study") == "wrn50"
                 and "backbone_images_per_s" in line), None)  # the default's line, not the exported ones
     if wrn:
