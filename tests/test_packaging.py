@@ -18,7 +18,9 @@ def installed(tmp_path_factory) -> Path:
     """``pip install --no-deps --target`` of the project: the files a wheel install puts in site-packages."""
     site, source = tmp_path_factory.mktemp("site"), tmp_path_factory.mktemp("source") / "suite"
     # built from a copy: setuptools writes build/ and *.egg-info into the source folder
-    skipped = {".venv", ".git", "outputs", "multirun", "data", "wandb", "checkpoints", "build"}
+    # (the generated top-level folders of .gitignore: a study's folder alone can hold tens of GB)
+    skipped = {".venv", ".git", "outputs", "multirun", "data", "wandb", "checkpoints", "build", "studies",
+               ".pytest_cache", ".ruff_cache", "feature_cache", ".cache"}
 
     def generated(folder: str, names: list[str]) -> set[str]:  # top-level generated folders, caches anywhere
         return {n for n in names if n == "__pycache__" or (Path(folder) == REPO and n in skipped)}
