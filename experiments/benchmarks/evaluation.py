@@ -3,13 +3,9 @@ runs use) against the one-metric reference functions (one sort each), timed inte
 
 from __future__ import annotations
 
-import time
-
-import numpy as np
-
 from core.detector import Predictions
 from core.metrics import PIXEL_METRICS, aupro, aupro_defect_images, pixel_auroc, pixel_f1_max, pixel_metrics
-from experiments.benchmarks.recording import Recorder
+from experiments.benchmarks.recording import Recorder, measured, median_run, seconds_runs
 
 ONE_RANKING = "pixel metrics from one ranking of the pixels (core.metrics.pixel_metrics, what runs use)"
 ONE_SORT_EACH = "pixel metrics one sort each (pixel_auroc, pixel_f1_max, aupro, aupro_defect_images)"
@@ -23,17 +19,18 @@ def bench_metrics(rec: Recorder, predictions: Predictions, **tag) -> None:
     masks, maps = predictions.masks, predictions.maps
     if not masks.any():
         return
-    runs: dict[str, list[float]] = {ONE_RANKING: [], ONE_SORT_EACH: []}
+    runs: dict[str, list[dict]] = {ONE_RANKING: [], ONE_SORT_EACH: []}
     for _ in range(REPEATS):
-        start = time.perf_counter()
-        found = pixel_metrics(masks, maps)
-        runs[ONE_RANKING].append(time.perf_counter() - start)
-        start = time.perf_counter()
-        expected = {key: REFERENCES[key](masks, maps) for key in PIXEL_METRICS}
-        runs[ONE_SORT_EACH].append(time.perf_counter() - start)
+        with measured() as m:
+            found = pixel_metrics(masks, maps)
+        runs[ONE_RANKING].append(m)
+        with measured() as m:
+            expected = {key: REFERENCES[key](masks, maps) for key in PIXEL_METRICS}
+        runs[ONE_SORT_EACH].append(m)
     differences = [abs(found[key] - expected[key]) for key in PIXEL_METRICS if expected[key] is not None]
     if max(differences, default=0.0) > 1e-12:
         raise AssertionError(f"pixel_metrics {found} differs from the one-metric functions {expected}")
-    for variant, seconds in runs.items():
-        rec.emit("evaluate", len(maps), None, None, float(np.median(seconds)), len(maps), None, variant=variant,
-                 pixels=int(maps.size), seconds_runs=[round(s, 3) for s in seconds], **tag)
+    for variant, measurements in runs.items():
+        m = median_run(measurements)
+        rec.emit("evaluate", len(maps), None, None, m["seconds"], len(maps), m["peak_rss_mb"], variant=variant,
+                 pixels=int(maps.size), seconds_runs=seconds_runs(measurements), **tag)

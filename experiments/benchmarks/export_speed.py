@@ -26,7 +26,7 @@ from core.export import ExportedModel, export_model, onnx_to_openvino
 from core.export.quantize import Calibration
 from core.metrics import image_auroc, pixel_auroc
 from core.patchcore import PatchCore
-from experiments.benchmarks.recording import Recorder, measured
+from experiments.benchmarks.recording import Recorder, measured, median_run, seconds_runs
 
 PYTORCH = "PyTorch PatchCore.score as predict runs it (preloaded crops)"
 FAST_F32_ORT = "exported fast form, ONNX Runtime, float32 feature graph (preloaded crops)"
@@ -116,22 +116,25 @@ def bench_exported(rec: Recorder, model: PatchCore, test: DataLoader, train_path
         fast = ExportedModel(root / "onnx", form="fast")
         pytorch(normalised[:1])  # warm-ups
         exported_run(fast, batches[:1])
-        paired: dict[str, list] = {PYTORCH: [], FAST_F32_ORT: []}
+        paired: dict[str, list[dict]] = {PYTORCH: [], FAST_F32_ORT: []}  # measurements, each with its outputs
         calls = ((PYTORCH, lambda: pytorch(normalised)), (FAST_F32_ORT, lambda: exported_run(fast, batches)))
         for _ in range(REPEATS):
             for name, call in calls:
                 with measured() as m:
                     outputs = call()
-                paired[name].append((m, outputs))
-        m, (scores, maps) = _median(paired[PYTORCH])
+                paired[name].append({**m, "outputs": outputs})
+        m = median_run(paired[PYTORCH])
+        scores, maps = m["outputs"]
         reference = {"scores": scores, "maps": maps, **_quality(labels, masks, scores, maps, None)}
         rec.emit("predict", len(crops), model.bank.dim, None, m["seconds"], len(crops), m["peak_rss_mb"],
-                 variant=PYTORCH, **base, **_runs(paired[PYTORCH]), **_quality(labels, masks, scores, maps, None))
+                 variant=PYTORCH, **base, seconds_runs=seconds_runs(paired[PYTORCH]),
+                 **_quality(labels, masks, scores, maps, None))
         for folder, hint, form, label in RUNS:
             variant, extra = f"{label} (preloaded crops)", {"export_s": export_s[folder.replace("openvino", "onnx")]}
             if variant == FAST_F32_ORT:
-                m, (scores, maps) = _median(paired[variant])
-                extra.update(_runs(paired[variant]))
+                m = median_run(paired[variant])
+                scores, maps = m["outputs"]
+                extra["seconds_runs"] = seconds_runs(paired[variant])
             else:
                 exported = ExportedModel(root / folder, precision=hint, form=form)
                 exported_run(exported, batches[:1])  # warm-up
@@ -143,15 +146,6 @@ def bench_exported(rec: Recorder, model: PatchCore, test: DataLoader, train_path
             rec.emit("predict", len(crops), model.bank.dim, None, m["seconds"], len(crops), m["peak_rss_mb"],
                      variant=variant, form=form, **base, **_quality(labels, masks, scores, maps, reference), **extra)
         threads_and_batches(rec, root / "onnx", crops, base)
-
-
-def _median(runs: list[tuple[dict, tuple]]) -> tuple[dict, tuple]:
-    """The run of median seconds (its measurement and its outputs)."""
-    return sorted(runs, key=lambda run: run[0]["seconds"])[len(runs) // 2]
-
-
-def _runs(runs: list[tuple[dict, tuple]]) -> dict:
-    return {"seconds_runs": [round(m["seconds"], 3) for m, _ in runs]}
 
 
 def threads_and_batches(rec: Recorder, folder: Path, crops: np.ndarray, base: dict) -> None:

@@ -16,7 +16,7 @@ from core.patchcore import PatchCore
 from core.search import FaissSearch, ReferenceSearch, SpanSearch
 from experiments.benchmarks.evaluation import bench_metrics
 from experiments.benchmarks.fitting import fit_line, fitted, time_forward
-from experiments.benchmarks.recording import Recorder, gpu_peak, measured, median_run
+from experiments.benchmarks.recording import Recorder, gpu_peak, measured, median_run, seconds_runs
 from experiments.benchmarks.searches import DEFAULT, with_thread_counts
 from experiments.benchmarks.workload import (
     RATIO,
@@ -59,7 +59,7 @@ def predict_line(rec: Recorder, model: PatchCore, test: DataLoader, variant: str
         runs.append(m)
     m = median_run(runs)
     if repeats > 1:
-        extra["seconds_runs"] = [round(r["seconds"], 3) for r in runs]
+        extra["seconds_runs"] = seconds_runs(runs)
     auroc = float(roc_auc_score(predictions.labels, predictions.image_scores))
     quality = {"image_auroc": round(auroc, 4)}
     if reference is not None:

@@ -94,3 +94,8 @@ def gpu_peak(m: dict) -> dict:
 def median_run(runs: list[dict]) -> dict:
     """The median of repeated measurements (this machine is shared)."""
     return sorted(runs, key=lambda r: r["seconds"])[len(runs) // 2]
+
+
+def seconds_runs(runs: list[dict]) -> list[float]:
+    """Every repeated measurement's seconds, for the line that reports their median (``seconds_runs``)."""
+    return [round(r["seconds"], 3) for r in runs]

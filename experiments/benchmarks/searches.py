@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from core.search import FaissSearch, MemoryBank, PrunedSearch, ReferenceSearch, SpanSearch
-from experiments.benchmarks.recording import Recorder, gpu_peak, measured, median_run
+from experiments.benchmarks.recording import Recorder, gpu_peak, measured, median_run, seconds_runs
 from experiments.benchmarks.workload import bank_with, have_faiss
 
 DEFAULT = "exact (default: bank span + bound pruning)"
@@ -41,7 +41,7 @@ class SearchBench:
                 bank.search(q, k=1)
             runs.append(m)
         m = median_run(runs)
-        extra["seconds_runs"] = [round(r["seconds"], 3) for r in runs]
+        extra["seconds_runs"] = seconds_runs(runs)
         distances, indices = bank.search(self.chosen, k=1)
         quality = {"recall_at_1": round(float((indices[:, 0] == self.exact_index).float().mean()), 4),
                    "max_abs_err_vs_float64": float((distances[:, 0].double() - self.truth).abs().max())}
