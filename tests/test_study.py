@@ -145,11 +145,16 @@ def test_the_shipped_studies_plan(tmp_path) -> None:
         curve = full.comparisons[f"{dataset}/training_length"]
         assert curve["sweep"] == "method.train.max_steps" and curve["points"]["baseline"]["value"] == 0
         assert sorted(p["value"] for p in curve["points"].values()) == [0, 40, 40, 200, 200, 1000, 1000]
+    # a selection candidate equal to an ablation's run shares that run (k = 3, neighbourhood 5, coreset 1 % and 25 %)
+    shared = full.comparisons["textures/selection"]["jobs"]
+    assert {f"textures/{run}_seed{s}" for s in (0, 1, 2) for run in (
+        "num_neighbors/num_neighbors_3", "patch_size/patch_size_5", "coreset_ratio/ratio_0.01",
+        "coreset_ratio/ratio_0.25")} <= set(shared)
     # the CPU study: the fine-tuning question on both datasets, 3 seeds everywhere but the full bank
     default = build_plan(load_study("default"), tmp_path, SHIPPED, check=lambda *_: "absent")
     ablations = {"coreset_ratio", "num_neighbors", "patch_size", "layers"}
     assert set(default.comparisons) == {"textures/finetuning", "textures/baselines", "textures/variants",
-                                        "elpv/finetuning", "elpv/training_length", "textures/selection",
+                                        "elpv/finetuning", "elpv/training_length",
                                         "elpv/selection"} | {f"textures/{name}" for name in ablations}
     seeds = {}
     for job in default.jobs:
@@ -162,13 +167,10 @@ def test_the_shipped_studies_plan(tmp_path) -> None:
     assert {key for key, s in seeds.items() if len(s) == 3} == {key for key in seeds if key[1] not in one_seed}
     assert {key[1] for key, s in seeds.items() if len(s) == 3} == {"baseline", "finetuning", "training_length"}
     assert all(seeds[key] == {0} for key in seeds if key[1] in one_seed)
-    # one select job per dataset; a candidate equal to an ablation's run shares that run (textures: k = 3,
-    # neighbourhood 5, coreset 1 % and 25 %), ELPV's coreset axis is dropped (the dataset fixes coreset.ratio)
+    # one select job, on ELPV (textures' is conf/study/selection.yaml's); its coreset axis is dropped (the dataset
+    # fixes coreset.ratio)
     selects = [job for job in default.jobs if job.kind == "select"]
-    assert sorted(job.dataset for job in selects) == ["elpv", "textures"]
-    textures = default.comparisons["textures/selection"]["jobs"]
-    assert {"textures/num_neighbors/num_neighbors_3", "textures/patch_size/patch_size_5",
-            "textures/coreset_ratio/ratio_0.01", "textures/coreset_ratio/ratio_0.25"} <= set(textures)
+    assert [job.dataset for job in selects] == ["elpv"]
     assert not any("coreset.ratio=0.01" in job.overrides for job in default.jobs
                    if job.dataset == "elpv" and job.comparison == "selection")
     curve = default.comparisons["elpv/training_length"]
