@@ -211,8 +211,17 @@ def test_paired_bootstraps_image_auroc_and_labels_the_seed_level_metrics(tmp_pat
     assert pixel["pairing"].startswith("seed level, test images held fixed (no per-image scores for this metric)")
 
 
-def test_a_deterministic_arm_pairs_with_every_baseline_seed(tmp_path) -> None:
-    base, arm = _arm(tmp_path, "baseline", [0, 1, 2], 0.0), _arm(tmp_path, "full bank", [0], 0.0)
+def test_an_arm_on_one_seed_pairs_with_the_baseline_at_that_seed(tmp_path) -> None:
+    """A one-seed arm meets the baseline at its seed: an arm identical to the baseline there differs by exactly 0
+    (against the mean over the baseline's seeds it would not); only a seed the baseline lacks pairs with every
+    baseline seed."""
+    base = _arm(tmp_path, "baseline", [0, 1, 2], 0.0)
+    same = base[base.seed == 0].assign(arm="squared distance")  # the baseline's own seed-0 runs: identical scores
+    diff = paired(base, same, "image_auroc", ["bottle", "screw"])
+    assert diff["method"] == "bootstrap" and diff["n"] == 1 and "same seed, 1 seed" in diff["pairing"]
+    assert (diff["mean"], diff["low"], diff["high"]) == (0.0, 0.0, 0.0) and verdict(diff) == EQUIVALENT
+    assert base.groupby("seed")["image_auroc"].mean().nunique() > 1  # the mean over seeds would not give 0
+    arm = _arm(tmp_path, "full bank", [7], 0.0)
     diff = paired(base, arm, "image_auroc", ["bottle", "screw"])
     assert diff["method"] == "bootstrap" and diff["n"] == 3
     assert "the arm's one run against each of 3 baseline seeds" in diff["pairing"]

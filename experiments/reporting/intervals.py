@@ -11,9 +11,10 @@ taken replicate by replicate.
 Why seeds are resampled too (rather than only reported beside it). A result is meant to hold for the method, not
 for three lucky coreset projections; each replicate therefore also draws the seeds with replacement (one draw
 per replicate, shared by every category: a seed is one run of every category) and averages the per-seed
-differences over the drawn seeds. Seeds are paired: the arm's seed s against the baseline's seed s. An arm run
-once (a deterministic arm, e.g. the full memory bank) is paired with every baseline seed, so its difference is to
-the baseline's mean over seeds. With the few seeds of a study (3) this two-stage bootstrap counts the seed
+differences over the drawn seeds. Seeds are paired: the arm's seed s against the baseline's seed s, also for an arm
+run on fewer seeds than the baseline (one seed to save time: it meets the baseline at that seed). Only an arm run
+once at a seed the baseline lacks is paired with every baseline seed, its difference then being to the baseline's
+mean over seeds. With the few seeds of a study (3) this two-stage bootstrap counts the seed
 variation only roughly (a resample of 3 values has 10 distinct multisets), so the spread over seeds of the
 per-seed differences is returned beside it (``seed_sd``). Where the test images depend on the seed (a seeded
 split), each seed's images are resampled on their own.

@@ -148,7 +148,7 @@ def paired_table(comparison: Comparison) -> TableBlock | None:
     return TableBlock(f"{comparison.name}_paired", f"{comparison.title}: difference to the baseline (arm - baseline, "
                       f"percentage points, mean over categories) [95% interval]. Intervals: "
                       f"{intervals_caption([(m, d) for _, m, d in found])}. {VERDICT_RULE[0].upper()}"
-                      f"{VERDICT_RULE[1:]}. Seeds: the seeds paired (an arm run once: each baseline seed).", header,
+                      f"{VERDICT_RULE[1:]}. Seeds: the seeds paired, the arm's seed with the same baseline seed.", header,
                       rows)
 
 
