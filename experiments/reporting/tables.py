@@ -148,8 +148,8 @@ def paired_table(comparison: Comparison) -> TableBlock | None:
     return TableBlock(f"{comparison.name}_paired", f"{comparison.title}: difference to the baseline (arm - baseline, "
                       f"percentage points, mean over categories) [95% interval]. Intervals: "
                       f"{intervals_caption([(m, d) for _, m, d in found])}. {VERDICT_RULE[0].upper()}"
-                      f"{VERDICT_RULE[1:]}. Seeds: the seeds paired, the arm's seed with the same baseline seed.", header,
-                      rows)
+                      f"{VERDICT_RULE[1:]}. Seeds: the arm's seed with the same baseline seed (an arm run once "
+                      "at a seed the baseline lacks: with each baseline seed).", header, rows)
 
 
 def category_paired_table(comparison: Comparison) -> TableBlock | None:
