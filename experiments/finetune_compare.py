@@ -6,26 +6,28 @@
 
 A view of the report's tables: the runs as the report reads them (reporting/comparisons.py ``load``): a
 study's fine-tuned arms by name and their baseline as ``imagenet``, else one arm per fine-tuned method; test AUROCs
-from results.json, proxy AUROCs from each checkpoint's sidecar (the selected step; step 0: the ImageNet weights'),
-each cell the report's statistic (%, mean ± sample std over seeds, ddof=1), and the test image-AUROC difference
-to ImageNet per category with the report's interval and verdict (stats.paired: the bootstrap over test images and
-seeds where scores.csv allows), rendered by the report's Markdown renderer; then how often the proxy's change
-agreed in sign with the test's. ``--sweep``: one row per job (its ``method.*`` overrides): the selected step's
-proxy scores and monitors, and the last evaluation's.
+from results.json, proxy AUROCs from each checkpoint's sidecar (the selected step; ``imagenet``: step 0 of each
+fine-tuning, once per category and training seed), each cell the report's statistic (%, mean ± sample std over
+seeds, ddof=1), and the test image-AUROC difference to ImageNet per category with the report's interval and verdict
+(stats.paired: the bootstrap over test images and seeds where scores.csv allows), rendered by the report's Markdown
+renderer; then the paper's proxy-vs-test agreement table (reporting/finetune_evidence.py: gains over step 0 of the
+same fine-tuning and over ImageNet at the same seed), so both print the same counts. ``--sweep``: one row per job
+(its ``method.*`` overrides): the selected step's proxy scores and monitors, and the last evaluation's.
 """
 
 from __future__ import annotations
 
 import itertools
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
 
-from experiments.reporting.comparisons import load
+from experiments.reporting.comparisons import Arm, Comparison, load
 from experiments.reporting.data import Run, read_sidecar, sidecars
 from experiments.reporting.document import Cell, TableBlock
-from experiments.reporting.finetune_evidence import same_sign
+from experiments.reporting.finetune_evidence import agreement_table
 from experiments.reporting.markdown_out import table as markdown_table
 from experiments.reporting.stats import SPREAD, cell_stats, interval, mean_std, paired, verdict
 from experiments.reporting.tables import VERDICT_RULE, stat_cell, sweep_table
@@ -35,11 +37,24 @@ IMAGENET = "imagenet"  # the arm of the runs on the pretrained weights (and of s
 PROXY, TEST, DIGITS = ("proxy_image", "proxy_pixel"), ("image_auroc", "pixel_auroc"), 2  # digits in %
 
 
-def arms_of(root: Path) -> tuple[dict[str, list[Run]], pd.DataFrame]:
-    """(arm -> its runs, the report's tidy rows) of a study or of a `make finetune-compare` folder."""
+@dataclass(frozen=True)
+class Collected:
+    """What the view prints: the test rows (the report's tidy rows with their ``arm``), the proxy rows (one per
+    finished sidecar, plus step 0 as ``imagenet``) and the comparisons the agreement table reads."""
+
+    tests: pd.DataFrame
+    proxies: pd.DataFrame
+    comparisons: list[Comparison]
+
+
+def arms_of(root: Path) -> tuple[dict[str, list[Run]], pd.DataFrame, list[Comparison]]:
+    """(arm -> its runs, the report's tidy rows, the comparisons with fine-tuned arms) of a study or of a
+    `make finetune-compare` folder (one comparison of its own: ImageNet, then each method)."""
     inputs, found, seen = load([root]), {}, set()
-    for comparison in inputs.comparisons if inputs.manifest else []:
+    tuned_comparisons = []
+    for comparison in inputs.present if inputs.manifest else []:
         tuned = [arm for arm in comparison.others if is_finetuned(arm.runs[0].config.get("backbone") or {})]
+        tuned_comparisons += [comparison] if tuned else []
         for name, arm in ([(IMAGENET, comparison.baseline)] if tuned else []) + [(a.name, a) for a in tuned]:
             if (comparison.dataset, name) not in seen:  # an arm's first comparison on each dataset of a study
                 seen.add((comparison.dataset, name))
@@ -47,29 +62,41 @@ def arms_of(root: Path) -> tuple[dict[str, list[Run]], pd.DataFrame]:
     for run in [] if inputs.manifest else inputs.runs:
         backbone = run.config.get("backbone") or {}
         found.setdefault(str(backbone.get("method")) if is_finetuned(backbone) else IMAGENET, []).append(run)
-    return found, inputs.frame
+    if not inputs.manifest and IMAGENET in found and len(found) > 1:
+        arms = [Arm.of(name, found[name], inputs.frame) for name in [IMAGENET, *sorted(set(found) - {IMAGENET})]]
+        tuned_comparisons = [Comparison("finetune_compare", "Fine-tuned backbones against ImageNet weights", arms,
+                                        dataset=inputs.dataset)]
+    return found, inputs.frame, tuned_comparisons
 
 
-def collect(root: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """(test rows: the report's tidy rows with their ``arm``, proxy rows: one per finished sidecar, plus step 0
-    once per category as ``imagenet``) of a finetune-compare or study folder."""
-    (arms, frame), proxies, started = arms_of(root), [], set()
+def _training_seed(record: dict, path: str) -> object:
+    """What makes two fine-tunings' step 0 the same evaluation: their training seed (it draws the training subset
+    of a ``train_limit`` dataset, hence the proxy's held-out images), else the sidecar itself."""
+    seed = ((record.get("config") or {}).get("train") or {}).get("seed")
+    return path if seed is None else seed
+
+
+def collect(root: Path) -> Collected:
+    """The test rows, the proxy rows and the agreement's comparisons of a finetune-compare or study folder."""
+    (arms, frame, comparisons), proxies, started = arms_of(root), [], set()
     for name, runs in arms.items():
         for category, path in (pair for run in runs for pair in sidecars(run)):
             record = read_sidecar(path)
             if record is None:
                 continue
             points = [(name, record["selection"]["proxy"], f"{record['selected_step']}/{record['steps']}")]
-            if category not in started:  # step 0: the same pretrained network for every method and seed
-                started.add(category)
+            start = (category, _training_seed(record, str(path)))
+            if start not in started:  # step 0: the pretrained network, once per category and training seed
+                started.add(start)
                 points.append((IMAGENET, record["selection"]["start"], None))
             proxies += [{"category": category, "arm": arm_name, "proxy_image": point["image_auroc"],
                          "proxy_pixel": point["pixel_auroc"], "proxy_score": point.get("score"), "steps": steps,
                          "sidecar": str(path)} for arm_name, point, steps in points]
     tests = [frame[frame["run_dir"].isin({str(run.folder) for run in runs})].assign(arm=name)
              for name, runs in arms.items()]
-    return (pd.concat([t for t in tests if len(t)] or [pd.DataFrame()], ignore_index=True),
-            pd.DataFrame(proxies, columns=["category", "arm", *PROXY, "proxy_score", "steps", "sidecar"]))
+    return Collected(pd.concat([t for t in tests if len(t)] or [pd.DataFrame()], ignore_index=True),
+                     pd.DataFrame(proxies, columns=["category", "arm", *PROXY, "proxy_score", "steps", "sidecar"]),
+                     comparisons)
 
 
 def table(tests: pd.DataFrame, proxies: pd.DataFrame) -> TableBlock:
@@ -91,7 +118,8 @@ def table(tests: pd.DataFrame, proxies: pd.DataFrame) -> TableBlock:
     hows = {d["how"] for arm in arms if arm != IMAGENET for c in categories
             if (d := _paired(tests, arm, c)) is not None}
     return TableBlock("finetune_compare", f"Fine-tuned backbones against ImageNet weights: AUROC in % ({SPREAD}); "
-                      "proxy: the sidecars' selected step; test: PatchCore's results.json. Δ: fine-tuned - ImageNet "
+                      "proxy: the sidecars' selected step (imagenet: step 0 of each fine-tuning, once per training "
+                      "seed); test: PatchCore's results.json. Δ: fine-tuned - ImageNet "
                       f"test image AUROC in points, 95% interval ({'; '.join(sorted(hows)) or 'none'}); "
                       f"{VERDICT_RULE}.", header, rows)
 
@@ -109,26 +137,12 @@ def difference(tests: pd.DataFrame, arm: str, category: str) -> list[Cell]:
     return [Cell("-"), Cell("-")] if diff is None else [Cell(interval(diff), diff["mean"]), Cell(verdict(diff))]
 
 
-def agreement(tests: pd.DataFrame, proxies: pd.DataFrame, proxy: str = "proxy_image") -> tuple[int, int]:
-    """(agreeing, compared): fine-tuned (category, method) cells whose mean proxy change over step 0 (``proxy``:
-    proxy_image, or proxy_score: what selection maximised) and mean test image-AUROC change over ImageNet have
-    the same sign (both zero counts as agreeing; AUROCs differing below 1e-9 are equal)."""
-    means = pd.concat([proxies.groupby(["category", "arm"])[proxy].mean(),
-                       tests.groupby(["category", "arm"])["image_auroc"].mean()], axis=1)
-    changes = [(row - means.loc[(category, IMAGENET)]).to_numpy() for (category, arm), row in means.iterrows()
-               if arm != IMAGENET and (category, IMAGENET) in means.index]
-    pairs = [(float(d[0]), float(d[1])) for d in changes if not pd.isna(d).any()]
-    return same_sign(pairs), len(pairs)
-
-
-def markdown(tests: pd.DataFrame, proxies: pd.DataFrame) -> str:
-    (agreeing, compared), (by_score, scored) = agreement(tests, proxies), agreement(tests, proxies, "proxy_score")
-    if not compared:
-        return markdown_table(table(tests, proxies))
-    by_score = f"; the selection score's change (what selection maximised) in {by_score} of {scored}" if scored else ""
-    return (markdown_table(table(tests, proxies)) + "\nThe proxy's image-AUROC change (selected step vs step 0) and "
-            f"the test's (fine-tuned vs ImageNet) have the same sign in {agreeing} of {compared} category x method "
-            f"cells{by_score}.")
+def markdown(collected: Collected) -> str:
+    """The table, then the paper's proxy-vs-test agreement table of the same runs (when fine-tuned arms have
+    sidecars and test results)."""
+    text = markdown_table(table(collected.tests, collected.proxies))
+    agreement = agreement_table(collected.comparisons)
+    return text if agreement is None else text + "\n" + markdown_table(agreement)
 
 
 def main(argv: list[str]) -> None:
@@ -142,7 +156,7 @@ def main(argv: list[str]) -> None:
     elif not root.is_dir():
         raise SystemExit(f"error: {root} does not exist: run `make finetune-compare` (or `make study`) first")
     else:
-        print(markdown(*collect(root)))
+        print(markdown(collect(root)))
 
 
 if __name__ == "__main__":

@@ -10,7 +10,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from experiments.finetune_compare import agreement, collect, markdown, table
+from experiments.finetune_compare import Collected, collect, markdown, table
+from experiments.reporting.finetune_evidence import agreement_table, tuned_points, units
 from experiments.reporting.markdown_out import table as markdown_table
 from experiments.reporting.tables import sweep_table
 from extensions.checkpoint import FineTunedBackbone
@@ -19,12 +20,15 @@ FINETUNED = f"{FineTunedBackbone.__module__}.{FineTunedBackbone.__qualname__}"
 
 
 def _sidecar(path: Path, category: str, method: str, proxy: tuple[float, float], start: tuple[float, float],
-             step: int) -> None:
+             step: int, seed: int | None = None) -> None:
+    """A finished sidecar; the selection score is the mean of the two AUROCs (proxy.metric=mean_auroc)."""
     path.parent.mkdir(parents=True, exist_ok=True)
+    point = {"image_auroc": proxy[0], "pixel_auroc": proxy[1], "score": sum(proxy) / 2}
     path.write_text(json.dumps({
         "complete": True, "category": category, "method": method, "selected_step": step, "steps": 40,
-        "selection": {"proxy": {"image_auroc": proxy[0], "pixel_auroc": proxy[1]},
-                      "start": {"image_auroc": start[0], "pixel_auroc": start[1]}}}))
+        **({"config": {"train": {"seed": seed}}} if seed is not None else {}),
+        "selection": {"proxy": point, "start": {"image_auroc": start[0], "pixel_auroc": start[1],
+                                                "score": sum(start) / 2}}}))
 
 
 def _results(path: Path, method: str | None, scores: dict[str, tuple[float, float]], complete: bool = True,
@@ -78,16 +82,15 @@ def _values(frame: pd.DataFrame, arm: str, column: str) -> list:
     return frame.loc[(frame["category"] == "grass") & (frame["arm"] == arm), column].tolist()
 
 
-def _check(collected: tuple[pd.DataFrame, pd.DataFrame]) -> None:
-    tests, proxies = collected
+def _check(collected: Collected) -> None:
+    tests, proxies = collected.tests, collected.proxies
     assert _values(proxies, "rotation", "proxy_image") == [0.92, 0.94]
     assert _values(tests, "rotation", "image_auroc") == [0.80, 0.84]
     assert _values(proxies, "rotation", "steps") == ["0/40", "20/40"]
-    assert _values(proxies, "imagenet", "proxy_image") == [0.90] and _values(tests, "imagenet", "image_auroc") == [
-        0.81, 0.83]
-    # rotation: proxy +0.03 and test +0.00 (0.82 vs 0.82): disagree; cutmix: proxy 0, test -0.01: disagree
-    assert agreement(tests, proxies) == (0, 2)
-    text = markdown(tests, proxies)
+    # step 0 of each of the three fine-tunings (no training seed recorded: each sidecar is its own)
+    assert _values(proxies, "imagenet", "proxy_image") == [0.90] * 3
+    assert _values(tests, "imagenet", "image_auroc") == [0.81, 0.83]
+    text = markdown(collected)
     # in %, mean ± sample std (ddof=1) over the two seeds, by hand: 0.92, 0.94 -> 93.00 ± 1.41 (0.02 / sqrt 2);
     # 0.80, 0.84 -> 82.00 ± 2.83; 0.81, 0.83 -> 82.00 ± 1.41
     # Δ test image AUROC to ImageNet (these runs have no scores.csv: seed level, stats.paired): rotation -1, +1 by
@@ -95,13 +98,22 @@ def _check(collected: tuple[pd.DataFrame, pd.DataFrame]) -> None:
     # 0.81 = 0.0, one seed and no per-image scores, so no interval
     assert ("| grass | rotation | 93.00 ± 1.41 | 96.00 ± 0.00 | 82.00 ± 2.83 | 97.00 ± 0.00 | 0.0 [-12.7, +12.7] | "
             "not resolved | 0/40, 20/40 |") in text
-    assert "| grass | imagenet | 90.00 | 95.00 | 82.00 ± 1.41 | 96.00 ± 0.00 | - | - | - |" in text
+    assert "| grass | imagenet | 90.00 ± 0.00 | 95.00 ± 0.00 | 82.00 ± 1.41 | 96.00 ± 0.00 | - | - | - |" in text
     assert "| grass | cutmix_contrastive | 90.00 | 94.00 | 81.00 | 96.00 | 0.0 | not resolved | 0/40 |" in text
     assert "seed level, test images held fixed (no scores.csv)" in text  # the caption says how
     assert "mean ± sample std over seeds (ddof=1)" in text  # the convention, in the caption
     assert [line.split(" | ")[1] for line in text.splitlines() if line.startswith("| grass")] == [
         "imagenet", "cutmix_contrastive", "rotation"]  # the methods found, ImageNet first
-    assert "same sign in 0 of 2 category x method cells" in text
+    # the paper's agreement, by hand: rotation's score gains over its own step 0 (0.925) are +0.015 and +0.025
+    # (mean +0.02) while its test gains over ImageNet at the same seed are -1 and +1 points (mean 0): disagree;
+    # CutMix's score gain is 0.92 - 0.925 = -0.005 against a test gain of 0.81 - 0.81 = 0: disagree
+    found = {u.arm: (round(u.proxy_gain, 6), round(u.test_gain, 6)) for u in _units(collected)}
+    assert found == {"rotation": (0.02, 0.0), "cutmix_contrastive": (-0.005, 0.0)}
+    assert "| 2 | - | - | 0 of 2 | 1 |" in text  # two points: no Spearman; step 0 kept in every seed: CutMix
+
+
+def _units(collected: Collected) -> list:
+    return units([point for comparison in collected.comparisons for point in tuned_points(comparison)])
 
 
 def test_compare_folder(tmp_path: Path) -> None:
@@ -121,21 +133,38 @@ def test_study_folder_reads_its_finetuning_comparisons_only(tmp_path: Path) -> N
     _sidecar(tmp_path / "checkpoints" / "l2sp_0" / "seed0" / "rotation" / "effnet_lite0" / "grass.json", "grass",
              "rotation", (0.10, 0.10), (0.90, 0.95), 40)
     _manifest(tmp_path, {"finetuning": folders, "variants": {"baseline": folders["baseline"], "cosine": [cosine]}})
-    _check(collect(tmp_path))
+    collected = collect(tmp_path)
+    _check(collected)
+    # the agreement table is the paper's, of the same study
+    from experiments.reporting.comparisons import load
+    assert markdown_table(agreement_table(load([tmp_path]).present)) in markdown(collected)
 
 
-def test_agreement_counts_matching_signs() -> None:
-    def frame(column: str, values: dict) -> pd.DataFrame:
-        return pd.DataFrame([{"category": c, "arm": a, column: v} for (c, a), v in values.items()])
-
-    tests = frame("image_auroc", {("a", "imagenet"): 0.5, ("a", "rotation"): 0.7, ("b", "imagenet"): 0.5,
-                                  ("b", "rotation"): 0.5})
-    proxies = frame("proxy_image", {("a", "imagenet"): 0.5, ("a", "rotation"): 0.6, ("b", "imagenet"): 0.5,
-                                    ("b", "rotation"): 0.5})
-    assert agreement(tests, proxies) == (2, 2)
-    proxies["proxy_score"] = [0.5, 0.4, None, None]  # a: the score went down while the test went up
-    assert agreement(tests, proxies, "proxy_score") == (0, 1)  # b has no selection score: not compared
-    assert agreement(tests[tests["arm"] == "rotation"], proxies[proxies["arm"] == "rotation"]) == (0, 0)
+def test_agreement_measures_each_proxy_gain_from_its_own_step_0(tmp_path: Path) -> None:
+    """Two rotation seeds whose step 0 differs (a ``train_limit`` dataset draws each seed's training subset, hence
+    its held-out images) and which both kept step 0, with test results equal to ImageNet's: no change on either
+    side, so they agree. Measured from one seed's step 0 instead, the proxy would show a change of -0.05."""
+    for seed, start in enumerate([(0.90, 0.96), (0.80, 0.96)]):
+        sidecar = tmp_path / f"seed{seed}" / "rotation" / "effnet_lite0" / "grass.json"
+        _sidecar(sidecar, "grass", "rotation", start, start, 0, seed=seed)
+        _results(_run(tmp_path / "patchcore" / "rotation", seed), "rotation", {"grass": (0.85, 0.97)},
+                 checkpoint=sidecar.parent / "all.pt", seed=seed)
+        _results(_run(tmp_path / "patchcore" / "imagenet", seed), None, {"grass": (0.85, 0.97)}, seed=seed)
+    # a second method at seed 0: the same step 0 as rotation's seed 0, counted once in the imagenet row
+    sidecar = tmp_path / "seed0" / "cutmix_contrastive" / "effnet_lite0" / "grass.json"
+    _sidecar(sidecar, "grass", "cutmix_contrastive", (0.95, 0.96), (0.90, 0.96), 40, seed=0)
+    _results(_run(tmp_path / "patchcore" / "cutmix_contrastive", 0), "cutmix_contrastive", {"grass": (0.80, 0.97)},
+             checkpoint=sidecar.parent / "all.pt")
+    collected = collect(tmp_path)
+    assert sorted(_values(collected.proxies, "imagenet", "proxy_image")) == [0.80, 0.90]
+    found = {u.arm: u for u in _units(collected)}
+    assert (found["rotation"].proxy_gain, found["rotation"].test_gain, found["rotation"].kept_start) == (0, 0, True)
+    # CutMix: score 0.955 over 0.93 (+0.025) and test 0.80 - 0.85 (-5 points): disagree; rotation agrees
+    assert round(found["cutmix_contrastive"].proxy_gain, 6) == 0.025
+    assert round(found["cutmix_contrastive"].test_gain, 6) == -5.0
+    text = markdown(collected)
+    assert "| grass | imagenet | 85.00 ± 7.07 | 96.00 ± 0.00 |" in text  # (0.90, 0.80): 0.1 / sqrt 2 = 7.07 pts
+    assert "| 2 | - | - | 1 of 2 | 1 |" in text
 
 
 def test_same_mean_and_sample_std_as_the_paper(tmp_path: Path) -> None:
@@ -158,7 +187,8 @@ def test_same_mean_and_sample_std_as_the_paper(tmp_path: Path) -> None:
     (study / "study.json").write_text(json.dumps({"study": "syn", "jobs": jobs, "comparisons": {"finetuning": {
         "title": "Fine-tuned backbones", "arms": ["baseline", "rotation"], "jobs": [j["id"] for j in jobs]}}}))
     paper = {row[0].text: row for row in category_table(load([study]).comparisons[0], "image_auroc").rows}
-    ours = {row[1].text: row for row in table(*collect(study)).rows if row[0].text == "grass"}
+    collected = collect(study)
+    ours = {row[1].text: row for row in table(collected.tests, collected.proxies).rows if row[0].text == "grass"}
     for arm, method in (("baseline", "imagenet"), ("rotation", "rotation")):
         cell, mine = paper[arm][2], ours[method][4]  # grass (after brick) / test image AUROC
         assert (mine.value, mine.std, mine.sources) == (cell.value, cell.std, cell.sources)

@@ -124,7 +124,7 @@ def sign(value: float, tolerance: float = 1e-9) -> int:
 def same_sign(pairs: list[tuple[float, float]]) -> int:
     """How many (proxy change, test change) pairs agree in sign, no change on both sides counting as agreeing
     (the proxy kept the pretrained weights and the test saw the baseline's result): the one rule for sign
-    agreement (experiments/finetune_compare.py uses it too)."""
+    agreement (experiments/finetune_compare.py prints this module's agreement table)."""
     return sum(sign(proxy) == sign(test) for proxy, test in pairs)
 
 

@@ -233,8 +233,8 @@ def setup_blocks(ctx: Inputs) -> list[Block]:
     seeds = sorted(frame["seed"].dropna().unique().tolist())
     blocks.append(text(f"*Seeds.* {len(seeds)} ({', '.join(map(str, seeds))}): each seed sets the coreset's "
                        "projection and start points, the training subset of the cold start, the fine-tuning run and "
-                       "the CAE's initialisation; an arm run on fewer seeds (the study's costlier or deterministic ones) "
-                       "is compared with the baseline at the same seeds."))
+                       "the CAE's initialisation; an arm run on fewer seeds (the study's costlier or deterministic "
+                       "ones) is compared with the baseline at the same seeds."))
     arms = [f"{c.title}: {', '.join(a.name for a in c.others)}" for c in ctx.present]
     if arms:
         blocks += [text("*Arms compared with the baseline:*"), Bullets([text(a).spans for a in arms])]
