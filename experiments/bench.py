@@ -1,5 +1,5 @@
-"""Performance benchmark: ``make bench`` (full, ~15-20 min on 2 busy cores), ``make bench BENCH_ARGS=--quick``,
-``make bench DEVICE=cuda`` (the same workload on the GPU).
+"""Performance benchmark: ``make bench`` (full, ~40 min on 2 idle cores; docs/performance.md),
+``make bench BENCH_ARGS=--quick``, ``make bench DEVICE=cuda`` (the same workload on the GPU).
 
 A fixed, seeded workload: the embedded textures generator makes ``--images`` nominal training
 images of one category (411 by default, like the measured starting point: 322k patches of
