@@ -1,4 +1,4 @@
-"""Performance benchmark: ``make bench`` (full, ~40 min on 2 idle cores; docs/performance.md),
+"""Performance benchmark: ``make bench`` (full, ~60 min on 2 idle cores; docs/performance.md),
 ``make bench BENCH_ARGS=--quick``, ``make bench DEVICE=cuda`` (the same workload on the GPU).
 
 A fixed, seeded workload: the embedded textures generator makes ``--images`` nominal training
@@ -9,7 +9,10 @@ aggregations (``official`` with squared distances, the default; ``channel_mean``
 ones), next to the official-style and anomalib-style starting points; WRN50 (random seeded
 weights) prediction is measured against its backbone alone; the official model's prediction also through its
 exported model under ONNX Runtime and OpenVINO, single graph and fast form, float32 and INT8 feature graph, for
-EfficientNet-Lite0 and WRN50 (experiments/benchmarks/export_speed.py; ``--skip export``).
+EfficientNet-Lite0 and WRN50 (experiments/benchmarks/export_speed.py; ``--skip export``). A full run also
+measures the default prediction against the official-style pipeline on real images, ELPV mono and poly
+(experiments/benchmarks/real_images.py; ``--real`` for other folders, ``--skip real`` to leave them out; a
+``--quick`` run leaves them out unless ``--real`` names some).
 Every measurement is one JSON line on
 stdout with the keys ``stage`` (extract, coreset, coreset_reference, search, predict, fit,
 fit_warm_cache, backbone_only, evaluate: the pixel metrics of the textures test maps), ``n``, ``dim``, ``ratio``,
@@ -59,6 +62,14 @@ from experiments.benchmarks.workload import (
 )
 
 REPO = Path(__file__).resolve().parents[1]
+DEFAULT_REAL = ("elpv:mono", "elpv:poly")  # issue 29's goal lines: real defects, installed from PyPI
+
+
+def real_workloads(args: argparse.Namespace) -> list[str]:
+    """The real-image workloads of this run: ``--real``'s, else ELPV mono and poly in a full run."""
+    if args.real is not None:
+        return list(args.real)
+    return [] if args.quick or "real" in args.skip else list(DEFAULT_REAL)
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
@@ -70,11 +81,12 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--root", type=Path, default=REPO / "outputs" / "bench", help="data, cache and results")
     parser.add_argument("--skip", nargs="*", default=[],
                         help="parts to skip: textures (the whole textures workload), scaling, reference, search, "
-                             "wrn50, export")
-    parser.add_argument("--real", nargs="*", default=[],
+                             "wrn50, export, real (the default real-image workloads)")
+    parser.add_argument("--real", nargs="*", default=None,
                         help="real-image workloads beside textures: elpv:mono, elpv:poly or <folder>:<category> "
                              "(MVTec AD layout), each optionally ending in @<coreset ratio> (elpv:poly@0.01); the "
-                             "default prediction against the official-style pipeline on them")
+                             f"default prediction against the official-style pipeline on them (default: "
+                             f"{' '.join(DEFAULT_REAL)}, none with --quick or --skip real)")
     parser.add_argument("--real-ratio", type=float, default=None,
                         help="the coreset ratio of real workloads without @<ratio> (default: 0.1, the default "
                              "settings')")
@@ -132,6 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
+    args.real = real_workloads(args)
     for spec in args.real:  # a bad --real fails now, not after the textures part
         try:
             real_dataset(spec, args.real_train_limit)

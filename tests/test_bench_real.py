@@ -1,6 +1,6 @@
-"""``make bench BENCH_ARGS="--real ..."`` (issue 29): a real-image workload whose default prediction is measured
-against the official-style pipeline on the same images and weights, the scores checked equal; its goal is the ratio
-of its own two lines, apart from the textures workload's."""
+"""``make bench`` (issue 29): a real-image workload (ELPV mono and poly in a full run, ``--real`` for others)
+whose default prediction is measured against the official-style pipeline on the same images and weights, the
+scores checked equal; its goal is the ratio of its own two lines, apart from the textures workload's."""
 
 from __future__ import annotations
 
@@ -100,3 +100,16 @@ def test_bench_metrics_times_one_ranking_against_one_sort_each_on_the_same_maps(
         assert line["stage"] == "evaluate" and line["n"] == 4 and line["pixels"] == 4 * 16 * 16
         assert len(line["seconds_runs"]) == REPEATS and line["seconds"] == pytest.approx(
             float(np.median(line["seconds_runs"])), abs=1e-3)
+
+
+def test_a_full_run_measures_elpv_unless_told_otherwise() -> None:
+    """Plain `make bench` prints every goal line in one run, the real-image ones included; --quick, --skip real and
+    an explicit --real change that."""
+    from experiments.bench import parse, real_workloads
+
+    assert real_workloads(parse([])) == ["elpv:mono", "elpv:poly"]
+    assert real_workloads(parse(["--quick"])) == []
+    assert real_workloads(parse(["--skip", "real", "scaling"])) == []
+    assert real_workloads(parse(["--real", "elpv:poly@0.01"])) == ["elpv:poly@0.01"]
+    assert real_workloads(parse(["--quick", "--real", "elpv:mono"])) == ["elpv:mono"]
+    assert real_workloads(parse(["--real"])) == []  # --real with nothing: none
